@@ -1,0 +1,101 @@
+"""Launch configurations: one factory per kernel, per architecture, pruned by shared memory.
+
+No device is queried here at import time; the launchers ask for the capability when they first run on a GPU.
+Tile shapes are the ones the Triton matmul tutorial lists for Ampere and Hopper (its autotune sets), trimmed
+to those that ``python -m lora_fast.compile_report`` shows compiling without spills (issue: compile report).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Shared memory per block (bytes), from NVIDIA's CUDA C programming guide, "Technical Specifications per
+# Compute Capability" (opt-in maximum): 163 KB on sm_80, 227 KB on sm_90, 99 KB on sm_86/sm_89/sm_120.
+SMEM_LIMIT = {(8, 0): 163 * 1024, (9, 0): 227 * 1024, (8, 6): 99 * 1024, (8, 9): 99 * 1024, (12, 0): 99 * 1024}
+SMEM_LIMIT_DEFAULT = 99 * 1024
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMM kernel, 16-bit inputs.
+_GEMM_16BIT = {
+    9: [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
+    8: [(128, 256, 64, 8, 3), (128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
+        (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
+}
+# fp32 with input_precision="ieee" runs on CUDA cores; larger tiles spill (TRITON_NOTES: 64x64x32 spilled).
+_GEMM_FP32 = [(32, 64, 32, 4, 3), (64, 32, 32, 4, 3), (32, 32, 32, 4, 4)]
+
+# Narrow kernels: BLOCK_M is fixed because partial buffers are sized by it; tuning picks BLOCK_K/warps/stages.
+PROJ_BLOCK_M = 128      # dB partials cost 8 * R / BLOCK_M of a dY read; 128 keeps that below 1 for R < 32
+REDUCE_BLOCK_M = 64     # rows per step of the dA reduction
+REDUCE_BLOCK_K = 64     # with REDUCE_BLOCK_M: 16 KB of x per stage in bf16
+_PROJ = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2)]          # (BLOCK_K, num_warps, num_stages)
+_PROJ_FP32 = [(32, 4, 3), (64, 4, 2)]
+_REDUCE = [(4, 3), (4, 4), (8, 3)]                                    # (num_warps, num_stages)
+_REDUCE_FP32 = [(4, 2), (4, 3)]
+
+# Under the interpreter one small config: small blocks so that odd test shapes cross block edges.
+INTERP_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+INTERP_PROJ_BLOCK = dict(BLOCK_M=32, BLOCK_K=32)
+INTERP_REDUCE_BLOCK = dict(BLOCK_M=32, BLOCK_K=32)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1, read at call time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def block_r(rank: int) -> int:
+    """Rank padded to what tl.dot needs: a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def dot_dtype(dtype: torch.dtype):
+    """Dtype of tl.dot operands for inputs of ``dtype``; bf16 is upcast under the interpreter (it mis-computes bf16)."""
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()):
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch.get_float32_matmul_precision(): "highest" is IEEE fp32, else TF32, as torch does."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def smem_limit(capability) -> int:
+    return SMEM_LIMIT.get(tuple(capability), SMEM_LIMIT_DEFAULT)
+
+
+def _elt(dtype: torch.dtype) -> int:
+    return 4 if dtype == torch.float32 else 2
+
+
+def gemm_configs(capability, dtype: torch.dtype) -> list:
+    """Autotune configs of ``gemm_lowrank_kernel`` for a compute capability (major, minor) and input dtype."""
+    table = _GEMM_FP32 if dtype == torch.float32 else _GEMM_16BIT[9 if capability[0] >= 9 else 8]
+    limit, elt = smem_limit(capability), _elt(dtype)
+    return [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in table
+        if s * (bm * bk + bk * bn) * elt <= limit
+    ]
+
+
+def proj_configs(capability, dtype: torch.dtype) -> list:
+    """Autotune configs of ``lowrank_proj_kernel`` (BLOCK_M is PROJ_BLOCK_M, passed by the launcher)."""
+    table = _PROJ_FP32 if dtype == torch.float32 else _PROJ
+    limit, elt = smem_limit(capability), _elt(dtype)
+    return [
+        triton.Config(dict(BLOCK_K=bk), num_warps=w, num_stages=s)
+        for bk, w, s in table
+        if s * PROJ_BLOCK_M * bk * elt <= limit
+    ]
+
+
+def reduce_configs(capability, dtype: torch.dtype) -> list:
+    """Autotune configs of ``reduce_m_kernel`` (its blocks are fixed: REDUCE_BLOCK_M x REDUCE_BLOCK_K)."""
+    table = _REDUCE_FP32 if dtype == torch.float32 else _REDUCE
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in table]

@@ -1,0 +1,78 @@
+"""The base GEMM with the low-rank term in its epilogue: forward y and backward dX share it.
+
+    OUT[M, N] = P[M, K] @ Q[K, N] (+ bias[N]) + lowrank_scale * (keep? ⊙ (L[M, R] @ RM[R, N]))
+
+Forward (LoRA, Hu et al. 2021, eq. 3): P = x, Q = W^T (strides swapped, no copy), L = S = dropout(x) @ A,
+RM = B. Backward: P = dY, Q = W, L = dS = dY @ B^T, RM = A^T, and with dropout the low-rank term is masked
+elementwise by the keep-mask of x regenerated from the seed (PEFT's dropout on the LoRA input).
+"""
+
+import triton
+import triton.language as tl
+
+from .rng import keep_mask
+
+
+@triton.jit
+def gemm_lowrank_kernel(
+    # pointers
+    P_ptr, Q_ptr, BIAS_ptr, L_ptr, RM_ptr, OUT_ptr, SEED_ptr,
+    # sizes (M_BUCKET only keys the autotuner: M rounded up to a power of two)
+    M, N, K, R, M_BUCKET,
+    # strides
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+    # scalars
+    lowrank_scale, dropout_p,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # grouped ordering: GROUP_M row blocks share their Q column block in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    # int64 row/column offsets: M * stride may pass 2**31 on large batches
+    rows_p = P_ptr + offs_m[:, None].to(tl.int64) * stride_pm
+    cols_q = Q_ptr + offs_n[None, :].to(tl.int64) * stride_qn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        p = tl.load(rows_p + (k0 + offs_k)[None, :] * stride_pk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        q = tl.load(cols_q + (k0 + offs_k)[:, None] * stride_qk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+
+    # epilogue: the low-rank term, then the bias, then the single store
+    lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
+                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    rm = tl.load(RM_ptr + offs_r[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
+                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    if HAS_DROPOUT:
+        low = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        keep = keep_mask(SEED_ptr, offs_m[:, None], offs_n[None, :], N, dropout_p)
+        acc += tl.where(keep, low, 0.0) * lowrank_scale
+    else:
+        # scale folded into L (fp32) so the low-rank dot accumulates straight into acc
+        lo = lo.to(tl.float32) * lowrank_scale
+        acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(BIAS_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+
+    out = OUT_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :].to(tl.int64) * stride_on
+    tl.store(out, acc.to(OUT_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

@@ -1,0 +1,103 @@
+"""Narrow kernels of the low-rank path: the (M, R) projections and the reductions over M.
+
+``lowrank_proj_kernel``: OUT[M, R] = out_scale * (keep? ⊙ P[M, K]) @ Q[K, R], in one pass over P; with
+WRITE_PARTIAL it also writes, per row block, PARTIAL[pid_m] = L[block, :]^T @ P[block, :] (R, K).
+  forward:  S = dropout(x) @ A                         (P = x, Q = A, out_scale = 1 / (1 - p))
+  backward: dS = dY @ B^T and the dB partials S^T dY   (P = dY, Q = B^T, L = S), one pass over dY.
+``reduce_m_kernel``: PARTIAL[split] = (keep? ⊙ P)[rows of split, K]^T @ L[rows of split, R] (K, R).
+  backward: dA = scale / (1 - p) * sum over splits    (P = x, L = dS)
+Partials are summed by the launcher in a fixed order, so the gradients are deterministic (no atomics).
+"""
+
+import triton
+import triton.language as tl
+
+from .rng import keep_mask
+
+
+@triton.jit
+def lowrank_proj_kernel(
+    # pointers
+    P_ptr, Q_ptr, OUT_ptr, L_ptr, PARTIAL_ptr, SEED_ptr,
+    # sizes (M_BUCKET only keys the autotuner)
+    M, K, R, M_BUCKET,
+    # strides
+    stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_lm, stride_lr,
+    # scalars
+    out_scale, dropout_p,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    rows_p = P_ptr + offs_m[:, None].to(tl.int64) * stride_pm
+    if WRITE_PARTIAL:
+        lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        lo_t = tl.trans(lo.to(DOT_DTYPE))
+        partial = PARTIAL_ptr + pid_m.to(tl.int64) * R * K + offs_r[:, None] * K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        p = tl.load(rows_p + (k0 + offs_k)[None, :] * stride_pk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        p = p.to(DOT_DTYPE)
+        if HAS_DROPOUT:
+            keep = keep_mask(SEED_ptr, offs_m[:, None], (k0 + offs_k)[None, :], K, dropout_p)
+            p = tl.where(keep, p, 0.0).to(DOT_DTYPE)
+        q = tl.load(Q_ptr + (k0 + offs_k)[:, None] * stride_qk + offs_r[None, :] * stride_qr,
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(p, q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        if WRITE_PARTIAL:
+            part = tl.dot(lo_t, p, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+            tl.store(partial + (k0 + offs_k)[None, :], part, mask=mask_r[:, None] & mask_k[None, :])
+
+    out = OUT_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_r[None, :] * stride_or
+    tl.store(out, (acc * out_scale).to(OUT_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def reduce_m_kernel(
+    # pointers
+    P_ptr, L_ptr, PARTIAL_ptr, SEED_ptr,
+    # sizes (ROWS_PER_SPLIT: a multiple of BLOCK_M; M_BUCKET only keys the autotuner)
+    M, K, R, ROWS_PER_SPLIT, M_BUCKET,
+    # strides
+    stride_pm, stride_pk, stride_lm, stride_lr,
+    # scalars
+    dropout_p,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+    row_start = pid_s * ROWS_PER_SPLIT
+    row_end = min(row_start + ROWS_PER_SPLIT, M)
+
+    acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end
+        p_t = tl.load(P_ptr + offs_m[None, :].to(tl.int64) * stride_pm + offs_k[:, None] * stride_pk,
+                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        p_t = p_t.to(DOT_DTYPE)
+        if HAS_DROPOUT:
+            keep = keep_mask(SEED_ptr, offs_m[None, :], offs_k[:, None], K, dropout_p)
+            p_t = tl.where(keep, p_t, 0.0).to(DOT_DTYPE)
+        lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(p_t, lo.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+
+    partial = PARTIAL_ptr + pid_s.to(tl.int64) * K * R + offs_k[:, None] * R + offs_r[None, :]
+    tl.store(partial, acc, mask=mask_k[:, None] & mask_r[None, :])

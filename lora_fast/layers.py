@@ -1,0 +1,89 @@
+"""Drop-in LoRA modules: the classes of "Build a Large Language Model (From Scratch)" (Raschka), appendix E,
+with the same attribute names, parameter shapes, initialisation and state-dict keys, on the fused op."""
+
+import math
+
+import torch
+from torch import nn
+
+from ._checks import check_dropout, check_rank, check_scale
+from .functional import lora_linear
+
+SCALINGS = ("alpha", "alpha/rank", "rslora")
+
+
+def lora_scale(alpha: float, rank: int, scaling: str = "alpha") -> float:
+    """The LoRA scale for ``scaling``: "alpha" (the appendix's formula), "alpha/rank" (Hu et al. 2021, sec. 4.1;
+    PEFT; the book's later code) or "rslora" (alpha / sqrt(rank), Kalajdzievski 2023). Raises ValueError."""
+    rank = check_rank(rank)
+    alpha = check_scale(alpha, "alpha")
+    if scaling == "alpha":
+        return alpha
+    if scaling == "alpha/rank":
+        return alpha / rank
+    if scaling == "rslora":
+        return alpha / math.sqrt(rank)
+    raise ValueError(f"scaling: expected one of {SCALINGS}, got {scaling!r}")
+
+
+class LoRALayer(nn.Module):
+    """The low-rank update: parameters A (in_dim, rank) and B (rank, out_dim); forward(x) = scale * (x @ A @ B).
+
+    A is initialised with kaiming_uniform_(a=sqrt(5)) and B with zeros, as in the book (so the wrapped layer
+    starts equal to the frozen one). Attributes: ``alpha``, ``rank``, ``scaling`` and ``scale``.
+
+    Args:
+        in_dim, out_dim: feature sizes (>= 1). rank: >= 1. alpha: finite real.
+        scaling: "alpha" (scale = alpha, the appendix), "alpha/rank" (LoRA paper, PEFT) or "rslora".
+        device, dtype: of A and B (default: torch's defaults, as in the book).
+    Raises: ValueError for rank < 1, a non-finite alpha or an unknown scaling.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, *, scaling: str = "alpha",
+                 device=None, dtype=None):
+        super().__init__()
+        self.scale = lora_scale(alpha, rank, scaling)
+        self.alpha, self.rank, self.scaling = alpha, int(rank), scaling
+        self.A = nn.Parameter(torch.empty(in_dim, rank, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(rank, out_dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * (x @ self.A @ self.B)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling!r}, scale={self.scale:g}"
+
+
+class LinearWithLoRA(nn.Module):
+    """nn.Linear plus a LoRA update, fused: forward(x) = linear(x) + lora(dropout(x)) via ``lora_linear``.
+
+    Attributes: ``linear`` (the wrapped nn.Linear, untouched; freeze it yourself as the book does), ``lora``
+    (a LoRALayer) and ``dropout`` (probability). State-dict keys: linear.weight, linear.bias, lora.A, lora.B.
+    A and B are made on the linear's device, in its dtype when that is float32/float64, else in float32 (as PEFT
+    keeps adapters on a 16-bit base).
+
+    Args:
+        linear: the nn.Linear to wrap. rank: >= 1. alpha: finite real. dropout: probability in [0, 1) on the
+            LoRA input (PEFT's lora_dropout). scaling: see LoRALayer.
+    Raises: TypeError if ``linear`` is not an nn.Linear; ValueError for rank, alpha, dropout, scaling.
+    """
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float, *, dropout: float = 0.0,
+                 scaling: str = "alpha"):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+        self.linear = linear
+        w = linear.weight
+        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, scaling=scaling,
+                              device=w.device, dtype=dtype)
+        self.dropout = check_dropout(dropout, "dropout")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lora_linear(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale,
+                           dropout_p=self.dropout, training=self.training)
+
+    def extra_repr(self) -> str:
+        return f"dropout={self.dropout}"

