@@ -1,7 +1,7 @@
 """lora_linear: the fused LoRA linear with autograd, and the choice of backend (triton | reference)."""
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -48,45 +48,113 @@ def select_backend(x: torch.Tensor) -> str:
     return "reference" if reasons else "triton"
 
 
+def _forward(x, weight, bias, A, B, scale: float, dropout_p: float, seed):
+    """(y, S) from the kernels; an empty batch launches nothing."""
+    from . import kernels
+
+    if x.shape[0] == 0:
+        return x.new_empty((0, weight.shape[0])), torch.empty((0, A.shape[1]), dtype=torch.float32, device=x.device)
+    return kernels.lora_forward(x, weight, bias, A, B, scale, dropout_p, seed)
+
+
+def _backward_kernels(dy, x, weight, A, B, S, scale: float, dropout_p: float, seed, need_dx, need_dA, need_dB):
+    """(dx, dA, dB) from the kernels, None where not needed; zeros for an empty batch."""
+    from . import kernels
+
+    if x.shape[0] == 0:
+        return (torch.zeros_like(x) if need_dx else None, torch.zeros_like(A) if need_dA else None,
+                torch.zeros_like(B) if need_dB else None)
+    if not (need_dx or need_dA or need_dB):
+        return None, None, None
+    return kernels.lora_backward(dy, x, weight, A, B, S, scale, dropout_p, seed if dropout_p > 0 else None,
+                                 need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
+
+
+def _gradients(ctx, dy, backward_kernels):
+    """All five gradients (x, weight, bias, A, B) from what forward saved; None where not required."""
+    x, weight, A, B, S, seed = ctx.saved_tensors
+    need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
+    dx, dA, dB = backward_kernels(dy, x, weight, A, B, S, ctx.scale, ctx.dropout_p, seed, need_dx, need_dA, need_dB)
+    # the frozen-layer gradients, when asked for (the book's code leaves W trainable): torch matmuls
+    dW = (dy.t() @ x).to(weight.dtype) if need_dW else None
+    db = dy.sum(0, dtype=torch.float32).to(weight.dtype) if need_db and ctx.has_bias else None
+    return dx, dW, db, dA, dB
+
+
+def _save(ctx, x, weight, bias, A, B, S, scale, dropout_p, seed):
+    # x, S = dropout(x) A (M x r, fp32) and the seed; weight, A, B are parameters (no new memory).
+    # Nothing of size M x out_features, no mask, no dropped copy of x.
+    ctx.save_for_backward(x, weight, A, B, S, seed)
+    ctx.scale, ctx.dropout_p, ctx.has_bias = scale, dropout_p, bias is not None
+
+
 class _LoRALinearFunction(torch.autograd.Function):
-    """Fused forward/backward on 2-D x. Saved for backward: x, S = dropout(x) A (M x r, fp32), the seed
-    and the parameters (weight, A, B); nothing of size M x out_features, no mask, no dropped copy of x."""
+    """The eager path: fused forward/backward on 2-D x (see _save for what is kept for backward)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scale, dropout_p, seed):
-        from . import kernels
-
-        M, R = x.shape[0], A.shape[1]
-        if M == 0:
-            y = x.new_empty((0, weight.shape[0]))
-            S = torch.empty((0, R), dtype=torch.float32, device=x.device)
-        else:
-            y, S = kernels.lora_forward(x, weight, bias, A, B, scale, dropout_p, seed)
-        ctx.save_for_backward(x, weight, A, B, S, seed)
-        ctx.scale, ctx.dropout_p, ctx.has_bias = scale, dropout_p, bias is not None
+        y, S = _forward(x, weight, bias, A, B, scale, dropout_p, seed)
+        _save(ctx, x, weight, bias, A, B, S, scale, dropout_p, seed)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        from . import kernels
+        return (*_gradients(ctx, dy, _backward_kernels), None, None, None)
 
-        x, weight, A, B, S, seed = ctx.saved_tensors
-        need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
-        dx = dW = db = dA = dB = None
-        if x.shape[0] == 0:
-            dx = torch.zeros_like(x) if need_dx else None
-            dA = torch.zeros_like(A) if need_dA else None
-            dB = torch.zeros_like(B) if need_dB else None
-        elif need_dx or need_dA or need_dB:
-            dx, dA, dB = kernels.lora_backward(dy, x, weight, A, B, S, ctx.scale, ctx.dropout_p,
-                                               seed if ctx.dropout_p > 0 else None,
-                                               need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
-        # the frozen-layer gradients, when asked for (the book's code leaves W trainable): torch matmuls
-        if need_dW:
-            dW = (dy.t() @ x).to(weight.dtype) if x.shape[0] else torch.zeros_like(weight)
-        if need_db and ctx.has_bias:
-            db = dy.sum(0, dtype=torch.float32).to(weight.dtype)
-        return dx, dW, db, dA, dB, None, None, None
+
+# The same op as torch.library custom ops, for torch.compile (no graph break) and other tracers.
+@torch.library.custom_op("lora_fast::lora_linear_fwd", mutates_args=())
+def _lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
+                     B: torch.Tensor, scale: float, dropout_p: float,
+                     seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, bias, A, B, scale, dropout_p, seed)
+
+
+@_lora_linear_fwd.register_fake
+def _(x, weight, bias, A, B, scale, dropout_p, seed):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], A.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("lora_fast::lora_linear_bwd", mutates_args=())
+def _lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     S: torch.Tensor, scale: float, dropout_p: float, seed: Optional[torch.Tensor], need_dx: bool,
+                     need_dA: bool, need_dB: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _backward_kernels(dy, x, weight, A, B, S, scale, dropout_p, seed, need_dx, need_dA, need_dB)
+    # custom ops return tensors only: an empty tensor stands for "not needed"
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@_lora_linear_bwd.register_fake
+def _(dy, x, weight, A, B, S, scale, dropout_p, seed, need_dx, need_dA, need_dB):
+    return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
+                 for t, need in ((x, need_dx), (A, need_dA), (B, need_dB)))
+
+
+def _op_backward_kernels(dy, x, weight, A, B, S, scale, dropout_p, seed, need_dx, need_dA, need_dB):
+    grads = _lora_linear_bwd(dy, x, weight, A, B, S, scale, dropout_p, seed, need_dx, need_dA, need_dB)
+    return tuple(g if need else None for g, need in zip(grads, (need_dx, need_dA, need_dB)))
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, weight, bias, A, B, scale, dropout_p, seed = inputs
+    _save(ctx, x, weight, bias, A, B, output[1], scale, dropout_p, seed)
+
+
+def _op_backward(ctx, dy, dS):
+    return (*_gradients(ctx, dy, _op_backward_kernels), None, None, None)
+
+
+torch.library.register_autograd("lora_fast::lora_linear_fwd", _op_backward, setup_context=_op_setup_context)
+
+
+def _autocast_inputs(x, weight, bias, A, B):
+    """What nn.Linear does under torch.autocast: compute in the autocast dtype. fp32 adapters stay fp32 (the
+    kernels cast their tiles, as for PEFT's fp32 adapters on a 16-bit base); others follow the autocast dtype."""
+    dtype = torch.get_autocast_dtype(x.device.type)
+    cast = [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (x, weight, bias)]
+    if isinstance(A, torch.Tensor) and A.dtype not in (dtype, torch.float32):
+        A, B = A.to(dtype), B.to(dtype)
+    return (*cast, A, B)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
@@ -107,6 +175,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         dropout_p: probability in [0, 1) of dropping an element of the LoRA input; applied when ``training``.
         training: False (eval) applies no dropout.
 
+    Under ``torch.autocast`` x, weight and bias are cast to the autocast dtype, as nn.Linear's are. Under
+    ``torch.compile`` the op is the custom op ``lora_fast::lora_linear_fwd`` (with its backward op), so
+    models trace with ``fullgraph=True``.
+
     Returns: (..., out_features) in x's dtype. Gradients flow to every input that requires one (x, weight,
         bias, A, B); with dropout the kernels regenerate the mask from a seed drawn from torch's generator for
         x's device, so ``torch.manual_seed`` makes runs reproducible.
@@ -118,6 +190,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             dropout_p outside [0, 1), an unknown LORA_FAST_BACKEND.
         RuntimeError: LORA_FAST_BACKEND=triton with inputs the kernels cannot serve.
     """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        x, weight, bias, A, B = _autocast_inputs(x, weight, bias, A, B)
     scale, dropout_p = check_lora_linear(x, weight, bias, A, B, scale, dropout_p)
     if select_backend(x) == "reference":
         return reference.lora_linear(x, weight, bias, A, B, scale, dropout_p=dropout_p, training=training)
@@ -125,5 +199,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     # drawn on x's device: no host sync, and torch.manual_seed / CUDA-graph RNG state govern it
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if p > 0 else None
     x2d = x.reshape(-1, x.shape[-1])
-    y = _LoRALinearFunction.apply(x2d, weight, bias, A, B, scale, p, seed)
+    if torch.compiler.is_compiling():
+        y = _lora_linear_fwd(x2d, weight, bias, A, B, scale, p, seed)[0]
+    else:
+        # eager: an autograd.Function costs less host time per call than the custom-op dispatch
+        y = _LoRALinearFunction.apply(x2d, weight, bias, A, B, scale, p, seed)
     return y.reshape(*x.shape[:-1], weight.shape[0])
