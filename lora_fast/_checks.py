@@ -51,6 +51,8 @@ def check_lora_linear(x, weight, bias, A, B, scale, dropout_p):
     _tensor("A", A, 2)
     _tensor("B", B, 2)
     out_features, in_features = weight.shape
+    if in_features < 1:
+        raise ValueError(f"weight: expected in_features >= 1, got shape {tuple(weight.shape)}")
     if x.shape[-1] != in_features:
         raise ValueError(f"x: expected last dim in_features={in_features} (weight is {tuple(weight.shape)}), "
                          f"got shape {tuple(x.shape)}")

@@ -49,25 +49,31 @@ def select_backend(x: torch.Tensor) -> str:
 
 
 def _forward(x, weight, bias, A, B, scale: float, dropout_p: float, seed):
-    """(y, S) from the kernels; an empty batch launches nothing."""
+    """(y, S) from the kernels for x (..., K): y (..., N) is a fresh tensor, not a view (FSDP2 and in-place
+    users want that, as nn.Linear gives); S (M, R) fp32. An empty batch launches nothing."""
     from . import kernels
 
-    if x.shape[0] == 0:
-        return x.new_empty((0, weight.shape[0])), torch.empty((0, A.shape[1]), dtype=torch.float32, device=x.device)
-    return kernels.lora_forward(x, weight, bias, A, B, scale, dropout_p, seed)
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.shape[0] == 0:
+        return y, torch.empty((0, A.shape[1]), dtype=torch.float32, device=x.device)
+    _, S = kernels.lora_forward(x2d, weight, bias, A, B, scale, dropout_p, seed, out=y.view(-1, weight.shape[0]))
+    return y, S
 
 
 def _backward_kernels(dy, x, weight, A, B, S, scale: float, dropout_p: float, seed, need_dx, need_dA, need_dB):
-    """(dx, dA, dB) from the kernels, None where not needed; zeros for an empty batch."""
+    """(dx, dA, dB) from the kernels, None where not needed; zeros for an empty batch. dy (..., N), x (..., K)."""
     from . import kernels
 
-    if x.shape[0] == 0:
+    if x.numel() == 0:
         return (torch.zeros_like(x) if need_dx else None, torch.zeros_like(A) if need_dA else None,
                 torch.zeros_like(B) if need_dB else None)
     if not (need_dx or need_dA or need_dB):
         return None, None, None
-    return kernels.lora_backward(dy, x, weight, A, B, S, scale, dropout_p, seed if dropout_p > 0 else None,
-                                 need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
+    dx, dA, dB = kernels.lora_backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, A, B, S,
+                                       scale, dropout_p, seed if dropout_p > 0 else None,
+                                       need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
+    return (dx.view(x.shape) if dx is not None else None), dA, dB
 
 
 def _gradients(ctx, dy, backward_kernels):
@@ -76,8 +82,12 @@ def _gradients(ctx, dy, backward_kernels):
     need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
     dx, dA, dB = backward_kernels(dy, x, weight, A, B, S, ctx.scale, ctx.dropout_p, seed, need_dx, need_dA, need_dB)
     # the frozen-layer gradients, when asked for (the book's code leaves W trainable): torch matmuls
-    dW = (dy.t() @ x).to(weight.dtype) if need_dW else None
-    db = dy.sum(0, dtype=torch.float32).to(weight.dtype) if need_db and ctx.has_bias else None
+    if need_dW:
+        dW = (dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
+    else:
+        dW = None
+    db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype) if need_db and ctx.has_bias \
+        else None
     return dx, dW, db, dA, dB
 
 
@@ -89,7 +99,7 @@ def _save(ctx, x, weight, bias, A, B, S, scale, dropout_p, seed):
 
 
 class _LoRALinearFunction(torch.autograd.Function):
-    """The eager path: fused forward/backward on 2-D x (see _save for what is kept for backward)."""
+    """The eager path: fused forward/backward on x (..., K) (see _save for what is kept for backward)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scale, dropout_p, seed):
@@ -112,7 +122,8 @@ def _lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 @_lora_linear_fwd.register_fake
 def _(x, weight, bias, A, B, scale, dropout_p, seed):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], A.shape[1]), dtype=torch.float32)
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, A.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("lora_fast::lora_linear_bwd", mutates_args=())
@@ -198,10 +209,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     p = dropout_p if training else 0.0
     # drawn on x's device: no host sync, and torch.manual_seed / CUDA-graph RNG state govern it
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if p > 0 else None
-    x2d = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():
-        y = _lora_linear_fwd(x2d, weight, bias, A, B, scale, p, seed)[0]
-    else:
-        # eager: an autograd.Function costs less host time per call than the custom-op dispatch
-        y = _LoRALinearFunction.apply(x2d, weight, bias, A, B, scale, p, seed)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+        return _lora_linear_fwd(x, weight, bias, A, B, scale, p, seed)[0]
+    # eager: an autograd.Function costs less host time per call than the custom-op dispatch
+    return _LoRALinearFunction.apply(x, weight, bias, A, B, scale, p, seed)

@@ -108,14 +108,17 @@ def reduce_rows(P, L, *, dropout_p=0.0, seed=None):
     return partial.sum(0) if splits > 1 else partial[0]
 
 
-def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, dropout_p=0.0, seed=None):
+def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, dropout_p=0.0, seed=None,
+                 out=None):
     """OUT (M, N) in P's dtype = P @ Q (+ bias) + lowrank_scale * (keep ⊙ (L @ RM)).
 
     Q (K, N) and RM (R, N) are given as (pointer tensor, strides) so transposed weights need no copy.
+    ``out``: an optional (M, N) tensor to write into (a view of the caller's N-D output).
     """
     M, K = P.shape
     R = L.shape[1]
-    out = torch.empty((M, N), dtype=P.dtype, device=P.device)
+    if out is None:
+        out = torch.empty((M, N), dtype=P.dtype, device=P.device)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -131,11 +134,11 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
     return out
 
 
-def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None):
+def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=None):
     """Forward of the fused LoRA linear. x (M, K), weight (N, K), bias (N,) or None, A (K, R), B (R, N).
 
-    Returns y (M, N) in x's dtype and S = dropout(x) @ A (M, R) in fp32, which backward needs (with x).
-    The keep-mask comes from ``seed`` (int64 tensor of one element) when dropout_p > 0.
+    Returns y (M, N) in x's dtype (written into ``out`` when given) and S = dropout(x) @ A (M, R) in fp32,
+    which backward needs (with x). The keep-mask comes from ``seed`` (int64, one element) when dropout_p > 0.
     """
     N = weight.shape[0]
     keep_scale = 1.0 / (1.0 - dropout_p)
@@ -143,7 +146,7 @@ def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None):
                            dropout_p=dropout_p, seed=seed)
     # Q = W^T: element (k, n) of W^T is weight[n, k]
     y = gemm_lowrank(x, weight, (weight.stride(1), weight.stride(0)), N, bias, S, B, (B.stride(0), B.stride(1)),
-                     scale, dropout_p=0.0)
+                     scale, dropout_p=0.0, out=out)
     return y, S
 
 
