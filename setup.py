@@ -13,6 +13,8 @@ setup(
         # triton 3.6 (the GPU image) to 3.9 (here) are tested; numpy runs the interpreter
         "triton>=3.6; platform_system == 'Linux'",
         "numpy",
+        # adapter files (save_lora / load_lora)
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6"],

@@ -3,8 +3,12 @@
 from .functional import lora_linear, select_backend
 from .layers import LinearWithLoRA, LoRALayer, lora_scale
 from .patching import replace_linear_with_lora
+from .patching import count_parameters, mark_only_lora_as_trainable, merge_and_unload, merge_lora, unmerge_lora
+from .adapters import load_lora, load_lora_state_dict, lora_state_dict, save_lora
 
 __version__ = "0.1.0"
 
 __all__ = ["LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "lora_linear", "lora_scale",
            "select_backend"]
+__all__ += ["merge_lora", "unmerge_lora", "merge_and_unload", "lora_state_dict", "load_lora_state_dict",
+            "save_lora", "load_lora", "mark_only_lora_as_trainable", "count_parameters"]

@@ -59,13 +59,20 @@ class LinearWithLoRA(nn.Module):
     """nn.Linear plus a LoRA update, fused: forward(x) = linear(x) + lora(dropout(x)) via ``lora_linear``.
 
     Attributes: ``linear`` (the wrapped nn.Linear, untouched; freeze it yourself as the book does), ``lora``
-    (a LoRALayer) and ``dropout`` (probability). State-dict keys: linear.weight, linear.bias, lora.A, lora.B.
+    (a LoRALayer), ``dropout`` (probability) and ``merged`` (set by ``merge_lora``). State-dict keys:
+    linear.weight, linear.bias, lora.A, lora.B (merging adds none).
     A and B are made on the linear's device, in its dtype when that is float32/float64, else in float32 (as PEFT
     keeps adapters on a 16-bit base).
 
     Args:
         linear: the nn.Linear to wrap. rank: >= 1. alpha: finite real. dropout: probability in [0, 1) on the
             LoRA input (PEFT's lora_dropout). scaling: see LoRALayer.
+
+    Merged (``merge_lora``): linear.weight holds W + scale * (A @ B)^T and forward is ``linear(x)`` alone, so
+    no LoRA dropout is applied. Training a merged layer, i.e. a forward in train mode with grad enabled while A
+    or B requires grad, raises RuntimeError: A and B would get no gradient. Eval mode, ``torch.no_grad()`` or
+    frozen A and B are fine.
+
     Raises: TypeError if ``linear`` is not an nn.Linear; ValueError for rank, alpha, dropout, scaling.
     """
 
@@ -80,10 +87,20 @@ class LinearWithLoRA(nn.Module):
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, scaling=scaling,
                               device=w.device, dtype=dtype)
         self.dropout = check_dropout(dropout, "dropout")
+        self.merged = False
+        # the exact pre-merge weight, kept by merge_lora for unmerge_lora; not in the state dict
+        self.register_buffer("weight_before_merge", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            lora_trainable = self.lora.A.requires_grad or self.lora.B.requires_grad
+            if self.training and torch.is_grad_enabled() and lora_trainable:
+                raise RuntimeError("LinearWithLoRA: this layer is merged (merge_lora), so A and B would get no "
+                                   "gradient; call unmerge_lora(model) to train it, or run it in eval mode, "
+                                   "under torch.no_grad(), or with A and B frozen")
+            return self.linear(x)
         return lora_linear(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale,
                            dropout_p=self.dropout, training=self.training)
 
     def extra_repr(self) -> str:
-        return f"dropout={self.dropout}"
+        return f"dropout={self.dropout}, merged={self.merged}"

@@ -1,7 +1,10 @@
-"""Model surgery: replace_linear_with_lora (the book's function, made idempotent and selective)."""
+"""Model surgery: replace_linear_with_lora (the book's function, made idempotent and selective); merge and
+unmerge; trainable-parameter helpers."""
 
-from typing import Callable, Iterable, Optional, Union
+import warnings
+from typing import Callable, Iterable, Optional, Tuple, Union
 
+import torch
 from torch import nn
 
 from .layers import LinearWithLoRA
@@ -49,3 +52,155 @@ def _replace(module: nn.Module, prefix: str, rank, alpha, skip, kwargs) -> None:
                 setattr(module, name, LinearWithLoRA(child, rank, alpha, **kwargs))
         else:
             _replace(child, qualified + ".", rank, alpha, skip, kwargs)
+
+
+# --- merge / unmerge and trainable-parameter helpers (issue 7) ------------------------------------------------
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+def _lora_layers(model: nn.Module, caller: str) -> list:
+    """The (qualified name, LinearWithLoRA) pairs of ``model``, itself included (name ""), in module order.
+
+    Raises: TypeError if ``model`` is not an nn.Module; ValueError (naming ``caller``) if it holds no
+    LinearWithLoRA, which means replace_linear_with_lora was not applied.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: model: expected a torch.nn.Module, got {type(model).__name__}")
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LinearWithLoRA)]
+    if not layers:
+        raise ValueError(f"{caller}: model holds no LinearWithLoRA layer (apply replace_linear_with_lora first)")
+    return layers
+
+
+def _merged_weight(layer: LinearWithLoRA) -> torch.Tensor:
+    """W + scale * (A @ B)^T, summed in float32 (float64 if W or the adapters are float64), cast once to W's dtype."""
+    weight, A, B = layer.linear.weight, layer.lora.A, layer.lora.B
+    acc = torch.promote_types(torch.promote_types(torch.float32, weight.dtype), A.dtype)
+    delta = layer.lora.scale * (A.to(weight.device, acc) @ B.to(weight.device, acc))  # (in, out)
+    return (weight.to(acc) + delta.t()).to(weight.dtype)
+
+
+def _warn_unchanged(caller: str, names: list, state: str) -> None:
+    if names:
+        shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+        warnings.warn(f"{caller}: {len(names)} layer(s) already {state} were left unchanged: {shown}",
+                      UserWarning, stacklevel=3)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LinearWithLoRA's update into its weight, in place: W <- W + scale * (A @ B)^T; returns the model.
+
+    W is (out_features, in_features) and A @ B is (in_features, out_features), hence the transpose (LoRA, Hu et
+    al. 2021, sec. 4.1: "we can explicitly compute and store W = W0 + BA" at deployment). The sum is formed in
+    float32 (float64 for float64 tensors) and rounded once into W's dtype, so a merged fp16/bf16 layer is within
+    one rounding of the exact merged weight. A merged layer's forward is ``linear(x)`` alone: no low-rank
+    matmuls, no LoRA dropout. The Parameter objects stay the same (optimisers and hooks keep their references).
+
+    Memory: for exact ``unmerge_lora`` each merged layer keeps a copy of its original weight (a non-persistent
+    buffer ``weight_before_merge``, on W's device, not in the state dict): out_features * in_features elements
+    in W's dtype per layer, i.e. the wrapped weights' size once more while merged. ``merge_and_unload`` keeps
+    no copy. A and B are kept as they are.
+
+    Layers already merged are left as they are, with one UserWarning per call listing them.
+
+    Raises: TypeError if model is not an nn.Module; ValueError if it holds no LinearWithLoRA.
+    """
+    already = []
+    for name, layer in _lora_layers(model, "merge_lora"):
+        if layer.merged:
+            already.append(name)
+            continue
+        weight = layer.linear.weight
+        with torch.no_grad():
+            merged = _merged_weight(layer)
+            layer.weight_before_merge = weight.detach().clone()
+            weight.copy_(merged)
+        layer.merged = True
+    _warn_unchanged("merge_lora", already, "merged")
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo ``merge_lora``, in place: every merged LinearWithLoRA gets back its original weight bit for bit
+    (``torch.equal``), from the copy merge_lora kept, which is then freed; returns the model.
+
+    Layers are restored in reverse module order, so that a weight shared by two wrappers also comes back exactly.
+    Layers not merged are left as they are, with one UserWarning per call listing them.
+
+    Raises: TypeError if model is not an nn.Module; ValueError if it holds no LinearWithLoRA; RuntimeError if a
+    layer is marked merged but holds no pre-merge copy (``merged`` set by hand).
+    """
+    not_merged = []
+    for name, layer in reversed(_lora_layers(model, "unmerge_lora")):
+        if not layer.merged:
+            not_merged.append(name)
+            continue
+        if layer.weight_before_merge is None:
+            raise RuntimeError(f"unmerge_lora: layer {name!r} is marked merged but holds no pre-merge weight; "
+                               "it was not merged by merge_lora")
+        with torch.no_grad():
+            layer.linear.weight.copy_(layer.weight_before_merge)
+        layer.weight_before_merge = None
+        layer.merged = False
+    _warn_unchanged("unmerge_lora", not_merged[::-1], "unmerged")
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every LinearWithLoRA by its nn.Linear holding the merged weight W + scale * (A @ B)^T (computed
+    as in ``merge_lora``; layers already merged keep their weight); returns the model, or the nn.Linear when
+    the model itself is a LinearWithLoRA. In place: the result has the base model's modules and state-dict
+    keys, and no adapter, pre-merge copy or extra memory (as PEFT's ``merge_and_unload``).
+
+    Raises: TypeError if model is not an nn.Module; ValueError if it holds no LinearWithLoRA.
+    """
+    for name, layer in _lora_layers(model, "merge_and_unload"):
+        if not layer.merged:
+            with torch.no_grad():
+                layer.linear.weight.copy_(_merged_weight(layer))
+        layer.weight_before_merge = None
+        layer.merged = True
+        if name == "":
+            return layer.linear
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.linear)
+    return model
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
+    """Freeze every parameter except the LoRA A and B, in place; returns the model.
+
+    ``bias`` as loralib (``lora.mark_only_lora_as_trainable``) and PEFT (``LoraConfig.bias``) define it:
+    "none" trains no bias, "all" trains every parameter named ``bias`` in the model, "lora_only" trains the
+    biases of the layers that have LoRA (each LinearWithLoRA's ``linear.bias``).
+
+    Raises: ValueError for another ``bias`` or a model without LinearWithLoRA; TypeError for a non-Module.
+    """
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias: expected one of {BIAS_MODES}, got {bias!r}")
+    layers = _lora_layers(model, "mark_only_lora_as_trainable")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in layers:
+        layer.lora.A.requires_grad_(True)
+        layer.lora.B.requires_grad_(True)
+        if bias == "lora_only" and layer.linear.bias is not None:
+            layer.linear.bias.requires_grad_(True)
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name.rpartition(".")[2] == "bias":
+                p.requires_grad_(True)
+    return model
+
+
+def count_parameters(model: nn.Module) -> Tuple[int, int]:
+    """(trainable, total) numbers of parameter elements; a parameter shared by several modules (tied
+    embeddings) counts once, buffers not at all. Works on the 'meta' device.
+
+    Raises: TypeError if model is not an nn.Module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"count_parameters: model: expected a torch.nn.Module, got {type(model).__name__}")
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
