@@ -148,30 +148,43 @@ def test_cuda_graph_capture_and_replay():
     assert torch.isfinite(loss) and any(not torch.equal(a, p) for a, p in zip(before, params))
 
 
-def _ddp_worker(rank, world_size, init_file, x, out_dir):
+def _distributed_worker(rank, world_size, init_file, x, out_dir):
+    """DDP, then FSDP2 (fully_shard), each on this rank's half of the batch; gradients saved for the parent."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        model = nn.parallel.DistributedDataParallel(two_layer_model("cpu"))
         shard = x.chunk(world_size)[rank]
+        ddp = nn.parallel.DistributedDataParallel(two_layer_model("cpu"))
+        ddp(shard).square().mean().backward()
+        ddp_grads = [p.grad for p in ddp.parameters() if p.requires_grad]
+
+        from torch.distributed.fsdp import fully_shard
+
+        model = two_layer_model("cpu")
+        for layer in model:
+            if isinstance(layer, LinearWithLoRA):
+                fully_shard(layer)
+        fully_shard(model)
         model(shard).square().mean().backward()
-        torch.save([p.grad for p in model.parameters() if p.requires_grad], os.path.join(out_dir, f"{rank}.pt"))
+        fsdp_grads = [p.grad.full_tensor() for p in model.parameters() if p.requires_grad]
+        torch.save((ddp_grads, fsdp_grads), os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_gloo_two_processes():
-    """DDP averages the A/B gradients over ranks: equal to one process on the whole batch."""
+def test_ddp_and_fsdp2_gloo_two_processes():
+    """DDP and FSDP2 average the A/B gradients over ranks: equal to one process on the whole batch."""
     x = torch.randn(16, 32)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), x, tmp), nprocs=2, join=True)
-        ddp_grads = torch.load(os.path.join(tmp, "0.pt"))
-        other = torch.load(os.path.join(tmp, "1.pt"))
-    for a, b in zip(ddp_grads, other):
-        assert torch.equal(a, b)
+        mp.spawn(_distributed_worker, args=(2, os.path.join(tmp, "init"), x, tmp), nprocs=2, join=True)
+        rank0 = torch.load(os.path.join(tmp, "0.pt"))
+        rank1 = torch.load(os.path.join(tmp, "1.pt"))
     model = two_layer_model("cpu")
     model(x).square().mean().backward()
     single = [p.grad for p in model.parameters() if p.requires_grad]
     assert len(single) == 4
-    for g_ddp, g_one in zip(ddp_grads, single):
-        assert_close(g_ddp, g_one.double(), g_one.double().abs().max().expand_as(g_one), torch.float32, 64,
-                     "ddp grads", record=False)
+    for name, grads, other in (("ddp", rank0[0], rank1[0]), ("fsdp2", rank0[1], rank1[1])):
+        assert len(grads) == 4
+        for g, g_other, g_one in zip(grads, other, single):
+            assert torch.equal(g, g_other), name
+            assert_close(g, g_one.double(), g_one.double().abs().max().expand_as(g_one), torch.float32, 64,
+                         f"{name} grads", record=False)
