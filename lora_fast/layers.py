@@ -79,8 +79,8 @@ class LinearWithLoRA(nn.Module):
     keeps adapters on a 16-bit base).
 
     Args:
-        linear: the nn.Linear (or transformers Conv1D) to wrap. rank: >= 1. alpha: finite real. dropout: probability in [0, 1) on the
-            LoRA input (PEFT's lora_dropout). scaling: see LoRALayer.
+        linear: the nn.Linear (or transformers Conv1D) to wrap. rank: >= 1. alpha: finite real.
+            dropout: probability in [0, 1) on the LoRA input (PEFT's lora_dropout). scaling: see LoRALayer.
     Raises: TypeError if ``linear`` is neither an nn.Linear nor a Conv1D; ValueError for rank, alpha, dropout, scaling.
     """
 

@@ -76,9 +76,10 @@ def _adapter_reason(module: nn.Module) -> tuple:
     if len(active) != 1:
         return None, "several active adapters" if active else "no active adapter"
     adapter = active[0]
-    if adapter in module.lora_variant:
-        variant = "DoRA" if module.use_dora.get(adapter) else type(module.lora_variant[adapter]).__name__
-        return None, f"LoRA variant {variant}"
+    # peft >= 0.15 keeps every variant (DoRA, aLoRA, ...) in lora_variant; older versions only have use_dora
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if variant is not None or getattr(module, "use_dora", {}).get(adapter):
+        return None, "LoRA variant " + ("DoRA" if module.use_dora.get(adapter) else type(variant).__name__)
     lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
         return None, "custom lora_A / lora_B modules"
@@ -197,8 +198,6 @@ def unpatch_peft(model: nn.Module) -> int:
 
 
 def _lora_modules(model: nn.Module) -> dict:
-    if isinstance(model, LinearWithLoRA):
-        return {"": model}
     return {name: m for name, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
 
 
@@ -226,9 +225,11 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
     from peft import LoraConfig
     from safetensors.torch import save_file
 
+    if isinstance(model, LinearWithLoRA):
+        raise ValueError("model: a lone LinearWithLoRA has no module path; PEFT adapters name layers in a model")
     layers = _lora_modules(model)
     if not layers:
-        raise ValueError("model: expected a model with LinearWithLoRA layers (see replace_linear_with_lora), found none")
+        raise ValueError("model: expected LinearWithLoRA layers (see replace_linear_with_lora), found none")
     rslora = {layer.lora.scaling == "rslora" for layer in layers.values()}
     if len(rslora) > 1:
         raise ValueError("model: PEFT has one use_rslora per adapter; these layers mix 'rslora' with other scalings")
@@ -240,7 +241,7 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
         lora = layer.lora
         ranks[name] = lora.rank
         alphas[name] = lora.alpha * lora.rank if lora.scaling == "alpha" else lora.alpha
-        prefix = PEFT_PREFIX + name + "." if name else PEFT_PREFIX
+        prefix = PEFT_PREFIX + name + "."
         tensors[prefix + "lora_A.weight"] = lora.A.detach().t().contiguous().cpu()
         tensors[prefix + "lora_B.weight"] = lora.B.detach().t().contiguous().cpu()
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
@@ -291,16 +292,16 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
     config = LoraConfig.from_pretrained(str(adapter_dir))
     if str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
         raise ValueError(f"adapter_dir: expected a LoRA adapter, got peft_type {config.peft_type}")
-    if config.use_dora or config.lora_bias:
+    if config.use_dora or getattr(config, "lora_bias", False):
         raise ValueError("adapter_dir: DoRA and lora_bias adapters are not supported by LinearWithLoRA")
     tensors = load_file(weights_path)
     pairs = collections.defaultdict(dict)
     for key, value in tensors.items():
-        match = re.fullmatch(re.escape(PEFT_PREFIX) + r"(?:(.*)\.)?(lora_A|lora_B)\.weight", key)
+        match = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A|lora_B)\.weight", key)
         if match is None:
             raise ValueError(f"adapter_dir: tensor {key!r} is not a LoRA lora_A/lora_B weight (embedding "
                              f"adapters, biases and modules_to_save are not supported)")
-        pairs[match.group(1) or ""][match.group(2)] = value
+        pairs[match.group(1)][match.group(2)] = value
     loaded = set()
     for name, pair in pairs.items():
         if set(pair) != {"lora_A", "lora_B"}:
@@ -312,8 +313,6 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
             raise ValueError(f"adapter_dir: module {name!r} has lora_A {tuple(lora_A.shape)} and lora_B "
                              f"{tuple(lora_B.shape)}, expected rank {r} from the config")
         layer = _lora_target(model, name, r, alpha, config)
-        if name == "":
-            model = layer
         A, B = layer.lora.A, layer.lora.B
         if tuple(A.shape) != (lora_A.shape[1], r) or tuple(B.shape) != (r, lora_B.shape[0]):
             raise ValueError(f"adapter_dir: module {name!r}: lora_A {tuple(lora_A.shape)} / lora_B "
@@ -336,7 +335,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
 def _lora_target(model: nn.Module, name: str, r: int, alpha: float, config) -> LinearWithLoRA:
     """The LinearWithLoRA at ``name`` in ``model``, wrapping a plain linear there first."""
     try:
-        module = model.get_submodule(name) if name else model
+        module = model.get_submodule(name)
     except AttributeError:
         raise ValueError(f"adapter_dir: the adapter names module {name!r}, which is not in model") from None
     if isinstance(module, LinearWithLoRA):
@@ -349,8 +348,7 @@ def _lora_target(model: nn.Module, name: str, r: int, alpha: float, config) -> L
                          f"nn.Linear or Conv1D")
     scaling = "rslora" if config.use_rslora else "alpha/rank"
     layer = LinearWithLoRA(module, r, alpha, dropout=float(config.lora_dropout), scaling=scaling)
-    if name:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
     return layer
 
