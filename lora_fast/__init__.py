@@ -5,6 +5,7 @@ from .layers import LinearWithLoRA, LoRALayer, lora_scale
 from .patching import replace_linear_with_lora
 from .patching import count_parameters, mark_only_lora_as_trainable, merge_and_unload, merge_lora, unmerge_lora
 from .adapters import load_lora, load_lora_state_dict, lora_state_dict, save_lora
+from .peft_interop import PatchReport, load_peft_adapter, patch_peft, save_peft_adapter, unpatch_peft
 
 __version__ = "0.1.0"
 
@@ -12,3 +13,4 @@ __all__ = ["LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "lora_line
            "select_backend"]
 __all__ += ["merge_lora", "unmerge_lora", "merge_and_unload", "lora_state_dict", "load_lora_state_dict",
             "save_lora", "load_lora", "mark_only_lora_as_trainable", "count_parameters"]
+__all__ += ["patch_peft", "unpatch_peft", "PatchReport", "save_peft_adapter", "load_peft_adapter"]

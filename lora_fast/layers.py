@@ -2,6 +2,7 @@
 with the same attribute names, parameter shapes, initialisation and state-dict keys, on the fused op."""
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -24,6 +25,19 @@ def lora_scale(alpha: float, rank: int, scaling: str = "alpha") -> float:
     if scaling == "rslora":
         return alpha / math.sqrt(rank)
     raise ValueError(f"scaling: expected one of {SCALINGS}, got {scaling!r}")
+
+
+def conv1d_class():
+    """transformers' Conv1D (GPT-2's linear: weight (in, out), y = x @ W + b), or None when transformers has not
+    been imported: a model that holds a Conv1D has imported it, so lora-fast never imports transformers itself."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for an nn.Linear or a transformers Conv1D: the layers LinearWithLoRA wraps."""
+    conv1d = conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
 class LoRALayer(nn.Module):
@@ -58,34 +72,37 @@ class LoRALayer(nn.Module):
 class LinearWithLoRA(nn.Module):
     """nn.Linear plus a LoRA update, fused: forward(x) = linear(x) + lora(dropout(x)) via ``lora_linear``.
 
-    Attributes: ``linear`` (the wrapped nn.Linear, untouched; freeze it yourself as the book does), ``lora``
-    (a LoRALayer), ``dropout`` (probability) and ``merged`` (set by ``merge_lora``). State-dict keys:
+    Attributes: ``linear`` (the wrapped nn.Linear or transformers Conv1D, untouched; freeze it yourself as the book
+    does), ``lora`` (a LoRALayer), ``dropout`` (probability), ``fan_in_fan_out`` (True for a Conv1D, whose weight
+    is stored (in, out); PEFT's name for it) and ``merged`` (set by ``merge_lora``). State-dict keys:
     linear.weight, linear.bias, lora.A, lora.B (merging adds none).
     A and B are made on the linear's device, in its dtype when that is float32/float64, else in float32 (as PEFT
     keeps adapters on a 16-bit base).
 
     Args:
-        linear: the nn.Linear to wrap. rank: >= 1. alpha: finite real. dropout: probability in [0, 1) on the
-            LoRA input (PEFT's lora_dropout). scaling: see LoRALayer.
+        linear: the nn.Linear (or transformers Conv1D) to wrap. rank: >= 1. alpha: finite real.
+            dropout: probability in [0, 1) on the LoRA input (PEFT's lora_dropout). scaling: see LoRALayer.
 
-    Merged (``merge_lora``): linear.weight holds W + scale * (A @ B)^T and forward is ``linear(x)`` alone, so
-    no LoRA dropout is applied. Training a merged layer, i.e. a forward in train mode with grad enabled while A
-    or B requires grad, raises RuntimeError: A and B would get no gradient. Eval mode, ``torch.no_grad()`` or
-    frozen A and B are fine.
+    Merged (``merge_lora``): linear.weight holds W + scale * (A @ B)^T (for a Conv1D, + scale * A @ B) and
+    forward is ``linear(x)`` alone, so no LoRA dropout is applied. Training a merged layer, i.e. a forward in
+    train mode with grad enabled while A or B requires grad, raises RuntimeError: A and B would get no gradient.
+    Eval mode, ``torch.no_grad()`` or frozen A and B are fine.
 
-    Raises: TypeError if ``linear`` is not an nn.Linear; ValueError for rank, alpha, dropout, scaling.
+    Raises: TypeError if ``linear`` is neither an nn.Linear nor a Conv1D; ValueError for rank, alpha, dropout,
+    scaling.
     """
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float, *, dropout: float = 0.0,
                  scaling: str = "alpha"):
         super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+        if not is_linear(linear):
+            raise TypeError(f"linear: expected a torch.nn.Linear or transformers Conv1D, got {type(linear).__name__}")
         self.linear = linear
+        self.fan_in_fan_out = not isinstance(linear, nn.Linear)
         w = linear.weight
+        in_dim, out_dim = w.shape if self.fan_in_fan_out else (linear.in_features, linear.out_features)
         dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, scaling=scaling,
-                              device=w.device, dtype=dtype)
+        self.lora = LoRALayer(in_dim, out_dim, rank, alpha, scaling=scaling, device=w.device, dtype=dtype)
         self.dropout = check_dropout(dropout, "dropout")
         self.merged = False
         # the exact pre-merge weight, kept by merge_lora for unmerge_lora; not in the state dict
@@ -99,7 +116,9 @@ class LinearWithLoRA(nn.Module):
                                    "gradient; call unmerge_lora(model) to train it, or run it in eval mode, "
                                    "under torch.no_grad(), or with A and B frozen")
             return self.linear(x)
-        return lora_linear(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale,
+        # Conv1D computes x @ W + b with W (in, out): its transpose is a view in nn.Linear's (out, in) layout
+        weight = self.linear.weight.t() if self.fan_in_fan_out else self.linear.weight
+        return lora_linear(x, weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale,
                            dropout_p=self.dropout, training=self.training)
 
     def extra_repr(self) -> str:

@@ -170,3 +170,13 @@ def test_adapters_follow_the_base_device_and_are_fp32_on_a_16bit_base():
     assert layer.lora.A.dtype == torch.float32 and layer.lora.B.dtype == torch.float32
     layer64 = LinearWithLoRA(nn.Linear(8, 4).double(), 2, 1.0)
     assert layer64.lora.A.dtype == torch.float64
+
+
+def test_multihead_attention_is_left_whole():
+    model = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2, batch_first=True))
+    replace_linear_with_lora(model, rank=2, alpha=1)
+    assert isinstance(model[0], LinearWithLoRA)
+    assert type(model[1].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    x = torch.randn(1, 3, 8)
+    out, _ = model[1](x, x, x)
+    assert out.shape == (1, 3, 8)

@@ -123,6 +123,26 @@ def test_merged_matches_unmerged_and_float64(dtype, K, N, R, bias, device):
     assert_close(unmerged, ref, mag, dtype, K + R, "unmerged", record=False)
 
 
+def test_merge_a_gpt2_conv1d_layer(device):
+    """transformers' Conv1D stores W as (in, out): its merged update is scale * A @ B, not the transpose."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(45, 67).to(device)             # nf=out 45, nx=in 67: weight (67, 45)
+    layer = LinearWithLoRA(conv, 3, 2.0).eval()
+    with torch.no_grad():
+        layer.lora.B.normal_()
+    x = torch.randn(4, 67, device=device)
+    inputs = [x, conv.weight.detach().t(), conv.bias, layer.lora.A, layer.lora.B]
+    ref = reference.lora_linear(*(t.detach().double() for t in inputs), 2.0, training=False)
+    mag = reference.lora_linear(*(t.detach().double().abs() for t in inputs), 2.0, training=False)
+    with torch.no_grad():
+        unmerged = layer(x)
+        merge_lora(layer)
+        merged = layer(x)
+    assert_close(unmerged, ref, mag, torch.float32, 70, "conv1d unmerged", record=False)
+    assert_close(merged, ref, mag, torch.float32, 70, "conv1d merged", record=False)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_unmerge_restores_the_weight_exactly(dtype, device):
     layer = lora_linear_layer(37, 21, 5, dtype, device)

@@ -1,0 +1,354 @@
+"""PEFT interop: PEFT LoRA layers on the fused op (patch_peft / unpatch_peft), and PEFT's adapter format for
+models made with replace_linear_with_lora (save_peft_adapter / load_peft_adapter).
+
+PEFT (Hugging Face, https://github.com/huggingface/peft) stores a LoRA layer as ``lora_A`` = nn.Linear(in, r)
+and ``lora_B`` = nn.Linear(r, out) and computes base(x) + lora_B(lora_A(dropout(x))) * scaling, with scaling =
+lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). In lora-fast's notation A = lora_A.weight^T (in, r),
+B = lora_B.weight^T (r, out) and scale = scaling. peft, transformers and safetensors are imported only when a
+function here is called.
+"""
+
+import collections
+import dataclasses
+import functools
+import os
+import re
+import warnings
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .functional import lora_linear
+from .layers import LinearWithLoRA, conv1d_class, is_linear, lora_scale
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# the prefix PEFT's PeftModel puts before a module path of the base model in its adapter files
+PEFT_PREFIX = "base_model.model."
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What patch_peft did. ``patched``: qualified names of the PEFT LoRA layers that now run on the fused op.
+    ``skipped``: qualified name -> reason, for the LoRA layers that run on PEFT's own path."""
+
+    patched: list = dataclasses.field(default_factory=list)
+    skipped: dict = dataclasses.field(default_factory=dict)
+
+    def skipped_kinds(self) -> collections.Counter:
+        """Number of skipped layers per reason."""
+        return collections.Counter(self.skipped.values())
+
+
+def _peft_lora():
+    try:
+        from peft.tuners.lora import layer as lora_layer
+    except ImportError as err:
+        raise ImportError("lora_fast.patch_peft needs peft: pip install peft") from err
+    return lora_layer
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    # a hook (accelerate's offloading _hf_hook, a user's) expects the module's own forward to be called
+    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None))
+
+
+def _layer_reason(module: nn.Module, lora_layer) -> Optional[str]:
+    """Why this LoRA layer cannot be fused at all (its class or its base layer), or None."""
+    if type(module) is not lora_layer.Linear:
+        kind = type(module)
+        return f"PEFT layer {kind.__module__.rsplit('.', 1)[-1]}.{kind.__name__} (not a plain lora.Linear)"
+    base = module.base_layer
+    conv1d = conv1d_class()
+    plain = (nn.Linear.forward,) + ((conv1d.forward,) if conv1d is not None else ())
+    if not is_linear(base) or type(base).forward not in plain:
+        return f"base layer {type(base).__name__} (quantized, nested or custom)"
+    weight = base.weight
+    if type(weight.data) is not torch.Tensor or weight.dtype not in _FUSED_DTYPES + (torch.float64,):
+        return f"base weight of type {type(weight.data).__name__} and dtype {weight.dtype}"
+    return None
+
+
+def _adapter_reason(module: nn.Module) -> tuple:
+    """(adapter name, None) when the layer's active adapter can run fused, else (None, reason)."""
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1:
+        return None, "several active adapters" if active else "no active adapter"
+    adapter = active[0]
+    # peft >= 0.15 keeps every variant (DoRA, aLoRA, ...) in lora_variant; older versions only have use_dora
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if variant is not None or getattr(module, "use_dora", {}).get(adapter):
+        return None, "LoRA variant " + ("DoRA" if module.use_dora.get(adapter) else type(variant).__name__)
+    lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
+        return None, "custom lora_A / lora_B modules"
+    if lora_B.bias is not None:
+        return None, "lora_bias"
+    if type(module.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
+        return None, f"lora_dropout {type(module.lora_dropout[adapter]).__name__}"
+    if any(_has_hooks(m) for m in (module.base_layer, lora_A, lora_B)):
+        return None, "forward hooks on the base layer or lora_A / lora_B"
+    return adapter, None
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _fused_adapter(module: nn.Module, x, args, kwargs) -> Optional[str]:
+    """The adapter to run fused for this call, or None for PEFT's own forward. Every state PEFT's forward treats
+    specially (disabled or merged adapters, adapter_names, extra arguments) goes to PEFT."""
+    if args or kwargs or module.disable_adapters or module.merged:
+        return None
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or _autocast_on(x.device.type):
+        return None
+    adapter, _ = _adapter_reason(module)
+    if adapter is None:
+        return None
+    weight, A = module.base_layer.weight, module.lora_A[adapter].weight
+    if x.dtype != weight.dtype or A.dtype not in (x.dtype, torch.float32):
+        return None
+    if A.dtype != x.dtype and not getattr(module, "cast_input_dtype_enabled", True):
+        return None
+    if weight.device != x.device or A.device != x.device or module.lora_B[adapter].weight.device != x.device:
+        return None
+    return adapter
+
+
+def _fused_forward(module: nn.Module, x, *args, **kwargs):
+    """Installed as a patched lora.Linear's forward: the fused op when _fused_adapter allows, else PEFT's."""
+    adapter = _fused_adapter(module, x, args, kwargs)
+    if adapter is None:
+        return type(module).forward(module, x, *args, **kwargs)
+    base = module.base_layer
+    # Conv1D (fan_in_fan_out) stores (in, out); .t() gives nn.Linear's (out, in) layout as a view, no copy
+    weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
+    dropout = module.lora_dropout[adapter]
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    # transposed views of PEFT's parameters: gradients flow back into lora_A.weight / lora_B.weight
+    return lora_linear(x, weight, base.bias, module.lora_A[adapter].weight.t(), module.lora_B[adapter].weight.t(),
+                       module.scaling[adapter], dropout_p=p, training=dropout.training)
+
+
+def _is_patched(module: nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _fused_forward
+
+
+def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
+    """Make every PEFT LoRA Linear in ``model`` run forward and backward through ``lora_linear``, in place.
+
+    ``model``: a ``peft.PeftModel`` or any module with PEFT LoRA layers injected (peft.tuners.lora.Linear, over an
+    nn.Linear or transformers' Conv1D, fan_in_fan_out). Each such layer gets a forward that, per call, runs the
+    fused op when PEFT's forward would compute base(x) + lora_B(lora_A(dropout(x))) * scaling for exactly one
+    adapter: the active adapter is plain LoRA (no DoRA or other variant, no lora_bias), adapters are neither
+    disabled nor merged, no adapter_names (mixed batches) or other extra arguments, x in the base weight's dtype
+    with adapters in that dtype or float32, no autocast, one device, no forward hooks. Otherwise the call runs
+    PEFT's own forward, so results never silently differ from PEFT's (up to floating-point rounding; dropout
+    masks come from lora-fast's generator, with PEFT's probability and the dropout module's train/eval mode).
+    bias "none"/"all"/"lora_only", rsLoRA and fp32 adapters on fp16/bf16 bases are supported. PEFT's own API
+    (save_pretrained, set_adapter, merge_and_unload, disable_adapter) keeps working: the patch only adds an
+    instance ``forward``; parameters and state-dict keys are PEFT's. Calling twice equals calling once.
+
+    Layers of other PEFT classes (Embedding, Conv2d, quantized bnb/hqq/torchao layers, ...) are left untouched.
+
+    Returns: a PatchReport: ``patched`` (names of the layers that run fused in the current adapter state) and
+        ``skipped`` (name -> reason); with ``warn`` one warning lists the skipped reasons and their counts.
+    Raises: ImportError without peft; TypeError if ``model`` is not an nn.Module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module (a peft.PeftModel), got {type(model).__name__}")
+    lora_layer = _peft_lora()
+    report = PatchReport()
+    for name, module in model.named_modules():
+        if not isinstance(module, lora_layer.LoraLayer):
+            continue
+        reason = _layer_reason(module, lora_layer)
+        if reason is None:
+            if not _is_patched(module):
+                # a module-level function in a partial: the model still pickles and deep-copies
+                module.forward = functools.partial(_fused_forward, module)
+            _, reason = _adapter_reason(module)
+        if reason is None:
+            report.patched.append(name)
+        else:
+            report.skipped[name] = reason
+    if warn and report.skipped:
+        kinds = ", ".join(f"{kind} ({n})" for kind, n in sorted(report.skipped_kinds().items()))
+        warnings.warn(f"patch_peft: {len(report.skipped)} LoRA layers stay on PEFT's own path: {kinds}",
+                      stacklevel=2)
+    return report
+
+
+def unpatch_peft(model: nn.Module) -> int:
+    """Undo patch_peft: every patched PEFT LoRA layer in ``model`` gets PEFT's own forward back. Returns the number
+    of layers restored. Raises TypeError if ``model`` is not an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    restored = 0
+    for module in model.modules():
+        if _is_patched(module):
+            del module.forward
+            restored += 1
+    return restored
+
+
+def _lora_modules(model: nn.Module) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
+
+
+def _pattern(name: str) -> str:
+    # PEFT matches rank_pattern / alpha_pattern keys as a regex on a dotted suffix of the module path
+    return "^" + re.escape(name)
+
+
+def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
+                      base_model_name_or_path: Optional[str] = None) -> None:
+    """Write the LoRA layers of ``model`` (LinearWithLoRA, from replace_linear_with_lora) as a PEFT LoRA adapter.
+
+    Files (PEFT's format, loadable with ``peft.PeftModel.from_pretrained(base_model, save_dir)`` where
+    base_model is the model before replace_linear_with_lora): ``adapter_config.json`` written by PEFT's own
+    LoraConfig, and ``adapter_model.safetensors`` with, per layer at module path P,
+    ``base_model.model.P.lora_A.weight`` = A^T (rank, in) and ``base_model.model.P.lora_B.weight`` = B^T
+    (out, rank), in the adapters' dtype. ``lora_alpha`` and ``use_rslora`` are chosen so that PEFT computes our
+    scale: "alpha/rank" -> lora_alpha = alpha; "rslora" -> use_rslora, lora_alpha = alpha; "alpha" (scale =
+    alpha) -> lora_alpha = alpha * rank. Layers with another rank or alpha than the most common one go into
+    rank_pattern / alpha_pattern. Conv1D layers set fan_in_fan_out. target_modules lists the exact paths.
+
+    Raises: ImportError without peft or safetensors; ValueError if ``model`` has no LinearWithLoRA, or if its
+        layers mix "rslora" with other scalings or use different dropouts (PEFT keeps one per adapter).
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    if isinstance(model, LinearWithLoRA):
+        raise ValueError("model: a lone LinearWithLoRA has no module path; PEFT adapters name layers in a model")
+    layers = _lora_modules(model)
+    if not layers:
+        raise ValueError("model: expected LinearWithLoRA layers (see replace_linear_with_lora), found none")
+    rslora = {layer.lora.scaling == "rslora" for layer in layers.values()}
+    if len(rslora) > 1:
+        raise ValueError("model: PEFT has one use_rslora per adapter; these layers mix 'rslora' with other scalings")
+    dropouts = {layer.dropout for layer in layers.values()}
+    if len(dropouts) > 1:
+        raise ValueError(f"model: PEFT has one lora_dropout per adapter; these layers use {sorted(dropouts)}")
+    ranks, alphas, tensors = {}, {}, {}
+    for name, layer in layers.items():
+        lora = layer.lora
+        ranks[name] = lora.rank
+        alphas[name] = lora.alpha * lora.rank if lora.scaling == "alpha" else lora.alpha
+        prefix = PEFT_PREFIX + name + "."
+        tensors[prefix + "lora_A.weight"] = lora.A.detach().t().contiguous().cpu()
+        tensors[prefix + "lora_B.weight"] = lora.B.detach().t().contiguous().cpu()
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, use_rslora=rslora.pop(), lora_dropout=dropouts.pop(), bias="none",
+        target_modules=sorted(layers), fan_in_fan_out=all(layer.fan_in_fan_out for layer in layers.values()),
+        rank_pattern={_pattern(n): k for n, k in ranks.items() if k != r},
+        alpha_pattern={_pattern(n): a for n, a in alphas.items() if a != alpha},
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    os.makedirs(save_dir, exist_ok=True)
+    config.save_pretrained(str(save_dir))
+    save_file(tensors, os.path.join(save_dir, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    # PEFT's rule (peft.utils.other.get_pattern_key): the first key that matches a dotted suffix of the path
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) -> nn.Module:
+    """Load a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``, e.g. from
+    ``PeftModel.save_pretrained``) into ``model``, in place; returns the model.
+
+    For every module path P in the file, ``model``'s module at P gets A = lora_A.weight^T (in, r) and
+    B = lora_B.weight^T (r, out) (copied into its dtype) and PEFT's scale: lora_alpha / r, or lora_alpha / sqrt(r)
+    with use_rslora (scaling "alpha/rank" or "rslora", alpha = lora_alpha; rank_pattern / alpha_pattern are
+    honoured), and lora_dropout. A LinearWithLoRA there must have rank r; a plain nn.Linear or Conv1D there is
+    wrapped in a LinearWithLoRA first. ``model`` is the base model PEFT wrapped (keys "base_model.model.P").
+    LinearWithLoRA layers the file does not name are left as they are (a warning lists them).
+
+    Raises: ImportError without peft or safetensors; FileNotFoundError for missing files; ValueError for a
+        non-LoRA adapter, DoRA, lora_bias, other tensors than lora_A/lora_B weights (embeddings,
+        modules_to_save), a path that is not in ``model``, or shapes that do not match.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"adapter_dir: no {ADAPTER_WEIGHTS_NAME} in {adapter_dir}")
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    if str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
+        raise ValueError(f"adapter_dir: expected a LoRA adapter, got peft_type {config.peft_type}")
+    if config.use_dora or getattr(config, "lora_bias", False):
+        raise ValueError("adapter_dir: DoRA and lora_bias adapters are not supported by LinearWithLoRA")
+    tensors = load_file(weights_path)
+    pairs = collections.defaultdict(dict)
+    for key, value in tensors.items():
+        match = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A|lora_B)\.weight", key)
+        if match is None:
+            raise ValueError(f"adapter_dir: tensor {key!r} is not a LoRA lora_A/lora_B weight (embedding "
+                             f"adapters, biases and modules_to_save are not supported)")
+        pairs[match.group(1)][match.group(2)] = value
+    loaded = set()
+    for name, pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"adapter_dir: module {name!r} has {sorted(pair)}, expected lora_A and lora_B")
+        lora_A, lora_B = pair["lora_A"], pair["lora_B"]
+        r = _pattern_value(config.rank_pattern or {}, name, config.r)
+        alpha = _pattern_value(config.alpha_pattern or {}, name, config.lora_alpha)
+        if lora_A.shape[0] != r or lora_B.shape[1] != r:
+            raise ValueError(f"adapter_dir: module {name!r} has lora_A {tuple(lora_A.shape)} and lora_B "
+                             f"{tuple(lora_B.shape)}, expected rank {r} from the config")
+        layer = _lora_target(model, name, r, alpha, config)
+        A, B = layer.lora.A, layer.lora.B
+        if tuple(A.shape) != (lora_A.shape[1], r) or tuple(B.shape) != (r, lora_B.shape[0]):
+            raise ValueError(f"adapter_dir: module {name!r}: lora_A {tuple(lora_A.shape)} / lora_B "
+                             f"{tuple(lora_B.shape)} do not fit A {tuple(A.shape)} / B {tuple(B.shape)}")
+        with torch.no_grad():
+            A.copy_(lora_A.t())
+            B.copy_(lora_B.t())
+        scaling = "rslora" if config.use_rslora else "alpha/rank"
+        layer.lora.alpha, layer.lora.scaling = alpha, scaling
+        layer.lora.scale = lora_scale(alpha, r, scaling)
+        layer.dropout = float(config.lora_dropout)
+        loaded.add(name)
+    missing = sorted(set(_lora_modules(model)) - loaded)
+    if missing:
+        warnings.warn(f"load_peft_adapter: {len(missing)} LoRA layers are not in the adapter and keep their "
+                      f"weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}", stacklevel=2)
+    return model
+
+
+def _lora_target(model: nn.Module, name: str, r: int, alpha: float, config) -> LinearWithLoRA:
+    """The LinearWithLoRA at ``name`` in ``model``, wrapping a plain linear there first."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"adapter_dir: the adapter names module {name!r}, which is not in model") from None
+    if isinstance(module, LinearWithLoRA):
+        if module.lora.rank != r:
+            raise ValueError(f"adapter_dir: module {name!r} has rank {r}, model's LinearWithLoRA has rank "
+                             f"{module.lora.rank}")
+        return module
+    if not is_linear(module):
+        raise ValueError(f"adapter_dir: module {name!r} is a {type(module).__name__}, expected a LinearWithLoRA, "
+                         f"nn.Linear or Conv1D")
+    scaling = "rslora" if config.use_rslora else "alpha/rank"
+    layer = LinearWithLoRA(module, r, alpha, dropout=float(config.lora_dropout), scaling=scaling)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
+    return layer
+

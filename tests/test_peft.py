@@ -1,0 +1,400 @@
+"""PEFT and Hugging Face interop: patch_peft against PEFT's own path, PEFT's adapter format both ways, GPT-2's
+Conv1D and target_modules in replace_linear_with_lora.
+
+Tiny transformers models built from config objects (random weights, nothing downloaded), <= 16 tokens, so that
+the Triton interpreter keeps the file short on CPU.
+
+Error model for whole models: a model is a chain of reductions (norms, projections, attention scores, attention
+times values, MLP). fp32 rounding adds about gamma_n = n * 2**-24 per reduction of length n along the chain, so
+logits are compared against a float64 copy of the PEFT model, relative to the largest reference value (through
+layer norms and softmax no elementwise magnitude bound exists), with tolerance(float32, n) where n is the sum of
+the reduction lengths along the depth (``_depth``). Gradients go down the chain and back and then reduce over
+the tokens: 2 n + tokens. The same bound is asserted for PEFT's own fp32 path, so it is not tuned to the kernels;
+a wrong scale, transpose or missing term is an O(1) relative error (the LoRA terms are made large here).
+"""
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytest.importorskip("safetensors")
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,  # noqa: E402
+                          LlamaForCausalLM)
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+import lora_fast  # noqa: E402
+from lora_fast import (LinearWithLoRA, load_peft_adapter, patch_peft, replace_linear_with_lora,  # noqa: E402
+                       save_peft_adapter, unpatch_peft)
+from lora_fast import peft_interop  # noqa: E402
+from tests.utils import assert_close, reference_grads, tolerance  # noqa: E402
+
+BATCH, TOKENS, VOCAB, HIDDEN = 2, 8, 100, 32
+
+
+def gpt2():
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=HIDDEN, n_head=2, vocab_size=VOCAB, n_positions=32,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                      eos_token_id=0))
+
+
+def bert():
+    return BertForMaskedLM(BertConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=32,
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def llama():
+    return LlamaForCausalLM(LlamaConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB,
+                                        max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+                                        pad_token_id=0, attn_implementation="eager"))
+
+
+def _depth(model) -> int:
+    """Sum of the reduction lengths along the model's depth: per block two norms, q/k/v, scores (head dim),
+    attention times values (tokens), output projection, MLP up and down; then the final norm and the head."""
+    c = model.config
+    hidden = getattr(c, "hidden_size", None) or c.n_embd
+    inter = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * hidden
+    layers = getattr(c, "num_hidden_layers", None) or c.n_layer
+    heads = getattr(c, "num_attention_heads", None) or c.n_head
+    per_block = 5 * hidden + hidden // heads + TOKENS + inter
+    return layers * per_block + 3 * hidden  # final norm, head (BERT's MLM head adds a dense + norm: 3 covers it)
+
+
+def _randomize_adapters(model, std=0.5):
+    """PEFT initialises lora_B to zero; large random adapters make the LoRA term as big as the base term."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # std / sqrt(reduction length) per factor: PEFT's weights are (r, in) and (out, r), ours (in, r), (r, out)
+            if "lora_A" in name or "lora_B" in name:
+                p.normal_(0.0, std / p.shape[-1] ** 0.5)
+            elif ".lora.A" in name or ".lora.B" in name:
+                p.normal_(0.0, std / p.shape[0] ** 0.5)
+
+
+def _peft_model(make, **config):
+    base = make()
+    model = get_peft_model(base, LoraConfig(**config))
+    _randomize_adapters(model)
+    return model
+
+
+def _inputs():
+    return torch.randint(1, VOCAB, (BATCH, TOKENS))
+
+
+class _Spy:
+    """Counts calls of the fused op from peft_interop (a patched layer that fell back calls PEFT instead)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = peft_interop.lora_linear
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(peft_interop, "lora_linear", counted)
+
+
+def _run(model, ids, probe):
+    """Logits and the gradients of (logits * probe).sum() for every trainable parameter."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits
+    (logits * probe.to(logits.dtype)).sum().backward()
+    # the adapters and the base biases of LoRA layers (bias="all"); other biases can have a zero gradient by
+    # symmetry (a key bias under softmax), which no relative bound can judge
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+             if p.requires_grad and ("lora_" in n or "base_layer.bias" in n)}
+    return logits.detach(), grads
+
+
+def _compare(actual, ref, n, name):
+    magnitude = torch.full_like(ref, ref.abs().max().item())
+    assert_close(actual, ref, magnitude, torch.float32, n, name, record=False)
+
+
+CASES = {
+    # GPT-2: Conv1D bases (fan_in_fan_out), c_proj matches both attention and MLP projections
+    "gpt2": (gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"])),
+    # BERT: bias="all" trains the base biases of the LoRA layers, through the fused op
+    "bert": (bert, dict(r=3, lora_alpha=6, target_modules=["query", "value"], bias="all")),
+    # Llama: every linear but lm_head, rsLoRA, grouped-query attention
+    "llama": (llama, dict(r=4, lora_alpha=4, target_modules="all-linear", use_rslora=True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_patched_matches_peft(case, monkeypatch):
+    make, config = CASES[case]
+    model = _peft_model(make, lora_dropout=0.0, **config)
+    model.train()  # the models' own dropouts are 0: train mode is deterministic and exercises training=True
+    reference = copy.deepcopy(model).double()
+    ids = _inputs()
+    probe = torch.randn(BATCH, TOKENS, VOCAB)
+    ref_logits, ref_grads = _run(reference, ids, probe.double())
+    peft_logits, peft_grads = _run(model, ids, probe)
+
+    report = patch_peft(model)
+    assert report.skipped == {}
+    n_lora = sum(isinstance(m, peft.tuners.lora.Linear) for m in model.modules())
+    assert len(report.patched) == n_lora > 0
+    spy = _Spy(monkeypatch)
+    logits, grads = _run(model, ids, probe)
+    assert spy.calls == n_lora
+
+    n = _depth(model.base_model.model)
+    for name, out in (("peft", peft_logits), ("patched", logits)):
+        _compare(out, ref_logits, n, f"{case} {name} logits")
+    assert set(grads) == set(ref_grads)
+    assert any("lora_A" in g for g in grads) and any("lora_B" in g for g in grads)
+    if config.get("bias") == "all":
+        assert any(g.endswith("query.base_layer.bias") for g in grads)
+    for g in ref_grads:
+        for name, out in (("peft", peft_grads[g]), ("patched", grads[g])):
+            _compare(out, ref_grads[g], 2 * n + BATCH * TOKENS, f"{case} {name} d{g}")
+
+
+def test_dropout_in_eval_mode_and_train_mode(monkeypatch):
+    model = _peft_model(gpt2, r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.3)
+    model.eval()
+    reference = copy.deepcopy(model).double()
+    ids = _inputs()
+    ref = reference(input_ids=ids).logits.detach()
+    patch_peft(model)
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert spy.calls == 2
+    _compare(logits, ref, _depth(model.base_model.model), "eval-mode logits")
+    # train mode: the dropout module's mode reaches the fused op (PEFT's p, lora-fast's mask)
+    model.train()
+    with torch.no_grad():
+        dropped = model(input_ids=ids).logits
+    assert spy.calls == 4
+    assert (dropped - logits).abs().max() > 1e-3 * ref.abs().max()
+
+
+def test_fp32_adapters_on_a_16bit_base(monkeypatch):
+    """PEFT keeps adapters in fp32 on a half-precision base; one layer, compared like tests/utils.check_op."""
+    K, N, R, dtype = 48, 40, 4, torch.float16
+    model = get_peft_model(nn.Sequential(nn.Linear(K, N)).to(dtype), LoraConfig(r=R, lora_alpha=8,
+                                                                                 target_modules=["0"]))
+    layer = model.base_model.model[0]
+    for m in (layer.lora_A["default"], layer.lora_B["default"]):
+        m.float()
+    _randomize_adapters(model)
+    patch_peft(model)
+    spy = _Spy(monkeypatch)
+    x = torch.randn(3, 5, K).to(dtype)
+    y = model(x)
+    assert spy.calls == 1 and y.dtype == dtype
+    w, b = layer.base_layer.weight, layer.base_layer.bias
+    A, B = layer.lora_A["default"].weight.t(), layer.lora_B["default"].weight.t()
+    ref, _ = reference_grads(x, w, b, A, B, 2.0, torch.zeros(3, 5, N))
+    mag, _ = reference_grads(x, w, b, A, B, 2.0, torch.zeros(3, 5, N), absolute=True)
+    assert_close(y, ref, mag, dtype, K + R, "fp16 base, fp32 adapters", record=False)
+
+
+def test_peft_states_fall_back_to_peft(monkeypatch):
+    """disable_adapter, merged adapters, adapter_names and a second adapter behave exactly as in PEFT."""
+    model = _peft_model(gpt2, r=4, lora_alpha=8, target_modules=["c_attn"])
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=["c_attn"]))
+    _randomize_adapters(model)
+    model.eval()
+    ids = _inputs()
+
+    def both(**kwargs):
+        """Patched and PEFT's own logits in the model's current state."""
+        patch_peft(model)
+        patched = model(input_ids=ids, **kwargs).logits
+        unpatch_peft(model)
+        return patched, model(input_ids=ids, **kwargs).logits
+
+    with torch.no_grad():
+        spy = _Spy(monkeypatch)
+        with model.disable_adapter():
+            assert torch.equal(*both())
+        assert torch.equal(*both(adapter_names=["default", "other"]))
+        model.merge_adapter()
+        assert torch.equal(*both())
+        model.unmerge_adapter()
+        assert spy.calls == 0
+        patch_peft(model)
+        # set_adapter switches the fused layers to the other adapter
+        model.set_adapter("other")
+        reference = copy.deepcopy(model).double()
+        unpatch_peft(reference)
+        _compare(model(input_ids=ids).logits, reference(input_ids=ids).logits, _depth(model.base_model.model),
+                 "second adapter")
+        assert spy.calls == 2
+
+
+def test_dora_is_skipped_and_keeps_peft_outputs(monkeypatch):
+    model = _peft_model(gpt2, r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], use_dora=True)
+    model.eval()
+    ids = _inputs()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    with pytest.warns(UserWarning, match=r"stay on PEFT's own path: LoRA variant DoRA \(4\)"):
+        report = patch_peft(model)
+    assert report.patched == [] and len(report.skipped) == 4
+    assert set(report.skipped.values()) == {"LoRA variant DoRA"}
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected)
+    assert spy.calls == 0
+
+
+def test_unpatch_restores_peft_and_the_model_still_pickles():
+    model = _peft_model(gpt2, r=2, lora_alpha=2, target_modules=["c_attn"])
+    report = patch_peft(model)
+    assert patch_peft(model).patched == report.patched  # idempotent
+    keys = set(model.state_dict())
+    clone = pickle.loads(pickle.dumps(model))
+    assert set(clone.state_dict()) == keys and len(patch_peft(clone).patched) == 2
+    assert unpatch_peft(model) == 2
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert unpatch_peft(model) == 0
+
+
+@pytest.mark.parametrize("scaling", ["alpha", "alpha/rank", "rslora"])
+def test_save_peft_adapter_loads_in_peft(scaling, tmp_path):
+    base = gpt2().eval()
+    ours = replace_linear_with_lora(copy.deepcopy(base), rank=4, alpha=3.0, scaling=scaling,
+                                    target_modules=["c_attn", "c_fc"])
+    # another rank and alpha on one layer: PEFT's rank_pattern / alpha_pattern
+    ours.transformer.h[1].attn.c_attn = LinearWithLoRA(ours.transformer.h[1].attn.c_attn.linear, 2, 5.0,
+                                                       scaling=scaling)
+    _randomize_adapters(ours)
+    save_peft_adapter(ours, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert len([m for m in theirs.modules() if isinstance(m, peft.tuners.lora.Linear)]) == 4
+    ids = _inputs()
+    with torch.no_grad():
+        ours_logits = ours(input_ids=ids).logits
+        theirs64 = copy.deepcopy(theirs).double()(input_ids=ids).logits
+        theirs_logits = theirs(input_ids=ids).logits
+    n = _depth(base)
+    _compare(theirs_logits, theirs64, n, "PEFT logits")
+    _compare(ours_logits, theirs64, n, "lora-fast logits")
+    layer = theirs.base_model.model.transformer.h[1].attn.c_attn
+    assert layer.scaling["default"] == pytest.approx(ours.transformer.h[1].attn.c_attn.lora.scale)
+
+
+def test_peft_adapter_loads_into_our_layers(tmp_path):
+    base = llama().eval()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "down_proj"],
+                                                            rank_pattern={"down_proj": 2}, lora_dropout=0.1))
+    _randomize_adapters(theirs)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path)
+    ids = _inputs()
+    with torch.no_grad():
+        theirs64 = copy.deepcopy(theirs).double()(input_ids=ids).logits
+    # into plain layers (wrapped by the loader) and into layers already wrapped with the right ranks
+    fresh = load_peft_adapter(copy.deepcopy(base), tmp_path)
+    wrapped = replace_linear_with_lora(copy.deepcopy(base), rank=4, alpha=1.0, target_modules=["q_proj"])
+    replace_linear_with_lora(wrapped, rank=2, alpha=1.0, target_modules=["down_proj"])
+    with pytest.warns(UserWarning, match="not in the adapter"):
+        replace_linear_with_lora(wrapped, rank=3, alpha=1.0, target_modules=["v_proj"])
+        load_peft_adapter(wrapped, tmp_path)
+    for ours in (fresh, wrapped):
+        layer = ours.model.layers[0].mlp.down_proj
+        assert isinstance(layer, LinearWithLoRA) and layer.lora.rank == 2 and layer.dropout == 0.1
+        assert layer.lora.scale == pytest.approx(3.0)
+        with torch.no_grad():
+            _compare(ours.eval()(input_ids=ids).logits, theirs64, _depth(base), "loaded logits")
+
+
+def test_load_rejects_what_it_cannot_represent(tmp_path):
+    base = gpt2()
+    dora = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["c_attn"], use_dora=True))
+    dora.save_pretrained(tmp_path / "dora")
+    with pytest.raises(ValueError, match="DoRA"):
+        load_peft_adapter(copy.deepcopy(base), tmp_path / "dora")
+    with pytest.raises(FileNotFoundError, match="adapter_dir"):
+        load_peft_adapter(base, tmp_path / "missing")
+    with pytest.raises(ValueError, match="found none"):
+        save_peft_adapter(base, tmp_path / "none")
+    with pytest.raises(ValueError, match="lone LinearWithLoRA"):
+        save_peft_adapter(LinearWithLoRA(nn.Linear(4, 4), 2, 1.0), tmp_path / "lone")
+    # an adapter for another architecture names modules this model does not have
+    other = get_peft_model(llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    other.save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="not in model"):
+        load_peft_adapter(copy.deepcopy(base), tmp_path / "llama")
+
+
+def test_conv1d_layer_matches_reference():
+    K, N, R = 24, 40, 3
+    conv = Conv1D(N, K)
+    layer = LinearWithLoRA(conv, R, 2.0, scaling="alpha/rank")
+    assert layer.fan_in_fan_out and layer.lora.A.shape == (K, R) and layer.lora.B.shape == (R, N)
+    with torch.no_grad():
+        layer.lora.B.normal_()
+    x = torch.randn(2, 7, K, requires_grad=True)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    inputs = (x, conv.weight.t(), conv.bias, layer.lora.A, layer.lora.B)
+    ref, ref_grads = reference_grads(*inputs, 2.0 / R, dy)
+    mag, mag_grads = reference_grads(*inputs, 2.0 / R, dy, absolute=True)
+    assert_close(y, ref, mag, torch.float32, K + R, "Conv1D forward", record=False)
+    for name, leaf, g, m, n in (("dx", x, ref_grads[0], mag_grads[0], N + R),
+                                ("dA", layer.lora.A, ref_grads[3], mag_grads[3], 14),
+                                ("dB", layer.lora.B, ref_grads[4], mag_grads[4], 14)):
+        assert_close(leaf.grad, g, m, torch.float32, n, f"Conv1D {name}", record=False)
+    # the wrapped Conv1D alone (B = 0) is the Conv1D
+    with torch.no_grad():
+        layer.lora.B.zero_()
+        assert torch.allclose(layer(x), conv(x), rtol=tolerance(torch.float32, K), atol=0)
+
+
+def _wrapped(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, LinearWithLoRA))
+
+
+def test_target_modules():
+    model = gpt2()
+    assert _wrapped(replace_linear_with_lora(copy.deepcopy(model), 2, 1.0, target_modules=["c_attn"])) == [
+        "transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert _wrapped(replace_linear_with_lora(copy.deepcopy(model), 2, 1.0, target_modules=r".*\.1\.mlp\..*")) == [
+        "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+    all_linear = _wrapped(replace_linear_with_lora(copy.deepcopy(model), 2, 1.0, target_modules="all-linear"))
+    assert len(all_linear) == 8 and "lm_head" not in all_linear
+    # PEFT's own "all-linear" picks the same layers
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules="all-linear"))
+    peft_names = sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                        if isinstance(m, peft.tuners.lora.Linear))
+    assert all_linear == peft_names
+    # a model without get_output_embeddings: the last linear is the head (the book's out_head)
+    book = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3))
+    assert _wrapped(replace_linear_with_lora(book, 2, 1.0, target_modules="all-linear")) == ["0", "2"]
+    assert _wrapped(replace_linear_with_lora(copy.deepcopy(model), 2, 1.0, target_modules=["c_proj"],
+                                             exclude=["transformer.h.0.mlp.c_proj"])) == [
+        "transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_proj"]
+    with pytest.raises(ValueError, match="target_modules"):
+        replace_linear_with_lora(copy.deepcopy(model), 2, 1.0, target_modules="(")
+    with pytest.raises(TypeError, match="target_modules"):
+        replace_linear_with_lora(copy.deepcopy(model), 2, 1.0, target_modules=[1, 2])
+
+
+def test_exports():
+    for name in ("patch_peft", "unpatch_peft", "save_peft_adapter", "load_peft_adapter", "PatchReport"):
+        assert name in lora_fast.__all__ and hasattr(lora_fast, name)
+    with pytest.raises(TypeError, match="model"):
+        patch_peft("not a model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert patch_peft(nn.Linear(2, 2)).patched == []
