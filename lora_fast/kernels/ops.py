@@ -5,12 +5,19 @@ Maths: LoRA, Hu et al. 2021, eq. 3, y = x W^T + b + scale * dropout(x) A B, with
 as PEFT applies it. Every tensor is passed with its strides; nothing is copied or transposed.
 """
 
+import os
+
 import torch
 import triton
 
 from . import configs
 from .gemm import gemm_lowrank_kernel
 from .lowrank import lowrank_proj_kernel, reduce_m_kernel
+
+
+def _autotuning() -> bool:
+    """LORA_FAST_AUTOTUNE=0 launches each kernel's first config without tuning (test runs with many shapes)."""
+    return os.environ.get("LORA_FAST_AUTOTUNE", "1") != "0"
 
 
 class _Launcher:
@@ -27,6 +34,9 @@ class _Launcher:
         if configs.interpreting():
             return self.kernel[grid](*args, **kwargs, **self.interp_config)
         capability = torch.cuda.get_device_capability(device)
+        if not _autotuning():
+            config = self.configs_fn(capability, dtype)[0]
+            return self.kernel[grid](*args, **kwargs, **config.all_kwargs())
         tuner_key = (capability, dtype == torch.float32)
         tuner = self._tuners.get(tuner_key)
         if tuner is None:
