@@ -23,8 +23,19 @@ _GEMM_16BIT = {
     8: [(128, 256, 64, 8, 3), (128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
         (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
 }
+# dX with dropout regenerates the keep-mask (Philox) for its whole output tile in the epilogue, beside the
+# accumulator: the compile report (triton 3.9, rank 16 and 64) shows every 16-bit tile of the lists above
+# spilling there except 64x64 with 4 warps (sm_90 128x256x64 w8: 255 registers, 10.9 KB spill stores; sm_80
+# 128x64x32 w4: 1.3 KB), so it gets its own list: at most 32 output elements per thread, all spill-free.
+_GEMM_16BIT_DROPOUT = {
+    9: [(128, 64, 64, 8, 4), (64, 128, 64, 8, 4), (64, 64, 64, 4, 4)],
+    8: [(128, 64, 32, 8, 4), (64, 128, 32, 8, 4), (64, 64, 32, 4, 5)],
+}
 # fp32 with input_precision="ieee" runs on CUDA cores; larger tiles spill (TRITON_NOTES: 64x64x32 spilled).
-_GEMM_FP32 = [(32, 64, 32, 4, 3), (64, 32, 32, 4, 3), (32, 32, 32, 4, 4)]
+# Removed (64, 32, 32, 4, 3): it spills on sm_80 at rank 64 (255 registers, 96 B spill stores, compile report).
+_GEMM_FP32 = [(32, 64, 32, 4, 3), (32, 32, 32, 4, 4)]
+# Removed (32, 64, 32, 4, 3) with dropout: it spills on sm_80 at rank 64 (24 B spill stores, compile report).
+_GEMM_FP32_DROPOUT = [(32, 32, 32, 4, 4)]
 
 # Narrow kernels: BLOCK_M is fixed because partial buffers are sized by it; tuning picks BLOCK_K/warps/stages.
 PROJ_BLOCK_M = 128      # dB partials cost 8 * R / BLOCK_M of a dY read; 128 keeps that below 1 for R < 32
@@ -73,9 +84,17 @@ def _elt(dtype: torch.dtype) -> int:
     return 4 if dtype == torch.float32 else 2
 
 
-def gemm_configs(capability, dtype: torch.dtype) -> list:
-    """Autotune configs of ``gemm_lowrank_kernel`` for a compute capability (major, minor) and input dtype."""
-    table = _GEMM_FP32 if dtype == torch.float32 else _GEMM_16BIT[9 if capability[0] >= 9 else 8]
+def gemm_configs(capability, dtype: torch.dtype, dropout: bool = False) -> list:
+    """Autotune configs of ``gemm_lowrank_kernel`` for a compute capability (major, minor) and input dtype.
+
+    ``dropout=True``: the configs for HAS_DROPOUT (dX with the keep-mask in its epilogue), which needs
+    smaller 16-bit tiles to stay clear of spills.
+    """
+    arch = 9 if capability[0] >= 9 else 8
+    if dtype == torch.float32:
+        table = _GEMM_FP32_DROPOUT if dropout else _GEMM_FP32
+    else:
+        table = _GEMM_16BIT_DROPOUT[arch] if dropout else _GEMM_16BIT[arch]
     limit, elt = smem_limit(capability), _elt(dtype)
     return [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)

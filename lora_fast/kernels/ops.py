@@ -5,6 +5,7 @@ Maths: LoRA, Hu et al. 2021, eq. 3, y = x W^T + b + scale * dropout(x) A B, with
 as PEFT applies it. Every tensor is passed with its strides; nothing is copied or transposed.
 """
 
+import functools
 import os
 
 import torch
@@ -47,6 +48,9 @@ class _Launcher:
 
 _gemm = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N", "K", "R"],
                   dict(configs.INTERP_GEMM, num_warps=4, num_stages=1))
+# dX with dropout: the same kernel with smaller tiles (configs.gemm_configs(dropout=True): no spills)
+_gemm_dropout = _Launcher(gemm_lowrank_kernel, functools.partial(configs.gemm_configs, dropout=True),
+                          ["M_BUCKET", "N", "K", "R"], dict(configs.INTERP_GEMM, num_warps=4, num_stages=1))
 _proj = _Launcher(lowrank_proj_kernel, configs.proj_configs, ["M_BUCKET", "K", "R"],
                   dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4, num_stages=1))
 _reduce = _Launcher(reduce_m_kernel, configs.reduce_configs, ["M_BUCKET", "K", "R"], dict(num_warps=4, num_stages=1))
@@ -133,14 +137,15 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _gemm(grid, P, Q, bias if bias is not None else out, L, RM, out, seed if seed is not None else out,
-          M, N, K, R, _m_bucket(M),
-          P.stride(0), P.stride(1), q_strides[0], q_strides[1], L.stride(0), L.stride(1),
-          rm_strides[0], rm_strides[1], out.stride(0), out.stride(1),
-          float(lowrank_scale), float(dropout_p),
-          BLOCK_R=configs.block_r(R), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
-          DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
-          device=P.device, dtype=P.dtype)
+    launch = _gemm_dropout if dropout_p > 0 else _gemm
+    launch(grid, P, Q, bias if bias is not None else out, L, RM, out, seed if seed is not None else out,
+           M, N, K, R, _m_bucket(M),
+           P.stride(0), P.stride(1), q_strides[0], q_strides[1], L.stride(0), L.stride(1),
+           rm_strides[0], rm_strides[1], out.stride(0), out.stride(1),
+           float(lowrank_scale), float(dropout_p),
+           BLOCK_R=configs.block_r(R), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
+           DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
+           device=P.device, dtype=P.dtype)
     return out
 
 

@@ -1,0 +1,477 @@
+"""Compile report: every kernel, autotune config, dtype and target compiled for a GPU on a machine without one.
+
+    python -m lora_fast.compile_report [--target sm_80 sm_90] [--kernel fwd_gemm dx_gemm ...] [--json PATH]
+
+The interpreter tests prove the arithmetic; this proves the GPU code. Each kernel is compiled from its real
+``@triton.jit`` function by ``triton.compile`` for ``GPUTarget("cuda", 80 | 90, 32)`` with the specialisation
+the launchers in ``lora_fast.kernels.ops`` produce on aligned shapes (16-byte aligned pointers, sizes and row
+strides divisible by 16, contiguous unit strides folded to the constant 1, as Triton's JIT does), for every
+config that ``lora_fast.kernels.configs`` hands the autotuner. Per row it reads, with the tools inside the
+Triton wheel: registers and spill bytes from ``ptxas -v`` (the log Triton prints with TRITON_DUMP_PTXAS_LOG=1),
+shared memory from the compiled kernel's metadata, and counts of tensor-core instructions (HGMMA on sm_90, HMMA
+on sm_80) and TMA loads (UTMALDG) in the SASS from ``nvdisasm``.
+
+A row fails when it spills, when its shared memory passes the target's per-block limit
+(``configs.SMEM_LIMIT``: 227 KB on sm_90, 163 KB on sm_80, NVIDIA's CUDA C programming guide), when a GEMM
+kernel has no tensor-core instruction for fp16/bf16, or when it does not compile. The command exits 1 when a
+row fails. Compiling needs no GPU and no driver; the numbers are compile-time facts, not measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from typing import Optional, Sequence
+
+TARGETS = {"sm_80": (8, 0), "sm_90": (9, 0)}
+DTYPES = ("fp16", "bf16", "fp32")
+RANKS = (16, 64)
+
+# Each launch of ops.py, by the name the report uses: (kernel function, variants as {flag: value}).
+# fwd_gemm: y = x W^T (+ b) + scale S B; dx_gemm: dX = dY W + scale keep (dS A^T); xa_proj: S = dropout(x) A;
+# dyb_proj: dS = dY B^T with the dB partials when the rank is small; da_reduce: dA = (keep x)^T dS (the dB
+# reduction of a large rank, reduce_rows(dy, S), compiles to the same kernel with the same specialisation).
+KERNELS = ("fwd_gemm", "dx_gemm", "xa_proj", "dyb_proj", "da_reduce")
+GEMM_KERNELS = ("fwd_gemm", "dx_gemm")
+# Aligned sizes of the specialisation: any multiple of 16 gives the same code (the JIT keys on "divisible
+# by 16" only); 4096 stands for the hidden sizes of the models the README benchmarks.
+_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Job:
+    """One compilation: a launch of ``kernel`` with ``variant`` flags, one config, dtype, target and rank."""
+
+    kernel: str
+    variant: str
+    dtype: str
+    target: str
+    rank: int
+    config: dict
+    num_warps: int
+    num_stages: int
+    fp32_precision: str = "ieee"
+
+
+@dataclass
+class Row:
+    """What one compilation shows; ``failures`` lists the checks it fails (empty: it passes)."""
+
+    kernel: str
+    variant: str
+    dtype: str
+    target: str
+    rank: int
+    block_r: int
+    config: str
+    num_warps: int
+    num_stages: int
+    registers: Optional[int] = None
+    spill_stores: Optional[int] = None
+    spill_loads: Optional[int] = None
+    shared: Optional[int] = None
+    mma: Optional[int] = None           # HGMMA (sm_90) or HMMA (sm_80) instructions in the SASS
+    mma_name: str = ""
+    tma_loads: Optional[int] = None     # UTMALDG instructions
+    compile_s: float = 0.0
+    error: str = ""
+    failures: list = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------- jobs
+def _dtype_label(dtype: str, precision: str) -> str:
+    return f"{dtype}/{precision}" if dtype == "fp32" else dtype
+
+
+def _variants(kernel: str, rank: int, configs_mod) -> list:
+    """The constexpr flag sets the launchers pass to ``kernel``: forward with and without bias, etc."""
+    if kernel == "fwd_gemm":   # ops.lora_forward: dropout is applied in the projection, never here
+        return [dict(HAS_BIAS=False, HAS_DROPOUT=False), dict(HAS_BIAS=True, HAS_DROPOUT=False)]
+    if kernel == "dx_gemm":    # ops.lora_backward: no bias term in dX
+        return [dict(HAS_BIAS=False, HAS_DROPOUT=False), dict(HAS_BIAS=False, HAS_DROPOUT=True)]
+    if kernel == "xa_proj":
+        return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=False), dict(HAS_DROPOUT=True, WRITE_PARTIAL=False)]
+    if kernel == "dyb_proj":   # ops.lora_backward fuses the dB partials when 4 * R < PROJ_BLOCK_M
+        return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=4 * rank < configs_mod.PROJ_BLOCK_M)]
+    if kernel == "da_reduce":
+        return [dict(HAS_DROPOUT=False), dict(HAS_DROPOUT=True)]
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
+def _variant_label(flags: dict) -> str:
+    names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB-partials"}
+    return "+".join(names[k] for k, v in flags.items() if v) or "-"
+
+
+def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
+    """The autotune configs the launcher of ``kernel`` hands Triton for these flags, capability and dtype."""
+    from .kernels import configs as cfg
+
+    if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when the epilogue regenerates a keep-mask
+        return cfg.gemm_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
+    if kernel in ("xa_proj", "dyb_proj"):
+        return cfg.proj_configs(capability, dtype)
+    if kernel == "da_reduce":
+        return cfg.reduce_configs(capability, dtype)
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
+def make_jobs(targets: Sequence[str] = tuple(TARGETS), kernels: Sequence[str] = KERNELS,
+              dtypes: Sequence[str] = DTYPES, ranks: Sequence[int] = RANKS, *, first_config: bool = False,
+              fp32_precisions: Sequence[str] = ("ieee",), variants: str = "all") -> list:
+    """The compilations of the report: every config the launchers can pick for each kernel, dtype and target.
+
+    ``variants="heaviest"`` keeps one flag set per kernel, the one with the most work in it (bias, dropout).
+    Raises ValueError for an unknown target, kernel, dtype or precision.
+    """
+    import torch
+
+    from .kernels import configs as cfg
+
+    for name, given, allowed in (("target", targets, TARGETS), ("kernel", kernels, KERNELS),
+                                 ("dtype", dtypes, DTYPES), ("fp32 precision", fp32_precisions, ("ieee", "tf32"))):
+        bad = [g for g in given if g not in allowed]
+        if bad:
+            raise ValueError(f"{name} must be among {list(allowed)}, got {bad}")
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    jobs = []
+    for target in targets:
+        for kernel in kernels:
+            for dtype in dtypes:
+                for rank in ranks:
+                    flag_sets = _variants(kernel, rank, cfg)
+                    if variants == "heaviest":
+                        flag_sets = flag_sets[-1:]
+                    for flags in flag_sets:
+                        config_list = launch_configs(kernel, flags, TARGETS[target], torch_dtype[dtype])
+                        if first_config:
+                            config_list = config_list[:1]
+                        for c in config_list:
+                            for precision in (fp32_precisions if dtype == "fp32" else ("ieee",)):
+                                jobs.append(Job(kernel, _variant_label(flags), dtype, target, rank,
+                                                dict(c.kwargs, **flags), c.num_warps, c.num_stages, precision))
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------ specialisation
+class _Ptr:
+    """A pointer argument: 16-byte aligned, as every tensor torch allocates (and the launchers pass) is."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+
+
+def launch_args(job: Job) -> tuple:
+    """(kernel function, {argument: value}) as ops.py would launch ``job`` on aligned (M, K) x (K, N) shapes.
+
+    Values mirror ops.py: the strides of contiguous x, dY, S, dS and nn.Linear's (N, K) weight, with the
+    weight used transposed in forward (stride_qk = 1) and as stored in dX; unused pointers get the tensor
+    ops.py passes in their place (the output), so their element types match the launch too.
+    """
+    import triton.language as tl
+
+    from .kernels import configs as cfg
+    from .kernels.gemm import gemm_lowrank_kernel
+    from .kernels.lowrank import lowrank_proj_kernel, reduce_m_kernel
+
+    x = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}[job.dtype]
+    M = N = K = _SIZE
+    R = job.rank
+    meta = job.config   # the config's block sizes and the variant's flags
+    dropout = meta.get("HAS_DROPOUT", False)
+    common = dict(BLOCK_R=cfg.block_r(R),
+                  DOT_DTYPE={"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[job.dtype],
+                  INPUT_PRECISION=job.fp32_precision if job.dtype == "fp32" else "ieee")
+    if job.kernel == "fwd_gemm":
+        # P = x (M, K); Q = W^T: (k, n) -> weight[n, k]; L = S (M, R) fp32; RM = B (R, N); OUT = y (M, N)
+        args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
+                    OUT_ptr=_Ptr(x), SEED_ptr=_Ptr(x), M=M, N=N, K=K, R=R, M_BUCKET=M,
+                    stride_pm=K, stride_pk=1, stride_qk=1, stride_qn=K, stride_lm=R, stride_lr=1,
+                    stride_rr=N, stride_rn=1, stride_om=N, stride_on=1, lowrank_scale=0.5, dropout_p=0.0)
+        return gemm_lowrank_kernel, dict(args, **common, **meta)
+    if job.kernel == "dx_gemm":
+        # P = dY (M, N_out); Q = W (N_out, K_in) as stored; L = dS fp32; RM = A^T: (r, k) -> A[k, r]
+        args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
+                    OUT_ptr=_Ptr(x), SEED_ptr=_Ptr("i64" if dropout else x), M=M, N=K, K=N, R=R, M_BUCKET=M,
+                    stride_pm=N, stride_pk=1, stride_qk=K, stride_qn=1, stride_lm=R, stride_lr=1,
+                    stride_rr=1, stride_rn=R, stride_om=K, stride_on=1, lowrank_scale=0.5, dropout_p=0.1)
+        return gemm_lowrank_kernel, dict(args, **common, **meta)
+    if job.kernel in ("xa_proj", "dyb_proj"):
+        if job.kernel == "xa_proj":   # P = x (M, K), Q = A (K, R)
+            strides = dict(stride_pm=K, stride_pk=1, stride_qk=R, stride_qr=1)
+        else:                         # P = dY (M, N), Q = B^T: (n, r) -> B[r, n]
+            strides = dict(stride_pm=N, stride_pk=1, stride_qk=1, stride_qr=N)
+        args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), OUT_ptr=_Ptr("fp32"), L_ptr=_Ptr("fp32"),
+                    PARTIAL_ptr=_Ptr("fp32"), SEED_ptr=_Ptr("i64" if dropout else "fp32"),
+                    M=M, K=K, R=R, M_BUCKET=M, **strides, stride_om=R, stride_or=1, stride_lm=R, stride_lr=1,
+                    out_scale=1.0 / 0.9, dropout_p=0.1, BLOCK_M=cfg.PROJ_BLOCK_M)
+        return lowrank_proj_kernel, dict(args, **common, **meta)
+    if job.kernel == "da_reduce":
+        # P = x (M, K), L = dS (M, R) fp32; ROWS_PER_SPLIT is a multiple of REDUCE_BLOCK_M
+        args = dict(P_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), PARTIAL_ptr=_Ptr("fp32"),
+                    SEED_ptr=_Ptr("i64" if dropout else "fp32"), M=M, K=K, R=R,
+                    ROWS_PER_SPLIT=16 * cfg.REDUCE_BLOCK_M, M_BUCKET=M, stride_pm=K, stride_pk=1,
+                    stride_lm=R, stride_lr=1, dropout_p=0.1,
+                    BLOCK_M=cfg.REDUCE_BLOCK_M, BLOCK_K=cfg.REDUCE_BLOCK_K)
+        return reduce_m_kernel, dict(args, **common, **meta)
+    raise ValueError(f"kernel must be one of {KERNELS}, got {job.kernel!r}")
+
+
+def specialise(fn, args: dict, constexpr_names: set, backend) -> tuple:
+    """(signature, constexprs, attrs) for ASTSource, specialised as Triton's JIT does at a launch.
+
+    Pointers get tt.divisibility 16; an int equal to 1 becomes the constant 1 (its stride folds away); an int
+    divisible by 16 gets tt.divisibility 16; floats are fp32. Keys are argument positions, as both Triton 3.6
+    and 3.9 accept; the attribute format comes from the backend's own parse_attr.
+    """
+    missing = [n for n in fn.arg_names if n not in args]
+    extra = [n for n in args if n not in fn.arg_names]
+    if missing or extra:
+        raise ValueError(f"arguments of {fn.__name__}: missing {missing}, unknown {extra}")
+    aligned = backend.parse_attr("D")
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = args[name]
+        if name in constexpr_names or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+            signature[name] = "constexpr"
+            constexprs[(i,)] = value
+        elif isinstance(value, _Ptr):
+            signature[name] = "*" + value.dtype
+            attrs[(i,)] = aligned
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = aligned
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"argument {name} of {fn.__name__}: cannot specialise {value!r}")
+    return signature, constexprs, attrs
+
+
+# --------------------------------------------------------------------------------------------- compiling
+def _tool(name: str) -> str:
+    """Path of a CUDA binary shipped inside the Triton wheel (knobs on 3.4+, else the wheel's bin folder)."""
+    try:
+        from triton import knobs
+        return getattr(knobs.nvidia, name).path
+    except (ImportError, AttributeError, RuntimeError):
+        import triton
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        if not os.path.exists(path):
+            raise RuntimeError(f"{name} not found in the Triton wheel ({path})") from None
+        return path
+
+
+def constexpr_names(fn) -> set:
+    """Names of the ``tl.constexpr`` parameters of a jitted (or interpreted) kernel."""
+    import inspect
+
+    import triton.language as tl
+
+    params = inspect.signature(fn.fn).parameters.values()
+    return {p.name for p in params if p.annotation is tl.constexpr or "constexpr" in str(p.annotation)}
+
+
+def _config_label(job: Job) -> str:
+    c = job.config
+    if "BLOCK_N" in c:
+        return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
+    if "BLOCK_K" in c:
+        return f"BK{c['BLOCK_K']}"
+    return "-"
+
+
+def compile_job(job: Job) -> Row:
+    """Compile ``job`` for its target and read registers, spills, shared memory and SASS instruction counts.
+
+    Must run where TRITON_INTERPRET is off when lora_fast.kernels is first imported (``run_jobs`` sees to it)
+    and TRITON_DUMP_PTXAS_LOG=1 with an empty Triton cache, so that ptxas runs and its log can be read.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    from .kernels import configs as cfg
+
+    cap = TARGETS[job.target]
+    row = Row(job.kernel, job.variant, _dtype_label(job.dtype, job.fp32_precision), job.target, job.rank,
+              cfg.block_r(job.rank), _config_label(job), job.num_warps, job.num_stages)
+    fn, args = launch_args(job)
+    if not isinstance(fn, triton.runtime.JITFunction):
+        raise RuntimeError(f"{fn!r} is not a JITFunction: import lora_fast.kernels with TRITON_INTERPRET=0")
+    target = GPUTarget("cuda", cap[0] * 10 + cap[1], 32)
+    signature, constexprs, attrs = specialise(fn, args, constexpr_names(fn), make_backend(target))
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # 3.9's FP-fusion default notice, once per worker
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                      options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+    except Exception as exc:  # noqa: BLE001 - a kernel that does not compile is a failing row, not a crash
+        row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        row.failures = ["does not compile"]
+        return row
+    row.compile_s = round(time.perf_counter() - start, 2)
+    row.shared = int(compiled.metadata.shared)
+    ptxas_log = log.getvalue()
+    regs = re.search(r"Used (\d+) registers", ptxas_log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
+    if regs is None or spills is None:
+        row.error = "no ptxas log (TRITON_DUMP_PTXAS_LOG unset or a cached kernel)"
+    else:
+        row.registers = int(regs.group(1))
+        row.spill_stores, row.spill_loads = int(spills.group(1)), int(spills.group(2))
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
+    row.mma_name = "HGMMA" if cap[0] >= 9 else "HMMA"
+    # opcodes sit after the "/*addr*/" column; HMMA is not a prefix of HGMMA, so plain word matches suffice
+    row.mma = len(re.findall(rf"\b{row.mma_name}\.", sass))
+    row.tma_loads = len(re.findall(r"\bUTMALDG\b", sass))
+    row.failures = check(row, job)
+    return row
+
+
+def check(row: Row, job: Job) -> list:
+    """The checks of the report: no spill, shared memory within the target's limit, tensor cores in GEMMs."""
+    from .kernels import configs as cfg
+
+    failures = []
+    if row.error:
+        failures.append(row.error)
+    if row.spill_stores or row.spill_loads:
+        failures.append(f"spills {row.spill_stores} B stored / {row.spill_loads} B loaded")
+    limit = cfg.smem_limit(TARGETS[job.target])
+    if row.shared is not None and row.shared > limit:
+        failures.append(f"shared memory {row.shared} B > {limit} B")
+    if job.kernel in GEMM_KERNELS and job.dtype in ("fp16", "bf16") and not row.mma:
+        failures.append(f"no {row.mma_name} in a {job.dtype} GEMM")
+    return failures
+
+
+@contextlib.contextmanager
+def _worker_env(cache_dir: str):
+    """Environment the compile workers start with; restored afterwards (the caller may be a test session)."""
+    wanted = {"TRITON_INTERPRET": "0", "TRITON_DUMP_PTXAS_LOG": "1", "TRITON_CACHE_DIR": cache_dir}
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_jobs(jobs: Sequence[Job], workers: int = 0, progress=None) -> list:
+    """Compile ``jobs`` in ``workers`` fresh processes (0: one per CPU) and return their rows in job order.
+
+    Fresh (spawned) processes import the kernels with TRITON_INTERPRET=0, so this works from a process that
+    runs them in the interpreter (the test session), and they use an empty Triton cache, so ptxas runs.
+    ``progress(done, total)`` is called after each compilation when given.
+    """
+    workers = workers or os.cpu_count() or 1
+    cache_dir = tempfile.mkdtemp(prefix="lora_fast_compile_report_")
+    rows = [None] * len(jobs)
+    try:
+        with _worker_env(cache_dir), ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(compile_job, job): i for i, job in enumerate(jobs)}
+            for done, future in enumerate(as_completed(futures), 1):
+                rows[futures[future]] = future.result()
+                if progress is not None:
+                    progress(done, len(jobs))
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- output
+_COLUMNS = ("kernel", "variant", "target", "dtype", "R", "config", "warps", "stages", "regs", "spill st/ld",
+            "smem B", "MMA", "TMA", "check")
+
+
+def _cells(row: Row) -> list:
+    def num(v):
+        return "?" if v is None else str(v)
+    mma = "?" if row.mma is None else f"{row.mma} {row.mma_name}"
+    return [row.kernel, row.variant, row.target, row.dtype, str(row.block_r), row.config, str(row.num_warps),
+            str(row.num_stages), num(row.registers), f"{num(row.spill_stores)}/{num(row.spill_loads)}",
+            num(row.shared), mma, num(row.tma_loads), "; ".join(row.failures) or "ok"]
+
+
+def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
+    """The rows as an aligned text table, or a GitHub markdown table with ``markdown=True``."""
+    body = [_cells(r) for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return "\n".join(lines)
+    widths = [max(len(c) for c in col) for col in zip(_COLUMNS, *body)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+                     for cells in [list(_COLUMNS), *body])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line: print the table, optionally write JSON; exit status 1 when a row fails a check."""
+    parser = argparse.ArgumentParser(prog="python -m lora_fast.compile_report", description=__doc__.split("\n")[0])
+    parser.add_argument("--target", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    parser.add_argument("--kernel", nargs="+", choices=list(KERNELS), default=list(KERNELS))
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--rank", nargs="+", type=int, default=list(RANKS),
+                        help="LoRA ranks (BLOCK_R = max(16, next power of two)); default: 16 64")
+    parser.add_argument("--tf32", action="store_true",
+                        help="also fp32 rows with input_precision='tf32' (torch's 'high' matmul precision)")
+    parser.add_argument("--first-config", action="store_true", help="only the first config of each list")
+    parser.add_argument("--heaviest-variant", action="store_true",
+                        help="one flag set per kernel: the one with bias / dropout / partials")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--jobs", type=int, default=0, help="compile processes (default: one per CPU)")
+    args = parser.parse_args(argv)
+    if any(r < 1 for r in args.rank):
+        parser.error(f"--rank: ranks must be >= 1, got {args.rank}")
+
+    jobs = make_jobs(args.target, args.kernel, args.dtype, args.rank, first_config=args.first_config,
+                     fp32_precisions=("ieee", "tf32") if args.tf32 else ("ieee",),
+                     variants="heaviest" if args.heaviest_variant else "all")
+
+    def progress(done, total):
+        if sys.stderr.isatty():
+            print(f"\rcompiled {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    rows = run_jobs(jobs, args.jobs, progress)
+    elapsed = time.perf_counter() - start
+    print(format_table(rows, markdown=args.markdown))
+    failed = [r for r in rows if r.failures]
+    import triton
+    print(f"\n{len(rows)} compilations (triton {triton.__version__}) in {elapsed:.0f} s: "
+          f"{len(rows) - len(failed)} pass, {len(failed)} fail", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"triton": triton.__version__, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Compile report (issue 4): the kernels compile for sm_80 and sm_90 with tensor cores and without spills.
+
+The kernels are compiled by ``triton.compile`` for GPU targets on this CPU machine (no GPU, no driver) in
+spawned processes that import them with TRITON_INTERPRET=0, so the tests run the same under the interpreter.
+"""
+
+import functools
+import json
+
+import pytest
+import torch
+import triton
+
+from lora_fast import compile_report as cr
+from lora_fast.kernels import configs
+
+# CI set (3 minutes on 2 cores): every config of every launcher on both targets, rank 16 (BLOCK_R 16), in
+# bf16 and fp32 (IEEE, torch's default precision) and, per kernel, the flag set with the most code in it
+# (forward with bias, dX and the projection with dropout, the dS projection with the fused dB partials).
+# fp16 compiles to the same tiles as bf16 (the tensor-core instructions differ only in their type);
+# `python -m lora_fast.compile_report` covers fp16, rank 64 and every flag set.
+CI_DTYPES = ("bf16", "fp32")
+CI_RANKS = (16,)
+
+
+@pytest.fixture(scope="session")
+def report():
+    """Jobs and rows of the CI set, compiled once per test session (two processes: the CI machine's cores)."""
+    jobs = cr.make_jobs(targets=tuple(cr.TARGETS), kernels=cr.KERNELS, dtypes=CI_DTYPES, ranks=CI_RANKS,
+                        variants="heaviest")
+    return jobs, cr.run_jobs(jobs, workers=2)
+
+
+def _torch_dtype(name):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def test_report_covers_every_config_the_launchers_use(report):
+    jobs, rows = report
+    # the CI set has the heaviest flags: dX with dropout, which ops.gemm_lowrank launches with its own list
+    factory = {"fwd_gemm": configs.gemm_configs, "dx_gemm": functools.partial(configs.gemm_configs, dropout=True),
+               "xa_proj": configs.proj_configs, "dyb_proj": configs.proj_configs,
+               "da_reduce": configs.reduce_configs}
+    for target, capability in cr.TARGETS.items():
+        for kernel, configs_fn in factory.items():
+            for dtype in CI_DTYPES:
+                config_list = configs_fn(capability, _torch_dtype(dtype))
+                assert config_list, f"no config for {kernel} {dtype} on {target}"
+                keys = set().union(*(c.kwargs for c in config_list))
+                expected = [(c.num_warps, c.num_stages, c.kwargs) for c in config_list]
+                got = [(j.num_warps, j.num_stages, {k: v for k, v in j.config.items() if k in keys})
+                       for j in jobs if (j.kernel, j.target, j.dtype) == (kernel, target, dtype)]
+                assert got == expected, (kernel, target, dtype)
+    assert len(rows) == len(jobs)
+
+
+def test_every_row_passes_the_checks(report):
+    _, rows = report
+    failing = [(r.kernel, r.variant, r.target, r.dtype, r.config, r.num_warps, r.num_stages, r.failures)
+               for r in rows if r.failures]
+    assert not failing, "\n" + "\n".join(map(str, failing))
+    for r in rows:
+        assert 0 < r.registers <= 255, r
+        assert r.spill_stores == 0 and r.spill_loads == 0, r
+        assert 0 < r.shared <= configs.smem_limit(cr.TARGETS[r.target]), r
+
+
+def test_16bit_gemms_use_tensor_cores(report):
+    _, rows = report
+    gemm_rows = [r for r in rows if r.kernel in cr.GEMM_KERNELS and r.dtype in ("fp16", "bf16")]
+    assert gemm_rows
+    for r in gemm_rows:
+        assert r.mma_name == {"sm_90": "HGMMA", "sm_80": "HMMA"}[r.target], r
+        assert r.mma > 0, r
+
+
+def test_ieee_fp32_gemm_uses_no_tensor_core(report):
+    # input_precision="ieee" must stay on CUDA cores: a tensor-core instruction here would mean TF32 crept in
+    _, rows = report
+    fp32 = [r for r in rows if r.kernel in cr.GEMM_KERNELS and r.dtype == "fp32/ieee"]
+    assert fp32
+    assert all(r.mma == 0 for r in fp32), [(r.kernel, r.target, r.config, r.mma) for r in fp32 if r.mma]
+
+
+def test_specialisation_follows_the_launch():
+    """Unit strides become the constant 1, aligned pointers and sizes get divisibility 16, as Triton's JIT does."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    config = configs.gemm_configs((9, 0), torch.bfloat16)[0]
+    job = cr.Job("fwd_gemm", "bias", "bf16", "sm_90", 16, dict(config.kwargs, HAS_BIAS=True, HAS_DROPOUT=False),
+                 config.num_warps, config.num_stages)
+    fn, args = cr.launch_args(job)
+    signature, constexprs, attrs = cr.specialise(fn, args, cr.constexpr_names(fn),
+                                                 make_backend(GPUTarget("cuda", 90, 32)))
+    index = {name: (i,) for i, name in enumerate(fn.arg_names)}
+    aligned = [["tt.divisibility", 16]]
+    # forward: x (M, K) contiguous, Q = W^T of a contiguous (N, K) weight -> stride_pk = stride_qk = 1
+    for name in ("stride_pk", "stride_qk", "stride_lr", "stride_rn", "stride_on"):
+        assert signature[name] == "constexpr" and constexprs[index[name]] == 1, name
+    for name in ("P_ptr", "Q_ptr", "OUT_ptr"):
+        assert signature[name] == "*bf16" and attrs[index[name]] == aligned, name
+    assert signature["L_ptr"] == "*fp32"
+    assert signature["stride_qn"] == "i32" and attrs[index["stride_qn"]] == aligned
+    assert signature["lowrank_scale"] == "fp32" and index["lowrank_scale"] not in attrs
+    assert constexprs[index["BLOCK_R"]] == 16 and constexprs[index["HAS_BIAS"]] is True
+    assert constexprs[index["DOT_DTYPE"]] == triton.language.bfloat16
+
+
+def test_checks_flag_spills_shared_memory_and_missing_tensor_cores():
+    job = cr.Job("dx_gemm", "dropout", "bf16", "sm_80", 16, {}, 8, 3)
+    clean = cr.Row("dx_gemm", "dropout", "bf16", "sm_80", 16, 16, "128x256x64", 8, 3, registers=200,
+                   spill_stores=0, spill_loads=0, shared=configs.smem_limit((8, 0)), mma=64, mma_name="HMMA")
+    assert cr.check(clean, job) == []
+    for change, words in ((dict(spill_loads=4), "spills"), (dict(shared=configs.smem_limit((8, 0)) + 1), "shared"),
+                          (dict(mma=0), "no HMMA")):
+        row = cr.Row(**{**clean.__dict__, **change})
+        failures = cr.check(row, job)
+        assert len(failures) == 1 and words in failures[0], (change, failures)
+    # fp32 GEMMs and the narrow kernels may run on CUDA cores
+    assert cr.check(cr.Row(**{**clean.__dict__, "mma": 0}), cr.Job("da_reduce", "-", "bf16", "sm_80", 16, {}, 4, 3)) == []
+
+
+def test_command_line_writes_json_and_exits_nonzero_on_a_failing_row(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run_jobs(jobs, workers=0, progress=None):
+        calls.append(jobs)
+        rows = [cr.Row(j.kernel, j.variant, j.dtype, j.target, j.rank, 16, "-", j.num_warps, j.num_stages,
+                       registers=40, spill_stores=0, spill_loads=0, shared=1024, mma=4, mma_name="HGMMA")
+                for j in jobs]
+        rows[-1].failures = ["spills 8 B stored / 8 B loaded"]
+        return rows
+
+    monkeypatch.setattr(cr, "run_jobs", fake_run_jobs)
+    out = tmp_path / "report.json"
+    status = cr.main(["--target", "sm_90", "--kernel", "da_reduce", "--dtype", "bf16", "--rank", "16",
+                      "--json", str(out)])
+    assert status == 1
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(calls[0]) == 2 * len(configs.reduce_configs((9, 0), torch.bfloat16))
+    assert rows[-1]["failures"] and not rows[0]["failures"]
+    assert "spills 8 B" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cr.main(["--target", "sm_75"])
+
+
+def test_one_real_compilation_through_the_command_line(tmp_path):
+    out = tmp_path / "report.json"
+    status = cr.main(["--target", "sm_90", "--kernel", "da_reduce", "--dtype", "bf16", "--rank", "16",
+                      "--first-config", "--heaviest-variant", "--jobs", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert status == 0 and len(rows) == 1
+    assert rows[0]["registers"] > 0 and rows[0]["shared"] > 0 and rows[0]["mma_name"] == "HGMMA"
