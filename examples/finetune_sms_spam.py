@@ -17,7 +17,9 @@ all 747 spam and 747 ham drawn at random (seed 123), shuffled (seed 123), then 7
 Run (CPU: the reference path in plain PyTorch; CUDA: the Triton kernels)::
 
     pip install -e ".[examples]"
-    python examples/finetune_sms_spam.py --data ../shared/data/sms_spam_collection.tsv --out run.json
+    python -m examples.finetune_sms_spam --data ../shared/data/sms_spam_collection.tsv --out run.json
+
+(from the repository root). On a CPU shared with other work, OMP_NUM_THREADS=1 avoids oversubscription.
 
 Prints a progress bar, then the trainable and total parameter counts, accuracy before and after training,
 seconds per epoch, training tokens per second (non-padding tokens), the peak memory and the lora-fast backend;
@@ -183,7 +185,8 @@ def load_minilm(num_hidden_layers: int | None = None, dropout: float | None = No
         overrides["num_hidden_layers"] = num_hidden_layers
     if dropout is not None:
         overrides["hidden_dropout_prob"] = overrides["attention_probs_dropout_prob"] = dropout
-    model = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False, dtype=dtype, **overrides)
+    # cast after loading: from_pretrained's dtype keyword was torch_dtype before transformers 4.56
+    model = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False, **overrides).to(dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
