@@ -213,8 +213,10 @@ def batches(examples: Sequence[Example], tokenizer, batch_size: int, max_length:
             device: torch.device, generator: torch.Generator | None = None):
     """Yield (input_ids, attention_mask, labels) on ``device``, padded to the longest message of the batch
     and truncated at ``max_length`` tokens; shuffled when a ``generator`` is given."""
-    order = torch.randperm(len(examples), generator=generator).tolist() if generator else range(len(examples))
-    order = list(order)
+    if generator is not None:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+    else:
+        order = list(range(len(examples)))
     for start in range(0, len(order), batch_size):
         chunk = [examples[i] for i in order[start:start + batch_size]]
         encoded = tokenizer([t for t, _ in chunk], padding=True, truncation=True, max_length=max_length,
@@ -237,7 +239,7 @@ def accuracy(model: nn.Module, examples: Sequence[Example], tokenizer, batch_siz
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids, mask, labels) -> float:
-    """One AdamW step on the cross-entropy loss; returns the loss before the step."""
+    """One optimiser step on the cross-entropy loss; returns the loss before the step."""
     optimizer.zero_grad(set_to_none=True)
     loss = nn.functional.cross_entropy(model(input_ids, mask), labels)
     loss.backward()
