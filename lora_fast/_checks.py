@@ -18,22 +18,44 @@ def _tensor(name: str, value, ndim=None):
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(value.shape)}")
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _real(value, name: str) -> float:
+    """A Python float from a real number or a one-element tensor that needs no gradient."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        if value.requires_grad:
+            raise ValueError(f"{name}: a tensor that requires grad is not supported (it is used as a constant)")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def check_scale(scale, name: str = "scale") -> float:
-    """``scale`` as a finite Python float (a one-element tensor is accepted); errors name ``name``."""
-    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
-        scale = scale.item()
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(scale).__name__}")
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"{name}: expected a finite number, got {scale}")
+    """``scale`` as a finite Python float within float32's range (the kernels multiply in fp32); a one-element
+    tensor is accepted. Errors name ``name``: TypeError for a non-real, ValueError for a non-finite value."""
+    scale = _real(scale, name)
+    if not math.isfinite(scale) or abs(scale) > _FLOAT32_MAX:
+        raise ValueError(f"{name}: expected a finite number within float32's range, got {scale}")
     return scale
 
 
 def check_dropout(p, name: str = "dropout_p") -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0.0 <= float(p) < 1.0):
+    """A dropout probability in [0, 1): TypeError for a non-real, ValueError outside the range."""
+    p = _real(p, name)
+    if not (0.0 <= p < 1.0):
         raise ValueError(f"{name}: expected a probability in [0, 1), got {p!r}")
-    return float(p)
+    return p
+
+
+def check_training(training) -> bool:
+    if not isinstance(training, bool):
+        raise TypeError(f"training: expected a bool, got {type(training).__name__}")
+    return training
 
 
 def check_rank(rank) -> int:

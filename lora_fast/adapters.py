@@ -138,7 +138,12 @@ def load_lora(model: nn.Module, path: PathLike, *, strict: bool = True) -> LoadR
     if version != FORMAT_VERSION:
         raise ValueError(f"load_lora: {path} has format version {version!r}; this lora_fast reads "
                          f"{FORMAT_VERSION!r}")
-    saved = json.loads(metadata["lora_fast.layers"])
+    try:
+        saved = json.loads(metadata["lora_fast.layers"])
+        if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+            raise ValueError("not a mapping of layer names to {rank, alpha, scaling}")
+    except ValueError as err:   # json.JSONDecodeError is a ValueError
+        raise ValueError(f"load_lora: {path} has malformed lora_fast.layers metadata ({err})") from None
     mismatches = []
     for name, layer in _lora_layers(model, "load_lora"):
         if name not in saved:

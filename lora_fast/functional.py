@@ -4,16 +4,13 @@ import os
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from . import reference
-from ._checks import check_lora_linear
+from . import _env, reference
+from ._checks import check_lora_linear, check_training
 
 BACKENDS = ("triton", "reference")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _triton_available() -> bool:
@@ -37,7 +34,7 @@ def select_backend(x: torch.Tensor) -> str:
     if forced == "reference":
         return "reference"
     reasons = []
-    if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
+    if not (x.is_cuda or (x.device.type == "cpu" and _env.interpreting())):
         reasons.append(f"x is on {x.device} (triton needs a CUDA device, or TRITON_INTERPRET=1 on CPU)")
     if x.dtype not in _TRITON_DTYPES:
         reasons.append(f"x has dtype {x.dtype} (triton kernels take float16, bfloat16, float32)")
@@ -55,8 +52,9 @@ def _forward(x, weight, bias, A, B, scale: float, dropout_p: float, seed):
 
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     x2d = x.reshape(-1, x.shape[-1])
-    if x2d.shape[0] == 0:
-        return y, torch.empty((0, A.shape[1]), dtype=torch.float32, device=x.device)
+    if y.numel() == 0:
+        # nothing to compute: an empty batch, or out_features = 0 (then dS = 0, so S is never read)
+        return y, torch.zeros((x2d.shape[0], A.shape[1]), dtype=torch.float32, device=x.device)
     _, S = kernels.lora_forward(x2d, weight, bias, A, B, scale, dropout_p, seed, out=y.view(-1, weight.shape[0]))
     return y, S
 
@@ -65,7 +63,7 @@ def _backward_kernels(dy, x, weight, A, B, S, scale: float, dropout_p: float, se
     """(dx, dA, dB) from the kernels, None where not needed; zeros for an empty batch. dy (..., N), x (..., K)."""
     from . import kernels
 
-    if x.numel() == 0:
+    if x.numel() == 0 or dy.numel() == 0:
         return (torch.zeros_like(x) if need_dx else None, torch.zeros_like(A) if need_dA else None,
                 torch.zeros_like(B) if need_dB else None)
     if not (need_dx or need_dA or need_dB):
@@ -108,7 +106,9 @@ class _LoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
+        # the kernels' backward is not itself differentiable: double backward raises rather than return zeros
         return (*_gradients(ctx, dy, _backward_kernels), None, None, None)
 
 
@@ -158,6 +158,13 @@ def _op_backward(ctx, dy, dS):
 torch.library.register_autograd("lora_fast::lora_linear_fwd", _op_backward, setup_context=_op_setup_context)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:   # a device type without autocast (meta)
+        return False
+
+
 def _autocast_inputs(x, weight, bias, A, B):
     """What nn.Linear does under torch.autocast: compute in the autocast dtype. fp32 adapters stay fp32 (the
     kernels cast their tiles, as for PEFT's fp32 adapters on a 16-bit base); others follow the autocast dtype."""
@@ -201,9 +208,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             dropout_p outside [0, 1), an unknown LORA_FAST_BACKEND.
         RuntimeError: LORA_FAST_BACKEND=triton with inputs the kernels cannot serve.
     """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
         x, weight, bias, A, B = _autocast_inputs(x, weight, bias, A, B)
     scale, dropout_p = check_lora_linear(x, weight, bias, A, B, scale, dropout_p)
+    check_training(training)
     if select_backend(x) == "reference":
         return reference.lora_linear(x, weight, bias, A, B, scale, dropout_p=dropout_p, training=training)
     p = dropout_p if training else 0.0

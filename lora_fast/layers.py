@@ -2,6 +2,8 @@
 with the same attribute names, parameter shapes, initialisation and state-dict keys, on the fused op."""
 
 import math
+import numbers
+import warnings
 import sys
 
 import torch
@@ -57,6 +59,8 @@ class LoRALayer(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         self.scale = lora_scale(alpha, rank, scaling)
+        # alpha as a plain number (a tensor or numpy alpha would not serialise into adapter metadata)
+        alpha = int(alpha) if isinstance(alpha, numbers.Integral) else check_scale(alpha, "alpha")
         self.alpha, self.rank, self.scaling = alpha, int(rank), scaling
         self.A = nn.Parameter(torch.empty(in_dim, rank, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
@@ -67,6 +71,13 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling!r}, scale={self.scale:g}"
+
+
+def _warn_if_merged(module, state_dict, prefix, local_metadata):
+    if module.merged:
+        warnings.warn(f"state_dict of a merged LinearWithLoRA ({prefix!r}): {prefix}linear.weight holds "
+                      "W + scale * A B, so loading it into an unmerged model applies the update twice; "
+                      "unmerge_lora first, or save only the adapters (save_lora)", UserWarning, stacklevel=2)
 
 
 class LinearWithLoRA(nn.Module):
@@ -97,6 +108,8 @@ class LinearWithLoRA(nn.Module):
         super().__init__()
         if not is_linear(linear):
             raise TypeError(f"linear: expected a torch.nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+        if isinstance(linear.weight, nn.parameter.UninitializedParameter):
+            raise ValueError("linear: its weight is not initialised yet (nn.LazyLinear): run one forward first")
         self.linear = linear
         self.fan_in_fan_out = not isinstance(linear, nn.Linear)
         w = linear.weight
@@ -107,6 +120,7 @@ class LinearWithLoRA(nn.Module):
         self.merged = False
         # the exact pre-merge weight, kept by merge_lora for unmerge_lora; not in the state dict
         self.register_buffer("weight_before_merge", None, persistent=False)
+        self._register_state_dict_hook(_warn_if_merged)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

@@ -8,7 +8,8 @@ from typing import Callable, Iterable, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .layers import LinearWithLoRA, is_linear
+from ._checks import check_dropout
+from .layers import LinearWithLoRA, is_linear, lora_scale
 
 Exclude = Optional[Union[Iterable[str], Callable[[str, nn.Module], bool]]]
 TargetModules = Optional[Union[str, Iterable[str]]]
@@ -22,7 +23,13 @@ def _excluder(exclude: Exclude) -> Callable[[str, nn.Module], bool]:
         return exclude
     if isinstance(exclude, str):
         exclude = [exclude]
-    names = tuple(exclude)
+    try:
+        names = tuple(exclude)
+    except TypeError:
+        names = (None,)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"exclude: expected module names (a string or an iterable of strings) or a predicate "
+                        f"(name, module) -> bool, got {exclude!r}")
     return lambda name, module: any(name == n or name.endswith("." + n) for n in names)
 
 
@@ -59,7 +66,10 @@ def _targeter(model: nn.Module, target_modules: TargetModules) -> Callable[[str,
         except re.error as err:
             raise ValueError(f"target_modules: {target_modules!r} is not a valid regular expression ({err})") from None
         return lambda name, module: pattern.fullmatch(name) is not None
-    names = tuple(target_modules)
+    try:
+        names = tuple(target_modules)
+    except TypeError:
+        names = (None,)
     if not all(isinstance(n, str) for n in names):
         raise TypeError(f"target_modules: expected a regex string, {ALL_LINEAR!r} or an iterable of module names, "
                         f"got {target_modules!r}")
@@ -89,6 +99,11 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
     """
     excluded = _excluder(exclude)
     targeted = _targeter(model, target_modules)
+    # the arguments are checked before any layer is touched, even when no layer ends up wrapped
+    lora_scale(alpha, rank, kwargs.get("scaling", "alpha"))
+    check_dropout(kwargs.get("dropout", 0.0), "dropout")
+    if isinstance(model, LinearWithLoRA):
+        return model
     if is_linear(model):
         # a lone layer is its own whole model: there is no head to leave out
         return model if excluded("", model) else LinearWithLoRA(model, rank, alpha, **kwargs)
@@ -97,6 +112,9 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
         return not targeted(name, module) or excluded(name, module)
 
     _replace(model, "", rank, alpha, skip, kwargs)
+    if target_modules is not None and not any(isinstance(m, LinearWithLoRA) for m in model.modules()):
+        # as PEFT does: a target list that matches nothing is a mistake, not a no-op
+        raise ValueError(f"target_modules: {target_modules!r} matched no linear layer of the model")
     return model
 
 
@@ -149,6 +167,22 @@ def _warn_unchanged(caller: str, names: list, state: str) -> None:
                       UserWarning, stacklevel=3)
 
 
+def _check_untied(model: nn.Module, layers: list, caller: str) -> None:
+    """A merged update would land in every user of a shared weight (tied embeddings, a weight shared by two
+    wrappers): refuse, naming the sharing parameters (PEFT warns for tied targets; a silent merge is wrong)."""
+    users = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        users.setdefault(id(param), []).append(name)
+    wrapped = {}
+    for name, layer in layers:
+        wrapped.setdefault(id(layer.linear.weight), []).append(name)
+    shared = [users.get(key, []) for key, names in wrapped.items()
+              if len(names) > 1 or len(users.get(key, [])) > 1]
+    if shared:
+        raise ValueError(f"{caller}: these weights are shared (tied), so merging would add the update to every "
+                         f"user: {shared}; exclude the tied layer from replace_linear_with_lora, or keep it unmerged")
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LinearWithLoRA's update into its weight, in place: W <- W + scale * (A @ B)^T; returns the model.
 
@@ -165,10 +199,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     Layers already merged are left as they are, with one UserWarning per call listing them.
 
-    Raises: TypeError if model is not an nn.Module; ValueError if it holds no LinearWithLoRA.
+    Raises: TypeError if model is not an nn.Module; ValueError if it holds no LinearWithLoRA, or if a wrapped
+        weight is shared (tied embeddings, one weight in two wrappers).
     """
     already = []
-    for name, layer in _lora_layers(model, "merge_lora"):
+    layers = _lora_layers(model, "merge_lora")
+    _check_untied(model, [(n, m) for n, m in layers if not m.merged], "merge_lora")
+    for name, layer in layers:
         if layer.merged:
             already.append(name)
             continue
@@ -214,9 +251,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     the model itself is a LinearWithLoRA. In place: the result has the base model's modules and state-dict
     keys, and no adapter, pre-merge copy or extra memory (as PEFT's ``merge_and_unload``).
 
-    Raises: TypeError if model is not an nn.Module; ValueError if it holds no LinearWithLoRA.
+    Raises: TypeError if model is not an nn.Module; ValueError if it holds no LinearWithLoRA, or if a wrapped
+        weight is shared (tied embeddings, one weight in two wrappers).
     """
-    for name, layer in _lora_layers(model, "merge_and_unload"):
+    layers = _lora_layers(model, "merge_and_unload")
+    _check_untied(model, [(n, m) for n, m in layers if not m.merged], "merge_and_unload")
+    for name, layer in layers:
         if not layer.merged:
             with torch.no_grad():
                 layer.linear.weight.copy_(_merged_weight(layer))

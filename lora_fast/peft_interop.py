@@ -302,7 +302,12 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
             raise ValueError(f"adapter_dir: tensor {key!r} is not a LoRA lora_A/lora_B weight (embedding "
                              f"adapters, biases and modules_to_save are not supported)")
         pairs[match.group(1)][match.group(2)] = value
-    loaded = set()
+    merged = [name for name, m in model.named_modules() if isinstance(m, LinearWithLoRA) and m.merged]
+    if merged:
+        raise RuntimeError(f"load_peft_adapter: layers {merged[:5]} are merged, so their weights hold the old "
+                           f"update; unmerge_lora(model) first")
+    # every module is checked before any is changed, so a bad file leaves the model as it was
+    plan = []
     for name, pair in pairs.items():
         if set(pair) != {"lora_A", "lora_B"}:
             raise ValueError(f"adapter_dir: module {name!r} has {sorted(pair)}, expected lora_A and lora_B")
@@ -312,6 +317,10 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
         if lora_A.shape[0] != r or lora_B.shape[1] != r:
             raise ValueError(f"adapter_dir: module {name!r} has lora_A {tuple(lora_A.shape)} and lora_B "
                              f"{tuple(lora_B.shape)}, expected rank {r} from the config")
+        _check_target(model, name, r, lora_A.shape[1], lora_B.shape[0])
+        plan.append((name, lora_A, lora_B, r, alpha))
+    loaded = set()
+    for name, lora_A, lora_B, r, alpha in plan:
         layer = _lora_target(model, name, r, alpha, config)
         A, B = layer.lora.A, layer.lora.B
         if tuple(A.shape) != (lora_A.shape[1], r) or tuple(B.shape) != (r, lora_B.shape[0]):
@@ -330,6 +339,28 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
         warnings.warn(f"load_peft_adapter: {len(missing)} LoRA layers are not in the adapter and keep their "
                       f"weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}", stacklevel=2)
     return model
+
+
+def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_features: int) -> None:
+    """Raise ValueError unless ``name`` is a LinearWithLoRA of rank r or a linear layer, of these feature sizes."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"adapter_dir: the adapter names module {name!r}, which is not in model") from None
+    if isinstance(module, LinearWithLoRA):
+        if module.lora.rank != r:
+            raise ValueError(f"adapter_dir: module {name!r} has rank {r}, model's LinearWithLoRA has rank "
+                             f"{module.lora.rank}")
+        shape = tuple(module.lora.A.shape[:1]) + tuple(module.lora.B.shape[1:])
+    elif is_linear(module):
+        weight = module.weight
+        shape = tuple(weight.shape) if not isinstance(module, nn.Linear) else (weight.shape[1], weight.shape[0])
+    else:
+        raise ValueError(f"adapter_dir: module {name!r} is a {type(module).__name__}, expected a LinearWithLoRA, "
+                         f"nn.Linear or Conv1D")
+    if shape != (in_features, out_features):
+        raise ValueError(f"adapter_dir: module {name!r} has (in, out) = {shape}, the adapter's lora_A/lora_B "
+                         f"give {(in_features, out_features)}")
 
 
 def _lora_target(model: nn.Module, name: str, r: int, alpha: float, config) -> LinearWithLoRA:

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_lora_linear
+from ._checks import check_lora_linear, check_training
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
@@ -32,6 +32,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     Raises: TypeError / ValueError for bad shapes, dtypes, devices, scale or dropout_p (see lora_fast.lora_linear).
     """
     scale, dropout_p = check_lora_linear(x, weight, bias, A, B, scale, dropout_p)
+    check_training(training)
     y = F.linear(x, weight, bias)
     x_lora = x.to(A.dtype)
     if training and dropout_p > 0:

@@ -5,11 +5,11 @@ Tile shapes are the ones the Triton matmul tutorial lists for Ampere and Hopper 
 to those that ``python -m lora_fast.compile_report`` shows compiling without spills (issue: compile report).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .. import _env
 
 # Shared memory per block (bytes), from NVIDIA's CUDA C programming guide, "Technical Specifications per
 # Compute Capability" (opt-in maximum): 163 KB on sm_80, 227 KB on sm_90, 99 KB on sm_86/sm_89/sm_120.
@@ -52,9 +52,7 @@ INTERP_PROJ_BLOCK = dict(BLOCK_M=32, BLOCK_K=32)
 INTERP_REDUCE_BLOCK = dict(BLOCK_M=32, BLOCK_K=32)
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1, read at call time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+interpreting = _env.interpreting
 
 
 def block_r(rank: int) -> int:

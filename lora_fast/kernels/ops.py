@@ -137,6 +137,8 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()   # N elements; the kernel reads the bias with unit stride
     launch = _gemm_dropout if dropout_p > 0 else _gemm
     launch(grid, P, Q, bias if bias is not None else out, L, RM, out, seed if seed is not None else out,
            M, N, K, R, _m_bucket(M),
