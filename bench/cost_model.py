@@ -6,8 +6,8 @@ is what the implementation launches on a GPU with the base weight W frozen and x
 a network); per element, e bytes for x's dtype, 4 for fp32, 1 for a bool mask. Sizes: x (M, K), W (N, K),
 A (K, r), B (r, N), y (M, N).
 
-- lora-fast: forward S = dropout(x) A (reads x), then the GEMM with the low-rank term in its epilogue; backward
-  dS = dY B^T with dB in the same pass (reads dY), dX = dY W with the low-rank term in its epilogue, and
+- lora-fast: forward S = dropout(x) A (reads x), then the GEMM with the low-rank term fused in; backward
+  dS = dY B^T with dB in the same pass (reads dY), dX = dY W with the low-rank term fused in, and
   dA = (keep x)^T dS (reads x). The mask is regenerated from a seed: no bytes.
 - addmm-chain: as lora-fast, plus a read and write of y (y.addmm_) and of dX (dX.addmm_), and a second read
   of dY (dB = S^T dY is its own GEMM). Dropout: a pass writing dropout(x) and a bool mask, read back in backward.
@@ -15,7 +15,7 @@ A (K, r), B (r, N), y (M, N).
   in another; backward scales dY, reads it twice (dS, dB), writes the low-rank dX and adds it to the base dX.
   Dropout: CUDA's fused dropout (writes dropout(x) and a bool mask) and its backward pass.
 - compile: modelled as the best Inductor can do without fusing across GEMMs: the scale and the add go into
-  GEMM epilogues, which is the addmm-chain's traffic.
+  GEMMs, which is the addmm-chain's traffic.
 
 For the issue's check (H200, 790 TFLOP/s, 4.3 TB/s, bf16, M=8192, r=16) forward+backward relative to F.linear
 is about 1.07 (lora-fast), 1.18 (addmm-chain), 1.36 (peft) at 4096->4096; tests/test_bench.py asserts it.

@@ -120,7 +120,7 @@ def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
     """The autotune configs the launcher of ``kernel`` hands Triton for these flags, capability and dtype."""
     from .kernels import configs as cfg
 
-    if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when the epilogue regenerates a keep-mask
+    if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when it regenerates a keep-mask
         return cfg.gemm_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
     if kernel in ("xa_proj", "dyb_proj"):
         return cfg.proj_configs(capability, dtype)
@@ -181,6 +181,7 @@ def launch_args(job: Job) -> tuple:
     weight used transposed in forward (stride_qk = 1) and as stored in dX; unused pointers get the tensor
     ops.py passes in their place (the output), so their element types match the launch too.
     """
+    import torch
     import triton.language as tl
 
     from .kernels import configs as cfg
@@ -188,6 +189,7 @@ def launch_args(job: Job) -> tuple:
     from .kernels.lowrank import lowrank_proj_kernel, reduce_m_kernel
 
     x = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}[job.dtype]
+    job_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[job.dtype]
     M = N = K = _SIZE
     R = job.rank
     meta = job.config   # the config's block sizes and the variant's flags
@@ -223,9 +225,9 @@ def launch_args(job: Job) -> tuple:
         # P = x (M, K), L = dS (M, R) fp32; ROWS_PER_SPLIT is a multiple of REDUCE_BLOCK_M
         args = dict(P_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), PARTIAL_ptr=_Ptr("fp32"),
                     SEED_ptr=_Ptr("i64" if dropout else "fp32"), M=M, K=K, R=R,
-                    ROWS_PER_SPLIT=16 * cfg.REDUCE_BLOCK_M, M_BUCKET=M, stride_pm=K, stride_pk=1,
+                    ROWS_PER_SPLIT=16 * cfg.reduce_blocks(job_dtype)[0], M_BUCKET=M, stride_pm=K, stride_pk=1,
                     stride_lm=R, stride_lr=1, dropout_p=0.1,
-                    BLOCK_M=cfg.REDUCE_BLOCK_M, BLOCK_K=cfg.REDUCE_BLOCK_K)
+                    BLOCK_M=cfg.reduce_blocks(job_dtype)[0], BLOCK_K=cfg.reduce_blocks(job_dtype)[1])
         return reduce_m_kernel, dict(args, **common, **meta)
     raise ValueError(f"kernel must be one of {KERNELS}, got {job.kernel!r}")
 

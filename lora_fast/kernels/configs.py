@@ -23,13 +23,14 @@ _GEMM_16BIT = {
     8: [(128, 256, 64, 8, 3), (128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
         (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
 }
-# dX with dropout regenerates the keep-mask (Philox) for its whole output tile in the epilogue, beside the
-# accumulator: the compile report (triton 3.9, rank 16 and 64) shows every 16-bit tile of the lists above
-# spilling there except 64x64 with 4 warps (sm_90 128x256x64 w8: 255 registers, 10.9 KB spill stores; sm_80
-# 128x64x32 w4: 1.3 KB), so it gets its own list: at most 32 output elements per thread, all spill-free.
+# dX with dropout: the low-rank term and its keep-mask (tl.randint4x, four numbers per Philox call) initialise
+# the accumulator before the K loop. Compile report (triton 3.9), ranks 16 and 64: on sm_90 every tile above is
+# spill-free except 128x128x64 w4 (8 B at rank 64); on sm_80 the tiles with 128x256, 128x128 or 64x256 outputs
+# spill 12-60 B at rank 64. (Before, with the mask built per element in an epilogue, 5 of 6 sm_90 tiles spilled
+# up to 13 KB.) Those are left out of the dropout lists.
 _GEMM_16BIT_DROPOUT = {
-    9: [(128, 64, 64, 8, 4), (64, 128, 64, 8, 4), (64, 64, 64, 4, 4)],
-    8: [(128, 64, 32, 8, 4), (64, 128, 32, 8, 4), (64, 64, 32, 4, 5)],
+    9: [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
+    8: [(128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
 }
 # fp32 with input_precision="ieee" runs on CUDA cores; larger tiles spill (TRITON_NOTES: 64x64x32 spilled).
 # Removed (64, 32, 32, 4, 3): it spills on sm_80 at rank 64 (255 registers, 96 B spill stores, compile report).
@@ -39,10 +40,16 @@ _GEMM_FP32_DROPOUT = [(32, 32, 32, 4, 4)]
 
 # Narrow kernels: BLOCK_M is fixed because partial buffers are sized by it; tuning picks BLOCK_K/warps/stages.
 PROJ_BLOCK_M = 128      # dB partials cost 8 * R / BLOCK_M of a dY read; 128 keeps that below 1 for R < 32
-REDUCE_BLOCK_M = 64     # rows per step of the dA reduction
-REDUCE_BLOCK_K = 64     # with REDUCE_BLOCK_M: 16 KB of x per stage in bf16
-_PROJ = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2)]          # (BLOCK_K, num_warps, num_stages)
-_PROJ_FP32 = [(32, 4, 3), (64, 4, 2)]
+# (BLOCK_M, BLOCK_K) of the dA reduction: 64 x 64 is 8 KB of x per stage in bf16; fp32 (CUDA-core dots) with
+# dropout spilled ~10 KB at 64 x 64 and rank 64 on sm_80 (compile report), hence 32 x 32
+REDUCE_BLOCKS_16BIT = (64, 64)
+REDUCE_BLOCKS_FP32 = (32, 32)
+# (BLOCK_K, num_warps, num_stages). Removed after the compile report (triton 3.9), x @ A with dropout in bf16:
+# BLOCK_K 128 w4 s3 spilled ~4.4 KB on sm_90, 128 w8 s3 8 B on sm_80, 256 w8 s2 140-308 B on both.
+_PROJ = [(64, 4, 3), (64, 4, 4), (64, 8, 3)]
+# fp32: BLOCK_K 64 w4 s2 spilled up to 2.7 KB on sm_80, BLOCK_K 32 w4 8 B at rank 64, BLOCK_K 32 w8 s2 4 B
+# with the dB partials on sm_80: 8 warps and 3 stages spread the tile without a spill
+_PROJ_FP32 = [(32, 8, 3)]
 _REDUCE = [(4, 3), (4, 4), (8, 3)]                                    # (num_warps, num_stages)
 _REDUCE_FP32 = [(4, 2), (4, 3)]
 
@@ -85,7 +92,7 @@ def _elt(dtype: torch.dtype) -> int:
 def gemm_configs(capability, dtype: torch.dtype, dropout: bool = False) -> list:
     """Autotune configs of ``gemm_lowrank_kernel`` for a compute capability (major, minor) and input dtype.
 
-    ``dropout=True``: the configs for HAS_DROPOUT (dX with the keep-mask in its epilogue), which needs
+    ``dropout=True``: the configs for HAS_DROPOUT (dX with the keep-mask in its low-rank term), which needs
     smaller 16-bit tiles to stay clear of spills.
     """
     arch = 9 if capability[0] >= 9 else 8
@@ -112,7 +119,12 @@ def proj_configs(capability, dtype: torch.dtype) -> list:
     ]
 
 
+def reduce_blocks(dtype: torch.dtype) -> tuple:
+    """(BLOCK_M, BLOCK_K) of ``reduce_m_kernel``: fixed per dtype, since the launcher sizes its splits by them."""
+    return REDUCE_BLOCKS_FP32 if dtype == torch.float32 else REDUCE_BLOCKS_16BIT
+
+
 def reduce_configs(capability, dtype: torch.dtype) -> list:
-    """Autotune configs of ``reduce_m_kernel`` (its blocks are fixed: REDUCE_BLOCK_M x REDUCE_BLOCK_K)."""
+    """Autotune configs of ``reduce_m_kernel`` (its blocks are fixed: ``reduce_blocks(dtype)``)."""
     table = _REDUCE_FP32 if dtype == torch.float32 else _REDUCE
     return [triton.Config({}, num_warps=w, num_stages=s) for w, s in table]

@@ -1,4 +1,5 @@
-"""The base GEMM with the low-rank term in its epilogue: forward y and backward dX share it.
+"""The base GEMM with the low-rank term fused in (it initialises the accumulator; one store of the output):
+forward y and backward dX share it.
 
     OUT[M, N] = P[M, K] @ Q[K, N] (+ bias[N]) + lowrank_scale * (keep? ⊙ (L[M, R] @ RM[R, N]))
 
@@ -50,26 +51,27 @@ def gemm_lowrank_kernel(
     rows_p = P_ptr + offs_m[:, None].to(tl.int64) * stride_pm
     cols_q = Q_ptr + offs_n[None, :].to(tl.int64) * stride_qn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The low-rank term comes first and initialises the accumulator, so no second (BLOCK_M, BLOCK_N) tile, nor
+    # the keep-mask, is live beside the finished accumulator (as an epilogue had them: spills, compile report).
+    lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
+                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    rm = tl.load(RM_ptr + offs_r[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
+                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    if HAS_DROPOUT:
+        acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        keep = keep_mask(SEED_ptr, offs_m, pid_n * BLOCK_N, N, dropout_p, BLOCK_N)
+        acc = tl.where(keep, acc, 0.0) * lowrank_scale
+    else:
+        # scale folded into L (fp32) before its one rounding to the dot dtype
+        lo = lo.to(tl.float32) * lowrank_scale
+        acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K
         p = tl.load(rows_p + (k0 + offs_k)[None, :] * stride_pk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         q = tl.load(cols_q + (k0 + offs_k)[:, None] * stride_qk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
 
-    # epilogue: the low-rank term, then the bias, then the single store
-    lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
-                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    rm = tl.load(RM_ptr + offs_r[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
-                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    if HAS_DROPOUT:
-        low = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
-        keep = keep_mask(SEED_ptr, offs_m[:, None], offs_n[None, :], N, dropout_p)
-        acc += tl.where(keep, low, 0.0) * lowrank_scale
-    else:
-        # scale folded into L (fp32) so the low-rank dot accumulates straight into acc
-        lo = lo.to(tl.float32) * lowrank_scale
-        acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(BIAS_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]

@@ -49,7 +49,7 @@ def lowrank_proj_kernel(
         p = tl.load(rows_p + (k0 + offs_k)[None, :] * stride_pk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         p = p.to(DOT_DTYPE)
         if HAS_DROPOUT:
-            keep = keep_mask(SEED_ptr, offs_m[:, None], (k0 + offs_k)[None, :], K, dropout_p)
+            keep = keep_mask(SEED_ptr, offs_m, k0, K, dropout_p, BLOCK_K)
             p = tl.where(keep, p, 0.0).to(DOT_DTYPE)
         q = tl.load(Q_ptr + (k0 + offs_k)[:, None] * stride_qk + offs_r[None, :] * stride_qr,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
@@ -93,7 +93,7 @@ def reduce_m_kernel(
                       mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         p_t = p_t.to(DOT_DTYPE)
         if HAS_DROPOUT:
-            keep = keep_mask(SEED_ptr, offs_m[None, :], offs_k[:, None], K, dropout_p)
+            keep = tl.trans(keep_mask(SEED_ptr, offs_m, pid_k * BLOCK_K, K, dropout_p, BLOCK_K))
             p_t = tl.where(keep, p_t, 0.0).to(DOT_DTYPE)
         lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)

@@ -64,10 +64,10 @@ def _proj_block_m() -> int:
     return configs.INTERP_PROJ_BLOCK["BLOCK_M"] if configs.interpreting() else configs.PROJ_BLOCK_M
 
 
-def _reduce_blocks():
+def _reduce_blocks(dtype):
     if configs.interpreting():
         return configs.INTERP_REDUCE_BLOCK["BLOCK_M"], configs.INTERP_REDUCE_BLOCK["BLOCK_K"]
-    return configs.REDUCE_BLOCK_M, configs.REDUCE_BLOCK_K
+    return configs.reduce_blocks(dtype)
 
 
 def _splits(M: int, K: int, block_m: int, block_k: int, device: torch.device) -> int:
@@ -107,7 +107,7 @@ def reduce_rows(P, L, *, dropout_p=0.0, seed=None):
     """(keep ⊙ P)^T @ L summed over all M rows: (K, R) fp32, from P (M, K) and L (M, R), deterministic."""
     M, K = P.shape
     R = L.shape[1]
-    block_m, block_k = _reduce_blocks()
+    block_m, block_k = _reduce_blocks(P.dtype)
     splits = _splits(M, K, block_m, block_k, P.device)
     rows_per_split = triton.cdiv(triton.cdiv(M, block_m), splits) * block_m
     splits = triton.cdiv(M, rows_per_split)
@@ -173,7 +173,7 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
 
     dS = dY B^T and dB = scale S^T dY in one pass over dY (or two when the partials of a large rank would
     cost more than re-reading dY); dX = dY W + scale * keep/(1-p) ⊙ (dS A^T) in one GEMM with the low-rank
-    term in its epilogue; dA = scale/(1-p) * (keep ⊙ x)^T dS.
+    term fused in; dA = scale/(1-p) * (keep ⊙ x)^T dS.
     """
     R = A.shape[1]
     K = x.shape[1]
