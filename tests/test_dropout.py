@@ -28,17 +28,38 @@ def _mask_for(seed_value, x, p):
     return dropout_keep_mask(seed, x.numel() // K, K, p).view(x.shape)
 
 
+def _binomial_ok(kept, p):
+    rate, n = kept.float().mean().item(), kept.numel()
+    return abs(rate - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / n), rate    # 5 standard deviations
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_keep_rate_and_scaling(p, device):
-    M, K = 20000, 16
+def test_keep_rate(p, device):
+    """The kernels' keep-mask (the function every kernel calls) over 262,144 elements, and per Philox stream."""
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+    keep = dropout_keep_mask(seed, 1024, 256, p)
+    ok, rate = _binomial_ok(keep, p)
+    assert ok, rate
+    for stream in range(4):        # columns k % 4 == stream come from one of randint4x's four outputs
+        ok, rate = _binomial_ok(keep[:, stream::4], p)
+        assert ok, (stream, rate)
+    # neighbouring elements are independent: the rate of (keep[k], keep[k+1]) both kept is (1-p)^2
+    both = (keep[:, :-1] & keep[:, 1:]).float().mean().item()
+    n = keep[:, :-1].numel()
+    q = (1 - p) ** 2
+    assert abs(both - q) <= 5 * math.sqrt(q * (1 - q) / n) * 2, both
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_op_keeps_and_scales_exactly(p, device):
+    """Through the op: y = dropout(x) (W = 0, A = B = I), kept values scaled by exactly 1 / (1 - p)."""
+    M, K = 2048, 16
     x = torch.randn(M, K, device=device)
     eye = torch.eye(K, device=device)
     y = lora_linear(x, torch.zeros(K, K, device=device), None, eye, eye, 1.0, dropout_p=p)
     kept = y != 0
-    n = kept.numel()
-    rate = kept.float().mean().item()
-    # binomial: 5 standard deviations
-    assert abs(rate - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / n), rate
+    ok, rate = _binomial_ok(kept, p)
+    assert ok, rate
     # kept values scaled by exactly 1 / (1 - p) (one fp32 product, as torch does it)
     assert torch.equal(y[kept], (x * (1.0 / (1.0 - p)))[kept])
 
