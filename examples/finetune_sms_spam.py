@@ -284,8 +284,9 @@ def machine(device: torch.device) -> dict[str, object]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", help="the SMS Spam Collection file (default: $LORA_FAST_DATA, else the user "
-                                       "cache, downloaded from the UCI archive)")
+    parser.add_argument("--data", default=argparse.SUPPRESS,
+                        help="the SMS Spam Collection file (default: $LORA_FAST_DATA, else the user cache, "
+                             "downloaded from the UCI archive)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank r")
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     parser.add_argument("--scaling", choices=["alpha", "alpha/rank", "rslora"], default="alpha/rank",
@@ -294,13 +295,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (the book's 0.1)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the training split")
     parser.add_argument("--batch-size", type=int, default=8, help="the book's 8")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per message (truncated beyond)")
     parser.add_argument("--max-examples", type=int, default=None,
                         help="use at most this many messages of each split (a quick run)")
     parser.add_argument("--seed", type=int, default=123, help="torch seed (LoRA init, head init, batch order)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda (Triton kernels) or cpu (the reference path); default: cuda when available")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="of the frozen model (adapters and head stay float32)")
     parser.add_argument("--out", help="write the results as JSON to this file")
@@ -326,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     try:
-        data_path = find_data(args.data)
+        data_path = find_data(getattr(args, "data", None))
     except FileNotFoundError as error:
         raise SystemExit(str(error)) from None
     splits = balanced_split(read_sms_spam(data_path))

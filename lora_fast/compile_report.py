@@ -433,12 +433,27 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
                      for cells in [list(_COLUMNS), *body])
 
 
+_LEGEND = """columns: kernel, variant (bias / dropout / dB-partials / - for none), target, dtype, R (LoRA rank),
+config (BLOCK_M x BLOCK_N x BLOCK_K, or BLOCK_K of the narrow kernels), warps, stages, regs (registers per
+thread), spill st/ld (spill bytes stored / loaded, from ptxas), smem B (shared memory per block), MMA
+(tensor-core instructions in the SASS: HGMMA on sm_90, HMMA on sm_80; counted in the code, not executed),
+TMA (UTMALDG bulk tensor loads), check (ok, or why the row fails). Compiled with the installed triton: the
+GPU image may run another version, whose numbers differ."""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line: print the table, optionally write JSON; exit status 1 when a row fails a check."""
-    parser = argparse.ArgumentParser(prog="python -m lora_fast.compile_report", description=__doc__.split("\n")[0])
-    parser.add_argument("--target", nargs="+", choices=list(TARGETS), default=list(TARGETS))
-    parser.add_argument("--kernel", nargs="+", choices=list(KERNELS), default=list(KERNELS))
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_LEGEND,
+                                     prog="python -m lora_fast.compile_report", description=__doc__.split("\n")[0])
+    parser.add_argument("--target", nargs="+", choices=list(TARGETS), default=list(TARGETS),
+                        help="GPU architectures: sm_80 (A100), sm_90 (H100/H200)")
+    parser.add_argument("--kernel", nargs="+", choices=list(KERNELS), default=list(KERNELS),
+                        help="fwd_gemm: y = x W^T + b + scale S B; dx_gemm: dX = dY W + scale dS A^T (with the "
+                             "dropout mask); xa_proj: S = dropout(x) A; dyb_proj: dS = dY B^T, with the dB "
+                             "partials S^T dY when 4 * rank < PROJ_BLOCK_M (rank 16: yes, rank 64: no, then dB "
+                             "runs on da_reduce's kernel); da_reduce: dA = dropout(x)^T dS")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES),
+                        help="input dtype (fp32 rows use input_precision 'ieee', torch's default)")
     parser.add_argument("--rank", nargs="+", type=int, default=list(RANKS),
                         help="LoRA ranks (BLOCK_R = max(16, next power of two)); default: 16 64")
     parser.add_argument("--tf32", action="store_true",

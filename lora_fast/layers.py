@@ -75,9 +75,10 @@ class LoRALayer(nn.Module):
 
 def _warn_if_merged(module, state_dict, prefix, local_metadata):
     if module.merged:
-        warnings.warn(f"state_dict of a merged LinearWithLoRA ({prefix!r}): {prefix}linear.weight holds "
-                      "W + scale * A B, so loading it into an unmerged model applies the update twice; "
-                      "unmerge_lora first, or save only the adapters (save_lora)", UserWarning, stacklevel=2)
+        # one text for every layer, so Python shows it once per call site rather than once per layer
+        warnings.warn("state_dict of a merged LinearWithLoRA: its linear.weight holds W + scale * A B, so loading "
+                      "it into an unmerged model applies the update twice; unmerge_lora first, or save only the "
+                      "adapters (save_lora)", UserWarning, stacklevel=2)
 
 
 class LinearWithLoRA(nn.Module):
