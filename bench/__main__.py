@@ -12,11 +12,12 @@ import sys
 import time
 from typing import Dict, List
 
-import bench  # noqa: F401  (chooses the Triton interpreter before triton is imported when there is no GPU)
 import torch
 import triton
 from rich.console import Console
 from rich.table import Table
+
+import bench  # noqa: F401  (chooses the Triton interpreter before triton is imported when there is no GPU)
 
 from . import accuracy, cost_model, impls, results, saved, shapes
 

@@ -25,7 +25,7 @@ def ceilings(dtype: torch.dtype, device="cuda") -> Dict[str, float]:
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     gemm_ms = _do_bench(lambda: torch.matmul(a, b))[0]
-    del a, b
+    a = b = None   # free the operands before the copy buffers (the lambda is done with them)
     src = torch.empty(2**30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_ms = _do_bench(lambda: dst.copy_(src))[0]
@@ -41,7 +41,7 @@ def measure(forward, x: torch.Tensor, trainable) -> Dict[str, object]:
     out["forward"] = _do_bench(lambda: forward(x))
     out["backward"] = _do_bench(lambda: y.backward(dy, retain_graph=True), grad_to_none=trainable)
     out["full"] = _do_bench(lambda: forward(x).backward(dy), grad_to_none=trainable)
-    del y
+    y = None
     for t in trainable:
         t.grad = None
     torch.cuda.synchronize()

@@ -1,10 +1,16 @@
 """lora-fast: fused Triton kernels for LoRA fine-tuning (forward and backward), drop-in LoRA layers."""
 
+from .adapters import load_lora, load_lora_state_dict, lora_state_dict, save_lora
 from .functional import lora_linear, select_backend
 from .layers import LinearWithLoRA, LoRALayer, lora_scale
-from .patching import replace_linear_with_lora
-from .patching import count_parameters, mark_only_lora_as_trainable, merge_and_unload, merge_lora, unmerge_lora
-from .adapters import load_lora, load_lora_state_dict, lora_state_dict, save_lora
+from .patching import (
+           count_parameters,
+           mark_only_lora_as_trainable,
+           merge_and_unload,
+           merge_lora,
+           replace_linear_with_lora,
+           unmerge_lora,
+)
 from .peft_interop import PatchReport, load_peft_adapter, patch_peft, save_peft_adapter, unpatch_peft
 
 __version__ = "0.1.0"

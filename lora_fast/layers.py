@@ -3,8 +3,8 @@ with the same attribute names, parameter shapes, initialisation and state-dict k
 
 import math
 import numbers
-import warnings
 import sys
+import warnings
 
 import torch
 from torch import nn

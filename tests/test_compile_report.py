@@ -118,7 +118,8 @@ def test_checks_flag_spills_shared_memory_and_missing_tensor_cores():
         failures = cr.check(row, job)
         assert len(failures) == 1 and words in failures[0], (change, failures)
     # fp32 GEMMs and the narrow kernels may run on CUDA cores
-    assert cr.check(cr.Row(**{**clean.__dict__, "mma": 0}), cr.Job("da_reduce", "-", "bf16", "sm_80", 16, {}, 4, 3)) == []
+    narrow = cr.Job("da_reduce", "-", "bf16", "sm_80", 16, {}, 4, 3)
+    assert cr.check(cr.Row(**{**clean.__dict__, "mma": 0}), narrow) == []
 
 
 def test_command_line_writes_json_and_exits_nonzero_on_a_failing_row(tmp_path, monkeypatch, capsys):

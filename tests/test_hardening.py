@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_fast import (LinearWithLoRA, LoRALayer, load_lora, lora_linear, merge_lora, replace_linear_with_lora,
-                       save_lora)
+from lora_fast import LinearWithLoRA, LoRALayer, load_lora, lora_linear, merge_lora, replace_linear_with_lora, save_lora
 from tests.utils import check_op, make_inputs
 
 

@@ -8,10 +8,20 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lora_fast import (LinearWithLoRA, count_parameters, load_lora, load_lora_state_dict, lora_state_dict,
-                       mark_only_lora_as_trainable, merge_and_unload, merge_lora, replace_linear_with_lora,
-                       save_lora, unmerge_lora)
-from lora_fast import reference
+from lora_fast import (
+    LinearWithLoRA,
+    count_parameters,
+    load_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_and_unload,
+    merge_lora,
+    reference,
+    replace_linear_with_lora,
+    save_lora,
+    unmerge_lora,
+)
 from tests.utils import assert_close
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -26,14 +26,19 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("safetensors")
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,  # noqa: E402
-                          LlamaForCausalLM)
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import lora_fast  # noqa: E402
-from lora_fast import (LinearWithLoRA, load_peft_adapter, patch_peft, replace_linear_with_lora,  # noqa: E402
-                       save_peft_adapter, unpatch_peft)
-from lora_fast import peft_interop  # noqa: E402
+from lora_fast import (  # noqa: E402
+    LinearWithLoRA,
+    load_peft_adapter,
+    patch_peft,
+    peft_interop,
+    replace_linear_with_lora,
+    save_peft_adapter,
+    unpatch_peft,
+)
 from tests.utils import assert_close, reference_grads, tolerance  # noqa: E402
 
 BATCH, TOKENS, VOCAB, HIDDEN = 2, 8, 100, 32
