@@ -4,19 +4,23 @@ from .adapters import load_lora, load_lora_state_dict, lora_state_dict, save_lor
 from .functional import lora_linear, select_backend
 from .layers import LinearWithLoRA, LoRALayer, lora_scale
 from .patching import (
-           count_parameters,
-           mark_only_lora_as_trainable,
-           merge_and_unload,
-           merge_lora,
-           replace_linear_with_lora,
-           unmerge_lora,
+    count_parameters,
+    mark_only_lora_as_trainable,
+    merge_and_unload,
+    merge_lora,
+    replace_linear_with_lora,
+    unmerge_lora,
 )
 from .peft_interop import PatchReport, load_peft_adapter, patch_peft, save_peft_adapter, unpatch_peft
 
 __version__ = "0.1.0"
 
-__all__ = ["LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "lora_linear", "lora_scale",
-           "select_backend"]
-__all__ += ["merge_lora", "unmerge_lora", "merge_and_unload", "lora_state_dict", "load_lora_state_dict",
-            "save_lora", "load_lora", "mark_only_lora_as_trainable", "count_parameters"]
-__all__ += ["patch_peft", "unpatch_peft", "PatchReport", "save_peft_adapter", "load_peft_adapter"]
+__all__ = [
+    # the layers and the op
+    "LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "lora_linear", "lora_scale", "select_backend",
+    # merge, adapter files, trainable parameters
+    "merge_lora", "unmerge_lora", "merge_and_unload", "lora_state_dict", "load_lora_state_dict", "save_lora",
+    "load_lora", "mark_only_lora_as_trainable", "count_parameters",
+    # PEFT
+    "patch_peft", "unpatch_peft", "PatchReport", "save_peft_adapter", "load_peft_adapter",
+]
