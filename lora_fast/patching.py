@@ -21,15 +21,19 @@ def _excluder(exclude: Exclude) -> Callable[[str, nn.Module], bool]:
         return lambda name, module: False
     if callable(exclude):
         return exclude
-    if isinstance(exclude, str):
-        exclude = [exclude]
+    return _suffix_matcher([exclude] if isinstance(exclude, str) else exclude, "exclude",
+                           "module names (a string or an iterable of strings) or a predicate (name, module) -> bool")
+
+
+def _suffix_matcher(names, argument: str, expected: str) -> Callable[[str, nn.Module], bool]:
+    """Match a qualified module name equal to one of ``names`` or ending in "." + one of them."""
+    given = names
     try:
-        names = tuple(exclude)
+        names = tuple(names)
     except TypeError:
         names = (None,)
     if not all(isinstance(n, str) for n in names):
-        raise TypeError(f"exclude: expected module names (a string or an iterable of strings) or a predicate "
-                        f"(name, module) -> bool, got {exclude!r}")
+        raise TypeError(f"{argument}: expected {expected}, got {given!r}")
     return lambda name, module: any(name == n or name.endswith("." + n) for n in names)
 
 
@@ -66,14 +70,8 @@ def _targeter(model: nn.Module, target_modules: TargetModules) -> Callable[[str,
         except re.error as err:
             raise ValueError(f"target_modules: {target_modules!r} is not a valid regular expression ({err})") from None
         return lambda name, module: pattern.fullmatch(name) is not None
-    try:
-        names = tuple(target_modules)
-    except TypeError:
-        names = (None,)
-    if not all(isinstance(n, str) for n in names):
-        raise TypeError(f"target_modules: expected a regex string, {ALL_LINEAR!r} or an iterable of module names, "
-                        f"got {target_modules!r}")
-    return lambda name, module: any(name == n or name.endswith("." + n) for n in names)
+    return _suffix_matcher(target_modules, "target_modules",
+                           f"a regex string, {ALL_LINEAR!r} or an iterable of module names")
 
 
 def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclude: Exclude = None,

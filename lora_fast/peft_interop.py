@@ -364,19 +364,11 @@ def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_fea
 
 
 def _lora_target(model: nn.Module, name: str, r: int, alpha: float, config) -> LinearWithLoRA:
-    """The LinearWithLoRA at ``name`` in ``model``, wrapping a plain linear there first."""
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"adapter_dir: the adapter names module {name!r}, which is not in model") from None
+    """The LinearWithLoRA at ``name`` in ``model`` (already checked by _check_target), wrapping a plain linear
+    there first."""
+    module = model.get_submodule(name)
     if isinstance(module, LinearWithLoRA):
-        if module.lora.rank != r:
-            raise ValueError(f"adapter_dir: module {name!r} has rank {r}, model's LinearWithLoRA has rank "
-                             f"{module.lora.rank}")
         return module
-    if not is_linear(module):
-        raise ValueError(f"adapter_dir: module {name!r} is a {type(module).__name__}, expected a LinearWithLoRA, "
-                         f"nn.Linear or Conv1D")
     scaling = "rslora" if config.use_rslora else "alpha/rank"
     layer = LinearWithLoRA(module, r, alpha, dropout=float(config.lora_dropout), scaling=scaling)
     parent, _, child = name.rpartition(".")
