@@ -20,9 +20,10 @@ SMEM_LIMIT_DEFAULT = 99 * 1024
 _GEMM_16BIT = {
     9: [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
-    # removed 128x256x64 w8 s3: 32 B of spills at rank 64 (compile report, triton 3.9)
+    # removed 128x256x64 w8 s3 (32 B of spills at rank 64, compile report, triton 3.9) and 64x64x32 w4 (8 B of
+    # spills in the forward on triton 3.6, the GPU image's version, with 4 or 5 stages)
     8: [(128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
-        (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
+        (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)],
 }
 # dX with dropout: the low-rank term and its keep-mask (tl.randint4x, four numbers per Philox call) initialise
 # the accumulator before the K loop. Compile report (triton 3.9), ranks 16 and 64: on sm_90 every tile above is
@@ -47,9 +48,9 @@ REDUCE_BLOCKS_FP32 = (32, 32)
 # (BLOCK_K, num_warps, num_stages). Removed after the compile report (triton 3.9), x @ A with dropout in bf16:
 # BLOCK_K 128 w4 s3 spilled ~4.4 KB on sm_90, 128 w8 s3 8 B on sm_80, 256 w8 s2 140-308 B on both.
 _PROJ = [(64, 4, 3), (64, 4, 4), (64, 8, 3)]
-# fp32: BLOCK_K 64 w4 s2 spilled up to 2.7 KB on sm_80, BLOCK_K 32 w4 8 B at rank 64, BLOCK_K 32 w8 s2 4 B
-# with the dB partials on sm_80: 8 warps and 3 stages spread the tile without a spill
-_PROJ_FP32 = [(32, 8, 3)]
+# fp32 on sm_80: BLOCK_K 64 w4 s2 spilled up to 2.7 KB, BLOCK_K 32 w4 8 B at rank 64, BLOCK_K 32 w8 4 B (s2,
+# triton 3.9) or 8 B (s3, triton 3.6) in the dS pass at rank 64; BLOCK_K 16 with 8 warps is clean on both
+_PROJ_FP32 = [(16, 8, 3)]
 _REDUCE = [(4, 3), (4, 4), (8, 3)]                                    # (num_warps, num_stages)
 _REDUCE_FP32 = [(4, 2), (4, 3)]
 
