@@ -69,13 +69,19 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f}"
 
 
-def run_cpu(args, console: Console) -> int:
-    sel = selection(args, cpu=True)
+def _implementations(args, console: Console) -> list:
+    """The rows asked for (--impl, else all), less PEFT's when peft cannot be imported (said once)."""
     names = list(args.impl or impls.IMPLS)
     peft_missing = impls.peft_available() if "peft" in names else None
     if peft_missing:
         console.print(f"[yellow]peft row skipped: {peft_missing}[/]")
         names.remove("peft")
+    return names
+
+
+def run_cpu(args, console: Console) -> int:
+    sel = selection(args, cpu=True)
+    names = _implementations(args, console)
     console.print(f"[bold]lora-fast bench, CPU mode[/] ({platform.processor() or platform.machine()}, torch "
                   f"{torch.__version__}, triton {triton.__version__})")
     console.print("Timings need a CUDA device and none is available: nothing is timed here (the Triton "
@@ -149,11 +155,7 @@ def run_gpu(args, console: Console) -> int:
     from . import timing
 
     sel = selection(args, cpu=False)
-    names = list(args.impl or impls.IMPLS)
-    peft_missing = impls.peft_available() if "peft" in names else None
-    if peft_missing:
-        console.print(f"[yellow]peft row skipped: {peft_missing}[/]")
-        names.remove("peft")
+    names = _implementations(args, console)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     gpu = torch.cuda.get_device_name()
     env = dict(time_utc=results.now_utc(), gpu=gpu, torch=torch.__version__, triton=triton.__version__,
