@@ -45,8 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         values = getattr(args, name) or ()
         if any(v < 1 for v in values):
             p.error(f"--{name}: expected integers >= 1, got {values}")
-    if args.dropout and any(not 0.0 <= q < 1.0 for q in args.dropout):
-        p.error(f"--dropout: expected probabilities in [0, 1), got {args.dropout}")
+    if args.dropout and any(not 0.0 <= q <= 1.0 for q in args.dropout):
+        p.error(f"--dropout: expected probabilities in [0, 1], got {args.dropout}")
     return args
 
 

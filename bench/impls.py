@@ -19,10 +19,10 @@ from lora_fast import reference
 IMPLS = ("F.linear", "book", "peft", "addmm-chain", "compile", "lora-fast")
 DESCRIPTIONS = {
     "F.linear": "F.linear alone, W frozen: the floor",
-    "book": "the book's LinearWithLoRA arithmetic (lora_fast.reference.lora_linear, eager)",
+    "book": "the book's LinearWithLoRA arithmetic (lora_fast.reference.lora_linear, eager, nn.Dropout's RNG)",
     "peft": "PEFT's peft.tuners.lora.Linear around an nn.Linear",
     "addmm-chain": "y = x W^T; y.addmm_(x A, B, alpha=scale) with a hand-written backward (Unsloth's technique)",
-    "compile": 'torch.compile(lora_fast.reference.lora_linear, mode="max-autotune-no-cudagraphs")',
+    "compile": 'torch.compile(lora_fast.reference.lora_linear, mode="max-autotune-no-cudagraphs", torch RNG)',
     "lora-fast": "lora_fast.lora_linear (fused Triton kernels)",
 }
 
@@ -136,8 +136,9 @@ def build(name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torc
     if name == "F.linear":
         return Built(lambda x: F.linear(x, weight, bias), [])
     if name == "book":
+        # torch's dropout, as the book and users' code run it (the Philox mask in torch ops would slow it)
         return Built(lambda x: reference.lora_linear(x, weight, bias, A, B, scale, dropout_p=dropout_p,
-                                                     training=True), [A, B])
+                                                     training=True, dropout_rng="torch"), [A, B])
     if name == "peft":
         layer = _peft_layer(weight, bias, A, B, scale, dropout_p)
         return Built(layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight], transposed=True)
@@ -148,7 +149,8 @@ def build(name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torc
         if "fn" not in cache:
             cache["fn"] = torch.compile(reference.lora_linear, mode="max-autotune-no-cudagraphs")
         fn = cache["fn"]
-        return Built(lambda x: fn(x, weight, bias, A, B, scale, dropout_p=dropout_p, training=True), [A, B])
+        return Built(lambda x: fn(x, weight, bias, A, B, scale, dropout_p=dropout_p, training=True,
+                                  dropout_rng="torch"), [A, B])
     if name == "lora-fast":
         return Built(lambda x: lora_fast.lora_linear(x, weight, bias, A, B, scale, dropout_p=dropout_p,
                                                      training=True), [A, B])

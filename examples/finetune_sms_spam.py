@@ -8,22 +8,25 @@ query/key/value/attention-output/intermediate/output projections; the head is ex
 
 Data: the SMS Spam Collection v.1 (5,574 English SMS messages, 747 spam), UCI Machine Learning Repository,
 T. A. Almeida and J. M. Gomez Hidalgo (2011), licensed CC BY 4.0,
-https://archive.ics.uci.edu/dataset/228/sms+spam+collection. The file is looked up from ``--data PATH``, else
-the environment variable ``LORA_FAST_DATA``, else the user cache (``$XDG_CACHE_HOME/lora-fast`` or
-``~/.cache/lora-fast``), where it is downloaded from the UCI archive on first use. It is split like the book:
-all 747 spam and 747 ham drawn at random (seed 123), shuffled (seed 123), then 70% train, 10% validation,
-20% test (1,045 / 149 / 300 messages).
+https://archive.ics.uci.edu/dataset/228/sms+spam+collection; a copy ships with this repository in
+``examples/data/`` (see its README for the attribution). The file is looked up from ``--data PATH``, else the
+environment variable ``LORA_FAST_DATA``, else the copy in ``examples/data/``, else the user cache
+(``$XDG_CACHE_HOME/lora-fast`` or ``~/.cache/lora-fast``), where it is downloaded from the UCI archive when
+missing. It is split like the book: all 747 spam and 747 ham drawn at random (seed 123), shuffled (seed 123),
+then 70% train, 10% validation, 20% test (1,045 / 149 / 300 messages).
 
-Run (CPU: the reference path in plain PyTorch; CUDA: the Triton kernels)::
+Run (from the repository root; the lora-fast backend follows the device: CUDA runs the Triton kernels, CPU the
+reference path in plain PyTorch, or the Triton kernels in the interpreter when TRITON_INTERPRET=1)::
 
     pip install -e ".[examples]"
-    python -m examples.finetune_sms_spam --data ../shared/data/sms_spam_collection.tsv --out run.json
+    python -m examples.finetune_sms_spam
 
-(from the repository root). On a CPU shared with other work, OMP_NUM_THREADS=1 avoids oversubscription.
+On a CPU shared with other work, OMP_NUM_THREADS=1 avoids oversubscription.
 
 Prints a progress bar, then the trainable and total parameter counts, accuracy before and after training,
-seconds per epoch, training tokens per second (non-padding tokens), the peak memory and the lora-fast backend;
-``--out`` writes the same as JSON.
+seconds per epoch, training tokens per second (non-padding tokens), the peak memory and the lora-fast backend,
+and writes the same as JSON to ``--out`` (default: a new file ``examples/results/run-<UTC time>.json``, so
+that no committed result is overwritten).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ import lora_fast
 UCI_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 UCI_MEMBER = "SMSSpamCollection"
 DATA_FILE = "sms_spam_collection.tsv"
+# the copy shipped with the repository (CC BY 4.0; attribution in examples/data/README.md)
+BUNDLED_DATA = Path(__file__).resolve().parent / "data" / DATA_FILE
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LABELS = {"ham": 0, "spam": 1}
 SPLIT_SEED = 123  # the book's random_state for the balanced subset and the shuffle
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,7 +90,8 @@ def download_sms_spam(target: Path, url: str = UCI_URL, timeout: float = 30.0) -
 
 
 def find_data(path: str | None) -> Path:
-    """The data file: ``path``, else $LORA_FAST_DATA, else the user cache (downloaded there if missing).
+    """The data file: ``path``, else $LORA_FAST_DATA, else the copy shipped in examples/data/, else the user cache
+    (downloaded there if missing).
 
     Raises FileNotFoundError naming the missing path, or SystemExit with one line on how to supply the file
     when the download fails.
@@ -94,6 +101,8 @@ def find_data(path: str | None) -> Path:
             if not Path(given).is_file():
                 raise FileNotFoundError(f"{origin}: no such file: {given}")
             return Path(given)
+    if BUNDLED_DATA.is_file():
+        return BUNDLED_DATA
     cached = user_cache_dir() / DATA_FILE
     if cached.is_file():
         return cached
@@ -281,12 +290,23 @@ def machine(device: torch.device) -> dict[str, object]:
     return info
 
 
+def new_results_path() -> Path:
+    """examples/results/run-<UTC time>.json, a name no earlier run has taken (a counter is added if needed)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path = RESULTS_DIR / f"run-{stamp}.json"
+    n = 1
+    while path.exists():
+        n += 1
+        path = RESULTS_DIR / f"run-{stamp}-{n}.json"
+    return path
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default=argparse.SUPPRESS,
-                        help="the SMS Spam Collection file (default: $LORA_FAST_DATA, else the user cache, "
-                             "downloaded from the UCI archive)")
+                        help="the SMS Spam Collection file (default: $LORA_FAST_DATA, else examples/data/"
+                             f"{DATA_FILE}, else the user cache, downloaded from the UCI archive)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank r")
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     parser.add_argument("--scaling", choices=["alpha", "alpha/rank", "rslora"], default="alpha/rank",
@@ -302,18 +322,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="use at most this many messages of each split (a quick run)")
     parser.add_argument("--seed", type=int, default=123, help="torch seed (LoRA init, head init, batch order)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda (Triton kernels) or cpu (the reference path); default: cuda when available")
+                        help="cuda (Triton kernels) or cpu (the reference path, or the Triton kernels in the "
+                             "interpreter under TRITON_INTERPRET=1); default: cuda when available")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="of the frozen model (adapters and head stay float32)")
-    parser.add_argument("--out", help="write the results as JSON to this file")
+    parser.add_argument("--out", default=None,
+                        help="write the results as JSON to this file (default: a new "
+                             "examples/results/run-<UTC time>.json)")
     args = parser.parse_args(argv)
     for name in ("rank", "epochs", "batch_size", "max_length"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
     if args.max_examples is not None and args.max_examples < 1:
         parser.error(f"--max-examples: expected an integer >= 1, got {args.max_examples}")
-    if not (0.0 <= args.dropout < 1.0):
-        parser.error(f"--dropout: expected a probability in [0, 1), got {args.dropout}")
+    if not (0.0 <= args.dropout <= 1.0):
+        parser.error(f"--dropout: expected a probability in [0, 1], got {args.dropout}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr: expected a positive finite number, got {args.lr}")
     return args
@@ -403,10 +426,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     per_epoch = ", ".join(f"{e['seconds']:.1f} s" for e in epochs)
     print(f"time per epoch: {per_epoch}; {tokens / train_seconds:,.0f} training tokens/s (non-padding)")
     print(f"peak memory: {memory_mib:,.0f} MiB ({memory_kind})")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.out}")
+    out = Path(args.out) if args.out else new_results_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
     return result
 
 

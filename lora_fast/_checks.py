@@ -45,10 +45,11 @@ def check_scale(scale, name: str = "scale") -> float:
 
 
 def check_dropout(p, name: str = "dropout_p") -> float:
-    """A dropout probability in [0, 1): TypeError for a non-real, ValueError outside the range."""
+    """A dropout probability in [0, 1], as nn.Dropout takes it (1: everything dropped): TypeError for a
+    non-real, ValueError outside the range."""
     p = _real(p, name)
-    if not (0.0 <= p < 1.0):
-        raise ValueError(f"{name}: expected a probability in [0, 1), got {p!r}")
+    if not (0.0 <= p <= 1.0):
+        raise ValueError(f"{name}: expected a probability in [0, 1], got {p!r}")
     return p
 
 

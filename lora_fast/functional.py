@@ -190,7 +190,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         A: (in_features, rank), rank >= 1; B: (rank, out_features); both x's dtype or float32 (PEFT keeps
             adapters in float32 on a 16-bit base). The kernels compute in x's dtype with fp32 accumulation.
         scale: finite real LoRA scale (alpha, alpha/rank, or alpha/sqrt(rank) for rsLoRA).
-        dropout_p: probability in [0, 1) of dropping an element of the LoRA input; applied when ``training``.
+        dropout_p: probability in [0, 1] of dropping an element of the LoRA input (as nn.Dropout; 1 makes the
+            LoRA term zero); applied when ``training``. The keep-mask comes from a counter-based Philox
+            generator under a seed drawn from torch's generator for x's device: on one device the same
+            ``torch.manual_seed`` drops the same elements on the Triton and the reference backend
+            (``lora_fast.philox``); CPU and CUDA generators differ, so a CPU and a GPU run draw other masks.
         training: False (eval) applies no dropout.
 
     Under ``torch.autocast`` x, weight and bias are cast to the autocast dtype, as nn.Linear's are. Under
@@ -205,7 +209,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         TypeError: a non-tensor, an integer dtype, weight not in x's dtype, A/B dtypes that differ or are
             neither x's dtype nor float32, a non-real scale.
         ValueError: mismatched in/out dims, rank < 1, tensors on another device than x, a non-finite scale,
-            dropout_p outside [0, 1), an unknown LORA_FAST_BACKEND.
+            dropout_p outside [0, 1], an unknown LORA_FAST_BACKEND.
         RuntimeError: LORA_FAST_BACKEND=triton with inputs the kernels cannot serve.
     """
     if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
@@ -215,8 +219,13 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if select_backend(x) == "reference":
         return reference.lora_linear(x, weight, bias, A, B, scale, dropout_p=dropout_p, training=training)
     p = dropout_p if training else 0.0
-    # drawn on x's device: no host sync, and torch.manual_seed / CUDA-graph RNG state govern it
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if p > 0 else None
+    # drawn on x's device as the reference draws it: no host sync, and torch.manual_seed / CUDA-graph RNG state
+    # govern it
+    seed = reference.draw_seed(x.device) if p > 0 else None
+    if p >= 1.0:
+        # every element dropped: the LoRA term and its gradients are exactly zero (the seed is still drawn, so
+        # the generator advances as on the reference path)
+        p, scale = 0.0, 0.0
     if torch.compiler.is_compiling():
         return _lora_linear_fwd(x, weight, bias, A, B, scale, p, seed)[0]
     # eager: an autograd.Function costs less host time per call than the custom-op dispatch

@@ -93,7 +93,7 @@ class LinearWithLoRA(nn.Module):
 
     Args:
         linear: the nn.Linear (or transformers Conv1D) to wrap. rank: >= 1. alpha: finite real.
-            dropout: probability in [0, 1) on the LoRA input (PEFT's lora_dropout). scaling: see LoRALayer.
+            dropout: probability in [0, 1] on the LoRA input (PEFT's lora_dropout). scaling: see LoRALayer.
 
     Merged (``merge_lora``): linear.weight holds W + scale * (A @ B)^T (for a Conv1D, + scale * A @ B) and
     forward is ``linear(x)`` alone, so no LoRA dropout is applied. Training a merged layer, i.e. a forward in

@@ -9,12 +9,22 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import philox
 from ._checks import check_lora_linear, check_training
+
+DROPOUT_RNGS = ("philox", "torch")
+
+
+def draw_seed(device) -> torch.Tensor:
+    """The dropout seed of one call: an int64 tensor of one element in [0, 2**62), drawn from torch's generator
+    for ``device`` (so torch.manual_seed governs it; on CUDA without a host sync). Both backends draw it the
+    same way, so one torch seed gives one mask on either."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
                 B: torch.Tensor, scale: float, *, dropout_p: float = 0.0, training: bool = True,
-                dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                dropout_mask: Optional[torch.Tensor] = None, dropout_rng: str = "philox") -> torch.Tensor:
     """y = x W^T + b + scale * (dropout(x) @ A) @ B (LoRA, Hu et al. 2021, eq. 3), unfused.
 
     Args:
@@ -24,22 +34,35 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         A: (in_features, rank); B: (rank, out_features); x's dtype or float32. The low-rank path runs in A's
             dtype (x is cast to it, as PEFT does) and is added before the cast back to x's dtype.
         scale: the LoRA scale (alpha, alpha/rank or alpha/sqrt(rank)), finite.
-        dropout_p: probability of zeroing an element of the LoRA input, in [0, 1); active when ``training``.
-        dropout_mask: optional bool keep-mask of x's shape: used instead of drawing one (tests pass the
-            fused kernels' mask here to compare the two paths exactly). Kept elements are scaled by 1/(1-p).
+        dropout_p: probability of zeroing an element of the LoRA input, in [0, 1] (1: the LoRA term is zero);
+            active when ``training``. Kept elements are scaled by 1/(1-p).
+        dropout_mask: optional bool keep-mask of x's shape, used instead of drawing one.
+        dropout_rng: where a mask comes from when none is given. "philox" (default): the fused kernels'
+            counter-based generator (``lora_fast.philox``) under a seed drawn as the fused op draws it, so the
+            same ``torch.manual_seed`` drops the same elements on both backends. "torch": ``F.dropout`` (the
+            book's and PEFT's nn.Dropout; faster on CPU, but another mask than the kernels').
 
     Returns: (..., out_features) in x's dtype.
-    Raises: TypeError / ValueError for bad shapes, dtypes, devices, scale or dropout_p (see lora_fast.lora_linear).
+    Raises: TypeError / ValueError for bad shapes, dtypes, devices, scale or dropout_p (see lora_fast.lora_linear),
+        for a dropout_mask of another shape, or an unknown dropout_rng.
     """
     scale, dropout_p = check_lora_linear(x, weight, bias, A, B, scale, dropout_p)
     check_training(training)
+    if dropout_rng not in DROPOUT_RNGS:
+        raise ValueError(f"dropout_rng: expected one of {DROPOUT_RNGS}, got {dropout_rng!r}")
+    if dropout_mask is not None and dropout_mask.shape != x.shape:
+        raise ValueError(f"dropout_mask: expected x's shape {tuple(x.shape)}, got {tuple(dropout_mask.shape)}")
     y = F.linear(x, weight, bias)
     x_lora = x.to(A.dtype)
     if training and dropout_p > 0:
-        if dropout_mask is not None:
-            if dropout_mask.shape != x.shape:
-                raise ValueError(f"dropout_mask: expected x's shape {tuple(x.shape)}, got {tuple(dropout_mask.shape)}")
-            x_lora = x_lora * dropout_mask.to(x_lora.dtype) / (1.0 - dropout_p)
-        else:
+        if dropout_p >= 1.0:
+            x_lora = torch.zeros_like(x_lora)
+        elif dropout_mask is None and dropout_rng == "torch":
             x_lora = F.dropout(x_lora, dropout_p, training=True)
+        else:
+            if dropout_mask is None:
+                K = x.shape[-1]
+                dropout_mask = philox.keep_mask(draw_seed(x.device), x.numel() // K if K else 0, K,
+                                                dropout_p).view(x.shape)
+            x_lora = x_lora * dropout_mask.to(x_lora.dtype) / (1.0 - dropout_p)
     return (y + scale * (x_lora @ A @ B)).to(x.dtype)

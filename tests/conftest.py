@@ -1,15 +1,35 @@
+import os
+
 import pytest
 import torch
 
 from tests.utils import WORST
 
+SEED_VARIABLE = "LORA_FAST_TEST_SEED"
+
+
+def fixed_seed(config):
+    """The seed given by --seed or $LORA_FAST_TEST_SEED, or None (fresh seeds)."""
+    seed = config.getoption("--seed", default=None)
+    if seed is None and os.environ.get(SEED_VARIABLE, "").strip():
+        try:
+            seed = int(os.environ[SEED_VARIABLE])
+        except ValueError:
+            raise pytest.UsageError(f"{SEED_VARIABLE}: expected an integer, got {os.environ[SEED_VARIABLE]!r}") \
+                from None
+    return seed
+
 
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    """Fresh random inputs every run; pytest shows the printed seed of a failing test, to replay it."""
-    seed = torch.seed() % 2**31
+def _fresh_seed(request):
+    """Fresh random inputs every run, or the seed of --seed N / LORA_FAST_TEST_SEED=N; pytest shows the printed
+    seed of a failing test, and that option replays it."""
+    seed = fixed_seed(request.config)
+    if seed is None:
+        seed = torch.seed() % 2**31
     torch.manual_seed(seed)
-    print(f"torch.manual_seed({seed})")
+    print(f"torch.manual_seed({seed}); replay with: python -m pytest '{request.node.nodeid}' --seed {seed} "
+          f"(or {SEED_VARIABLE}={seed})")
 
 
 @pytest.fixture(scope="session")

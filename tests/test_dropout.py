@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.utils.checkpoint
 
-from lora_fast import LinearWithLoRA, lora_linear, reference
+from lora_fast import LinearWithLoRA, lora_linear, philox, reference
 from lora_fast.kernels import dropout_keep_mask
-from tests.utils import check_op, make_inputs
+from tests.utils import assert_close, check_op, linear_magnitude, make_inputs, reference_grads
 
 
 def _seeded_op(p, seed_value):
@@ -90,8 +90,11 @@ def test_eval_mode_and_p_zero(device):
     with torch.no_grad():
         layer.lora.B.zero_()
     base = torch.nn.functional.linear(x, layer.linear.weight, layer.linear.bias)
+    truth = x.double() @ layer.linear.weight.double().t() + layer.linear.bias.double()
+    mag = linear_magnitude(x, layer.linear.weight, layer.linear.bias)
     for y in (layer(x), layer(x)):
-        assert torch.allclose(y, base, rtol=1e-6, atol=1e-6)
+        assert_close(y.detach(), truth, mag, torch.float32, 40, "B = 0 with dropout", record=False)
+        assert_close(y.detach(), base.double(), mag, torch.float32, 2 * 40, "B = 0 vs F.linear", record=False)
 
 
 def _saved_bytes(fn):
@@ -145,3 +148,53 @@ def test_two_forward_calls_draw_different_masks(device):
     y1 = lora_linear(x, w, None, eye, eye, 1.0, dropout_p=0.5)
     y2 = lora_linear(x, w, None, eye, eye, 1.0, dropout_p=0.5)
     assert not torch.equal(y1 != 0, y2 != 0)
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (2, 5, 64), (3, 4)])
+def test_reference_mask_is_the_kernels_mask(shape, device):
+    """lora_fast.philox (torch ops) evaluates the kernels' Philox keep-mask bit for bit, for any seed."""
+    K = shape[-1]
+    M = math.prod(shape[:-1])
+    for p in (0.05, 0.5, 0.9):
+        for seed in (torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device),
+                     torch.tensor([2**62 - 1], dtype=torch.int64, device=device)):
+            assert torch.equal(philox.keep_mask(seed, M, K, p), dropout_keep_mask(seed, M, K, p))
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5])
+def test_same_seed_same_mask_on_both_backends(p, device, monkeypatch):
+    """One torch.manual_seed gives one dropout mask on the kernels and on the reference path: the outputs and the
+    gradients of A agree to rounding (with p = 0.5 two different masks differ by O(1) here)."""
+    x, w, b, A, B = make_inputs((4, 9), 24, 20, 4, torch.float32, device)
+    results = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("LORA_FAST_BACKEND", backend)
+        leaf = A.clone().requires_grad_()
+        torch.manual_seed(1234)
+        y = lora_linear(x, w, b, leaf, B, 2.0, dropout_p=p)
+        y.sum().backward()
+        results[backend] = (y.detach(), leaf.grad)
+    mask = _mask_for(1234, x, p)
+    ref, ref_grads = reference_grads(x, w, b, A, B, 2.0, torch.ones(4, 9, 20, device=device), dropout_p=p, mask=mask)
+    mag, mag_grads = reference_grads(x, w, b, A, B, 2.0, torch.ones(4, 9, 20, device=device), dropout_p=p, mask=mask,
+                                     absolute=True)
+    for backend, (y, dA) in results.items():
+        assert_close(y, ref, mag, torch.float32, 24 + 4, f"{backend} forward", record=False)
+        assert_close(dA, ref_grads[3], mag_grads[3], torch.float32, 36, f"{backend} dA", record=False)
+
+
+def test_dropout_one_drops_everything(device):
+    """p = 1 (valid for nn.Dropout and PEFT's lora_dropout): in training the LoRA term and the gradients of A and
+    B are exactly zero on both backends; in eval the layer is the full LoRA layer."""
+    x, w, b, A, B = make_inputs((6,), 16, 12, 3, torch.float32, device)
+    truth = x.double() @ w.double().t() + b.double()
+    for fn in (lora_linear, reference.lora_linear):
+        leaves = [t.clone().requires_grad_() for t in (A, B)]
+        y = fn(x, w, b, *leaves, 2.0, dropout_p=1.0)
+        assert_close(y.detach(), truth, linear_magnitude(x, w, b), torch.float32, 16, "p = 1", record=False)
+        y.sum().backward()
+        assert torch.equal(leaves[0].grad, torch.zeros_like(A)) and torch.equal(leaves[1].grad, torch.zeros_like(B))
+        assert torch.equal(fn(x, w, b, A, B, 2.0, dropout_p=1.0, training=False),
+                           fn(x, w, b, A, B, 2.0, dropout_p=0.0))
+    layer = LinearWithLoRA(torch.nn.Linear(16, 12).to(device), 3, 2.0, dropout=1.0)
+    assert torch.isfinite(layer(x)).all()

@@ -117,3 +117,27 @@ def test_training_steps_match_reference(device, monkeypatch):
     assert not worse, f"triton's parameter changes are less accurate than the reference's: {worse}"
     detected = min(off_err[n] / bound[n] for n in truth)
     assert detected > 10, f"the bound would not catch a 1% error in the scale (only {detected:.1f}x over it)"
+
+
+def test_example_defaults_work_offline_in_a_clone(monkeypatch, tmp_path):
+    """The README's command needs no flag: the data set ships in examples/data/ (CC BY 4.0) and each run writes
+    a new results file instead of overwriting a committed one."""
+    monkeypatch.delenv("LORA_FAST_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the bundled data set must be used before any download")
+
+    monkeypatch.setattr(example, "download_sms_spam", no_download)
+    path = example.find_data(None)
+    assert path == example.BUNDLED_DATA and path.is_relative_to(EXAMPLE.parent)
+    rows = example.read_sms_spam(path)
+    assert len(rows) == 5574 and sum(label for _, label in rows) == 747
+    splits = example.balanced_split(rows)
+    assert {name: len(r) for name, r in splits.items()} == {"train": 1045, "validation": 149, "test": 300}
+    monkeypatch.setattr(example, "RESULTS_DIR", tmp_path)
+    first = example.new_results_path()
+    first.write_text("{}")
+    second = example.new_results_path()
+    assert first.parent == tmp_path and first.name.startswith("run-") and second != first
+    assert example.parse_args([]).out is None

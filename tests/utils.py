@@ -42,6 +42,12 @@ def assert_close(actual, expected, magnitude, dtype, reduction, name, record=Tru
             WORST[key] = max(WORST[key], rel)
 
 
+def linear_magnitude(x, weight, bias=None):
+    """float64 |x| @ |weight|^T + |bias|: the magnitude bound of a linear layer's output (weight (out, in))."""
+    y = x.detach().double().abs() @ weight.detach().double().abs().t()
+    return y + bias.detach().double().abs() if bias is not None else y
+
+
 def make_inputs(M_shape, K, N, R, dtype, device, *, bias=True, adapter_dtype=None, lora_weight=1.0):
     """Random inputs with the LoRA term comparable in size to the base term (B is not zero here)."""
     adapter_dtype = adapter_dtype or dtype
