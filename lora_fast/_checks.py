@@ -74,8 +74,6 @@ def check_lora_linear(x, weight, bias, A, B, scale, dropout_p):
     _tensor("A", A, 2)
     _tensor("B", B, 2)
     out_features, in_features = weight.shape
-    if in_features < 1:
-        raise ValueError(f"weight: expected in_features >= 1, got shape {tuple(weight.shape)}")
     if x.shape[-1] != in_features:
         raise ValueError(f"x: expected last dim in_features={in_features} (weight is {tuple(weight.shape)}), "
                          f"got shape {tuple(x.shape)}")
@@ -101,4 +99,25 @@ def check_lora_linear(x, weight, bias, A, B, scale, dropout_p):
         raise TypeError(f"B: expected A's dtype {A.dtype}, got {B.dtype}")
     if A.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"A: expected x's dtype {x.dtype} or float32, got {A.dtype}")
+    return check_scale(scale), check_dropout(dropout_p)
+
+
+def check_lora_delta(x, A, B, scale, dropout_p):
+    """Validate the arguments of lora_delta (the low-rank term alone); returns (scale, dropout_p) as floats."""
+    _tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x: expected shape (..., in_features), got a 0-d tensor")
+    _tensor("A", A, 2)
+    _tensor("B", B, 2)
+    if A.shape[1] < 1:
+        raise ValueError(f"A: expected shape (in_features, rank) with rank >= 1, got {tuple(A.shape)}")
+    if A.shape[0] != x.shape[-1]:
+        raise ValueError(f"A: expected shape (in_features={x.shape[-1]}, rank), got {tuple(A.shape)}")
+    if B.shape[0] != A.shape[1]:
+        raise ValueError(f"B: expected shape (rank={A.shape[1]}, out_features), got {tuple(B.shape)}")
+    for name, t in (("A", A), ("B", B)):
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {t.device}")
+    if A.dtype != B.dtype:
+        raise TypeError(f"B: expected A's dtype {A.dtype}, got {B.dtype}")
     return check_scale(scale), check_dropout(dropout_p)

@@ -175,6 +175,14 @@ def _autocast_inputs(x, weight, bias, A, B):
     return (*cast, A, B)
 
 
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *, dropout_p: float = 0.0,
+               training: bool = True) -> torch.Tensor:
+    """scale * (dropout(x) @ A) @ B alone, unfused (``lora_fast.reference.lora_delta``): the term LinearWithLoRA
+    adds beside a wrapped layer whose own call it must keep (a subclass forward, hooks). Shapes, dtypes, dropout
+    and errors as ``lora_linear``; returns (..., out_features) in A's dtype."""
+    return reference.lora_delta(x, A, B, scale, dropout_p=dropout_p, training=training)
+
+
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
                 B: torch.Tensor, scale: float, *, dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
     """Fused LoRA linear with autograd: y = x W^T + b + scale * (dropout(x) @ A) @ B.
@@ -199,7 +207,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
     Under ``torch.autocast`` x, weight and bias are cast to the autocast dtype, as nn.Linear's are. Under
     ``torch.compile`` the op is the custom op ``lora_fast::lora_linear_fwd`` (with its backward op), so
-    models trace with ``fullgraph=True``.
+    models trace with ``fullgraph=True``. Under ``torch.func`` transforms (``vmap(grad(...))`` for per-sample
+    gradients, ``jacrev``, ...) the op runs the reference path (unfused torch ops), whatever the backend; with
+    dropout, vmap needs ``randomness="different"`` or ``"same"`` as for nn.Dropout.
 
     Returns: (..., out_features) in x's dtype. Gradients flow to every input that requires one (x, weight,
         bias, A, B); with dropout the kernels regenerate the mask from a seed drawn from torch's generator for
@@ -216,7 +226,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         x, weight, bias, A, B = _autocast_inputs(x, weight, bias, A, B)
     scale, dropout_p = check_lora_linear(x, weight, bias, A, B, scale, dropout_p)
     check_training(training)
-    if select_backend(x) == "reference":
+    # in_features = 0 (y = bias) or out_features = 0: no matmul to fuse, the reference computes it exactly.
+    # torch.func transforms (vmap, grad, jacrev, functional_call under them) run the reference path: plain torch
+    # ops that every transform composes with (the kernels take no batched or wrapped tensors)
+    if select_backend(x) == "reference" or x.shape[-1] == 0 or weight.shape[0] == 0 \
+            or torch._C._are_functorch_transforms_active():
         return reference.lora_linear(x, weight, bias, A, B, scale, dropout_p=dropout_p, training=training)
     p = dropout_p if training else 0.0
     # drawn on x's device as the reference draws it: no host sync, and torch.manual_seed / CUDA-graph RNG state

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ._checks import check_dropout, check_rank, check_scale
-from .functional import lora_linear
+from .functional import lora_delta, lora_linear
 
 SCALINGS = ("alpha", "alpha/rank", "rslora")
 
@@ -37,9 +37,26 @@ def conv1d_class():
 
 
 def is_linear(module: nn.Module) -> bool:
-    """True for an nn.Linear or a transformers Conv1D: the layers LinearWithLoRA wraps."""
+    """True for an nn.Linear or a transformers Conv1D (or a subclass of either): the layers LinearWithLoRA wraps."""
     conv1d = conv1d_class()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def has_plain_forward(module: nn.Module) -> bool:
+    """True when the module's class computes exactly nn.Linear's (or Conv1D's) forward: its class does not
+    override forward. A subclass with its own forward (a clamped or scaled linear) is not plain."""
+    conv1d = conv1d_class()
+    forward = type(module).forward
+    return forward is nn.Linear.forward or (conv1d is not None and forward is conv1d.forward)
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """True when calling the module runs more than its forward: its own forward (pre-)hooks, accelerate's
+    _hf_hook, or global module hooks (torch.nn.modules.module.register_module_forward_hook)."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None)
+                or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
 
 
 class LoRALayer(nn.Module):
@@ -66,11 +83,35 @@ class LoRALayer(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.B = nn.Parameter(torch.zeros(rank, out_dim, device=device, dtype=dtype))
 
+    def reset_parameters(self) -> None:
+        """A to kaiming_uniform_(a=sqrt(5)), B to zeros, as at construction (so a model built on the 'meta'
+        device, moved with ``to_empty()`` and reset module by module, starts equal to its frozen base)."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+            self.B.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * (x @ self.A @ self.B)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling!r}, scale={self.scale:g}"
+
+
+class _MergedGuard(torch.autograd.Function):
+    """Identity on a merged layer's output that raises if a backward reaches A or B (they took no part in the
+    forward, so they would silently get no gradient)."""
+
+    @staticmethod
+    def forward(ctx, y, A, B):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise RuntimeError("LinearWithLoRA: this layer is merged (merge_lora), so its A and B took no part in "
+                               "the forward and would get no gradient; call unmerge_lora(model) to train them, or "
+                               "freeze them (requires_grad_(False))")
+        return dy, None, None
 
 
 def _warn_if_merged(module, state_dict, prefix, local_metadata):
@@ -95,10 +136,15 @@ class LinearWithLoRA(nn.Module):
         linear: the nn.Linear (or transformers Conv1D) to wrap. rank: >= 1. alpha: finite real.
             dropout: probability in [0, 1] on the LoRA input (PEFT's lora_dropout). scaling: see LoRALayer.
 
+    Faithful to the wrapped layer: the fused op stands in for ``linear(x)`` only when that call would run
+    nn.Linear's (or Conv1D's) own forward and nothing else. A layer whose class overrides forward (a clamped
+    or scaled linear), or that has forward hooks or pre-hooks (FSDP2's ``fully_shard`` on the layer itself,
+    accelerate's offload hooks, activation capture, global module hooks), is called as it is and the low-rank
+    term is added beside it: ``linear(x) + scale * dropout(x) A B`` (unfused, as PEFT computes it).
+
     Merged (``merge_lora``): linear.weight holds W + scale * (A @ B)^T (for a Conv1D, + scale * A @ B) and
-    forward is ``linear(x)`` alone, so no LoRA dropout is applied. Training a merged layer, i.e. a forward in
-    train mode with grad enabled while A or B requires grad, raises RuntimeError: A and B would get no gradient.
-    Eval mode, ``torch.no_grad()`` or frozen A and B are fine.
+    forward is ``linear(x)`` alone, so no LoRA dropout is applied. The forward runs in any mode; a backward
+    that would reach A or B (training a merged adapter) raises RuntimeError, since they would get no gradient.
 
     Raises: TypeError if ``linear`` is neither an nn.Linear nor a Conv1D; ValueError for rank, alpha, dropout,
     scaling.
@@ -123,17 +169,29 @@ class LinearWithLoRA(nn.Module):
         self.register_buffer("weight_before_merge", None, persistent=False)
         self._register_state_dict_hook(_warn_if_merged)
 
+    def reset_parameters(self) -> None:
+        """Re-initialise the adapter only (A kaiming-uniform, B zeros); the wrapped layer is left as it is."""
+        self.lora.reset_parameters()
+
+    def fused(self) -> bool:
+        """True when forward runs the fused op (see the class docstring: plain layer, no hooks)."""
+        return has_plain_forward(self.linear) and not has_forward_hooks(self.linear)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora.A, self.lora.B
         if self.merged:
-            lora_trainable = self.lora.A.requires_grad or self.lora.B.requires_grad
-            if self.training and torch.is_grad_enabled() and lora_trainable:
-                raise RuntimeError("LinearWithLoRA: this layer is merged (merge_lora), so A and B would get no "
-                                   "gradient; call unmerge_lora(model) to train it, or run it in eval mode, "
-                                   "under torch.no_grad(), or with A and B frozen")
-            return self.linear(x)
+            y = self.linear(x)
+            if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
+                y = _MergedGuard.apply(y, A, B)
+            return y
+        if not self.fused():
+            y = self.linear(x)
+            # summed in the adapters' dtype when wider, then rounded once (as PEFT and the reference do)
+            return (y + lora_delta(x, A, B, self.lora.scale, dropout_p=self.dropout,
+                                   training=self.training)).to(y.dtype)
         # Conv1D computes x @ W + b with W (in, out): its transpose is a view in nn.Linear's (out, in) layout
         weight = self.linear.weight.t() if self.fan_in_fan_out else self.linear.weight
-        return lora_linear(x, weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale,
+        return lora_linear(x, weight, self.linear.bias, A, B, self.lora.scale,
                            dropout_p=self.dropout, training=self.training)
 
     def extra_repr(self) -> str:

@@ -9,20 +9,31 @@ import torch
 from torch import nn
 
 from ._checks import check_dropout
-from .layers import LinearWithLoRA, is_linear, lora_scale
+from .layers import LinearWithLoRA, has_plain_forward, is_linear, lora_scale
 
 Exclude = Optional[Union[Iterable[str], Callable[[str, nn.Module], bool]]]
 TargetModules = Optional[Union[str, Iterable[str]]]
 ALL_LINEAR = "all-linear"
 
 
-def _excluder(exclude: Exclude) -> Callable[[str, nn.Module], bool]:
+def _excluder(model: nn.Module, exclude: Exclude) -> Callable[[str, nn.Module], bool]:
     if exclude is None:
         return lambda name, module: False
     if callable(exclude):
         return exclude
-    return _suffix_matcher([exclude] if isinstance(exclude, str) else exclude, "exclude",
-                           "module names (a string or an iterable of strings) or a predicate (name, module) -> bool")
+    names = [exclude] if isinstance(exclude, str) else exclude
+    try:
+        names = tuple(names)
+    except TypeError:
+        pass   # _suffix_matcher names the argument
+    matcher = _suffix_matcher(names, "exclude",
+                              "module names (a string or an iterable of strings) or a predicate (name, module) -> bool")
+    module_names = [n for n, _ in model.named_modules(remove_duplicate=False)]
+    unmatched = [n for n in names if not any(m == n or m.endswith("." + n) for m in module_names)]
+    if unmatched:
+        # a typo in exclude would otherwise wrap the very layer meant to be left alone (the output head)
+        warnings.warn(f"exclude: {unmatched} match no module of the model", UserWarning, stacklevel=3)
+    return matcher
 
 
 def _suffix_matcher(names, argument: str, expected: str) -> Callable[[str, nn.Module], bool]:
@@ -80,7 +91,9 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
     LinearWithLoRA, in place; returns the model.
 
     As the book's function (appendix E), plus: a layer already wrapped is left as it is (calling twice equals
-    calling once), ``exclude`` skips layers by qualified name (e.g. "out_head" or "trf_blocks.0.att.W_query";
+    calling once); a layer registered in several places (shared or tied submodules) gets one wrapper, put in
+    every place, and is selected by its first qualified name (the one ``named_modules()`` gives); ``exclude``
+    skips layers by qualified name (e.g. "out_head" or "trf_blocks.0.att.W_query";
     a name also matches as a dotted suffix) or by a predicate ``(qualified_name, module) -> bool``, and a model
     that is itself a linear layer comes back wrapped.
 
@@ -89,13 +102,16 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
     whole qualified name; or "all-linear": every linear layer except the output head (a Hugging Face model's
     get_output_embeddings(), as in PEFT; for other models, the last linear layer registered, e.g. the book's
     out_head). None (default) targets every linear layer. ``exclude`` applies after ``target_modules``.
-    nn.MultiheadAttention modules are left whole (their forward reads out_proj.weight directly).
+    nn.MultiheadAttention modules are left whole (their forward reads out_proj.weight directly). A linear
+    subclass with its own forward, or a layer with hooks, is wrapped but keeps its own call (LinearWithLoRA
+    adds the low-rank term beside it); ``exclude`` names that match no module give a UserWarning.
 
     Args: rank >= 1, alpha, and LinearWithLoRA's keywords (dropout, scaling).
-    Raises: ValueError for a bad rank, alpha, dropout or scaling (from LinearWithLoRA) or an invalid regex;
+    Raises: ValueError for a bad rank, alpha, dropout or scaling (from LinearWithLoRA), an invalid regex, or a
+        target_modules that names a module that is not a linear layer (as PEFT refuses it);
         TypeError for a target_modules that is neither a string nor an iterable of strings.
     """
-    excluded = _excluder(exclude)
+    excluded = _excluder(model, exclude)
     targeted = _targeter(model, target_modules)
     # the arguments are checked before any layer is touched, even when no layer ends up wrapped
     lora_scale(alpha, rank, kwargs.get("scaling", "alpha"))
@@ -106,28 +122,45 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
         # a lone layer is its own whole model: there is no head to leave out
         return model if excluded("", model) else LinearWithLoRA(model, rank, alpha, **kwargs)
 
+    if target_modules is not None and not (isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR):
+        inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, LinearWithLoRA))
+        named = [(n, m) for n, m in model.named_modules()
+                 if n and not n.startswith(inside) and targeted(n, m) and not excluded(n, m)]
+        wrong = [f"{n} ({type(m).__name__})" for n, m in named if not (is_linear(m) or isinstance(m, LinearWithLoRA))]
+        if wrong:
+            raise ValueError(f"target_modules: {target_modules!r} names modules that are not linear layers (nn.Linear "
+                             f"or transformers Conv1D): {', '.join(wrong)}")
+
     def skip(name: str, module: nn.Module) -> bool:
         return not targeted(name, module) or excluded(name, module)
 
-    _replace(model, "", rank, alpha, skip, kwargs)
+    # one wrapper per layer object: a layer shared by several parents is wrapped once, in every place
+    wrappers = {id(m.linear): m for m in model.modules() if isinstance(m, LinearWithLoRA)}
+    first_names = {}
+    for name, module in model.named_modules():
+        first_names.setdefault(id(module), name)
+    _replace(model, "", rank, alpha, skip, kwargs, wrappers, first_names)
     if target_modules is not None and not any(isinstance(m, LinearWithLoRA) for m in model.modules()):
         # as PEFT does: a target list that matches nothing is a mistake, not a no-op
         raise ValueError(f"target_modules: {target_modules!r} matched no linear layer of the model")
     return model
 
 
-def _replace(module: nn.Module, prefix: str, rank, alpha, skip, kwargs) -> None:
-    for name, child in module.named_children():
+def _replace(module: nn.Module, prefix: str, rank, alpha, skip, kwargs, wrappers, first_names) -> None:
+    for name, child in list(module.named_children()):
         qualified = f"{prefix}{name}"
         # nn.MultiheadAttention reads out_proj.weight directly, so wrapping it would break the attention
         # (PEFT, too, leaves it to a dedicated layer class): such modules are left whole
         if isinstance(child, (LinearWithLoRA, nn.MultiheadAttention)):
             continue
         if is_linear(child):
-            if not skip(qualified, child):
-                setattr(module, name, LinearWithLoRA(child, rank, alpha, **kwargs))
+            wrapper = wrappers.get(id(child))
+            if wrapper is None and not skip(first_names.get(id(child), qualified), child):
+                wrapper = wrappers[id(child)] = LinearWithLoRA(child, rank, alpha, **kwargs)
+            if wrapper is not None:
+                setattr(module, name, wrapper)
         else:
-            _replace(child, qualified + ".", rank, alpha, skip, kwargs)
+            _replace(child, qualified + ".", rank, alpha, skip, kwargs, wrappers, first_names)
 
 
 # --- merge / unmerge and trainable-parameter helpers (issue 7) ------------------------------------------------
@@ -181,6 +214,16 @@ def _check_untied(model: nn.Module, layers: list, caller: str) -> None:
                          f"user: {shared}; exclude the tied layer from replace_linear_with_lora, or keep it unmerged")
 
 
+def _check_plain(layers: list, caller: str) -> None:
+    """Merging adds the update to W, which equals adding it to the output only for a layer whose forward is
+    nn.Linear's (or Conv1D's): refuse layers whose class has its own forward (a clamped or scaled linear)."""
+    own = [f"{name or '<model>'} ({type(layer.linear).__name__})" for name, layer in layers
+           if not has_plain_forward(layer.linear)]
+    if own:
+        raise ValueError(f"{caller}: these wrapped layers have their own forward, so W + scale * (A B)^T would not "
+                         f"compute linear(x) + scale * x A B: {', '.join(own)}; keep them unmerged")
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LinearWithLoRA's update into its weight, in place: W <- W + scale * (A @ B)^T; returns the model.
 
@@ -203,6 +246,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     already = []
     layers = _lora_layers(model, "merge_lora")
     _check_untied(model, [(n, m) for n, m in layers if not m.merged], "merge_lora")
+    _check_plain(layers, "merge_lora")
     for name, layer in layers:
         if layer.merged:
             already.append(name)
@@ -254,6 +298,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     layers = _lora_layers(model, "merge_and_unload")
     _check_untied(model, [(n, m) for n, m in layers if not m.merged], "merge_and_unload")
+    _check_plain([(n, m) for n, m in layers if not m.merged], "merge_and_unload")
     for name, layer in layers:
         if not layer.merged:
             with torch.no_grad():

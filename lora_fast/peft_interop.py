@@ -9,11 +9,17 @@ function here is called.
 """
 
 import collections
+import ctypes
 import dataclasses
-import functools
+import json
+import math
+import numbers
 import os
 import re
+import shutil
+import tempfile
 import warnings
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -134,9 +140,31 @@ def _fused_forward(module: nn.Module, x, *args, **kwargs):
                        module.scaling[adapter], dropout_p=p, training=dropout.training)
 
 
+class _FusedForward:
+    """A patched layer's instance ``forward``: calls _fused_forward on the layer through a weak reference, so that
+    the layer and its forward form no reference cycle (a patched model is freed by reference counting, its GPU
+    memory at once after ``del model``). deepcopy and pickle rebind it to the copied layer."""
+
+    __slots__ = ("_module",)
+
+    def __init__(self, module: nn.Module):
+        self._module = weakref.ref(module)
+
+    def __call__(self, x, *args, **kwargs):
+        return _fused_forward(self._module(), x, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        # deepcopy registers the new layer in memo before copying its __dict__, which holds this object
+        module = self._module()
+        return _FusedForward(memo.get(id(module), module))
+
+    def __reduce__(self):
+        # pickle memoises the layer first, so this refers back to it instead of recursing
+        return _FusedForward, (self._module(),)
+
+
 def _is_patched(module: nn.Module) -> bool:
-    forward = module.__dict__.get("forward")
-    return isinstance(forward, functools.partial) and forward.func is _fused_forward
+    return isinstance(module.__dict__.get("forward"), _FusedForward)
 
 
 def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
@@ -170,8 +198,7 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
         reason = _layer_reason(module, lora_layer)
         if reason is None:
             if not _is_patched(module):
-                # a module-level function in a partial: the model still pickles and deep-copies
-                module.forward = functools.partial(_fused_forward, module)
+                module.forward = _FusedForward(module)
             _, reason = _adapter_reason(module)
         if reason is None:
             report.patched.append(name)
@@ -206,8 +233,99 @@ def _pattern(name: str) -> str:
     return "^" + re.escape(name)
 
 
+def _trainable_extras(model: nn.Module, layers: dict, modules_to_save) -> tuple:
+    """(bias mode, {PEFT key: tensor} of biases, {PEFT key: tensor} of modules_to_save, [left-out names])."""
+    saved_modules = {}
+    for target in modules_to_save:
+        names = [n for n, m in model.named_modules() if n == target or n.endswith("." + target)]
+        if not names:
+            raise ValueError(f"modules_to_save: {target!r} matches no module of the model")
+        for n in names:
+            module = model.get_submodule(n)
+            if any(isinstance(m, LinearWithLoRA) for m in module.modules()):
+                raise ValueError(f"modules_to_save: {n!r} holds LoRA layers; PEFT saves whole modules that have "
+                                 "no adapter (a trained head, an embedding)")
+            for pn, p in module.named_parameters():
+                saved_modules[PEFT_PREFIX + n + "." + pn] = p
+    in_modules = {id(p) for p in saved_modules.values()}
+    lora_biases = {id(layer.linear.bias): name for name, layer in layers.items() if layer.linear.bias is not None}
+    adapter_ids = {id(p) for layer in layers.values() for p in (layer.lora.A, layer.lora.B)}
+    params = {n: p for n, p in model.named_parameters() if id(p) not in in_modules}
+    trainable_bias = [n for n, p in params.items() if p.requires_grad and n.rpartition(".")[2] == "bias"]
+    other_bias = [n for n in trainable_bias if id(params[n]) not in lora_biases]
+    mode = "all" if other_bias else "lora_only" if trainable_bias else "none"
+    biases = {}
+    for n, p in params.items():
+        if n.rpartition(".")[2] != "bias" or mode == "none" or id(p) in adapter_ids:
+            continue
+        if id(p) in lora_biases:
+            biases[PEFT_PREFIX + lora_biases[id(p)] + ".base_layer.bias"] = p
+        elif mode == "all":
+            biases[PEFT_PREFIX + n] = p
+    saved_ids = {id(p) for p in biases.values()} | in_modules | adapter_ids
+    left_out = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in saved_ids]
+    return mode, biases, saved_modules, left_out
+
+
+def _write_dir_atomically(save_dir: str, write) -> None:
+    """Make ``save_dir`` hold what ``write(tmp_dir)`` writes, besides the files it held before, so that a
+    failure (a full disk, an error in ``write``) leaves the old folder as it was: everything is written into a
+    new sibling folder (the other files hard-linked or copied in), which then takes the old folder's place, by
+    an atomic exchange where the OS offers one (Linux renameat2), else by two renames."""
+    save_dir = os.path.abspath(save_dir)
+    parent = os.path.dirname(save_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(save_dir) + ".", suffix=".part", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    # mkdtemp makes the folder private (0o700): give it the old folder's mode, or the default one
+    os.chmod(tmp, os.stat(save_dir).st_mode & 0o7777 if os.path.isdir(save_dir) else 0o777 & ~umask)
+    try:
+        write(tmp)
+        if not os.path.isdir(save_dir):
+            os.rename(tmp, save_dir)
+            return
+        for entry in os.listdir(save_dir):
+            source, target = os.path.join(save_dir, entry), os.path.join(tmp, entry)
+            if os.path.exists(target):
+                continue
+            if os.path.isdir(source):
+                shutil.copytree(source, target, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(source, target)
+        if _exchange(tmp, save_dir):
+            shutil.rmtree(tmp)      # now the old folder
+            return
+        old = tmp + ".old"
+        os.rename(save_dir, old)
+        os.rename(tmp, save_dir)
+        shutil.rmtree(old)
+    finally:
+        if os.path.isdir(tmp) and os.path.abspath(tmp) != save_dir:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE) (Linux >= 3.15, glibc >= 2.28); False where the
+    OS or the file system has no such call."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
-                      base_model_name_or_path: Optional[str] = None) -> None:
+                      base_model_name_or_path: Optional[str] = None, modules_to_save=None) -> None:
     """Write the LoRA layers of ``model`` (LinearWithLoRA, from replace_linear_with_lora) as a PEFT LoRA adapter.
 
     Files (PEFT's format, loadable with ``peft.PeftModel.from_pretrained(base_model, save_dir)`` where
@@ -219,8 +337,18 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
     alpha) -> lora_alpha = alpha * rank. Layers with another rank or alpha than the most common one go into
     rank_pattern / alpha_pattern. Conv1D layers set fan_in_fan_out. target_modules lists the exact paths.
 
-    Raises: ImportError without peft or safetensors; ValueError if ``model`` has no LinearWithLoRA, or if its
-        layers mix "rslora" with other scalings or use different dropouts (PEFT keeps one per adapter).
+    Trained biases are saved as PEFT saves them (``mark_only_lora_as_trainable(bias=...)``): PEFT's ``bias`` is
+    "lora_only" when only LoRA layers' biases require grad (keys ``base_model.model.P.base_layer.bias``), "all"
+    when another bias does (then every bias of the model is saved), else "none". ``modules_to_save``: names
+    of whole modules without LoRA to save as well (a trained classifier head; PEFT's LoraConfig field, keys
+    ``base_model.model.M.weight`` ...). Any other parameter that requires grad is left out with one warning.
+
+    The folder is replaced as a whole: a failure while writing leaves the files that were there (a config and
+    weights that belong together), other files in the folder are kept.
+
+    Raises: ImportError without peft or safetensors; ValueError if ``model`` has no LinearWithLoRA, if its
+        layers mix "rslora" with other scalings or use different dropouts (PEFT keeps one per adapter), or if a
+        modules_to_save name matches no module or a module with LoRA layers.
     """
     from peft import LoraConfig
     from safetensors.torch import save_file
@@ -230,12 +358,16 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
     layers = _lora_modules(model)
     if not layers:
         raise ValueError("model: expected LinearWithLoRA layers (see replace_linear_with_lora), found none")
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
+    modules_to_save = list(modules_to_save or [])
     rslora = {layer.lora.scaling == "rslora" for layer in layers.values()}
     if len(rslora) > 1:
         raise ValueError("model: PEFT has one use_rslora per adapter; these layers mix 'rslora' with other scalings")
     dropouts = {layer.dropout for layer in layers.values()}
     if len(dropouts) > 1:
         raise ValueError(f"model: PEFT has one lora_dropout per adapter; these layers use {sorted(dropouts)}")
+    bias_mode, biases, saved_modules, left_out = _trainable_extras(model, layers, modules_to_save)
     ranks, alphas, tensors = {}, {}, {}
     for name, layer in layers.items():
         lora = layer.lora
@@ -244,20 +376,30 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
         prefix = PEFT_PREFIX + name + "."
         tensors[prefix + "lora_A.weight"] = lora.A.detach().t().contiguous().cpu()
         tensors[prefix + "lora_B.weight"] = lora.B.detach().t().contiguous().cpu()
+    for key, p in {**biases, **saved_modules}.items():
+        tensors[key] = p.detach().contiguous().cpu()
+    if left_out:
+        warnings.warn(f"save_peft_adapter: {len(left_out)} trainable parameter(s) are neither adapters, biases nor "
+                      f"in modules_to_save and are not saved: {left_out[:5]}{' ...' if len(left_out) > 5 else ''}",
+                      UserWarning, stacklevel=2)
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     config = LoraConfig(
-        r=r, lora_alpha=alpha, use_rslora=rslora.pop(), lora_dropout=dropouts.pop(), bias="none",
+        r=r, lora_alpha=alpha, use_rslora=rslora.pop(), lora_dropout=dropouts.pop(), bias=bias_mode,
         target_modules=sorted(layers), fan_in_fan_out=all(layer.fan_in_fan_out for layer in layers.values()),
         rank_pattern={_pattern(n): k for n, k in ranks.items() if k != r},
         alpha_pattern={_pattern(n): a for n, a in alphas.items() if a != alpha},
+        modules_to_save=modules_to_save or None,
         base_model_name_or_path=base_model_name_or_path,
     )
-    os.makedirs(save_dir, exist_ok=True)
-    config.save_pretrained(str(save_dir))
-    save_file(tensors, os.path.join(save_dir, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+
+    def write(folder: str) -> None:
+        config.save_pretrained(folder)
+        save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+
+    _write_dir_atomically(os.fspath(save_dir), write)
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -266,6 +408,59 @@ def _pattern_value(patterns: dict, name: str, default):
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def _read_config(adapter_dir: str):
+    """PEFT's LoraConfig from adapter_config.json, with every field lora-fast uses checked, naming file and field."""
+    from peft import LoraConfig
+
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"adapter_dir: no adapter_config.json in {adapter_dir}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"adapter_dir: {path} is not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"adapter_dir: {path} does not hold a JSON object")
+
+    def real(value, field):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"adapter_dir: {path}: {field}: expected a finite number, got {value!r}")
+
+    def rank(value, field):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"adapter_dir: {path}: {field}: expected an integer >= 1, got {value!r}")
+
+    rank(raw.get("r", 8), "r")
+    real(raw.get("lora_alpha", 8), "lora_alpha")
+    for key, value in (raw.get("rank_pattern") or {}).items():
+        rank(value, f"rank_pattern[{key!r}]")
+    for key, value in (raw.get("alpha_pattern") or {}).items():
+        real(value, f"alpha_pattern[{key!r}]")
+    dropout = raw.get("lora_dropout", 0.0)
+    real(dropout, "lora_dropout")
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"adapter_dir: {path}: lora_dropout: expected a probability in [0, 1], got {dropout!r}")
+    if raw.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise ValueError(f"adapter_dir: {path}: bias: expected 'none', 'all' or 'lora_only', got {raw.get('bias')!r}")
+    try:
+        config = LoraConfig.from_pretrained(adapter_dir)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"adapter_dir: {path}: not a LoraConfig PEFT can read ({err})") from None
+    if str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
+        raise ValueError(f"adapter_dir: expected a LoRA adapter, got peft_type {config.peft_type}")
+    if config.use_dora or getattr(config, "lora_bias", False):
+        raise ValueError("adapter_dir: DoRA and lora_bias adapters are not supported by LinearWithLoRA")
+    return config
+
+
+def _in_modules_to_save(module_name: str, modules_to_save: list) -> bool:
+    """PEFT's rule: a module is saved whole when its path, or a path above it, equals or ends in "." + an entry."""
+    parts = module_name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(p == m or p.endswith("." + m) for p in prefixes for m in modules_to_save)
 
 
 def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) -> nn.Module:
@@ -277,36 +472,45 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
     with use_rslora (scaling "alpha/rank" or "rslora", alpha = lora_alpha; rank_pattern / alpha_pattern are
     honoured), and lora_dropout. A LinearWithLoRA there must have rank r; a plain nn.Linear or Conv1D there is
     wrapped in a LinearWithLoRA first. ``model`` is the base model PEFT wrapped (keys "base_model.model.P").
-    LinearWithLoRA layers the file does not name are left as they are (a warning lists them).
+    Biases saved with PEFT's bias "all" / "lora_only" (``P.base_layer.bias`` and other ``*.bias`` keys) and the
+    modules of ``modules_to_save`` (a classifier head) are copied into the model's parameters of those names
+    (their requires_grad is left as it is). LinearWithLoRA layers the file does not name are left as they are
+    (a warning lists them). Everything is checked before anything changes: a failed load leaves the model bit
+    for bit as it was.
 
     Raises: ImportError without peft or safetensors; FileNotFoundError for missing files; ValueError for a
-        non-LoRA adapter, DoRA, lora_bias, other tensors than lora_A/lora_B weights (embeddings,
-        modules_to_save), a path that is not in ``model``, or shapes that do not match.
+        malformed adapter_config.json (file and field named), a non-LoRA adapter, DoRA, lora_bias, tensors of
+        another kind (embedding adapters), a path that is not in ``model``, or shapes that do not match;
+        RuntimeError for merged layers.
     """
-    from peft import LoraConfig
     from safetensors.torch import load_file
 
+    adapter_dir = os.fspath(adapter_dir)
     weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"adapter_dir: no {ADAPTER_WEIGHTS_NAME} in {adapter_dir}")
-    config = LoraConfig.from_pretrained(str(adapter_dir))
-    if str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
-        raise ValueError(f"adapter_dir: expected a LoRA adapter, got peft_type {config.peft_type}")
-    if config.use_dora or getattr(config, "lora_bias", False):
-        raise ValueError("adapter_dir: DoRA and lora_bias adapters are not supported by LinearWithLoRA")
+    config = _read_config(adapter_dir)
     tensors = load_file(weights_path)
-    pairs = collections.defaultdict(dict)
+    modules_to_save = list(config.modules_to_save or [])
+    pairs, extras = collections.defaultdict(dict), {}
     for key, value in tensors.items():
         match = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A|lora_B)\.weight", key)
-        if match is None:
-            raise ValueError(f"adapter_dir: tensor {key!r} is not a LoRA lora_A/lora_B weight (embedding "
-                             f"adapters, biases and modules_to_save are not supported)")
-        pairs[match.group(1)][match.group(2)] = value
+        if match is not None:
+            pairs[match.group(1)][match.group(2)] = value
+            continue
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else None
+        if name is not None and (".modules_to_save." in name or ".original_module." in name):
+            continue   # PEFT's bias="all" also saves the wrapper's internal copies: the plain keys hold the values
+        to_save = name is not None and _in_modules_to_save(name.rpartition(".")[0], modules_to_save)
+        if name is None or not (name.endswith(".bias") and config.bias != "none" or to_save):
+            raise ValueError(f"adapter_dir: tensor {key!r} is not a LoRA lora_A/lora_B weight, a bias of bias="
+                             f"{config.bias!r} or a parameter of modules_to_save {modules_to_save}")
+        extras[name] = value
     merged = [name for name, m in model.named_modules() if isinstance(m, LinearWithLoRA) and m.merged]
     if merged:
         raise RuntimeError(f"load_peft_adapter: layers {merged[:5]} are merged, so their weights hold the old "
                            f"update; unmerge_lora(model) first")
-    # every module is checked before any is changed, so a bad file leaves the model as it was
+    # every module and tensor is checked before any is changed, so a bad file leaves the model as it was
     plan = []
     for name, pair in pairs.items():
         if set(pair) != {"lora_A", "lora_B"}:
@@ -314,26 +518,52 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
         lora_A, lora_B = pair["lora_A"], pair["lora_B"]
         r = _pattern_value(config.rank_pattern or {}, name, config.r)
         alpha = _pattern_value(config.alpha_pattern or {}, name, config.lora_alpha)
-        if lora_A.shape[0] != r or lora_B.shape[1] != r:
+        if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != r or lora_B.shape[1] != r:
             raise ValueError(f"adapter_dir: module {name!r} has lora_A {tuple(lora_A.shape)} and lora_B "
                              f"{tuple(lora_B.shape)}, expected rank {r} from the config")
         _check_target(model, name, r, lora_A.shape[1], lora_B.shape[0])
         plan.append((name, lora_A, lora_B, r, alpha))
+    params = dict(model.named_parameters())
+    extra_plan = []
+    for name, value in extras.items():
+        target = name
+        if name.endswith(".base_layer.bias"):
+            layer_name = name[: -len(".base_layer.bias")]
+            try:
+                module = model.get_submodule(layer_name)
+            except AttributeError:
+                raise ValueError(f"adapter_dir: bias {name!r}: module {layer_name!r} is not in model") from None
+            target = (layer_name + ".linear.bias") if isinstance(module, LinearWithLoRA) else layer_name + ".bias"
+        elif target not in params:
+            # a parameter of a wrapped layer: PEFT names it after the plain layer
+            parent, _, leaf = target.rpartition(".")
+            target = f"{parent}.linear.{leaf}" if f"{parent}.linear.{leaf}" in params else target
+        param = params.get(target)
+        if param is None:
+            raise ValueError(f"adapter_dir: tensor {name!r} has no parameter {target!r} in model")
+        if param.shape != value.shape:
+            raise ValueError(f"adapter_dir: tensor {name!r} has shape {tuple(value.shape)}, the model's "
+                             f"{target!r} has {tuple(param.shape)}")
+        extra_plan.append((name, target, value))
     loaded = set()
     for name, lora_A, lora_B, r, alpha in plan:
         layer = _lora_target(model, name, r, alpha, config)
-        A, B = layer.lora.A, layer.lora.B
-        if tuple(A.shape) != (lora_A.shape[1], r) or tuple(B.shape) != (r, lora_B.shape[0]):
-            raise ValueError(f"adapter_dir: module {name!r}: lora_A {tuple(lora_A.shape)} / lora_B "
-                             f"{tuple(lora_B.shape)} do not fit A {tuple(A.shape)} / B {tuple(B.shape)}")
         with torch.no_grad():
-            A.copy_(lora_A.t())
-            B.copy_(lora_B.t())
+            layer.lora.A.copy_(lora_A.t())
+            layer.lora.B.copy_(lora_B.t())
         scaling = "rslora" if config.use_rslora else "alpha/rank"
         layer.lora.alpha, layer.lora.scaling = alpha, scaling
         layer.lora.scale = lora_scale(alpha, r, scaling)
         layer.dropout = float(config.lora_dropout)
         loaded.add(name)
+    params = dict(model.named_parameters())     # wrapping renamed the layers' biases
+    with torch.no_grad():
+        for _, target, value in extra_plan:
+            param = params.get(target)
+            if param is None:   # a plain layer's bias, wrapped just now
+                parent, _, leaf = target.rpartition(".")
+                param = params[f"{parent}.linear.{leaf}"]
+            param.copy_(value)
     missing = sorted(set(_lora_modules(model)) - loaded)
     if missing:
         warnings.warn(f"load_peft_adapter: {len(missing)} LoRA layers are not in the adapter and keep their "

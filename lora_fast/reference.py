@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import philox
-from ._checks import check_lora_linear, check_training
+from ._checks import check_lora_delta, check_lora_linear, check_training
 
 DROPOUT_RNGS = ("philox", "torch")
 
@@ -53,6 +53,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if dropout_mask is not None and dropout_mask.shape != x.shape:
         raise ValueError(f"dropout_mask: expected x's shape {tuple(x.shape)}, got {tuple(dropout_mask.shape)}")
     y = F.linear(x, weight, bias)
+    return (y + _delta(x, A, B, scale, dropout_p, training, dropout_mask, dropout_rng)).to(x.dtype)
+
+
+def _delta(x, A, B, scale: float, dropout_p: float, training: bool, dropout_mask, dropout_rng: str):
     x_lora = x.to(A.dtype)
     if training and dropout_p > 0:
         if dropout_p >= 1.0:
@@ -65,4 +69,18 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 dropout_mask = philox.keep_mask(draw_seed(x.device), x.numel() // K if K else 0, K,
                                                 dropout_p).view(x.shape)
             x_lora = x_lora * dropout_mask.to(x_lora.dtype) / (1.0 - dropout_p)
-    return (y + scale * (x_lora @ A @ B)).to(x.dtype)
+    return scale * (x_lora @ A @ B)
+
+
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *, dropout_p: float = 0.0,
+               training: bool = True) -> torch.Tensor:
+    """The low-rank term alone, scale * (dropout(x) @ A) @ B (LoRA, Hu et al. 2021, eq. 3), in A's dtype (x is
+    cast to it, as PEFT does): what a LinearWithLoRA adds beside a wrapped layer it cannot fuse (own forward,
+    hooks). x: (..., in_features); A: (in_features, rank); B: (rank, out_features). Dropout as lora_linear's
+    (the kernels' Philox mask, p in [0, 1]). Returns (..., out_features).
+
+    Raises: TypeError / ValueError for bad shapes, dtypes, devices, scale or dropout_p (as lora_linear).
+    """
+    scale, dropout_p = check_lora_delta(x, A, B, scale, dropout_p)
+    check_training(training)
+    return _delta(x, A, B, scale, dropout_p, training, None, "philox")

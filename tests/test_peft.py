@@ -14,6 +14,7 @@ a wrong scale, transpose or missing term is an O(1) relative error (the LoRA ter
 """
 
 import copy
+import json
 import pickle
 import warnings
 
@@ -33,6 +34,7 @@ import lora_fast  # noqa: E402
 from lora_fast import (  # noqa: E402
     LinearWithLoRA,
     load_peft_adapter,
+    mark_only_lora_as_trainable,
     patch_peft,
     peft_interop,
     replace_linear_with_lora,
@@ -380,8 +382,11 @@ def test_target_modules():
     model = gpt2()
     assert _wrapped(replace_linear_with_lora(copy.deepcopy(model), 2, 1.0, target_modules=["c_attn"])) == [
         "transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
-    assert _wrapped(replace_linear_with_lora(copy.deepcopy(model), 2, 1.0, target_modules=r".*\.1\.mlp\..*")) == [
+    assert _wrapped(replace_linear_with_lora(copy.deepcopy(model), 2, 1.0, target_modules=r".*\.1\.mlp\.c_.*")) == [
         "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+    # as PEFT: a regex that also matches the activation and the dropout is an error, not a silent skip
+    with pytest.raises(ValueError, match=r"not linear layers.*transformer\.h\.1\.mlp\.act \(NewGELUActivation\)"):
+        replace_linear_with_lora(copy.deepcopy(model), 2, 1.0, target_modules=r".*\.1\.mlp\..*")
     all_linear = _wrapped(replace_linear_with_lora(copy.deepcopy(model), 2, 1.0, target_modules="all-linear"))
     assert len(all_linear) == 8 and "lm_head" not in all_linear
     # PEFT's own "all-linear" picks the same layers
@@ -409,3 +414,147 @@ def test_exports():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert patch_peft(nn.Linear(2, 2)).patched == []
+
+
+class _Classifier(nn.Module):
+    """A body with LoRA targets, a norm and a trainable head (PEFT's modules_to_save case)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.v = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.classifier(self.norm(self.v(torch.relu(self.q(x)))))
+
+
+def _perturb(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_biases_and_modules_to_save_round_trip(bias, tmp_path):
+    """Trained biases and a trained head survive both ways: PEFT's files into our layers, and our save into
+    PEFT, computing what the trained model computed."""
+    base = _Classifier()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], bias=bias,
+                                                            modules_to_save=["classifier"]))
+    _perturb(theirs)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        expected = theirs(x)
+    ours = load_peft_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), expected, rtol=0, atol=64 * 2.0**-24 * expected.abs().max().item())
+    # ours, trained the same way, into PEFT
+    ours = replace_linear_with_lora(copy.deepcopy(base).requires_grad_(False), 2, 4.0, scaling="alpha/rank",
+                                    target_modules=["q", "v"])
+    mark_only_lora_as_trainable(ours, bias=bias)
+    ours.classifier.requires_grad_(True)
+    _perturb(ours)
+    with pytest.warns(UserWarning, match=r"not saved: \['classifier\.weight'"):
+        save_peft_adapter(ours, tmp_path / "no-head")
+    save_peft_adapter(ours, tmp_path / "ours", modules_to_save=["classifier"])
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["bias"] == bias
+    back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        want = ours.eval()(x)
+        torch.testing.assert_close(back(x), want, rtol=0, atol=64 * 2.0**-24 * want.abs().max().item())
+        torch.testing.assert_close(load_peft_adapter(copy.deepcopy(base), tmp_path / "ours").eval()(x), want,
+                                   rtol=0, atol=64 * 2.0**-24 * want.abs().max().item())
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("lora_alpha", float("nan"), "lora_alpha: expected a finite number"),
+    ("lora_alpha", "eight", "lora_alpha: expected a finite number"),
+    ("alpha_pattern", {"q": float("inf")}, r"alpha_pattern\['q'\]: expected a finite number"),
+    ("r", 0, "r: expected an integer >= 1"),
+    ("lora_dropout", 1.5, r"lora_dropout: expected a probability in \[0, 1\]"),
+])
+def test_failed_load_leaves_the_model_as_it_was(field, value, words, tmp_path):
+    base = _Classifier()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"]))
+    _perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config[field] = value
+    config_path.write_text(json.dumps(config))
+    for model in (copy.deepcopy(base), replace_linear_with_lora(copy.deepcopy(base), 2, 1.0)):
+        before, kinds = _state(model)
+        with pytest.raises(ValueError, match=f"adapter_config.json: {words}"):
+            load_peft_adapter(model, tmp_path)
+        after, after_kinds = _state(model)
+        assert after_kinds == kinds and all(torch.equal(before[k], after[k]) for k in before)
+    config_path.write_text("{not json")
+    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
+        load_peft_adapter(copy.deepcopy(base), tmp_path)
+
+
+def test_lora_dropout_one_loads_and_trains(tmp_path):
+    base = _Classifier()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q"], lora_dropout=1.0))
+    theirs.save_pretrained(tmp_path)
+    ours = load_peft_adapter(replace_linear_with_lora(copy.deepcopy(base), 2, 1.0, target_modules=["q"]), tmp_path)
+    assert ours.q.dropout == 1.0
+    ours.train()(torch.randn(3, 8)).sum().backward()
+    patch_peft(theirs, warn=False)
+    theirs.train()(torch.randn(3, 8)).sum().backward()
+    theirs.eval()(torch.randn(3, 8))
+
+
+def test_save_peft_adapter_is_atomic(tmp_path, monkeypatch):
+    """A failure while overwriting a rank-4 adapter with a rank-64 one leaves the rank-4 pair, loadable; other
+    files in the folder stay."""
+    import safetensors.torch
+
+    base = _Classifier()
+    small = replace_linear_with_lora(copy.deepcopy(base), 4, 4.0, scaling="alpha/rank", target_modules=["q"])
+    save_peft_adapter(small, tmp_path / "adapter")
+    (tmp_path / "adapter" / "README.md").write_text("mine")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()}
+    big = replace_linear_with_lora(copy.deepcopy(base), 64, 4.0, scaling="alpha/rank", target_modules=["q"])
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_peft_adapter(big, tmp_path / "adapter")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert load_peft_adapter(copy.deepcopy(base), tmp_path / "adapter").q.lora.rank == 4
+    save_peft_adapter(big, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "README.md").read_text() == "mine"
+    assert load_peft_adapter(copy.deepcopy(base), tmp_path / "adapter").q.lora.rank == 64
+
+
+def test_patched_model_is_freed_without_the_cycle_collector():
+    import gc
+    import weakref
+
+    model = _peft_model(gpt2, r=2, lora_alpha=2, target_modules=["c_attn"])
+    patch_peft(model)
+    clone = copy.deepcopy(model)
+    layer = clone.base_model.model.transformer.h[0].attn.c_attn
+    assert layer.forward._module() is layer            # the copy's forward runs the copy
+    alive = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert alive() is None
+    finally:
+        gc.enable()

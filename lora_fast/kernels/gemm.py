@@ -11,6 +11,7 @@ elementwise by the keep-mask of x regenerated from the seed (PEFT's dropout on t
 import triton
 import triton.language as tl
 
+from .fp16 import pow2_split
 from .rng import keep_mask
 
 
@@ -57,14 +58,27 @@ def gemm_lowrank_kernel(
                  mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     rm = tl.load(RM_ptr + offs_r[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
                  mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    lo = lo.to(tl.float32)
     if HAS_DROPOUT:
+        # fp16 range (fp16.py): a power-of-two factor per row of dS, put back with the scale after the mask
+        if DOT_DTYPE == tl.float16:
+            lo, row_f = pow2_split(lo, 1)
+            row_scale = row_f * lowrank_scale
+        else:
+            row_scale = lowrank_scale
         acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
         keep = keep_mask(SEED_ptr, offs_m, pid_n * BLOCK_N, N, dropout_p, BLOCK_N)
-        acc = tl.where(keep, acc, 0.0) * lowrank_scale
+        acc = tl.where(keep, acc, 0.0) * row_scale
     else:
         # scale folded into L (fp32) before its one rounding to the dot dtype
-        lo = lo.to(tl.float32) * lowrank_scale
-        acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        lo = lo * lowrank_scale
+        if DOT_DTYPE == tl.float16:
+            # fp16 range (fp16.py): a power-of-two factor per row taken out before the cast, put back after
+            lo, row_f = pow2_split(lo, 1)
+            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
+                         out_dtype=tl.float32) * row_f
+        else:
+            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
 
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K

@@ -12,6 +12,7 @@ Partials are summed by the launcher in a fixed order, so the gradients are deter
 import triton
 import triton.language as tl
 
+from .fp16 import pow2_split
 from .rng import keep_mask
 
 
@@ -40,7 +41,11 @@ def lowrank_proj_kernel(
     if WRITE_PARTIAL:
         lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        lo_t = tl.trans(lo.to(DOT_DTYPE))
+        lo_t = tl.trans(lo.to(tl.float32))
+        if DOT_DTYPE == tl.float16:
+            # fp16 range (see fp16.py): a power-of-two factor per rank row, put back after each partial dot
+            lo_t, rank_f = pow2_split(lo_t, 1)
+        lo_t = lo_t.to(DOT_DTYPE)
         partial = PARTIAL_ptr + pid_m.to(tl.int64) * R * K + offs_r[:, None] * K
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -56,6 +61,8 @@ def lowrank_proj_kernel(
         acc = tl.dot(p, q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
         if WRITE_PARTIAL:
             part = tl.dot(lo_t, p, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+            if DOT_DTYPE == tl.float16:
+                part = part * rank_f
             tl.store(partial + (k0 + offs_k)[None, :], part, mask=mask_r[:, None] & mask_k[None, :])
 
     out = OUT_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_r[None, :] * stride_or
@@ -97,7 +104,12 @@ def reduce_m_kernel(
             p_t = tl.where(keep, p_t, 0.0).to(DOT_DTYPE)
         lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        acc = tl.dot(p_t, lo.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        if DOT_DTYPE == tl.float16:
+            # fp16 range (see fp16.py): a power-of-two factor per rank column of this block of dS
+            lo, rank_f = pow2_split(lo.to(tl.float32), 0)
+            acc += tl.dot(p_t, lo.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32) * rank_f
+        else:
+            acc = tl.dot(p_t, lo.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
 
     partial = PARTIAL_ptr + pid_s.to(tl.int64) * K * R + offs_k[:, None] * R + offs_r[None, :]
     tl.store(partial, acc, mask=mask_k[:, None] & mask_r[None, :])
