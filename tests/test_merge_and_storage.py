@@ -188,12 +188,15 @@ def test_merge_twice_and_unmerge_twice_change_nothing_and_warn_once(device):
 
 
 def test_training_a_merged_layer_raises(device):
+    """A merged model's forward runs in every mode (as PEFT's and the book's merged layers do); only a backward
+    that would reach A or B raises."""
     model = small_gpt(device)
     idx = torch.randint(0, 50, (2, 7), device=device)
     merge_lora(model)
     model.train()
+    logits = model(idx)                     # the default state: train mode, grad enabled
     with pytest.raises(RuntimeError, match="merged"):
-        model(idx)
+        logits.sum().backward()
     with torch.no_grad():  # inference in train mode, eval mode with grad, frozen adapters: allowed
         model(idx)
     model.eval()

@@ -277,7 +277,7 @@ def test_unpatch_restores_peft_and_the_model_still_pickles():
 @pytest.mark.parametrize("scaling", ["alpha", "alpha/rank", "rslora"])
 def test_save_peft_adapter_loads_in_peft(scaling, tmp_path):
     base = gpt2().eval()
-    ours = replace_linear_with_lora(copy.deepcopy(base), rank=4, alpha=3.0, scaling=scaling,
+    ours = replace_linear_with_lora(copy.deepcopy(base).requires_grad_(False), rank=4, alpha=3.0, scaling=scaling,
                                     target_modules=["c_attn", "c_fc"])
     # another rank and alpha on one layer: PEFT's rank_pattern / alpha_pattern
     ours.transformer.h[1].attn.c_attn = LinearWithLoRA(ours.transformer.h[1].attn.c_attn.linear, 2, 5.0,
