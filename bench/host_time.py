@@ -34,12 +34,15 @@ def _stub_driver():
 
     class StubLauncher:
         launches = 0
+        record = None   # a list to append (kernel name, current CUDA device, launch arguments) to, or None
 
         def __init__(self, src, metadata):
-            pass
+            self.name = getattr(src, "name", "?")
 
         def __call__(self, *args, **kwargs):
             StubLauncher.launches += 1
+            if StubLauncher.record is not None:
+                StubLauncher.record.append((self.name, torch.cuda.current_device(), args))
 
     class StubDriver:
         launcher_cls = StubLauncher
@@ -88,6 +91,9 @@ def _install(monkeypatch):
     stub, launcher = _stub_driver()
     triton.runtime.driver.set_active(stub)
     props = types.SimpleNamespace(multi_processor_count=132, name="stub sm_90 (no launch)")
+    current = [0]
+    monkeypatch(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch(torch.cuda, "set_device", lambda device: current.__setitem__(0, int(device)))
     monkeypatch(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch(torch.cuda, "get_device_properties", lambda device=None: props)
     monkeypatch(functional, "select_backend", lambda x: "triton")
@@ -95,19 +101,22 @@ def _install(monkeypatch):
     return launcher
 
 
-def _median_us(fn, repeat: int, number: int) -> float:
+def _time_us(fn, repeat: int, number: int) -> tuple:
+    """(median, min) over ``repeat`` runs of the per-call time of ``number`` calls, in microseconds."""
     samples = []
     for _ in range(repeat):
         start = time.perf_counter()
         for _ in range(number):
             fn()
         samples.append((time.perf_counter() - start) / number * 1e6)
-    return statistics.median(samples)
+    return statistics.median(samples), min(samples)
 
 
-def measure(M_list=(1, 4, 16), K=4096, N=4096, rank=16, dtype=torch.bfloat16, repeat=15, number=40) -> list:
-    """Rows of {"what", "M", "us"} (see the module docstring). Needs TRITON_INTERPRET unset or 0."""
+def measure(M_list=(1, 4, 16), K=4096, N=4096, rank=16, dtype=torch.bfloat16, repeat=21, number=50) -> list:
+    """Rows of {"what", "M", "median_us", "min_us", "launches"} (see the module docstring). Needs
+    TRITON_INTERPRET unset or 0."""
     from lora_fast import lora_linear
+    from lora_fast.kernels import gemm
 
     patches = []
 
@@ -117,60 +126,54 @@ def measure(M_list=(1, 4, 16), K=4096, N=4096, rank=16, dtype=torch.bfloat16, re
 
     launcher = _install(monkeypatch)
     rows = []
+
+    def row(what, M, timing, launches=None):
+        rows.append(dict(what=what, M=M, median_us=timing[0], min_us=timing[1], launches=launches))
+
     try:
         weight = torch.randn(N, K).to(dtype)
         bias = torch.randn(N).to(dtype)
         A = (torch.randn(K, rank) / K**0.5).requires_grad_()
         B = torch.randn(rank, N).requires_grad_()
         tiny_w, tiny_x = torch.randn(8, 8), torch.randn(1, 8, requires_grad=True)
-        rows.append(dict(what="F.linear forward, 1x8 @ 8x8 fp32 (torch dispatch floor)", M=1,
-                         us=_median_us(lambda: torch.nn.functional.linear(tiny_x, tiny_w), repeat, number * 5)))
-
-        def tiny_step():
-            torch.nn.functional.linear(tiny_x, tiny_w).sum().backward()
-
-        rows.append(dict(what="F.linear forward+backward, 1x8 @ 8x8 fp32", M=1, us=_median_us(tiny_step, repeat, number)))
+        row("F.linear forward, 1x8 @ 8x8 fp32 (torch's dispatch floor)", 1,
+            _time_us(lambda: torch.nn.functional.linear(tiny_x, tiny_w), repeat, number * 4))
+        tiny = _time_us(lambda: torch.nn.functional.linear(tiny_x, tiny_w).sum().backward(), repeat, number)
+        row("F.linear forward+backward (with a sum), 1x8 @ 8x8 fp32", 1, tiny)
         for M in M_list:
             x = torch.randn(M, K).to(dtype).requires_grad_()
             dy = torch.randn(M, N).to(dtype)
 
-            def forward():
+            def forward(x=x):
                 return lora_linear(x, weight, bias, A, B, 2.0)
 
-            def step():
-                forward().backward(dy)
+            def step(x=x, dy=dy):
+                forward(x).backward(dy)
 
-            forward()
             step()          # compiles every kernel (and fills the autotuner's cache) before timing
             before = launcher.launches
-            fwd = _median_us(forward, repeat, number)
-            both = _median_us(step, repeat, number)
-            calls = repeat * number
-            launches = (launcher.launches - before) / (2 * calls)
-            rows.append(dict(what="lora-fast forward", M=M, us=fwd))
-            rows.append(dict(what="lora-fast backward (forward+backward - forward)", M=M, us=both - fwd))
-            rows.append(dict(what="kernel launches per forward+backward", M=M, us=launches * 2 - 0))
-            with torch.no_grad():
-                rows.append(dict(what="F.linear forward at this shape (CPU matmul: compute, not dispatch)", M=M,
-                                 us=_median_us(lambda: torch.nn.functional.linear(x, weight, bias), 5, 5)))
-        from lora_fast.kernels import gemm
-
+            fwd = _time_us(forward, repeat, number)
+            forward_launches = (launcher.launches - before) / (repeat * number)
+            before = launcher.launches
+            both = _time_us(step, repeat, number)
+            step_launches = (launcher.launches - before) / (repeat * number)
+            row("lora-fast forward", M, fwd, forward_launches)
+            row("lora-fast backward (forward+backward minus forward)", M, (both[0] - fwd[0], both[1] - fwd[1]),
+                step_launches - forward_launches)
         x = torch.randn(16, K).to(dtype)
         out = torch.empty(16, N, dtype=dtype)
         S = torch.zeros(16, rank)
-        kernel = gemm.gemm_lowrank_kernel
 
         def triton_only():
-            kernel[(1,)](x, weight, bias, S, B, out, out, 16, N, K, rank, 16,
-                         x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), S.stride(0), S.stride(1),
-                         B.stride(0), B.stride(1), out.stride(0), out.stride(1), 2.0, 0.0,
-                         BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16, GROUP_M=8, HAS_BIAS=True,
-                         HAS_DROPOUT=False, DOT_DTYPE=_tl_dtype(dtype), INPUT_PRECISION="ieee",
-                         num_warps=4, num_stages=3)
+            gemm.gemm_lowrank_kernel[(1,)](
+                x, weight, bias, S, B, out, out, 16, N, K, rank, 16, x.stride(0), x.stride(1), weight.stride(1),
+                weight.stride(0), S.stride(0), S.stride(1), B.stride(0), B.stride(1), out.stride(0), out.stride(1),
+                2.0, 0.0, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16, GROUP_M=8, HAS_BIAS=True,
+                HAS_DROPOUT=False, DOT_DTYPE=_tl_dtype(dtype), INPUT_PRECISION="ieee", num_warps=4, num_stages=3)
 
         triton_only()
-        rows.append(dict(what="Triton's own dispatch of one launch (JITFunction.run, stubbed launch)", M=16,
-                         us=_median_us(triton_only, repeat, number)))
+        row("Triton's own JIT dispatch of one launch (kernel[grid](...), stubbed launch)", 16,
+            _time_us(triton_only, repeat, number), 1)
     finally:
         for obj, name, value in reversed(patches):
             setattr(obj, name, value)
@@ -202,12 +205,14 @@ def main(argv=None) -> int:
     import triton
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(f"host time per call, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
-          f"{load}, torch {torch.__version__}, triton {triton.__version__}, LORA_FAST_AUTOTUNE={args.autotune}; "
-          f"{args.features[0]}->{args.features[1]}, rank {args.rank}, bf16; only Triton's final launch stubbed")
-    for row in rows:
-        print(f"  {row['what']:<72} M={row['M']:<3} {row['us']:9.1f}"
-              + ("" if "launches" in row["what"] else " us"))
+    print(f"host time per call on {platform.machine()} ({os.cpu_count()} cores, load average "
+          f"{', '.join(f'{v:.2f}' for v in load) if load else 'n/a'}), torch {torch.__version__}, triton "
+          f"{triton.__version__}, LORA_FAST_AUTOTUNE={args.autotune}; {args.features[0]}->{args.features[1]}, "
+          f"rank {args.rank}, bf16; only Triton's final launch stubbed")
+    print(f"  {'':<78} {'M':>3} {'median us':>10} {'min us':>8} {'launches':>9}")
+    for r in rows:
+        launches = "" if r["launches"] is None else f"{r['launches']:.0f}"
+        print(f"  {r['what']:<78} {r['M']:>3} {r['median_us']:>10.1f} {r['min_us']:>8.1f} {launches:>9}")
     return 0
 
 

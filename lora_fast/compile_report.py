@@ -43,8 +43,9 @@ RANKS = (16, 64)
 # Each launch of ops.py, by the name the report uses: (kernel function, variants as {flag: value}).
 # fwd_gemm: y = x W^T (+ b) + scale S B; dx_gemm: dX = dY W + scale keep (dS A^T); xa_proj: S = dropout(x) A;
 # dyb_proj: dS = dY B^T with the dB partials when the rank is small; da_reduce: dA = (keep x)^T dS (the dB
-# reduction of a large rank, reduce_rows(dy, S), compiles to the same kernel with the same specialisation).
-KERNELS = ("fwd_gemm", "dx_gemm", "xa_proj", "dyb_proj", "da_reduce")
+# reduction of a large rank, reduce_rows(dy, S), compiles to the same kernel with the same specialisation);
+# grad_finish: dA or dB = (scale * the sum of their partials) in the adapters' dtype.
+KERNELS = ("fwd_gemm", "dx_gemm", "xa_proj", "dyb_proj", "da_reduce", "grad_finish")
 GEMM_KERNELS = ("fwd_gemm", "dx_gemm")
 # Aligned sizes of the specialisation: any multiple of 16 gives the same code (the JIT keys on "divisible
 # by 16" only); 4096 stands for the hidden sizes of the models the README benchmarks.
@@ -108,6 +109,8 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
         return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=4 * rank < configs_mod.PROJ_BLOCK_M)]
     if kernel == "da_reduce":
         return [dict(HAS_DROPOUT=False), dict(HAS_DROPOUT=True)]
+    if kernel == "grad_finish":
+        return [dict()]
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
@@ -126,6 +129,8 @@ def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
         return cfg.proj_configs(capability, dtype)
     if kernel == "da_reduce":
         return cfg.reduce_configs(capability, dtype)
+    if kernel == "grad_finish":
+        return cfg.finish_configs(capability, dtype)
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
@@ -151,7 +156,8 @@ def make_jobs(targets: Sequence[str] = tuple(TARGETS), kernels: Sequence[str] = 
     for target in targets:
         for kernel in kernels:
             for dtype in dtypes:
-                for rank in ranks:
+                # grad_finish does not depend on the rank (the same specialisation for every multiple of 16)
+                for rank in (ranks[:1] if kernel == "grad_finish" else ranks):
                     flag_sets = _variants(kernel, rank, cfg)
                     if variants == "heaviest":
                         flag_sets = flag_sets[-1:]
@@ -186,7 +192,7 @@ def launch_args(job: Job) -> tuple:
 
     from .kernels import configs as cfg
     from .kernels.gemm import gemm_lowrank_kernel
-    from .kernels.lowrank import lowrank_proj_kernel, reduce_m_kernel
+    from .kernels.lowrank import lowrank_proj_kernel, reduce_m_kernel, sum_partials_kernel
 
     x = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}[job.dtype]
     job_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[job.dtype]
@@ -229,6 +235,11 @@ def launch_args(job: Job) -> tuple:
                     stride_lm=R, stride_lr=1, dropout_p=0.1,
                     BLOCK_M=cfg.reduce_blocks(job_dtype)[0], BLOCK_K=cfg.reduce_blocks(job_dtype)[1])
         return reduce_m_kernel, dict(args, **common, **meta)
+    if job.kernel == "grad_finish":
+        # PARTIAL (splits, K, R) fp32 -> OUT (K, R) in the adapters' dtype (x's dtype: the narrowest store)
+        args = dict(PARTIAL_ptr=_Ptr("fp32"), OUT_ptr=_Ptr(x), SPLITS=4, ROWS=K, COLS=R, stride_or=R,
+                    stride_oc=1, scale=0.5, BLOCK=cfg.FINISH_BLOCK)
+        return sum_partials_kernel, dict(args, **meta)
     raise ValueError(f"kernel must be one of {KERNELS}, got {job.kernel!r}")
 
 
@@ -451,7 +462,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="fwd_gemm: y = x W^T + b + scale S B; dx_gemm: dX = dY W + scale dS A^T (with the "
                              "dropout mask); xa_proj: S = dropout(x) A; dyb_proj: dS = dY B^T, with the dB "
                              "partials S^T dY when 4 * rank < PROJ_BLOCK_M (rank 16: yes, rank 64: no, then dB "
-                             "runs on da_reduce's kernel); da_reduce: dA = dropout(x)^T dS")
+                             "runs on da_reduce's kernel); da_reduce: dA = dropout(x)^T dS; grad_finish: dA, dB "
+                             "= scale * sum of their partials, cast")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES),
                         help="input dtype (fp32 rows use input_precision 'ieee', torch's default)")
     parser.add_argument("--rank", nargs="+", type=int, default=list(RANKS),

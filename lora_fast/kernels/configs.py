@@ -65,7 +65,7 @@ interpreting = _env.interpreting
 
 def block_r(rank: int) -> int:
     """Rank padded to what tl.dot needs: a power of two, at least 16."""
-    return max(16, triton.next_power_of_2(rank))
+    return max(16, 1 << (rank - 1).bit_length())   # next power of two, in plain Python (fast to call)
 
 
 def dot_dtype(dtype: torch.dtype):
@@ -133,3 +133,13 @@ def reduce_configs(capability, dtype: torch.dtype) -> list:
     """Autotune configs of ``reduce_m_kernel`` (its blocks are fixed: ``reduce_blocks(dtype)``)."""
     table = _REDUCE_FP32 if dtype == torch.float32 else _REDUCE
     return [triton.Config({}, num_warps=w, num_stages=s) for w, s in table]
+
+
+# sum_partials_kernel: an elementwise pass over (splits, rows, cols) fp32; 1024 elements per program with
+# 4 warps is 8 per thread (two 16-byte loads per split), the usual size for a memory-bound elementwise kernel
+FINISH_BLOCK = 1024
+
+
+def finish_configs(capability, dtype: torch.dtype) -> list:
+    """The one config of ``sum_partials_kernel`` (memory-bound; nothing to tune)."""
+    return [triton.Config({}, num_warps=4, num_stages=1)]

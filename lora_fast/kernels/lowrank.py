@@ -6,7 +6,8 @@ WRITE_PARTIAL it also writes, per row block, PARTIAL[pid_m] = L[block, :]^T @ P[
   backward: dS = dY @ B^T and the dB partials S^T dY   (P = dY, Q = B^T, L = S), one pass over dY.
 ``reduce_m_kernel``: PARTIAL[split] = (keep? ⊙ P)[rows of split, K]^T @ L[rows of split, R] (K, R).
   backward: dA = scale / (1 - p) * sum over splits    (P = x, L = dS)
-Partials are summed by the launcher in a fixed order, so the gradients are deterministic (no atomics).
+``sum_partials_kernel``: OUT = (scale * sum over splits of PARTIAL).to(dtype): dA and dB from their partials.
+Partials are summed in a fixed order, so the gradients are deterministic (no atomics).
 """
 
 import triton
@@ -113,3 +114,29 @@ def reduce_m_kernel(
 
     partial = PARTIAL_ptr + pid_s.to(tl.int64) * K * R + offs_k[:, None] * R + offs_r[None, :]
     tl.store(partial, acc, mask=mask_k[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def sum_partials_kernel(
+    # pointers: PARTIAL (SPLITS, ROWS, COLS) fp32 contiguous; OUT (ROWS, COLS) through its strides
+    PARTIAL_ptr, OUT_ptr,
+    # sizes
+    SPLITS, ROWS, COLS,
+    # strides of OUT
+    stride_or, stride_oc,
+    # scalars
+    scale,
+    # meta-parameters
+    BLOCK: tl.constexpr,
+):
+    """OUT = (scale * sum over splits of PARTIAL).to(OUT's dtype), summed in a fixed order (deterministic): the
+    last step of dA and dB, in one launch instead of torch's sum, multiply and cast."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    numel = ROWS.to(tl.int64) * COLS
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(PARTIAL_ptr + s * numel + offs, mask=mask, other=0.0)
+    rows = offs // COLS
+    cols = offs % COLS
+    tl.store(OUT_ptr + rows * stride_or + cols * stride_oc, (acc * scale).to(OUT_ptr.dtype.element_ty), mask=mask)

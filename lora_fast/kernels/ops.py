@@ -10,10 +10,12 @@ import os
 
 import torch
 import triton
+from triton import knobs
+from triton.runtime import driver
 
 from . import configs
 from .gemm import gemm_lowrank_kernel
-from .lowrank import lowrank_proj_kernel, reduce_m_kernel
+from .lowrank import lowrank_proj_kernel, reduce_m_kernel, sum_partials_kernel
 
 
 def _autotuning() -> bool:
@@ -21,62 +23,144 @@ def _autotuning() -> bool:
     return os.environ.get("LORA_FAST_AUTOTUNE", "1") != "0"
 
 
-class _Launcher:
-    """A kernel with one fixed config under the interpreter and per-architecture autotuning on a GPU."""
+# Triton decides at decoration time (when these modules were imported) whether kernels are interpreted
+_INTERPRETED = configs.interpreting()
+_PLAN_LIMIT = 4096   # launch plans kept per kernel (one per distinct shape, stride and alignment pattern)
 
-    def __init__(self, kernel, configs_fn, key, interp_config):
+
+class _device_guard:
+    """Make ``device`` the current CUDA device for a launch (Triton launches on the current device and its
+    current stream); a no-op when it already is."""
+
+    __slots__ = ("index", "previous")
+
+    def __init__(self, index):
+        self.index = index
+
+    def __enter__(self):
+        self.previous = torch.cuda.current_device()
+        if self.previous != self.index:
+            torch.cuda.set_device(self.index)
+
+    def __exit__(self, *exc):
+        if self.previous != self.index:
+            torch.cuda.set_device(self.previous)
+
+
+class _Launcher:
+    """A kernel with one fixed config under the interpreter and per-architecture autotuning on a GPU.
+
+    On a GPU the first call for a given (device, argument specialisation, grid, constexprs) goes through
+    Triton's autotuner and JIT (compiling, tuning); it leaves a launch plan: the compiled kernel, the resolved
+    grid and the values of the constexpr and config arguments. Later calls with the same key launch the
+    compiled kernel directly (Triton's own launch protocol, the same in triton 3.6 to 3.9), on the tensors'
+    device and its current stream: no autotuner key, no JIT binding, no capability query, no environment read.
+    """
+
+    def __init__(self, kernel, configs_fn, key, interp_config, *, pointers: int, scalars: int):
         self.kernel = kernel
         self.configs_fn = configs_fn
         self.key = key
         self.interp_config = interp_config
+        # the kernel's signature groups: ``pointers`` tensors first, ``scalars`` floats last, integers between
+        self.pointers, self.scalars = pointers, scalars
         self._tuners = {}
+        self._plans = {}
 
     def __call__(self, grid, *args, device: torch.device, dtype: torch.dtype, **kwargs):
-        if configs.interpreting():
+        if _INTERPRETED:
             return self.kernel[grid](*args, **kwargs, **self.interp_config)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # what Triton specialises on: each pointer's dtype and 16-byte alignment, each integer's value (== 1,
+        # divisibility by 16), the constexprs; the float scalars are runtime values
+        pointers = args[:self.pointers]
+        plan_key = (index, tuple([t.dtype for t in pointers]), tuple([t.data_ptr() & 15 == 0 for t in pointers]),
+                    args[self.pointers:len(args) - self.scalars], grid if isinstance(grid, tuple) else None,
+                    tuple(kwargs.items()))
+        plan = self._plans.get(plan_key)
+        if plan is None:
+            with _device_guard(index):
+                plan = self._plan(grid, args, kwargs, device, dtype)
+            if len(self._plans) >= _PLAN_LIMIT:
+                self._plans.clear()
+            self._plans[plan_key] = plan
+            return   # the planning call launched the kernel
+        compiled, g0, g1, g2, tail = plan
+        bound = (*args, *tail)
+        enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        # launch metadata only for a profiler's hook (an empty HookChain in triton 3.9, None in older versions)
+        hooked = enter_hook is not None and getattr(enter_hook, "calls", True)
+        with _device_guard(index):
+            stream = driver.active.get_current_stream(index)
+            metadata = compiled.launch_metadata((g0, g1, g2), stream, *bound) if hooked else None
+            compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, metadata, enter_hook,
+                         exit_hook, *bound)
+
+    def _plan(self, grid, args, kwargs, device, dtype):
+        """Launch through Triton's autotuner / JIT once and return the launch plan of this call."""
         capability = torch.cuda.get_device_capability(device)
         if not _autotuning():
             config = self.configs_fn(capability, dtype)[0]
-            return self.kernel[grid](*args, **kwargs, **config.all_kwargs())
-        tuner_key = (capability, dtype == torch.float32)
-        tuner = self._tuners.get(tuner_key)
-        if tuner is None:
-            tuner = triton.autotune(configs=self.configs_fn(capability, dtype), key=self.key)(self.kernel)
-            self._tuners[tuner_key] = tuner
-        return tuner[grid](*args, **kwargs)
+            compiled = self.kernel[grid](*args, **kwargs, **config.all_kwargs())
+        else:
+            tuner_key = (capability, dtype == torch.float32)
+            tuner = self._tuners.get(tuner_key)
+            if tuner is None:
+                tuner = triton.autotune(configs=self.configs_fn(capability, dtype), key=self.key)(self.kernel)
+                self._tuners[tuner_key] = tuner
+            compiled = tuner[grid](*args, **kwargs)
+            config = tuner.best_config
+        names = self.kernel.arg_names
+        values = {**dict(zip(names, args)), **kwargs, **config.kwargs}
+        tail = tuple(values[name] for name in names[len(args):])
+        resolved = tuple(grid(values) if callable(grid) else grid) + (1, 1)
+        return compiled, resolved[0], resolved[1], resolved[2], tail
 
 
 _gemm = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N", "K", "R"],
-                  dict(configs.INTERP_GEMM, num_warps=4, num_stages=1))
+                  dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=2)
 # dX with dropout: the same kernel with smaller tiles (configs.gemm_configs(dropout=True): no spills)
 _gemm_dropout = _Launcher(gemm_lowrank_kernel, functools.partial(configs.gemm_configs, dropout=True),
-                          ["M_BUCKET", "N", "K", "R"], dict(configs.INTERP_GEMM, num_warps=4, num_stages=1))
+                          ["M_BUCKET", "N", "K", "R"], dict(configs.INTERP_GEMM, num_warps=4, num_stages=1),
+                          pointers=7, scalars=2)
 _proj = _Launcher(lowrank_proj_kernel, configs.proj_configs, ["M_BUCKET", "K", "R"],
-                  dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4, num_stages=1))
-_reduce = _Launcher(reduce_m_kernel, configs.reduce_configs, ["M_BUCKET", "K", "R"], dict(num_warps=4, num_stages=1))
+                  dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4, num_stages=1), pointers=6, scalars=2)
+_reduce = _Launcher(reduce_m_kernel, configs.reduce_configs, ["M_BUCKET", "K", "R"], dict(num_warps=4, num_stages=1),
+                    pointers=4, scalars=1)
+_finish = _Launcher(sum_partials_kernel, configs.finish_configs, [], dict(num_warps=4, num_stages=1),
+                    pointers=2, scalars=1)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)   # plain Python: triton.cdiv is a constexpr function in triton 3.9 (slow to call)
 
 
 def _m_bucket(M: int) -> int:
-    return max(16, triton.next_power_of_2(M))
+    return max(16, 1 << (M - 1).bit_length())   # next power of two
 
 
 def _proj_block_m() -> int:
-    return configs.INTERP_PROJ_BLOCK["BLOCK_M"] if configs.interpreting() else configs.PROJ_BLOCK_M
+    return configs.INTERP_PROJ_BLOCK["BLOCK_M"] if _INTERPRETED else configs.PROJ_BLOCK_M
 
 
 def _reduce_blocks(dtype):
-    if configs.interpreting():
+    if _INTERPRETED:
         return configs.INTERP_REDUCE_BLOCK["BLOCK_M"], configs.INTERP_REDUCE_BLOCK["BLOCK_K"]
     return configs.reduce_blocks(dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _splits(M: int, K: int, block_m: int, block_k: int, device: torch.device) -> int:
     """Row splits of a reduction over M: enough programs for two waves of the GPU (two splits interpreted)."""
-    row_blocks = triton.cdiv(M, block_m)
-    if configs.interpreting():
+    row_blocks = _cdiv(M, block_m)
+    if _INTERPRETED:
         return min(2, row_blocks)
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(row_blocks, triton.cdiv(programs, triton.cdiv(K, block_k))))
+    programs = 2 * _sm_count(device)
+    return max(1, min(row_blocks, _cdiv(programs, _cdiv(K, block_k))))
 
 
 def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0.0, seed=None, partial_of=None):
@@ -87,7 +171,7 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
     M, K = P.shape
     out = torch.empty((M, R), dtype=torch.float32, device=P.device)
     block_m = _proj_block_m()
-    grid = (triton.cdiv(M, block_m),)
+    grid = (_cdiv(M, block_m),)
     partial = None
     L = out
     if partial_of is not None:
@@ -104,22 +188,34 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
 
 
 def reduce_rows(P, L, *, dropout_p=0.0, seed=None):
-    """(keep ⊙ P)^T @ L summed over all M rows: (K, R) fp32, from P (M, K) and L (M, R), deterministic."""
+    """Per-split partials of (keep ⊙ P)^T @ L over the M rows: (splits, K, R) fp32, from P (M, K) and L (M, R);
+    ``finish`` sums them (deterministic order)."""
     M, K = P.shape
     R = L.shape[1]
     block_m, block_k = _reduce_blocks(P.dtype)
     splits = _splits(M, K, block_m, block_k, P.device)
-    rows_per_split = triton.cdiv(triton.cdiv(M, block_m), splits) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    rows_per_split = _cdiv(_cdiv(M, block_m), splits) * block_m
+    splits = _cdiv(M, rows_per_split)
     partial = torch.empty((splits, K, R), dtype=torch.float32, device=P.device)
-    _reduce((triton.cdiv(K, block_k), splits), P, L, partial, seed if seed is not None else partial,
+    _reduce((_cdiv(K, block_k), splits), P, L, partial, seed if seed is not None else partial,
             M, K, R, rows_per_split, _m_bucket(M),
             P.stride(0), P.stride(1), L.stride(0), L.stride(1),
             float(dropout_p),
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=configs.block_r(R), HAS_DROPOUT=dropout_p > 0,
             DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
             device=P.device, dtype=P.dtype)
-    return partial.sum(0) if splits > 1 else partial[0]
+    return partial
+
+
+def finish(partial, scale, out, *, transpose=False):
+    """out = (scale * partial.sum(0)).to(out.dtype), one launch; partial (S, rows, cols) fp32 contiguous, out
+    (rows, cols), or (cols, rows) with ``transpose``."""
+    splits, rows, cols = partial.shape
+    strides = (out.stride(1), out.stride(0)) if transpose else (out.stride(0), out.stride(1))
+    block = configs.FINISH_BLOCK
+    _finish((_cdiv(rows * cols, block),), partial, out, splits, rows, cols, *strides, float(scale), BLOCK=block,
+            device=partial.device, dtype=out.dtype)
+    return out
 
 
 def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, dropout_p=0.0, seed=None,
@@ -135,7 +231,7 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
         out = torch.empty((M, N), dtype=P.dtype, device=P.device)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
 
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()   # N elements; the kernel reads the bias with unit stride
@@ -181,13 +277,15 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
     fused_dB = need_dB and 4 * R < _proj_block_m()
     dS, partial = lowrank_project(dy, B, B.stride(1), B.stride(0), R, partial_of=S if fused_dB else None)
     if need_dB:
-        dB_t = partial.sum(0) if fused_dB else reduce_rows(dy, S).t()
-        dB = (dB_t * scale).to(B.dtype)
+        dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
+        # the dS pass's partials are (blocks, R, N); the reduction's are (splits, N, R)
+        finish(partial if fused_dB else reduce_rows(dy, S), scale, dB, transpose=not fused_dB)
     keep_scale = 1.0 / (1.0 - dropout_p)
     if need_dx:
         # Q = W as (N, K); RM = A^T: element (r, k) is A[k, r]
         dx = gemm_lowrank(dy, weight, (weight.stride(0), weight.stride(1)), K, None, dS, A,
                           (A.stride(1), A.stride(0)), scale * keep_scale, dropout_p=dropout_p, seed=seed)
     if need_dA:
-        dA = (reduce_rows(x, dS, dropout_p=dropout_p, seed=seed) * (scale * keep_scale)).to(A.dtype)
+        dA = finish(reduce_rows(x, dS, dropout_p=dropout_p, seed=seed), scale * keep_scale,
+                    torch.empty(A.shape, dtype=A.dtype, device=A.device))
     return dx, dA, dB

@@ -1,0 +1,87 @@
+"""The GPU launch path on a machine without a GPU: Triton's final launch is stubbed (bench/host_time.py's
+stand-in driver compiles every kernel for sm_90 and records each launch instead of making it). Runs in a
+subprocess with TRITON_INTERPRET=0, since the interpreter is chosen when the kernels are imported.
+
+Checked: a cached launch plan passes the compiled kernel exactly the arguments Triton's own JIT passed on the
+first call (grid, stream, every argument in order, constexprs and the tuned config included); every launch
+is made with the tensors' device current, the caller's device restored after."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r'''
+import json, torch
+import bench.host_time as host
+
+patches = []
+def monkeypatch(obj, name, value):
+    patches.append((obj, name, getattr(obj, name)))
+    setattr(obj, name, value)
+
+launcher = host._install(monkeypatch)
+from lora_fast import lora_linear
+from lora_fast.kernels import ops
+
+def launches(fn):
+    launcher.record = []
+    fn()
+    out, launcher.record = launcher.record, None
+    return out
+
+def same(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):   # fresh outputs each call: same layout
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and a.stride() == b.stride())
+    return type(a) is type(b) and (a == b or repr(a) == repr(b))
+
+K, N, R = 96, 80, 8
+w = torch.randn(N, K).half(); b = torch.randn(N).half()
+A = torch.randn(K, R).requires_grad_(); B = torch.randn(R, N).requires_grad_()
+x = torch.randn(3, 7, K).half().requires_grad_(); dy = torch.randn(3, 7, N).half()
+result = {}
+for p in (0.0, 0.25):
+    def step():
+        torch.manual_seed(0)
+        y = lora_linear(x, w, b, A, B, 2.0, dropout_p=p)
+        y.backward(dy)
+    first, second = launches(step), launches(step)   # JIT + autotuner, then cached plans
+    result[f"launches p={p}"] = [len(first), len(second)]
+    result[f"same arguments p={p}"] = all(
+        n1 == n2 and len(a1) == len(a2) and all(same(u, v) for u, v in zip(a1[:4] + a1[7:], a2[:4] + a2[7:]))
+        and a1[4:6] == a2[4:6]
+        for (n1, _, a1), (n2, _, a2) in zip(first, second))
+
+# a layer whose tensors live on cuda:1 called while cuda:0 is current
+S = torch.zeros(21, R)
+out = torch.empty(21, N).half()
+xs = torch.randn(21, K).half()
+def on_device_1():
+    ops._gemm(lambda meta: (1,), xs, w, b, S, B, out, out, 21, N, K, R, 32, xs.stride(0), xs.stride(1),
+              w.stride(1), w.stride(0), S.stride(0), S.stride(1), B.stride(0), B.stride(1), out.stride(0),
+              out.stride(1), 1.0, 0.0, BLOCK_R=16, HAS_BIAS=True, HAS_DROPOUT=False, DOT_DTYPE=ops.configs.dot_dtype(
+              torch.float16), INPUT_PRECISION="ieee", device=torch.device("cuda", 1), dtype=torch.float16)
+devices = [d for _, d, _ in launches(on_device_1) + launches(on_device_1)]
+result["devices"] = devices
+result["current after"] = torch.cuda.current_device()
+for obj, name, value in reversed(patches):
+    setattr(obj, name, value)
+print("RESULT " + json.dumps(result))
+'''
+
+
+def test_launch_plans_and_devices():
+    env = {**os.environ, "TRITON_INTERPRET": "0", "LORA_FAST_AUTOTUNE": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    # forward: x A, the GEMM; backward: dY B^T (with the dB partials), the dX GEMM, the dA reduction, and the
+    # sum-scale-cast of dB and of dA
+    assert result["launches p=0.0"] == [7, 7] and result["launches p=0.25"] == [7, 7]
+    assert result["same arguments p=0.0"] and result["same arguments p=0.25"]
+    assert result["devices"] == [1, 1] and result["current after"] == 0
