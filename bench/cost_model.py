@@ -6,9 +6,13 @@ is what the implementation launches on a GPU with the base weight W frozen and x
 a network); per element, e bytes for x's dtype, 4 for fp32, 1 for a bool mask. Sizes: x (M, K), W (N, K),
 A (K, r), B (r, N), y (M, N).
 
-- lora-fast: forward S = dropout(x) A (reads x), then the GEMM with the low-rank term fused in; backward
-  dS = dY B^T with dB in the same pass (reads dY), dX = dY W with the low-rank term fused in, and
-  dA = (keep x)^T dS (reads x). The mask is regenerated from a seed: no bytes.
+- lora-fast: forward S = dropout(x) A (reads x; split along K when its row blocks leave SMs idle, then one
+  fp32 (M, r) sum per split, written and read back by a finishing pass), then the GEMM with the low-rank term
+  fused in; backward dS = dY B^T with the dB partials in the same pass (reads dY, writes cdiv(M, 128) fp32
+  (r, N) partials; a second pass over dY instead when 4r >= 128), dX = dY W with the low-rank term fused in,
+  dA = (keep x)^T dS (reads x, writes one fp32 (K, r) partial per split: about two programs per SM), and the
+  finishing passes of dB and dA (read the partials, write the gradient). The mask is regenerated from a
+  seed: no bytes. As ops.py launches them (kernels/ops.py, configs.PROJ_BLOCK_M and SPLIT_QUANTUM).
 - addmm-chain: as lora-fast, plus a read and write of y (y.addmm_) and of dX (dX.addmm_), and a second read
   of dY (dB = S^T dY is its own GEMM). Dropout: a pass writing dropout(x) and a bool mask, read back in backward.
 - book, peft: eager autograd: the low-rank output T = S B is written (M, N), scaled in its own pass and added
@@ -18,7 +22,8 @@ A (K, r), B (r, N), y (M, N).
   GEMMs, which is the addmm-chain's traffic.
 
 For the issue's check (H200, 790 TFLOP/s, 4.3 TB/s, bf16, M=8192, r=16) forward+backward relative to F.linear
-is about 1.07 (lora-fast), 1.18 (addmm-chain), 1.36 (peft) at 4096->4096; tests/test_bench.py asserts it.
+is about 1.09 (lora-fast, with its partials and finishing passes), 1.18 (addmm-chain), 1.36 (peft) at
+4096->4096; tests/test_bench.py asserts it.
 """
 
 import dataclasses
@@ -40,9 +45,54 @@ class Kernel:
         return max(self.flops / gemm_flops_per_s, self.bytes / copy_bytes_per_s)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _lora_fast(M: int, K: int, N: int, r: int, e: int, bias_b: int, sms: int) -> Dict[str, List[Kernel]]:
+    """lora-fast's launches with the splits and partials of kernels/ops.py (PROJ_BLOCK_M 128, SPLIT_QUANTUM
+    256, dA in 64 x 64 blocks over about two programs per SM)."""
+    x, y, w = M * K * e, M * N * e, N * K * e
+    a, b, s32 = K * r * e, r * N * e, M * r * 4
+    base = 2.0 * M * N * K
+
+    def proj_splits(length: int) -> int:    # ops._k_splits
+        splits = max(1, min(_cdiv(2 * sms, _cdiv(M, 128)), _cdiv(length, 256)))
+        return _cdiv(length, _cdiv(_cdiv(length, splits), 256) * 256)
+
+    def split_sums(length: int, what: str) -> List[Kernel]:
+        splits = proj_splits(length)
+        return [Kernel(f"{what}: sum of {splits} splits", 0, splits * s32 + s32)] if splits > 1 else []
+
+    def reduce_splits(length: int) -> int:  # ops._splits with 64 x 64 blocks
+        row_blocks = _cdiv(M, 64)
+        return max(1, min(row_blocks, _cdiv(2 * sms, _cdiv(length, 64))))
+
+    s_out = s32 * (proj_splits(K) if proj_splits(K) > 1 else 1)
+    forward = [Kernel("S = dropout(x) A", 2.0 * M * K * r, x + a + s_out)] + split_sums(K, "S")
+    forward.append(Kernel("y = x W^T + b + s S B", base + 2.0 * M * r * N, x + w + y + bias_b + s32 + b))
+    ds_out = s32 * (proj_splits(N) if proj_splits(N) > 1 else 1)
+    if 4 * r < 128:
+        partials = _cdiv(M, 128) * r * N * 4
+        backward = [Kernel("dS = dY B^T, dB partials S^T dY", 4.0 * M * N * r, y + b + s32 + ds_out + partials)]
+        backward += split_sums(N, "dS")
+        backward.append(Kernel("dB = s * sum of partials", 0, partials + b))
+    else:
+        partials = reduce_splits(N) * N * r * 4
+        backward = [Kernel("dS = dY B^T", 2.0 * M * N * r, y + b + ds_out)] + split_sums(N, "dS")
+        backward += [Kernel("dB partials = dY^T S", 2.0 * M * N * r, y + s32 + partials),
+                     Kernel("dB = s * sum of partials", 0, partials + b)]
+    da_partials = reduce_splits(K) * K * r * 4
+    backward += [Kernel("dX = dY W + keep (dS A^T)", base + 2.0 * M * r * K, y + w + x + s32 + a),
+                 Kernel("dA partials = (keep x)^T dS", 2.0 * M * K * r, x + s32 + da_partials),
+                 Kernel("dA = s * sum of partials", 0, da_partials + a)]
+    return {"forward": forward, "backward": backward}
+
+
 def kernels(impl: str, M: int, K: int, N: int, r: int, dtype: str = "bfloat16", *, bias: bool = False,
-            dropout: float = 0.0) -> Dict[str, List[Kernel]]:
-    """{"forward": [...], "backward": [...]} kernels of ``impl`` (see the module docstring).
+            dropout: float = 0.0, sms: int = 132) -> Dict[str, List[Kernel]]:
+    """{"forward": [...], "backward": [...]} kernels of ``impl`` (see the module docstring). ``sms``: the GPU's
+    streaming multiprocessors (132 on an H100 / H200), which set lora-fast's splits.
 
     Raises ValueError for an unknown implementation or dtype.
     """
@@ -50,7 +100,7 @@ def kernels(impl: str, M: int, K: int, N: int, r: int, dtype: str = "bfloat16", 
         raise ValueError(f"dtype: expected one of {sorted(ELEMENT_BYTES)}, got {dtype!r}")
     e = ELEMENT_BYTES[dtype]
     x, y, w = M * K * e, M * N * e, N * K * e
-    a, b, s16, s32 = K * r * e, r * N * e, M * r * e, M * r * 4
+    a, b, s16 = K * r * e, r * N * e, M * r * e
     mask = M * K  # bool
     bias_b = N * e if bias else 0
     base = 2.0 * M * N * K
@@ -60,13 +110,7 @@ def kernels(impl: str, M: int, K: int, N: int, r: int, dtype: str = "bfloat16", 
     if impl == "F.linear":
         return {"forward": [gemm_fwd], "backward": [gemm_bwd]}
     if impl == "lora-fast":
-        return {
-            "forward": [Kernel("S = dropout(x) A", 2.0 * M * K * r, x + a + s32),
-                        Kernel("y = x W^T + b + s S B", base + 2.0 * M * r * N, x + w + y + bias_b + s32 + b)],
-            "backward": [Kernel("dS = dY B^T, dB = S^T dY", 4.0 * M * N * r, y + 2 * b + 2 * s32),
-                         Kernel("dX = dY W + keep (dS A^T)", base + 2.0 * M * r * K, y + w + x + s32 + a),
-                         Kernel("dA = (keep x)^T dS", 2.0 * M * K * r, x + s32 + a)],
-        }
+        return _lora_fast(M, K, N, r, e, bias_b, sms)
     if impl in ("addmm-chain", "compile"):
         fwd = [Kernel("dropout(x)", 0, 2 * x + mask)] if drop else []
         fwd += [Kernel("S = x A", 2.0 * M * K * r, x + a + s16), gemm_fwd,

@@ -224,7 +224,8 @@ def launch_args(job: Job) -> tuple:
             strides = dict(stride_pm=N, stride_pk=1, stride_qk=1, stride_qr=N)
         args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), OUT_ptr=_Ptr("fp32"), L_ptr=_Ptr("fp32"),
                     PARTIAL_ptr=_Ptr("fp32"), SEED_ptr=_Ptr("i64" if dropout else "fp32"),
-                    M=M, K=K, R=R, M_BUCKET=M, **strides, stride_om=R, stride_or=1, stride_lm=R, stride_lr=1,
+                    M=M, K=K, R=R, M_BUCKET=M, K_PER_SPLIT=K, **strides, stride_om=R, stride_or=1, stride_os=M * R,
+                    stride_lm=R, stride_lr=1,
                     out_scale=1.0 / 0.9, dropout_p=0.1, BLOCK_M=cfg.PROJ_BLOCK_M)
         return lowrank_proj_kernel, dict(args, **common, **meta)
     if job.kernel == "da_reduce":

@@ -40,7 +40,13 @@ _GEMM_16BIT_DROPOUT = {
 _GEMM_FP32 = [(32, 32, 32, 4, 4)]
 
 # Narrow kernels: BLOCK_M is fixed because partial buffers are sized by it; tuning picks BLOCK_K/warps/stages.
-PROJ_BLOCK_M = 128      # dB partials cost 8 * R / BLOCK_M of a dY read; 128 keeps that below 1 for R < 32
+# the K range of one program of a narrow pass split along K is a multiple of this: every BLOCK_K of the
+# configs (16 to 128) divides it, and it keeps a split's rows of P at least 512 B long in 16-bit
+SPLIT_QUANTUM = 256
+# The dB partials (cdiv(M, BLOCK_M), R, N) fp32 are written and read back: 8 R / BLOCK_M bytes per element of
+# dY, i.e. R / 32 of a bf16 dY read at BLOCK_M = 128 (half of it at rank 16); the launcher fuses them only
+# while 4 R < BLOCK_M, else dB takes a second pass over dY
+PROJ_BLOCK_M = 128
 # (BLOCK_M, BLOCK_K) of the dA reduction: 64 x 64 is 8 KB of x per stage in bf16; fp32 (CUDA-core dots) with
 # dropout spilled ~10 KB at 64 x 64 and rank 64 on sm_80 (compile report), hence 32 x 32
 REDUCE_BLOCKS_16BIT = (64, 64)

@@ -80,11 +80,19 @@ def gemm_lowrank_kernel(
         else:
             acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
 
+    # pointers advance by BLOCK_K along K each step; the step is int64 (dX reads W as (N, K): k * stride_qk =
+    # n * in_features passes 2**31 on large layers, a 128k-vocabulary head), the offsets within a block are
+    # int32 (the launcher copies the rare operand whose stride along K reaches 2**24)
+    p_ptrs = rows_p + offs_k[None, :] * stride_pk
+    q_ptrs = cols_q + offs_k[:, None] * stride_qk
+    step = tl.full((), BLOCK_K, tl.int64)
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K
-        p = tl.load(rows_p + (k0 + offs_k)[None, :] * stride_pk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        q = tl.load(cols_q + (k0 + offs_k)[:, None] * stride_qk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        q = tl.load(q_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        p_ptrs += step * stride_pk
+        q_ptrs += step * stride_qk
 
     if HAS_BIAS:
         bias = tl.load(BIAS_ptr + offs_n, mask=mask_n, other=0.0)

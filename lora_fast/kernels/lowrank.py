@@ -1,7 +1,8 @@
 """Narrow kernels of the low-rank path: the (M, R) projections and the reductions over M.
 
-``lowrank_proj_kernel``: OUT[M, R] = out_scale * (keep? ⊙ P[M, K]) @ Q[K, R], in one pass over P; with
-WRITE_PARTIAL it also writes, per row block, PARTIAL[pid_m] = L[block, :]^T @ P[block, :] (R, K).
+``lowrank_proj_kernel``: OUT[M, R] = out_scale * (keep? ⊙ P[M, K]) @ Q[K, R], in one pass over P, split along
+K over a second grid axis when the row blocks alone would leave SMs idle; with WRITE_PARTIAL it also writes,
+per row block, PARTIAL[pid_m] = L[block, :]^T @ P[block, :] (R, K).
   forward:  S = dropout(x) @ A                         (P = x, Q = A, out_scale = 1 / (1 - p))
   backward: dS = dY @ B^T and the dB partials S^T dY   (P = dY, Q = B^T, L = S), one pass over dY.
 ``reduce_m_kernel``: PARTIAL[split] = (keep? ⊙ P)[rows of split, K]^T @ L[rows of split, R] (K, R).
@@ -21,10 +22,10 @@ from .rng import keep_mask
 def lowrank_proj_kernel(
     # pointers
     P_ptr, Q_ptr, OUT_ptr, L_ptr, PARTIAL_ptr, SEED_ptr,
-    # sizes (M_BUCKET only keys the autotuner)
-    M, K, R, M_BUCKET,
-    # strides
-    stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_lm, stride_lr,
+    # sizes (M_BUCKET only keys the autotuner; K_PER_SPLIT: the K range of one program, a multiple of BLOCK_K)
+    M, K, R, M_BUCKET, K_PER_SPLIT,
+    # strides (stride_os: between the per-split outputs when K is split, unused otherwise)
+    stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_os, stride_lm, stride_lr,
     # scalars
     out_scale, dropout_p,
     # meta-parameters
@@ -33,6 +34,11 @@ def lowrank_proj_kernel(
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    # split along K (program_id 1): enough programs to fill the GPU at every M, each over K_PER_SPLIT columns;
+    # with several splits OUT holds one raw sum per split, added up (and scaled) by sum_partials_kernel
+    pid_k = tl.program_id(1)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
@@ -50,9 +56,12 @@ def lowrank_proj_kernel(
         partial = PARTIAL_ptr + pid_m.to(tl.int64) * R * K + offs_r[:, None] * K
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
-        p = tl.load(rows_p + (k0 + offs_k)[None, :] * stride_pk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    zero64 = tl.full((), 0, tl.int64)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        mask_k = (k0 + offs_k) < k_end
+        # the block's offset along K in int64 (a column-major x, stride_pk = M, passes 2**31 on large inputs)
+        p = tl.load(rows_p + (k0 + zero64) * stride_pk + offs_k[None, :] * stride_pk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         p = p.to(DOT_DTYPE)
         if HAS_DROPOUT:
             keep = keep_mask(SEED_ptr, offs_m, k0, K, dropout_p, BLOCK_K)
@@ -66,7 +75,8 @@ def lowrank_proj_kernel(
                 part = part * rank_f
             tl.store(partial + (k0 + offs_k)[None, :], part, mask=mask_r[:, None] & mask_k[None, :])
 
-    out = OUT_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_r[None, :] * stride_or
+    out = (OUT_ptr + pid_k.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * stride_om
+           + offs_r[None, :] * stride_or)
     tl.store(out, (acc * out_scale).to(OUT_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
@@ -93,11 +103,13 @@ def reduce_m_kernel(
     row_start = pid_s * ROWS_PER_SPLIT
     row_end = min(row_start + ROWS_PER_SPLIT, M)
 
+    # int64 column offsets (loop-invariant here): a column-major x passes 2**31 elements on large inputs
+    cols_p = offs_k.to(tl.int64)[:, None] * stride_pk
     acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_end
-        p_t = tl.load(P_ptr + offs_m[None, :].to(tl.int64) * stride_pm + offs_k[:, None] * stride_pk,
+        p_t = tl.load(P_ptr + offs_m[None, :].to(tl.int64) * stride_pm + cols_p,
                       mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         p_t = p_t.to(DOT_DTYPE)
         if HAS_DROPOUT:

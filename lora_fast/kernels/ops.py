@@ -131,6 +131,16 @@ _finish = _Launcher(sum_partials_kernel, configs.finish_configs, [], dict(num_wa
                     pointers=2, scalars=1)
 
 
+# The kernels offset a block along K in int64 and within it in int32: offs_k * stride < BLOCK_K * stride must
+# stay below 2**31, so an operand whose stride along K reaches 2**31 / 128 (BLOCK_K up to 128) is copied first
+# (a column-major x of 16M rows or more, a weight of 16M in_features: never seen in practice)
+_K_STRIDE_LIMIT = 2**24
+
+
+def _along_k(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t.contiguous() if t.stride(dim) >= _K_STRIDE_LIMIT else t
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)   # plain Python: triton.cdiv is a constexpr function in triton 3.9 (slow to call)
 
@@ -163,27 +173,46 @@ def _splits(M: int, K: int, block_m: int, block_k: int, device: torch.device) ->
     return max(1, min(row_blocks, _cdiv(programs, _cdiv(K, block_k))))
 
 
+def _k_splits(M: int, K: int, block_m: int, device: torch.device) -> int:
+    """Columns per program of a narrow pass over an (M, K) input: enough programs (row blocks x K splits) for two
+    waves of the GPU, so that small M does not walk all of K in one program (two splits when interpreted, to
+    test that path). A multiple of SPLIT_QUANTUM (256: every BLOCK_K of the configs divides it)."""
+    quantum = configs.INTERP_PROJ_BLOCK["BLOCK_K"] if _INTERPRETED else configs.SPLIT_QUANTUM
+    want = 2 if _INTERPRETED else _cdiv(2 * _sm_count(device), _cdiv(M, block_m))
+    splits = max(1, min(want, _cdiv(K, quantum)))
+    return _cdiv(_cdiv(K, splits), quantum) * quantum
+
+
 def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0.0, seed=None, partial_of=None):
     """OUT (M, R) fp32 = out_scale * (keep ⊙ P) @ Q, Q given by (pointer tensor, strides) of shape (K, R).
 
     With ``partial_of=L`` (M, R) also returns the per-row-block partials L^T P, (cdiv(M, BLOCK_M), R, K) fp32.
+    Split along K when the row blocks do not fill the GPU: then one raw sum per split, added up and scaled by
+    one ``finish`` launch (M x R x splits fp32 of traffic, against M x K of P).
     """
     M, K = P.shape
     out = torch.empty((M, R), dtype=torch.float32, device=P.device)
     block_m = _proj_block_m()
-    grid = (_cdiv(M, block_m),)
+    k_per_split = _k_splits(M, K, block_m, P.device)
+    grid = (_cdiv(M, block_m), _cdiv(K, k_per_split))
+    target, scale = out, out_scale
+    if grid[1] > 1:
+        target, scale = torch.empty((grid[1], M, R), dtype=torch.float32, device=P.device), 1.0
     partial = None
     L = out
     if partial_of is not None:
         L = partial_of
         partial = torch.empty((grid[0], R, K), dtype=torch.float32, device=P.device)
-    _proj(grid, P, Q, out, L, partial if partial is not None else out, seed if seed is not None else out,
-          M, K, R, _m_bucket(M),
-          P.stride(0), P.stride(1), stride_qk, stride_qr, out.stride(0), out.stride(1), L.stride(0), L.stride(1),
-          float(out_scale), float(dropout_p),
+    _proj(grid, P, Q, target, L, partial if partial is not None else out, seed if seed is not None else out,
+          M, K, R, _m_bucket(M), k_per_split,
+          P.stride(0), P.stride(1), stride_qk, stride_qr, target.stride(-2), target.stride(-1),
+          target.stride(0) if grid[1] > 1 else 0, L.stride(0), L.stride(1),
+          float(scale), float(dropout_p),
           BLOCK_M=block_m, BLOCK_R=configs.block_r(R), HAS_DROPOUT=dropout_p > 0, WRITE_PARTIAL=partial is not None,
           DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
           device=P.device, dtype=P.dtype)
+    if grid[1] > 1:
+        finish(target, out_scale, out)
     return out, partial
 
 
@@ -254,6 +283,7 @@ def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=Non
     which backward needs (with x). The keep-mask comes from ``seed`` (int64, one element) when dropout_p > 0.
     """
     N = weight.shape[0]
+    x, weight = _along_k(x, 1), _along_k(weight, 1)
     keep_scale = 1.0 / (1.0 - dropout_p)
     S, _ = lowrank_project(x, A, A.stride(0), A.stride(1), A.shape[1], out_scale=keep_scale,
                            dropout_p=dropout_p, seed=seed)
@@ -273,6 +303,8 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
     """
     R = A.shape[1]
     K = x.shape[1]
+    # dY and x are read along their rows; dX reads W as (N, K): along its dim 0
+    dy, x, weight = _along_k(dy, 1), _along_k(x, 1), _along_k(weight, 0)
     dx = dA = dB = None
     fused_dB = need_dB and 4 * R < _proj_block_m()
     dS, partial = lowrank_project(dy, B, B.stride(1), B.stride(0), R, partial_of=S if fused_dB else None)
