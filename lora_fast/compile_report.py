@@ -238,7 +238,7 @@ def launch_args(job: Job) -> tuple:
         return reduce_m_kernel, dict(args, **common, **meta)
     if job.kernel == "grad_finish":
         # PARTIAL (splits, K, R) fp32 -> OUT (K, R) in the adapters' dtype (x's dtype: the narrowest store)
-        args = dict(PARTIAL_ptr=_Ptr("fp32"), OUT_ptr=_Ptr(x), SPLITS=4, ROWS=K, COLS=R, stride_or=R,
+        args = dict(PARTIAL_ptr=_Ptr("fp32"), OUT_ptr=_Ptr(x), SPLITS=4, ROWS=K, COLS=R, NUMEL=K * R, stride_or=R,
                     stride_oc=1, scale=0.5, BLOCK=cfg.FINISH_BLOCK)
         return sum_partials_kernel, dict(args, **meta)
     raise ValueError(f"kernel must be one of {KERNELS}, got {job.kernel!r}")

@@ -44,6 +44,13 @@ w = torch.randn(N, K).half(); b = torch.randn(N).half()
 A = torch.randn(K, R).requires_grad_(); B = torch.randn(R, N).requires_grad_()
 x = torch.randn(3, 7, K).half().requires_grad_(); dy = torch.randn(3, 7, N).half()
 result = {}
+# decode sizes and rank 1 (sizes of 1 are constexprs in Triton's specialisation), in and out beyond one
+# split of the narrow passes (then S and dS take a finishing sum): every launch compiles for sm_90
+for M, K2, N2, R2 in ((1, 600, 520, 1), (2, 600, 520, 16)):
+    A2 = torch.randn(K2, R2).requires_grad_(); B2 = torch.randn(R2, N2).requires_grad_()
+    x2 = torch.randn(M, K2).bfloat16().requires_grad_()
+    y2 = lora_linear(x2, torch.randn(N2, K2).bfloat16(), None, A2, B2, 2.0, dropout_p=0.1)
+    result[f"decode M={M} R={R2}"] = len(launches(lambda: y2.backward(torch.randn(M, N2).bfloat16())))
 for p in (0.0, 0.25):
     def step():
         torch.manual_seed(0)
@@ -85,3 +92,5 @@ def test_launch_plans_and_devices():
     assert result["launches p=0.0"] == [7, 7] and result["launches p=0.25"] == [7, 7]
     assert result["same arguments p=0.0"] and result["same arguments p=0.25"]
     assert result["devices"] == [1, 1] and result["current after"] == 0
+    # backward at decode size: dS (split in 3 along N = 520, then its sum), dB's sum, dX, dA, dA's sum
+    assert result["decode M=1 R=1"] == 6 and result["decode M=2 R=16"] == 6

@@ -107,10 +107,12 @@ def gemm_configs(capability, dtype: torch.dtype, dropout: bool = False) -> list:
         table = _GEMM_FP32
     else:
         table = _GEMM_16BIT_DROPOUT[arch] if dropout else _GEMM_16BIT[arch]
-        if dropout and dtype == torch.float16:
-            # the fp16 range guard (fp16.py: a factor per row of dS) spilled 48 B at 128x256x64 and rank 64 on
-            # sm_90 (compile report, triton 3.9); bf16 needs no guard and keeps the config
-            table = [c for c in table if c[:2] != (128, 256)]
+        if dtype == torch.float16:
+            # the fp16 range guard (fp16.py: a factor per row of S or dS) spilled at rank 64 (compile report,
+            # triton 3.9): 48 B in dX with dropout at 128x256x64 on sm_90, 8 B in the forward at 64x256x32 w4 on
+            # sm_80; bf16 needs no guard and keeps both
+            drop = (128, 256) if dropout and arch == 9 else (64, 256) if arch == 8 and not dropout else None
+            table = [c for c in table if c[:2] != drop]
     limit, elt = smem_limit(capability), _elt(dtype)
     return [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)

@@ -132,8 +132,8 @@ def reduce_m_kernel(
 def sum_partials_kernel(
     # pointers: PARTIAL (SPLITS, ROWS, COLS) fp32 contiguous; OUT (ROWS, COLS) through its strides
     PARTIAL_ptr, OUT_ptr,
-    # sizes
-    SPLITS, ROWS, COLS,
+    # sizes (NUMEL = ROWS * COLS, from the host: int64 when it needs to be)
+    SPLITS, ROWS, COLS, NUMEL,
     # strides of OUT
     stride_or, stride_oc,
     # scalars
@@ -144,11 +144,12 @@ def sum_partials_kernel(
     """OUT = (scale * sum over splits of PARTIAL).to(OUT's dtype), summed in a fixed order (deterministic): the
     last step of dA and dB, in one launch instead of torch's sum, multiply and cast."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    numel = ROWS.to(tl.int64) * COLS
-    mask = offs < numel
+    mask = offs < NUMEL
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, SPLITS):
-        acc += tl.load(PARTIAL_ptr + s * numel + offs, mask=mask, other=0.0)
+    split = PARTIAL_ptr
+    for _ in range(0, SPLITS):
+        acc += tl.load(split + offs, mask=mask, other=0.0)
+        split += NUMEL
     rows = offs // COLS
     cols = offs % COLS
     tl.store(OUT_ptr + rows * stride_or + cols * stride_oc, (acc * scale).to(OUT_ptr.dtype.element_ty), mask=mask)

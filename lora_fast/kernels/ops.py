@@ -242,7 +242,8 @@ def finish(partial, scale, out, *, transpose=False):
     splits, rows, cols = partial.shape
     strides = (out.stride(1), out.stride(0)) if transpose else (out.stride(0), out.stride(1))
     block = configs.FINISH_BLOCK
-    _finish((_cdiv(rows * cols, block),), partial, out, splits, rows, cols, *strides, float(scale), BLOCK=block,
+    _finish((_cdiv(rows * cols, block),), partial, out, splits, rows, cols, rows * cols, *strides, float(scale),
+            BLOCK=block,
             device=partial.device, dtype=out.dtype)
     return out
 
