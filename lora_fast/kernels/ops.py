@@ -119,6 +119,10 @@ class _Launcher:
 
 _gemm = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N", "K", "R"],
                   dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=2)
+# dX without dropout: the same configs, its own tuning. The autotuner's key (M bucket, N, K, R, dtypes) cannot
+# tell the forward (W read as W^T) from dX (W read as stored) when in = out, and the best tile differs
+_gemm_dx = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N", "K", "R"],
+                     dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=2)
 # dX with dropout: the same kernel with smaller tiles (configs.gemm_configs(dropout=True): no spills)
 _gemm_dropout = _Launcher(gemm_lowrank_kernel, functools.partial(configs.gemm_configs, dropout=True),
                           ["M_BUCKET", "N", "K", "R"], dict(configs.INTERP_GEMM, num_warps=4, num_stages=1),
@@ -249,11 +253,12 @@ def finish(partial, scale, out, *, transpose=False):
 
 
 def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, dropout_p=0.0, seed=None,
-                 out=None):
+                 out=None, backward=False):
     """OUT (M, N) in P's dtype = P @ Q (+ bias) + lowrank_scale * (keep ⊙ (L @ RM)).
 
     Q (K, N) and RM (R, N) are given as (pointer tensor, strides) so transposed weights need no copy.
-    ``out``: an optional (M, N) tensor to write into (a view of the caller's N-D output).
+    ``out``: an optional (M, N) tensor to write into (a view of the caller's N-D output). ``backward``: the dX
+    GEMM, tuned apart from the forward.
     """
     M, K = P.shape
     R = L.shape[1]
@@ -265,7 +270,7 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
 
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()   # N elements; the kernel reads the bias with unit stride
-    launch = _gemm_dropout if dropout_p > 0 else _gemm
+    launch = _gemm_dropout if dropout_p > 0 else _gemm_dx if backward else _gemm
     launch(grid, P, Q, bias if bias is not None else out, L, RM, out, seed if seed is not None else out,
            M, N, K, R, _m_bucket(M),
            P.stride(0), P.stride(1), q_strides[0], q_strides[1], L.stride(0), L.stride(1),
@@ -317,7 +322,8 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
     if need_dx:
         # Q = W as (N, K); RM = A^T: element (r, k) is A[k, r]
         dx = gemm_lowrank(dy, weight, (weight.stride(0), weight.stride(1)), K, None, dS, A,
-                          (A.stride(1), A.stride(0)), scale * keep_scale, dropout_p=dropout_p, seed=seed)
+                          (A.stride(1), A.stride(0)), scale * keep_scale, dropout_p=dropout_p, seed=seed,
+                          backward=True)
     if need_dA:
         dA = finish(reduce_rows(x, dS, dropout_p=dropout_p, seed=seed), scale * keep_scale,
                     torch.empty(A.shape, dtype=A.dtype, device=A.device))
