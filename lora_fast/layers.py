@@ -8,6 +8,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_mod
 
 from ._checks import check_dropout, check_rank, check_scale
 from .functional import lora_delta, lora_linear
@@ -53,8 +54,6 @@ def has_plain_forward(module: nn.Module) -> bool:
 def has_forward_hooks(module: nn.Module) -> bool:
     """True when calling the module runs more than its forward: its own forward (pre-)hooks, accelerate's
     _hf_hook, or global module hooks (torch.nn.modules.module.register_module_forward_hook)."""
-    from torch.nn.modules import module as module_mod
-
     return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None)
                 or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
 
