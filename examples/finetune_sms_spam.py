@@ -323,7 +323,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=123, help="torch seed (LoRA init, head init, batch order)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda (Triton kernels) or cpu (the reference path, or the Triton kernels in the "
-                             "interpreter under TRITON_INTERPRET=1); default: cuda when available")
+                             "interpreter under TRITON_INTERPRET=1); cuda where a GPU is available")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="of the frozen model (adapters and head stay float32)")
     parser.add_argument("--out", default=None,
@@ -418,6 +418,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "peak_memory_measure": memory_kind,
         "machine": {**machine(device), "load_average_at_start": load_at_start},
     }
+    print(f"data: {data_path}")
     print(f"backend: {backend} (lora-fast) on {device}, frozen model in {args.dtype}")
     print(f"parameters: {n_trainable:,} trainable of {n_total:,} ({100 * n_trainable / n_total:.2f}%)")
     for name in splits:
