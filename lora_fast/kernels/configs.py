@@ -20,10 +20,10 @@ SMEM_LIMIT_DEFAULT = 99 * 1024
 _GEMM_16BIT = {
     9: [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
-    # removed 128x256x64 w8 s3 (32 B of spills at rank 64, compile report, triton 3.9) and 64x64x32 w4 (8 B of
-    # spills in the forward on triton 3.6, the GPU image's version, with 4 or 5 stages)
-    8: [(128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
-        (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)],
+    # removed 128x256x64 w8 s3 (32 B of spills at rank 64, compile report, triton 3.9), 64x64x32 w4 (8 B of
+    # spills in the forward on triton 3.6, the GPU image's version, with 4 or 5 stages) and 64x256x32 w4 (8 B at
+    # rank 64: bf16 forward with bias on triton 3.6, fp16 forward with the range guard on 3.9)
+    8: [(128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)],
 }
 # dX with dropout: the low-rank term and its keep-mask (tl.randint4x, four numbers per Philox call) initialise
 # the accumulator before the K loop. Compile report (triton 3.9), ranks 16 and 64: on sm_90 every tile above is
@@ -107,12 +107,10 @@ def gemm_configs(capability, dtype: torch.dtype, dropout: bool = False) -> list:
         table = _GEMM_FP32
     else:
         table = _GEMM_16BIT_DROPOUT[arch] if dropout else _GEMM_16BIT[arch]
-        if dtype == torch.float16:
-            # the fp16 range guard (fp16.py: a factor per row of S or dS) spilled at rank 64 (compile report,
-            # triton 3.9): 48 B in dX with dropout at 128x256x64 on sm_90, 8 B in the forward at 64x256x32 w4 on
-            # sm_80; bf16 needs no guard and keeps both
-            drop = (128, 256) if dropout and arch == 9 else (64, 256) if arch == 8 and not dropout else None
-            table = [c for c in table if c[:2] != drop]
+        if dtype == torch.float16 and dropout and arch == 9:
+            # the fp16 range guard (fp16.py: a factor per row of dS) spilled 48 B in dX with dropout at 128x256x64
+            # and rank 64 on sm_90 (compile report, triton 3.9); bf16 needs no guard and keeps the config
+            table = [c for c in table if c[:2] != (128, 256)]
     limit, elt = smem_limit(capability), _elt(dtype)
     return [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
