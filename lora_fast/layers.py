@@ -79,8 +79,8 @@ class LoRALayer(nn.Module):
         alpha = int(alpha) if isinstance(alpha, numbers.Integral) else check_scale(alpha, "alpha")
         self.alpha, self.rank, self.scaling = alpha, int(rank), scaling
         self.A = nn.Parameter(torch.empty(in_dim, rank, device=device, dtype=dtype))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.B = nn.Parameter(torch.zeros(rank, out_dim, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.empty(rank, out_dim, device=device, dtype=dtype))
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """A to kaiming_uniform_(a=sqrt(5)), B to zeros, as at construction (so a model built on the 'meta'

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .functional import lora_linear
-from .layers import LinearWithLoRA, conv1d_class, is_linear, lora_scale
+from .layers import LinearWithLoRA, has_plain_forward, is_linear, lora_scale
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # the prefix PEFT's PeftModel puts before a module path of the base model in its adapter files
@@ -66,9 +66,7 @@ def _layer_reason(module: nn.Module, lora_layer) -> Optional[str]:
         kind = type(module)
         return f"PEFT layer {kind.__module__.rsplit('.', 1)[-1]}.{kind.__name__} (not a plain lora.Linear)"
     base = module.base_layer
-    conv1d = conv1d_class()
-    plain = (nn.Linear.forward,) + ((conv1d.forward,) if conv1d is not None else ())
-    if not is_linear(base) or type(base).forward not in plain:
+    if not is_linear(base) or not has_plain_forward(base):
         return f"base layer {type(base).__name__} (quantized, nested or custom)"
     weight = base.weight
     if type(weight.data) is not torch.Tensor or weight.dtype not in _FUSED_DTYPES + (torch.float64,):
@@ -544,7 +542,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
         if param.shape != value.shape:
             raise ValueError(f"adapter_dir: tensor {name!r} has shape {tuple(value.shape)}, the model's "
                              f"{target!r} has {tuple(param.shape)}")
-        extra_plan.append((name, target, value))
+        extra_plan.append((param, value))   # wrapping a layer later keeps its Parameter objects
     loaded = set()
     for name, lora_A, lora_B, r, alpha in plan:
         layer = _lora_target(model, name, r, alpha, config)
@@ -556,13 +554,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
         layer.lora.scale = lora_scale(alpha, r, scaling)
         layer.dropout = float(config.lora_dropout)
         loaded.add(name)
-    params = dict(model.named_parameters())     # wrapping renamed the layers' biases
     with torch.no_grad():
-        for _, target, value in extra_plan:
-            param = params.get(target)
-            if param is None:   # a plain layer's bias, wrapped just now
-                parent, _, leaf = target.rpartition(".")
-                param = params[f"{parent}.linear.{leaf}"]
+        for param, value in extra_plan:
             param.copy_(value)
     missing = sorted(set(_lora_modules(model)) - loaded)
     if missing:

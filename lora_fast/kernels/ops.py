@@ -247,8 +247,7 @@ def finish(partial, scale, out, *, transpose=False):
     strides = (out.stride(1), out.stride(0)) if transpose else (out.stride(0), out.stride(1))
     block = configs.FINISH_BLOCK
     _finish((_cdiv(rows * cols, block),), partial, out, splits, rows, cols, rows * cols, *strides, float(scale),
-            BLOCK=block,
-            device=partial.device, dtype=out.dtype)
+            BLOCK=block, device=partial.device, dtype=out.dtype)
     return out
 
 
