@@ -87,6 +87,7 @@ class Row:
     mma: Optional[int] = None           # HGMMA (sm_90) or HMMA (sm_80) instructions in the SASS
     mma_name: str = ""
     tma_loads: Optional[int] = None     # UTMALDG instructions
+    instructions: Optional[int] = None  # SASS instructions in the kernel (the static count, loops once)
     compile_s: float = 0.0
     error: str = ""
     failures: list = field(default_factory=list)
@@ -360,6 +361,7 @@ def compile_job(job: Job) -> Row:
     # opcodes sit after the "/*addr*/" column; HMMA is not a prefix of HGMMA, so plain word matches suffice
     row.mma = len(re.findall(rf"\b{row.mma_name}\.", sass))
     row.tma_loads = len(re.findall(r"\bUTMALDG\b", sass))
+    row.instructions = len(re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+\S", sass, flags=re.MULTILINE))
     row.failures = check(row, job)
     return row
 
@@ -421,7 +423,7 @@ def run_jobs(jobs: Sequence[Job], workers: int = 0, progress=None) -> list:
 
 # ---------------------------------------------------------------------------------------------- output
 _COLUMNS = ("kernel", "variant", "target", "dtype", "R", "config", "warps", "stages", "regs", "spill st/ld",
-            "smem B", "MMA", "TMA", "check")
+            "smem B", "MMA", "TMA", "SASS", "check")
 
 
 def _cells(row: Row) -> list:
@@ -430,7 +432,7 @@ def _cells(row: Row) -> list:
     mma = "?" if row.mma is None else f"{row.mma} {row.mma_name}"
     return [row.kernel, row.variant, row.target, row.dtype, str(row.block_r), row.config, str(row.num_warps),
             str(row.num_stages), num(row.registers), f"{num(row.spill_stores)}/{num(row.spill_loads)}",
-            num(row.shared), mma, num(row.tma_loads), "; ".join(row.failures) or "ok"]
+            num(row.shared), mma, num(row.tma_loads), num(row.instructions), "; ".join(row.failures) or "ok"]
 
 
 def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
@@ -449,7 +451,8 @@ _LEGEND = """columns: kernel, variant (bias / dropout / dB-partials / - for none
 config (BLOCK_M x BLOCK_N x BLOCK_K, or BLOCK_K of the narrow kernels), warps, stages, regs (registers per
 thread), spill st/ld (spill bytes stored / loaded, from ptxas), smem B (shared memory per block), MMA
 (tensor-core instructions in the SASS: HGMMA on sm_90, HMMA on sm_80; counted in the code, not executed),
-TMA (UTMALDG bulk tensor loads), check (ok, or why the row fails). Compiled with the installed triton: the
+TMA (UTMALDG bulk tensor loads), SASS (instructions in the kernel's code, each loop body counted once: how
+kernel variants compare without a GPU), check (ok, or why the row fails). Compiled with the installed triton: the
 GPU image may run another version, whose numbers differ."""
 
 

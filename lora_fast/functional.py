@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _env, reference
+from . import _env, philox, reference
 from ._checks import check_lora_linear, check_training
 
 BACKENDS = ("triton", "reference")
@@ -203,6 +203,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             generator under a seed drawn from torch's generator for x's device: on one device the same
             ``torch.manual_seed`` drops the same elements on the Triton and the reference backend
             (``lora_fast.philox``); CPU and CUDA generators differ, so a CPU and a GPU run draw other masks.
+            The generator's 8-bit uniforms apply p rounded to a multiple of 1/256 (``philox.quantize``: within
+            2**-9 of the requested value, 0.1 -> 0.1016), kept elements scaled by exactly 1 / (1 - that p).
         training: False (eval) applies no dropout.
 
     Under ``torch.autocast`` x, weight and bias are cast to the autocast dtype, as nn.Linear's are. Under
@@ -236,6 +238,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     # drawn on x's device as the reference draws it: no host sync, and torch.manual_seed / CUDA-graph RNG state
     # govern it
     seed = reference.draw_seed(x.device) if p > 0 else None
+    # the kernels' mask draws 8-bit uniforms: p is applied as its nearest multiple of 1/256 (lora_fast.philox)
+    p = philox.quantize(p)
     if p >= 1.0:
         # every element dropped: the LoRA term and its gradients are exactly zero (the seed is still drawn, so
         # the generator advances as on the reference path)

@@ -35,8 +35,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             dtype (x is cast to it, as PEFT does) and is added before the cast back to x's dtype.
         scale: the LoRA scale (alpha, alpha/rank or alpha/sqrt(rank)), finite.
         dropout_p: probability of zeroing an element of the LoRA input, in [0, 1] (1: the LoRA term is zero);
-            active when ``training``. Kept elements are scaled by 1/(1-p).
-        dropout_mask: optional bool keep-mask of x's shape, used instead of drawing one.
+            active when ``training``. Kept elements are scaled by 1/(1-p); with the "philox" generator p is
+            first rounded to a multiple of 1/256 as the kernels round it (``philox.quantize``).
+        dropout_mask: optional bool keep-mask of x's shape, used instead of drawing one (kept elements scaled
+            by 1/(1-dropout_p) with dropout_p as given).
         dropout_rng: where a mask comes from when none is given. "philox" (default): the fused kernels'
             counter-based generator (``lora_fast.philox``) under a seed drawn as the fused op draws it, so the
             same ``torch.manual_seed`` drops the same elements on both backends. "torch": ``F.dropout`` (the
@@ -59,16 +61,22 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 def _delta(x, A, B, scale: float, dropout_p: float, training: bool, dropout_mask, dropout_rng: str):
     x_lora = x.to(A.dtype)
     if training and dropout_p > 0:
-        if dropout_p >= 1.0:
-            x_lora = torch.zeros_like(x_lora)
-        elif dropout_mask is None and dropout_rng == "torch":
+        if dropout_mask is not None:
+            x_lora = torch.zeros_like(x_lora) if dropout_p >= 1.0 else \
+                x_lora * dropout_mask.to(x_lora.dtype) / (1.0 - dropout_p)
+        elif dropout_rng == "torch":
             x_lora = F.dropout(x_lora, dropout_p, training=True)
         else:
-            if dropout_mask is None:
+            # the fused op's generator: the seed drawn as the op draws it (also when nothing is kept, so the
+            # generator advances alike), p quantised as the kernels apply it
+            seed = draw_seed(x.device)
+            p = philox.quantize(dropout_p)
+            if p >= 1.0:
+                x_lora = torch.zeros_like(x_lora)
+            elif p > 0:
                 K = x.shape[-1]
-                dropout_mask = philox.keep_mask(draw_seed(x.device), x.numel() // K if K else 0, K,
-                                                dropout_p).view(x.shape)
-            x_lora = x_lora * dropout_mask.to(x_lora.dtype) / (1.0 - dropout_p)
+                mask = philox.keep_mask(seed, x.numel() // K if K else 0, K, p).view(x.shape)
+                x_lora = x_lora * mask.to(x_lora.dtype) / (1.0 - p)
     return scale * (x_lora @ A @ B)
 
 

@@ -38,11 +38,14 @@ def test_keep_rate(p, device):
     """The kernels' keep-mask (the function every kernel calls) over 262,144 elements, and per Philox stream."""
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
     keep = dropout_keep_mask(seed, 1024, 256, p)
-    ok, rate = _binomial_ok(keep, p)
+    q = philox.quantize(p)          # the probability the uniform integers apply (within half a level of p)
+    assert abs(q - p) <= 2.0 ** -(philox.UNIFORM_BITS + 1) and (q * 2**philox.UNIFORM_BITS).is_integer()
+    ok, rate = _binomial_ok(keep, q)
     assert ok, rate
-    for stream in range(4):        # columns k % 4 == stream come from one of randint4x's four outputs
-        ok, rate = _binomial_ok(keep[:, stream::4], p)
-        assert ok, (stream, rate)
+    # column k % PER_COUNTER == field comes from one field of one of randint4x's four words
+    for field in range(philox.PER_COUNTER):
+        ok, rate = _binomial_ok(keep[:, field::philox.PER_COUNTER], q)
+        assert ok, (field, rate)
     # neighbouring elements are independent: the rate of (keep[k], keep[k+1]) both kept is (1-p)^2
     both = (keep[:, :-1] & keep[:, 1:]).float().mean().item()
     n = keep[:, :-1].numel()
@@ -58,10 +61,11 @@ def test_op_keeps_and_scales_exactly(p, device):
     eye = torch.eye(K, device=device)
     y = lora_linear(x, torch.zeros(K, K, device=device), None, eye, eye, 1.0, dropout_p=p)
     kept = y != 0
-    ok, rate = _binomial_ok(kept, p)
+    q = philox.quantize(p)
+    ok, rate = _binomial_ok(kept, q)
     assert ok, rate
-    # kept values scaled by exactly 1 / (1 - p) (one fp32 product, as torch does it)
-    assert torch.equal(y[kept], (x * (1.0 / (1.0 - p)))[kept])
+    # kept values scaled by exactly 1 / (1 - q), q the probability applied (one fp32 product, as torch does it)
+    assert torch.equal(y[kept], (x * (1.0 / (1.0 - q)))[kept])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -198,3 +202,16 @@ def test_dropout_one_drops_everything(device):
                            fn(x, w, b, A, B, 2.0, dropout_p=0.0))
     layer = LinearWithLoRA(torch.nn.Linear(16, 12).to(device), 3, 2.0, dropout=1.0)
     assert torch.isfinite(layer(x)).all()
+
+
+def test_quantized_probability(device):
+    """p is applied as the nearest multiple of 2**-UNIFORM_BITS: tiny p drops nothing, p near 1 drops all, and the
+    op's output equals the reference's under the quantised p (the reference quantises the same way)."""
+    levels = 2**philox.UNIFORM_BITS
+    assert philox.quantize(0.5) == 0.5 and philox.quantize(1.0) == 1.0 and philox.quantize(0.0) == 0.0
+    assert philox.quantize(0.4 / levels) == 0.0 and philox.quantize(1 - 0.4 / levels) == 1.0
+    x = torch.randn(16, 32, device=device)
+    eye = torch.eye(32, device=device)
+    w = torch.zeros(32, 32, device=device)
+    assert torch.equal(lora_linear(x, w, None, eye, eye, 1.0, dropout_p=0.4 / levels), x)
+    assert torch.equal(lora_linear(x, w, None, eye, eye, 1.0, dropout_p=1 - 0.4 / levels), torch.zeros_like(x))

@@ -11,7 +11,7 @@ import collections
 
 import torch
 
-from lora_fast import reference
+from lora_fast import philox, reference
 
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 # roundings of the data dtype on the way: output, the low-rank intermediate, an fp32 adapter cast, a scale product
@@ -63,6 +63,9 @@ def reference_grads(x, weight, bias, A, B, scale, dy, *, dropout_p=0.0, mask=Non
     """float64 output and gradients (x, weight, bias, A, B) of the reference; with ``absolute`` on |inputs|."""
     f = (lambda t: t.double().abs()) if absolute else (lambda t: t.double())
     leaves = [None if t is None else f(t).detach().requires_grad_() for t in (x, weight, bias, A, B)]
+    if mask is not None:
+        # a mask of the kernels' generator: scale kept elements as the op does, by 1 / (1 - quantize(p))
+        dropout_p = philox.quantize(dropout_p)
     y = reference.lora_linear(*leaves, abs(scale) if absolute else scale, dropout_p=dropout_p,
                               training=dropout_p > 0, dropout_mask=mask)
     y.backward(f(dy))

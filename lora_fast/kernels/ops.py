@@ -13,6 +13,7 @@ import triton
 from triton import knobs
 from triton.runtime import driver
 
+from .. import philox
 from . import configs
 from .gemm import gemm_lowrank_kernel
 from .lowrank import lowrank_proj_kernel, reduce_m_kernel, sum_partials_kernel
@@ -289,6 +290,7 @@ def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=Non
     """
     N = weight.shape[0]
     x, weight = _along_k(x, 1), _along_k(weight, 1)
+    dropout_p = philox.quantize(dropout_p)   # what the 8-bit uniforms of the keep-mask apply (idempotent)
     keep_scale = 1.0 / (1.0 - dropout_p)
     S, _ = lowrank_project(x, A, A.stride(0), A.stride(1), A.shape[1], out_scale=keep_scale,
                            dropout_p=dropout_p, seed=seed)
@@ -311,6 +313,7 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
     # dY and x are read along their rows; dX reads W as (N, K): along its dim 0
     dy, x, weight = _along_k(dy, 1), _along_k(x, 1), _along_k(weight, 0)
     dx = dA = dB = None
+    dropout_p = philox.quantize(dropout_p)
     fused_dB = need_dB and 4 * R < _proj_block_m()
     dS, partial = lowrank_project(dy, B, B.stride(1), B.stride(0), R, partial_of=S if fused_dB else None)
     if need_dB:

@@ -1,33 +1,56 @@
-"""Dropout keep-mask of the fused kernels: Triton's counter-based Philox RNG.
+"""Dropout keep-mask of the fused kernels: Triton's counter-based Philox RNG, several uniforms per word.
 
-Element (m, k) of an (M, K) input is kept when uniform number ``k % 4`` of Philox counter
-``m * ceil(K / 4) + k // 4`` (``tl.randint4x``: four numbers per counter, a quarter of the Philox rounds of one
-number per element) is >= p. The mask depends only on the seed and the element's logical position, so every
-kernel that needs it (the x @ A projection in forward, the dX GEMM and the dA reduction in backward)
-regenerates the same mask, whatever its tile shape, without storing it.
+Each Philox4x32-10 call (``tl.randint4x``) gives four 32-bit words; each word is cut into 32 / UNIFORM_BITS
+integers uniform in [0, 2**UNIFORM_BITS), one per element, so one call serves 128 / UNIFORM_BITS elements
+(``PER_COUNTER``): element (m, k) of an (M, K) input takes field ``j % (32 / UNIFORM_BITS)`` (from the low bits up) of
+word ``j // (32 / UNIFORM_BITS)``, j = k % PER_COUNTER, of counter ``m * ceil(K / PER_COUNTER) + k // PER_COUNTER``, and
+is kept when that integer is >= p * 2**UNIFORM_BITS. The drop probability is therefore quantised to a multiple
+of 2**-UNIFORM_BITS (``lora_fast.philox.quantize``: the op applies the quantised p and scales kept elements by
+exactly 1 / (1 - p_quantised)). The mask depends only on the seed and the element's logical position, so every
+kernel that needs it (the x @ A projection in forward, the dX GEMM and the dA reduction in backward) regenerates
+the same mask, whatever its tile shape, without storing it.
+
+UNIFORM_BITS = 8 (16 elements per Philox call, p within 2**-9 of the requested value) was chosen over 16 bits
+(8 per call, p within 2**-17) and the earlier one float per word (4 per call) on the compile report's SASS
+counts: the figures are beside UNIFORM_BITS in lora_fast/philox.py.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import philox
+
+# the mask's definition lives in lora_fast.philox (its torch mirror): bits per uniform, elements per randint4x
+# call (four 32-bit words)
+UNIFORM_BITS = tl.constexpr(philox.UNIFORM_BITS)
+PER_COUNTER = tl.constexpr(philox.PER_COUNTER)
+FIELDS = tl.constexpr(philox.FIELDS)
+LEVELS = tl.constexpr(float(2**philox.UNIFORM_BITS))
+LEVELS_INT = tl.constexpr(2**philox.UNIFORM_BITS)
+
 
 @triton.jit
 def keep_mask(seed_ptr, offs_m, k0, K, dropout_p, BLOCK_K: tl.constexpr):
-    """Keep-mask tile (BM, BLOCK_K) for rows ``offs_m`` (BM,) and columns k0 .. k0 + BLOCK_K (k0 % 4 == 0).
+    """Keep-mask tile (BM, BLOCK_K) for rows ``offs_m`` (BM,) and columns k0 .. k0 + BLOCK_K.
 
-    ``K`` is the logical row length of the input (in_features), not a memory stride.
+    ``k0`` and BLOCK_K are multiples of PER_COUNTER; ``K`` is the logical row length of the input
+    (in_features), not a memory stride; ``dropout_p`` is already quantised (a multiple of 2**-UNIFORM_BITS).
     """
     seed = tl.load(seed_ptr)
-    counters = offs_m[:, None].to(tl.int64) * ((K + 3) // 4) + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
+    groups = (K + PER_COUNTER - 1) // PER_COUNTER
+    counters = (offs_m[:, None].to(tl.int64) * groups
+                + (tl.arange(0, BLOCK_K // PER_COUNTER) + k0 // PER_COUNTER)[None, :])
     r0, r1, r2, r3 = tl.randint4x(seed, counters)
-    u0 = tl.random.uint_to_uniform_float(r0)
-    u1 = tl.random.uint_to_uniform_float(r1)
-    u2 = tl.random.uint_to_uniform_float(r2)
-    u3 = tl.random.uint_to_uniform_float(r3)
-    # join(join(u0, u2), join(u1, u3))[m, j, i, o] = u_(2i + o): row-major, column 4j + s holds u_s
-    u = tl.join(tl.join(u0, u2), tl.join(u1, u3))
-    return tl.reshape(u, (offs_m.shape[0], BLOCK_K)) >= dropout_p
+    # exact: p is a multiple of 1 / LEVELS (tl.full: dropout_p is a Python float under the interpreter)
+    threshold = (tl.full((), dropout_p, tl.float32) * LEVELS).to(tl.uint32)
+    # words in position order: join(join(r0, r2), join(r1, r3))[m, c, a, b] = r_(2a + b); then each word's
+    # FIELDS fields along a new last axis, low bits first: column PER_COUNTER * c + FIELDS * w + f holds field f
+    # of word w
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    shifts = (tl.arange(0, FIELDS) * UNIFORM_BITS).to(tl.uint32)
+    u = (words[:, :, :, :, None] >> shifts[None, None, None, None, :]) & (LEVELS_INT - 1)
+    return tl.reshape(u, (offs_m.shape[0], BLOCK_K)) >= threshold
 
 
 @triton.jit
@@ -51,9 +74,12 @@ def _keep_mask_kernel(
 def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, dropout_p: float) -> torch.Tensor:
     """The keep-mask the fused kernels use for ``seed`` on an (M, K) input, as a bool tensor (M, K).
 
-    A test helper: hand it to ``lora_fast.reference.lora_linear(..., dropout_mask=...)`` to compare the
-    two paths exactly. ``seed`` is the one-element int64 tensor the op draws (on the input's device).
+    A test helper: hand it to ``lora_fast.reference.lora_linear(..., dropout_mask=...)`` (with
+    ``dropout_p=lora_fast.philox.quantize(p)``, the probability the op applies) to compare the two paths
+    exactly. ``seed`` is the one-element int64 tensor the op draws (on the input's device); ``dropout_p`` is
+    quantised here as the op quantises it.
     """
+    dropout_p = philox.quantize(dropout_p)
     out = torch.empty((M, K), dtype=torch.int8, device=seed.device)
     if M * K:
         grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
