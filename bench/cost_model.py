@@ -8,8 +8,9 @@ A (K, r), B (r, N), y (M, N).
 
 - lora-fast: forward S = dropout(x) A (reads x; split along K when its row blocks leave SMs idle, then one
   fp32 (M, r) sum per split, written and read back by a finishing pass), then the GEMM with the low-rank term
-  fused in; backward dS = dY B^T with the dB partials in the same pass (reads dY, writes cdiv(M, 128) fp32
-  (r, N) partials; a second pass over dY instead when 4r >= 128), dX = dY W with the low-rank term fused in,
+  fused in; backward dS = dY B^T with the dB partials in the same pass (reads dY, writes one fp32 (r, N)
+  partial per row group, configs.proj_layout; a second pass over dY instead when 4r >= 128), dX = dY W with
+  the low-rank term fused in,
   dA = (keep x)^T dS (reads x, writes one fp32 (K, r) partial per split: about two programs per SM), and the
   finishing passes of dB and dA (read the partials, write the gradient). The mask is regenerated from a
   seed: no bytes. As ops.py launches them (kernels/ops.py, configs.PROJ_BLOCK_M and SPLIT_QUANTUM).
@@ -28,6 +29,8 @@ is about 1.09 (lora-fast, with its partials and finishing passes), 1.18 (addmm-c
 
 import dataclasses
 from typing import Dict, List
+
+from lora_fast.kernels import configs
 
 ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 MODES = ("forward", "backward", "full")
@@ -50,36 +53,37 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _lora_fast(M: int, K: int, N: int, r: int, e: int, bias_b: int, sms: int) -> Dict[str, List[Kernel]]:
-    """lora-fast's launches with the splits and partials of kernels/ops.py (PROJ_BLOCK_M 128, SPLIT_QUANTUM
-    256, dA in 64 x 64 blocks over about two programs per SM)."""
+    """lora-fast's launches with the splits and partials of kernels/ops.py (configs.proj_layout for the narrow
+    passes, dA in 64 x 64 blocks over about two programs per SM)."""
     x, y, w = M * K * e, M * N * e, N * K * e
     a, b, s32 = K * r * e, r * N * e, M * r * 4
     base = 2.0 * M * N * K
 
-    def proj_splits(length: int) -> int:    # ops._k_splits
-        splits = max(1, min(_cdiv(2 * sms, _cdiv(M, 128)), _cdiv(length, 256)))
-        return _cdiv(length, _cdiv(_cdiv(length, splits), 256) * 256)
+    def layout(length: int, partials: bool = False):   # ops._proj_layout on a GPU: (row groups, K splits)
+        rows, cols = configs.proj_layout(M, length, r, configs.PROJ_BLOCK_M, sms, partials)
+        return _cdiv(M, rows), _cdiv(length, cols)
 
-    def split_sums(length: int, what: str) -> List[Kernel]:
-        splits = proj_splits(length)
+    def split_sums(splits: int, what: str) -> List[Kernel]:
         return [Kernel(f"{what}: sum of {splits} splits", 0, splits * s32 + s32)] if splits > 1 else []
 
     def reduce_splits(length: int) -> int:  # ops._splits with 64 x 64 blocks
         row_blocks = _cdiv(M, 64)
         return max(1, min(row_blocks, _cdiv(2 * sms, _cdiv(length, 64))))
 
-    s_out = s32 * (proj_splits(K) if proj_splits(K) > 1 else 1)
-    forward = [Kernel("S = dropout(x) A", 2.0 * M * K * r, x + a + s_out)] + split_sums(K, "S")
+    _, s_splits = layout(K)
+    forward = [Kernel("S = dropout(x) A", 2.0 * M * K * r, x + a + s32 * s_splits)] + split_sums(s_splits, "S")
     forward.append(Kernel("y = x W^T + b + s S B", base + 2.0 * M * r * N, x + w + y + bias_b + s32 + b))
-    ds_out = s32 * (proj_splits(N) if proj_splits(N) > 1 else 1)
-    if 4 * r < 128:
-        partials = _cdiv(M, 128) * r * N * 4
-        backward = [Kernel("dS = dY B^T, dB partials S^T dY", 4.0 * M * N * r, y + b + s32 + ds_out + partials)]
-        backward += split_sums(N, "dS")
+    if 4 * r < configs.PROJ_BLOCK_M:
+        groups, ds_splits = layout(N, partials=True)
+        partials = groups * r * N * 4
+        backward = [Kernel("dS = dY B^T, dB partials S^T dY", 4.0 * M * N * r,
+                           y + b + s32 + s32 * ds_splits + partials)]
+        backward += split_sums(ds_splits, "dS")
         backward.append(Kernel("dB = s * sum of partials", 0, partials + b))
     else:
+        _, ds_splits = layout(N)
         partials = reduce_splits(N) * N * r * 4
-        backward = [Kernel("dS = dY B^T", 2.0 * M * N * r, y + b + ds_out)] + split_sums(N, "dS")
+        backward = [Kernel("dS = dY B^T", 2.0 * M * N * r, y + b + s32 * ds_splits)] + split_sums(ds_splits, "dS")
         backward += [Kernel("dB partials = dY^T S", 2.0 * M * N * r, y + s32 + partials),
                      Kernel("dB = s * sum of partials", 0, partials + b)]
     da_partials = reduce_splits(K) * K * r * 4

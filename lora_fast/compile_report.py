@@ -126,8 +126,8 @@ def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
 
     if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when it regenerates a keep-mask
         return cfg.gemm_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
-    if kernel in ("xa_proj", "dyb_proj"):
-        return cfg.proj_configs(capability, dtype)
+    if kernel in ("xa_proj", "dyb_proj"):   # ops.lowrank_project: its own list when it regenerates a keep-mask
+        return cfg.proj_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
     if kernel == "da_reduce":
         return cfg.reduce_configs(capability, dtype)
     if kernel == "grad_finish":
@@ -225,7 +225,8 @@ def launch_args(job: Job) -> tuple:
             strides = dict(stride_pm=N, stride_pk=1, stride_qk=1, stride_qr=N)
         args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), OUT_ptr=_Ptr("fp32"), L_ptr=_Ptr("fp32"),
                     PARTIAL_ptr=_Ptr("fp32"), SEED_ptr=_Ptr("i64" if dropout else "fp32"),
-                    M=M, K=K, R=R, M_BUCKET=M, K_PER_SPLIT=K, **strides, stride_om=R, stride_or=1, stride_os=M * R,
+                    M=M, K=K, R=R, M_BUCKET=M, ROWS_PER_PROGRAM=2 * cfg.PROJ_BLOCK_M, K_PER_SPLIT=K, **strides,
+                    stride_om=R, stride_or=1, stride_os=M * R,
                     stride_lm=R, stride_lr=1,
                     out_scale=1.0 / 0.9, dropout_p=0.1, BLOCK_M=cfg.PROJ_BLOCK_M)
         return lowrank_proj_kernel, dict(args, **common, **meta)

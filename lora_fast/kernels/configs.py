@@ -43,9 +43,9 @@ _GEMM_FP32 = [(32, 32, 32, 4, 4)]
 # the K range of one program of a narrow pass split along K is a multiple of this: every BLOCK_K of the
 # configs (16 to 128) divides it, and it keeps a split's rows of P at least 512 B long in 16-bit
 SPLIT_QUANTUM = 256
-# The dB partials (cdiv(M, BLOCK_M), R, N) fp32 are written and read back: 8 R / BLOCK_M bytes per element of
-# dY, i.e. R / 32 of a bf16 dY read at BLOCK_M = 128 (half of it at rank 16); the launcher fuses them only
-# while 4 R < BLOCK_M, else dB takes a second pass over dY
+# The dB partials (row groups, R, N) fp32 are written and read back: 8 R / (rows per group) bytes per element of
+# dY (proj_layout sizes the groups: 256 rows at M = 8192, so R / 64 of a bf16 dY read); the launcher fuses them
+# only while 4 R < BLOCK_M, else dB takes a second pass over dY
 PROJ_BLOCK_M = 128
 # (BLOCK_M, BLOCK_K) of the dA reduction: 64 x 64 is 8 KB of x per stage in bf16; fp32 (CUDA-core dots) with
 # dropout spilled ~10 KB at 64 x 64 and rank 64 on sm_80 (compile report), hence 32 x 32
@@ -54,6 +54,8 @@ REDUCE_BLOCKS_FP32 = (32, 32)
 # (BLOCK_K, num_warps, num_stages). Removed after the compile report (triton 3.9), x @ A with dropout in bf16:
 # BLOCK_K 128 w4 s3 spilled ~4.4 KB on sm_90, 128 w8 s3 8 B on sm_80, 256 w8 s2 140-308 B on both.
 _PROJ = [(64, 4, 3), (64, 4, 4), (64, 8, 3)]
+# x @ A with the 8-bit-uniform keep-mask on sm_80, 16-bit, rank 64: 64 w8 s3 spilled 8 B (triton 3.9)
+_PROJ_DROPOUT_SM80_DROPS = [(64, 8, 3)]
 # fp32 on sm_80: BLOCK_K 64 w4 s2 spilled up to 2.7 KB, BLOCK_K 32 w4 8 B at rank 64, BLOCK_K 32 w8 4 B (s2,
 # triton 3.9) or 8 B (s3, triton 3.6) in the dS pass at rank 64; BLOCK_K 16 with 8 warps is clean on both
 _PROJ_FP32 = [(16, 8, 3)]
@@ -119,9 +121,12 @@ def gemm_configs(capability, dtype: torch.dtype, dropout: bool = False) -> list:
     ]
 
 
-def proj_configs(capability, dtype: torch.dtype) -> list:
-    """Autotune configs of ``lowrank_proj_kernel`` (BLOCK_M is PROJ_BLOCK_M, passed by the launcher)."""
+def proj_configs(capability, dtype: torch.dtype, dropout: bool = False) -> list:
+    """Autotune configs of ``lowrank_proj_kernel`` (BLOCK_M is PROJ_BLOCK_M, passed by the launcher); with
+    ``dropout`` those of the pass that regenerates the keep-mask."""
     table = _PROJ_FP32 if dtype == torch.float32 else _PROJ
+    if dropout and dtype != torch.float32 and tuple(capability)[0] < 9:
+        table = [c for c in table if c not in _PROJ_DROPOUT_SM80_DROPS]
     limit, elt = smem_limit(capability), _elt(dtype)
     return [
         triton.Config(dict(BLOCK_K=bk), num_warps=w, num_stages=s)
@@ -149,3 +154,43 @@ FINISH_BLOCK = 1024
 def finish_configs(capability, dtype: torch.dtype) -> list:
     """The one config of ``sum_partials_kernel`` (memory-bound; nothing to tune)."""
     return [triton.Config({}, num_warps=4, num_stages=1)]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def proj_layout(M: int, K: int, R: int, block_m: int, sms: int, partials: bool):
+    """(rows per program, columns per program) of a narrow pass over an (M, K) input on a GPU with ``sms``
+    streaming multiprocessors, so that the programs (row groups x K splits) fill the GPU at every M and small M
+    does not walk all of K in one program.
+
+    Each K split beyond the first costs a partial dS (M x R fp32, summed by ops.finish). Without ``partials`` a
+    row group is one BLOCK_M block and K is split just enough for two waves of the GPU. With ``partials`` (the
+    dB partials of the dS pass) each row group also costs an (R, K) fp32 slice, so the power-of-two split count
+    that moves the fewest partial bytes with at least one wave of programs is taken: at M = 8192, K = 4096,
+    R = 16 on 132 SMs, 8 splits of 512 columns and 32 groups of 256 rows (12.6 MB of partials, against 18.9 MB
+    with one group per 128-row block); at K = 14336, 23 MB against 61 MB. Columns per program are a multiple of
+    SPLIT_QUANTUM (256: every BLOCK_K of the configs divides it).
+    """
+    row_blocks = _cdiv(M, block_m)
+    programs = 2 * sms
+    max_splits = _cdiv(K, SPLIT_QUANTUM)
+    if not partials:
+        splits = max(1, min(_cdiv(programs, row_blocks), max_splits))
+        return block_m, _cdiv(_cdiv(K, splits), SPLIT_QUANTUM) * SPLIT_QUANTUM
+    one_wave = min(programs // 2, row_blocks * max_splits)
+    best = None
+    splits = 1
+    while True:
+        group = _cdiv(row_blocks, min(row_blocks, _cdiv(programs, splits)))
+        groups = _cdiv(row_blocks, group)
+        cost = (M * R * splits if splits > 1 else 0) + groups * R * K
+        key = (groups * splits < one_wave, cost)
+        if best is None or key < best[0]:
+            best = (key, group, splits)
+        if splits >= max_splits:
+            break
+        splits = min(2 * splits, max_splits)
+    _, group, splits = best
+    return group * block_m, _cdiv(_cdiv(K, splits), SPLIT_QUANTUM) * SPLIT_QUANTUM

@@ -1,8 +1,8 @@
 """Narrow kernels of the low-rank path: the (M, R) projections and the reductions over M.
 
-``lowrank_proj_kernel``: OUT[M, R] = out_scale * (keep? ⊙ P[M, K]) @ Q[K, R], in one pass over P, split along
-K over a second grid axis when the row blocks alone would leave SMs idle; with WRITE_PARTIAL it also writes,
-per row block, PARTIAL[pid_m] = L[block, :]^T @ P[block, :] (R, K).
+``lowrank_proj_kernel``: OUT[M, R] = out_scale * (keep? ⊙ P[M, K]) @ Q[K, R], in one pass over P, its programs
+over groups of rows and (when the groups alone would leave SMs idle) splits of K; with WRITE_PARTIAL it also
+writes, per row group, PARTIAL[group] = L[group rows, :]^T @ P[group rows, :] (R, K).
   forward:  S = dropout(x) @ A                         (P = x, Q = A, out_scale = 1 / (1 - p))
   backward: dS = dY @ B^T and the dB partials S^T dY   (P = dY, Q = B^T, L = S), one pass over dY.
 ``reduce_m_kernel``: PARTIAL[split] = (keep? ⊙ P)[rows of split, K]^T @ L[rows of split, R] (K, R).
@@ -19,30 +19,21 @@ from .rng import keep_mask
 
 
 @triton.jit
-def lowrank_proj_kernel(
-    # pointers
-    P_ptr, Q_ptr, OUT_ptr, L_ptr, PARTIAL_ptr, SEED_ptr,
-    # sizes (M_BUCKET only keys the autotuner; K_PER_SPLIT: the K range of one program, a multiple of BLOCK_K)
-    M, K, R, M_BUCKET, K_PER_SPLIT,
-    # strides (stride_os: between the per-split outputs when K is split, unused otherwise)
+def _proj_row_block(
+    P_ptr, Q_ptr, OUT_ptr, L_ptr, partial, SEED_ptr,
+    m0, row_end, first, k_start, k_end, K, R, pid_k,
     stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_os, stride_lm, stride_lr,
-    # scalars
     out_scale, dropout_p,
-    # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    # split along K (program_id 1): enough programs to fill the GPU at every M, each over K_PER_SPLIT columns;
-    # with several splits OUT holds one raw sum per split, added up (and scaled) by sum_partials_kernel
-    pid_k = tl.program_id(1)
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Rows m0 .. m0 + BLOCK_M (below row_end) over columns k_start .. k_end: OUT's block, and with WRITE_PARTIAL
+    the group's (R, K) slice of partials written (``first``) or added to."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
+    mask_m = offs_m < row_end
     mask_r = offs_r < R
     rows_p = P_ptr + offs_m[:, None].to(tl.int64) * stride_pm
     if WRITE_PARTIAL:
@@ -53,7 +44,9 @@ def lowrank_proj_kernel(
             # fp16 range (see fp16.py): a power-of-two factor per rank row, put back after each partial dot
             lo_t, rank_f = pow2_split(lo_t, 1)
         lo_t = lo_t.to(DOT_DTYPE)
-        partial = PARTIAL_ptr + pid_m.to(tl.int64) * R * K + offs_r[:, None] * K
+        # the group's first row block writes its slice, the next ones add to it (an all-false mask loads
+        # nothing; a (BLOCK_R, 1) tile, since the interpreter takes no scalar mask)
+        add_to = ((offs_r * 0 + first) == 0)[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     zero64 = tl.full((), 0, tl.int64)
@@ -73,11 +66,59 @@ def lowrank_proj_kernel(
             part = tl.dot(lo_t, p, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
             if DOT_DTYPE == tl.float16:
                 part = part * rank_f
-            tl.store(partial + (k0 + offs_k)[None, :], part, mask=mask_r[:, None] & mask_k[None, :])
+            mask_part = mask_r[:, None] & mask_k[None, :]
+            part += tl.load(partial + (k0 + offs_k)[None, :], mask=mask_part & add_to, other=0.0)
+            tl.store(partial + (k0 + offs_k)[None, :], part, mask=mask_part)
 
     out = (OUT_ptr + pid_k.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * stride_om
            + offs_r[None, :] * stride_or)
     tl.store(out, (acc * out_scale).to(OUT_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def lowrank_proj_kernel(
+    # pointers
+    P_ptr, Q_ptr, OUT_ptr, L_ptr, PARTIAL_ptr, SEED_ptr,
+    # sizes (M_BUCKET only keys the autotuner; ROWS_PER_PROGRAM: a multiple of BLOCK_M, BLOCK_M itself without
+    # WRITE_PARTIAL; K_PER_SPLIT: the K range of one program, a multiple of BLOCK_K)
+    M, K, R, M_BUCKET, ROWS_PER_PROGRAM, K_PER_SPLIT,
+    # strides (stride_os: between the per-split outputs when K is split, unused otherwise)
+    stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_os, stride_lm, stride_lr,
+    # scalars
+    out_scale, dropout_p,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # a program covers ROWS_PER_PROGRAM rows and K_PER_SPLIT columns (program_id 1). With several K splits OUT
+    # holds one raw sum per split, added up (and scaled) by sum_partials_kernel. With WRITE_PARTIAL the rows are a
+    # group of row blocks walked in turn, whose dB partials accumulate in one (R, K) slice per group in place
+    # (the slice stays in L2: it is this program's own), so their size is set by the number of groups, not of
+    # row blocks; without it a program is one row block, with no loop around it (fewer registers)
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    row_start = pid_m * ROWS_PER_PROGRAM
+    row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, M)
+    if WRITE_PARTIAL:
+        partial = PARTIAL_ptr + pid_m.to(tl.int64) * R * K + tl.arange(0, BLOCK_R)[:, None] * K
+        for m0 in range(row_start, row_end, BLOCK_M):
+            # orders the previous block's stores to the slice before this block's loads of it across the CTA's
+            # threads (an element may be stored and loaded by different threads)
+            tl.debug_barrier()
+            _proj_row_block(P_ptr, Q_ptr, OUT_ptr, L_ptr, partial, SEED_ptr,
+                            m0, row_end, m0 == row_start, k_start, k_end, K, R, pid_k,
+                            stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_os,
+                            stride_lm, stride_lr, out_scale, dropout_p,
+                            BLOCK_M, BLOCK_K, BLOCK_R, HAS_DROPOUT, WRITE_PARTIAL, DOT_DTYPE, INPUT_PRECISION)
+    else:
+        _proj_row_block(P_ptr, Q_ptr, OUT_ptr, L_ptr, PARTIAL_ptr, SEED_ptr,
+                        row_start, row_end, True, k_start, k_end, K, R, pid_k,
+                        stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_os,
+                        stride_lm, stride_lr, out_scale, dropout_p,
+                        BLOCK_M, BLOCK_K, BLOCK_R, HAS_DROPOUT, WRITE_PARTIAL, DOT_DTYPE, INPUT_PRECISION)
 
 
 @triton.jit

@@ -130,6 +130,10 @@ _gemm_dropout = _Launcher(gemm_lowrank_kernel, functools.partial(configs.gemm_co
                           pointers=7, scalars=2)
 _proj = _Launcher(lowrank_proj_kernel, configs.proj_configs, ["M_BUCKET", "K", "R"],
                   dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4, num_stages=1), pointers=6, scalars=2)
+# x @ A with dropout: its own config list (configs.proj_configs(dropout=True): no spills)
+_proj_dropout = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, dropout=True),
+                          ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
+                                                       num_stages=1), pointers=6, scalars=2)
 _reduce = _Launcher(reduce_m_kernel, configs.reduce_configs, ["M_BUCKET", "K", "R"], dict(num_warps=4, num_stages=1),
                     pointers=4, scalars=1)
 _finish = _Launcher(sum_partials_kernel, configs.finish_configs, [], dict(num_warps=4, num_stages=1),
@@ -178,28 +182,28 @@ def _splits(M: int, K: int, block_m: int, block_k: int, device: torch.device) ->
     return max(1, min(row_blocks, _cdiv(programs, _cdiv(K, block_k))))
 
 
-def _k_splits(M: int, K: int, block_m: int, device: torch.device) -> int:
-    """Columns per program of a narrow pass over an (M, K) input: enough programs (row blocks x K splits) for two
-    waves of the GPU, so that small M does not walk all of K in one program (two splits when interpreted, to
-    test that path). A multiple of SPLIT_QUANTUM (256: every BLOCK_K of the configs divides it)."""
-    quantum = configs.INTERP_PROJ_BLOCK["BLOCK_K"] if _INTERPRETED else configs.SPLIT_QUANTUM
-    want = 2 if _INTERPRETED else _cdiv(2 * _sm_count(device), _cdiv(M, block_m))
-    splits = max(1, min(want, _cdiv(K, quantum)))
-    return _cdiv(_cdiv(K, splits), quantum) * quantum
+def _proj_layout(M: int, K: int, R: int, block_m: int, device: torch.device, partials: bool):
+    """(rows per program, columns per program) of a narrow pass (configs.proj_layout). Interpreted: two K splits,
+    and two row blocks per group when there are partials, so that every path runs in the tests."""
+    if _INTERPRETED:
+        quantum = configs.INTERP_PROJ_BLOCK["BLOCK_K"]
+        splits = max(1, min(2, _cdiv(K, quantum)))
+        return (2 if partials else 1) * block_m, _cdiv(_cdiv(K, splits), quantum) * quantum
+    return configs.proj_layout(M, K, R, block_m, _sm_count(device), partials)
 
 
 def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0.0, seed=None, partial_of=None):
     """OUT (M, R) fp32 = out_scale * (keep ⊙ P) @ Q, Q given by (pointer tensor, strides) of shape (K, R).
 
-    With ``partial_of=L`` (M, R) also returns the per-row-block partials L^T P, (cdiv(M, BLOCK_M), R, K) fp32.
-    Split along K when the row blocks do not fill the GPU: then one raw sum per split, added up and scaled by
-    one ``finish`` launch (M x R x splits fp32 of traffic, against M x K of P).
+    With ``partial_of=L`` (M, R) also returns the per-row-group partials L^T P, (groups, R, K) fp32 (``_proj_layout``
+    sizes the groups). Split along K when the row groups do not fill the GPU: then one raw sum per split, added
+    up and scaled by one ``finish`` launch (M x R x splits fp32 of traffic, against M x K of P).
     """
     M, K = P.shape
     out = torch.empty((M, R), dtype=torch.float32, device=P.device)
     block_m = _proj_block_m()
-    k_per_split = _k_splits(M, K, block_m, P.device)
-    grid = (_cdiv(M, block_m), _cdiv(K, k_per_split))
+    rows_per_program, k_per_split = _proj_layout(M, K, R, block_m, P.device, partial_of is not None)
+    grid = (_cdiv(M, rows_per_program), _cdiv(K, k_per_split))
     target, scale = out, out_scale
     if grid[1] > 1:
         target, scale = torch.empty((grid[1], M, R), dtype=torch.float32, device=P.device), 1.0
@@ -208,8 +212,9 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
     if partial_of is not None:
         L = partial_of
         partial = torch.empty((grid[0], R, K), dtype=torch.float32, device=P.device)
-    _proj(grid, P, Q, target, L, partial if partial is not None else out, seed if seed is not None else out,
-          M, K, R, _m_bucket(M), k_per_split,
+    launch = _proj_dropout if dropout_p > 0 else _proj
+    launch(grid, P, Q, target, L, partial if partial is not None else out, seed if seed is not None else out,
+          M, K, R, _m_bucket(M), rows_per_program, k_per_split,
           P.stride(0), P.stride(1), stride_qk, stride_qr, target.stride(-2), target.stride(-1),
           target.stride(0) if grid[1] > 1 else 0, L.stride(0), L.stride(1),
           float(scale), float(dropout_p),
