@@ -196,3 +196,17 @@ def test_gpu_mode_flow_on_cpu(tmp_path, monkeypatch):
     md = (tmp_path / "fake-gpu-model.md").read_text()
     assert "out of memory" in md and "tiny-llama" in md
     assert (tmp_path / "fake-gpu-model.png").stat().st_size > 0
+
+
+def test_checkpointing_recomputes_the_lora_layers():
+    # the checkpointing rows really checkpoint: the backward runs the LoRA layers' forwards again
+    calls = {}
+    for ckpt in (False, True):
+        run = ms.build("lora-fast", LLAMA, torch.float32, checkpointing=ckpt)
+        n = [0]
+        for m in run.lora_layers.values():
+            m.register_forward_hook(lambda *args: n.__setitem__(0, n[0] + 1))
+        with ms.lora_fast_backend("reference"):
+            ms.loss_of(run.model, ms.random_batch(LLAMA["vocab_size"], 1, 8, "cpu")).backward()
+        calls[ckpt] = n[0]
+    assert calls[False] == len(run.lora_layers) and calls[True] > calls[False]
