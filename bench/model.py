@@ -89,7 +89,7 @@ def _mib(n) -> str:
 
 def run_cpu(args, console: Console) -> int:
     specs = models(args)
-    dropouts = [p for p in (args.dropout or (0.0, 0.05))]
+    dropouts = list(args.dropout or (0.0, 0.05))
     p_check = max(dropouts) if max(dropouts) > 0 else 0.05
     console.print(f"[bold]lora-fast whole-model bench, CPU mode[/] ({platform.processor() or platform.machine()}, "
                   f"torch {torch.__version__}, triton {triton.__version__}). No CUDA device: nothing is timed. "
