@@ -62,33 +62,33 @@ def assemble(case_info: Dict, measured: Dict[str, Dict], bounds: Dict[str, Dict[
     return rows
 
 
-def append_csv(path: str, rows: Sequence[Dict]) -> None:
-    """Append rows (FIELDS order) to ``path``, writing the header when the file is new.
+def append_csv(path: str, rows: Sequence[Dict], fields: Sequence[str] = FIELDS) -> None:
+    """Append rows (``fields`` order, default FIELDS) to ``path``, writing the header when the file is new.
     Raises ValueError if an existing file has another header."""
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     if not new:
         with open(path, newline="", encoding="utf-8") as f:
             header = next(csv.reader(f), None)
-        if tuple(header or ()) != FIELDS:
-            raise ValueError(f"{path}: existing header {header} differs from {list(FIELDS)}; use another --out")
+        if tuple(header or ()) != tuple(fields):
+            raise ValueError(f"{path}: existing header {header} differs from {list(fields)}; use another --out")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=list(fields))
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({k: row.get(k) for k in FIELDS})
+            writer.writerow({k: row.get(k) for k in fields})
 
 
-def append_json(path: str, rows: Sequence[Dict]) -> None:
-    """Append rows to the JSON list in ``path`` (created when missing)."""
+def append_json(path: str, rows: Sequence[Dict], fields: Sequence[str] = FIELDS) -> None:
+    """Append rows (their ``fields``) to the JSON list in ``path`` (created when missing)."""
     existing = []
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             existing = json.load(f)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(existing + [{k: r.get(k) for k in FIELDS} for r in rows], f, indent=1)
+        json.dump(existing + [{k: r.get(k) for k in fields} for r in rows], f, indent=1)
 
 
 def _fmt(v, spec=".3f"):
