@@ -189,6 +189,8 @@ def run_gpu(args, console: Console) -> int:
                 continue
             m["saved_bytes"] = saved_total
             measured[n] = m
+            if n == "lora-fast":
+                _launch_table(console, case, forward, x, ceilings[case.dtype], stem, env)
             bounds[n] = {mode: cost_model.bound(n, mode, case.M, case.K, case.N, case.rank, case.dtype,
                                                 ceilings[case.dtype]["gemm_flops_per_s"],
                                                 ceilings[case.dtype]["copy_bytes_per_s"], bias=case.proj.bias,
@@ -210,6 +212,38 @@ def run_gpu(args, console: Console) -> int:
         results.plot(all_rows, stem + ".png")
     console.print(f"wrote {stem}.md and {stem}.png")
     return 0
+
+
+LAUNCH_FIELDS = ("time_utc", "gpu", "torch", "triton", "commit", "model", "proj", "M", "K", "N", "rank", "dtype",
+                 "dropout", "launch", "kernel", "bound_us", "measured_us", "x_bound")
+
+
+def _launch_table(console: Console, case, forward, x, ceiling: Dict, stem: str, env: Dict) -> None:
+    """lora-fast's launches, profiled, beside the cost model's bound of each; rows to <stem>-launches.csv."""
+    from . import launches
+
+    model = cost_model.kernels("lora-fast", case.M, case.K, case.N, case.rank, case.dtype, bias=case.proj.bias,
+                               dropout=case.dropout, sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    try:
+        profiled = launches.profile_step(forward, x, forward.params)
+    except RuntimeError as e:
+        console.print(f"[yellow]launch profile skipped: {e}[/]")
+        return
+    rows, problem = launches.pair(model["forward"] + model["backward"], profiled, ceiling["gemm_flops_per_s"],
+                                  ceiling["copy_bytes_per_s"])
+    if problem:
+        console.print(f"[yellow]launch profile: {problem}[/]")
+        return
+    t = Table(title=f"lora-fast launches, {case.proj.label}, M={case.M}, r={case.rank}, {case.dtype}, "
+                    f"dropout {case.dropout:g} (profiled, mean of 5 steps)")
+    for col in ("launch", "kernel", "bound us", "measured us", "x bound"):
+        t.add_column(col, justify="left" if col in ("launch", "kernel") else "right")
+    for r in rows:
+        t.add_row(r["launch"], r["kernel"], f"{r['bound_us']:.1f}", f"{r['measured_us']:.1f}", f"{r['x_bound']:.2f}")
+    console.print(t)
+    info = dict(env, model=case.proj.model, proj=case.proj.name, M=case.M, K=case.K, N=case.N, rank=case.rank,
+                dtype=case.dtype, dropout=case.dropout)
+    results.append_csv(stem + "-launches.csv", [dict(info, **r) for r in rows], fields=LAUNCH_FIELDS)
 
 
 def _print_case(console: Console, case, rows) -> None:

@@ -43,9 +43,14 @@ class Kernel:
     name: str
     flops: float
     bytes: float
+    launch: str = ""   # lora-fast: the Triton kernel this launch runs (bench.launches pairs it with a profile)
 
     def time(self, gemm_flops_per_s: float, copy_bytes_per_s: float) -> float:
         return max(self.flops / gemm_flops_per_s, self.bytes / copy_bytes_per_s)
+
+
+# lora-fast's Triton kernels (kernels/gemm.py, kernels/lowrank.py), as a profiler names their launches
+GEMM, PROJ, REDUCE, FINISH = "gemm_lowrank_kernel", "lowrank_proj_kernel", "reduce_m_kernel", "sum_partials_kernel"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -64,32 +69,32 @@ def _lora_fast(M: int, K: int, N: int, r: int, e: int, bias_b: int, sms: int) ->
         return _cdiv(M, rows), _cdiv(length, cols)
 
     def split_sums(splits: int, what: str) -> List[Kernel]:
-        return [Kernel(f"{what}: sum of {splits} splits", 0, splits * s32 + s32)] if splits > 1 else []
+        return [Kernel(f"{what}: sum of {splits} splits", 0, splits * s32 + s32, FINISH)] if splits > 1 else []
 
     def reduce_splits(length: int) -> int:  # ops._splits with 64 x 64 blocks
         row_blocks = _cdiv(M, 64)
         return max(1, min(row_blocks, _cdiv(2 * sms, _cdiv(length, 64))))
 
     _, s_splits = layout(K)
-    forward = [Kernel("S = dropout(x) A", 2.0 * M * K * r, x + a + s32 * s_splits)] + split_sums(s_splits, "S")
-    forward.append(Kernel("y = x W^T + b + s S B", base + 2.0 * M * r * N, x + w + y + bias_b + s32 + b))
+    forward = [Kernel("S = dropout(x) A", 2.0 * M * K * r, x + a + s32 * s_splits, PROJ)] + split_sums(s_splits, "S")
+    forward.append(Kernel("y = x W^T + b + s S B", base + 2.0 * M * r * N, x + w + y + bias_b + s32 + b, GEMM))
     if 4 * r < configs.PROJ_BLOCK_M:
         groups, ds_splits = layout(N, partials=True)
         partials = groups * r * N * 4
         backward = [Kernel("dS = dY B^T, dB partials S^T dY", 4.0 * M * N * r,
-                           y + b + s32 + s32 * ds_splits + partials)]
+                           y + b + s32 + s32 * ds_splits + partials, PROJ)]
         backward += split_sums(ds_splits, "dS")
-        backward.append(Kernel("dB = s * sum of partials", 0, partials + b))
+        backward.append(Kernel("dB = s * sum of partials", 0, partials + b, FINISH))
     else:
         _, ds_splits = layout(N)
         partials = reduce_splits(N) * N * r * 4
-        backward = [Kernel("dS = dY B^T", 2.0 * M * N * r, y + b + s32 * ds_splits)] + split_sums(ds_splits, "dS")
-        backward += [Kernel("dB partials = dY^T S", 2.0 * M * N * r, y + s32 + partials),
-                     Kernel("dB = s * sum of partials", 0, partials + b)]
+        backward = [Kernel("dS = dY B^T", 2.0 * M * N * r, y + b + s32 * ds_splits, PROJ)] + split_sums(ds_splits, "dS")
+        backward += [Kernel("dB partials = dY^T S", 2.0 * M * N * r, y + s32 + partials, REDUCE),
+                     Kernel("dB = s * sum of partials", 0, partials + b, FINISH)]
     da_partials = reduce_splits(K) * K * r * 4
-    backward += [Kernel("dX = dY W + keep (dS A^T)", base + 2.0 * M * r * K, y + w + x + s32 + a),
-                 Kernel("dA partials = (keep x)^T dS", 2.0 * M * K * r, x + s32 + da_partials),
-                 Kernel("dA = s * sum of partials", 0, da_partials + a)]
+    backward += [Kernel("dX = dY W + keep (dS A^T)", base + 2.0 * M * r * K, y + w + x + s32 + a, GEMM),
+                 Kernel("dA partials = (keep x)^T dS", 2.0 * M * K * r, x + s32 + da_partials, REDUCE),
+                 Kernel("dA = s * sum of partials", 0, da_partials + a, FINISH)]
     return {"forward": forward, "backward": backward}
 
 

@@ -155,3 +155,28 @@ def test_cpu_mode_prints_tables_and_times_nothing(capsys):
     # (2 x 12 MiB) and S (M x r bf16, 0.06 MiB)
     assert "gpt2-124m proj 3072->768" in out and "24.1" in out
     assert " ms" not in out
+
+
+def test_launch_profile_pairs_with_the_cost_model():
+    """bench.launches: the cost model names the Triton kernel of each lora-fast launch; a profile that lines up is
+    paired in order with each launch's bound, one that does not is reported, never forced into pairs."""
+    from bench import cost_model, launches
+
+    model = cost_model.kernels("lora-fast", 8192, 4096, 4096, 16, "bfloat16", dropout=0.1)
+    kernels = model["forward"] + model["backward"]
+    assert all(k.launch in launches.KERNEL_NAMES for k in kernels)
+    # two profiled steps of the same launches, as profile_step collects them
+    names = [k.launch for k in kernels] * 2
+    times = [10.0 + i for i in range(len(kernels))] + [12.0 + i for i in range(len(kernels))]
+    profiled = launches.average_steps(names, times, repeats=2)
+    assert [t for _, t in profiled] == [11.0 + i for i in range(len(kernels))]
+    rows, problem = launches.pair(kernels, profiled, 790e12, 4.3e12)
+    assert problem == "" and len(rows) == len(kernels)
+    gemm = next(r for r in rows if r["launch"].startswith("y = "))
+    bound_us = 2.0 * 8192 * 4096 * 4096 / 790e12 * 1e6 * (1 + 16 / 4096)
+    assert gemm["kernel"] == cost_model.GEMM and abs(gemm["bound_us"] - bound_us) <= 1e-9 * bound_us
+    assert gemm["x_bound"] == gemm["measured_us"] / gemm["bound_us"]
+    rows, problem = launches.pair(kernels, profiled[:-1], 790e12, 4.3e12)
+    assert rows == [] and "part at launch" in problem
+    with pytest.raises(RuntimeError, match="different kernels"):
+        launches.average_steps(names[:-1] + [cost_model.GEMM], times, repeats=2)
