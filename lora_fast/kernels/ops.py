@@ -14,7 +14,7 @@ from triton import knobs
 from triton.runtime import driver
 
 from .. import philox
-from . import configs
+from . import choice, configs
 from .gemm import gemm_lowrank_kernel
 from .lowrank import lowrank_proj_kernel, reduce_m_kernel, sum_partials_kernel
 
@@ -126,6 +126,12 @@ _gemm_dx = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N"
                      dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=2)
 # dX with dropout: the same kernel with smaller tiles (configs.gemm_configs(dropout=True): no spills)
 _gemm_dropout = _Launcher(gemm_lowrank_kernel, functools.partial(configs.gemm_configs, dropout=True),
+                          ["M_BUCKET", "N", "K", "R"], dict(configs.INTERP_GEMM, num_warps=4, num_stages=1),
+                          pointers=7, scalars=2)
+# the low-rank term alone (K = 0) before cuBLAS's addmm (choice.py's "cublas" path): its own tuning
+_term = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N", "K", "R"],
+                  dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=2)
+_term_dropout = _Launcher(gemm_lowrank_kernel, functools.partial(configs.gemm_configs, dropout=True),
                           ["M_BUCKET", "N", "K", "R"], dict(configs.INTERP_GEMM, num_warps=4, num_stages=1),
                           pointers=7, scalars=2)
 _proj = _Launcher(lowrank_proj_kernel, configs.proj_configs, ["M_BUCKET", "K", "R"],
@@ -263,28 +269,59 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
 
     Q (K, N) and RM (R, N) are given as (pointer tensor, strides) so transposed weights need no copy.
     ``out``: an optional (M, N) tensor to write into (a view of the caller's N-D output). ``backward``: the dX
-    GEMM, tuned apart from the forward.
+    GEMM, tuned and chosen apart from the forward. The path (the fused Triton GEMM or cuBLAS after the low-rank
+    term) is measured per key and remembered (kernels/choice.py).
     """
     M, K = P.shape
     R = L.shape[1]
     if out is None:
         out = torch.empty((M, N), dtype=P.dtype, device=P.device)
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()   # N elements; the kernel reads the bias with unit stride
+    args = (P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out, backward)
+    key = (P.device, P.dtype, _m_bucket(M), N, K, R, dropout_p > 0, backward)
+    path = choice.GEMM.get(key)
+    if path is None:
+        name = "interpreter" if _INTERPRETED else torch.cuda.get_device_name(P.device)
+        candidates = {p: functools.partial(_GEMM_PATHS[p], *args) for p in choice.PATHS}
+        path = choice.GEMM.resolve(key, name, candidates, measure=not _INTERPRETED)
+    _GEMM_PATHS[path](*args)
+    return out
+
+
+def _fused_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out, backward, *,
+                k_loop=True):
+    """The fused kernel; ``k_loop=False`` runs it with K = 0: out = bias + the low-rank term, nothing else."""
+    M, K = P.shape
+    R = L.shape[1]
 
     def grid(meta):
         return (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
 
-    if bias is not None and bias.stride(0) != 1:
-        bias = bias.contiguous()   # N elements; the kernel reads the bias with unit stride
-    launch = _gemm_dropout if dropout_p > 0 else _gemm_dx if backward else _gemm
+    if not k_loop:
+        launch = _term_dropout if dropout_p > 0 else _term
+    else:
+        launch = _gemm_dropout if dropout_p > 0 else _gemm_dx if backward else _gemm
     launch(grid, P, Q, bias if bias is not None else out, L, RM, out, seed if seed is not None else out,
-           M, N, K, R, _m_bucket(M),
+           M, N, K if k_loop else 0, R, _m_bucket(M),
            P.stride(0), P.stride(1), q_strides[0], q_strides[1], L.stride(0), L.stride(1),
            rm_strides[0], rm_strides[1], out.stride(0), out.stride(1),
            float(lowrank_scale), float(dropout_p),
            BLOCK_R=configs.block_r(R), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
            DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
            device=P.device, dtype=P.dtype)
-    return out
+
+
+def _cublas_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out, backward):
+    """bias + the low-rank term into ``out`` (the fused kernel without its K loop), then cuBLAS accumulates
+    P @ Q into it (addmm, beta = 1): the same result up to one rounding of the low-rank term to out's dtype."""
+    _fused_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out, backward,
+                k_loop=False)
+    if P.shape[1]:
+        out.addmm_(P, Q.as_strided((P.shape[1], N), q_strides))
+
+
+_GEMM_PATHS = {"triton": _fused_gemm, "cublas": _cublas_gemm}
 
 
 def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=None):

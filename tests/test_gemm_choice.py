@@ -1,0 +1,118 @@
+"""The GEMM path choice (kernels/choice.py): both paths against float64, and the choice logic with a fake timer."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from lora_fast import lora_linear
+from lora_fast.kernels import choice, dropout_keep_mask
+from tests.utils import check_op, make_inputs
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """Force a path for one test; the resolved keys are forgotten before and after."""
+    def force(path):
+        monkeypatch.setenv(choice.ENV, path)
+        choice.clear()
+    yield force
+    monkeypatch.delenv(choice.ENV, raising=False)
+    choice.clear()
+
+
+@pytest.mark.parametrize("path", choice.PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lead,K,N,R,bias", [((37,), 45, 70, 3, True), ((2, 17), 64, 33, 16, False)], ids=str)
+def test_paths_match_float64(path, dtype, lead, K, N, R, bias, device, forced):
+    forced(path)
+    inputs = make_inputs(lead, K, N, R, dtype, device, bias=bias)
+    check_op(lambda *a: lora_linear(*a), *inputs, scale=1.5)
+    assert choice.GEMM.get((device, dtype, 64, N, K, R, False, False)) == path
+
+
+@pytest.mark.parametrize("path", choice.PATHS)
+def test_paths_with_dropout_and_a_transposed_weight(path, device, forced):
+    """dX with the keep-mask in its low-rank term; the weight a transposed view (no copy on either path)."""
+    forced(path)
+    p = 0.3
+    x, w, b, A, B = make_inputs((29,), 40, 36, 4, torch.float32, device)
+    w = w.t().contiguous().t()      # (N, K) with strides (1, N)
+    torch.manual_seed(99)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+    mask = dropout_keep_mask(seed, 29, 40, p)
+
+    def op(*args):
+        torch.manual_seed(99)
+        return lora_linear(*args, dropout_p=p)
+    check_op(op, x, w, b, A, B, 2.0, dropout_p=p, mask=mask)
+
+
+class _Timer:
+    def __init__(self, ms):
+        self.ms, self.calls = ms, []
+
+    def __call__(self, fn):
+        fn()
+        self.calls.append(fn.__name__)
+        return self.ms[fn.__name__]
+
+
+def _candidates(log):
+    def triton():
+        log.append("triton")
+
+    def cublas():
+        log.append("cublas")
+    return {"triton": triton, "cublas": cublas}
+
+
+def test_choice_measures_once_remembers_and_persists(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_FAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(choice.ENV, raising=False)
+    log = []
+    timer = _Timer({"triton": 1.0, "cublas": 0.5})
+    gemm = choice.GemmChoice(timer, versions="v1")
+    key = ("cuda:0", "bf16", 8192, 4096, 4096, 16, False, False)
+    assert gemm.resolve(key, "NVIDIA H200", _candidates(log)) == "cublas"
+    assert timer.calls == ["triton", "cublas"] and gemm.get(key) == "cublas"
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and "NVIDIA_H200" in files[0].name and "v1" in files[0].name
+    assert json.loads(files[0].read_text()) == {repr(key): "cublas"}
+    # another key is timed on its own; the faster path wins
+    other = key[:-1] + (True,)
+    timer.ms = {"triton": 0.2, "cublas": 0.5}
+    assert gemm.resolve(other, "NVIDIA H200", _candidates(log)) == "triton"
+    # a second process (a fresh object) reads the file and times nothing
+    timer2 = _Timer({"triton": 9.0, "cublas": 9.0})
+    gemm2 = choice.GemmChoice(timer2, versions="v1")
+    assert gemm2.resolve(key, "NVIDIA H200", _candidates(log)) == "cublas"
+    assert gemm2.resolve(other, "NVIDIA H200", _candidates(log)) == "triton"
+    assert timer2.calls == []
+    # new versions time afresh, in their own file
+    timer3 = _Timer({"triton": 0.1, "cublas": 0.5})
+    gemm3 = choice.GemmChoice(timer3, versions="v2")
+    assert gemm3.resolve(key, "NVIDIA H200", _candidates(log)) == "triton"
+    assert timer3.calls == ["triton", "cublas"] and len(list(tmp_path.iterdir())) == 2
+
+
+def test_choice_obeys_the_environment_and_survives_a_bad_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_FAST_CACHE_DIR", str(tmp_path))
+    timer = _Timer({"triton": 1.0, "cublas": 0.5})
+    key = ("cuda:0", "fp16", 16, 1024, 4096, 8, False, True)
+    monkeypatch.setenv(choice.ENV, "triton")
+    gemm = choice.GemmChoice(timer, versions="v1")
+    assert gemm.resolve(key, "gpu", _candidates([])) == "triton" and timer.calls == []
+    monkeypatch.setenv(choice.ENV, "bogus")
+    gemm.clear()
+    with pytest.raises(ValueError, match="LORA_FAST_GEMM"):
+        gemm.resolve(key, "gpu", _candidates([]))
+    monkeypatch.setenv(choice.ENV, "auto")
+    (tmp_path / os.path.basename(gemm._file("gpu"))).write_text("{not json")
+    gemm.clear()
+    assert gemm.resolve(key, "gpu", _candidates([])) == "cublas"
+    assert json.loads((tmp_path / os.path.basename(gemm._file("gpu"))).read_text()) == {repr(key): "cublas"}
+    # nothing is timed where no GPU can time (the interpreter): the fused kernel unless forced
+    gemm.clear()
+    assert gemm.resolve(key + ("interp",), "gpu", _candidates([]), measure=False) == "triton"
