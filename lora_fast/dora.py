@@ -19,8 +19,9 @@ from .functional import _autocast_enabled, _autocast_inputs, select_backend
 
 # ||W_n||^2 (fp32) per weight tensor (the view's base for a transposed view), valid while the tensor keeps its
 # storage, layout and version counter: an in-place update (optimizer step, merge, copy_) bumps the version.
-# Weak keys: the entry goes with the weight.
-_WSQ_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Keyed by id() with a weak reference whose callback drops the entry when the weight is freed (a
+# WeakKeyDictionary would compare tensors with ==, which is elementwise).
+_WSQ_CACHE: dict = {}
 
 
 def _wsq_key(weight: torch.Tensor) -> tuple:
@@ -37,11 +38,18 @@ def weight_sq_norms(weight: torch.Tensor) -> torch.Tensor:
 
     owner = weight._base if weight._base is not None else weight
     key = _wsq_key(weight)
-    hit = _WSQ_CACHE.get(owner)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    hit = _WSQ_CACHE.get(id(owner))
+    if hit is not None and hit[0]() is owner and hit[1] == key:
+        return hit[2]
     wsq = kernels.row_sumsq(weight.detach())
-    _WSQ_CACHE[owner] = (key, wsq)
+    ident = id(owner)
+
+    def forget(_ref, ident=ident):
+        entry = _WSQ_CACHE.get(ident)
+        if entry is not None and entry[0] is _ref:
+            del _WSQ_CACHE[ident]
+
+    _WSQ_CACHE[ident] = (weakref.ref(owner, forget), key, wsq)
     return wsq
 
 
