@@ -77,10 +77,11 @@ class _DoRALinearFunction(torch.autograd.Function):
             _, S, U = kernels.dora_forward(x2d, weight, bias, A, B, gscale, scale, dropout_p, seed,
                                            out=y.view(-1, N), keep_u=need_dm)
         # saved: x, S = dropout(x) A (M x r fp32), the seed, g and norm (N fp32), parameters (no new memory), and
-        # U = x_d W^T + s S B (M x N, x's dtype) only when the magnitude needs a gradient: PEFT keeps more (its
-        # base_result in x's dtype and lora_result in the adapters' dtype, both M x N, and x in the adapters'
-        # dtype). No mask, no dropped copy of x.
-        ctx.save_for_backward(x, weight, A, B, S, U, gscale, norm, seed)
+        # U (M x N, x's dtype: x W^T + b + s S B without dropout, x_d W^T + s S B with) only when the magnitude
+        # needs a gradient: PEFT keeps more (its base_result in x's dtype and lora_result in the adapters' dtype,
+        # both M x N, and x in the adapters' dtype). No mask, no dropped copy of x.
+        u_bias = bias if (U is not None and dropout_p == 0) else None
+        ctx.save_for_backward(x, weight, A, B, S, U, gscale, norm, seed, u_bias)
         ctx.scale, ctx.dropout_p, ctx.has_bias, ctx.mag_dtype = scale, dropout_p, bias is not None, magnitude.dtype
         return y
 
@@ -89,7 +90,7 @@ class _DoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         from .kernels import dora as kernels
 
-        x, weight, A, B, S, U, gscale, norm, seed = ctx.saved_tensors
+        x, weight, A, B, S, U, gscale, norm, seed, u_bias = ctx.saved_tensors
         need_dx, need_dW, need_db, need_dA, need_dB, need_dm = ctx.needs_input_grad[:6]
         p = ctx.dropout_p
         dx = dW = db = dA = dB = dm = None
@@ -104,7 +105,8 @@ class _DoRALinearFunction(torch.autograd.Function):
                 None, None, None
         if need_dx or need_dA or need_dB or need_dm or need_dW:
             dx, dA, dB, dm, dyg, dyg1 = kernels.dora_backward(
-                dy2d, x2d, weight, A, B, S, U, gscale, norm, ctx.scale, p, seed, need_dx=need_dx, need_dA=need_dA,
+                dy2d, x2d, weight, A, B, S, U, gscale, norm, ctx.scale, p, seed, bias=u_bias, need_dx=need_dx,
+                need_dA=need_dA,
                 need_dB=need_dB, need_dm=need_dm, need_g1=need_dx or need_dW)
             if dx is not None:
                 dx = dx.view(x.shape)
@@ -142,8 +144,9 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
     The norm is computed in fp32 without forming the N x K matrix: ||W_n||^2 (cached while W is unchanged, see
     ``weight_sq_norms``) + 2 scale (W A)_n . B_n + scale^2 B_n^T (A^T A) B_n. Saved for backward: x, S (M x r
-    fp32), g and the norm (N fp32), the seed, and U = x_d W^T + scale S B (M x N in x's dtype) when the
-    magnitude requires grad (for dm = colsum(dY ⊙ U) / norm). Gradients are deterministic (no atomics).
+    fp32), g and the norm (N fp32), the seed, and, when the magnitude requires grad, U (M x N in x's dtype:
+    x W^T + b + scale S B, the LoRA GEMM's output, without dropout; x_d W^T + scale S B with) for
+    dm = colsum(dY ⊙ (x_d W^T + scale x_d A B)) / norm. Gradients are deterministic (no atomics).
     Under torch.compile or torch.func transforms the op runs the reference path (``reference.dora_linear``).
 
     Returns: (..., out_features) in x's dtype.

@@ -63,33 +63,29 @@ def row_sumsq_kernel(
 
 @triton.jit
 def dora_norm_kernel(
-    # pointers: WSQ (N,) fp32 = ||W_n||^2; WA (N, R) fp32 = W A; B (R, N); G (R, R) fp32 = A^T A contiguous;
+    # pointers: WSQ (N,) fp32 = ||W_n||^2; WA (N, R) fp32 = W A; B (R, N); GB (R, N) fp32 = (A^T A) B;
     # MAG (N,) the magnitude; NORM, GSCALE (N,) fp32 outputs
-    WSQ_ptr, WA_ptr, B_ptr, G_ptr, MAG_ptr, NORM_ptr, GSCALE_ptr,
+    WSQ_ptr, WA_ptr, B_ptr, GB_ptr, MAG_ptr, NORM_ptr, GSCALE_ptr,
     # sizes
     N, R,
     # strides
-    stride_wan, stride_war, stride_br, stride_bn,
+    stride_wan, stride_war, stride_br, stride_bn, stride_gr, stride_gn,
     # scalars
     scale,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """NORM[n] = sqrt(||W_n||^2 + 2 scale (W A)_n . B_n + scale^2 B_n^T (A^T A) B_n) = ||W_n + scale (A B)^T_n||
-    (B_n the n-th column of B), and GSCALE[n] = MAG[n] / NORM[n]; all in fp32."""
+    """NORM[n] = sqrt(||W_n||^2 + sum_r B[r, n] (2 scale (W A)[n, r] + scale^2 ((A^T A) B)[r, n]))
+    = ||W_n + scale (A B)^T_n|| (B_n the n-th column of B), and GSCALE[n] = MAG[n] / NORM[n]; all in fp32."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
-    mask_r = offs_r < R
-    mask = mask_n[:, None] & mask_r[None, :]
-    wa = tl.load(WA_ptr + offs_n[:, None].to(tl.int64) * stride_wan + offs_r[None, :] * stride_war, mask=mask,
-                 other=0.0)
-    bt = tl.load(B_ptr + offs_r[None, :] * stride_br + offs_n[:, None].to(tl.int64) * stride_bn, mask=mask,
-                 other=0.0).to(tl.float32)
-    g = tl.load(G_ptr + offs_r[:, None] * R + offs_r[None, :], mask=mask_r[:, None] & mask_r[None, :], other=0.0)
-    # (B^T G)[n, r] = (G B)[r, n]: G is symmetric
-    gb = tl.dot(bt, g, input_precision="ieee", out_dtype=tl.float32)
-    cross = tl.sum(bt * (2.0 * scale * wa + scale * scale * gb), axis=1)
+    mask = mask_n[:, None] & (offs_r < R)[None, :]
+    cols = offs_n[:, None].to(tl.int64)
+    wa = tl.load(WA_ptr + cols * stride_wan + offs_r[None, :] * stride_war, mask=mask, other=0.0)
+    bt = tl.load(B_ptr + offs_r[None, :] * stride_br + cols * stride_bn, mask=mask, other=0.0).to(tl.float32)
+    gbt = tl.load(GB_ptr + offs_r[None, :] * stride_gr + cols * stride_gn, mask=mask, other=0.0)
+    cross = tl.sum(bt * (2.0 * scale * wa + scale * scale * gbt), axis=1)
     sq = tl.load(WSQ_ptr + offs_n, mask=mask_n, other=0.0) + cross
     # rounding can leave a tiny negative where W_n + scale (A B)^T_n is zero: the norm is then 0, as PEFT's
     norm = tl.sqrt(tl.maximum(sq, 0.0))
@@ -107,13 +103,13 @@ def dora_scale_kernel(
     M, N,
     # strides
     stride_um, stride_un, stride_bm, stride_bn, stride_om, stride_on,
-    # scalars
-    shift,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    """OUT = BASE? + (GSCALE - shift) ⊙ U + BIAS?, GSCALE and BIAS broadcast over rows, computed in fp32 with one
-    rounding. Forward without dropout: OUT = g ⊙ U + b (shift 0); with dropout OUT = Y + (g - 1) ⊙ U (in place)."""
+    """OUT = BASE? + (GSCALE - 1) ⊙ (U - BIAS?), GSCALE and BIAS broadcast over rows, in fp32, one rounding.
+    Without dropout U = BASE = Y0 = x W^T + b + s S B (the LoRA GEMM's output): OUT = Y0 + (g - 1) ⊙ (Y0 - b),
+    PEFT's own order, so the result is within a rounding of Y0's when g ~ 1; with dropout BASE = Y0 and U =
+    x_d W^T + s S B (no bias): OUT = Y0 + (g - 1) ⊙ U. OUT may be BASE (in place)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -121,36 +117,40 @@ def dora_scale_kernel(
     rows = offs_m[:, None].to(tl.int64)
     cols = offs_n[None, :].to(tl.int64)
     u = tl.load(U_ptr + rows * stride_um + cols * stride_un, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        u -= tl.load(BIAS_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     g = tl.load(GSCALE_ptr + offs_n, mask=mask_n, other=0.0)
-    out = (g - shift)[None, :] * u
+    out = (g - 1.0)[None, :] * u
     if HAS_BASE:
         out += tl.load(BASE_ptr + rows * stride_bm + cols * stride_bn, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        out += tl.load(BIAS_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(OUT_ptr + rows * stride_om + cols * stride_on, out.to(OUT_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def dora_grad_kernel(
-    # pointers: DY, U (M, N); GSCALE, INV_NORM (N,) fp32; DYG, DYG1 (M, N) outputs (DYG1 may be a dummy);
-    # PARTIAL (SPLITS, N) fp32 output (a dummy without HAS_DM)
-    DY_ptr, U_ptr, GSCALE_ptr, INV_NORM_ptr, DYG_ptr, DYG1_ptr, PARTIAL_ptr,
+    # pointers: DY, U (M, N); GSCALE, INV_NORM (N,) fp32; BIAS (N,) or a dummy; DYG, DYG1 (M, N) outputs (DYG1
+    # may be a dummy); PARTIAL (SPLITS, N) fp32 output (a dummy without HAS_DM)
+    DY_ptr, U_ptr, GSCALE_ptr, INV_NORM_ptr, BIAS_ptr, DYG_ptr, DYG1_ptr, PARTIAL_ptr,
     # sizes (ROWS_PER_SPLIT: a multiple of BLOCK_M)
     M, N, ROWS_PER_SPLIT,
     # strides (DYG and DYG1 share theirs)
     stride_dm, stride_dn, stride_um, stride_un, stride_gm, stride_gn,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DM: tl.constexpr, WRITE_G1: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """One pass over dY: DYG = g ⊙ dY (the gradient every low-rank and dX product takes), DYG1 = (g - 1) ⊙ dY
-    (dropout's second GEMM), and PARTIAL[split, n] = sum over the split's rows of dY ⊙ U, times 1 / norm[n]:
-    the magnitude's gradient dm = colsum(dY ⊙ U) / norm, finished by sum_partials_kernel (fixed order)."""
+    (dropout's second GEMM), and PARTIAL[split, n] = sum over the split's rows of dY ⊙ (U - BIAS?), times
+    1 / norm[n]: the magnitude's gradient dm = colsum(dY ⊙ (x_d W^T + s S B)) / norm, finished by
+    sum_partials_kernel (fixed order). Without dropout U holds x W^T + b + s S B (HAS_BIAS takes b off)."""
     pid_s = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     cols = offs_n[None, :].to(tl.int64)
     g = tl.load(GSCALE_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(BIAS_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     row_start = pid_s * ROWS_PER_SPLIT
     row_end = tl.minimum(row_start + ROWS_PER_SPLIT, M)
     for m0 in range(row_start, row_end, BLOCK_M):
@@ -164,6 +164,8 @@ def dora_grad_kernel(
                      mask=mask)
         if HAS_DM:
             u = tl.load(U_ptr + rows * stride_um + cols * stride_un, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                u = tl.where(mask, u - bias, 0.0)
             acc += dy * u
     if HAS_DM:
         inv = tl.load(INV_NORM_ptr + offs_n, mask=mask_n, other=0.0)
@@ -202,7 +204,8 @@ def dropout_combine_kernel(
 # ---------------------------------------------------------------------------------------------- configs
 # Memory-bound elementwise and narrow kernels: one config each, nothing to tune. 32 x 128 tiles with 4 warps
 # are 32 elements per thread (eight 16-byte loads in 16-bit), the usual size for an elementwise pass; the norm
-# kernel's BLOCK_N 32 keeps its three (BLOCK_N, BLOCK_R) fp32 tiles at rank 64 within 4 warps' registers.
+# kernel's BLOCK_N 32 keeps its three (BLOCK_N, BLOCK_R) fp32 tiles at rank 64 within 4 warps' registers (with
+# an fp32 dot for (A^T A) B inside, it spilled 268 B at rank 64 on sm_90: compile report, triton 3.9).
 ELEMENTWISE_BLOCK = dict(BLOCK_M=32, BLOCK_N=128)
 NORM_BLOCK_N = 32
 SUMSQ_BLOCK = dict(BLOCK_N=32, BLOCK_K=128)
@@ -224,8 +227,8 @@ def norm_configs(capability, dtype: torch.dtype) -> list:
 _one = dict(num_warps=4, num_stages=1)
 _sumsq = _Launcher(row_sumsq_kernel, norm_configs, [], _one, pointers=2, scalars=0)
 _norm = _Launcher(dora_norm_kernel, norm_configs, [], _one, pointers=7, scalars=1)
-_scale = _Launcher(dora_scale_kernel, elementwise_configs, [], _one, pointers=5, scalars=1)
-_grad = _Launcher(dora_grad_kernel, elementwise_configs, [], _one, pointers=7, scalars=0)
+_scale = _Launcher(dora_scale_kernel, elementwise_configs, [], _one, pointers=5, scalars=0)
+_grad = _Launcher(dora_grad_kernel, elementwise_configs, [], _one, pointers=8, scalars=0)
 _combine = _Launcher(dropout_combine_kernel, elementwise_configs, [], _one, pointers=4, scalars=2)
 
 
@@ -250,22 +253,23 @@ def row_sumsq(weight: torch.Tensor) -> torch.Tensor:
 def dora_norm(weight, A, B, magnitude, scale: float, wsq):
     """(norm, g): the detached DoRA norm ||W_n + scale (A B)^T_n|| per output feature and g = magnitude / norm,
     both (N,) fp32, from wsq = ||W_n||^2 (N,) fp32, W A (the narrow projection with W as its input, N x K x R)
-    and A^T A (R x R): no N x K matrix is formed. weight (N, K), A (K, R), B (R, N), magnitude (N,)."""
+    and (A^T A) B (R x N): no N x K matrix is formed. weight (N, K), A (K, R), B (R, N), magnitude (N,)."""
     N = weight.shape[0]
     R = A.shape[1]
     WA, _ = lowrank_project(_along_k(weight, 1), A, A.stride(0), A.stride(1), R)
     A32 = A.float()
-    gram = (A32.t() @ A32).contiguous()   # R x R: tiny, in fp32 whatever A's dtype
+    # (A^T A) B: K R^2 + R^2 N multiply-adds in fp32 torch matmuls, against N K R for W A
+    GB = (A32.t() @ A32) @ B.float()
     norm = torch.empty(N, dtype=torch.float32, device=weight.device)
     gscale = torch.empty(N, dtype=torch.float32, device=weight.device)
-    _norm((_cdiv(N, NORM_BLOCK_N),), wsq, WA, B, gram, magnitude, norm, gscale, N, R,
-          WA.stride(0), WA.stride(1), B.stride(0), B.stride(1), float(scale),
+    _norm((_cdiv(N, NORM_BLOCK_N),), wsq, WA, B, GB, magnitude, norm, gscale, N, R,
+          WA.stride(0), WA.stride(1), B.stride(0), B.stride(1), GB.stride(0), GB.stride(1), float(scale),
           BLOCK_N=NORM_BLOCK_N, BLOCK_R=configs.block_r(R), device=weight.device, dtype=weight.dtype)
     return norm, gscale
 
 
-def column_scale(U, gscale, *, bias=None, base=None, shift=0.0, out=None):
-    """OUT (M, N) = base? + (gscale - shift) ⊙ U + bias?, one launch (``out`` may be ``base`` or ``U``)."""
+def column_scale(U, gscale, *, bias=None, base=None, out=None):
+    """OUT (M, N) = base? + (gscale - 1) ⊙ (U - bias?), one launch (``out`` may be ``base``)."""
     M, N = U.shape
     if out is None:
         out = torch.empty_like(U)
@@ -275,7 +279,7 @@ def column_scale(U, gscale, *, bias=None, base=None, shift=0.0, out=None):
     b = base if base is not None else out
     _scale((_cdiv(M, blk["BLOCK_M"]), _cdiv(N, blk["BLOCK_N"])), U, b, gscale, bias if bias is not None else out,
            out, M, N, U.stride(0), U.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-           float(shift), **blk, HAS_BASE=base is not None, HAS_BIAS=bias is not None, device=U.device, dtype=U.dtype)
+           **blk, HAS_BASE=base is not None, HAS_BIAS=bias is not None, device=U.device, dtype=U.dtype)
     return out
 
 
@@ -296,12 +300,14 @@ def dropout_combine(T, keep_scale: float, dropout_p: float, seed, *, base=None, 
 def dora_forward(x, weight, bias, A, B, gscale, scale: float, dropout_p: float = 0.0, seed=None, *, out=None,
                  keep_u: bool = True):
     """Forward of the fused DoRA linear: (y, S, U). x (M, K), weight (N, K), bias (N,) or None, A (K, R),
-    B (R, N), gscale (N,) fp32 = m / norm (``dora_norm``).
+    B (R, N), gscale (N,) fp32 = m / norm (``dora_norm``). S = dropout(x) A (M, R) fp32.
 
-    U = x_d W^T + scale S B (M, N) in x's dtype, S = dropout(x) A (M, R) fp32, x_d = dropout(x). Without dropout
-    y = g ⊙ U + b (the GEMM writes U, one column-scale pass writes y; with ``keep_u=False`` in place, U is then
-    None); with dropout y = (x W^T + b + scale S B) + (g - 1) ⊙ U: the LoRA GEMM, dropout(x) materialised for
-    a second GEMM (as PEFT does), and the same column-scale pass in place on y.
+    Both paths start with the fused LoRA GEMM Y0 = x W^T + b + scale S B (M, N) in x's dtype, then one
+    column-scale pass (PEFT's order of operations):
+      without dropout  y = Y0 + (g - 1) ⊙ (Y0 - b); U = Y0 is kept (a separate y) when ``keep_u``, else y is
+                       written over Y0 in place and U is None;
+      with dropout     x_d = dropout(x) materialised, U = x_d W^T + scale S B (a second GEMM, as PEFT's), and
+                       y = Y0 + (g - 1) ⊙ U in place; U is returned when ``keep_u``.
     """
     M, _ = x.shape
     N = weight.shape[0]
@@ -314,23 +320,24 @@ def dora_forward(x, weight, bias, A, B, gscale, scale: float, dropout_p: float =
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if dropout_p == 0:
-        U = gemm_lowrank(x, weight, w_t, N, None, S, B, b_strides, scale, out=None if keep_u else out)
-        column_scale(U, gscale, bias=bias, out=out)
-        return out, S, (U if keep_u else None)
+        Y0 = gemm_lowrank(x, weight, w_t, N, bias, S, B, b_strides, scale, out=None if keep_u else out)
+        column_scale(Y0, gscale, bias=bias, base=Y0, out=out)
+        return out, S, (Y0 if keep_u else None)
     gemm_lowrank(x, weight, w_t, N, bias, S, B, b_strides, scale, out=out)
     x_d = dropout_combine(x, keep_scale, dropout_p, seed)
     U = gemm_lowrank(x_d, weight, w_t, N, None, S, B, b_strides, scale)
     del x_d
-    column_scale(U, gscale, base=out, shift=1.0, out=out)
+    column_scale(U, gscale, base=out, out=out)
     return out, S, (U if keep_u else None)
 
 
 def dora_backward(dy, x, weight, A, B, S, U, gscale, norm, scale: float, dropout_p: float = 0.0, seed=None, *,
-                  need_dx=True, need_dA=True, need_dB=True, need_dm=True, need_g1=False):
+                  bias=None, need_dx=True, need_dA=True, need_dB=True, need_dm=True, need_g1=False):
     """Backward of the fused DoRA linear: (dx, dA, dB, dm, dyg, dyg1), each None when not needed.
 
     One prologue pass over dY writes dYg = g ⊙ dY (and (g - 1) ⊙ dY with dropout, when dX or a trainable W
-    needs it) and the per-split partials of dm = colsum(dY ⊙ U) / norm. Then LoRA's backward runs on dYg:
+    needs it) and the per-split partials of dm = colsum(dY ⊙ (U - bias)) / norm (``bias``: the bias U holds,
+    without dropout; see dora_forward). Then LoRA's backward runs on dYg:
     dS = dYg B^T with the dB partials in one pass; dA = scale/(1-p) (keep ⊙ x)^T dS; without dropout
     dX = dYg W + scale dS A^T in one GEMM; with dropout dX = dY W + keep/(1-p) ⊙ (((g-1) ⊙ dY) W + scale dS A^T):
     two GEMMs (as PEFT's two) and one masked add. dyg and dyg1 are returned for the caller's dW.
@@ -350,10 +357,14 @@ def dora_backward(dy, x, weight, A, B, S, U, gscale, norm, scale: float, dropout
         dyg1 = torch.empty_like(dyg)
     partial = torch.empty((splits, N), dtype=torch.float32, device=dy.device) if need_dm else None
     inv_norm = 1.0 / norm if need_dm else gscale
-    _grad((splits, _cdiv(N, blk["BLOCK_N"])), dy, U if need_dm else dy, gscale, inv_norm, dyg,
+    has_bias = need_dm and bias is not None
+    if has_bias and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    u = U if need_dm else dy
+    _grad((splits, _cdiv(N, blk["BLOCK_N"])), dy, u, gscale, inv_norm, bias if has_bias else gscale, dyg,
           dyg1 if write_g1 else dyg, partial if need_dm else gscale, M, N, rows_per_split,
-          dy.stride(0), dy.stride(1), (U if need_dm else dy).stride(0), (U if need_dm else dy).stride(1),
-          dyg.stride(0), dyg.stride(1), **blk, HAS_DM=need_dm, WRITE_G1=write_g1, device=dy.device, dtype=dy.dtype)
+          dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), dyg.stride(0), dyg.stride(1), **blk,
+          HAS_DM=need_dm, WRITE_G1=write_g1, HAS_BIAS=has_bias, device=dy.device, dtype=dy.dtype)
     if need_dm:
         dm = torch.empty(N, dtype=torch.float32, device=dy.device)
         finish(partial.view(splits, 1, N), 1.0, dm.view(1, N))
