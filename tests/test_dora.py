@@ -377,3 +377,25 @@ def test_saved_bytes_no_more_than_peft(p):
     expected = 40 * 64 * 2 + 40 * 8 * 4 + 40 * 48 * 2 + 2 * 48 * 4 + (8 if p else 0)
     assert ours_bytes == expected, ours_tensors
     assert ours_bytes <= peft_bytes
+
+
+# --- bench rows --------------------------------------------------------------------------------------------------
+def test_bench_rows_meta_saved_bytes_and_cost_model():
+    from bench import accuracy, cost_model, saved
+
+    pytest.importorskip("peft")
+    assert saved.check_meta_against_real(["lora-fast-dora", "peft-dora"], shape=(48, 40, 24, 4)) == []
+    for p in (0.0, 0.1):
+        ours = saved.measure("lora-fast-dora", 48, 40, 24, 4, torch.bfloat16, p, True)[0]
+        assert ours == 2 * 48 * 40 + 4 * 48 * 4 + 2 * 48 * 24 + 2 * 4 * 24 + (8 if p else 0)
+        assert ours <= saved.measure("peft-dora", 48, 40, 24, 4, torch.bfloat16, p, True)[0]
+    errors = accuracy.errors("lora-fast-dora", torch.float32, shapes=((37, 45, 29, 3, True),))
+    assert set(errors) == {"y", "dx", "dA", "dB"} and max(errors.values()) < 1e-5
+    # the roofline model (no GPU here): H200 ceilings, bf16, M = 8192, r = 16, 4096 -> 4096, dropout 0
+    h200 = (790e12, 4.3e12)
+
+    def bound(impl):
+        return cost_model.bound(impl, "full", 8192, 4096, 4096, 16, "bfloat16", *h200)
+
+    assert bound("lora-fast-dora") / bound("lora-fast") == pytest.approx(1.11, abs=0.01)
+    assert bound("peft-dora") / bound("lora-fast-dora") == pytest.approx(1.57, abs=0.01)
