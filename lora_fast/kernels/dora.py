@@ -84,7 +84,7 @@ def dora_norm_kernel(
     cols = offs_n[:, None].to(tl.int64)
     wa = tl.load(WA_ptr + cols * stride_wan + offs_r[None, :] * stride_war, mask=mask, other=0.0)
     bt = tl.load(B_ptr + offs_r[None, :] * stride_br + cols * stride_bn, mask=mask, other=0.0).to(tl.float32)
-    gbt = tl.load(GB_ptr + offs_r[None, :] * stride_gr + cols * stride_gn, mask=mask, other=0.0)
+    gbt = tl.load(GB_ptr + offs_r[None, :] * stride_gr + cols * stride_gn, mask=mask, other=0.0).to(tl.float32)
     cross = tl.sum(bt * (2.0 * scale * wa + scale * scale * gbt), axis=1)
     sq = tl.load(WSQ_ptr + offs_n, mask=mask_n, other=0.0) + cross
     # rounding can leave a tiny negative where W_n + scale (A B)^T_n is zero: the norm is then 0, as PEFT's
@@ -258,8 +258,10 @@ def dora_norm(weight, A, B, magnitude, scale: float, wsq):
     R = A.shape[1]
     WA, _ = lowrank_project(_along_k(weight, 1), A, A.stride(0), A.stride(1), R)
     A32 = A.float()
-    # (A^T A) B: K R^2 + R^2 N multiply-adds in fp32 torch matmuls, against N K R for W A
-    GB = (A32.t() @ A32) @ B.float()
+    # (A^T A) B: K R^2 + R^2 N multiply-adds in fp32 torch matmuls, against N K R for W A; in fp32 under
+    # torch.autocast too (which would run them in 16 bits)
+    with torch.autocast(weight.device.type, enabled=False):
+        GB = (A32.t() @ A32) @ B.float()
     norm = torch.empty(N, dtype=torch.float32, device=weight.device)
     gscale = torch.empty(N, dtype=torch.float32, device=weight.device)
     _norm((_cdiv(N, NORM_BLOCK_N),), wsq, WA, B, GB, magnitude, norm, gscale, N, R,
