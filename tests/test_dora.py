@@ -267,6 +267,10 @@ def test_merge_and_unmerge(dtype):
                    layer.lora.B.double().abs(), (g - 1).abs(), g.abs(), layer.lora.scale, None, 0.0)
     assert_close(merged, ref, mag, dtype, K + 4, "dora merged", record=False)
     assert_close(before, ref, mag, dtype, K + 4, "dora unmerged", record=False)
+    # a merged layer's magnitude took no part in its forward: training it raises (A and B frozen here)
+    layer.lora.A.requires_grad_(False), layer.lora.B.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="merged"):
+        layer(x).float().sum().backward()
     unmerge_lora(layer)
     assert torch.equal(layer.linear.weight, W)
     y = layer(x)

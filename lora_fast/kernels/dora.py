@@ -8,10 +8,11 @@ g = m / ||W + scale (A B)^T||_row (the norm per output feature, detached, paper 
     with dropout:     y = x W^T + b + (g - 1) ⊙ (x_d W^T) + g ⊙ scale x_d A B,   x_d = dropout(x)
 
 Shapes: x (M, K), weight (N, K) as nn.Linear stores it, A (K, R), B (R, N), magnitude (N,).
-What is reused: S = dropout(x) A and W A are the narrow projection (lowrank.py); U = P W^T + scale S B and the
-dX products are the fused GEMM (gemm.py); dS, dA, dB are LoRA's narrow passes; partial sums are finished by
-``sum_partials_kernel``. New here: four small kernels (norm, column scale, backward prologue, dropout combine)
-and the squared row norms of W (cached by the caller while W is unchanged).
+What is reused: S = dropout(x) A and W A are the narrow projection (lowrank.py); Y0 = x W^T + b + scale S B,
+U = x_d W^T + scale S B and the dX products are the fused GEMM (gemm.py); dS, dA, dB are LoRA's narrow passes;
+partial sums are finished by ``sum_partials_kernel``. New here: five small memory-bound kernels: the squared row
+norms of W (cached by the caller while W is unchanged), the norm and g, the column scale, the backward prologue
+and the dropout combine.
 """
 
 import torch
