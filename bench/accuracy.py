@@ -1,5 +1,6 @@
 """Each implementation's largest error against float64 on small shapes (dropout 0: the implementations
 draw different dropout masks; lora-fast's dropout is checked against its own mask in tests/test_dropout.py).
+DoRA rows are compared with lora_fast.reference.dora_linear on their own magnitude.
 
 Error of an output = max |out - ref| / max |ref|, ref from lora_fast.reference on the inputs upcast to
 float64; outputs: y and the gradients dx, dA, dB for dy drawn at random (F.linear: y and dx of x W^T + b).
@@ -27,6 +28,7 @@ def errors(impl: str, dtype: torch.dtype, device="cpu",
         y = built(x)
         dy = torch.randn(y.shape, device=device).to(dtype)
         leaves = [x, *built.params]
+        leaves = leaves[:3]   # x, A, B (a DoRA row's magnitude gradient is tested in tests/test_dora.py)
         grads = torch.autograd.grad(y, leaves, dy)
         grads = [grads[0], *built.as_AB(grads[1:])]
 
@@ -35,6 +37,10 @@ def errors(impl: str, dtype: torch.dtype, device="cpu",
         bd = b.double() if b is not None else None
         if impl == "F.linear":
             ref_y = torch.nn.functional.linear(ref_leaves[0], wd, bd)
+        elif impl in impls.DORA_IMPLS:
+            # the row's own magnitude (its third parameter), upcast; the norm is float64 here
+            ref_y = reference.dora_linear(ref_leaves[0], wd, bd, ref_leaves[1], ref_leaves[2],
+                                          built.params[2].detach().double(), scale)
         else:
             ref_y = reference.lora_linear(ref_leaves[0], wd, bd, ref_leaves[1], ref_leaves[2], scale)
         ref_grads = torch.autograd.grad(ref_y, ref_leaves[:len(leaves)], dy.double())

@@ -21,6 +21,14 @@ A (K, r), B (r, N), y (M, N).
   Dropout: CUDA's fused dropout (writes dropout(x) and a bool mask) and its backward pass.
 - compile: modelled as the best Inductor can do without fusing across GEMMs: the scale and the add go into
   GEMMs, which is the addmm-chain's traffic.
+- lora-fast-dora (kernels/dora.py): the norm's W A (reads W once; ||W_n||^2 is cached, (A^T A) B is tiny),
+  lora-fast's forward, then one column-scale pass (reads Y0, writes y); backward one prologue pass (reads dY
+  and U, writes g dY) and lora-fast's backward on g dY. Dropout: dropout(x) written and a second GEMM on it
+  (PEFT's formula), (g - 1) dY written, a second dX GEMM and a masked add.
+- peft-dora (PEFT 0.21's dora.py, eager, W frozen): B A formed through lora_B(lora_A(eye(K))) (a K x K identity
+  and the K x N product written), W + s B A and its norm (three N x K passes), the LoRA term as peft's, and
+  five elementwise M x N passes for (g - 1) base + g s T and the final add; backward their gradients (five
+  M x N passes, two of them reductions for dm). Dropout: a second base GEMM on dropout(x), forward and dX.
 
 For the issue's check (H200, 790 TFLOP/s, 4.3 TB/s, bf16, M=8192, r=16) forward+backward relative to F.linear
 is about 1.09 (lora-fast, with its partials and finishing passes), 1.18 (addmm-chain), 1.36 (peft) at
@@ -98,6 +106,57 @@ def _lora_fast(M: int, K: int, N: int, r: int, e: int, bias_b: int, sms: int) ->
     return {"forward": forward, "backward": backward}
 
 
+def _lora_fast_dora(M: int, K: int, N: int, r: int, e: int, bias_b: int, sms: int, drop: bool,
+                    mask: int) -> Dict[str, List[Kernel]]:
+    x, y, w = M * K * e, M * N * e, N * K * e
+    a, b, s32 = K * r * e, r * N * e, M * r * 4
+    base = 2.0 * M * N * K
+    lora = _lora_fast(M, K, N, r, e, bias_b, sms)
+    norm = [Kernel("W A (norm)", 2.0 * N * K * r, w + a + N * r * 4),
+            Kernel("norm, g = m / norm", 2.0 * N * r * r, 2 * N * r * 4 + b + 4 * N * 4)]
+    forward = norm + lora["forward"]
+    if drop:
+        forward += [Kernel("x_d = dropout(x)", 0, 2 * x),
+                    Kernel("U = x_d W^T + s S B", base + 2.0 * M * r * N, x + w + y + s32 + b),
+                    Kernel("y += (g - 1) U", 0, 3 * y)]
+    else:
+        forward += [Kernel("y = Y0 + (g - 1)(Y0 - b)", 0, 2 * y + bias_b)]
+    backward = [Kernel("g dY, dm partials", 0, (4 if drop else 3) * y)] + lora["backward"]
+    if drop:
+        backward += [Kernel("dX_inner = ((g - 1) dY) W + s dS A^T", base + 2.0 * M * r * K, y + w + x + s32 + a),
+                     Kernel("dX += keep dX_inner / (1 - p)", 0, 3 * x)]
+    return {"forward": forward, "backward": backward}
+
+
+def _peft_dora(M: int, K: int, N: int, r: int, e: int, bias_b: int, drop: bool, mask: int) -> Dict[str, List[Kernel]]:
+    x, y, w = M * K * e, M * N * e, N * K * e
+    a, b, s16 = K * r * e, r * N * e, M * r * e
+    base = 2.0 * M * N * K
+    gemm_fwd = Kernel("y = x W^T", base, x + w + y + bias_b)
+    gemm_bwd = Kernel("dX = dY W", base, y + w + x)
+    fwd = [Kernel("dropout(x)", 0, 2 * x + mask)] if drop else []
+    fwd += [gemm_fwd,
+            Kernel("lora_weight = lora_B(lora_A(eye(K)))", 2.0 * K * K * r + 2.0 * K * r * N, K * K * e + a + w + b),
+            Kernel("s * lora_weight", 0, 2 * w), Kernel("W + s lora_weight", 0, 3 * w),
+            Kernel("row norms", 2.0 * N * K, w),
+            Kernel("S = x A", 2.0 * M * K * r, x + a + s16), Kernel("T = S B", 2.0 * M * r * N, s16 + b + y)]
+    fwd += [Kernel("base = x_d W^T", base, x + w + y)] if drop else [Kernel("base = y - b", 0, 2 * y + bias_b)]
+    fwd += [Kernel(name, 0, n * y) for name, n in (("(g - 1) base", 2), ("g T", 2), ("* s", 2),
+                                                    ("sum", 3), ("y + sum", 3))]
+    bwd = [Kernel(name, 0, n * y) for name, n in (("d(g T) = s dY", 2), ("dT = g d", 2), ("dm: sum d T", 2),
+                                                   ("dbase = (g - 1) dY", 2), ("dm: sum dY base", 2))]
+    bwd += [Kernel("dS = dT B^T", 2.0 * M * N * r, y + b + s16), Kernel("dB = S^T dT", 2.0 * M * N * r, y + s16 + b),
+            gemm_bwd, Kernel("dA = x^T dS", 2.0 * M * K * r, x + s16 + a),
+            Kernel("dX_lora = dS A^T", 2.0 * M * r * K, s16 + a + x)]
+    if drop:
+        bwd += [Kernel("dX_d = dbase W", base, y + w + x), Kernel("dX_d += dX_lora", 0, 3 * x),
+                Kernel("dropout backward", 0, 2 * x + mask)]
+    else:
+        bwd += [Kernel("dY + dbase", 0, 3 * y), Kernel("dX_base += dX_lora", 0, 3 * x)]
+    bwd += [Kernel("dX = dX_base + dX_d", 0, 3 * x)] if drop else []
+    return {"forward": fwd, "backward": bwd}
+
+
 def kernels(impl: str, M: int, K: int, N: int, r: int, dtype: str = "bfloat16", *, bias: bool = False,
             dropout: float = 0.0, sms: int = 132) -> Dict[str, List[Kernel]]:
     """{"forward": [...], "backward": [...]} kernels of ``impl`` (see the module docstring). ``sms``: the GPU's
@@ -120,6 +179,10 @@ def kernels(impl: str, M: int, K: int, N: int, r: int, dtype: str = "bfloat16", 
         return {"forward": [gemm_fwd], "backward": [gemm_bwd]}
     if impl == "lora-fast":
         return _lora_fast(M, K, N, r, e, bias_b, sms)
+    if impl == "lora-fast-dora":
+        return _lora_fast_dora(M, K, N, r, e, bias_b, sms, drop, mask)
+    if impl == "peft-dora":
+        return _peft_dora(M, K, N, r, e, bias_b, drop, mask)
     if impl in ("addmm-chain", "compile"):
         fwd = [Kernel("dropout(x)", 0, 2 * x + mask)] if drop else []
         fwd += [Kernel("S = x A", 2.0 * M * K * r, x + a + s16), gemm_fwd,
@@ -146,7 +209,8 @@ def kernels(impl: str, M: int, K: int, N: int, r: int, dtype: str = "bfloat16", 
             bwd += [Kernel("dropout backward", 0, 2 * x + mask)]
         bwd += [Kernel("dX = dX_base + dX_lora", 0, 3 * x)]
         return {"forward": fwd, "backward": bwd}
-    raise ValueError(f"impl: expected one of F.linear, book, peft, addmm-chain, compile, lora-fast; got {impl!r}")
+    raise ValueError("impl: expected one of F.linear, book, peft, addmm-chain, compile, lora-fast, peft-dora, "
+                     f"lora-fast-dora; got {impl!r}")
 
 
 def bound(impl: str, mode: str, M: int, K: int, N: int, r: int, dtype: str, gemm_flops_per_s: float,
@@ -163,10 +227,11 @@ def bound(impl: str, mode: str, M: int, K: int, N: int, r: int, dtype: str, gemm
 
 def flops(impl: str, mode: str, M: int, K: int, N: int, r: int) -> float:
     """Useful FLOPs of one call (for TFLOP/s): the base GEMM per pass (W frozen: no dW) plus, for a LoRA row,
-    the low-rank products (forward 2 Mr(K+N); backward 4 Mr(K+N): dS, dB, the low-rank dX, dA)."""
+    the low-rank products (forward 2 Mr(K+N); backward 4 Mr(K+N): dS, dB, the low-rank dX, dA); a DoRA row adds
+    the norm's cross term W A (2 NKr) to its forward."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     lora = impl != "F.linear"
-    fwd = 2.0 * M * N * K + (2.0 * M * r * (K + N) if lora else 0.0)
+    fwd = 2.0 * M * N * K + (2.0 * M * r * (K + N) if lora else 0.0) + (2.0 * N * K * r if "dora" in impl else 0.0)
     bwd = 2.0 * M * N * K + (4.0 * M * r * (K + N) if lora else 0.0)
     return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]

@@ -16,7 +16,9 @@ from torch import nn
 import lora_fast
 from lora_fast import reference
 
-IMPLS = ("F.linear", "book", "peft", "addmm-chain", "compile", "lora-fast")
+IMPLS = ("F.linear", "book", "peft", "addmm-chain", "compile", "lora-fast", "peft-dora", "lora-fast-dora")
+# DoRA rows (Liu et al. 2024; PEFT's use_dora=True): the magnitude trains too (a third parameter, dm)
+DORA_IMPLS = ("peft-dora", "lora-fast-dora")
 DESCRIPTIONS = {
     "F.linear": "F.linear alone, W frozen: the floor",
     "book": "the book's LinearWithLoRA arithmetic (lora_fast.reference.lora_linear, eager, nn.Dropout's RNG)",
@@ -24,6 +26,8 @@ DESCRIPTIONS = {
     "addmm-chain": "y = x W^T; y.addmm_(x A, B, alpha=scale) with a hand-written backward (Unsloth's technique)",
     "compile": 'torch.compile(lora_fast.reference.lora_linear, mode="max-autotune-no-cudagraphs", torch RNG)',
     "lora-fast": "lora_fast.lora_linear (fused Triton kernels)",
+    "peft-dora": "PEFT's peft.tuners.lora.Linear with use_dora=True (DoRA)",
+    "lora-fast-dora": "lora_fast.dora_linear (DoRA on the fused kernels)",
 }
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -33,7 +37,7 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 class Built:
     """An implementation ready to run: ``forward(x)``, and its trainable adapter tensors ``params`` (A, B
     as passed, or PEFT's lora_A.weight (r, K) and lora_B.weight (N, r), which share A's and B's storage;
-    ``transposed`` says so). Calling the object calls forward."""
+    ``transposed`` says so; DoRA rows add the magnitude (N,)). Calling the object calls forward."""
 
     forward: Forward
     params: List[torch.Tensor]
@@ -43,8 +47,8 @@ class Built:
         return self.forward(x)
 
     def as_AB(self, grads: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """Gradients of ``params`` in A's (K, r) and B's (r, N) layout."""
-        return [g.t() for g in grads] if self.transposed else list(grads)
+        """Gradients of ``params`` in A's (K, r) and B's (r, N) layout (a magnitude's (N,) as it is)."""
+        return [g.t() if g.dim() == 2 else g for g in grads] if self.transposed else list(grads)
 
 
 class AddmmChainLoRA(torch.autograd.Function):
@@ -97,7 +101,7 @@ class AddmmChainLoRA(torch.autograd.Function):
         return dx, dW, db, dA, dB, None, None
 
 
-def _peft_layer(weight, bias, A, B, scale, dropout_p) -> nn.Module:
+def _peft_layer(weight, bias, A, B, scale, dropout_p, use_dora: bool = False) -> nn.Module:
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLinear
 
@@ -109,13 +113,21 @@ def _peft_layer(weight, bias, A, B, scale, dropout_p) -> nn.Module:
     if bias is not None:
         base.bias = nn.Parameter(bias.detach(), requires_grad=False)
     # PEFT's scaling is lora_alpha / r
-    config = LoraConfig(r=r, lora_alpha=scale * r, lora_dropout=dropout_p)
-    layer = PeftLinear(base, "default", config, r=r, lora_alpha=scale * r, lora_dropout=dropout_p)
+    config = LoraConfig(r=r, lora_alpha=scale * r, lora_dropout=dropout_p, use_dora=use_dora)
+    layer = PeftLinear(base, "default", config, r=r, lora_alpha=scale * r, lora_dropout=dropout_p,
+                       use_dora=use_dora)
     layer.lora_A["default"].weight = nn.Parameter(A.detach().t())  # PEFT's lora_A.weight is (r, in)
     layer.lora_B["default"].weight = nn.Parameter(B.detach().t())  # lora_B.weight is (out, r)
+    if use_dora:
+        # the magnitude as lora-fast-dora's row starts it (in the adapters' dtype): ||W + s (A B)^T|| per row
+        layer.lora_magnitude_vector["default"].weight = nn.Parameter(_magnitude(weight, A, B, scale))
     if layer.lora_A["default"].weight.dtype != weight.dtype:
         raise RuntimeError("peft: adapter dtype differs from the base dtype")
     return layer.train()
+
+
+def _magnitude(weight, A, B, scale) -> torch.Tensor:
+    return reference.dora_weight_norm(weight, A, B, scale).to(A.dtype)
 
 
 def peft_available() -> Optional[str]:
@@ -129,7 +141,8 @@ def peft_available() -> Optional[str]:
 
 def build(name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor,
           scale: float, dropout_p: float, *, compiled_cache: Optional[Dict] = None) -> Built:
-    """Implementation ``name`` (one of IMPLS) over these tensors, as a ``Built``; x (M, K) -> y (M, N).
+    """Implementation ``name`` (one of IMPLS) over these tensors, as a ``Built``; x (M, K) -> y (M, N). The DoRA
+    rows add the magnitude m (N,) = ||W + scale (A B)^T||_row as a third trainable parameter.
 
     Raises ValueError for an unknown name; ImportError when ``peft`` is asked for and not installed.
     """
@@ -154,6 +167,14 @@ def build(name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torc
     if name == "lora-fast":
         return Built(lambda x: lora_fast.lora_linear(x, weight, bias, A, B, scale, dropout_p=dropout_p,
                                                      training=True), [A, B])
+    if name == "peft-dora":
+        layer = _peft_layer(weight, bias, A, B, scale, dropout_p, use_dora=True)
+        return Built(layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                             layer.lora_magnitude_vector["default"].weight], transposed=True)
+    if name == "lora-fast-dora":
+        m = _magnitude(weight, A, B, scale).requires_grad_(A.requires_grad)
+        return Built(lambda x: lora_fast.dora_linear(x, weight, bias, A, B, m, scale, dropout_p=dropout_p,
+                                                     training=True), [A, B, m])
     raise ValueError(f"implementation: expected one of {IMPLS}, got {name!r}")
 
 

@@ -41,14 +41,15 @@ def assemble(case_info: Dict, measured: Dict[str, Dict], bounds: Dict[str, Dict[
     """Rows of one case. ``measured[impl]`` = {"forward"|"backward"|"full": (median, p20, p80) ms,
     "peak_bytes": int, "saved_bytes": int}; ``bounds[impl][mode]`` and ``flops[impl][mode]`` in s and FLOPs.
     Ratios: to F.linear's median of the same mode, and to the fastest other LoRA row (F.linear excluded: it
-    is not a LoRA layer); None where that row is missing."""
+    is not a LoRA layer; a DoRA row against the other DoRA rows); None where that row is missing."""
     rows = []
     lora_impls = [i for i in measured if i != "F.linear"]
     for impl, m in measured.items():
         for mode in ("forward", "backward", "full"):
             ms, p20, p80 = m[mode]
             linear = measured.get("F.linear", {}).get(mode)
-            others = [measured[o][mode][0] for o in lora_impls if o != impl]
+            # DoRA rows are compared with DoRA rows, LoRA rows with LoRA rows (the names say which)
+            others = [measured[o][mode][0] for o in lora_impls if o != impl and ("dora" in o) == ("dora" in impl)]
             bound_ms = bounds[impl][mode] * 1e3
             rows.append(dict(
                 env, **case_info, impl=impl, mode=mode, ms=ms, ms_p20=p20, ms_p80=p80,

@@ -53,12 +53,34 @@ def _meta_lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, o
     return y, torch.empty((x.shape[0], A.shape[1]), dtype=torch.float32, device=x.device)
 
 
+def _meta_dora_norm(weight, A, B, magnitude, scale, wsq):
+    # the outputs of lora_fast.kernels.dora.dora_norm: norm and g = m / norm, (N,) fp32 each
+    N = weight.shape[0]
+    return (torch.empty(N, dtype=torch.float32, device=weight.device),
+            torch.empty(N, dtype=torch.float32, device=weight.device))
+
+
+def _meta_dora_forward(x, weight, bias, A, B, gscale, scale, dropout_p=0.0, seed=None, *, out=None, keep_u=True):
+    # the outputs of lora_fast.kernels.dora.dora_forward: y (into ``out``), S (M, r) fp32, U (M, N) in x's dtype
+    y, S = _meta_lora_forward(x, weight, bias, A, B, scale, out=out)
+    return y, S, (x.new_empty((x.shape[0], weight.shape[0])) if keep_u else None)
+
+
+def _meta_row_sumsq(weight):
+    return torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+
+
 @contextlib.contextmanager
 def meta_kernels():
-    """Within: lora_fast's forward kernel launch allocates its outputs instead of computing (for 'meta')."""
+    """Within: lora_fast's forward kernel launches (LoRA's and DoRA's) allocate their outputs instead of
+    computing (for 'meta')."""
     import lora_fast.kernels
+    import lora_fast.kernels.dora
 
-    with mock.patch.object(lora_fast.kernels, "lora_forward", _meta_lora_forward):
+    with mock.patch.object(lora_fast.kernels, "lora_forward", _meta_lora_forward), \
+            mock.patch.object(lora_fast.kernels.dora, "dora_norm", _meta_dora_norm), \
+            mock.patch.object(lora_fast.kernels.dora, "dora_forward", _meta_dora_forward), \
+            mock.patch.object(lora_fast.kernels.dora, "row_sumsq", _meta_row_sumsq):
         yield
 
 
@@ -70,6 +92,18 @@ def lora_fast_meta_forward(weight, bias, A, B, scale, dropout_p) -> Callable[[to
     def forward(x):
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if dropout_p > 0 else None
         return _LoRALinearFunction.apply(x, weight, bias, A, B, scale, dropout_p, seed)
+
+    return forward
+
+
+def lora_fast_dora_meta_forward(weight, bias, A, B, m, scale, dropout_p) -> Callable[[torch.Tensor], torch.Tensor]:
+    """lora-fast's DoRA autograd.Function on meta tensors (use inside ``meta_kernels``), as
+    ``lora_fast_meta_forward``."""
+    from lora_fast.dora import _DoRALinearFunction
+
+    def forward(x):
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if dropout_p > 0 else None
+        return _DoRALinearFunction.apply(x, weight, bias, A, B, m, scale, dropout_p, seed)
 
     return forward
 
@@ -90,8 +124,15 @@ def measure(impl: str, M: int, K: int, N: int, rank: int, dtype: torch.dtype, dr
             total, tensors, _y = saved_bytes(lora_fast_meta_forward(weight, b, A, B, scale, dropout_p), x,
                                              (weight, b, A, B))
         return total, tensors
+    if impl == "lora-fast-dora" and torch.device(device).type == "meta":
+        m = torch.empty(weight.shape[0], dtype=A.dtype, device=device).requires_grad_()
+        with meta_kernels():
+            total, tensors, _y = saved_bytes(lora_fast_dora_meta_forward(weight, b, A, B, m, scale, dropout_p), x,
+                                             (weight, b, A, B, m))
+        return total, tensors
     forward = impls.build(impl, weight, b, A, B, scale, dropout_p)
-    total, tensors, _y = saved_bytes(forward, x, (weight, b, A, B))
+    # the parameters (a DoRA row's magnitude too) are excluded
+    total, tensors, _y = saved_bytes(forward, x, (weight, b, A, B, *forward.params))
     return total, tensors
 
 

@@ -1,8 +1,9 @@
 """lora-fast: fused Triton kernels for LoRA fine-tuning (forward and backward), drop-in LoRA layers."""
 
 from .adapters import load_lora, load_lora_state_dict, lora_state_dict, save_lora
+from .dora import dora_linear
 from .functional import lora_delta, lora_linear, select_backend
-from .layers import LinearWithLoRA, LoRALayer, lora_scale
+from .layers import LinearWithDoRA, LinearWithLoRA, LoRALayer, lora_scale
 from .patching import (
     count_parameters,
     mark_only_lora_as_trainable,
@@ -19,6 +20,8 @@ __all__ = [
     # the layers and the op
     "LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "lora_linear", "lora_delta", "lora_scale",
     "select_backend",
+    # DoRA
+    "LinearWithDoRA", "dora_linear",
     # merge, adapter files, trainable parameters
     "merge_lora", "unmerge_lora", "merge_and_unload", "lora_state_dict", "load_lora_state_dict", "save_lora",
     "load_lora", "mark_only_lora_as_trainable", "count_parameters",

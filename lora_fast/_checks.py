@@ -121,3 +121,17 @@ def check_lora_delta(x, A, B, scale, dropout_p):
     if A.dtype != B.dtype:
         raise TypeError(f"B: expected A's dtype {A.dtype}, got {B.dtype}")
     return check_scale(scale), check_dropout(dropout_p)
+
+
+def check_dora_linear(x, weight, bias, A, B, magnitude, scale, dropout_p):
+    """Validate the arguments of dora_linear (lora_linear's, plus the magnitude (out_features,) in A's dtype or
+    float32 on x's device); returns (scale, dropout_p) as floats. Raises TypeError/ValueError."""
+    scale, dropout_p = check_lora_linear(x, weight, bias, A, B, scale, dropout_p)
+    _tensor("magnitude", magnitude, 1)
+    if magnitude.shape[0] != weight.shape[0]:
+        raise ValueError(f"magnitude: expected shape (out_features={weight.shape[0]},), got {tuple(magnitude.shape)}")
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude: expected a tensor on x's device {x.device}, got {magnitude.device}")
+    if magnitude.dtype not in (A.dtype, torch.float32):
+        raise TypeError(f"magnitude: expected A's dtype {A.dtype} or float32, got {magnitude.dtype}")
+    return scale, dropout_p

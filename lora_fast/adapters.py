@@ -1,11 +1,13 @@
 """Adapter-only checkpoints: what LoRA fine-tuning trained, as a state dict or a safetensors file.
 
 A file holds, under the model's state-dict keys, the A and B of every LinearWithLoRA
-(``<module path>.lora.A``: (in_features, rank), ``.lora.B``: (rank, out_features), in the adapters' dtype) and
-every trainable bias (``mark_only_lora_as_trainable(bias="all" | "lora_only")``, loralib's and PEFT's bias
-modes: ``<module path>.linear.bias``, ``<norm path>.bias``, ...). The safetensors metadata holds
+(``<module path>.lora.A``: (in_features, rank), ``.lora.B``: (rank, out_features), in the adapters' dtype; a
+LinearWithDoRA adds ``.m``: (out_features,), its magnitude) and every trainable bias
+(``mark_only_lora_as_trainable(bias="all" | "lora_only")``, loralib's and PEFT's bias modes:
+``<module path>.linear.bias``, ``<norm path>.bias``, ...). The safetensors metadata holds
 ``lora_fast.format_version`` and ``lora_fast.layers``: a JSON object {module path: {"rank", "alpha", "scaling",
-"dropout"}}. Safetensors only (no pickle, so loading a file runs no code).
+"dropout", "use_dora"}} ("use_dora" absent means false: files written before DoRA read as LoRA). Safetensors
+only (no pickle, so loading a file runs no code).
 """
 
 import json
@@ -22,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .layers import SCALINGS, LinearWithLoRA, is_linear
+from .layers import SCALINGS, LinearWithDoRA, LinearWithLoRA, is_linear
 from .patching import _lora_layers
 
 FORMAT_VERSION = "1"
@@ -35,8 +37,19 @@ def _prefix(name: str) -> str:
 
 
 def _config(layer) -> dict:
-    return {"rank": layer.lora.rank, "alpha": layer.lora.alpha, "scaling": layer.lora.scaling,
-            "dropout": layer.dropout}
+    config = {"rank": layer.lora.rank, "alpha": layer.lora.alpha, "scaling": layer.lora.scaling,
+              "dropout": layer.dropout}
+    if isinstance(layer, LinearWithDoRA):
+        config["use_dora"] = True   # written for DoRA only: LoRA files stay as they were
+    return config
+
+
+def _adapter_tensors(name: str, layer) -> dict:
+    """{state-dict key: parameter} of a layer's adapters: lora.A, lora.B, and m for DoRA."""
+    keys = {_prefix(name) + "lora.A": layer.lora.A, _prefix(name) + "lora.B": layer.lora.B}
+    if isinstance(layer, LinearWithDoRA):
+        keys[_prefix(name) + "m"] = layer.m
+    return keys
 
 
 def _shown(items) -> str:
@@ -48,7 +61,8 @@ def _is_bias(name: str) -> bool:
 
 
 def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """What LoRA training changed: the A and B of every LinearWithLoRA and every trainable bias (a parameter
+    """What LoRA training changed: the A and B of every LinearWithLoRA (and m of a LinearWithDoRA) and every
+    trainable bias (a parameter
     named ``bias`` that requires grad, as ``mark_only_lora_as_trainable(bias="all" | "lora_only")`` leaves
     them), under the keys ``model.state_dict()`` gives them (``trf_blocks.0.att.W_query.lora.A``, ...),
     detached and sharing storage with the parameters.
@@ -61,9 +75,9 @@ def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     out = {}
     adapter_params = set()
     for name, layer in _lora_layers(model, "lora_state_dict"):
-        out[_prefix(name) + "lora.A"] = layer.lora.A.detach()
-        out[_prefix(name) + "lora.B"] = layer.lora.B.detach()
-        adapter_params.update((id(layer.lora.A), id(layer.lora.B)))
+        for key, p in _adapter_tensors(name, layer).items():
+            out[key] = p.detach()
+            adapter_params.add(id(p))
     left_out = []
     for name, p in model.named_parameters():
         if id(p) in adapter_params or not p.requires_grad:
@@ -92,7 +106,7 @@ def _plan(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool
         _lora_layers(model, caller)   # raises: not a module, or no LinearWithLoRA
     required, owner = {}, {}
     for name, layer in layers:
-        for key, p in ((_prefix(name) + "lora.A", layer.lora.A), (_prefix(name) + "lora.B", layer.lora.B)):
+        for key, p in _adapter_tensors(name, layer).items():
             required[key], owner[key] = p, (name, layer)
     optional = {}
     for name, p in model.named_parameters():
@@ -136,7 +150,7 @@ def _copy(pairs) -> None:
 
 def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
                          strict: bool = True) -> LoadResult:
-    """Copy A and B tensors and trainable biases (keys as ``lora_state_dict`` gives them) into the model's
+    """Copy A, B (and DoRA's m) tensors and trainable biases (keys as ``lora_state_dict`` gives them) into the model's
     LinearWithLoRA layers and bias parameters, in place, converting to each parameter's dtype and device.
     Nothing is copied unless every check passes: a failed load leaves the model as it was.
 
@@ -158,10 +172,10 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
 
 
 def save_lora(model: nn.Module, path: PathLike) -> None:
-    """Write ``lora_state_dict(model)`` (A, B and trainable biases) to a safetensors file at ``path``, with each
-    layer's rank, alpha, scaling and dropout in the metadata (see the module docstring). Works for merged layers
-    too (A and B are kept while merged). Overwrites ``path`` atomically: the file is written beside it and
-    renamed, so ``path`` holds the old file or the new one, never a partial one.
+    """Write ``lora_state_dict(model)`` (A, B, DoRA's m and trainable biases) to a safetensors file at ``path``,
+    with each layer's rank, alpha, scaling, dropout and use_dora in the metadata (see the module docstring).
+    Works for merged layers too (A and B are kept while merged). Overwrites ``path`` atomically: the file is
+    written beside it and renamed, so ``path`` holds the old file or the new one, never a partial one.
 
     Raises: TypeError for a non-Module; ValueError if the model holds no LinearWithLoRA; safetensors' and the
     OS's errors for tensors it cannot write (e.g. 'meta') or an unwritable path.
@@ -223,6 +237,8 @@ def _layer_configs(path: str, metadata: dict) -> dict:
         dropout = config.get("dropout", 0.0)
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout <= 1.0:
             raise ValueError(f"{where}.dropout: expected a probability in [0, 1], got {dropout!r}")
+        if not isinstance(config.get("use_dora", False), bool):
+            raise ValueError(f"{where}.use_dora: expected true or false, got {config.get('use_dora')!r}")
     return saved
 
 
@@ -230,12 +246,13 @@ def load_lora(model: nn.Module, path: PathLike, *, strict: bool = True) -> LoadR
     """Load a file written by ``save_lora`` into the model, in place.
 
     Each layer the file's metadata names must be, in the model, either a LinearWithLoRA with the file's rank,
-    alpha and scaling (a file saved with another rank or alpha would silently change the function), or a plain
-    nn.Linear / transformers Conv1D, which is wrapped in a LinearWithLoRA with the file's rank, alpha, scaling
-    and dropout (as ``load_peft_adapter`` wraps plain layers from its config; the wrapped layer's A and B
-    follow LinearWithLoRA's device and dtype rules). Every LinearWithLoRA whose tensors the file holds must be
-    named in its metadata. Then the tensors are loaded as ``load_lora_state_dict(model, tensors,
-    strict=strict)`` does. All checks run before anything is changed: a failed load leaves the model as it was.
+    alpha, scaling and kind (LoRA or DoRA: a file saved with another rank or alpha would silently change the
+    function), or a plain nn.Linear / transformers Conv1D, which is wrapped in a LinearWithLoRA (LinearWithDoRA
+    for a DoRA layer) with the file's rank, alpha, scaling and dropout (as ``load_peft_adapter`` wraps plain
+    layers from its config; the wrapped layer's A and B follow LinearWithLoRA's device and dtype rules). Every
+    LinearWithLoRA whose tensors the file holds must be named in its metadata. Then the tensors are loaded as
+    ``load_lora_state_dict(model, tensors, strict=strict)`` does. All checks run before anything is changed: a
+    failed load leaves the model as it was.
 
     Returns: LoadResult(missing_keys, unexpected_keys).
     Raises:
@@ -256,22 +273,23 @@ def load_lora(model: nn.Module, path: PathLike, *, strict: bool = True) -> LoadR
     for name, config in saved.items():
         module = modules.get(name)
         if isinstance(module, LinearWithLoRA):
-            for field in ("rank", "alpha", "scaling"):
-                stored, value = config[field], _config(module)[field]
+            for field in ("rank", "alpha", "scaling", "use_dora"):
+                stored, value = config.get(field, False), _config(module).get(field, False)
                 if stored != value:
                     mismatches.append(f"{name or '<model>'}: {field} {stored!r} in the file, {value!r} in the model")
         elif module is not None and is_linear(module) and not isinstance(module, nn.MultiheadAttention):
             if name == "":
                 raise ValueError(f"load_lora: {path} adapts the model itself, a plain linear layer; wrap it first "
                                  "(LinearWithLoRA or replace_linear_with_lora), since it cannot be replaced in place")
-            new_layers[name] = LinearWithLoRA(module, config["rank"], config["alpha"], scaling=config["scaling"],
-                                              dropout=config.get("dropout", 0.0))
+            wrap = LinearWithDoRA if config.get("use_dora", False) else LinearWithLoRA
+            new_layers[name] = wrap(module, config["rank"], config["alpha"], scaling=config["scaling"],
+                                    dropout=config.get("dropout", 0.0))
         elif strict:
             what = "not in the model" if module is None else f"a {type(module).__name__}, not a linear layer"
             mismatches.append(f"{name or '<model>'}: named in the file, {what}")
     for name, module in modules.items():
         if isinstance(module, LinearWithLoRA) and name not in saved and any(
-                k in tensors for k in (_prefix(name) + "lora.A", _prefix(name) + "lora.B")):
+                k in tensors for k in _adapter_tensors(name, module)):
             mismatches.append(f"{name or '<model>'}: the file holds its tensors but no rank/alpha/scaling in its "
                               "metadata lora_fast.layers")
     if mismatches:

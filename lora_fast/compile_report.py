@@ -45,7 +45,14 @@ RANKS = (16, 64)
 # dyb_proj: dS = dY B^T with the dB partials when the rank is small; da_reduce: dA = (keep x)^T dS (the dB
 # reduction of a large rank, reduce_rows(dy, S), compiles to the same kernel with the same specialisation);
 # grad_finish: dA or dB = (scale * the sum of their partials) in the adapters' dtype.
-KERNELS = ("fwd_gemm", "dx_gemm", "xa_proj", "dyb_proj", "da_reduce", "grad_finish")
+# DoRA (kernels/dora.py; its GEMMs and narrow passes are the kernels above): dora_sumsq: ||W_n||^2;
+# dora_norm: the norm from ||W_n||^2, W A and (A^T A) B, and g = m / norm; dora_scale: y = Y0 + (g - 1) ⊙ (Y0 - b)
+# (Y0 + (g - 1) ⊙ U with dropout); dora_grad: g ⊙ dY, (g - 1) ⊙ dY and the dm partials; dora_combine:
+# dropout(x), and dX's masked add.
+DORA_KERNELS = ("dora_sumsq", "dora_norm", "dora_scale", "dora_grad", "dora_combine")
+KERNELS = ("fwd_gemm", "dx_gemm", "xa_proj", "dyb_proj", "da_reduce", "grad_finish") + DORA_KERNELS
+# kernels without a dot or a reduction through shared memory (may report 0 bytes of shared memory)
+ELEMENTWISE_KERNELS = ("grad_finish", "dora_sumsq", "dora_scale", "dora_grad", "dora_combine")
 GEMM_KERNELS = ("fwd_gemm", "dx_gemm")
 # Aligned sizes of the specialisation: any multiple of 16 gives the same code (the JIT keys on "divisible
 # by 16" only); 4096 stands for the hidden sizes of the models the README benchmarks.
@@ -110,13 +117,22 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
         return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=4 * rank < configs_mod.PROJ_BLOCK_M)]
     if kernel == "da_reduce":
         return [dict(HAS_DROPOUT=False), dict(HAS_DROPOUT=True)]
-    if kernel == "grad_finish":
+    if kernel in ("grad_finish", "dora_sumsq", "dora_norm"):
         return [dict()]
+    if kernel == "dora_scale":   # y = Y0 + (g - 1) ⊙ (U - b?): b only without dropout
+        return [dict(HAS_BASE=True, HAS_BIAS=False), dict(HAS_BASE=True, HAS_BIAS=True)]
+    if kernel == "dora_grad":    # dm when the magnitude trains (b taken off U without dropout); (g - 1) ⊙ dY for
+        # dX with dropout
+        return [dict(HAS_DM=False, WRITE_G1=False, HAS_BIAS=False), dict(HAS_DM=True, WRITE_G1=False, HAS_BIAS=True),
+                dict(HAS_DM=True, WRITE_G1=True, HAS_BIAS=False)]
+    if kernel == "dora_combine":  # forward dropout(x); backward dX + keep/(1-p) ⊙ inner
+        return [dict(HAS_BASE=False), dict(HAS_BASE=True)]
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
 def _variant_label(flags: dict) -> str:
-    names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB-partials"}
+    names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB-partials", "HAS_BASE": "base",
+             "HAS_DM": "dm", "WRITE_G1": "g-1"}
     return "+".join(names[k] for k, v in flags.items() if v) or "-"
 
 
@@ -132,6 +148,11 @@ def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
         return cfg.reduce_configs(capability, dtype)
     if kernel == "grad_finish":
         return cfg.finish_configs(capability, dtype)
+    if kernel in DORA_KERNELS:
+        from .kernels import dora
+
+        factory = dora.norm_configs if kernel in ("dora_sumsq", "dora_norm") else dora.elementwise_configs
+        return factory(capability, dtype)
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
@@ -157,8 +178,8 @@ def make_jobs(targets: Sequence[str] = tuple(TARGETS), kernels: Sequence[str] = 
     for target in targets:
         for kernel in kernels:
             for dtype in dtypes:
-                # grad_finish does not depend on the rank (the same specialisation for every multiple of 16)
-                for rank in (ranks[:1] if kernel == "grad_finish" else ranks):
+                # only kernels with a rank dimension depend on the rank (the same code for every multiple of 16)
+                for rank in (ranks[:1] if kernel in ELEMENTWISE_KERNELS else ranks):
                     flag_sets = _variants(kernel, rank, cfg)
                     if variants == "heaviest":
                         flag_sets = flag_sets[-1:]
@@ -243,7 +264,43 @@ def launch_args(job: Job) -> tuple:
         args = dict(PARTIAL_ptr=_Ptr("fp32"), OUT_ptr=_Ptr(x), SPLITS=4, ROWS=K, COLS=R, NUMEL=K * R, stride_or=R,
                     stride_oc=1, scale=0.5, BLOCK=cfg.FINISH_BLOCK)
         return sum_partials_kernel, dict(args, **meta)
+    if job.kernel in DORA_KERNELS:
+        return _dora_launch_args(job, x, R, M, N, K, meta)
     raise ValueError(f"kernel must be one of {KERNELS}, got {job.kernel!r}")
+
+
+def _dora_launch_args(job: Job, x: str, R: int, M: int, N: int, K: int, meta: dict) -> tuple:
+    """(kernel, arguments) of the DoRA launches of kernels/dora.py: contiguous (M, N) and (M, K) tensors, the
+    (N, K) weight as stored."""
+    from .kernels import configs as cfg
+    from .kernels import dora
+
+    blocks = dora.ELEMENTWISE_BLOCK
+    if job.kernel == "dora_sumsq":
+        args = dict(W_ptr=_Ptr(x), OUT_ptr=_Ptr("fp32"), N=N, K=K, stride_wn=K, stride_wk=1, **dora.SUMSQ_BLOCK)
+        return dora.row_sumsq_kernel, dict(args, **meta)
+    if job.kernel == "dora_norm":
+        # B and the magnitude in x's dtype here (the fp32 case is the fp32 row)
+        args = dict(WSQ_ptr=_Ptr("fp32"), WA_ptr=_Ptr("fp32"), B_ptr=_Ptr(x), GB_ptr=_Ptr("fp32"),
+                    MAG_ptr=_Ptr(x), NORM_ptr=_Ptr("fp32"), GSCALE_ptr=_Ptr("fp32"), N=N, R=R, stride_wan=R,
+                    stride_war=1, stride_br=N, stride_bn=1, stride_gr=N, stride_gn=1, scale=0.5,
+                    BLOCK_N=dora.NORM_BLOCK_N, BLOCK_R=cfg.block_r(R))
+        return dora.dora_norm_kernel, dict(args, **meta)
+    if job.kernel == "dora_scale":
+        args = dict(U_ptr=_Ptr(x), BASE_ptr=_Ptr(x), GSCALE_ptr=_Ptr("fp32"), BIAS_ptr=_Ptr(x), OUT_ptr=_Ptr(x),
+                    M=M, N=N, stride_um=N, stride_un=1, stride_bm=N, stride_bn=1, stride_om=N, stride_on=1, **blocks)
+        return dora.dora_scale_kernel, dict(args, **meta)
+    if job.kernel == "dora_grad":
+        args = dict(DY_ptr=_Ptr(x), U_ptr=_Ptr(x), GSCALE_ptr=_Ptr("fp32"), INV_NORM_ptr=_Ptr("fp32"),
+                    BIAS_ptr=_Ptr(x), DYG_ptr=_Ptr(x), DYG1_ptr=_Ptr(x), PARTIAL_ptr=_Ptr("fp32"), M=M, N=N,
+                    ROWS_PER_SPLIT=16 * blocks["BLOCK_M"], stride_dm=N, stride_dn=1, stride_um=N, stride_un=1,
+                    stride_gm=N, stride_gn=1, **blocks)
+        return dora.dora_grad_kernel, dict(args, **meta)
+    # dora_combine: T (M, K), BASE (M, K), OUT (M, K), the seed
+    args = dict(T_ptr=_Ptr(x), BASE_ptr=_Ptr(x), OUT_ptr=_Ptr(x), SEED_ptr=_Ptr("i64"), M=M, K=K, stride_tm=K,
+                stride_tk=1, stride_bm=K, stride_bk=1, stride_om=K, stride_ok=1, keep_scale=1.0 / 0.9, dropout_p=0.1,
+                BLOCK_M=blocks["BLOCK_M"], BLOCK_K=blocks["BLOCK_N"])
+    return dora.dropout_combine_kernel, dict(args, **meta)
 
 
 def specialise(fn, args: dict, constexpr_names: set, backend) -> tuple:
@@ -468,7 +525,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "dropout mask); xa_proj: S = dropout(x) A; dyb_proj: dS = dY B^T, with the dB "
                              "partials S^T dY when 4 * rank < PROJ_BLOCK_M (rank 16: yes, rank 64: no, then dB "
                              "runs on da_reduce's kernel); da_reduce: dA = dropout(x)^T dS; grad_finish: dA, dB "
-                             "= scale * sum of their partials, cast")
+                             "= scale * sum of their partials, cast; dora_*: DoRA's norm, column scale, backward "
+                             "prologue and dropout combine (kernels/dora.py)")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES),
                         help="input dtype (fp32 rows use input_precision 'ieee', torch's default)")
     parser.add_argument("--rank", nargs="+", type=int, default=list(RANKS),

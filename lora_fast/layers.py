@@ -11,7 +11,9 @@ from torch import nn
 from torch.nn.modules import module as module_mod
 
 from ._checks import check_dropout, check_rank, check_scale
+from .dora import dora_linear, dora_unfused
 from .functional import lora_delta, lora_linear
+from .reference import dora_weight_norm
 
 SCALINGS = ("alpha", "alpha/rank", "rslora")
 
@@ -97,20 +99,20 @@ class LoRALayer(nn.Module):
 
 
 class _MergedGuard(torch.autograd.Function):
-    """Identity on a merged layer's output that raises if a backward reaches A or B (they took no part in the
-    forward, so they would silently get no gradient)."""
+    """Identity on a merged layer's output that raises if a backward reaches A, B (or DoRA's magnitude): they
+    took no part in the forward, so they would silently get no gradient."""
 
     @staticmethod
-    def forward(ctx, y, A, B):
+    def forward(ctx, y, *adapters):
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, dy):
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            raise RuntimeError("LinearWithLoRA: this layer is merged (merge_lora), so its A and B took no part in "
+        if any(ctx.needs_input_grad[1:]):
+            raise RuntimeError("LinearWithLoRA: this layer is merged (merge_lora), so its adapters took no part in "
                                "the forward and would get no gradient; call unmerge_lora(model) to train them, or "
                                "freeze them (requires_grad_(False))")
-        return dy, None, None
+        return (dy,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 def _warn_if_merged(module, state_dict, prefix, local_metadata):
@@ -172,6 +174,10 @@ class LinearWithLoRA(nn.Module):
         """Re-initialise the adapter only (A kaiming-uniform, B zeros); the wrapped layer is left as it is."""
         self.lora.reset_parameters()
 
+    def adapter_parameters(self) -> list:
+        """The parameters training adapts (A and B; DoRA adds its magnitude)."""
+        return [self.lora.A, self.lora.B]
+
     def fused(self) -> bool:
         """True when forward runs the fused op (see the class docstring: plain layer, no hooks)."""
         return has_plain_forward(self.linear) and not has_forward_hooks(self.linear)
@@ -180,8 +186,9 @@ class LinearWithLoRA(nn.Module):
         A, B = self.lora.A, self.lora.B
         if self.merged:
             y = self.linear(x)
-            if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
-                y = _MergedGuard.apply(y, A, B)
+            adapters = self.adapter_parameters()
+            if torch.is_grad_enabled() and any(p.requires_grad for p in adapters):
+                y = _MergedGuard.apply(y, *adapters)
             return y
         if not self.fused():
             y = self.linear(x)
@@ -195,3 +202,66 @@ class LinearWithLoRA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dropout={self.dropout}, merged={self.merged}"
+
+
+class LinearWithDoRA(LinearWithLoRA):
+    """nn.Linear with DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", eq. 5), as PEFT
+    computes it (``use_dora=True``), on the fused op ``dora_linear``:
+
+        forward(x) = m ⊙ (x (W + scale (A B)^T)^T) / ||W + scale (A B)^T||_row + b     (no dropout)
+
+    the norm taken per output feature over the (out, in) weight and detached (paper sec. 4.3); with dropout,
+    PEFT's formula ``linear(x) + (g - 1) ⊙ (x_d W^T) + g ⊙ scale x_d A B`` with g = m / norm, x_d = dropout(x).
+
+    A LinearWithLoRA (attributes ``linear``, ``lora``, ``dropout``, ``fan_in_fan_out``, ``merged``) plus ``m``:
+    the magnitude, an nn.Parameter of shape (out_features,) initialised to ||W_n||, the norm of each output
+    feature's row of nn.Linear's (out, in) weight (PEFT's lora_magnitude_vector), in the adapters' dtype
+    (float32 on a 16-bit base). State-dict keys: linear.weight, linear.bias, lora.A, lora.B, m.
+
+    The from-scratch DoRA layer published by the book's author (Raschka, "Improving LoRA: Implementing
+    Weight-Decomposed Low-Rank Adaptation (DoRA) from Scratch", 2024) keeps ``m`` of shape (1, in_features): it
+    takes the norm over dim 0 of the (out, in) weight, i.e. per input feature, does not detach it and has no
+    dropout. This layer follows the paper's per-output-feature reading that PEFT implements, so that a PEFT DoRA
+    adapter loads into it and gives the same numbers; the two ``m`` are not interchangeable (their shapes differ,
+    so a state dict of one does not load into the other).
+
+    Merged (``merge_lora``): linear.weight holds g ⊙ (W + scale (A B)^T) row-wise (the norm of the unmerged
+    weight), a copy of W is kept for an exact ``unmerge_lora``; forward is ``linear(x)``.
+
+    Args: as LinearWithLoRA. Raises: as LinearWithLoRA.
+    """
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float, *, dropout: float = 0.0,
+                 scaling: str = "alpha"):
+        super().__init__(linear, rank, alpha, dropout=dropout, scaling=scaling)
+        A = self.lora.A
+        self.m = nn.Parameter(torch.empty(self.lora.B.shape[1], device=A.device, dtype=A.dtype))
+        self.reset_magnitude()
+
+    def reset_magnitude(self) -> None:
+        """m to ||W + scale (A B)^T|| per output feature (= ||W_n|| while B is zero, as at construction)."""
+        with torch.no_grad():
+            self.m.copy_(dora_weight_norm(self.base_weight(), self.lora.A, self.lora.B, self.lora.scale))
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the adapter (A kaiming-uniform, B zeros, m = ||W_n||); the wrapped layer is left as is."""
+        self.lora.reset_parameters()
+        self.reset_magnitude()
+
+    def base_weight(self) -> torch.Tensor:
+        """The wrapped weight in nn.Linear's (out, in) layout (a transposed view for a Conv1D)."""
+        return self.linear.weight.t() if self.fan_in_fan_out else self.linear.weight
+
+    def adapter_parameters(self) -> list:
+        return [self.lora.A, self.lora.B, self.m]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.fused():
+            if self.merged:
+                return super().forward(x)
+            # the wrapped layer's own call (hooks, own forward), then PEFT's DoRA around its output, unfused
+            y = self.linear(x)
+            return dora_unfused(x, y, self.base_weight(), self.linear.bias, self.lora.A, self.lora.B, self.m,
+                                self.lora.scale, dropout_p=self.dropout, training=self.training)
+        return dora_linear(x, self.base_weight(), self.linear.bias, self.lora.A, self.lora.B, self.m,
+                           self.lora.scale, dropout_p=self.dropout, training=self.training)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ._checks import check_dropout
-from .layers import LinearWithLoRA, has_plain_forward, is_linear, lora_scale
+from .layers import LinearWithDoRA, LinearWithLoRA, has_plain_forward, is_linear, lora_scale
 
 Exclude = Optional[Union[Iterable[str], Callable[[str, nn.Module], bool]]]
 TargetModules = Optional[Union[str, Iterable[str]]]
@@ -86,9 +86,9 @@ def _targeter(model: nn.Module, target_modules: TargetModules) -> Callable[[str,
 
 
 def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclude: Exclude = None,
-                             target_modules: TargetModules = None, **kwargs) -> nn.Module:
+                             target_modules: TargetModules = None, use_dora: bool = False, **kwargs) -> nn.Module:
     """Wrap every nn.Linear (and transformers Conv1D, GPT-2's linear) in ``model`` (recursively) in a
-    LinearWithLoRA, in place; returns the model.
+    LinearWithLoRA (a LinearWithDoRA with ``use_dora=True``, PEFT's name for it), in place; returns the model.
 
     As the book's function (appendix E), plus: a layer already wrapped is left as it is (calling twice equals
     calling once); a layer registered in several places (shared or tied submodules) gets one wrapper, put in
@@ -106,7 +106,8 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
     subclass with its own forward, or a layer with hooks, is wrapped but keeps its own call (LinearWithLoRA
     adds the low-rank term beside it); ``exclude`` names that match no module give a UserWarning.
 
-    Args: rank >= 1, alpha, and LinearWithLoRA's keywords (dropout, scaling).
+    Args: rank >= 1, alpha, use_dora (bool), and LinearWithLoRA's keywords (dropout, scaling). A layer already
+        wrapped keeps its kind (LoRA or DoRA).
     Raises: ValueError for a bad rank, alpha, dropout or scaling (from LinearWithLoRA), an invalid regex, or a
         target_modules that names a module that is not a linear layer (as PEFT refuses it);
         TypeError for a target_modules that is neither a string nor an iterable of strings.
@@ -116,11 +117,14 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
     # the arguments are checked before any layer is touched, even when no layer ends up wrapped
     lora_scale(alpha, rank, kwargs.get("scaling", "alpha"))
     check_dropout(kwargs.get("dropout", 0.0), "dropout")
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora: expected a bool, got {type(use_dora).__name__}")
     if isinstance(model, LinearWithLoRA):
         return model
+    wrap = LinearWithDoRA if use_dora else LinearWithLoRA
     if is_linear(model):
         # a lone layer is its own whole model: there is no head to leave out
-        return model if excluded("", model) else LinearWithLoRA(model, rank, alpha, **kwargs)
+        return model if excluded("", model) else wrap(model, rank, alpha, **kwargs)
 
     if target_modules is not None and not (isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR):
         inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, LinearWithLoRA))
@@ -139,14 +143,14 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
     first_names = {}
     for name, module in model.named_modules():
         first_names.setdefault(id(module), name)
-    _replace(model, "", rank, alpha, skip, kwargs, wrappers, first_names)
+    _replace(model, "", wrap, rank, alpha, skip, kwargs, wrappers, first_names)
     if target_modules is not None and not any(isinstance(m, LinearWithLoRA) for m in model.modules()):
         # as PEFT does: a target list that matches nothing is a mistake, not a no-op
         raise ValueError(f"target_modules: {target_modules!r} matched no linear layer of the model")
     return model
 
 
-def _replace(module: nn.Module, prefix: str, rank, alpha, skip, kwargs, wrappers, first_names) -> None:
+def _replace(module: nn.Module, prefix: str, wrap, rank, alpha, skip, kwargs, wrappers, first_names) -> None:
     for name, child in list(module.named_children()):
         qualified = f"{prefix}{name}"
         # nn.MultiheadAttention reads out_proj.weight directly, so wrapping it would break the attention
@@ -156,11 +160,11 @@ def _replace(module: nn.Module, prefix: str, rank, alpha, skip, kwargs, wrappers
         if is_linear(child):
             wrapper = wrappers.get(id(child))
             if wrapper is None and not skip(first_names.get(id(child), qualified), child):
-                wrapper = wrappers[id(child)] = LinearWithLoRA(child, rank, alpha, **kwargs)
+                wrapper = wrappers[id(child)] = wrap(child, rank, alpha, **kwargs)
             if wrapper is not None:
                 setattr(module, name, wrapper)
         else:
-            _replace(child, qualified + ".", rank, alpha, skip, kwargs, wrappers, first_names)
+            _replace(child, qualified + ".", wrap, rank, alpha, skip, kwargs, wrappers, first_names)
 
 
 # --- merge / unmerge and trainable-parameter helpers (issue 7) ------------------------------------------------
@@ -183,12 +187,20 @@ def _lora_layers(model: nn.Module, caller: str) -> list:
 
 
 def _merged_weight(layer: LinearWithLoRA) -> torch.Tensor:
-    """W + scale * (A @ B)^T, summed in float32 (float64 if W or the adapters are float64), cast once to W's dtype.
-    A Conv1D (fan_in_fan_out) stores W as (in, out), so its update is scale * A @ B untransposed."""
+    """W + scale * (A @ B)^T, summed in float32 (float64 if W or the adapters are float64), cast once to W's dtype;
+    for DoRA, times m / ||W + scale (A @ B)^T|| per output feature. A Conv1D (fan_in_fan_out) stores W as
+    (in, out), so its update is scale * A @ B untransposed."""
     weight, A, B = layer.linear.weight, layer.lora.A, layer.lora.B
     acc = torch.promote_types(torch.promote_types(torch.float32, weight.dtype), A.dtype)
     delta = layer.lora.scale * (A.to(weight.device, acc) @ B.to(weight.device, acc))  # (in, out)
-    return (weight.to(acc) + (delta if layer.fan_in_fan_out else delta.t())).to(weight.dtype)
+    merged = weight.to(acc) + (delta if layer.fan_in_fan_out else delta.t())
+    if isinstance(layer, LinearWithDoRA):
+        # DoRA: each output feature's row (a Conv1D's column) scaled by g = m / ||W_n + scale (A B)^T_n||, the
+        # norm of the unmerged weight, so linear(x) computes g ⊙ (x W^T + scale x A B) + b (PEFT's merge)
+        norm = torch.linalg.vector_norm(merged, dim=0 if layer.fan_in_fan_out else 1)
+        g = layer.m.detach().to(weight.device, acc) / norm
+        merged = merged * (g[None, :] if layer.fan_in_fan_out else g[:, None])
+    return merged.to(weight.dtype)
 
 
 def _warn_unchanged(caller: str, names: list, state: str) -> None:
@@ -232,6 +244,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     float32 (float64 for float64 tensors) and rounded once into W's dtype, so a merged fp16/bf16 layer is within
     one rounding of the exact merged weight. A merged layer's forward is ``linear(x)`` alone: no low-rank
     matmuls, no LoRA dropout. The Parameter objects stay the same (optimisers and hooks keep their references).
+    A LinearWithDoRA merges as PEFT does: W <- g ⊙ (W + scale * (A @ B)^T) row-wise, g = m / (the norm of that
+    sum per output feature).
 
     Memory: for exact ``unmerge_lora`` each merged layer keeps a copy of its original weight (a non-persistent
     buffer ``weight_before_merge``, on W's device, not in the state dict): out_features * in_features elements
@@ -313,7 +327,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
-    """Freeze every parameter except the LoRA A and B, in place; returns the model.
+    """Freeze every parameter except the LoRA A and B (and DoRA's magnitude m), in place; returns the model.
 
     ``bias`` as loralib (``lora.mark_only_lora_as_trainable``) and PEFT (``LoraConfig.bias``) define it:
     "none" trains no bias, "all" trains every parameter named ``bias`` in the model, "lora_only" trains the
@@ -327,8 +341,8 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in layers:
-        layer.lora.A.requires_grad_(True)
-        layer.lora.B.requires_grad_(True)
+        for p in layer.adapter_parameters():
+            p.requires_grad_(True)
         if bias == "lora_only" and layer.linear.bias is not None:
             layer.linear.bias.requires_grad_(True)
     if bias == "all":

@@ -4,8 +4,9 @@ models made with replace_linear_with_lora (save_peft_adapter / load_peft_adapter
 PEFT (Hugging Face, https://github.com/huggingface/peft) stores a LoRA layer as ``lora_A`` = nn.Linear(in, r)
 and ``lora_B`` = nn.Linear(r, out) and computes base(x) + lora_B(lora_A(dropout(x))) * scaling, with scaling =
 lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). In lora-fast's notation A = lora_A.weight^T (in, r),
-B = lora_B.weight^T (r, out) and scale = scaling. peft, transformers and safetensors are imported only when a
-function here is called.
+B = lora_B.weight^T (r, out) and scale = scaling. With ``use_dora=True`` (DoRA, Liu et al. 2024) each layer also
+has ``lora_magnitude_vector`` (out,) = lora-fast's LinearWithDoRA ``m``. peft, transformers and safetensors are
+imported only when a function here is called.
 """
 
 import collections
@@ -25,8 +26,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .dora import dora_linear
 from .functional import lora_linear
-from .layers import LinearWithLoRA, has_plain_forward, is_linear, lora_scale
+from .layers import LinearWithDoRA, LinearWithLoRA, has_plain_forward, is_linear, lora_scale
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # the prefix PEFT's PeftModel puts before a module path of the base model in its adapter files
@@ -82,7 +84,7 @@ def _adapter_reason(module: nn.Module) -> tuple:
     adapter = active[0]
     # peft >= 0.15 keeps every variant (DoRA, aLoRA, ...) in lora_variant; older versions only have use_dora
     variant = getattr(module, "lora_variant", {}).get(adapter)
-    if variant is not None or getattr(module, "use_dora", {}).get(adapter):
+    if (variant is not None or getattr(module, "use_dora", {}).get(adapter)) and not _is_dora(module, adapter):
         return None, "LoRA variant " + ("DoRA" if module.use_dora.get(adapter) else type(variant).__name__)
     lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
@@ -94,6 +96,23 @@ def _adapter_reason(module: nn.Module) -> tuple:
     if any(_has_hooks(m) for m in (module.base_layer, lora_A, lora_B)):
         return None, "forward hooks on the base layer or lora_A / lora_B"
     return adapter, None
+
+
+def _is_dora(module: nn.Module, adapter: str) -> bool:
+    """True when the adapter is PEFT's plain DoRA on a Linear (DoraLinearVariant, its DoraLinearLayer holding the
+    magnitude, no hooks on it): what ``dora_linear`` computes. Other variants, DoRA subclasses included, are not."""
+    if not getattr(module, "use_dora", {}).get(adapter):
+        return False
+    try:
+        from peft.tuners.lora.dora import DoraLinearLayer
+    except ImportError:
+        return False
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+        return False
+    magnitude = getattr(module, "lora_magnitude_vector", {})
+    layer = magnitude[adapter] if adapter in magnitude else None
+    return type(layer) is DoraLinearLayer and not _has_hooks(layer)
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -120,6 +139,10 @@ def _fused_adapter(module: nn.Module, x, args, kwargs) -> Optional[str]:
         return None
     if weight.device != x.device or A.device != x.device or module.lora_B[adapter].weight.device != x.device:
         return None
+    if _is_dora(module, adapter):
+        magnitude = module.lora_magnitude_vector[adapter].weight
+        if magnitude.dtype not in (A.dtype, torch.float32) or magnitude.device != x.device:
+            return None
     return adapter
 
 
@@ -133,6 +156,11 @@ def _fused_forward(module: nn.Module, x, *args, **kwargs):
     weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
     dropout = module.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    if _is_dora(module, adapter):
+        # PEFT's DoRA drops (and recomputes the base on the dropped input) only while the layer trains
+        return dora_linear(x, weight, base.bias, module.lora_A[adapter].weight.t(), module.lora_B[adapter].weight.t(),
+                           module.lora_magnitude_vector[adapter].weight, module.scaling[adapter], dropout_p=p,
+                           training=module.training and dropout.training)
     # transposed views of PEFT's parameters: gradients flow back into lora_A.weight / lora_B.weight
     return lora_linear(x, weight, base.bias, module.lora_A[adapter].weight.t(), module.lora_B[adapter].weight.t(),
                        module.scaling[adapter], dropout_p=p, training=dropout.training)
@@ -171,7 +199,8 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
     ``model``: a ``peft.PeftModel`` or any module with PEFT LoRA layers injected (peft.tuners.lora.Linear, over an
     nn.Linear or transformers' Conv1D, fan_in_fan_out). Each such layer gets a forward that, per call, runs the
     fused op when PEFT's forward would compute base(x) + lora_B(lora_A(dropout(x))) * scaling for exactly one
-    adapter: the active adapter is plain LoRA (no DoRA or other variant, no lora_bias), adapters are neither
+    adapter (or PEFT's DoRA, ``use_dora=True``, on ``dora_linear``): the active adapter is plain LoRA or DoRA (no
+    other variant, no lora_bias), adapters are neither
     disabled nor merged, no adapter_names (mixed batches) or other extra arguments, x in the base weight's dtype
     with adapters in that dtype or float32, no autocast, one device, no forward hooks. Otherwise the call runs
     PEFT's own forward, so results never silently differ from PEFT's (up to floating-point rounding; dropout
@@ -247,7 +276,7 @@ def _trainable_extras(model: nn.Module, layers: dict, modules_to_save) -> tuple:
                 saved_modules[PEFT_PREFIX + n + "." + pn] = p
     in_modules = {id(p) for p in saved_modules.values()}
     lora_biases = {id(layer.linear.bias): name for name, layer in layers.items() if layer.linear.bias is not None}
-    adapter_ids = {id(p) for layer in layers.values() for p in (layer.lora.A, layer.lora.B)}
+    adapter_ids = {id(p) for layer in layers.values() for p in layer.adapter_parameters()}
     params = {n: p for n, p in model.named_parameters() if id(p) not in in_modules}
     trainable_bias = [n for n, p in params.items() if p.requires_grad and n.rpartition(".")[2] == "bias"]
     other_bias = [n for n in trainable_bias if id(params[n]) not in lora_biases]
@@ -330,7 +359,9 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
     base_model is the model before replace_linear_with_lora): ``adapter_config.json`` written by PEFT's own
     LoraConfig, and ``adapter_model.safetensors`` with, per layer at module path P,
     ``base_model.model.P.lora_A.weight`` = A^T (rank, in) and ``base_model.model.P.lora_B.weight`` = B^T
-    (out, rank), in the adapters' dtype. ``lora_alpha`` and ``use_rslora`` are chosen so that PEFT computes our
+    (out, rank), in the adapters' dtype; LinearWithDoRA layers (all or none) add
+    ``base_model.model.P.lora_magnitude_vector`` = m (out,) and ``use_dora`` in the config.
+    ``lora_alpha`` and ``use_rslora`` are chosen so that PEFT computes our
     scale: "alpha/rank" -> lora_alpha = alpha; "rslora" -> use_rslora, lora_alpha = alpha; "alpha" (scale =
     alpha) -> lora_alpha = alpha * rank. Layers with another rank or alpha than the most common one go into
     rank_pattern / alpha_pattern. Conv1D layers set fan_in_fan_out. target_modules lists the exact paths.
@@ -345,7 +376,8 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
     weights that belong together), other files in the folder are kept.
 
     Raises: ImportError without peft or safetensors; ValueError if ``model`` has no LinearWithLoRA, if its
-        layers mix "rslora" with other scalings or use different dropouts (PEFT keeps one per adapter), or if a
+        layers mix "rslora" with other scalings, DoRA with LoRA, or use different dropouts (PEFT keeps one per
+        adapter), or if a
         modules_to_save name matches no module or a module with LoRA layers.
     """
     from peft import LoraConfig
@@ -365,6 +397,9 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
     dropouts = {layer.dropout for layer in layers.values()}
     if len(dropouts) > 1:
         raise ValueError(f"model: PEFT has one lora_dropout per adapter; these layers use {sorted(dropouts)}")
+    dora = {isinstance(layer, LinearWithDoRA) for layer in layers.values()}
+    if len(dora) > 1:
+        raise ValueError("model: PEFT has one use_dora per adapter; these layers mix LinearWithDoRA and LinearWithLoRA")
     bias_mode, biases, saved_modules, left_out = _trainable_extras(model, layers, modules_to_save)
     ranks, alphas, tensors = {}, {}, {}
     for name, layer in layers.items():
@@ -374,6 +409,8 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
         prefix = PEFT_PREFIX + name + "."
         tensors[prefix + "lora_A.weight"] = lora.A.detach().t().contiguous().cpu()
         tensors[prefix + "lora_B.weight"] = lora.B.detach().t().contiguous().cpu()
+        if isinstance(layer, LinearWithDoRA):
+            tensors[prefix + "lora_magnitude_vector"] = layer.m.detach().contiguous().cpu()
     for key, p in {**biases, **saved_modules}.items():
         tensors[key] = p.detach().contiguous().cpu()
     if left_out:
@@ -386,6 +423,7 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     config = LoraConfig(
         r=r, lora_alpha=alpha, use_rslora=rslora.pop(), lora_dropout=dropouts.pop(), bias=bias_mode,
+        use_dora=dora.pop(),
         target_modules=sorted(layers), fan_in_fan_out=all(layer.fan_in_fan_out for layer in layers.values()),
         rank_pattern={_pattern(n): k for n, k in ranks.items() if k != r},
         alpha_pattern={_pattern(n): a for n, a in alphas.items() if a != alpha},
@@ -449,8 +487,8 @@ def _read_config(adapter_dir: str):
         raise ValueError(f"adapter_dir: {path}: not a LoraConfig PEFT can read ({err})") from None
     if str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
         raise ValueError(f"adapter_dir: expected a LoRA adapter, got peft_type {config.peft_type}")
-    if config.use_dora or getattr(config, "lora_bias", False):
-        raise ValueError("adapter_dir: DoRA and lora_bias adapters are not supported by LinearWithLoRA")
+    if getattr(config, "lora_bias", False):
+        raise ValueError("adapter_dir: lora_bias adapters are not supported by LinearWithLoRA")
     return config
 
 
@@ -466,7 +504,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
     ``PeftModel.save_pretrained``) into ``model``, in place; returns the model.
 
     For every module path P in the file, ``model``'s module at P gets A = lora_A.weight^T (in, r) and
-    B = lora_B.weight^T (r, out) (copied into its dtype) and PEFT's scale: lora_alpha / r, or lora_alpha / sqrt(r)
+    B = lora_B.weight^T (r, out) (copied into its dtype; with use_dora, m = lora_magnitude_vector into a
+    LinearWithDoRA) and PEFT's scale: lora_alpha / r, or lora_alpha / sqrt(r)
     with use_rslora (scaling "alpha/rank" or "rslora", alpha = lora_alpha; rank_pattern / alpha_pattern are
     honoured), and lora_dropout. A LinearWithLoRA there must have rank r; a plain nn.Linear or Conv1D there is
     wrapped in a LinearWithLoRA first. ``model`` is the base model PEFT wrapped (keys "base_model.model.P").
@@ -477,7 +516,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
     for bit as it was.
 
     Raises: ImportError without peft or safetensors; FileNotFoundError for missing files; ValueError for a
-        malformed adapter_config.json (file and field named), a non-LoRA adapter, DoRA, lora_bias, tensors of
+        malformed adapter_config.json (file and field named), a non-LoRA adapter, lora_bias, a DoRA adapter for a
+        LinearWithLoRA (or the reverse), tensors of
         another kind (embedding adapters), a path that is not in ``model``, or shapes that do not match;
         RuntimeError for merged layers.
     """
@@ -492,9 +532,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
     modules_to_save = list(config.modules_to_save or [])
     pairs, extras = collections.defaultdict(dict), {}
     for key, value in tensors.items():
-        match = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A|lora_B)\.weight", key)
+        match = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.(?:(lora_A|lora_B)\.weight|(lora_magnitude_vector))", key)
         if match is not None:
-            pairs[match.group(1)][match.group(2)] = value
+            pairs[match.group(1)][match.group(2) or match.group(3)] = value
             continue
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else None
         if name is not None and (".modules_to_save." in name or ".original_module." in name):
@@ -511,16 +551,22 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
     # every module and tensor is checked before any is changed, so a bad file leaves the model as it was
     plan = []
     for name, pair in pairs.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise ValueError(f"adapter_dir: module {name!r} has {sorted(pair)}, expected lora_A and lora_B")
+        expected = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if config.use_dora else set())
+        if set(pair) != expected:
+            raise ValueError(f"adapter_dir: module {name!r} has {sorted(pair)}, expected {sorted(expected)} "
+                             f"(use_dora={config.use_dora})")
         lora_A, lora_B = pair["lora_A"], pair["lora_B"]
+        magnitude = pair.get("lora_magnitude_vector")
+        if magnitude is not None and tuple(magnitude.shape) != (lora_B.shape[0],):
+            raise ValueError(f"adapter_dir: module {name!r} has lora_magnitude_vector {tuple(magnitude.shape)}, "
+                             f"expected ({lora_B.shape[0]},)")
         r = _pattern_value(config.rank_pattern or {}, name, config.r)
         alpha = _pattern_value(config.alpha_pattern or {}, name, config.lora_alpha)
         if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != r or lora_B.shape[1] != r:
             raise ValueError(f"adapter_dir: module {name!r} has lora_A {tuple(lora_A.shape)} and lora_B "
                              f"{tuple(lora_B.shape)}, expected rank {r} from the config")
-        _check_target(model, name, r, lora_A.shape[1], lora_B.shape[0])
-        plan.append((name, lora_A, lora_B, r, alpha))
+        _check_target(model, name, r, lora_A.shape[1], lora_B.shape[0], config.use_dora)
+        plan.append((name, lora_A, lora_B, magnitude, r, alpha))
     params = dict(model.named_parameters())
     extra_plan = []
     for name, value in extras.items():
@@ -544,11 +590,13 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
                              f"{target!r} has {tuple(param.shape)}")
         extra_plan.append((param, value))   # wrapping a layer later keeps its Parameter objects
     loaded = set()
-    for name, lora_A, lora_B, r, alpha in plan:
+    for name, lora_A, lora_B, magnitude, r, alpha in plan:
         layer = _lora_target(model, name, r, alpha, config)
         with torch.no_grad():
             layer.lora.A.copy_(lora_A.t())
             layer.lora.B.copy_(lora_B.t())
+            if magnitude is not None:
+                layer.m.copy_(magnitude)
         scaling = "rslora" if config.use_rslora else "alpha/rank"
         layer.lora.alpha, layer.lora.scaling = alpha, scaling
         layer.lora.scale = lora_scale(alpha, r, scaling)
@@ -564,8 +612,10 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
     return model
 
 
-def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_features: int) -> None:
-    """Raise ValueError unless ``name`` is a LinearWithLoRA of rank r or a linear layer, of these feature sizes."""
+def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_features: int,
+                  use_dora: bool = False) -> None:
+    """Raise ValueError unless ``name`` is a LinearWithLoRA of rank r (a LinearWithDoRA for DoRA) or a linear layer,
+    of these feature sizes."""
     try:
         module = model.get_submodule(name)
     except AttributeError:
@@ -574,6 +624,9 @@ def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_fea
         if module.lora.rank != r:
             raise ValueError(f"adapter_dir: module {name!r} has rank {r}, model's LinearWithLoRA has rank "
                              f"{module.lora.rank}")
+        if isinstance(module, LinearWithDoRA) != use_dora:
+            raise ValueError(f"adapter_dir: the adapter has use_dora={use_dora}, model's module {name!r} is a "
+                             f"{type(module).__name__}")
         shape = tuple(module.lora.A.shape[:1]) + tuple(module.lora.B.shape[1:])
     elif is_linear(module):
         weight = module.weight
@@ -593,7 +646,8 @@ def _lora_target(model: nn.Module, name: str, r: int, alpha: float, config) -> L
     if isinstance(module, LinearWithLoRA):
         return module
     scaling = "rslora" if config.use_rslora else "alpha/rank"
-    layer = LinearWithLoRA(module, r, alpha, dropout=float(config.lora_dropout), scaling=scaling)
+    wrap = LinearWithDoRA if config.use_dora else LinearWithLoRA
+    layer = wrap(module, r, alpha, dropout=float(config.lora_dropout), scaling=scaling)
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, layer)
     return layer

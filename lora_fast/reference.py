@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import philox
-from ._checks import check_lora_delta, check_lora_linear, check_training
+from ._checks import check_dora_linear, check_lora_delta, check_lora_linear, check_training
 
 DROPOUT_RNGS = ("philox", "torch")
 
@@ -58,25 +58,29 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return (y + _delta(x, A, B, scale, dropout_p, training, dropout_mask, dropout_rng)).to(x.dtype)
 
 
-def _delta(x, A, B, scale: float, dropout_p: float, training: bool, dropout_mask, dropout_rng: str):
-    x_lora = x.to(A.dtype)
+def _dropped(x_lora, dropout_p: float, training: bool, dropout_mask, dropout_rng: str):
+    """dropout(x_lora) as the fused kernels draw it (one seed per call), or the given mask, or F.dropout."""
     if training and dropout_p > 0:
         if dropout_mask is not None:
-            x_lora = torch.zeros_like(x_lora) if dropout_p >= 1.0 else \
+            return torch.zeros_like(x_lora) if dropout_p >= 1.0 else \
                 x_lora * dropout_mask.to(x_lora.dtype) / (1.0 - dropout_p)
-        elif dropout_rng == "torch":
-            x_lora = F.dropout(x_lora, dropout_p, training=True)
-        else:
-            # the fused op's generator: the seed drawn as the op draws it (also when nothing is kept, so the
-            # generator advances alike), p quantised as the kernels apply it
-            seed = draw_seed(x.device)
-            p = philox.quantize(dropout_p)
-            if p >= 1.0:
-                x_lora = torch.zeros_like(x_lora)
-            elif p > 0:
-                K = x.shape[-1]
-                mask = philox.keep_mask(seed, x.numel() // K if K else 0, K, p).view(x.shape)
-                x_lora = x_lora * mask.to(x_lora.dtype) / (1.0 - p)
+        if dropout_rng == "torch":
+            return F.dropout(x_lora, dropout_p, training=True)
+        # the fused op's generator: the seed drawn as the op draws it (also when nothing is kept, so the
+        # generator advances alike), p quantised as the kernels apply it
+        seed = draw_seed(x_lora.device)
+        p = philox.quantize(dropout_p)
+        if p >= 1.0:
+            return torch.zeros_like(x_lora)
+        if p > 0:
+            K = x_lora.shape[-1]
+            mask = philox.keep_mask(seed, x_lora.numel() // K if K else 0, K, p).view(x_lora.shape)
+            return x_lora * mask.to(x_lora.dtype) / (1.0 - p)
+    return x_lora
+
+
+def _delta(x, A, B, scale: float, dropout_p: float, training: bool, dropout_mask, dropout_rng: str):
+    x_lora = _dropped(x.to(A.dtype), dropout_p, training, dropout_mask, dropout_rng)
     return scale * (x_lora @ A @ B)
 
 
@@ -92,3 +96,54 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, 
     scale, dropout_p = check_lora_delta(x, A, B, scale, dropout_p)
     check_training(training)
     return _delta(x, A, B, scale, dropout_p, training, None, "philox")
+
+
+# --- DoRA (Liu et al. 2024) ------------------------------------------------------------------------------------
+
+
+def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """||W_n + scale (A B)^T_n|| per output feature n: (out_features,), detached (DoRA, Liu et al. 2024, sec. 4.3:
+    the norm is a constant in backward), computed in float32 (float64 when W or A is float64) on the N x K
+    matrix itself (the ground truth of the kernels' expansion). weight (out, in), A (in, r), B (r, out)."""
+    acc = torch.promote_types(torch.promote_types(torch.float32, weight.dtype), A.dtype)
+    with torch.no_grad():
+        merged = weight.detach().to(acc) + scale * (A.detach().to(acc) @ B.detach().to(acc)).t()
+        return torch.linalg.vector_norm(merged, dim=1)
+
+
+def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
+                B: torch.Tensor, magnitude: torch.Tensor, scale: float, *, dropout_p: float = 0.0,
+                training: bool = True, dropout_mask: Optional[torch.Tensor] = None, dropout_rng: str = "philox",
+                base_result: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DoRA linear, unfused, as PEFT computes it (``LoraConfig(use_dora=True)``, peft.tuners.lora.dora):
+    g = magnitude / ||W + scale (A B)^T||_row (detached, Liu et al. 2024, eq. 5 and sec. 4.3), and
+
+        no dropout (or eval):  y = base + (g - 1) ⊙ (base - b) + g ⊙ scale x A B = g ⊙ (x W^T + scale x A B) + b
+        dropout active:        y = base + (g - 1) ⊙ (x_d W^T) + g ⊙ scale x_d A B,   x_d = dropout(x)
+
+    with base = x W^T + b (or ``base_result``: the wrapped layer's own output, as PEFT takes it). The low-rank
+    path and x_d run in A's dtype (x is cast to it, as PEFT does); the sum is cast to x's dtype once.
+
+    Args: as ``lora_linear``, plus magnitude: (out_features,) in A's dtype or float32 (PEFT's
+        lora_magnitude_vector); dropout_mask / dropout_rng as ``lora_linear`` (one mask serves both terms).
+    Returns: (..., out_features) in x's dtype.
+    Raises: TypeError / ValueError as lora_linear, and for a magnitude of another shape, dtype or device.
+    """
+    scale, dropout_p = check_dora_linear(x, weight, bias, A, B, magnitude, scale, dropout_p)
+    check_training(training)
+    if dropout_rng not in DROPOUT_RNGS:
+        raise ValueError(f"dropout_rng: expected one of {DROPOUT_RNGS}, got {dropout_rng!r}")
+    if dropout_mask is not None and dropout_mask.shape != x.shape:
+        raise ValueError(f"dropout_mask: expected x's shape {tuple(x.shape)}, got {tuple(dropout_mask.shape)}")
+    norm = dora_weight_norm(weight, A, B, scale)
+    g = magnitude.to(torch.promote_types(magnitude.dtype, norm.dtype)) / norm
+    result = F.linear(x, weight, bias) if base_result is None else base_result
+    x_lora = x.to(A.dtype)
+    active = training and dropout_p > 0
+    x_d = _dropped(x_lora, dropout_p, training, dropout_mask, dropout_rng)
+    lora = scale * (x_d @ A @ B)
+    if active:
+        base = F.linear(x_d, weight.to(x_d.dtype))
+    else:
+        base = result - bias if bias is not None else result
+    return (result + (g - 1) * base + g * lora).to(x.dtype)

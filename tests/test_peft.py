@@ -246,20 +246,22 @@ def test_peft_states_fall_back_to_peft(monkeypatch):
         assert spy.calls == 2
 
 
-def test_dora_is_skipped_and_keeps_peft_outputs(monkeypatch):
+def test_dora_is_fused_on_gpt2_conv1d(monkeypatch):
+    """PEFT's DoRA layers (use_dora=True) run on lora_fast.dora_linear, Conv1D bases included; logits within the
+    fp32 bound of a float64 copy of the PEFT model (DoRA itself: tests/test_dora.py)."""
     model = _peft_model(gpt2, r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], use_dora=True)
     model.eval()
     ids = _inputs()
     with torch.no_grad():
-        expected = model(input_ids=ids).logits
-    with pytest.warns(UserWarning, match=r"stay on PEFT's own path: LoRA variant DoRA \(4\)"):
-        report = patch_peft(model)
-    assert report.patched == [] and len(report.skipped) == 4
-    assert set(report.skipped.values()) == {"LoRA variant DoRA"}
-    spy = _Spy(monkeypatch)
+        expected = copy.deepcopy(model).double()(input_ids=ids).logits
+    report = patch_peft(model)
+    assert len(report.patched) == 4 and report.skipped == {}
+    calls = []
+    real = peft_interop.dora_linear
+    monkeypatch.setattr(peft_interop, "dora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, expected)
-    assert spy.calls == 0
+        _compare(model(input_ids=ids).logits, expected, _depth(model.base_model.model), "DoRA logits")
+    assert len(calls) == 4
 
 
 def test_unpatch_restores_peft_and_the_model_still_pickles():
@@ -328,8 +330,9 @@ def test_load_rejects_what_it_cannot_represent(tmp_path):
     base = gpt2()
     dora = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["c_attn"], use_dora=True))
     dora.save_pretrained(tmp_path / "dora")
-    with pytest.raises(ValueError, match="DoRA"):
-        load_peft_adapter(copy.deepcopy(base), tmp_path / "dora")
+    with pytest.raises(ValueError, match="use_dora"):   # a DoRA adapter into LoRA layers
+        load_peft_adapter(replace_linear_with_lora(copy.deepcopy(base), 2, 1.0, target_modules=["c_attn"]),
+                          tmp_path / "dora")
     with pytest.raises(FileNotFoundError, match="adapter_dir"):
         load_peft_adapter(base, tmp_path / "missing")
     with pytest.raises(ValueError, match="found none"):

@@ -1,0 +1,421 @@
+"""DoRA: the float64 reference against PEFT's DoRA layer, the fused op (Triton interpreter on CPU) against the
+float64 reference, LinearWithDoRA (merge, unmerge, adapter files), PEFT interop and saved-for-backward bytes.
+
+Error model (see tests/utils.py): the op computes y = x W^T + b + (g - 1) ⊙ (x_d W^T) + g ⊙ s x_d A B with
+g = m / norm (without dropout x_d = x and the two base terms are one). Its magnitude bound is that formula on
+|x|, |W|, |b|, |A|, |B|, |s| with |g - 1| and |g| as the column factors, and the gradients' bounds are its
+backward on |dY|; the norm itself is an fp32 reduction over K whose relative error (fp32, plus one rounding of A
+into a 16-bit dot for W A) enters g as about one unit roundoff, within tolerance's roundings.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lora_fast import (
+    LinearWithDoRA,
+    LinearWithLoRA,
+    dora_linear,
+    load_lora,
+    load_peft_adapter,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora,
+    patch_peft,
+    philox,
+    reference,
+    replace_linear_with_lora,
+    save_lora,
+    save_peft_adapter,
+    unmerge_lora,
+)
+from lora_fast.dora import clear_weight_cache, weight_sq_norms
+from tests.utils import assert_close, make_inputs
+
+M, K, N = 37, 45, 29
+
+
+def _mask(seed_value, shape, p):
+    """The keep-mask lora-fast draws after torch.manual_seed(seed_value) for an input of ``shape``."""
+    torch.manual_seed(seed_value)
+    seed = reference.draw_seed(torch.device("cpu"))
+    return philox.keep_mask(seed, max(1, torch.Size(shape).numel() // shape[-1]) if shape[-1] else 0, shape[-1],
+                            p).view(shape)
+
+
+def _dora_inputs(shape, dtype, R, *, bias=True, adapter_dtype=None, device="cpu"):
+    x, W, b, A, B = make_inputs(shape, K, N, R, dtype, "cpu", bias=bias, adapter_dtype=adapter_dtype)
+    # the magnitude near the norm (as trained), with a spread so that g - 1 is not ~0
+    norm = reference.dora_weight_norm(W, A, B, 1.0)
+    m = (norm * (1.0 + 0.3 * torch.randn(N))).to(A.dtype)
+    return x, W, b, A, B, m
+
+
+def _formula(x, W, b, A, B, c1, c2, s, keep, p):
+    """x W^T + b + c1 ⊙ (x_d W^T) + c2 ⊙ s x_d A B (float64), x_d = keep ⊙ x / (1 - p)."""
+    x_d = x * keep.to(x.dtype) / (1 - p) if p > 0 else x
+    y = x @ W.t() + c1 * (x_d @ W.t()) + c2 * s * (x_d @ A @ B)
+    return y + b if b is not None else y
+
+
+def _check(x, W, b, A, B, m, s, *, p=0.0, seed_value=1234, dtype=None, train_weight=False):
+    """The fused op's forward and gradients (x, A, B, m; W when ``train_weight``; bias) against float64."""
+    dtype = dtype or x.dtype
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, W, b, A, B, m)]
+    leaves[1].requires_grad_(train_weight)
+    torch.manual_seed(seed_value)
+    y = dora_linear(*leaves[:6], s, dropout_p=p, training=True)
+    dy = torch.randn_like(y, dtype=torch.float32).to(y.dtype)
+    y.backward(dy)
+    keep = _mask(seed_value, x.shape, p) if p > 0 else torch.ones_like(x, dtype=torch.bool)
+    p = philox.quantize(p)   # the probability the kernels' mask applies (kept elements scaled by 1 / (1 - p))
+    # float64 reference through reference.dora_linear (the norm detached) and the magnitude bound
+    ref_leaves = [None if t is None else t.detach().double().requires_grad_() for t in (x, W, b, A, B, m)]
+    ref = reference.dora_linear(*ref_leaves, s, dropout_p=p, training=True, dropout_mask=keep if p > 0 else None)
+    ref.backward(dy.double())
+    g = (m.double() / reference.dora_weight_norm(W.double(), A.double(), B.double(), s))
+    abs_leaves = [None if t is None else t.detach().double().abs().requires_grad_() for t in (x, W, b, A, B)]
+    mag = _formula(*abs_leaves, (g - 1).abs(), g.abs(), abs(s), keep, p)
+    mag.backward(dy.double().abs())
+    U_abs = _formula(abs_leaves[0].detach(), abs_leaves[1].detach(), None, abs_leaves[3].detach(),
+                     abs_leaves[4].detach(), torch.zeros(()), torch.ones(()), abs(s), keep, p)
+    if p == 0:
+        U_abs = U_abs + x.double().abs() @ W.double().abs().t()   # x_d W^T and x W^T are one term
+    norm = reference.dora_weight_norm(W.double(), A.double(), B.double(), s)
+    dm_mag = (dy.double().abs().reshape(-1, N) * U_abs.reshape(-1, N)).sum(0) / norm
+    rows = max(1, x.numel() // K)
+    R = A.shape[1]
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert_close(y, ref.detach(), mag.detach(), dtype, K + R, "dora forward")
+    checks = [("dora dx", 0, N + R), ("dora dA", 3, rows), ("dora dB", 4, rows)]
+    if b is not None:
+        checks.append(("dora dbias", 2, rows))
+    if train_weight:
+        checks.append(("dora dW", 1, rows))
+    for name, i, n in checks:
+        assert leaves[i].grad is not None and leaves[i].grad.dtype == leaves[i].dtype, name
+        assert_close(leaves[i].grad, ref_leaves[i].grad, abs_leaves[i].grad, dtype, n, name)
+    assert leaves[5].grad is not None and leaves[5].grad.dtype == m.dtype
+    assert_close(leaves[5].grad, ref_leaves[5].grad, dm_mag, dtype, rows + K + R, "dora dm")
+    if not train_weight:
+        assert leaves[1].grad is None
+
+
+# --- the float64 reference is PEFT's DoRA ------------------------------------------------------------------------
+class _MaskDropout(nn.Module):
+    """Dropout with a given keep-mask (so PEFT and the reference drop the same elements)."""
+
+    def __init__(self, keep, p):
+        super().__init__()
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        return x * self.keep.to(x.dtype) / (1 - self.p)
+
+
+def _peft_dora(K_, N_, R, bias, p, dtype=torch.float64):
+    peft = pytest.importorskip("peft")
+    base = nn.Sequential(nn.Linear(K_, N_, bias=bias)).to(dtype)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=R, lora_alpha=3 * R, target_modules=["0"], use_dora=True,
+                                                      lora_dropout=p))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, R ** -0.5)
+        layer.lora_magnitude_vector["default"].weight.mul_(1.0 + 0.3 * torch.randn(N_, dtype=dtype))
+    return model, layer
+
+
+@pytest.mark.parametrize("bias,p", [(True, 0.0), (False, 0.0), (True, 0.3)])
+def test_reference_is_peft_dora(bias, p):
+    model, layer = _peft_dora(K, N, 4, bias, p)
+    model.train()
+    x = torch.randn(3, 11, K, dtype=torch.float64)
+    keep = torch.rand(x.shape) >= p
+    if p > 0:
+        layer.lora_dropout["default"] = _MaskDropout(keep, p)
+    A_mod, B_mod = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    mag = layer.lora_magnitude_vector["default"].weight
+    x1 = x.clone().requires_grad_()
+    y_peft = model(x1)
+    dy = torch.randn_like(y_peft)
+    y_peft.backward(dy)
+    x2 = x.clone().requires_grad_()
+    A, B = A_mod.detach().t().clone().requires_grad_(), B_mod.detach().t().clone().requires_grad_()
+    m = mag.detach().clone().requires_grad_()
+    base = layer.base_layer
+    y = reference.dora_linear(x2, base.weight, base.bias, A, B, m, layer.scaling["default"], dropout_p=p,
+                              training=True, dropout_mask=keep if p > 0 else None)
+    y.backward(dy)
+    for name, ours, theirs in (("y", y, y_peft), ("dx", x2.grad, x1.grad), ("dA", A.grad, A_mod.grad.t()),
+                               ("dB", B.grad, B_mod.grad.t()), ("dm", m.grad, mag.grad)):
+        err = (ours - theirs).abs().max().item()
+        assert err <= 1e-12 * theirs.abs().max().item(), f"{name}: {err}"
+
+
+# --- the fused op against float64 --------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,adapter_dtype,R,bias,p", [
+    (torch.float32, None, 1, True, 0.0),
+    (torch.float32, None, 16, False, 0.25),
+    (torch.bfloat16, torch.float32, 4, True, 0.0),     # PEFT's fp32 adapters on a 16-bit base
+    (torch.bfloat16, torch.float32, 16, True, 0.25),
+    (torch.float16, None, 4, False, 0.0),
+    (torch.float16, torch.float32, 4, True, 0.3),
+])
+def test_fused_matches_float64(dtype, adapter_dtype, R, bias, p):
+    x, W, b, A, B, m = _dora_inputs((M,), dtype, R, bias=bias, adapter_dtype=adapter_dtype)
+    _check(x, W, b, A, B, m, 0.75, p=p)
+
+
+def test_fused_strided_3d_and_trainable_weight():
+    x, W, b, A, B, m = _dora_inputs((2, 9, 2), torch.float32, 3)
+    x = x.reshape(2, 9, 2 * K)[..., ::2]                     # 3-D, non-contiguous
+    W_t = W.t().contiguous().t()                             # a transposed view (as a Conv1D's weight)
+    _check(x, W_t, b, A, B, m, -1.5, p=0.2, train_weight=True)
+    _check(x, W_t, b, A, B, m, 2.0, p=0.0, train_weight=True)
+
+
+def test_empty_batch_and_eval():
+    x, W, b, A, B, m = _dora_inputs((M,), torch.float32, 4)
+    x0 = x[:0].clone().requires_grad_()
+    m_ = m.clone().requires_grad_()
+    y = dora_linear(x0, W, b, A, B, m_, 1.0)
+    y.sum().backward()
+    assert y.shape == (0, N) and torch.equal(m_.grad, torch.zeros_like(m))
+    # eval: no dropout, the same as p = 0
+    torch.manual_seed(3)
+    y_eval = dora_linear(x, W, b, A, B, m, 1.0, dropout_p=0.5, training=False)
+    ref = reference.dora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), m.double(), 1.0)
+    assert (y_eval.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    x, W, b, A, B, m = _dora_inputs((M,), torch.float32, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dora_linear(x, W, b, A, B, m, 0.5)
+    assert y.dtype == torch.bfloat16
+    # as nn.Linear under autocast: x, W, b in bf16; the fp32 adapters and magnitude stay fp32
+    cast = [t.to(torch.bfloat16).double() for t in (x, W, b)]
+    ref = reference.dora_linear(*cast, A.double(), B.double(), m.double(), 0.5)
+    g = m.double() / reference.dora_weight_norm(cast[1], A.double(), B.double(), 0.5)
+    mag = _formula(cast[0].abs(), cast[1].abs(), cast[2].abs(), A.double().abs(), B.double().abs(), (g - 1).abs(),
+                   g.abs(), 0.5, None, 0.0)
+    assert_close(y, ref, mag, torch.bfloat16, K + 4, "dora autocast", record=False)
+
+
+@pytest.mark.parametrize("dtype,R", [(torch.float32, 1), (torch.bfloat16, 16)])
+def test_norm_kernel_and_cache(dtype, R):
+    from lora_fast.kernels import dora as kernels
+
+    x, W, b, A, B, m = _dora_inputs((M,), dtype, R, adapter_dtype=torch.float32)
+    clear_weight_cache()
+    wsq = weight_sq_norms(W)
+    assert weight_sq_norms(W) is wsq   # cached
+    norm, g = kernels.dora_norm(W, A, B, m, 1.3, wsq)
+    ref = reference.dora_weight_norm(W.double(), A.double(), B.double(), 1.3)
+    # squared norm: fp32 sums over K, and A rounded once into the dtype of W's dot (16-bit for a 16-bit W)
+    rel = 4 * (2.0**-24 * K + (2.0**-8 if dtype == torch.bfloat16 else 0))
+    assert ((norm.double() - ref).abs() <= rel * ref).all()
+    assert torch.allclose(g.double(), m.double() / norm.double(), rtol=1e-6, atol=0)
+    with torch.no_grad():
+        W.mul_(2)                      # in place: the version counter moves, the cache misses
+    assert torch.allclose(weight_sq_norms(W), 4 * wsq, rtol=1e-6, atol=0)
+
+
+# --- LinearWithDoRA ----------------------------------------------------------------------------------------------
+def _layer(dtype=torch.float32, bias=True, dropout=0.0):
+    linear = nn.Linear(K, N, bias=bias).to(dtype)
+    layer = LinearWithDoRA(linear, 4, 2.0, dropout=dropout, scaling="alpha/rank")
+    with torch.no_grad():
+        layer.lora.B.normal_(0, 0.5)
+        layer.m.mul_(1.0 + 0.2 * torch.randn(N))
+    return layer
+
+
+def test_layer_initialises_m_to_the_row_norms_and_matches_hooked_path():
+    linear = nn.Linear(K, N)
+    layer = LinearWithDoRA(linear, 3, 1.0)
+    assert layer.m.shape == (N,) and layer.m.dtype == torch.float32
+    assert torch.allclose(layer.m, linear.weight.norm(dim=1))
+    x = torch.randn(5, K)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), linear(x), rtol=0, atol=1e-5 * linear(x).abs().max().item())
+    layer = _layer()
+    fused = layer(x)
+    handle = layer.linear.register_forward_hook(lambda mod, inp, out: out)
+    assert not layer.fused()
+    hooked = layer(x)
+    handle.remove()
+    assert (fused - hooked).abs().max() <= 1e-5 * fused.abs().max()
+    assert {n for n, _ in layer.named_parameters()} == {"linear.weight", "linear.bias", "lora.A", "lora.B", "m"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_and_unmerge(dtype):
+    layer = _layer(dtype).eval()
+    W = layer.linear.weight.detach().clone()
+    x = torch.randn(6, K).to(dtype)
+    with torch.no_grad():
+        before = layer(x)
+        merge_lora(layer)
+        merged = layer(x)
+    ref = reference.dora_linear(x.double(), W.double(), layer.linear.bias.double(), layer.lora.A.double(),
+                                layer.lora.B.double(), layer.m.double(), layer.lora.scale, training=False)
+    norm = reference.dora_weight_norm(W.double(), layer.lora.A.double(), layer.lora.B.double(), layer.lora.scale)
+    g = layer.m.double() / norm
+    mag = _formula(x.double().abs(), W.double().abs(), layer.linear.bias.double().abs(), layer.lora.A.double().abs(),
+                   layer.lora.B.double().abs(), (g - 1).abs(), g.abs(), layer.lora.scale, None, 0.0)
+    assert_close(merged, ref, mag, dtype, K + 4, "dora merged", record=False)
+    assert_close(before, ref, mag, dtype, K + 4, "dora unmerged", record=False)
+    # a merged layer's magnitude took no part in its forward: training it raises (A and B frozen here)
+    layer.lora.A.requires_grad_(False), layer.lora.B.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="merged"):
+        layer(x).float().sum().backward()
+    unmerge_lora(layer)
+    assert torch.equal(layer.linear.weight, W)
+    y = layer(x)
+    y.float().sum().backward()
+    assert layer.m.grad is not None
+
+
+def test_replace_mark_and_save_load_round_trip(tmp_path):
+    model = nn.Sequential(nn.Linear(K, N), nn.ReLU(), nn.Linear(N, 7))
+    base = copy.deepcopy(model)
+    replace_linear_with_lora(model, 2, 4.0, use_dora=True, dropout=0.1)
+    assert all(isinstance(model[i], LinearWithDoRA) for i in (0, 2))
+    model[0].m.requires_grad_(False)
+    mark_only_lora_as_trainable(model)
+    assert model[0].m.requires_grad and not model[0].linear.weight.requires_grad
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lora.B.normal_()
+            layer.m.mul_(1.5)
+    sd = lora_state_dict(model)
+    assert set(sd) == {f"{i}.{k}" for i in (0, 2) for k in ("lora.A", "lora.B", "m")}
+    save_lora(model, tmp_path / "a.safetensors")
+    fresh = copy.deepcopy(base)
+    load_lora(fresh, tmp_path / "a.safetensors")
+    assert isinstance(fresh[0], LinearWithDoRA) and fresh[0].dropout == 0.1
+    x = torch.randn(4, K)
+    model.eval(), fresh.eval()
+    assert torch.equal(model(x), fresh(x))
+    # the file's kind must match an already wrapped layer
+    lora_model = replace_linear_with_lora(copy.deepcopy(base), 2, 4.0)
+    with pytest.raises(ValueError, match="use_dora"):
+        load_lora(lora_model, tmp_path / "a.safetensors")
+    with pytest.raises(TypeError, match="use_dora"):
+        replace_linear_with_lora(copy.deepcopy(base), 2, 4.0, use_dora="yes")
+
+
+# --- PEFT interop ------------------------------------------------------------------------------------------------
+def test_patched_peft_dora_matches_peft_with_a_shared_mask():
+    p = 0.25   # a multiple of 1/256: the kernels apply it exactly (philox.quantize), as PEFT's dropout does
+    model, layer = _peft_dora(K, N, 4, True, p, dtype=torch.float32)
+    model.train()
+    reference_model = copy.deepcopy(model)
+    report = patch_peft(model)
+    assert report.patched == ["base_model.model.0"] and report.skipped == {}
+    x = torch.randn(M, K)
+    reference_model.base_model.model[0].lora_dropout["default"] = _MaskDropout(_mask(99, x.shape, p), p)
+    dy = torch.randn(M, N)
+    grads = []
+    for mod, seed in ((model, 99), (reference_model, None)):
+        if seed is not None:
+            torch.manual_seed(seed)
+        xi = x.clone().requires_grad_()
+        y = mod(xi)
+        y.backward(dy)
+        lay = mod.base_model.model[0]
+        grads.append([y, xi.grad, lay.lora_A["default"].weight.grad, lay.lora_B["default"].weight.grad,
+                      lay.lora_magnitude_vector["default"].weight.grad])
+    for name, ours, theirs in zip(("y", "dx", "dA", "dB", "dm"), *grads):
+        assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max(), name
+
+
+def test_peft_files_both_ways(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, layer = _peft_dora(K, N, 4, True, 0.0, dtype=torch.float32)
+    model.eval()
+    model.save_pretrained(tmp_path / "theirs")
+    base = nn.Sequential(nn.Linear(K, N))
+    base.load_state_dict({"0.weight": layer.base_layer.weight, "0.bias": layer.base_layer.bias})
+    ours = load_peft_adapter(copy.deepcopy(base).requires_grad_(False), tmp_path / "theirs")
+    assert isinstance(ours[0], LinearWithDoRA)
+    assert torch.equal(ours[0].m, layer.lora_magnitude_vector["default"].weight)
+    x = torch.randn(5, K)
+    with torch.no_grad():
+        expected = model(x)
+        assert (ours.eval()(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    save_peft_adapter(ours, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert again.peft_config["default"].use_dora
+    with torch.no_grad():
+        assert (again(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    # a DoRA adapter does not load into LoRA layers, nor a mixed model save
+    with pytest.raises(ValueError, match="use_dora"):
+        load_peft_adapter(replace_linear_with_lora(copy.deepcopy(base), 4, 1.0), tmp_path / "theirs")
+    mixed = nn.Sequential(LinearWithDoRA(nn.Linear(K, N), 2, 1.0), LinearWithLoRA(nn.Linear(N, 3), 2, 1.0))
+    with pytest.raises(ValueError, match="use_dora"):
+        save_peft_adapter(mixed, tmp_path / "mixed")
+
+
+# --- bad input and memory ----------------------------------------------------------------------------------------
+def test_bad_inputs_name_the_argument():
+    x, W, b, A, B, m = _dora_inputs((4,), torch.float32, 2)
+    with pytest.raises(ValueError, match=r"magnitude: expected shape \(out_features=29,\)"):
+        dora_linear(x, W, b, A, B, m[:-1], 1.0)
+    with pytest.raises(TypeError, match="magnitude: expected A's dtype"):
+        dora_linear(x, W, b, A, B, m.half(), 1.0)
+    with pytest.raises(ValueError, match="magnitude: expected a 1-D tensor"):
+        dora_linear(x, W, b, A, B, m[None], 1.0)
+    with pytest.raises(ValueError, match="magnitude: expected a tensor on x's device"):
+        dora_linear(x, W, b, A, B, m.to("meta"), 1.0)
+    with pytest.raises(TypeError, match="magnitude: expected a torch.Tensor"):
+        dora_linear(x, W, b, A, B, [1.0] * N, 1.0)
+    with pytest.raises(ValueError, match="rank"):
+        LinearWithDoRA(nn.Linear(K, N), 0, 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        dora_linear(x, W, b, A, B, m, 1.0, dropout_p=1.5)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_saved_bytes_no_more_than_peft(p):
+    from bench.saved import saved_bytes
+
+    model, layer = _peft_dora(64, 48, 8, True, p, dtype=torch.bfloat16)
+    # PEFT's default: fp32 adapters and magnitude on a bf16 base
+    layer.lora_A.float(), layer.lora_B.float(), layer.lora_magnitude_vector.float()
+    model.train()
+    x = torch.randn(40, 64, dtype=torch.bfloat16)
+    params = [q for q in model.parameters()]
+    peft_bytes, _, y_peft = saved_bytes(model, x.clone().requires_grad_(), params)
+    patch_peft(model)
+    ours_bytes, ours_tensors, y_ours = saved_bytes(model, x.clone().requires_grad_(), params)
+    # ours: x (bf16), S (M x r fp32), U (M x N bf16), g and norm (N fp32), the seed with dropout
+    expected = 40 * 64 * 2 + 40 * 8 * 4 + 40 * 48 * 2 + 2 * 48 * 4 + (8 if p else 0)
+    assert ours_bytes == expected, ours_tensors
+    assert ours_bytes <= peft_bytes
+
+
+# --- bench rows --------------------------------------------------------------------------------------------------
+def test_bench_rows_meta_saved_bytes_and_cost_model():
+    from bench import accuracy, cost_model, saved
+
+    pytest.importorskip("peft")
+    # meta against the interpreter (python -m bench checks PEFT's rows the same way)
+    assert saved.check_meta_against_real(["lora-fast-dora"], shape=(48, 40, 24, 4)) == []
+    for p in (0.0, 0.1):
+        ours = saved.measure("lora-fast-dora", 48, 40, 24, 4, torch.bfloat16, p, True)[0]
+        assert ours == 2 * 48 * 40 + 4 * 48 * 4 + 2 * 48 * 24 + 2 * 4 * 24 + (8 if p else 0)
+        assert ours <= saved.measure("peft-dora", 48, 40, 24, 4, torch.bfloat16, p, True)[0]
+    errors = accuracy.errors("lora-fast-dora", torch.float32, shapes=((37, 45, 29, 3, True),))
+    assert set(errors) == {"y", "dx", "dA", "dB"} and max(errors.values()) < 1e-5
+    # the roofline model (no GPU here): H200 ceilings, bf16, M = 8192, r = 16, 4096 -> 4096, dropout 0
+    h200 = (790e12, 4.3e12)
+
+    def bound(impl):
+        return cost_model.bound(impl, "full", 8192, 4096, 4096, 16, "bfloat16", *h200)
+
+    assert bound("lora-fast-dora") / bound("lora-fast") == pytest.approx(1.11, abs=0.01)
+    assert bound("peft-dora") / bound("lora-fast-dora") == pytest.approx(1.57, abs=0.01)
