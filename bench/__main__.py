@@ -190,6 +190,7 @@ def run_gpu(args, console: Console) -> int:
             m["saved_bytes"] = saved_total
             measured[n] = m
             if n == "lora-fast":
+                m["gemm_path"] = _gemm_paths(case, x)
                 _launch_table(console, case, forward, x, ceilings[case.dtype], stem, env)
             bounds[n] = {mode: cost_model.bound(n, mode, case.M, case.K, case.N, case.rank, case.dtype,
                                                 ceilings[case.dtype]["gemm_flops_per_s"],
@@ -212,6 +213,16 @@ def run_gpu(args, console: Console) -> int:
         results.plot(all_rows, stem + ".png")
     console.print(f"wrote {stem}.md and {stem}.png")
     return 0
+
+
+def _gemm_paths(case, x) -> str:
+    """The paths kernels/choice.py measured and kept for this case's forward and dX GEMMs."""
+    from lora_fast.kernels import choice, ops
+
+    bucket = ops._m_bucket(case.M)
+    fwd = choice.GEMM.get((x.device, x.dtype, bucket, case.N, case.K, case.rank, False, False))
+    dx = choice.GEMM.get((x.device, x.dtype, bucket, case.K, case.N, case.rank, case.dropout > 0, True))
+    return f"fwd {fwd or '?'}, dX {dx or '?'}"
 
 
 LAUNCH_FIELDS = ("time_utc", "gpu", "torch", "triton", "commit", "model", "proj", "M", "K", "N", "rank", "dtype",
@@ -249,7 +260,7 @@ def _launch_table(console: Console, case, forward, x, ceiling: Dict, stem: str, 
 def _print_case(console: Console, case, rows) -> None:
     t = Table(title=f"{case.proj.label}, M={case.M}, r={case.rank}, {case.dtype}, dropout {case.dropout:g}")
     for col in ("impl", "fwd ms", "bwd ms", "fwd+bwd ms", "bound ms", "x bound", "x F.linear", "x best other",
-                "TFLOP/s", "peak MiB", "saved MiB"):
+                "TFLOP/s", "peak MiB", "saved MiB", "GEMM path"):
         t.add_column(col, justify="left" if col == "impl" else "right")
     by = {(r["impl"], r["mode"]): r for r in rows}
     for impl in dict.fromkeys(r["impl"] for r in rows):
@@ -257,7 +268,7 @@ def _print_case(console: Console, case, rows) -> None:
         t.add_row(impl, f"{f['ms']:.3f}", f"{bw['ms']:.3f}", f"{full['ms']:.3f}", f"{full['bound_ms']:.3f}",
                   f"{full['ratio_to_bound']:.2f}", results._fmt(full["ratio_to_linear"], ".2f"),
                   results._fmt(full["ratio_to_best_other"], ".2f"), f"{full['tflops']:.0f}",
-                  f"{full['peak_mib']:.0f}", f"{full['saved_mib']:.1f}")
+                  f"{full['peak_mib']:.0f}", f"{full['saved_mib']:.1f}", full.get("gemm_path") or "")
     console.print(t)
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU step: the test suite natively on the GPU, then `python -m bench --quick`; everything under OUTDIR
-# (env.txt, tests.log, bench.log, <gpu>.csv/.json/.md/.png: 7 files). About 8 minutes at most on one H200.
+# The GPU step: the test suite natively on the GPU, then `python -m bench --quick` (layers, with the per-launch
+# profile), `python -m bench.gemm` (the GEMM paths against torch.mm) and `python -m bench.model --quick` (a
+# training step of Llama-3.2-1B's config); everything under OUTDIR (env.txt, *.log, <gpu>*.csv/.json/.md/.png).
+# At most 8 minutes on one H200.
 # Usage: bench/gpu_check.sh OUTDIR   (then copy OUTDIR/<gpu>.* into bench/results/ and commit them)
 set -u
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
@@ -17,10 +19,16 @@ cd "$(dirname "$0")/.."
 } > "$OUT/env.txt"
 cat "$OUT/env.txt"
 
-# tests: 200 s, on each kernel's first config (autotuning every test shape would take longer); the bench: 250 s (rows are appended per shape, so a timeout keeps what finished)
-LORA_FAST_AUTOTUNE=0 timeout -k 10 200 python -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+# At most 8 minutes in all (the device budget leaves time for a second try): the tests (120 s, each kernel's first
+# config: autotuning every test shape would take longer), the layer bench (150 s; rows appended per shape, so a
+# timeout keeps what finished), the GEMM alone against torch.mm (50 s), the whole-model step (140 s)
+LORA_FAST_AUTOTUNE=0 timeout -k 10 120 python -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -40
 tests_rc=${PIPESTATUS[0]}
-timeout -k 10 250 python -m bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+timeout -k 10 150 python -m bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
-echo "tests rc=$tests_rc bench rc=$bench_rc (124: timed out)" | tee -a "$OUT/env.txt"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+timeout -k 10 50 python -m bench.gemm --out "$OUT" 2>&1 | tee "$OUT/gemm.log"
+gemm_rc=${PIPESTATUS[0]}
+timeout -k 10 140 python -m bench.model --quick --out "$OUT" 2>&1 | tee "$OUT/model.log"
+model_rc=${PIPESTATUS[0]}
+echo "tests rc=$tests_rc bench rc=$bench_rc gemm rc=$gemm_rc model rc=$model_rc (124: timed out)" | tee -a "$OUT/env.txt"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$gemm_rc" -eq 0 ] && [ "$model_rc" -eq 0 ]

@@ -97,6 +97,11 @@ def _install(monkeypatch):
     monkeypatch(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch(torch.cuda, "get_device_properties", lambda device=None: props)
     monkeypatch(functional, "select_backend", lambda x: "triton")
+    # the fused cp.async GEMM, as LORA_FAST_GEMM=triton: nothing can be timed to choose a path without a GPU
+    from lora_fast.kernels import choice
+
+    monkeypatch(choice, "forced_path", lambda: "triton")
+    choice.clear()
     monkeypatch(autotuner.Autotuner, "_bench", lambda self, *args, config, **meta: [1.0, 1.0, 1.0])
     return launcher
 

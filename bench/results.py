@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 FIELDS = ("time_utc", "gpu", "torch", "triton", "commit", "model", "proj", "K", "N", "bias", "M", "rank",
           "dtype", "dropout", "impl", "mode", "ms", "ms_p20", "ms_p80", "tflops", "peak_mib", "saved_mib",
           "ratio_to_linear", "ratio_to_best_other", "bound_ms", "ratio_to_bound", "gemm_tflops_ceiling",
-          "copy_tbps_ceiling")
+          "copy_tbps_ceiling", "gemm_path")
 
 
 def git_commit(root: Optional[str] = None) -> str:
@@ -39,7 +39,8 @@ def slug(name: str) -> str:
 def assemble(case_info: Dict, measured: Dict[str, Dict], bounds: Dict[str, Dict[str, float]],
              flops: Dict[str, Dict[str, float]], ceilings: Dict[str, float], env: Dict[str, str]) -> List[Dict]:
     """Rows of one case. ``measured[impl]`` = {"forward"|"backward"|"full": (median, p20, p80) ms,
-    "peak_bytes": int, "saved_bytes": int}; ``bounds[impl][mode]`` and ``flops[impl][mode]`` in s and FLOPs.
+    "peak_bytes": int, "saved_bytes": int, optional "gemm_path": the GEMM paths lora-fast chose};
+    ``bounds[impl][mode]`` and ``flops[impl][mode]`` in s and FLOPs.
     Ratios: to F.linear's median of the same mode, and to the fastest other LoRA row (F.linear excluded: it
     is not a LoRA layer; a DoRA row against the other DoRA rows); None where that row is missing."""
     rows = []
@@ -59,7 +60,7 @@ def assemble(case_info: Dict, measured: Dict[str, Dict], bounds: Dict[str, Dict[
                 ratio_to_best_other=ms / min(others) if (others and impl != "F.linear") else None,
                 bound_ms=bound_ms, ratio_to_bound=ms / bound_ms,
                 gemm_tflops_ceiling=ceilings["gemm_flops_per_s"] / 1e12,
-                copy_tbps_ceiling=ceilings["copy_bytes_per_s"] / 1e12))
+                copy_tbps_ceiling=ceilings["copy_bytes_per_s"] / 1e12, gemm_path=m.get("gemm_path")))
     return rows
 
 

@@ -50,10 +50,12 @@ RANKS = (16, 64)
 # (Y0 + (g - 1) ⊙ U with dropout); dora_grad: g ⊙ dY, (g - 1) ⊙ dY and the dm partials; dora_combine:
 # dropout(x), and dX's masked add.
 DORA_KERNELS = ("dora_sumsq", "dora_norm", "dora_scale", "dora_grad", "dora_combine")
-KERNELS = ("fwd_gemm", "dx_gemm", "xa_proj", "dyb_proj", "da_reduce", "grad_finish") + DORA_KERNELS
+# fwd_gemm_tma / dx_gemm_tma: the persistent TMA GEMM (kernels/gemm_tma.py) in the forward and dX layouts, sm_90 only
+TMA_KERNELS = ("fwd_gemm_tma", "dx_gemm_tma")
+KERNELS = ("fwd_gemm", "dx_gemm", "xa_proj", "dyb_proj", "da_reduce", "grad_finish") + TMA_KERNELS + DORA_KERNELS
 # kernels without a dot or a reduction through shared memory (may report 0 bytes of shared memory)
 ELEMENTWISE_KERNELS = ("grad_finish", "dora_sumsq", "dora_scale", "dora_grad", "dora_combine")
-GEMM_KERNELS = ("fwd_gemm", "dx_gemm")
+GEMM_KERNELS = ("fwd_gemm", "dx_gemm") + TMA_KERNELS
 # Aligned sizes of the specialisation: any multiple of 16 gives the same code (the JIT keys on "divisible
 # by 16" only); 4096 stands for the hidden sizes of the models the README benchmarks.
 _SIZE = 4096
@@ -111,6 +113,12 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
         return [dict(HAS_BIAS=False, HAS_DROPOUT=False), dict(HAS_BIAS=True, HAS_DROPOUT=False)]
     if kernel == "dx_gemm":    # ops.lora_backward: no bias term in dX
         return [dict(HAS_BIAS=False, HAS_DROPOUT=False), dict(HAS_BIAS=False, HAS_DROPOUT=True)]
+    if kernel == "fwd_gemm_tma":   # Q = W^T from W's rows
+        return [dict(Q_TRANSPOSED=True, HAS_BIAS=False, HAS_DROPOUT=False),
+                dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False)]
+    if kernel == "dx_gemm_tma":    # Q = W as stored
+        return [dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=False),
+                dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True)]
     if kernel == "xa_proj":
         return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=False), dict(HAS_DROPOUT=True, WRITE_PARTIAL=False)]
     if kernel == "dyb_proj":   # ops.lora_backward fuses the dB partials when 4 * R < PROJ_BLOCK_M
@@ -132,6 +140,7 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
 
 def _variant_label(flags: dict) -> str:
     names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB-partials", "HAS_BASE": "base",
+             "Q_TRANSPOSED": "W^T",
              "HAS_DM": "dm", "WRITE_G1": "g-1"}
     return "+".join(names[k] for k, v in flags.items() if v) or "-"
 
@@ -140,6 +149,8 @@ def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
     """The autotune configs the launcher of ``kernel`` hands Triton for these flags, capability and dtype."""
     from .kernels import configs as cfg
 
+    if kernel in TMA_KERNELS:
+        return cfg.gemm_tma_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
     if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when it regenerates a keep-mask
         return cfg.gemm_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
     if kernel in ("xa_proj", "dyb_proj"):   # ops.lowrank_project: its own list when it regenerates a keep-mask
@@ -178,6 +189,8 @@ def make_jobs(targets: Sequence[str] = tuple(TARGETS), kernels: Sequence[str] = 
     for target in targets:
         for kernel in kernels:
             for dtype in dtypes:
+                if kernel in TMA_KERNELS and (TARGETS[target][0] < 9 or dtype == "fp32"):
+                    continue   # 16-bit operands on Hopper and newer only (ops.tma_eligible)
                 # only kernels with a rank dimension depend on the rank (the same code for every multiple of 16)
                 for rank in (ranks[:1] if kernel in ELEMENTWISE_KERNELS else ranks):
                     flag_sets = _variants(kernel, rank, cfg)
@@ -214,6 +227,7 @@ def launch_args(job: Job) -> tuple:
 
     from .kernels import configs as cfg
     from .kernels.gemm import gemm_lowrank_kernel
+    from .kernels.gemm_tma import gemm_lowrank_tma_kernel
     from .kernels.lowrank import lowrank_proj_kernel, reduce_m_kernel, sum_partials_kernel
 
     x = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}[job.dtype]
@@ -239,6 +253,16 @@ def launch_args(job: Job) -> tuple:
                     stride_pm=N, stride_pk=1, stride_qk=K, stride_qn=1, stride_lm=R, stride_lr=1,
                     stride_rr=1, stride_rn=R, stride_om=K, stride_on=1, lowrank_scale=0.5, dropout_p=0.1)
         return gemm_lowrank_kernel, dict(args, **common, **meta)
+    if job.kernel in TMA_KERNELS:
+        # forward: P = x (M, K), Q = W's (N, K) rows read transposed, OUT = y (M, N); dX: P = dY (M, N_out), Q = W's
+        # rows as stored, OUT = dX (M, K_in); L fp32 (M, R); RM = B (R, N) or A^T ((r, k) -> A[k, r])
+        fwd = job.kernel == "fwd_gemm_tma"
+        args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
+                    OUT_ptr=_Ptr(x), SEED_ptr=_Ptr("i64" if dropout else x), M=M, N=N if fwd else K,
+                    K=K if fwd else N, R=R, M_BUCKET=M, stride_pm=K if fwd else N, stride_qrow=K, stride_lm=R,
+                    stride_lr=1, stride_rr=N if fwd else 1, stride_rn=1 if fwd else R, stride_om=N if fwd else K,
+                    lowrank_scale=0.5, dropout_p=0.1, NUM_SMS=132)
+        return gemm_lowrank_tma_kernel, dict(args, **common, **meta)
     if job.kernel in ("xa_proj", "dyb_proj"):
         if job.kernel == "xa_proj":   # P = x (M, K), Q = A (K, R)
             strides = dict(stride_pm=K, stride_pk=1, stride_qk=R, stride_qr=1)
@@ -438,6 +462,8 @@ def check(row: Row, job: Job) -> list:
         failures.append(f"shared memory {row.shared} B > {limit} B")
     if job.kernel in GEMM_KERNELS and job.dtype in ("fp16", "bf16") and not row.mma:
         failures.append(f"no {row.mma_name} in a {job.dtype} GEMM")
+    if job.kernel in TMA_KERNELS and not row.tma_loads:
+        failures.append("no TMA load (UTMALDG) in the TMA GEMM")
     return failures
 
 

@@ -24,12 +24,40 @@ def forced(monkeypatch):
 
 @pytest.mark.parametrize("path", choice.PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("lead,K,N,R,bias", [((37,), 45, 70, 3, True), ((2, 17), 64, 33, 16, False)], ids=str)
+# the first two shapes have rows TMA descriptors refuse (45 or 33 elements): "tma" falls back to the cp.async kernel;
+# the third is aligned for every dtype (48 and 40 elements), so "tma" runs the persistent kernel
+@pytest.mark.parametrize("lead,K,N,R,bias", [((37,), 45, 70, 3, True), ((2, 17), 64, 33, 16, False),
+                                             ((2, 9), 48, 40, 4, True)], ids=str)
 def test_paths_match_float64(path, dtype, lead, K, N, R, bias, device, forced):
     forced(path)
     inputs = make_inputs(lead, K, N, R, dtype, device, bias=bias)
     check_op(lambda *a: lora_linear(*a), *inputs, scale=1.5)
-    assert choice.GEMM.get((device, dtype, 64, N, K, R, False, False)) == path
+    bucket = 64 if len(lead) == 1 or lead[1] > 9 else 32
+    assert choice.GEMM.get((device, dtype, bucket, N, K, R, False, False)) == path
+
+
+def test_tma_takes_aligned_operands_only(monkeypatch, forced):
+    """ops.tma_eligible: unit inner strides and 16-byte aligned bases and rows; a forced "tma" on operands it
+    refuses runs the cp.async kernel (chosen before launch), with the same result."""
+    from lora_fast.kernels import ops
+
+    bf16 = torch.bfloat16
+    x, w, out = torch.randn(8, 48).to(bf16), torch.randn(40, 48).to(bf16), torch.empty(8, 40, dtype=bf16)
+    assert not ops.tma_eligible(x.float(), w.float(), (1, 48), out.float())   # 16-bit only
+    assert ops.tma_eligible(x, w, (1, 48), out)                     # forward: Q = W^T from W's rows
+    assert ops.tma_eligible(out, w, (48, 1), x)                     # dX: Q = W as stored
+    assert not ops.tma_eligible(x[:, 1:], w, (1, 48), out)          # base 2 bytes past an aligned one
+    assert not ops.tma_eligible(x, w, (1, 48), out[:, ::2])         # strided output
+    assert ops.tma_eligible(x, w[:, :45], (1, 48), out)             # a narrower view: rows still 48 apart
+    w45 = torch.randn(40, 45).to(bf16)
+    assert not ops.tma_eligible(torch.randn(8, 45).to(bf16), w45, (1, 45), out)   # rows of 90 bytes
+    forced("tma")
+    calls = []
+    real = ops._GEMM_PATHS["triton"]
+    monkeypatch.setitem(ops._GEMM_PATHS, "triton", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    inputs = make_inputs((8,), 45, 40, 4, bf16, x.device)
+    check_op(lambda *a: lora_linear(*a), *inputs, scale=1.5)
+    assert calls, "a misaligned forced tma launch did not fall back to the cp.async kernel"
 
 
 @pytest.mark.parametrize("path", choice.PATHS)

@@ -1,7 +1,9 @@
 """The one place where a GEMM-shaped launch picks its path, by measurement, as Triton's autotuner picks configs.
 
 Paths of ``ops.gemm_lowrank`` (forward y and backward dX; same semantics, same saved tensors):
-  "triton": the fused kernel (kernels/gemm.py): the low-rank term initialises the accumulator, one store.
+  "triton": the fused cp.async kernel (kernels/gemm.py): the low-rank term initialises the accumulator, one store.
+  "tma":    the persistent fused kernel with TMA descriptors (kernels/gemm_tma.py), sm_90 and newer, for operands
+            whose alignment descriptors accept (ops.tma_eligible); others fall back to "triton" before launch.
   "cublas": the same kernel with no K loop writes bias + the low-rank term (masked in dX with dropout) into the
             output, then ``torch.addmm`` accumulates P @ Q into it with beta = 1 (cuBLAS's fp32 accumulation,
             the low-rank term rounded once to the output dtype before the sum).
@@ -10,7 +12,7 @@ The first call of a key (device, dtype, M rounded up to a power of two, N, K, R,
 times every path with ``triton.testing.do_bench`` and keeps the fastest; the choice is remembered in memory
 and on disk, one JSON file per device and per (torch, triton, lora-fast) version
 (``$LORA_FAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/lora_fast``, else ``~/.cache/lora_fast``), so a second process
-does not time again and a new version times afresh. ``LORA_FAST_GEMM=auto|triton|cublas`` forces a path (read
+does not time again and a new version times afresh. ``LORA_FAST_GEMM=auto|triton|cublas|tma`` forces a path (read
 when a key is first resolved; ``clear()`` forgets the resolved keys). Under the Triton interpreter nothing is
 timed: "triton" unless forced. With this, lora-fast is never slower than its own cuBLAS path, by construction.
 """
@@ -21,7 +23,7 @@ import re
 import tempfile
 from typing import Callable, Dict, Optional
 
-PATHS = ("triton", "cublas")
+PATHS = ("triton", "cublas", "tma")
 ENV = "LORA_FAST_GEMM"
 
 
@@ -84,13 +86,14 @@ class GemmChoice:
     def get(self, key: tuple) -> Optional[str]:
         return self._memory.get(key)
 
-    def resolve(self, key: tuple, device_name: str, candidates: Dict[str, Callable[[], None]], *,
+    def resolve(self, key: tuple, device_name, candidates: Dict[str, Callable[[], None]], *,
                 measure: bool = True) -> str:
         """The path for ``key``: forced by LORA_FAST_GEMM, else remembered (memory, then disk), else timed over
-        ``candidates`` (name -> a call that runs that path once) when ``measure``, else "triton"."""
+        ``candidates`` (name -> a call that runs that path once) when ``measure``, else "triton".
+        ``device_name``: the GPU's name (it names the disk file), or a callable returning it."""
         path = forced_path()
         if path is None and measure:
-            file = self._file(device_name)
+            file = self._file(device_name() if callable(device_name) else device_name)
             text = repr(key)
             table = self._load(file)
             path = table.get(text)

@@ -16,6 +16,7 @@ from triton.runtime import driver
 from .. import philox
 from . import choice, configs
 from .gemm import gemm_lowrank_kernel
+from .gemm_tma import gemm_lowrank_tma_kernel
 from .lowrank import lowrank_proj_kernel, reduce_m_kernel, sum_partials_kernel
 
 
@@ -128,6 +129,14 @@ _gemm_dx = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N"
 _gemm_dropout = _Launcher(gemm_lowrank_kernel, functools.partial(configs.gemm_configs, dropout=True),
                           ["M_BUCKET", "N", "K", "R"], dict(configs.INTERP_GEMM, num_warps=4, num_stages=1),
                           pointers=7, scalars=2)
+# the persistent TMA GEMM (sm_90+, aligned operands): forward, dX, dX with dropout tuned apart
+_TMA_INTERP = dict(configs.INTERP_GEMM, num_warps=4, num_stages=1)
+_gemm_tma = _Launcher(gemm_lowrank_tma_kernel, configs.gemm_tma_configs, ["M_BUCKET", "N", "K", "R"], _TMA_INTERP,
+                      pointers=7, scalars=2)
+_gemm_tma_dx = _Launcher(gemm_lowrank_tma_kernel, configs.gemm_tma_configs, ["M_BUCKET", "N", "K", "R"], _TMA_INTERP,
+                         pointers=7, scalars=2)
+_gemm_tma_dropout = _Launcher(gemm_lowrank_tma_kernel, functools.partial(configs.gemm_tma_configs, dropout=True),
+                              ["M_BUCKET", "N", "K", "R"], _TMA_INTERP, pointers=7, scalars=2)
 # the low-rank term alone (K = 0) before cuBLAS's addmm (choice.py's "cublas" path): its own tuning
 _term = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N", "K", "R"],
                   dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=2)
@@ -282,11 +291,72 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
     key = (P.device, P.dtype, _m_bucket(M), N, K, R, dropout_p > 0, backward)
     path = choice.GEMM.get(key)
     if path is None:
-        name = "interpreter" if _INTERPRETED else torch.cuda.get_device_name(P.device)
-        candidates = {p: functools.partial(_GEMM_PATHS[p], *args) for p in choice.PATHS}
+        def name():
+            return torch.cuda.get_device_name(P.device)
+        candidates = {p: functools.partial(_GEMM_PATHS[p], *args) for p in choice.PATHS
+                      if p != "tma" or tma_eligible(P, Q, q_strides, out)}
         path = choice.GEMM.resolve(key, name, candidates, measure=not _INTERPRETED)
+    if path == "tma" and not tma_eligible(P, Q, q_strides, out):
+        path = "triton"   # a misaligned operand (or no Hopper): the cp.async kernel, chosen before launch
     _GEMM_PATHS[path](*args)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple:
+    return torch.cuda.get_device_capability(device)
+
+
+def tma_eligible(P, Q, q_strides, out) -> bool:
+    """Whether the TMA kernel can take these operands: 16-bit, on Hopper or newer (any device under the
+    interpreter); P and
+    OUT with unit stride along their rows, Q with unit stride along K (the forward's W^T) or along N (dX's W);
+    16-byte aligned bases and row strides (tensor descriptors' requirements)."""
+    if P.dtype == torch.float32 or (not _INTERPRETED and _capability(P.device)[0] < 9):
+        return False
+    elt = P.element_size()
+    q_row = q_strides[1] if q_strides[0] == 1 else q_strides[0] if q_strides[1] == 1 else None
+    return (P.stride(1) == 1 and out.stride(1) == 1 and q_row is not None
+            and (P.stride(0) * elt) % 16 == 0 and (out.stride(0) * elt) % 16 == 0 and (q_row * elt) % 16 == 0
+            and P.data_ptr() % 16 == 0 and Q.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0)
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Global memory for the device-side tensor descriptors (triton's allocator protocol); torch's allocations
+    are 512-byte aligned."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side descriptors need an allocator in the launching thread's context (a ContextVar: autograd's
+    device threads start without one); a user's own allocator is left in place."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out, backward):
+    """The persistent TMA kernel (kernels/gemm_tma.py) on operands ``tma_eligible`` accepts."""
+    M, K = P.shape
+    R = L.shape[1]
+    transposed = q_strides[0] == 1   # Q[k, n] at k + n * stride: the stored rows are Q's columns (W^T)
+    q_row = q_strides[1] if transposed else q_strides[0]
+    num_sms = 2 if _INTERPRETED else _sm_count(P.device)
+
+    def grid(meta):
+        return (min(num_sms, _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])),)
+
+    if not _INTERPRETED:
+        _ensure_allocator()
+    launch = _gemm_tma_dropout if dropout_p > 0 else _gemm_tma_dx if backward else _gemm_tma
+    launch(grid, P, Q, bias if bias is not None else out, L, RM, out, seed if seed is not None else out,
+           M, N, K, R, _m_bucket(M),
+           P.stride(0), q_row, L.stride(0), L.stride(1), rm_strides[0], rm_strides[1], out.stride(0),
+           float(lowrank_scale), float(dropout_p),
+           BLOCK_R=configs.block_r(R), NUM_SMS=num_sms, Q_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
+           HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=configs.dot_dtype(P.dtype),
+           INPUT_PRECISION=configs.input_precision(P.dtype), device=P.device, dtype=P.dtype)
 
 
 def _fused_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out, backward, *,
@@ -321,7 +391,7 @@ def _cublas_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dro
         out.addmm_(P, Q.as_strided((P.shape[1], N), q_strides))
 
 
-_GEMM_PATHS = {"triton": _fused_gemm, "cublas": _cublas_gemm}
+_GEMM_PATHS = {"triton": _fused_gemm, "cublas": _cublas_gemm, "tma": _tma_gemm}
 
 
 def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=None):

@@ -1,0 +1,111 @@
+"""The fused LoRA GEMM for Hopper (sm_90 and newer): persistent, TMA tensor descriptors for the loads and the store.
+
+    OUT[M, N] = P[M, K] @ Q[K, N] (+ bias[N]) + lowrank_scale * (keep? ⊙ (L[M, R] @ RM[R, N]))
+
+The same maths and operands as gemm.py's cp.async kernel (forward y: P = x, Q = W^T read from W's (N, K) rows;
+dX: P = dY, Q = W read as its (N, K) rows), built after Triton's tutorial 09 (persistent matmul): one program per
+SM walks the output tiles in grouped order; P, Q and the output move through device-side tensor descriptors
+(TMA: bulk asynchronous copies, out-of-range rows and columns zero-filled on load and clipped on store, so the
+main loop has no masks). The low-rank term is accumulated after the main loop in bf16, so it does not delay
+the first loads; with dropout (dX) or in fp16 it starts the accumulator, as in gemm.py, since its masked or
+rescaled product needs a tile of its own (after the loop it spilled: compile report). 16-bit inputs only: fp32
+has no tensor-core path here (IEEE) and spilled kilobytes at these tiles. Descriptors need a 16-byte aligned
+base, unit stride along the rows and row strides that are multiples of 16 bytes: ops.tma_eligible checks that
+before launch and takes the cp.async kernel otherwise.
+"""
+
+import triton
+import triton.language as tl
+
+from .fp16 import pow2_split
+from .rng import keep_mask
+
+
+@triton.jit
+def _lowrank_operands(L_ptr, RM_ptr, offs_m, offs_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                      BLOCK_R: tl.constexpr):
+    """The (BLOCK_M, BLOCK_R) rows of L (fp32) and (BLOCK_R, BLOCK_N) columns of RM of one output tile."""
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
+                 mask=(offs_m < M)[:, None] & mask_r[None, :], other=0.0)
+    rm = tl.load(RM_ptr + offs_r[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
+                 mask=mask_r[:, None] & (offs_n < N)[None, :], other=0.0)
+    return lo.to(tl.float32), rm
+
+
+@triton.jit
+def gemm_lowrank_tma_kernel(
+    # pointers
+    P_ptr, Q_ptr, BIAS_ptr, L_ptr, RM_ptr, OUT_ptr, SEED_ptr,
+    # sizes (M_BUCKET only keys the autotuner)
+    M, N, K, R, M_BUCKET,
+    # strides (P and OUT by rows; Q by the rows of the tensor it points to: W's (N, K) rows in forward and dX)
+    stride_pm, stride_qrow, stride_lm, stride_lr, stride_rr, stride_rn, stride_om,
+    # scalars
+    lowrank_scale, dropout_p,
+    # meta-parameters (Q_TRANSPOSED: Q[k, n] is element (n, k) of the stored rows, the forward's W^T)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, Q_TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    p_desc = tl.make_tensor_descriptor(P_ptr, shape=[M, K], strides=[stride_pm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if Q_TRANSPOSED:
+        q_desc = tl.make_tensor_descriptor(Q_ptr, shape=[N, K], strides=[stride_qrow, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        q_desc = tl.make_tensor_descriptor(Q_ptr, shape=[K, N], strides=[stride_qrow, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    out_desc = tl.make_tensor_descriptor(OUT_ptr, shape=[M, N], strides=[stride_om, 1],
+                                         block_shape=[BLOCK_M, BLOCK_N])
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    num_pid_in_group = GROUP_M * num_pid_n
+    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS):
+        # grouped ordering: GROUP_M row blocks share their Q column block in L2
+        group_id = tile_id // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+        pid_n = (tile_id % num_pid_in_group) // group_size_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+        if HAS_DROPOUT or DOT_DTYPE == tl.float16:
+            # the low-rank term starts the accumulator when it needs a tile of its own (the keep-mask; fp16's
+            # range guard, fp16.py, scales the product after the dot): after the loop it would spill
+            lo, rm = _lowrank_operands(L_ptr, RM_ptr, offs_m, offs_n, M, N, R, stride_lm, stride_lr, stride_rr,
+                                       stride_rn, BLOCK_R)
+            if DOT_DTYPE == tl.float16:
+                lo, row_f = pow2_split(lo, 1)   # a power-of-two factor per row, put back with the scale
+                row_scale = row_f * lowrank_scale
+            else:
+                row_scale = lowrank_scale
+            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+            if HAS_DROPOUT:
+                keep = keep_mask(SEED_ptr, offs_m, pid_n * BLOCK_N, N, dropout_p, BLOCK_N)
+                acc = tl.where(keep, acc, 0.0)
+            acc = acc * row_scale
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+        for k0 in range(0, K, BLOCK_K):
+            p = p_desc.load([pid_m * BLOCK_M, k0])
+            if Q_TRANSPOSED:
+                q = tl.trans(q_desc.load([pid_n * BLOCK_N, k0]))
+            else:
+                q = q_desc.load([k0, pid_n * BLOCK_N])
+            acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+
+        if not (HAS_DROPOUT or DOT_DTYPE == tl.float16):
+            # the low-rank term accumulated into the same registers after the main loop, so it does not delay the
+            # first loads; its scale folded into L (fp32) before L's one rounding
+            lo, rm = _lowrank_operands(L_ptr, RM_ptr, offs_m, offs_n, M, N, R, stride_lm, stride_lr, stride_rr,
+                                       stride_rn, BLOCK_R)
+            acc = tl.dot((lo * lowrank_scale).to(DOT_DTYPE), rm.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION,
+                         out_dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(BIAS_ptr + offs_n, mask=offs_n < N, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(OUT_ptr.dtype.element_ty))
