@@ -576,8 +576,9 @@ def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_fea
                              f"{module.lora.rank}")
         shape = tuple(module.lora.A.shape[:1]) + tuple(module.lora.B.shape[1:])
     elif is_linear(module):
-        weight = module.weight
-        shape = tuple(weight.shape) if not isinstance(module, nn.Linear) else (weight.shape[1], weight.shape[0])
+        # nn.Linear's sizes from its attributes: a 4-bit Linear4bit's weight holds packed codes
+        shape = tuple(module.weight.shape) if not isinstance(module, nn.Linear) \
+            else (module.in_features, module.out_features)
     else:
         raise ValueError(f"adapter_dir: module {name!r} is a {type(module).__name__}, expected a LinearWithLoRA, "
                          f"nn.Linear or Conv1D")
