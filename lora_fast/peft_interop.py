@@ -26,7 +26,15 @@ import torch
 from torch import nn
 
 from .functional import lora_linear
-from .layers import LinearWithLoRA, has_plain_forward, is_linear, lora_scale
+from .layers import (
+    LinearWithLoRA,
+    forward_4bit,
+    has_4bit_forward,
+    has_plain_forward,
+    is_linear,
+    is_linear4bit,
+    lora_scale,
+)
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # the prefix PEFT's PeftModel puts before a module path of the base model in its adapter files
@@ -55,6 +63,16 @@ def _peft_lora():
     return lora_layer
 
 
+def _peft_lora_4bit():
+    """PEFT's LoRA layer class over a bitsandbytes Linear4bit (peft.tuners.lora.bnb.Linear4bit), or None when
+    bitsandbytes (hence that class) is not available."""
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+    except ImportError:
+        return None
+    return getattr(lora_bnb, "Linear4bit", None)
+
+
 def _has_hooks(module: nn.Module) -> bool:
     # a hook (accelerate's offloading _hf_hook, a user's) expects the module's own forward to be called
     return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None))
@@ -62,6 +80,13 @@ def _has_hooks(module: nn.Module) -> bool:
 
 def _layer_reason(module: nn.Module, lora_layer) -> Optional[str]:
     """Why this LoRA layer cannot be fused at all (its class or its base layer), or None."""
+    # PEFT's 4-bit class is looked up only for a Linear4bit base (importing it imports bitsandbytes)
+    lora_4bit = _peft_lora_4bit() if is_linear4bit(getattr(module, "base_layer", None)) else None
+    if lora_4bit is not None and type(module) is lora_4bit:
+        if not has_4bit_forward(module.base_layer):
+            return f"base layer {type(module.base_layer).__name__} (own forward, or not quantized in " \
+                   "bitsandbytes' standard layout)"
+        return None
     if type(module) is not lora_layer.Linear:
         kind = type(module)
         return f"PEFT layer {kind.__module__.rsplit('.', 1)[-1]}.{kind.__name__} (not a plain lora.Linear)"
@@ -114,7 +139,14 @@ def _fused_adapter(module: nn.Module, x, args, kwargs) -> Optional[str]:
     if adapter is None:
         return None
     weight, A = module.base_layer.weight, module.lora_A[adapter].weight
-    if x.dtype != weight.dtype or A.dtype not in (x.dtype, torch.float32):
+    if has_4bit_forward(module.base_layer):
+        # the op runs in the layer's compute dtype (x cast to it, as Linear4bit casts it)
+        compute = module.base_layer.compute_dtype or x.dtype
+        if x.dtype not in _FUSED_DTYPES or compute not in _FUSED_DTYPES or A.dtype not in (compute, torch.float32):
+            return None
+        if A.dtype != compute and not getattr(module, "cast_input_dtype_enabled", True):
+            return None
+    elif x.dtype != weight.dtype or A.dtype not in (x.dtype, torch.float32):
         return None
     if A.dtype != x.dtype and not getattr(module, "cast_input_dtype_enabled", True):
         return None
@@ -129,10 +161,15 @@ def _fused_forward(module: nn.Module, x, *args, **kwargs):
     if adapter is None:
         return type(module).forward(module, x, *args, **kwargs)
     base = module.base_layer
-    # Conv1D (fan_in_fan_out) stores (in, out); .t() gives nn.Linear's (out, in) layout as a view, no copy
-    weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
     dropout = module.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    if has_4bit_forward(base):
+        # QLoRA: the LoRA term reads x in the compute dtype (PEFT reads it in x's own dtype: the same when they
+        # agree, within one rounding of x otherwise)
+        return forward_4bit(base, x, module.lora_A[adapter].weight.t(), module.lora_B[adapter].weight.t(),
+                            module.scaling[adapter], p, dropout.training)
+    # Conv1D (fan_in_fan_out) stores (in, out); .t() gives nn.Linear's (out, in) layout as a view, no copy
+    weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
     # transposed views of PEFT's parameters: gradients flow back into lora_A.weight / lora_B.weight
     return lora_linear(x, weight, base.bias, module.lora_A[adapter].weight.t(), module.lora_B[adapter].weight.t(),
                        module.scaling[adapter], dropout_p=p, training=dropout.training)
@@ -169,18 +206,19 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
     """Make every PEFT LoRA Linear in ``model`` run forward and backward through ``lora_linear``, in place.
 
     ``model``: a ``peft.PeftModel`` or any module with PEFT LoRA layers injected (peft.tuners.lora.Linear, over an
-    nn.Linear or transformers' Conv1D, fan_in_fan_out). Each such layer gets a forward that, per call, runs the
-    fused op when PEFT's forward would compute base(x) + lora_B(lora_A(dropout(x))) * scaling for exactly one
-    adapter: the active adapter is plain LoRA (no DoRA or other variant, no lora_bias), adapters are neither
-    disabled nor merged, no adapter_names (mixed batches) or other extra arguments, x in the base weight's dtype
-    with adapters in that dtype or float32, no autocast, one device, no forward hooks. Otherwise the call runs
-    PEFT's own forward, so results never silently differ from PEFT's (up to floating-point rounding; dropout
-    masks come from lora-fast's generator, with PEFT's probability and the dropout module's train/eval mode).
-    bias "none"/"all"/"lora_only", rsLoRA and fp32 adapters on fp16/bf16 bases are supported. PEFT's own API
-    (save_pretrained, set_adapter, merge_and_unload, disable_adapter) keeps working: the patch only adds an
-    instance ``forward``; parameters and state-dict keys are PEFT's. Calling twice equals calling once.
+    nn.Linear or transformers' Conv1D, fan_in_fan_out; peft.tuners.lora.bnb.Linear4bit over a bitsandbytes
+    Linear4bit, QLoRA, run on ``lora_linear_4bit`` in the layer's compute dtype). Each such layer gets a forward
+    that, per call, runs the fused op when PEFT's forward would compute base(x) + lora_B(lora_A(dropout(x))) *
+    scaling for exactly one adapter: the active adapter is plain LoRA (no DoRA or other variant, no lora_bias),
+    adapters are neither disabled nor merged, no adapter_names (mixed batches) or other extra arguments, x in the
+    base weight's dtype with adapters in that dtype or float32, no autocast, one device, no forward hooks. Otherwise
+    the call runs PEFT's own forward, so results never silently differ from PEFT's (up to floating-point rounding;
+    dropout masks come from lora-fast's generator, with PEFT's probability and the dropout module's train/eval
+    mode). bias "none"/"all"/"lora_only", rsLoRA and fp32 adapters on fp16/bf16 bases are supported. PEFT's own API
+    (save_pretrained, set_adapter, merge_and_unload, disable_adapter) keeps working: the patch only adds an instance
+    ``forward``; parameters and state-dict keys are PEFT's. Calling twice equals calling once.
 
-    Layers of other PEFT classes (Embedding, Conv2d, quantized bnb/hqq/torchao layers, ...) are left untouched.
+    Layers of other PEFT classes (Embedding, Conv2d, 8-bit bnb, hqq, torchao layers, ...) are left untouched.
 
     Returns: a PatchReport: ``patched`` (names of the layers that run fused in the current adapter state) and
         ``skipped`` (name -> reason); with ``warn`` one warning lists the skipped reasons and their counts.
