@@ -175,8 +175,9 @@ def make_jobs(targets: Sequence[str] = tuple(TARGETS), kernels: Sequence[str] = 
     for target in targets:
         for kernel in kernels:
             for dtype in dtypes:
-                # grad_finish does not depend on the rank (the same specialisation for every multiple of 16)
-                for rank in (ranks[:1] if kernel == "grad_finish" else ranks):
+                # grad_finish and dequant_4bit do not depend on the rank (grad_finish: the same specialisation for
+                # every multiple of 16; dequant_4bit has no rank)
+                for rank in (ranks[:1] if kernel in ("grad_finish", "dequant_4bit") else ranks):
                     flag_sets = _variants(kernel, rank, cfg)
                     if variants == "heaviest":
                         flag_sets = flag_sets[-1:]
