@@ -267,6 +267,12 @@ def test_peft_adapter_files_on_4bit_base(tmp_path, device):
     assert torch.equal(fresh[0].lora.A, model[0].lora.A) and torch.equal(fresh[0].lora.B, model[0].lora.B)
     x = torch.randn(5, 32, device=device)
     assert torch.equal(fresh(x), model(x))
+    # lora-fast's own adapter files too
+    from lora_fast import load_lora, save_lora
+    save_lora(model, tmp_path / "adapter.safetensors")
+    again = build()
+    load_lora(again, tmp_path / "adapter.safetensors")
+    assert isinstance(again[0], LinearWithLoRA) and again[0].fused() and torch.equal(again(x), model(x))
 
 
 # ------------------------------------------------------------------------------------------ bad input
