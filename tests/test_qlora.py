@@ -72,12 +72,24 @@ def test_dequantization_is_bitsandbytes_bit_for_bit(quant, shape, device):
         _same_bits(ops_4bit.dequantize(packed, other), expected.to(other))
 
 
+# (quant, K, tiles): rows of whole blocks (the tiled path) with the interpreter's 32-wide tiles (one absmax per
+# tile row) and with 64-wide tiles over blocks of 32 (two absmax groups per tile row); K = 66: blocks straddle
+# rows (the per-element path)
+TILE_CASES = [(("nf4", 64, True), 128, None), (("fp4", 32, False), 128, 64), (("fp4", 128, False), 66, None)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("quant", [("nf4", 64, True), ("fp4", 128, False)], ids=str)
-def test_gemm_tiles_dequantize_bit_for_bit(dtype, quant, path, device):
+@pytest.mark.parametrize("case", TILE_CASES, ids=str)
+def test_gemm_tiles_dequantize_bit_for_bit(dtype, case, path, device, monkeypatch):
     """With x = I the forward GEMM returns deq(W)^T and with dY = I the dX GEMM returns deq(W): products with 0
     and 1 and sums of zeros are exact, so every tile's dequantization shows bit for bit."""
-    N, K, R = 37, 66, 3   # K: blocks straddle rows
+    quant, K, tile = case
+    if tile is not None:
+        if device.type == "cuda":
+            pytest.skip("tile sizes are forced only under the interpreter (a GPU autotunes them)")
+        for launcher in (ops_4bit._gemm_fwd, ops_4bit._gemm_dx):
+            monkeypatch.setattr(launcher, "interp_config", dict(launcher.interp_config, BLOCK_N=tile, BLOCK_K=tile))
+    N, R = 37, 3
     qweight, state = _quantize(N, K, dtype, *quant, device)
     weight = bnb_functional.dequantize_4bit(qweight, state)
     A = torch.randn(K, R, device=device).to(dtype)
@@ -123,16 +135,17 @@ def check_4bit_op(x, qweight, state, bias, A, B, scale, dropout_p):
         assert_close(leaf.grad, g, gm, dtype, n, name)
 
 
-CASES = [(True, 0.0), (False, 0.25)]   # (bias, dropout_p)
+# (bias, dropout_p, in_features): 70 puts blocks across rows (the per-element path), 128 holds whole blocks
+CASES = [(True, 0.0, 70), (False, 0.25, 128)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"bias={c[0]}-p={c[1]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"bias={c[0]}-p={c[1]}-K={c[2]}")
 def test_matches_float64(dtype, case, path, device):
-    bias_on, p = case
+    bias_on, p, K = case
     # a different quantization per case, so that every quant type, block size and nesting runs on both paths
     index = (DTYPES.index(dtype) * len(CASES) + CASES.index(case) + (path == "dequant")) % len(QUANT)
-    N, K, R = 37, 70, 3   # K: blocks straddle rows
+    N, R = 37, 3
     qweight, state = _quantize(N, K, dtype, *QUANT[index], device)
     x = torch.randn(2, 11, K, device=device).to(dtype)
     bias = torch.randn(N, device=device).to(dtype) if bias_on else None

@@ -25,21 +25,62 @@ from .rng import keep_mask
 
 
 @triton.jit
-def dequant_values(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, flat, mask,
-                   QBLOCK: tl.constexpr, NESTED: tl.constexpr, QBLOCK2: tl.constexpr):
-    """fp32 code_table[code] * absmax of the elements at flat (int64) indices ``flat`` of the (N, K) weight."""
-    byte = tl.load(W_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
-    # even flat index: the high nibble (bitsandbytes packs element 2j in bits 4-7 of byte j)
-    code = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
-    value = tl.load(CODE_ptr + code)
-    block = flat // QBLOCK
+def absmax_values(ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, block, mask, NESTED: tl.constexpr,
+                  QBLOCK2: tl.constexpr):
+    """fp32 absmax of the quantization blocks ``block`` (int64), undoing double quantization when NESTED."""
     if NESTED:
         q = tl.load(ABSMAX_ptr + block, mask=mask, other=0).to(tl.int32)
         absmax = tl.load(CODE2_ptr + q) * tl.load(ABSMAX2_ptr + block // QBLOCK2, mask=mask, other=0.0)
         absmax = absmax + tl.load(OFFSET_ptr)
     else:
         absmax = tl.load(ABSMAX_ptr + block, mask=mask, other=0.0).to(tl.float32)
-    return value * absmax
+    return absmax
+
+
+@triton.jit
+def dequant_values(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, flat, mask,
+                   QBLOCK: tl.constexpr, NESTED: tl.constexpr, QBLOCK2: tl.constexpr):
+    """fp32 code_table[code] * absmax of the elements at flat (int64) indices ``flat`` of the (N, K) weight: any
+    shape (a block may straddle rows, K may be odd), one byte and one absmax gathered per element."""
+    byte = tl.load(W_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+    # even flat index: the high nibble (bitsandbytes packs element 2j in bits 4-7 of byte j)
+    code = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
+    value = tl.load(CODE_ptr + code)
+    return value * absmax_values(ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, flat // QBLOCK, mask, NESTED,
+                                 QBLOCK2)
+
+
+@triton.jit
+def dequant_tile(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, rows, row_mask, c0, W_COLS,
+                 BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, QBLOCK: tl.constexpr, NESTED: tl.constexpr,
+                 QBLOCK2: tl.constexpr):
+    """fp32 W[rows, c0 : c0 + BLOCK_COLS] (BLOCK_ROWS, BLOCK_COLS) of an (N, W_COLS) weight whose rows hold whole
+    quantization blocks (W_COLS % QBLOCK == 0, so W_COLS is even and every row starts on a byte); c0 is a
+    multiple of BLOCK_COLS. The codes come in as a (BLOCK_ROWS, BLOCK_COLS / 2) byte tile split into its two
+    nibbles, the absmax as one value per row (BLOCK_COLS <= QBLOCK) or per QBLOCK columns: no per-element
+    index is kept in registers."""
+    rows64 = rows.to(tl.int64)
+    half = c0 // 2 + tl.arange(0, BLOCK_COLS // 2)
+    byte = tl.load(W_ptr + rows64[:, None] * (W_COLS // 2) + half[None, :],
+                   mask=row_mask[:, None] & (half < W_COLS // 2)[None, :], other=0).to(tl.int32)
+    # join(hi, lo)[r, j] = (byte >> 4, byte & 15): row-major, column 2j is the high nibble (the even element)
+    code = tl.reshape(tl.join(byte >> 4, byte & 15), (BLOCK_ROWS, BLOCK_COLS))
+    value = tl.load(CODE_ptr + code)
+    blocks_per_row = W_COLS // QBLOCK
+    if BLOCK_COLS <= QBLOCK:
+        # QBLOCK % BLOCK_COLS == 0 (powers of two): the tile's columns lie in one block per row (c0 < W_COLS:
+        # the callers' tiles start inside the row)
+        block = rows64 * blocks_per_row + c0 // QBLOCK
+        absmax = absmax_values(ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, block, row_mask, NESTED, QBLOCK2)
+        return value * absmax[:, None]
+    else:
+        GROUPS: tl.constexpr = BLOCK_COLS // QBLOCK
+        group = c0 // QBLOCK + tl.arange(0, GROUPS)
+        block = rows64[:, None] * blocks_per_row + group[None, :]
+        absmax = absmax_values(ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, block,
+                               row_mask[:, None] & (group < blocks_per_row)[None, :], NESTED, QBLOCK2)
+        value = tl.reshape(value, (BLOCK_ROWS, GROUPS, QBLOCK)) * absmax[:, :, None]
+        return tl.reshape(value, (BLOCK_ROWS, BLOCK_COLS))
 
 
 @triton.jit
@@ -120,15 +161,18 @@ def gemm_4bit_lowrank_kernel(
     # OFFSET: see dequant_4bit_kernel); BIAS (N,); L (M, R) fp32; RM (R, N); OUT (M, N); SEED (int64)
     P_ptr, W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, BIAS_ptr, L_ptr, RM_ptr, OUT_ptr,
     SEED_ptr,
-    # sizes (M_BUCKET only keys the autotuner: M rounded up to a power of two)
-    M, N, K, R, M_BUCKET,
-    # strides; stride_qk / stride_qn: of the logical Q (K, N) in the weight's flat element index
-    stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+    # sizes (M_BUCKET only keys the autotuner: M rounded up to a power of two; W_COLS: the weight's row length,
+    # in_features: K in the forward, N in dX)
+    M, N, K, R, M_BUCKET, W_COLS,
+    # strides
+    stride_pm, stride_pk, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
     # scalars
     lowrank_scale, dropout_p,
-    # meta-parameters
+    # meta-parameters: TRANSPOSE_W: Q = deq(W)^T (forward), else Q = deq(W) (dX); ALIGNED: W_COLS % QBLOCK == 0
+    # (every real layer): tiles of bytes and per-row absmax, else one gather per element (any shape)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    TRANSPOSE_W: tl.constexpr, ALIGNED: tl.constexpr,
     QBLOCK: tl.constexpr, NESTED: tl.constexpr, QBLOCK2: tl.constexpr, W_DTYPE: tl.constexpr,
     NEAREST_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -157,21 +201,29 @@ def gemm_4bit_lowrank_kernel(
                        BLOCK_N, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
 
     p_ptrs = P_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_k[None, :] * stride_pk
-    # flat element indices of the Q tile (BLOCK_K, BLOCK_N) in the packed weight, int64 (N * K passes 2**31 on
-    # a 128k-vocabulary head); a step along K adds BLOCK_K * stride_qk
-    flat = offs_k[:, None].to(tl.int64) * stride_qk + offs_n[None, :].to(tl.int64) * stride_qn
     step_p = tl.full((), BLOCK_K, tl.int64) * stride_pk
-    step_q = tl.full((), BLOCK_K, tl.int64) * stride_qk
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K
         p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = dequant_values(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, flat,
-                           mask_k[:, None] & mask_n[None, :], QBLOCK, NESTED, QBLOCK2)
+        if ALIGNED:
+            if TRANSPOSE_W:   # Q[k, n] = W[n, k]: the tile W[offs_n, k0 : k0 + BLOCK_K], transposed
+                w = tl.trans(dequant_tile(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, offs_n,
+                                          mask_n, k0, W_COLS, BLOCK_N, BLOCK_K, QBLOCK, NESTED, QBLOCK2))
+            else:             # Q[k, n] = W[k, n]: the tile W[k0 + offs_k, pid_n * BLOCK_N : ...]
+                w = dequant_tile(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, k0 + offs_k,
+                                 mask_k, pid_n * BLOCK_N, W_COLS, BLOCK_K, BLOCK_N, QBLOCK, NESTED, QBLOCK2)
+        else:
+            # flat element indices of the Q tile (BLOCK_K, BLOCK_N) in the row-major (., W_COLS) weight, int64
+            if TRANSPOSE_W:
+                flat = offs_n[None, :].to(tl.int64) * W_COLS + (k0 + offs_k)[:, None]
+            else:
+                flat = (k0 + offs_k)[:, None].to(tl.int64) * W_COLS + offs_n[None, :]
+            w = dequant_values(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, flat,
+                               mask_k[:, None] & mask_n[None, :], QBLOCK, NESTED, QBLOCK2)
         # bitsandbytes' roundings: to the quantized tensor's dtype, then to the compute dtype (P's)
         q = round_weight(w, W_DTYPE, P_ptr.dtype.element_ty, NEAREST_BF16)
         acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
         p_ptrs += step_p
-        flat += step_q
 
     if HAS_BIAS:
         bias = tl.load(BIAS_ptr + offs_n, mask=mask_n, other=0.0)

@@ -63,6 +63,10 @@ _gemm_fwd = ops._Launcher(gemm_4bit_lowrank_kernel, gemm_4bit_configs, ["M_BUCKE
 # dX reads the weight as stored ((N, K), reduction over N), the forward transposed: tuned apart
 _gemm_dx = ops._Launcher(gemm_4bit_lowrank_kernel, gemm_4bit_configs, ["M_BUCKET", "N", "K", "R"], _interp,
                          pointers=12, scalars=2)
+# a weight whose rows do not hold whole quantization blocks (in_features % blocksize != 0: no real model has
+# one) takes the per-element path on the small fp32 tile
+_gemm_any_shape = ops._Launcher(gemm_4bit_lowrank_kernel, lambda capability, dtype: gemm_4bit_configs(
+    capability, torch.float32), ["M_BUCKET", "N", "K", "R"], _interp, pointers=12, scalars=2)
 _dequant = ops._Launcher(dequant_4bit_kernel, dequant_configs, [], dict(num_warps=4, num_stages=1),
                          pointers=7, scalars=0)
 
@@ -104,8 +108,6 @@ def gemm_4bit_lowrank(P, packed, transpose: bool, bias, L, RM, rm_strides, lowra
     M = P.shape[0]
     N, K = packed.shape
     n_out, k_red = (N, K) if transpose else (K, N)
-    # strides of Q (k_red, n_out) in the weight's flat element index (row-major (N, K))
-    q_strides = (1, K) if transpose else (K, 1)
     R = L.shape[1]
     if out is None:
         out = torch.empty((M, n_out), dtype=P.dtype, device=P.device)
@@ -115,15 +117,18 @@ def gemm_4bit_lowrank(P, packed, transpose: bool, bias, L, RM, rm_strides, lowra
 
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()   # N elements; the kernel reads the bias with unit stride
-    launch = _gemm_fwd if transpose else _gemm_dx
+    # rows of whole quantization blocks (every real layer): the tiled path; other shapes gather per element,
+    # on small tiles
+    aligned = K % packed.blocksize == 0
+    launch = (_gemm_fwd if transpose else _gemm_dx) if aligned else _gemm_any_shape
     launch(grid, P, *_weight_args(packed), bias if bias is not None else out, L, RM, out,
            seed if seed is not None else out,
-           M, n_out, k_red, R, ops._m_bucket(M),
-           P.stride(0), P.stride(1), q_strides[0], q_strides[1], L.stride(0), L.stride(1),
-           rm_strides[0], rm_strides[1], out.stride(0), out.stride(1),
+           M, n_out, k_red, R, ops._m_bucket(M), K,
+           P.stride(0), P.stride(1), L.stride(0), L.stride(1), rm_strides[0], rm_strides[1],
+           out.stride(0), out.stride(1),
            float(lowrank_scale), float(dropout_p),
            BLOCK_R=configs.block_r(R), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
-           **_weight_meta(packed), DOT_DTYPE=configs.dot_dtype(P.dtype),
+           TRANSPOSE_W=transpose, ALIGNED=aligned, **_weight_meta(packed), DOT_DTYPE=configs.dot_dtype(P.dtype),
            INPUT_PRECISION=configs.input_precision(P.dtype), **_NO_FMA, device=P.device, dtype=P.dtype)
     return out
 
