@@ -117,12 +117,15 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
     if kernel == "grad_finish":
         return [dict()]
     # 4-bit: the double-quantized (nested) absmax is the heavier dequantization
+    # (ALIGNED=False: a weight whose rows do not hold whole blocks, per-element gathers on the small tile)
     if kernel == "fwd_gemm_4bit":
-        return [dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False),
-                dict(HAS_BIAS=True, HAS_DROPOUT=False, NESTED=True)]
+        return [dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ALIGNED=False),
+                dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ALIGNED=True),
+                dict(HAS_BIAS=True, HAS_DROPOUT=False, NESTED=True, ALIGNED=True)]
     if kernel == "dx_gemm_4bit":
-        return [dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False),
-                dict(HAS_BIAS=False, HAS_DROPOUT=True, NESTED=True)]
+        return [dict(HAS_BIAS=False, HAS_DROPOUT=True, NESTED=True, ALIGNED=False),
+                dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ALIGNED=True),
+                dict(HAS_BIAS=False, HAS_DROPOUT=True, NESTED=True, ALIGNED=True)]
     if kernel == "dequant_4bit":
         return [dict(NESTED=False), dict(NESTED=True)]
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -130,16 +133,19 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
 
 def _variant_label(flags: dict) -> str:
     names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB-partials", "NESTED": "nested"}
-    return "+".join(names[k] for k, v in flags.items() if v) or "-"
+    label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
+    return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 
 
 def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
     """The autotune configs the launcher of ``kernel`` hands Triton for these flags, capability and dtype."""
+    import torch
+
     from .kernels import configs as cfg
     from .kernels import ops_4bit
 
-    if kernel in ("fwd_gemm_4bit", "dx_gemm_4bit"):
-        return ops_4bit.gemm_4bit_configs(capability, dtype)
+    if kernel in ("fwd_gemm_4bit", "dx_gemm_4bit"):   # the any-shape path takes the fp32 (small) tiles
+        return ops_4bit.gemm_4bit_configs(capability, dtype if flags.get("ALIGNED", True) else torch.float32)
     if kernel == "dequant_4bit":
         return ops_4bit.dequant_configs(capability, dtype)
     if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when it regenerates a keep-mask
@@ -286,17 +292,19 @@ def _launch_args_4bit(job: Job, x: str, common: dict, meta: dict) -> tuple:
                                          **weight_meta, **meta)
     dropout = meta.get("HAS_DROPOUT", False)
     if job.kernel == "fwd_gemm_4bit":
-        # P = x (M, K); Q = deq(W)^T: flat strides (1, K); L = S fp32; RM = B (R, N)
+        # P = x (M, K); Q = deq(W)^T; L = S fp32; RM = B (R, N)
         args = dict(P_ptr=_Ptr(x), **weight, BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
-                    OUT_ptr=_Ptr(x), SEED_ptr=_Ptr(x), M=M, N=N, K=K, R=R, M_BUCKET=M,
-                    stride_pm=K, stride_pk=1, stride_qk=1, stride_qn=K, stride_lm=R, stride_lr=1,
-                    stride_rr=N, stride_rn=1, stride_om=N, stride_on=1, lowrank_scale=0.5, dropout_p=0.0)
+                    OUT_ptr=_Ptr(x), SEED_ptr=_Ptr(x), M=M, N=N, K=K, R=R, M_BUCKET=M, W_COLS=K,
+                    stride_pm=K, stride_pk=1, stride_lm=R, stride_lr=1,
+                    stride_rr=N, stride_rn=1, stride_om=N, stride_on=1, lowrank_scale=0.5, dropout_p=0.0,
+                    TRANSPOSE_W=True)
     else:
-        # P = dY (M, N); Q = deq(W) (N, K): flat strides (K, 1); L = dS fp32; RM = A^T: (r, k) -> A[k, r]
+        # P = dY (M, N); Q = deq(W) (N, K); L = dS fp32; RM = A^T: (r, k) -> A[k, r]
         args = dict(P_ptr=_Ptr(x), **weight, BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
                     OUT_ptr=_Ptr(x), SEED_ptr=_Ptr("i64" if dropout else x), M=M, N=K, K=N, R=R, M_BUCKET=M,
-                    stride_pm=N, stride_pk=1, stride_qk=K, stride_qn=1, stride_lm=R, stride_lr=1,
-                    stride_rr=1, stride_rn=R, stride_om=K, stride_on=1, lowrank_scale=0.5, dropout_p=0.1)
+                    W_COLS=K, stride_pm=N, stride_pk=1, stride_lm=R, stride_lr=1,
+                    stride_rr=1, stride_rn=R, stride_om=K, stride_on=1, lowrank_scale=0.5, dropout_p=0.1,
+                    TRANSPOSE_W=False)
     return gemm_4bit_lowrank_kernel, dict(args, **weight_meta, **common, **meta)
 
 
