@@ -139,13 +139,13 @@ def _variant_label(flags: dict) -> str:
 
 def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
     """The autotune configs the launcher of ``kernel`` hands Triton for these flags, capability and dtype."""
-    import torch
-
     from .kernels import configs as cfg
     from .kernels import ops_4bit
 
-    if kernel in ("fwd_gemm_4bit", "dx_gemm_4bit"):   # the any-shape path takes the fp32 (small) tiles
-        return ops_4bit.gemm_4bit_configs(capability, dtype if flags.get("ALIGNED", True) else torch.float32)
+    if kernel in ("fwd_gemm_4bit", "dx_gemm_4bit"):   # the any-shape path has its own (small) tile
+        if flags.get("ALIGNED", True):
+            return ops_4bit.gemm_4bit_configs(capability, dtype)
+        return ops_4bit.gemm_4bit_any_shape_configs(capability, dtype)
     if kernel == "dequant_4bit":
         return ops_4bit.dequant_configs(capability, dtype)
     if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when it regenerates a keep-mask

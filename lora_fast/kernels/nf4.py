@@ -11,10 +11,15 @@ QBLOCK2 (256) with one fp32 absmax each, around a mean ``offset``:
 ``absmax[j] = code2[qabsmax[j]] * absmax2[j // QBLOCK2] + offset`` (a product then a sum, each rounded in
 fp32: the kernels are compiled without FP contraction, ``enable_fp_fusion=False``, so no FMA merges them).
 
-    gemm_4bit_lowrank_kernel: OUT[M, N'] = P[M, K'] @ deq(W)[as Q (K', N')] (+ bias) + s * (keep? ⊙ (L @ RM))
-      forward: P = x, Q = deq(W)^T (flat strides (1, K)),   L = S = dropout(x) A,  RM = B
-      dX:      P = dY, Q = deq(W)  (flat strides (K, 1)),   L = dS = dY B^T,      RM = A^T, keep-mask of x
+    gemm_4bit_lowrank_kernel: OUT[M, N'] = P[M, K'] @ Q[K', N'] (+ bias) + s * (keep? ⊙ (L @ RM))
+      forward: P = x,  Q = deq(W)^T,  L = S = dropout(x) A,  RM = B
+      dX:      P = dY, Q = deq(W),    L = dS = dY B^T,       RM = A^T, keep-mask of x
     dequant_4bit_kernel: OUT (N, K) = deq(W), for the dequantize-then-GEMM path.
+
+In the GEMM each weight tile is dequantized in registers just before the MMA. When the weight's rows hold whole
+quantization blocks (in_features % blocksize == 0: every real layer) the codes come in as a tile of bytes split
+into nibbles and the absmax as one value per tile row (or per block of columns): ``dequant_tile``. Other shapes
+(blocks across rows, odd in_features) gather one byte and one absmax per element: ``dequant_values``.
 """
 
 import triton

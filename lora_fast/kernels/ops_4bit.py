@@ -23,15 +23,23 @@ from .nf4 import dequant_4bit_kernel, gemm_4bit_lowrank_kernel
 _TL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the 4-bit GEMM. Each weight tile is dequantized in
-# registers (a byte, a code-table and an absmax load per element, L1-resident) before it goes to shared memory
-# for the MMA, so the tiles are those of the 16-bit lists (configs.py) that leave registers for that: the
-# 128x256 tiles are left out. Unmeasured on a GPU; spill-free per the compile report (triton 3.9, ranks 16 and
-# 64, with and without dropout).
+# registers (a byte tile split into nibbles, a 16-entry code-table lookup per element, one absmax per tile row)
+# before it goes to shared memory for the MMA, so the tiles are those of the 16-bit lists (configs.py) that leave
+# registers for that: the 128x256 tiles are left out. Unmeasured on a GPU; compile report (triton 3.9, sm_80 and
+# sm_90, fp16/bf16/fp32, ranks 16 and 64, with and without dropout and double quantization): no spills. A first
+# version that gathered one byte and one absmax per element through an int64 index tile spilled 36 B to 1 KB on
+# every sm_90 tile but 64x64 (255 registers); that path is kept for weights whose rows do not hold whole blocks,
+# on the tiles of _GEMM_4BIT_ANY_SHAPE.
 _GEMM_4BIT = {
     9: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3)],
     8: [(128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3)],
 }
 _GEMM_4BIT_FP32 = [(32, 32, 32, 4, 3)]
+# the per-element path (rows that do not hold whole blocks: no real layer): one small tile. 64 rows, since sm_90's
+# wgmma needs them (32x32 compiled to no HGMMA); fp32 with BLOCK_K 16 (32x32x32 spilled 4 B in dX with dropout
+# at rank 64 on sm_80). Compile report, triton 3.9.
+_GEMM_4BIT_ANY_SHAPE = [(64, 64, 32, 4, 3)]
+_GEMM_4BIT_ANY_SHAPE_FP32 = [(32, 32, 16, 4, 3)]
 # the dequantization kernel: a memory-bound elementwise pass (a byte in, two bytes out per element); 1024
 # elements per program with 4 warps is 8 per thread, as configs.FINISH_BLOCK
 DEQUANT_BLOCK = 1024
@@ -52,6 +60,13 @@ def gemm_4bit_configs(capability, dtype: torch.dtype) -> list:
     ]
 
 
+def gemm_4bit_any_shape_configs(capability, dtype: torch.dtype) -> list:
+    """The config of ``gemm_4bit_lowrank_kernel`` with ALIGNED=False (per-element gathers)."""
+    table = _GEMM_4BIT_ANY_SHAPE_FP32 if dtype == torch.float32 else _GEMM_4BIT_ANY_SHAPE
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in table]
+
+
 def dequant_configs(capability, dtype: torch.dtype) -> list:
     """The one config of ``dequant_4bit_kernel`` (memory-bound; nothing to tune)."""
     return [triton.Config({}, num_warps=4, num_stages=1)]
@@ -65,8 +80,8 @@ _gemm_dx = ops._Launcher(gemm_4bit_lowrank_kernel, gemm_4bit_configs, ["M_BUCKET
                          pointers=12, scalars=2)
 # a weight whose rows do not hold whole quantization blocks (in_features % blocksize != 0: no real model has
 # one) takes the per-element path on the small fp32 tile
-_gemm_any_shape = ops._Launcher(gemm_4bit_lowrank_kernel, lambda capability, dtype: gemm_4bit_configs(
-    capability, torch.float32), ["M_BUCKET", "N", "K", "R"], _interp, pointers=12, scalars=2)
+_gemm_any_shape = ops._Launcher(gemm_4bit_lowrank_kernel, gemm_4bit_any_shape_configs, ["M_BUCKET", "N", "K", "R"],
+                                _interp, pointers=12, scalars=2)
 _dequant = ops._Launcher(dequant_4bit_kernel, dequant_configs, [], dict(num_warps=4, num_stages=1),
                          pointers=7, scalars=0)
 
