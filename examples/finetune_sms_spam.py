@@ -200,6 +200,41 @@ def load_minilm(num_hidden_layers: int | None = None, dropout: float | None = No
     return model, tokenizer
 
 
+def quantize_linear_layers(module: nn.Module, quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32,
+                           blocksize: int = 64, double_quant: bool = True, device: torch.device | str = "cpu",
+                           include=None, prefix: str = "") -> int:
+    """Replace every nn.Linear in ``module`` (in place) by a bitsandbytes Linear4bit holding its weight quantized
+    to 4 bits (QLoRA's NF4 with blocksize 64 and double quantization by default; Dettmers et al. 2023), on
+    ``device``, computing in ``compute_dtype``; biases are kept as they are. What
+    ``transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=..., bnb_4bit_use_double_quant=...,
+    bnb_4bit_compute_dtype=...)`` does at load time, for a model already loaded. Returns the number of layers
+    replaced. ``include``: an optional predicate on the qualified name (from ``prefix``) of the layers to
+    quantize (default: all). Raises ImportError naming the extra without bitsandbytes."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise ImportError("--base-4bit needs bitsandbytes: pip install -e '.[qlora]'") from error
+    replaced = 0
+    for name, child in list(module.named_children()):
+        qualified = prefix + name
+        if type(child) is nn.Linear and (include is None or include(qualified)):
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=double_quant,
+                                      quant_type=quant_type)
+            # Params4bit quantizes the float weight when moved to the device, with its blocksize
+            layer.weight = bnb.nn.Params4bit(child.weight.detach().to(torch.float32).cpu(), requires_grad=False,
+                                             blocksize=blocksize, compress_statistics=double_quant,
+                                             quant_type=quant_type, module=layer)
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+            setattr(module, name, layer.to(device))
+            replaced += 1
+        else:
+            replaced += quantize_linear_layers(child, quant_type, compute_dtype, blocksize, double_quant, device,
+                                               include, qualified + ".")
+    return replaced
+
+
 def build_classifier(encoder: nn.Module, rank: int, alpha: float, scaling: str, dropout: float,
                      exclude=None) -> MeanPoolClassifier:
     """Freeze ``encoder``, add the trainable head, put LoRA on the encoder's linear layers (not the head).
@@ -326,6 +361,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "interpreter under TRITON_INTERPRET=1); cuda where a GPU is available")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="of the frozen model (adapters and head stay float32)")
+    parser.add_argument("--base-4bit", choices=["nf4", "fp4"], nargs="?", const="nf4", default=None,
+                        help="QLoRA: quantize the encoder's linear layers to 4 bits with bitsandbytes (nf4 when "
+                             "given alone; blocksize 64, double quantization, computing in --dtype) before LoRA "
+                             "goes on top")
     parser.add_argument("--out", default=None,
                         help="write the results as JSON to this file (default: a new "
                              "examples/results/run-<UTC time>.json)")
@@ -359,6 +398,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         splits = {name: rows[: args.max_examples] for name, rows in splits.items()}
 
     encoder, tokenizer = load_minilm(dtype=DTYPES[args.dtype])
+    quantized = 0
+    if args.base_4bit:
+        quantized = quantize_linear_layers(encoder, args.base_4bit, DTYPES[args.dtype], device=device)
     model = build_classifier(encoder, args.rank, args.alpha, args.scaling, args.dropout).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
@@ -407,6 +449,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "config": {**vars(args), "scale": scale, "data": str(data_path)},
         "split_sizes": {name: len(rows) for name, rows in splits.items()},
         "backend": backend,
+        "base_4bit": {"quant_type": args.base_4bit, "blocksize": 64, "double_quant": True,
+                      "layers": quantized} if args.base_4bit else None,
         "parameters": {"trainable": n_trainable, "total": n_total},
         "accuracy_before": before,
         "accuracy_after": after,
@@ -419,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "machine": {**machine(device), "load_average_at_start": load_at_start},
     }
     print(f"data: {data_path}")
-    print(f"backend: {backend} (lora-fast) on {device}, frozen model in {args.dtype}")
+    print(f"backend: {backend} (lora-fast) on {device}, frozen model in {args.dtype}"
+          + (f", {quantized} linear layers in 4-bit {args.base_4bit} (bitsandbytes)" if quantized else ""))
     print(f"parameters: {n_trainable:,} trainable of {n_total:,} ({100 * n_trainable / n_total:.2f}%)")
     for name in splits:
         print(f"{name:>10} accuracy: {100 * before[name]:6.2f}% before, {100 * after[name]:6.2f}% after "

@@ -52,10 +52,17 @@ RANKS = (16, 64)
 DORA_KERNELS = ("dora_sumsq", "dora_norm", "dora_scale", "dora_grad", "dora_combine")
 # fwd_gemm_tma / dx_gemm_tma: the persistent TMA GEMM (kernels/gemm_tma.py) in the forward and dX layouts, sm_90 only
 TMA_KERNELS = ("fwd_gemm_tma", "dx_gemm_tma")
-KERNELS = ("fwd_gemm", "dx_gemm", "xa_proj", "dyb_proj", "da_reduce", "grad_finish") + TMA_KERNELS + DORA_KERNELS
-# kernels without a dot or a reduction through shared memory (may report 0 bytes of shared memory)
-ELEMENTWISE_KERNELS = ("grad_finish", "dora_sumsq", "dora_scale", "dora_grad", "dora_combine")
-GEMM_KERNELS = ("fwd_gemm", "dx_gemm") + TMA_KERNELS
+# QLoRA (ops_4bit.py): fwd_gemm_4bit / dx_gemm_4bit: the same GEMMs reading a 4-bit (NF4 / FP4) weight and
+# dequantizing each tile before the MMA; dequant_4bit: the weight dequantized into a 16-bit scratch buffer.
+QLORA_KERNELS = ("fwd_gemm_4bit", "dx_gemm_4bit", "dequant_4bit")
+KERNELS = (("fwd_gemm", "dx_gemm", "xa_proj", "dyb_proj", "da_reduce", "grad_finish") + TMA_KERNELS + QLORA_KERNELS
+           + DORA_KERNELS)
+# kernels without a dot or a reduction through shared memory (may report 0 bytes of shared memory), and without
+# a rank dimension that changes their code
+ELEMENTWISE_KERNELS = ("grad_finish", "dequant_4bit", "dora_sumsq", "dora_scale", "dora_grad", "dora_combine")
+GEMM_KERNELS = ("fwd_gemm", "dx_gemm", "fwd_gemm_4bit", "dx_gemm_4bit") + TMA_KERNELS
+# compiled without FP contraction, as ops_4bit launches them (bitsandbytes' nested absmax: a product, then a sum)
+NO_FMA_KERNELS = ("fwd_gemm_4bit", "dx_gemm_4bit", "dequant_4bit")
 # Aligned sizes of the specialisation: any multiple of 16 gives the same code (the JIT keys on "divisible
 # by 16" only); 4096 stands for the hidden sizes of the models the README benchmarks.
 _SIZE = 4096
@@ -135,22 +142,41 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
                 dict(HAS_DM=True, WRITE_G1=True, HAS_BIAS=False)]
     if kernel == "dora_combine":  # forward dropout(x); backward dX + keep/(1-p) ⊙ inner
         return [dict(HAS_BASE=False), dict(HAS_BASE=True)]
+    # 4-bit: the double-quantized (nested) absmax is the heavier dequantization
+    # (ALIGNED=False: a weight whose rows do not hold whole blocks, per-element gathers on the small tile)
+    if kernel == "fwd_gemm_4bit":
+        return [dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ALIGNED=False),
+                dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ALIGNED=True),
+                dict(HAS_BIAS=True, HAS_DROPOUT=False, NESTED=True, ALIGNED=True)]
+    if kernel == "dx_gemm_4bit":
+        return [dict(HAS_BIAS=False, HAS_DROPOUT=True, NESTED=True, ALIGNED=False),
+                dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ALIGNED=True),
+                dict(HAS_BIAS=False, HAS_DROPOUT=True, NESTED=True, ALIGNED=True)]
+    if kernel == "dequant_4bit":
+        return [dict(NESTED=False), dict(NESTED=True)]
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
 def _variant_label(flags: dict) -> str:
     names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB-partials", "HAS_BASE": "base",
-             "Q_TRANSPOSED": "W^T",
-             "HAS_DM": "dm", "WRITE_G1": "g-1"}
-    return "+".join(names[k] for k, v in flags.items() if v) or "-"
+             "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G1": "g-1", "NESTED": "nested"}
+    label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
+    return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 
 
 def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
     """The autotune configs the launcher of ``kernel`` hands Triton for these flags, capability and dtype."""
     from .kernels import configs as cfg
+    from .kernels import ops_4bit
 
     if kernel in TMA_KERNELS:
         return cfg.gemm_tma_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
+    if kernel in ("fwd_gemm_4bit", "dx_gemm_4bit"):   # the any-shape path has its own (small) tile
+        if flags.get("ALIGNED", True):
+            return ops_4bit.gemm_4bit_configs(capability, dtype)
+        return ops_4bit.gemm_4bit_any_shape_configs(capability, dtype)
+    if kernel == "dequant_4bit":
+        return ops_4bit.dequant_configs(capability, dtype)
     if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when it regenerates a keep-mask
         return cfg.gemm_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
     if kernel in ("xa_proj", "dyb_proj"):   # ops.lowrank_project: its own list when it regenerates a keep-mask
@@ -283,6 +309,8 @@ def launch_args(job: Job) -> tuple:
                     stride_lm=R, stride_lr=1, dropout_p=0.1,
                     BLOCK_M=cfg.reduce_blocks(job_dtype)[0], BLOCK_K=cfg.reduce_blocks(job_dtype)[1])
         return reduce_m_kernel, dict(args, **common, **meta)
+    if job.kernel in NO_FMA_KERNELS:
+        return _launch_args_4bit(job, x, common, meta)
     if job.kernel == "grad_finish":
         # PARTIAL (splits, K, R) fp32 -> OUT (K, R) in the adapters' dtype (x's dtype: the narrowest store)
         args = dict(PARTIAL_ptr=_Ptr("fp32"), OUT_ptr=_Ptr(x), SPLITS=4, ROWS=K, COLS=R, NUMEL=K * R, stride_or=R,
@@ -325,6 +353,48 @@ def _dora_launch_args(job: Job, x: str, R: int, M: int, N: int, K: int, meta: di
                 stride_tk=1, stride_bm=K, stride_bk=1, stride_om=K, stride_ok=1, keep_scale=1.0 / 0.9, dropout_p=0.1,
                 BLOCK_M=blocks["BLOCK_M"], BLOCK_K=blocks["BLOCK_N"])
     return dora.dropout_combine_kernel, dict(args, **meta)
+
+
+def _launch_args_4bit(job: Job, x: str, common: dict, meta: dict) -> tuple:
+    """The 4-bit kernels as ops_4bit.py launches them: an (N, K) weight packed two codes per byte, blocksize 64
+    (QLoRA's), fp32 absmax, or uint8 codes with a 256-block fp32 absmax and offset when nested; the weight's
+    dtype is the compute dtype (a model quantized from its own dtype)."""
+    import triton.language as tl
+
+    from .kernels.nf4 import dequant_4bit_kernel, gemm_4bit_lowrank_kernel
+
+    M = N = K = _SIZE
+    R = job.rank
+    nested = meta["NESTED"]
+    weight = dict(W_ptr=_Ptr("u8"), CODE_ptr=_Ptr("fp32"), ABSMAX_ptr=_Ptr("u8" if nested else "fp32"),
+                  CODE2_ptr=_Ptr("fp32"), ABSMAX2_ptr=_Ptr("fp32"), OFFSET_ptr=_Ptr("fp32"))
+    weight_meta = dict(QBLOCK=64, QBLOCK2=256, NEAREST_BF16=False,
+                       W_DTYPE={"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[job.dtype])
+    if job.kernel == "dequant_4bit":
+        return dequant_4bit_kernel, dict(weight, OUT_ptr=_Ptr(x), NUMEL=N * K, BLOCK=_dequant_block(),
+                                         **weight_meta, **meta)
+    dropout = meta.get("HAS_DROPOUT", False)
+    if job.kernel == "fwd_gemm_4bit":
+        # P = x (M, K); Q = deq(W)^T; L = S fp32; RM = B (R, N)
+        args = dict(P_ptr=_Ptr(x), **weight, BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
+                    OUT_ptr=_Ptr(x), SEED_ptr=_Ptr(x), M=M, N=N, K=K, R=R, M_BUCKET=M, W_COLS=K,
+                    stride_pm=K, stride_pk=1, stride_lm=R, stride_lr=1,
+                    stride_rr=N, stride_rn=1, stride_om=N, stride_on=1, lowrank_scale=0.5, dropout_p=0.0,
+                    TRANSPOSE_W=True)
+    else:
+        # P = dY (M, N); Q = deq(W) (N, K); L = dS fp32; RM = A^T: (r, k) -> A[k, r]
+        args = dict(P_ptr=_Ptr(x), **weight, BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
+                    OUT_ptr=_Ptr(x), SEED_ptr=_Ptr("i64" if dropout else x), M=M, N=K, K=N, R=R, M_BUCKET=M,
+                    W_COLS=K, stride_pm=N, stride_pk=1, stride_lm=R, stride_lr=1,
+                    stride_rr=1, stride_rn=R, stride_om=K, stride_on=1, lowrank_scale=0.5, dropout_p=0.1,
+                    TRANSPOSE_W=False)
+    return gemm_4bit_lowrank_kernel, dict(args, **weight_meta, **common, **meta)
+
+
+def _dequant_block() -> int:
+    from .kernels.ops_4bit import DEQUANT_BLOCK
+
+    return DEQUANT_BLOCK
 
 
 def specialise(fn, args: dict, constexpr_names: set, backend) -> tuple:
@@ -418,8 +488,10 @@ def compile_job(job: Job) -> Row:
     try:
         with contextlib.redirect_stdout(log), warnings.catch_warnings():
             warnings.simplefilter("ignore")   # 3.9's FP-fusion default notice, once per worker
-            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                      options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+            options = {"num_warps": job.num_warps, "num_stages": job.num_stages}
+            if job.kernel in NO_FMA_KERNELS:
+                options["enable_fp_fusion"] = False
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
     except Exception as exc:
         row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         row.failures = ["does not compile"]
@@ -551,8 +623,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "dropout mask); xa_proj: S = dropout(x) A; dyb_proj: dS = dY B^T, with the dB "
                              "partials S^T dY when 4 * rank < PROJ_BLOCK_M (rank 16: yes, rank 64: no, then dB "
                              "runs on da_reduce's kernel); da_reduce: dA = dropout(x)^T dS; grad_finish: dA, dB "
-                             "= scale * sum of their partials, cast; dora_*: DoRA's norm, column scale, backward "
-                             "prologue and dropout combine (kernels/dora.py)")
+                             "= scale * sum of their partials, cast; fwd_gemm_tma, dx_gemm_tma: the persistent "
+                             "TMA GEMM (sm_90, 16-bit); fwd_gemm_4bit, dx_gemm_4bit: the GEMMs on a 4-bit (NF4/FP4, "
+                             "QLoRA) weight dequantized per tile; dequant_4bit: the 4-bit weight into a 16-bit "
+                             "scratch buffer; dora_*: DoRA's norm, column scale, backward prologue and dropout "
+                             "combine (kernels/dora.py)")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES),
                         help="input dtype (fp32 rows use input_precision 'ieee', torch's default)")
     parser.add_argument("--rank", nargs="+", type=int, default=list(RANKS),

@@ -13,6 +13,7 @@ from torch.nn.modules import module as module_mod
 from ._checks import check_dropout, check_rank, check_scale
 from .dora import dora_linear, dora_unfused
 from .functional import lora_delta, lora_linear
+from .qlora import lora_linear_4bit
 from .reference import dora_weight_norm
 
 SCALINGS = ("alpha", "alpha/rank", "rslora")
@@ -43,6 +44,29 @@ def is_linear(module: nn.Module) -> bool:
     """True for an nn.Linear or a transformers Conv1D (or a subclass of either): the layers LinearWithLoRA wraps."""
     conv1d = conv1d_class()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def linear4bit_class():
+    """bitsandbytes' Linear4bit (the QLoRA base layer), or None when bitsandbytes has not been imported: a model
+    that holds one has imported it, so lora-fast never imports bitsandbytes itself."""
+    module = sys.modules.get("bitsandbytes.nn.modules")
+    return getattr(module, "Linear4bit", None)
+
+
+def is_linear4bit(module: nn.Module) -> bool:
+    """True for a bitsandbytes Linear4bit (nf4 or fp4; LinearNF4 / LinearFP4 and other subclasses too)."""
+    cls = linear4bit_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def has_4bit_forward(module: nn.Module) -> bool:
+    """True when the module computes exactly bitsandbytes' Linear4bit forward (its class does not override it)
+    on a weight that is quantized in bitsandbytes' standard layout: what ``lora_linear_4bit`` stands in for."""
+    cls = linear4bit_class()
+    if cls is None or not isinstance(module, cls) or type(module).forward is not cls.forward:
+        return False
+    state = getattr(module.weight, "quant_state", None)
+    return state is not None and not getattr(state, "packing_format_for_cpu", False)
 
 
 def has_plain_forward(module: nn.Module) -> bool:
@@ -123,6 +147,26 @@ def _warn_if_merged(module, state_dict, prefix, local_metadata):
                       "adapters (save_lora)", UserWarning, stacklevel=2)
 
 
+def forward_4bit(linear: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                 dropout_p: float, training: bool) -> torch.Tensor:
+    """bitsandbytes Linear4bit's forward with the LoRA term fused in: x is cast to the layer's compute dtype (set
+    from the first input when the layer has none, as Linear4bit does), the op runs there, and the result is
+    cast back to x's dtype. The bias is cast (not overwritten as Linear4bit overwrites it) so a trained bias
+    keeps its dtype and gets its gradient."""
+    fix_state = getattr(sys.modules.get("bitsandbytes.nn.modules"), "fix_4bit_weight_quant_state_from_module", None)
+    if fix_state is not None:
+        fix_state(linear)   # a quant_state kept on the module (after FSDP / state-dict loading) back on the weight
+    if not linear.compute_type_is_set:
+        linear.set_compute_type(x)
+        linear.compute_type_is_set = True
+    compute = linear.compute_dtype if linear.compute_dtype is not None else x.dtype
+    bias = linear.bias.to(compute) if linear.bias is not None else None
+    weight = linear.weight
+    y = lora_linear_4bit(x.to(compute), weight, weight.quant_state, bias, A, B, scale, dropout_p=dropout_p,
+                         training=training)
+    return y.to(x.dtype)
+
+
 class LinearWithLoRA(nn.Module):
     """nn.Linear plus a LoRA update, fused: forward(x) = linear(x) + lora(dropout(x)) via ``lora_linear``.
 
@@ -142,6 +186,11 @@ class LinearWithLoRA(nn.Module):
     or scaled linear), or that has forward hooks or pre-hooks (FSDP2's ``fully_shard`` on the layer itself,
     accelerate's offload hooks, activation capture, global module hooks), is called as it is and the low-rank
     term is added beside it: ``linear(x) + scale * dropout(x) A B`` (unfused, as PEFT computes it).
+
+    QLoRA: a bitsandbytes ``Linear4bit`` (nf4 / fp4, any blocksize, double quantization on or off, any
+    compute_dtype) with its own, un-overridden forward runs ``lora_linear_4bit`` on its packed weight: x cast
+    to the layer's compute dtype, the result cast back to x's dtype, as Linear4bit computes it. A and B are
+    float32. ``merge_lora`` refuses such layers (see lora_fast.patching).
 
     Merged (``merge_lora``): linear.weight holds W + scale * (A @ B)^T (for a Conv1D, + scale * A @ B) and
     forward is ``linear(x)`` alone, so no LoRA dropout is applied. The forward runs in any mode; a backward
@@ -179,8 +228,11 @@ class LinearWithLoRA(nn.Module):
         return [self.lora.A, self.lora.B]
 
     def fused(self) -> bool:
-        """True when forward runs the fused op (see the class docstring: plain layer, no hooks)."""
-        return has_plain_forward(self.linear) and not has_forward_hooks(self.linear)
+        """True when forward runs the fused op (see the class docstring: plain layer, no hooks): nn.Linear's or
+        Conv1D's forward (``lora_linear``), or bitsandbytes Linear4bit's on a quantized weight
+        (``lora_linear_4bit``)."""
+        return (has_plain_forward(self.linear) or has_4bit_forward(self.linear)) \
+            and not has_forward_hooks(self.linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.lora.A, self.lora.B
@@ -195,6 +247,8 @@ class LinearWithLoRA(nn.Module):
             # summed in the adapters' dtype when wider, then rounded once (as PEFT and the reference do)
             return (y + lora_delta(x, A, B, self.lora.scale, dropout_p=self.dropout,
                                    training=self.training)).to(y.dtype)
+        if has_4bit_forward(self.linear):
+            return forward_4bit(self.linear, x, A, B, self.lora.scale, self.dropout, self.training)
         # Conv1D computes x @ W + b with W (in, out): its transpose is a view in nn.Linear's (out, in) layout
         weight = self.linear.weight.t() if self.fan_in_fan_out else self.linear.weight
         return lora_linear(x, weight, self.linear.bias, A, B, self.lora.scale,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ._checks import check_dropout
-from .layers import LinearWithDoRA, LinearWithLoRA, has_plain_forward, is_linear, lora_scale
+from .layers import LinearWithDoRA, LinearWithLoRA, has_plain_forward, is_linear, is_linear4bit, lora_scale
 
 Exclude = Optional[Union[Iterable[str], Callable[[str, nn.Module], bool]]]
 TargetModules = Optional[Union[str, Iterable[str]]]
@@ -229,6 +229,15 @@ def _check_untied(model: nn.Module, layers: list, caller: str) -> None:
 def _check_plain(layers: list, caller: str) -> None:
     """Merging adds the update to W, which equals adding it to the output only for a layer whose forward is
     nn.Linear's (or Conv1D's): refuse layers whose class has its own forward (a clamped or scaled linear)."""
+    quantized = [f"{name or '<model>'} ({type(layer.linear).__name__})" for name, layer in layers
+                 if is_linear4bit(layer.linear)]
+    if quantized:
+        # PEFT dequantizes, adds the update and quantizes again: the update then survives only up to one 4-bit
+        # quantization step of its block (absmax / 8 or more for NF4), usually larger than the update itself
+        raise ValueError(f"{caller}: these wrapped layers have a 4-bit base (bitsandbytes Linear4bit): "
+                         f"{', '.join(quantized)}; merging would requantize W + scale * (A B)^T to 4 bits and lose "
+                         "most of the update, so lora-fast does not merge them: keep the adapters unmerged, or "
+                         "load the base in 16 bits to merge")
     own = [f"{name or '<model>'} ({type(layer.linear).__name__})" for name, layer in layers
            if not has_plain_forward(layer.linear)]
     if own:
@@ -254,8 +263,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     Layers already merged are left as they are, with one UserWarning per call listing them.
 
-    Raises: TypeError if model is not an nn.Module; ValueError if it holds no LinearWithLoRA, or if a wrapped
-        weight is shared (tied embeddings, one weight in two wrappers).
+    Raises: TypeError if model is not an nn.Module; ValueError if it holds no LinearWithLoRA, if a wrapped
+        weight is shared (tied embeddings, one weight in two wrappers), or if a wrapped layer has its own forward
+        or a 4-bit base (bitsandbytes Linear4bit: not merged, the layers are named).
     """
     already = []
     layers = _lora_layers(model, "merge_lora")
@@ -307,8 +317,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     the model itself is a LinearWithLoRA. In place: the result has the base model's modules and state-dict
     keys, and no adapter, pre-merge copy or extra memory (as PEFT's ``merge_and_unload``).
 
-    Raises: TypeError if model is not an nn.Module; ValueError if it holds no LinearWithLoRA, or if a wrapped
-        weight is shared (tied embeddings, one weight in two wrappers).
+    Raises: TypeError if model is not an nn.Module; ValueError if it holds no LinearWithLoRA, if a wrapped
+        weight is shared (tied embeddings, one weight in two wrappers), or if a wrapped layer has its own forward
+        or a 4-bit base (bitsandbytes Linear4bit: not merged, the layers are named).
     """
     layers = _lora_layers(model, "merge_and_unload")
     _check_untied(model, [(n, m) for n, m in layers if not m.merged], "merge_and_unload")

@@ -28,7 +28,16 @@ from torch import nn
 
 from .dora import dora_linear
 from .functional import lora_linear
-from .layers import LinearWithDoRA, LinearWithLoRA, has_plain_forward, is_linear, lora_scale
+from .layers import (
+    LinearWithDoRA,
+    LinearWithLoRA,
+    forward_4bit,
+    has_4bit_forward,
+    has_plain_forward,
+    is_linear,
+    is_linear4bit,
+    lora_scale,
+)
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # the prefix PEFT's PeftModel puts before a module path of the base model in its adapter files
@@ -57,6 +66,16 @@ def _peft_lora():
     return lora_layer
 
 
+def _peft_lora_4bit():
+    """PEFT's LoRA layer class over a bitsandbytes Linear4bit (peft.tuners.lora.bnb.Linear4bit), or None when
+    bitsandbytes (hence that class) is not available."""
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+    except ImportError:
+        return None
+    return getattr(lora_bnb, "Linear4bit", None)
+
+
 def _has_hooks(module: nn.Module) -> bool:
     # a hook (accelerate's offloading _hf_hook, a user's) expects the module's own forward to be called
     return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None))
@@ -64,6 +83,13 @@ def _has_hooks(module: nn.Module) -> bool:
 
 def _layer_reason(module: nn.Module, lora_layer) -> Optional[str]:
     """Why this LoRA layer cannot be fused at all (its class or its base layer), or None."""
+    # PEFT's 4-bit class is looked up only for a Linear4bit base (importing it imports bitsandbytes)
+    lora_4bit = _peft_lora_4bit() if is_linear4bit(getattr(module, "base_layer", None)) else None
+    if lora_4bit is not None and type(module) is lora_4bit:
+        if not has_4bit_forward(module.base_layer):
+            return f"base layer {type(module.base_layer).__name__} (own forward, or not quantized in " \
+                   "bitsandbytes' standard layout)"
+        return None
     if type(module) is not lora_layer.Linear:
         kind = type(module)
         return f"PEFT layer {kind.__module__.rsplit('.', 1)[-1]}.{kind.__name__} (not a plain lora.Linear)"
@@ -86,6 +112,8 @@ def _adapter_reason(module: nn.Module) -> tuple:
     variant = getattr(module, "lora_variant", {}).get(adapter)
     if (variant is not None or getattr(module, "use_dora", {}).get(adapter)) and not _is_dora(module, adapter):
         return None, "LoRA variant " + ("DoRA" if module.use_dora.get(adapter) else type(variant).__name__)
+    if _is_dora(module, adapter) and has_4bit_forward(module.base_layer):
+        return None, "DoRA on a 4-bit base"   # dora_linear takes a 16-bit weight
     lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
         return None, "custom lora_A / lora_B modules"
@@ -133,7 +161,14 @@ def _fused_adapter(module: nn.Module, x, args, kwargs) -> Optional[str]:
     if adapter is None:
         return None
     weight, A = module.base_layer.weight, module.lora_A[adapter].weight
-    if x.dtype != weight.dtype or A.dtype not in (x.dtype, torch.float32):
+    if has_4bit_forward(module.base_layer):
+        # the op runs in the layer's compute dtype (x cast to it, as Linear4bit casts it)
+        compute = module.base_layer.compute_dtype or x.dtype
+        if x.dtype not in _FUSED_DTYPES or compute not in _FUSED_DTYPES or A.dtype not in (compute, torch.float32):
+            return None
+        if A.dtype != compute and not getattr(module, "cast_input_dtype_enabled", True):
+            return None
+    elif x.dtype != weight.dtype or A.dtype not in (x.dtype, torch.float32):
         return None
     if A.dtype != x.dtype and not getattr(module, "cast_input_dtype_enabled", True):
         return None
@@ -152,10 +187,16 @@ def _fused_forward(module: nn.Module, x, *args, **kwargs):
     if adapter is None:
         return type(module).forward(module, x, *args, **kwargs)
     base = module.base_layer
-    # Conv1D (fan_in_fan_out) stores (in, out); .t() gives nn.Linear's (out, in) layout as a view, no copy
-    weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
     dropout = module.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    if has_4bit_forward(base):
+        # QLoRA (plain LoRA only: _supported leaves DoRA on a 4-bit base to PEFT): the LoRA term reads x in the
+        # compute dtype (PEFT reads it in x's own dtype: the same when they agree, within one rounding of x
+        # otherwise)
+        return forward_4bit(base, x, module.lora_A[adapter].weight.t(), module.lora_B[adapter].weight.t(),
+                            module.scaling[adapter], p, dropout.training)
+    # Conv1D (fan_in_fan_out) stores (in, out); .t() gives nn.Linear's (out, in) layout as a view, no copy
+    weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
     if _is_dora(module, adapter):
         # PEFT's DoRA drops (and recomputes the base on the dropped input) only while the layer trains
         return dora_linear(x, weight, base.bias, module.lora_A[adapter].weight.t(), module.lora_B[adapter].weight.t(),
@@ -197,10 +238,11 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
     """Make every PEFT LoRA Linear in ``model`` run forward and backward through ``lora_linear``, in place.
 
     ``model``: a ``peft.PeftModel`` or any module with PEFT LoRA layers injected (peft.tuners.lora.Linear, over an
-    nn.Linear or transformers' Conv1D, fan_in_fan_out). Each such layer gets a forward that, per call, runs the
-    fused op when PEFT's forward would compute base(x) + lora_B(lora_A(dropout(x))) * scaling for exactly one
-    adapter (or PEFT's DoRA, ``use_dora=True``, on ``dora_linear``): the active adapter is plain LoRA or DoRA (no
-    other variant, no lora_bias), adapters are neither
+    nn.Linear or transformers' Conv1D, fan_in_fan_out; peft.tuners.lora.bnb.Linear4bit over a bitsandbytes
+    Linear4bit, QLoRA, run on ``lora_linear_4bit`` in the layer's compute dtype). Each such layer gets a forward
+    that, per call, runs the fused op when PEFT's forward would compute base(x) + lora_B(lora_A(dropout(x))) *
+    scaling for exactly one adapter (or PEFT's DoRA, ``use_dora=True``, on ``dora_linear``, over nn.Linear or
+    Conv1D): the active adapter is plain LoRA or DoRA (no other variant, no lora_bias), adapters are neither
     disabled nor merged, no adapter_names (mixed batches) or other extra arguments, x in the base weight's dtype
     with adapters in that dtype or float32, no autocast, one device, no forward hooks. Otherwise the call runs
     PEFT's own forward, so results never silently differ from PEFT's (up to floating-point rounding; dropout
@@ -209,7 +251,7 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
     (save_pretrained, set_adapter, merge_and_unload, disable_adapter) keeps working: the patch only adds an
     instance ``forward``; parameters and state-dict keys are PEFT's. Calling twice equals calling once.
 
-    Layers of other PEFT classes (Embedding, Conv2d, quantized bnb/hqq/torchao layers, ...) are left untouched.
+    Layers of other PEFT classes (Embedding, Conv2d, 8-bit bnb, hqq, torchao layers, ...) are left untouched.
 
     Returns: a PatchReport: ``patched`` (names of the layers that run fused in the current adapter state) and
         ``skipped`` (name -> reason); with ``warn`` one warning lists the skipped reasons and their counts.
@@ -629,8 +671,9 @@ def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_fea
                              f"{type(module).__name__}")
         shape = tuple(module.lora.A.shape[:1]) + tuple(module.lora.B.shape[1:])
     elif is_linear(module):
-        weight = module.weight
-        shape = tuple(weight.shape) if not isinstance(module, nn.Linear) else (weight.shape[1], weight.shape[0])
+        # nn.Linear's sizes from its attributes: a 4-bit Linear4bit's weight holds packed codes
+        shape = tuple(module.weight.shape) if not isinstance(module, nn.Linear) \
+            else (module.in_features, module.out_features)
     else:
         raise ValueError(f"adapter_dir: module {name!r} is a {type(module).__name__}, expected a LinearWithLoRA, "
                          f"nn.Linear or Conv1D")

@@ -62,7 +62,7 @@ def test_every_row_passes_the_checks(report):
     for r in rows:
         assert 0 < r.registers <= 255, r
         assert r.spill_stores == 0 and r.spill_loads == 0, r
-        # the elementwise kernels (grad_finish, DoRA's) may need no shared memory; every dot does
+        # the elementwise kernels (grad_finish, dequant_4bit, DoRA's) may need no shared memory; every dot does
         assert (r.kernel in cr.ELEMENTWISE_KERNELS or 0 < r.shared) \
             and r.shared <= configs.smem_limit(cr.TARGETS[r.target]), r
 

@@ -1,0 +1,238 @@
+"""4-bit base weights (bitsandbytes' NF4 / FP4 layout) read inside the kernels: a dequantization kernel and the
+base GEMM of the fused LoRA linear with the weight dequantized per tile (QLoRA, Dettmers et al. 2023).
+
+The layout is bitsandbytes' (``bitsandbytes.functional.quantize_4bit``, checked bit for bit against its
+``dequantize_4bit`` by tests/test_qlora.py): the (N, K) weight is flattened row-major; element i is the 4-bit
+code ``byte[i // 2] >> 4`` for even i and ``byte[i // 2] & 15`` for odd i; its value is
+``code_table[code] * absmax[i // QBLOCK]`` in fp32, rounded to the quantization dtype. Blocks run over the
+flat index, so a block may straddle two rows when K is not a multiple of QBLOCK. Double quantization
+(``compress_statistics``) stores absmax as uint8 codes of bitsandbytes' 8-bit dynamic map, in blocks of
+QBLOCK2 (256) with one fp32 absmax each, around a mean ``offset``:
+``absmax[j] = code2[qabsmax[j]] * absmax2[j // QBLOCK2] + offset`` (a product then a sum, each rounded in
+fp32: the kernels are compiled without FP contraction, ``enable_fp_fusion=False``, so no FMA merges them).
+
+    gemm_4bit_lowrank_kernel: OUT[M, N'] = P[M, K'] @ Q[K', N'] (+ bias) + s * (keep? ⊙ (L @ RM))
+      forward: P = x,  Q = deq(W)^T,  L = S = dropout(x) A,  RM = B
+      dX:      P = dY, Q = deq(W),    L = dS = dY B^T,       RM = A^T, keep-mask of x
+    dequant_4bit_kernel: OUT (N, K) = deq(W), for the dequantize-then-GEMM path.
+
+In the GEMM each weight tile is dequantized in registers just before the MMA. When the weight's rows hold whole
+quantization blocks (in_features % blocksize == 0: every real layer) the codes come in as a tile of bytes split
+into nibbles and the absmax as one value per tile row (or per block of columns): ``dequant_tile``. Other shapes
+(blocks across rows, odd in_features) gather one byte and one absmax per element: ``dequant_values``.
+"""
+
+import triton
+import triton.language as tl
+
+from .fp16 import pow2_split
+from .rng import keep_mask
+
+
+@triton.jit
+def absmax_values(ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, block, mask, NESTED: tl.constexpr,
+                  QBLOCK2: tl.constexpr):
+    """fp32 absmax of the quantization blocks ``block`` (int64), undoing double quantization when NESTED."""
+    if NESTED:
+        q = tl.load(ABSMAX_ptr + block, mask=mask, other=0).to(tl.int32)
+        absmax = tl.load(CODE2_ptr + q) * tl.load(ABSMAX2_ptr + block // QBLOCK2, mask=mask, other=0.0)
+        absmax = absmax + tl.load(OFFSET_ptr)
+    else:
+        absmax = tl.load(ABSMAX_ptr + block, mask=mask, other=0.0).to(tl.float32)
+    return absmax
+
+
+@triton.jit
+def dequant_values(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, flat, mask,
+                   QBLOCK: tl.constexpr, NESTED: tl.constexpr, QBLOCK2: tl.constexpr):
+    """fp32 code_table[code] * absmax of the elements at flat (int64) indices ``flat`` of the (N, K) weight: any
+    shape (a block may straddle rows, K may be odd), one byte and one absmax gathered per element."""
+    byte = tl.load(W_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+    # even flat index: the high nibble (bitsandbytes packs element 2j in bits 4-7 of byte j)
+    code = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
+    value = tl.load(CODE_ptr + code)
+    return value * absmax_values(ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, flat // QBLOCK, mask, NESTED,
+                                 QBLOCK2)
+
+
+@triton.jit
+def dequant_tile(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, rows, row_mask, c0, W_COLS,
+                 BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, QBLOCK: tl.constexpr, NESTED: tl.constexpr,
+                 QBLOCK2: tl.constexpr):
+    """fp32 W[rows, c0 : c0 + BLOCK_COLS] (BLOCK_ROWS, BLOCK_COLS) of an (N, W_COLS) weight whose rows hold whole
+    quantization blocks (W_COLS % QBLOCK == 0, so W_COLS is even and every row starts on a byte); c0 is a
+    multiple of BLOCK_COLS. The codes come in as a (BLOCK_ROWS, BLOCK_COLS / 2) byte tile split into its two
+    nibbles, the absmax as one value per row (BLOCK_COLS <= QBLOCK) or per QBLOCK columns: no per-element
+    index is kept in registers."""
+    rows64 = rows.to(tl.int64)
+    half = c0 // 2 + tl.arange(0, BLOCK_COLS // 2)
+    byte = tl.load(W_ptr + rows64[:, None] * (W_COLS // 2) + half[None, :],
+                   mask=row_mask[:, None] & (half < W_COLS // 2)[None, :], other=0).to(tl.int32)
+    # join(hi, lo)[r, j] = (byte >> 4, byte & 15): row-major, column 2j is the high nibble (the even element)
+    code = tl.reshape(tl.join(byte >> 4, byte & 15), (BLOCK_ROWS, BLOCK_COLS))
+    value = tl.load(CODE_ptr + code)
+    blocks_per_row = W_COLS // QBLOCK
+    if BLOCK_COLS <= QBLOCK:
+        # QBLOCK % BLOCK_COLS == 0 (powers of two): the tile's columns lie in one block per row (c0 < W_COLS:
+        # the callers' tiles start inside the row)
+        block = rows64 * blocks_per_row + c0 // QBLOCK
+        absmax = absmax_values(ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, block, row_mask, NESTED, QBLOCK2)
+        return value * absmax[:, None]
+    else:
+        GROUPS: tl.constexpr = BLOCK_COLS // QBLOCK
+        group = c0 // QBLOCK + tl.arange(0, GROUPS)
+        block = rows64[:, None] * blocks_per_row + group[None, :]
+        absmax = absmax_values(ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, block,
+                               row_mask[:, None] & (group < blocks_per_row)[None, :], NESTED, QBLOCK2)
+        value = tl.reshape(value, (BLOCK_ROWS, GROUPS, QBLOCK)) * absmax[:, :, None]
+        return tl.reshape(value, (BLOCK_ROWS, BLOCK_COLS))
+
+
+@triton.jit
+def _nearest_bf16(w):
+    """fp32 -> the fp32 value of the nearest bfloat16 (ties to even), by integer rounding of the bits (finite
+    inputs): the interpreter's fp32 -> bf16 cast truncates, a GPU's rounds to nearest (cvt.rn)."""
+    bits = w.to(tl.uint32, bitcast=True)
+    bits = (bits + ((bits >> 16) & 1) + 0x7FFF) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_weight(w, W_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, NEAREST_BF16: tl.constexpr):
+    """fp32 dequantized values rounded as bitsandbytes rounds them: to the quantized tensor's dtype, then to
+    the compute dtype. ``NEAREST_BF16`` (set under the interpreter only) rounds to bf16 by hand."""
+    if NEAREST_BF16 and W_DTYPE == tl.bfloat16:
+        w = _nearest_bf16(w)
+    w = w.to(W_DTYPE)
+    if NEAREST_BF16 and OUT_DTYPE == tl.bfloat16 and W_DTYPE != tl.bfloat16:
+        w = _nearest_bf16(w.to(tl.float32))
+    return w.to(OUT_DTYPE)
+
+
+@triton.jit
+def dequant_4bit_kernel(
+    # pointers: W packed uint8; the code table (16 fp32); absmax (fp32, or uint8 when NESTED); the nested
+    # code table (256 fp32), its absmax (fp32) and offset (one fp32); OUT (NUMEL,) contiguous
+    W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, OUT_ptr,
+    # sizes
+    NUMEL,
+    # meta-parameters: QBLOCK / QBLOCK2 the (nested) quantization block sizes; W_DTYPE the quantized tensor's
+    # dtype (bitsandbytes rounds to it before any cast to OUT's dtype)
+    BLOCK: tl.constexpr, QBLOCK: tl.constexpr, NESTED: tl.constexpr, QBLOCK2: tl.constexpr,
+    W_DTYPE: tl.constexpr, NEAREST_BF16: tl.constexpr,
+):
+    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = flat < NUMEL
+    w = dequant_values(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, flat, mask,
+                       QBLOCK, NESTED, QBLOCK2)
+    tl.store(OUT_ptr + flat, round_weight(w, W_DTYPE, OUT_ptr.dtype.element_ty, NEAREST_BF16), mask=mask)
+
+
+@triton.jit
+def lowrank_init(L_ptr, RM_ptr, SEED_ptr, offs_m, offs_n, pid_n, mask_m, mask_n, mask_r, offs_r, N,
+                 stride_lm, stride_lr, stride_rr, stride_rn, lowrank_scale, dropout_p,
+                 BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) fp32 low-rank term lowrank_scale * (keep? ⊙ (L @ RM)) that initialises the GEMM's
+    accumulator, as kernels/gemm.py computes it (fp16 range guard of fp16.py; keep-mask of rng.py)."""
+    lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
+                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    rm = tl.load(RM_ptr + offs_r[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
+                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    lo = lo.to(tl.float32)
+    if HAS_DROPOUT:
+        if DOT_DTYPE == tl.float16:
+            lo, row_f = pow2_split(lo, 1)
+            row_scale = row_f * lowrank_scale
+        else:
+            row_scale = lowrank_scale
+        acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        keep = keep_mask(SEED_ptr, offs_m, pid_n * BLOCK_N, N, dropout_p, BLOCK_N)
+        acc = tl.where(keep, acc, 0.0) * row_scale
+    else:
+        lo = lo * lowrank_scale
+        if DOT_DTYPE == tl.float16:
+            lo, row_f = pow2_split(lo, 1)
+            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
+                         out_dtype=tl.float32) * row_f
+        else:
+            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def gemm_4bit_lowrank_kernel(
+    # pointers: P (M, K) in the compute dtype; the 4-bit weight (W packed uint8, CODE, ABSMAX, CODE2, ABSMAX2,
+    # OFFSET: see dequant_4bit_kernel); BIAS (N,); L (M, R) fp32; RM (R, N); OUT (M, N); SEED (int64)
+    P_ptr, W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, BIAS_ptr, L_ptr, RM_ptr, OUT_ptr,
+    SEED_ptr,
+    # sizes (M_BUCKET only keys the autotuner: M rounded up to a power of two; W_COLS: the weight's row length,
+    # in_features: K in the forward, N in dX)
+    M, N, K, R, M_BUCKET, W_COLS,
+    # strides
+    stride_pm, stride_pk, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+    # scalars
+    lowrank_scale, dropout_p,
+    # meta-parameters: TRANSPOSE_W: Q = deq(W)^T (forward), else Q = deq(W) (dX); ALIGNED: W_COLS % QBLOCK == 0
+    # (every real layer): tiles of bytes and per-row absmax, else one gather per element (any shape)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    TRANSPOSE_W: tl.constexpr, ALIGNED: tl.constexpr,
+    QBLOCK: tl.constexpr, NESTED: tl.constexpr, QBLOCK2: tl.constexpr, W_DTYPE: tl.constexpr,
+    NEAREST_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # grouped ordering: GROUP_M row blocks share their weight column block in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+
+    # the low-rank term first: it initialises the accumulator (as in gemm.py, so no second output tile is live)
+    acc = lowrank_init(L_ptr, RM_ptr, SEED_ptr, offs_m, offs_n, pid_n, mask_m, mask_n, mask_r, offs_r, N,
+                       stride_lm, stride_lr, stride_rr, stride_rn, lowrank_scale, dropout_p,
+                       BLOCK_N, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
+
+    p_ptrs = P_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_k[None, :] * stride_pk
+    step_p = tl.full((), BLOCK_K, tl.int64) * stride_pk
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if ALIGNED:
+            if TRANSPOSE_W:   # Q[k, n] = W[n, k]: the tile W[offs_n, k0 : k0 + BLOCK_K], transposed
+                w = tl.trans(dequant_tile(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, offs_n,
+                                          mask_n, k0, W_COLS, BLOCK_N, BLOCK_K, QBLOCK, NESTED, QBLOCK2))
+            else:             # Q[k, n] = W[k, n]: the tile W[k0 + offs_k, pid_n * BLOCK_N : ...]
+                w = dequant_tile(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, k0 + offs_k,
+                                 mask_k, pid_n * BLOCK_N, W_COLS, BLOCK_K, BLOCK_N, QBLOCK, NESTED, QBLOCK2)
+        else:
+            # flat element indices of the Q tile (BLOCK_K, BLOCK_N) in the row-major (., W_COLS) weight, int64
+            if TRANSPOSE_W:
+                flat = offs_n[None, :].to(tl.int64) * W_COLS + (k0 + offs_k)[:, None]
+            else:
+                flat = (k0 + offs_k)[:, None].to(tl.int64) * W_COLS + offs_n[None, :]
+            w = dequant_values(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, flat,
+                               mask_k[:, None] & mask_n[None, :], QBLOCK, NESTED, QBLOCK2)
+        # bitsandbytes' roundings: to the quantized tensor's dtype, then to the compute dtype (P's)
+        q = round_weight(w, W_DTYPE, P_ptr.dtype.element_ty, NEAREST_BF16)
+        acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        p_ptrs += step_p
+
+    if HAS_BIAS:
+        bias = tl.load(BIAS_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+
+    out = OUT_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :].to(tl.int64) * stride_on
+    tl.store(out, acc.to(OUT_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

@@ -1,0 +1,189 @@
+"""Launchers of the fused LoRA linear on a 4-bit base (QLoRA): the per-tile dequantizing GEMM (forward y and
+backward dX), the dequantization kernel, and the two paths built from them.
+
+Shapes: x (M, K), the packed weight of logical shape (N, K) (``lora_fast.qlora.Packed4bit``: bitsandbytes'
+layout), bias (N,), A (K, R), B (R, N), dy (M, N). Maths: LoRA (Hu et al. 2021, eq. 3) on a frozen 4-bit
+NormalFloat / FP4 base (QLoRA, Dettmers et al. 2023): y = x deq(W)^T + b + scale * dropout(x) A B. The narrow
+passes (S = dropout(x) A; dS = dY B^T with the dB partials; dA) are the 16-bit op's launchers, unchanged.
+
+Two paths, the same results up to fp32 summation order:
+- "fused": the GEMM reads the packed codes and dequantizes each tile in registers before the MMA; nothing of
+  size N x K in 16 bits is written.
+- "dequant": one dequantization pass into an (N, K) scratch weight in the compute dtype, then the 16-bit op's
+  launchers (``ops.lora_forward`` / ``ops.lora_backward``) on it; the scratch is freed when the call returns
+  (forward and backward each make their own).
+"""
+
+import torch
+import triton
+
+from . import configs, ops
+from .nf4 import dequant_4bit_kernel, gemm_4bit_lowrank_kernel
+
+_TL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the 4-bit GEMM. Each weight tile is dequantized in
+# registers (a byte tile split into nibbles, a 16-entry code-table lookup per element, one absmax per tile row)
+# before it goes to shared memory for the MMA, so the tiles are those of the 16-bit lists (configs.py) that leave
+# registers for that: the 128x256 tiles are left out. Unmeasured on a GPU; compile report (triton 3.9, sm_80 and
+# sm_90, fp16/bf16/fp32, ranks 16 and 64, with and without dropout and double quantization): no spills. A first
+# version that gathered one byte and one absmax per element through an int64 index tile spilled 36 B to 1 KB on
+# every sm_90 tile but 64x64 (255 registers); that path is kept for weights whose rows do not hold whole blocks,
+# on the tiles of _GEMM_4BIT_ANY_SHAPE.
+_GEMM_4BIT = {
+    9: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3)],
+    8: [(128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3)],
+}
+_GEMM_4BIT_FP32 = [(32, 32, 32, 4, 3)]
+# the per-element path (rows that do not hold whole blocks: no real layer): one small tile. 64 rows, since sm_90's
+# wgmma needs them (32x32 compiled to no HGMMA); fp32 with BLOCK_K 16 (32x32x32 spilled 4 B in dX with dropout
+# at rank 64 on sm_80). Compile report, triton 3.9.
+_GEMM_4BIT_ANY_SHAPE = [(64, 64, 32, 4, 3)]
+_GEMM_4BIT_ANY_SHAPE_FP32 = [(32, 32, 16, 4, 3)]
+# the dequantization kernel: a memory-bound elementwise pass (a byte in, two bytes out per element); 1024
+# elements per program with 4 warps is 8 per thread, as configs.FINISH_BLOCK
+DEQUANT_BLOCK = 1024
+# the nested absmax is a product then a sum in bitsandbytes (two fp32 roundings): no FMA contraction
+_NO_FMA = dict(enable_fp_fusion=False)
+
+
+def gemm_4bit_configs(capability, dtype: torch.dtype) -> list:
+    """Autotune configs of ``gemm_4bit_lowrank_kernel`` for a compute capability (major, minor) and compute
+    dtype, pruned by shared memory as configs.gemm_configs does."""
+    arch = 9 if capability[0] >= 9 else 8
+    table = _GEMM_4BIT_FP32 if dtype == torch.float32 else _GEMM_4BIT[arch]
+    limit, elt = configs.smem_limit(capability), 4 if dtype == torch.float32 else 2
+    return [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in table
+        if s * (bm * bk + bk * bn) * elt <= limit
+    ]
+
+
+def gemm_4bit_any_shape_configs(capability, dtype: torch.dtype) -> list:
+    """The config of ``gemm_4bit_lowrank_kernel`` with ALIGNED=False (per-element gathers)."""
+    table = _GEMM_4BIT_ANY_SHAPE_FP32 if dtype == torch.float32 else _GEMM_4BIT_ANY_SHAPE
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in table]
+
+
+def dequant_configs(capability, dtype: torch.dtype) -> list:
+    """The one config of ``dequant_4bit_kernel`` (memory-bound; nothing to tune)."""
+    return [triton.Config({}, num_warps=4, num_stages=1)]
+
+
+_interp = dict(configs.INTERP_GEMM, num_warps=4, num_stages=1)
+_gemm_fwd = ops._Launcher(gemm_4bit_lowrank_kernel, gemm_4bit_configs, ["M_BUCKET", "N", "K", "R"], _interp,
+                          pointers=12, scalars=2)
+# dX reads the weight as stored ((N, K), reduction over N), the forward transposed: tuned apart
+_gemm_dx = ops._Launcher(gemm_4bit_lowrank_kernel, gemm_4bit_configs, ["M_BUCKET", "N", "K", "R"], _interp,
+                         pointers=12, scalars=2)
+# a weight whose rows do not hold whole quantization blocks (in_features % blocksize != 0: no real model has
+# one) takes the per-element path on the small fp32 tile
+_gemm_any_shape = ops._Launcher(gemm_4bit_lowrank_kernel, gemm_4bit_any_shape_configs, ["M_BUCKET", "N", "K", "R"],
+                                _interp, pointers=12, scalars=2)
+_dequant = ops._Launcher(dequant_4bit_kernel, dequant_configs, [], dict(num_warps=4, num_stages=1),
+                         pointers=7, scalars=0)
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return getattr(tl, _TL_DTYPES[dtype])
+
+
+def _weight_args(packed):
+    """The six pointer arguments of the packed weight; unused nested ones get absmax (never read)."""
+    if packed.nested:
+        return (packed.data, packed.code, packed.absmax, packed.code2, packed.absmax2, packed.offset)
+    return (packed.data, packed.code, packed.absmax, packed.absmax, packed.absmax, packed.absmax)
+
+
+def _weight_meta(packed):
+    return dict(QBLOCK=packed.blocksize, NESTED=packed.nested, QBLOCK2=packed.blocksize2 if packed.nested else 1,
+                W_DTYPE=_tl_dtype(packed.dtype), NEAREST_BF16=ops._INTERPRETED)
+
+
+def dequantize(packed, dtype: torch.dtype) -> torch.Tensor:
+    """deq(W) as an (N, K) contiguous tensor in ``dtype``: code_table[code] * absmax in fp32, rounded to the
+    quantized tensor's dtype, then to ``dtype`` (bitsandbytes' dequantize_4bit followed by ``.to(dtype)``)."""
+    N, K = packed.shape
+    out = torch.empty((N, K), dtype=dtype, device=packed.data.device)
+    numel = N * K
+    if numel:
+        _dequant((ops._cdiv(numel, DEQUANT_BLOCK),), *_weight_args(packed), out, numel,
+                 BLOCK=DEQUANT_BLOCK, **_weight_meta(packed), **_NO_FMA, device=out.device, dtype=dtype)
+    return out
+
+
+def gemm_4bit_lowrank(P, packed, transpose: bool, bias, L, RM, rm_strides, lowrank_scale, *, dropout_p=0.0,
+                      seed=None, out=None):
+    """OUT (M, N') in P's dtype = P @ Q (+ bias) + lowrank_scale * (keep ⊙ (L @ RM)), Q = deq(W)^T (N' = N,
+    forward, ``transpose``) or deq(W) (N' = K, dX); RM (R, N') given by (tensor, strides)."""
+    M = P.shape[0]
+    N, K = packed.shape
+    n_out, k_red = (N, K) if transpose else (K, N)
+    R = L.shape[1]
+    if out is None:
+        out = torch.empty((M, n_out), dtype=P.dtype, device=P.device)
+
+    def grid(meta):
+        return (ops._cdiv(M, meta["BLOCK_M"]) * ops._cdiv(n_out, meta["BLOCK_N"]),)
+
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()   # N elements; the kernel reads the bias with unit stride
+    # rows of whole quantization blocks (every real layer): the tiled path; other shapes gather per element,
+    # on small tiles
+    aligned = K % packed.blocksize == 0
+    launch = (_gemm_fwd if transpose else _gemm_dx) if aligned else _gemm_any_shape
+    launch(grid, P, *_weight_args(packed), bias if bias is not None else out, L, RM, out,
+           seed if seed is not None else out,
+           M, n_out, k_red, R, ops._m_bucket(M), K,
+           P.stride(0), P.stride(1), L.stride(0), L.stride(1), rm_strides[0], rm_strides[1],
+           out.stride(0), out.stride(1),
+           float(lowrank_scale), float(dropout_p),
+           BLOCK_R=configs.block_r(R), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
+           TRANSPOSE_W=transpose, ALIGNED=aligned, **_weight_meta(packed), DOT_DTYPE=configs.dot_dtype(P.dtype),
+           INPUT_PRECISION=configs.input_precision(P.dtype), **_NO_FMA, device=P.device, dtype=P.dtype)
+    return out
+
+
+def lora_forward_4bit(x, packed, bias, A, B, scale, dropout_p=0.0, seed=None, out=None, *, path="fused"):
+    """Forward of the fused LoRA linear on a 4-bit base: y (M, N) in x's dtype (into ``out`` when given) and
+    S = dropout(x) @ A (M, R) fp32, which backward needs (with x and the seed; the packed weight is read again)."""
+    if path == "dequant":
+        return ops.lora_forward(x, dequantize(packed, x.dtype), bias, A, B, scale, dropout_p, seed, out=out)
+    x = ops._along_k(x, 1)
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    S, _ = ops.lowrank_project(x, A, A.stride(0), A.stride(1), A.shape[1], out_scale=keep_scale,
+                               dropout_p=dropout_p, seed=seed)
+    y = gemm_4bit_lowrank(x, packed, True, bias, S, B, (B.stride(0), B.stride(1)), scale, out=out)
+    return y, S
+
+
+def lora_backward_4bit(dy, x, packed, A, B, S, scale, dropout_p=0.0, seed=None, *, need_dx=True, need_dA=True,
+                       need_dB=True, path="fused"):
+    """Backward on a 4-bit base: (dx, dA, dB), each None when not needed. As ``ops.lora_backward``, with
+    dX = dY deq(W) + scale * keep/(1-p) ⊙ (dS A^T) from the 4-bit GEMM ("fused") or from the 16-bit GEMM on a
+    dequantized scratch weight ("dequant")."""
+    if path == "dequant" and need_dx:
+        return ops.lora_backward(dy, x, dequantize(packed, dy.dtype), A, B, S, scale, dropout_p, seed,
+                                 need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
+    # without dX no path reads the weight: the narrow passes alone
+    R = A.shape[1]
+    dy, x = ops._along_k(dy, 1), ops._along_k(x, 1)
+    dx = dA = dB = None
+    fused_dB = need_dB and 4 * R < ops._proj_block_m()
+    dS, partial = ops.lowrank_project(dy, B, B.stride(1), B.stride(0), R, partial_of=S if fused_dB else None)
+    if need_dB:
+        dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
+        ops.finish(partial if fused_dB else ops.reduce_rows(dy, S), scale, dB, transpose=not fused_dB)
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    if need_dx:
+        # Q = deq(W) as (N, K); RM = A^T: element (r, k) is A[k, r]
+        dx = gemm_4bit_lowrank(dy, packed, False, None, dS, A, (A.stride(1), A.stride(0)), scale * keep_scale,
+                               dropout_p=dropout_p, seed=seed)
+    if need_dA:
+        dA = ops.finish(ops.reduce_rows(x, dS, dropout_p=dropout_p, seed=seed), scale * keep_scale,
+                        torch.empty(A.shape, dtype=A.dtype, device=A.device))
+    return dx, dA, dB
