@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import reference, reference_4bit
+from . import philox, reference, reference_4bit
 from ._checks import check_lora_linear, check_training
 from .functional import _autocast_enabled, _autocast_inputs, select_backend
 
@@ -263,6 +263,7 @@ def lora_linear_4bit(x: torch.Tensor, qweight: torch.Tensor, quant_state, bias: 
                                                training=training)
     p = dropout_p if training else 0.0
     seed = reference.draw_seed(x.device) if p > 0 else None
+    p = philox.quantize(p)   # what the kernels' 8-bit uniforms apply (as lora_linear)
     if p >= 1.0:
         p, scale = 0.0, 0.0   # every element dropped: the LoRA term and its gradients are zero
     path = gemm_4bit_path(x.numel() // K)

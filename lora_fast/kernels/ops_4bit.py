@@ -17,6 +17,7 @@ Two paths, the same results up to fp32 summation order:
 import torch
 import triton
 
+from .. import philox
 from . import configs, ops
 from .nf4 import dequant_4bit_kernel, gemm_4bit_lowrank_kernel
 
@@ -154,6 +155,7 @@ def lora_forward_4bit(x, packed, bias, A, B, scale, dropout_p=0.0, seed=None, ou
     if path == "dequant":
         return ops.lora_forward(x, dequantize(packed, x.dtype), bias, A, B, scale, dropout_p, seed, out=out)
     x = ops._along_k(x, 1)
+    dropout_p = philox.quantize(dropout_p)   # what the keep-mask's 8-bit uniforms apply (idempotent)
     keep_scale = 1.0 / (1.0 - dropout_p)
     S, _ = ops.lowrank_project(x, A, A.stride(0), A.stride(1), A.shape[1], out_scale=keep_scale,
                                dropout_p=dropout_p, seed=seed)
@@ -178,6 +180,7 @@ def lora_backward_4bit(dy, x, packed, A, B, S, scale, dropout_p=0.0, seed=None, 
     if need_dB:
         dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
         ops.finish(partial if fused_dB else ops.reduce_rows(dy, S), scale, dB, transpose=not fused_dB)
+    dropout_p = philox.quantize(dropout_p)   # what the keep-mask's 8-bit uniforms apply (idempotent)
     keep_scale = 1.0 / (1.0 - dropout_p)
     if need_dx:
         # Q = deq(W) as (N, K); RM = A^T: element (r, k) is A[k, r]
