@@ -10,6 +10,7 @@ weight, per the GEMM path), the reference backend calls bitsandbytes' own ``dequ
 """
 
 import dataclasses
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -22,10 +23,11 @@ from .functional import _autocast_enabled, _autocast_inputs, select_backend
 
 QUANT_TYPES = ("nf4", "fp4")
 GEMM_4BIT_PATHS = ("auto", "fused", "dequant")
-# "auto": the per-tile dequantizing GEMM up to this many rows of x, dequantize-then-GEMM above. The reasoning,
-# not a measurement: the dequantization pass moves N K (0.5 + 2) bytes once per call, which at M >= 2048 rows
-# is small next to the GEMM's 2 M N K flops, while at small M it is a large part of the call. The measured,
-# per-shape choice will come from the mechanism that picks the 16-bit GEMM's path (pending; no GPU run yet).
+# "auto" on a GPU: both paths' forward timed on the first call of a key and the faster kept, in memory and on disk
+# (kernels/choice.py, the mechanism of the 16-bit GEMM's path). Where nothing can be timed (the interpreter) this
+# rule stands in: the per-tile dequantizing GEMM up to this many rows of x, dequantize-then-GEMM above (the
+# dequantization pass moves N K (0.5 + 2) bytes once per call: small next to the GEMM's 2 M N K flops at
+# M >= 2048 rows, a large part of the call at small M).
 FUSED_MAX_M = 2048
 _TRITON_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -158,16 +160,41 @@ def _code_table(quant_type: str, device: torch.device) -> torch.Tensor:
 
 
 def gemm_4bit_path(M: int) -> str:
-    """The GEMM path of the Triton backend for M rows of x: "fused" (each weight tile dequantized in registers
-    before the MMA) or "dequant" (one dequantization pass into an (N, K) scratch weight, then the 16-bit op's
-    kernels). ``LORA_FAST_GEMM_4BIT=auto|fused|dequant`` (default auto: fused for M <= FUSED_MAX_M).
+    """The GEMM path of the Triton backend for M rows of x when nothing is timed: "fused" (each weight tile
+    dequantized in registers before the MMA) or "dequant" (one dequantization pass into an (N, K) scratch weight,
+    then the 16-bit op's kernels). ``LORA_FAST_GEMM_4BIT=auto|fused|dequant`` (default auto: fused for
+    M <= FUSED_MAX_M; on a GPU ``lora_linear_4bit`` measures instead, ``_measured_path``).
     Raises ValueError for another value."""
+    forced = _forced_4bit()
+    if forced is not None:
+        return forced
+    return "fused" if M <= FUSED_MAX_M else "dequant"
+
+
+def _forced_4bit() -> Optional[str]:
     forced = os.environ.get("LORA_FAST_GEMM_4BIT", "auto").strip().lower() or "auto"
     if forced not in GEMM_4BIT_PATHS:
         raise ValueError(f"LORA_FAST_GEMM_4BIT: expected one of {GEMM_4BIT_PATHS}, got {forced!r}")
-    if forced != "auto":
-        return forced
-    return "fused" if M <= FUSED_MAX_M else "dequant"
+    return None if forced == "auto" else forced
+
+
+def _measured_path(x, packed, bias, A, B, scale) -> str:
+    """auto on a GPU: the faster path for this key (device, dtype, M rounded up to a power of two, N, K, rank,
+    quantization layout), timed once on the forward without dropout and remembered (kernels/choice.py)."""
+    from .kernels import choice, ops, ops_4bit
+
+    K = x.shape[-1]
+    M = x.numel() // K
+    key = (x.device, x.dtype, ops._m_bucket(M), packed.shape[0], K, A.shape[1], packed.quant_type, packed.blocksize,
+           packed.nested)
+    path = choice.GEMM_4BIT.get(key)
+    if path is None:
+        x2d = x.reshape(M, K)
+        out = x.new_empty((M, packed.shape[0]))
+        candidates = {p: functools.partial(ops_4bit.lora_forward_4bit, x2d, packed, bias, A, B, scale, 0.0, None,
+                                           out=out, path=p) for p in ("fused", "dequant")}
+        path = choice.GEMM_4BIT.resolve(key, lambda: torch.cuda.get_device_name(x.device), candidates)
+    return path
 
 
 def _forward(x, packed, bias, A, B, scale, dropout_p, seed, path):
@@ -266,5 +293,6 @@ def lora_linear_4bit(x: torch.Tensor, qweight: torch.Tensor, quant_state, bias: 
     p = philox.quantize(p)   # what the kernels' 8-bit uniforms apply (as lora_linear)
     if p >= 1.0:
         p, scale = 0.0, 0.0   # every element dropped: the LoRA term and its gradients are zero
-    path = gemm_4bit_path(x.numel() // K)
+    path = _measured_path(x, packed, bias, A, B, scale) if x.is_cuda and _forced_4bit() is None \
+        else gemm_4bit_path(x.numel() // K)
     return _LoRALinear4bitFunction.apply(x, bias, A, B, packed, scale, p, seed, path)

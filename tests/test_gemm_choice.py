@@ -144,3 +144,26 @@ def test_choice_obeys_the_environment_and_survives_a_bad_file(tmp_path, monkeypa
     # nothing is timed where no GPU can time (the interpreter): the fused kernel unless forced
     gemm.clear()
     assert gemm.resolve(key + ("interp",), "gpu", _candidates([]), measure=False) == "triton"
+
+
+def test_the_4bit_choice_has_its_own_paths_file_and_switch(tmp_path, monkeypatch):
+    """choice.GEMM_4BIT (QLoRA's fused / dequant): its own file, not forced by LORA_FAST_GEMM, "fused" when
+    nothing is timed; the faster path wins when timed."""
+    monkeypatch.setenv("LORA_FAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv(choice.ENV, "cublas")
+    timer = _Timer({"fused": 2.0, "dequant": 1.0})
+    gemm4 = choice.GemmChoice(timer, versions="v1", paths=choice.GEMM_4BIT.paths, default="fused",
+                              forced=lambda: None, prefix="gemm4bit")
+    key = ("cuda:0", "bf16", 8192, 4096, 4096, 16, "nf4", 64, True)
+
+    def fused():
+        pass
+
+    def dequant():
+        pass
+    assert gemm4.resolve(key, "gpu", {"fused": fused, "dequant": dequant}) == "dequant"
+    assert [f.name for f in tmp_path.iterdir()] == [os.path.basename(gemm4._file("gpu"))]
+    assert os.path.basename(gemm4._file("gpu")).startswith("gemm4bit-")
+    gemm4.clear()
+    assert gemm4.resolve(key + ("x",), "gpu", {"fused": fused, "dequant": dequant}, measure=False) == "fused"
+    assert choice.GEMM_4BIT.paths == ("fused", "dequant") and choice.GEMM_4BIT.default == "fused"

@@ -72,9 +72,14 @@ class GemmChoice:
         versions: the version string that names the disk file (default: torch, triton and lora-fast versions).
     """
 
-    def __init__(self, timer: Callable[[Callable[[], None]], float] = _do_bench, versions: Optional[str] = None):
+    def __init__(self, timer: Callable[[Callable[[], None]], float] = _do_bench, versions: Optional[str] = None,
+                 *, paths=PATHS, default: str = "triton", forced: Optional[Callable[[], Optional[str]]] = None,
+                 prefix: str = "gemm"):
         self.timer = timer
         self.versions = versions
+        # the op's paths, the one taken when nothing is measured, its own forcing switch (default LORA_FAST_GEMM
+        # through forced_path) and the disk file's prefix
+        self.paths, self.default, self.forced, self.prefix = tuple(paths), default, forced, prefix
         self._memory: Dict[tuple, str] = {}
         self._disk: Dict[str, Dict[str, str]] = {}   # file path -> {key text: path}
 
@@ -91,7 +96,7 @@ class GemmChoice:
         """The path for ``key``: forced by LORA_FAST_GEMM, else remembered (memory, then disk), else timed over
         ``candidates`` (name -> a call that runs that path once) when ``measure``, else "triton".
         ``device_name``: the GPU's name (it names the disk file), or a callable returning it."""
-        path = forced_path()
+        path = self.forced() if self.forced is not None else forced_path()
         if path is None and measure:
             file = self._file(device_name() if callable(device_name) else device_name)
             text = repr(key)
@@ -102,12 +107,12 @@ class GemmChoice:
                 path = min(times, key=times.get)
                 table[text] = path
                 self._save(file, table)
-        self._memory[key] = path or "triton"
+        self._memory[key] = path or self.default
         return self._memory[key]
 
     def _file(self, device_name: str) -> str:
         versions = self.versions if self.versions is not None else _versions()
-        return os.path.join(cache_dir(), f"gemm-{_slug(device_name)}-{_slug(versions)}.json")
+        return os.path.join(cache_dir(), f"{self.prefix}-{_slug(device_name)}-{_slug(versions)}.json")
 
     def _load(self, file: str) -> Dict[str, str]:
         if file not in self._disk:
@@ -118,7 +123,7 @@ class GemmChoice:
                     table = {}
             except (OSError, ValueError):
                 table = {}   # missing or unreadable: measure again, rewrite it
-            self._disk[file] = {k: v for k, v in table.items() if v in PATHS}
+            self._disk[file] = {k: v for k, v in table.items() if v in self.paths}
         return self._disk[file]
 
     def _save(self, file: str, table: Dict[str, str]) -> None:
@@ -135,8 +140,12 @@ class GemmChoice:
 
 
 GEMM = GemmChoice()
+# QLoRA's two paths (lora_fast/qlora.py): the GEMM dequantizing each 4-bit tile, or one dequantization pass into a
+# 16-bit scratch weight and the 16-bit op's kernels; forced by LORA_FAST_GEMM_4BIT, read by qlora.py itself
+GEMM_4BIT = GemmChoice(paths=("fused", "dequant"), default="fused", forced=lambda: None, prefix="gemm4bit")
 
 
 def clear() -> None:
     """Forget the resolved keys of this process (tests that change LORA_FAST_GEMM call it)."""
     GEMM.clear()
+    GEMM_4BIT.clear()
