@@ -16,6 +16,53 @@ from .rng import keep_mask
 
 
 @triton.jit
+def grouped_tile(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile ``tile_id`` in grouped order: GROUP_M row blocks in turn share their column
+    block of the second operand in L2 (Triton's matmul tutorial)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_pid_m = (tile_id // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def lowrank_init(L_ptr, RM_ptr, SEED_ptr, offs_m, offs_n, pid_n, mask_m, mask_n, mask_r, offs_r, N,
+                 stride_lm, stride_lr, stride_rr, stride_rn, lowrank_scale, dropout_p,
+                 BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) fp32 low-rank term lowrank_scale * (keep? ⊙ (L @ RM)) that initialises a GEMM's
+    accumulator (this module's kernel and the 4-bit one of nf4.py): fp16's range guard of fp16.py, a power-of-two
+    factor per row put back after the dot; the keep-mask of rng.py; without dropout the scale is folded into L
+    (fp32) before its one rounding to the dot dtype."""
+    lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
+                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    rm = tl.load(RM_ptr + offs_r[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
+                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    lo = lo.to(tl.float32)
+    if HAS_DROPOUT:
+        if DOT_DTYPE == tl.float16:
+            lo, row_f = pow2_split(lo, 1)
+            row_scale = row_f * lowrank_scale
+        else:
+            row_scale = lowrank_scale
+        acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        keep = keep_mask(SEED_ptr, offs_m, pid_n * BLOCK_N, N, dropout_p, BLOCK_N)
+        acc = tl.where(keep, acc, 0.0) * row_scale
+    else:
+        lo = lo * lowrank_scale
+        if DOT_DTYPE == tl.float16:
+            lo, row_f = pow2_split(lo, 1)
+            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
+                         out_dtype=tl.float32) * row_f
+        else:
+            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
 def gemm_lowrank_kernel(
     # pointers
     P_ptr, Q_ptr, BIAS_ptr, L_ptr, RM_ptr, OUT_ptr, SEED_ptr,
@@ -30,16 +77,7 @@ def gemm_lowrank_kernel(
     GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    # grouped ordering: GROUP_M row blocks share their Q column block in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -54,31 +92,9 @@ def gemm_lowrank_kernel(
 
     # The low-rank term comes first and initialises the accumulator, so no second (BLOCK_M, BLOCK_N) tile, nor
     # the keep-mask, is live beside the finished accumulator (as an epilogue had them: spills, compile report).
-    lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
-                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    rm = tl.load(RM_ptr + offs_r[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
-                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    lo = lo.to(tl.float32)
-    if HAS_DROPOUT:
-        # fp16 range (fp16.py): a power-of-two factor per row of dS, put back with the scale after the mask
-        if DOT_DTYPE == tl.float16:
-            lo, row_f = pow2_split(lo, 1)
-            row_scale = row_f * lowrank_scale
-        else:
-            row_scale = lowrank_scale
-        acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
-        keep = keep_mask(SEED_ptr, offs_m, pid_n * BLOCK_N, N, dropout_p, BLOCK_N)
-        acc = tl.where(keep, acc, 0.0) * row_scale
-    else:
-        # scale folded into L (fp32) before its one rounding to the dot dtype
-        lo = lo * lowrank_scale
-        if DOT_DTYPE == tl.float16:
-            # fp16 range (fp16.py): a power-of-two factor per row taken out before the cast, put back after
-            lo, row_f = pow2_split(lo, 1)
-            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
-                         out_dtype=tl.float32) * row_f
-        else:
-            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    acc = lowrank_init(L_ptr, RM_ptr, SEED_ptr, offs_m, offs_n, pid_n, mask_m, mask_n, mask_r, offs_r, N,
+                       stride_lm, stride_lr, stride_rr, stride_rn, lowrank_scale, dropout_p,
+                       BLOCK_N, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
 
     # pointers advance by BLOCK_K along K each step; the step is int64 (dX reads W as (N, K): k * stride_qk =
     # n * in_features passes 2**31 on large layers, a 128k-vocabulary head), the offsets within a block are

@@ -17,8 +17,7 @@ before launch and takes the cp.async kernel otherwise.
 import triton
 import triton.language as tl
 
-from .fp16 import pow2_split
-from .rng import keep_mask
+from .gemm import grouped_tile, lowrank_init
 
 
 @triton.jit
@@ -58,35 +57,19 @@ def gemm_lowrank_tma_kernel(
                                            block_shape=[BLOCK_K, BLOCK_N])
     out_desc = tl.make_tensor_descriptor(OUT_ptr, shape=[M, N], strides=[stride_om, 1],
                                          block_shape=[BLOCK_M, BLOCK_N])
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = num_pid_m * num_pid_n
-    num_pid_in_group = GROUP_M * num_pid_n
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS):
-        # grouped ordering: GROUP_M row blocks share their Q column block in L2
-        group_id = tile_id // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
-        pid_n = (tile_id % num_pid_in_group) // group_size_m
+        pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
         if HAS_DROPOUT or DOT_DTYPE == tl.float16:
             # the low-rank term starts the accumulator when it needs a tile of its own (the keep-mask; fp16's
             # range guard, fp16.py, scales the product after the dot): after the loop it would spill
-            lo, rm = _lowrank_operands(L_ptr, RM_ptr, offs_m, offs_n, M, N, R, stride_lm, stride_lr, stride_rr,
-                                       stride_rn, BLOCK_R)
-            if DOT_DTYPE == tl.float16:
-                lo, row_f = pow2_split(lo, 1)   # a power-of-two factor per row, put back with the scale
-                row_scale = row_f * lowrank_scale
-            else:
-                row_scale = lowrank_scale
-            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
-            if HAS_DROPOUT:
-                keep = keep_mask(SEED_ptr, offs_m, pid_n * BLOCK_N, N, dropout_p, BLOCK_N)
-                acc = tl.where(keep, acc, 0.0)
-            acc = acc * row_scale
+            offs_r = tl.arange(0, BLOCK_R)
+            acc = lowrank_init(L_ptr, RM_ptr, SEED_ptr, offs_m, offs_n, pid_n, offs_m < M, offs_n < N, offs_r < R,
+                               offs_r, N, stride_lm, stride_lr, stride_rr, stride_rn, lowrank_scale, dropout_p,
+                               BLOCK_N, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 

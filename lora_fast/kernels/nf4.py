@@ -25,8 +25,7 @@ into nibbles and the absmax as one value per tile row (or per block of columns):
 import triton
 import triton.language as tl
 
-from .fp16 import pow2_split
-from .rng import keep_mask
+from .gemm import grouped_tile, lowrank_init
 
 
 @triton.jit
@@ -129,38 +128,6 @@ def dequant_4bit_kernel(
 
 
 @triton.jit
-def lowrank_init(L_ptr, RM_ptr, SEED_ptr, offs_m, offs_n, pid_n, mask_m, mask_n, mask_r, offs_r, N,
-                 stride_lm, stride_lr, stride_rr, stride_rn, lowrank_scale, dropout_p,
-                 BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr):
-    """The (BLOCK_M, BLOCK_N) fp32 low-rank term lowrank_scale * (keep? ⊙ (L @ RM)) that initialises the GEMM's
-    accumulator, as kernels/gemm.py computes it (fp16 range guard of fp16.py; keep-mask of rng.py)."""
-    lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
-                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    rm = tl.load(RM_ptr + offs_r[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
-                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    lo = lo.to(tl.float32)
-    if HAS_DROPOUT:
-        if DOT_DTYPE == tl.float16:
-            lo, row_f = pow2_split(lo, 1)
-            row_scale = row_f * lowrank_scale
-        else:
-            row_scale = lowrank_scale
-        acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
-        keep = keep_mask(SEED_ptr, offs_m, pid_n * BLOCK_N, N, dropout_p, BLOCK_N)
-        acc = tl.where(keep, acc, 0.0) * row_scale
-    else:
-        lo = lo * lowrank_scale
-        if DOT_DTYPE == tl.float16:
-            lo, row_f = pow2_split(lo, 1)
-            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
-                         out_dtype=tl.float32) * row_f
-        else:
-            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
-    return acc
-
-
-@triton.jit
 def gemm_4bit_lowrank_kernel(
     # pointers: P (M, K) in the compute dtype; the 4-bit weight (W packed uint8, CODE, ABSMAX, CODE2, ABSMAX2,
     # OFFSET: see dequant_4bit_kernel); BIAS (N,); L (M, R) fp32; RM (R, N); OUT (M, N); SEED (int64)
@@ -181,16 +148,7 @@ def gemm_4bit_lowrank_kernel(
     QBLOCK: tl.constexpr, NESTED: tl.constexpr, QBLOCK2: tl.constexpr, W_DTYPE: tl.constexpr,
     NEAREST_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    # grouped ordering: GROUP_M row blocks share their weight column block in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
