@@ -92,9 +92,33 @@ def gemm_lowrank_kernel(
 
     # The low-rank term comes first and initialises the accumulator, so no second (BLOCK_M, BLOCK_N) tile, nor
     # the keep-mask, is live beside the finished accumulator (as an epilogue had them: spills, compile report).
-    acc = lowrank_init(L_ptr, RM_ptr, SEED_ptr, offs_m, offs_n, pid_n, mask_m, mask_n, mask_r, offs_r, N,
-                       stride_lm, stride_lr, stride_rr, stride_rn, lowrank_scale, dropout_p,
-                       BLOCK_N, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
+    # The maths of lowrank_init, written out here: through the helper call ptxas allocated otherwise and dX in
+    # fp16 at rank 64 spilled 20 B at 128x128x32 w4 s4 on sm_80 (compile report, triton 3.9)
+    lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
+                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    rm = tl.load(RM_ptr + offs_r[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
+                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    lo = lo.to(tl.float32)
+    if HAS_DROPOUT:
+        # fp16 range (fp16.py): a power-of-two factor per row of dS, put back with the scale after the mask
+        if DOT_DTYPE == tl.float16:
+            lo, row_f = pow2_split(lo, 1)
+            row_scale = row_f * lowrank_scale
+        else:
+            row_scale = lowrank_scale
+        acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        keep = keep_mask(SEED_ptr, offs_m, pid_n * BLOCK_N, N, dropout_p, BLOCK_N)
+        acc = tl.where(keep, acc, 0.0) * row_scale
+    else:
+        # scale folded into L (fp32) before its one rounding to the dot dtype
+        lo = lo * lowrank_scale
+        if DOT_DTYPE == tl.float16:
+            # fp16 range (fp16.py): a power-of-two factor per row taken out before the cast, put back after
+            lo, row_f = pow2_split(lo, 1)
+            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
+                         out_dtype=tl.float32) * row_f
+        else:
+            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
 
     # pointers advance by BLOCK_K along K each step; the step is int64 (dX reads W as (N, K): k * stride_qk =
     # n * in_features passes 2**31 on large layers, a 128k-vocabulary head), the offsets within a block are
