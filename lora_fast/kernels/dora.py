@@ -31,6 +31,7 @@ from .ops import (
     finish,
     gemm_lowrank,
     lowrank_project,
+    project_input,
     reduce_rows,
 )
 from .rng import keep_mask
@@ -316,10 +317,7 @@ def dora_forward(x, weight, bias, A, B, gscale, scale: float, dropout_p: float =
     M, _ = x.shape
     N = weight.shape[0]
     x, weight = _along_k(x, 1), _along_k(weight, 1)
-    dropout_p = philox.quantize(dropout_p)   # what the 8-bit uniforms of the keep-mask apply (idempotent)
-    keep_scale = 1.0 / (1.0 - dropout_p)
-    S, _ = lowrank_project(x, A, A.stride(0), A.stride(1), A.shape[1], out_scale=keep_scale,
-                           dropout_p=dropout_p, seed=seed)
+    S, dropout_p, keep_scale = project_input(x, A, dropout_p, seed)
     w_t = (weight.stride(1), weight.stride(0))   # Q = W^T: element (k, n) is weight[n, k]
     b_strides = (B.stride(0), B.stride(1))
     if out is None:

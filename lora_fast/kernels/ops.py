@@ -394,6 +394,16 @@ def _cublas_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dro
 _GEMM_PATHS = {"triton": _fused_gemm, "cublas": _cublas_gemm, "tma": _tma_gemm}
 
 
+def project_input(x, A, dropout_p, seed):
+    """The forward's first pass, shared by the 16-bit, 4-bit and DoRA ops: S = dropout(x) @ A (M, R) fp32 with the
+    keep-mask of ``seed``. Returns (S, p, keep_scale): p the drop probability the mask applies (philox.quantize,
+    idempotent, so callers may pass it quantised or not) and keep_scale = 1 / (1 - p)."""
+    p = philox.quantize(dropout_p)
+    keep_scale = 1.0 / (1.0 - p)
+    S, _ = lowrank_project(x, A, A.stride(0), A.stride(1), A.shape[1], out_scale=keep_scale, dropout_p=p, seed=seed)
+    return S, p, keep_scale
+
+
 def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=None):
     """Forward of the fused LoRA linear. x (M, K), weight (N, K), bias (N,) or None, A (K, R), B (R, N).
 
@@ -402,10 +412,7 @@ def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=Non
     """
     N = weight.shape[0]
     x, weight = _along_k(x, 1), _along_k(weight, 1)
-    dropout_p = philox.quantize(dropout_p)   # what the 8-bit uniforms of the keep-mask apply (idempotent)
-    keep_scale = 1.0 / (1.0 - dropout_p)
-    S, _ = lowrank_project(x, A, A.stride(0), A.stride(1), A.shape[1], out_scale=keep_scale,
-                           dropout_p=dropout_p, seed=seed)
+    S, _, _ = project_input(x, A, dropout_p, seed)
     # Q = W^T: element (k, n) of W^T is weight[n, k]
     y = gemm_lowrank(x, weight, (weight.stride(1), weight.stride(0)), N, bias, S, B, (B.stride(0), B.stride(1)),
                      scale, dropout_p=0.0, out=out)

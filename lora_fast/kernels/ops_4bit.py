@@ -155,10 +155,7 @@ def lora_forward_4bit(x, packed, bias, A, B, scale, dropout_p=0.0, seed=None, ou
     if path == "dequant":
         return ops.lora_forward(x, dequantize(packed, x.dtype), bias, A, B, scale, dropout_p, seed, out=out)
     x = ops._along_k(x, 1)
-    dropout_p = philox.quantize(dropout_p)   # what the keep-mask's 8-bit uniforms apply (idempotent)
-    keep_scale = 1.0 / (1.0 - dropout_p)
-    S, _ = ops.lowrank_project(x, A, A.stride(0), A.stride(1), A.shape[1], out_scale=keep_scale,
-                               dropout_p=dropout_p, seed=seed)
+    S, _, _ = ops.project_input(x, A, dropout_p, seed)
     y = gemm_4bit_lowrank(x, packed, True, bias, S, B, (B.stride(0), B.stride(1)), scale, out=out)
     return y, S
 
