@@ -1,0 +1,182 @@
+"""kernels/choice.py's shared state with fake timers: one file shared by concurrent processes (only added to),
+hostile or odd cache paths, and one choice per torch.distributed job (gloo ranks whose timers disagree)."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lora_fast.kernels import choice
+
+CHOICE_PY = Path(choice.__file__)
+
+# one process of a job: choice.py loaded on its own (no torch import: 8 of them start in ~0.1 s each), 8 keys of
+# its own resolved with a fake timer once the common start time is reached; prints how many keys it timed
+PROCESS = r'''
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("lf_choice", sys.argv[1])
+choice = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(choice)
+rank, start = int(sys.argv[2]), float(sys.argv[3])
+
+def timer(fn):
+    time.sleep(0.002)
+    return {"triton": 1.0, "cublas": 2.0}[fn.__name__] * (1 + rank % 2)
+
+def triton(): pass
+def cublas(): pass
+gemm = choice.GemmChoice(timer, versions="v1")
+while time.time() < start:
+    time.sleep(0.001)
+for i in range(8):
+    gemm.resolve((f"cuda:{rank}", "torch.bfloat16", 4096, 1024 * (rank + 1), 64 * (i + 1), 16, False, False),
+                 "NVIDIA H200", {"triton": triton, "cublas": cublas})
+print(gemm.timed)
+'''
+
+
+def _job(cache, processes=8):
+    start = time.time() + 1.0
+    env = {**os.environ, "LORA_FAST_CACHE_DIR": str(cache)}
+    env.pop(choice.ENV, None)
+    procs = [subprocess.Popen([sys.executable, "-c", PROCESS, str(CHOICE_PY), str(rank), str(start)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(processes)]
+    timed = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        timed.append(int(out.split()[-1]))
+    return timed
+
+
+def test_concurrent_processes_only_add(tmp_path):
+    """8 processes x 8 keys at once: the file holds all 64 afterwards, and a second job times none."""
+    assert _job(tmp_path) == [8] * 8
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and files[0].name.startswith("gemm-NVIDIA_H200-v1")
+    table = json.loads(files[0].read_text())
+    assert len(table) == 64 and set(table.values()) == {"triton"}
+    assert "cuda" not in files[0].read_text()   # no device index on disk: all processes share every entry
+    assert _job(tmp_path) == [0] * 8
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+class _Timer:
+    def __init__(self, ms):
+        self.ms, self.calls = ms, 0
+
+    def __call__(self, fn):
+        self.calls += 1
+        return self.ms[fn.__name__]
+
+
+def triton():
+    pass
+
+
+def cublas():
+    pass
+
+
+CANDIDATES = {"triton": triton, "cublas": cublas}
+KEY = ("cuda:0", "torch.float16", 64, 256, 128, 8, False, False)
+
+
+def _gemm(timer=None):
+    return choice.GemmChoice(timer or _Timer({"triton": 2.0, "cublas": 1.0}), versions="v1")
+
+
+@pytest.mark.parametrize("content", [b"[" * 200_000 + b"]" * 200_000, b'{"a": ' * 100_000, b"\xff\xfe{",
+                                     b'{"x": "' + b"y" * (choice.MAX_FILE_BYTES + 10) + b'"}', b'["cublas"]',
+                                     b'{"k": {"nested": "triton"}}'], ids=["deep", "deep-open", "binary", "huge",
+                                                                          "list", "nested"])
+def test_unreadable_files_count_as_empty_and_are_replaced(tmp_path, monkeypatch, content):
+    monkeypatch.setenv("LORA_FAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(choice.ENV, raising=False)
+    gemm = _gemm()
+    file = Path(gemm._file("NVIDIA H200"))
+    file.write_bytes(content)
+    assert gemm.resolve(KEY, "NVIDIA H200", CANDIDATES) == "cublas" and gemm.timed == 1
+    assert json.loads(file.read_text()) == {repr(KEY[1:]): "cublas"}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_directories_and_fifos_are_refused_never_blocked_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_FAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(choice.ENV, raising=False)
+    gemm = _gemm()
+    file = gemm._file("gpu-dir")
+    os.mkdir(file)
+    with pytest.warns(RuntimeWarning, match="not a regular file"):
+        assert gemm.resolve(KEY, "gpu-dir", CANDIDATES) == "cublas"
+    assert os.path.isdir(file) and not list(tmp_path.glob("*.tmp"))
+    fifo = gemm._file("gpu-fifo")
+    os.mkfifo(fifo)
+    result = []
+    worker = threading.Thread(target=lambda: result.append(gemm.resolve(KEY[:-1] + (True,), "gpu-fifo",
+                                                                         CANDIDATES)), daemon=True)
+    with pytest.warns(RuntimeWarning, match="not a regular file"):
+        worker.start()
+        worker.join(timeout=30)
+    assert result == ["cublas"], "resolving blocked on a FIFO at the cache path"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cache_dir_expands_home_and_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("LORA_FAST_CACHE_DIR", "~/lf")
+    assert choice.cache_dir() == str(tmp_path / "lf")
+    monkeypatch.setenv("SOMEWHERE", str(tmp_path / "var"))
+    monkeypatch.setenv("LORA_FAST_CACHE_DIR", "$SOMEWHERE/lf")
+    assert choice.cache_dir() == str(tmp_path / "var" / "lf")
+    monkeypatch.delenv("LORA_FAST_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
+    assert choice.cache_dir() == str(tmp_path / "xdg" / "lora_fast")
+
+
+def _rank(rank, world, init_file, cache_root, out_file):
+    """One rank: its own cache directory (another node), a timer that prefers another path than its neighbour's,
+    the shared keys in its own order (no lockstep), and a few keys only it meets."""
+    os.environ["LORA_FAST_CACHE_DIR"] = os.path.join(cache_root, str(rank))
+    os.environ.pop(choice.ENV, None)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ms = {"triton": 1.0, "cublas": 2.0} if rank % 2 == 0 else {"triton": 2.0, "cublas": 1.0}
+        gemm = choice.GemmChoice(_Timer(ms), versions="v1")
+        keys = [("cuda:0", "torch.bfloat16", 16 << i, 512, 256, 16, False, i % 2 == 1) for i in range(6)]
+        keys = keys[rank:] + keys[:rank]
+        keys += [("cuda:0", "torch.bfloat16", 16, 100 + rank, 256, 16, False, False)]
+        got = {repr(k): gemm.resolve(k, "NVIDIA H200", CANDIDATES) for k in keys}
+        gathered = [None] * world
+        dist.all_gather_object(gathered, got)
+        if rank == 0:
+            with open(out_file, "w") as f:
+                json.dump(gathered, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_of_one_job_agree():
+    """Three gloo ranks whose timers disagree run the same path for every key they share; each rank's own file
+    holds what the job agreed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.json")
+        mp.spawn(_rank, args=(3, os.path.join(tmp, "init"), tmp, out), nprocs=3, join=True)
+        gathered = json.load(open(out))
+        for rank in range(3):
+            disk = json.loads(next(Path(tmp, str(rank)).glob("*.json")).read_text())
+            assert {repr(eval(k)[1:]): v for k, v in gathered[rank].items()} == disk
+    shared = set(gathered[0]) & set(gathered[1]) & set(gathered[2])
+    assert len(shared) == 6
+    for key in shared:
+        assert gathered[0][key] == gathered[1][key] == gathered[2][key], key
+    # a key only one rank met is that rank's own measurement
+    assert {v for r, g in enumerate(gathered) for k, v in g.items() if k not in shared} == {"triton", "cublas"}
