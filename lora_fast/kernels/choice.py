@@ -242,9 +242,12 @@ class SharedTable:
 
 def _job_store():
     """The key-value store of the initialised default ``torch.distributed`` process group, or None."""
-    try:
-        import torch.distributed as dist
+    import sys
 
+    dist = sys.modules.get("torch.distributed")   # not imported: no process group can be initialised
+    if dist is None:
+        return None
+    try:
         if not (dist.is_available() and dist.is_initialized()):
             return None
         from torch.distributed import distributed_c10d
