@@ -165,18 +165,18 @@ def _rank(rank, world, init_file, cache_root, out_file):
 
 
 def test_ranks_of_one_job_agree():
-    """Three gloo ranks whose timers disagree run the same path for every key they share; each rank's own file
-    holds what the job agreed."""
+    """Two gloo ranks whose timers disagree (each prefers the path the other times slower) run the same path for
+    every key they share, met in different orders; each rank's own file holds what the job agreed."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
-        mp.spawn(_rank, args=(3, os.path.join(tmp, "init"), tmp, out), nprocs=3, join=True)
+        mp.spawn(_rank, args=(2, os.path.join(tmp, "init"), tmp, out), nprocs=2, join=True)
         gathered = json.load(open(out))
-        for rank in range(3):
+        for rank in range(2):
             disk = json.loads(next(Path(tmp, str(rank)).glob("*.json")).read_text())
             assert {repr(eval(k)[1:]): v for k, v in gathered[rank].items()} == disk
-    shared = set(gathered[0]) & set(gathered[1]) & set(gathered[2])
+    shared = set(gathered[0]) & set(gathered[1])
     assert len(shared) == 6
     for key in shared:
-        assert gathered[0][key] == gathered[1][key] == gathered[2][key], key
+        assert gathered[0][key] == gathered[1][key], key
     # a key only one rank met is that rank's own measurement
     assert {v for r, g in enumerate(gathered) for k, v in g.items() if k not in shared} == {"triton", "cublas"}
