@@ -461,7 +461,7 @@ class Tuning:
             if len(configs) == 1:
                 config = configs[0]
             else:
-                table = self._table(torch.cuda.get_device_name(device))
+                table = self._table(torch.cuda.get_device_properties(device).name)
                 outcome = {}
 
                 def decide():
