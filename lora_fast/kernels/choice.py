@@ -59,7 +59,7 @@ MIN_REPS, MAX_REPS = 3, 50
 # the on-disk tables: a flat JSON object of short strings; anything else (or larger) is unreadable, so treated
 # as empty and replaced on the next save. ~120 bytes per entry: room for ~8,000 keys
 MAX_FILE_BYTES = 1 << 20
-MAX_TEXT = 512
+MAX_TEXT = 4096   # characters of a key or value (a tuning key with its constexprs: ~300-600)
 LOCK_TIMEOUT_S = 10.0
 
 
@@ -187,9 +187,11 @@ class SharedTable:
         return _parse_flat(data) or {}
 
     def get(self, text: str) -> Optional[str]:
-        """The value of ``text`` on disk (read once per process, then updated by this process's adds)."""
-        if self._entries is None:
-            self._entries = self._read()
+        """The value of ``text`` on disk: the file is read again on a miss (another process may have added it)."""
+        if self._entries is None or text not in self._entries:
+            entries = self._read()
+            entries.update(self._entries or {})
+            self._entries = entries
         return self._entries.get(text)
 
     def add(self, text: str, value: str) -> str:
@@ -494,7 +496,9 @@ class Tuning:
         tuner = self._tuners.get(tuner_key)
         if tuner is None:
             prune = None
-            if all("BLOCK_N" in c.kwargs and "BLOCK_M" in c.kwargs for c in configs):
+            gemm_shaped = {"M", "N", "K"} <= set(launcher.kernel.arg_names) and all(
+                {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= set(c.kwargs) for c in configs)
+            if gemm_shaped:
                 import torch
 
                 sms = torch.cuda.get_device_properties(device).multi_processor_count
