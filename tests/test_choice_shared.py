@@ -16,15 +16,16 @@ import torch.multiprocessing as mp
 
 from lora_fast.kernels import choice
 
-CHOICE_PY = Path(choice.__file__)
+KERNELS = Path(choice.__file__).parent
 
 # one process of a job: choice.py loaded on its own (no torch import: 8 of them start in ~0.1 s each), 8 keys of
 # its own resolved with a fake timer once the common start time is reached; prints how many keys it timed
 PROCESS = r'''
-import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("lf_choice", sys.argv[1])
-choice = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(choice)
+import importlib, sys, time, types
+package = types.ModuleType("lf_kernels")   # kernels/ as a bare package: choice.py and cache.py, no triton
+package.__path__ = [sys.argv[1]]
+sys.modules["lf_kernels"] = package
+choice = importlib.import_module("lf_kernels.choice")
 rank, start = int(sys.argv[2]), float(sys.argv[3])
 
 def timer(fn):
@@ -47,7 +48,7 @@ def _job(cache, processes=8):
     start = time.time() + 1.0
     env = {**os.environ, "LORA_FAST_CACHE_DIR": str(cache)}
     env.pop(choice.ENV, None)
-    procs = [subprocess.Popen([sys.executable, "-c", PROCESS, str(CHOICE_PY), str(rank), str(start)], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", PROCESS, str(KERNELS), str(rank), str(start)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(processes)]
     timed = []
     for p in procs:
