@@ -181,3 +181,23 @@ def test_ranks_of_one_job_agree():
         assert gathered[0][key] == gathered[1][key], key
     # a key only one rank met is that rank's own measurement
     assert {v for r, g in enumerate(gathered) for k, v in g.items() if k not in shared} == {"triton", "cublas"}
+
+
+def test_cost_model_ranks_by_padding_and_waves():
+    """configs.gemm_cost (what prunes the tile configs to choice.TOP_CONFIGS before timing): at M = 16 the
+    smallest output tile first (a 128-row tile computes 112 padded rows), at M = 8192 the largest (fewest
+    operand loads per multiply-add, the GPU full either way)."""
+    import torch
+
+    from lora_fast.kernels import configs
+
+    table = configs.gemm_configs((9, 0), torch.bfloat16)
+
+    def ranked(M):
+        return sorted(table, key=lambda c: configs.gemm_cost(M, 4096, 4096, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                                             c.kwargs["BLOCK_K"], c.num_warps, c.num_stages, (9, 0),
+                                                             132, torch.bfloat16))
+    small, large = ranked(16)[0], ranked(8192)[0]
+    assert (small.kwargs["BLOCK_M"], small.kwargs["BLOCK_N"]) == (64, 64)
+    assert (large.kwargs["BLOCK_M"], large.kwargs["BLOCK_N"]) == (128, 256)
+    assert len(table) > choice.TOP_CONFIGS
