@@ -105,6 +105,7 @@ def test_unreadable_files_count_as_empty_and_are_replaced(tmp_path, monkeypatch,
     gemm = _gemm()
     file = Path(gemm._file("NVIDIA H200"))
     file.write_bytes(content)
+    (tmp_path / (file.name + ".k1ll3d.tmp")).write_bytes(b"{")   # a writer killed mid-write: removed on save
     assert gemm.resolve(KEY, "NVIDIA H200", CANDIDATES) == "cublas" and gemm.timed == 1
     assert json.loads(file.read_text()) == {repr(KEY[1:]): "cublas"}
     assert not list(tmp_path.glob("*.tmp"))

@@ -166,7 +166,16 @@ class SharedTable:
         return self._entries[text]
 
     def _replace(self, directory: str, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(self.path) + ".", suffix=".tmp")
+        """Write ``data`` to a temporary file and rename it over the table (called under the lock: a temporary
+        file of this table found now was left by a process killed mid-write, and is removed)."""
+        prefix = os.path.basename(self.path) + "."
+        for name in os.listdir(directory):
+            if name.startswith(prefix) and name.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except OSError:
+                    pass
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
