@@ -161,7 +161,9 @@ class SharedTable:
                                           f"stay in memory (delete the file to start afresh)")
                     return value
                 self._replace(directory, data)
-        except Exception:   # filelock.Timeout, OSError: keep the choice in memory only
+        except Exception as e:   # filelock.Timeout, OSError: keep the choice in memory only
+            _warn_once(directory, f"lora_fast: measured choices not saved under {directory} ({e}); a later process "
+                                  f"measures them again")
             self._entries.setdefault(text, value)
         return self._entries[text]
 

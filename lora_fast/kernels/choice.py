@@ -75,10 +75,12 @@ def candidate_paths(tma_eligible: bool) -> tuple:
 # --- timing ------------------------------------------------------------------------------------------------------
 
 def flush_bytes(device=None) -> int:
-    """Bytes of the L2 flush buffer ``bench`` allocates: the device's L2 cache size (at least 1 MB)."""
+    """Bytes of the L2 flush buffer ``bench`` allocates: the device's L2 cache size (at least 1 MB; 64 MB where
+    torch does not report it)."""
     import torch
 
-    return max(1 << 20, int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0))
+    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
+    return max(1 << 20, l2) if l2 else 64 << 20   # unknown: 64 MB, above every L2 of sm_80 / sm_90 parts
 
 
 def bench(fn: Callable[[], None], quantiles: Optional[Iterable[float]] = None):
