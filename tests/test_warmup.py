@@ -89,6 +89,8 @@ for M in (20, 32, 27, 17, 29):          # the example's M, the bucket's top, and
 result["after"] = list(state["violations"])
 step(40)                                # bucket 64, not warmed: measured (the check can see it)
 result["unwarmed"] = sorted(set(state["violations"]))
+choice.clear()                          # as a new process: the choices and configs come from the disk files
+result["again"] = lora_fast.warmup(model, torch.randn(2, 10, 64).half())
 for obj, name, value in reversed(patches):
     setattr(obj, name, value)
 print("RESULT " + json.dumps(result))
@@ -110,6 +112,8 @@ def test_nothing_is_timed_tuned_compiled_or_synchronised_after_warmup(tmp_path):
     assert report["tuned"] > 0 and during["tuned"] > 0 and during["compiles"] > 0
     assert result["after"] == [], result["after"]
     assert "path timing" in result["unwarmed"] and "config benchmark" in result["unwarmed"]
+    assert result["again"]["timed"] == 0 and result["again"]["tuned"] == 0   # kept on disk (tune-*.json, gemm-*)
+    assert {p.name.split("-")[0] for p in tmp_path.glob("*.json")} == {"gemm", "tune"}
 
 
 def test_bucket_rows_cover_the_bucket():
