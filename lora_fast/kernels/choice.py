@@ -225,7 +225,9 @@ class Tuning:
 
     def __init__(self, bench_fn: Optional[Callable] = None, versions: Optional[str] = None):
         self.bench_fn, self.versions = bench_fn, versions
-        self.tuned = 0          # keys this process benchmarked
+        # keys this process tuned (a key that differs from a tuned one only in its constexprs gets the autotuner's
+        # in-memory result for that one, as Triton's own key has no constexprs)
+        self.tuned = 0
         self._memory: Dict[tuple, object] = {}
         self._tuners: Dict[tuple, object] = {}
         self._tables: Dict[str, SharedTable] = {}
