@@ -202,3 +202,45 @@ def test_cost_model_ranks_by_padding_and_waves():
     assert (small.kwargs["BLOCK_M"], small.kwargs["BLOCK_N"]) == (64, 64)
     assert (large.kwargs["BLOCK_M"], large.kwargs["BLOCK_N"]) == (128, 256)
     assert len(table) > choice.TOP_CONFIGS
+
+
+def test_bench_budget_and_memory_bound(monkeypatch):
+    """choice.bench on a fake CUDA clock: one untimed call, one estimate, ~WARMUP_MS of warm-up calls, MIN_REPS to
+    MAX_REPS timed calls in ~REP_MS, and one allocation: the L2 flush buffer of the device's L2 size."""
+    import types
+
+    import torch
+
+    allocations, now = [], [0.0]
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = now[0]
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    def empty(*size, dtype=None, device=None):
+        allocations.append((size, dtype, device))
+        return types.SimpleNamespace(zero_=lambda: None)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d=None: types.SimpleNamespace(L2_cache_size=50 << 20))
+    monkeypatch.setattr(torch, "empty", empty)
+    # call times that are binary fractions: the fake clock adds them exactly
+    for ms, warm, reps in ((0.25, 4, 16), (8.0, 0, choice.MIN_REPS), (1 / 64, 64, choice.MAX_REPS)):
+        calls = []
+
+        def fn(ms=ms, calls=calls):
+            calls.append(1)
+            now[0] += ms
+        allocations.clear()
+        assert choice.bench(fn) == pytest.approx(ms)
+        assert len(calls) == 2 + warm + reps
+        assert allocations == [(((50 << 20) // 4,), torch.int32, "cuda")]   # 50 MB: the flush buffer only
+    assert choice.bench(fn, quantiles=(0.5, 0.2, 0.8)) == pytest.approx([1 / 64] * 3)
