@@ -14,13 +14,14 @@ from .patching import (
 )
 from .peft_interop import PatchReport, load_peft_adapter, patch_peft, save_peft_adapter, unpatch_peft
 from .qlora import lora_linear_4bit
+from .tuning import warmup
 
 __version__ = "0.1.0"
 
 __all__ = [
     # the layers and the op
     "LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "lora_linear", "lora_delta", "lora_scale",
-    "select_backend", "lora_linear_4bit",
+    "select_backend", "lora_linear_4bit", "warmup",
     # DoRA
     "LinearWithDoRA", "dora_linear",
     # merge, adapter files, trainable parameters

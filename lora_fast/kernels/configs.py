@@ -217,3 +217,35 @@ def gemm_tma_configs(capability, dtype: torch.dtype, dropout: bool = False) -> l
         for bm, bn, bk, w, s in table
         if (s * (bm * bk + bk * bn) + bm * bn) * elt <= limit
     ]
+
+
+# gemm_cost's per-SM rates, per clock: dense 16-bit tensor-core FLOPs (A100: 312 TFLOP/s / (108 SMs x 1.41 GHz)
+# = 2,048; H100 SXM: 989 TFLOP/s / (132 x 1.83 GHz) = 4,096, NVIDIA's datasheets), fp32 CUDA-core FLOPs (64 and
+# 128 FMA per clock per SM, CUDA C programming guide's throughput table) and bytes from L2 (~64 per clock per SM:
+# the order of A100's 5,120 B/clk over its 108 SMs, NVIDIA's A100 whitepaper). A ranking, not a prediction.
+_TENSOR_FLOPS_PER_CLK = {8: 2048, 9: 4096}
+_FP32_FLOPS_PER_CLK = {8: 128, 9: 256}
+_L2_BYTES_PER_CLK = 64
+
+
+def gemm_cost(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
+              capability, sms: int, dtype: torch.dtype) -> float:
+    """Estimated clocks of a GEMM-shaped launch with one tile config, to rank configs before timing the best few
+    (kernels/choice.py's Tuning): waves of output tiles (CTAs per SM bounded by shared memory, registers (the fp32
+    accumulator plus ~64 per thread) and threads, CUDA programming guide limits for sm_80/sm_90) times the slower
+    of a tile's multiply-adds at the SM's rate and its operand loads and output store at the SM's L2 bandwidth.
+    Wave quantisation and padding waste (tiles past M or N still compute) are what separate configs at small M."""
+    arch = 9 if capability[0] >= 9 else 8
+    elt = _elt(dtype)
+    tiles = _cdiv(M, block_m) * _cdiv(N, block_n)
+    threads = 32 * num_warps
+    registers = min(255, block_m * block_n // threads + 64)
+    shared = max(1, num_stages * (block_m * block_k + block_k * block_n) * elt)
+    per_sm = max(1, min(smem_limit(capability) // shared, 65536 // (registers * threads), 2048 // threads))
+    sms = max(1, sms)
+    waves = _cdiv(tiles, sms * per_sm)
+    sharing = min(per_sm, _cdiv(tiles, sms))   # tiles one SM runs at once
+    rate = (_FP32_FLOPS_PER_CLK if dtype == torch.float32 else _TENSOR_FLOPS_PER_CLK)[arch]
+    compute = sharing * 2.0 * block_m * block_n * K / rate
+    traffic = sharing * ((block_m + block_n) * K + block_m * block_n) * elt / _L2_BYTES_PER_CLK
+    return waves * max(compute, traffic)

@@ -66,7 +66,6 @@ class _Launcher:
         self.interp_config = interp_config
         # the kernel's signature groups: ``pointers`` tensors first, ``scalars`` floats last, integers between
         self.pointers, self.scalars = pointers, scalars
-        self._tuners = {}
         self._plans = {}
 
     def __call__(self, grid, *args, device: torch.device, dtype: torch.dtype, **kwargs):
@@ -105,13 +104,8 @@ class _Launcher:
             config = self.configs_fn(capability, dtype)[0]
             compiled = self.kernel[grid](*args, **kwargs, **config.all_kwargs())
         else:
-            tuner_key = (capability, dtype == torch.float32)
-            tuner = self._tuners.get(tuner_key)
-            if tuner is None:
-                tuner = triton.autotune(configs=self.configs_fn(capability, dtype), key=self.key)(self.kernel)
-                self._tuners[tuner_key] = tuner
-            compiled = tuner[grid](*args, **kwargs)
-            config = tuner.best_config
+            # the config measured once per machine and agreed across ranks (kernels/choice.py's Tuning)
+            compiled, config = choice.TUNING.launch(self, grid, args, kwargs, device, capability, dtype)
         names = self.kernel.arg_names
         values = {**dict(zip(names, args)), **kwargs, **config.kwargs}
         tail = tuple(values[name] for name in names[len(args):])
@@ -293,8 +287,8 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
     if path is None:
         def name():
             return torch.cuda.get_device_name(P.device)
-        candidates = {p: functools.partial(_GEMM_PATHS[p], *args) for p in choice.PATHS
-                      if p != "tma" or tma_eligible(P, Q, q_strides, out)}
+        candidates = {p: functools.partial(_GEMM_PATHS[p], *args)
+                      for p in choice.candidate_paths(tma_eligible(P, Q, q_strides, out))}
         path = choice.GEMM.resolve(key, name, candidates, measure=not _INTERPRETED)
     if path == "tma" and not tma_eligible(P, Q, q_strides, out):
         path = "triton"   # a misaligned operand (or no Hopper): the cp.async kernel, chosen before launch
