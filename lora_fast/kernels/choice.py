@@ -50,7 +50,7 @@ def _versions() -> str:
     import torch
     import triton
 
-    from .. import __version__
+    from .._version import __version__
     return f"torch{torch.__version__}-triton{triton.__version__}-lora_fast{__version__}"
 
 
