@@ -635,9 +635,10 @@ def summary(rows: Sequence[Row]) -> list:
     return out
 
 
-def markdown_page(rows: Sequence[Row], command: str, elapsed: float) -> str:
+def markdown_page(rows: Sequence[Row], command: str, elapsed: float, full: Optional[int] = None) -> str:
     """A markdown page of the report: the command that made it, the versions, a summary per kernel and target,
-    and every row (the table ``--markdown`` prints), one section per target."""
+    and every row (the table ``--markdown`` prints), one section per target. ``full``: the number of
+    compilations of the full report when ``rows`` are a subset of it (the page says so)."""
     import platform
 
     import torch
@@ -658,6 +659,9 @@ def markdown_page(rows: Sequence[Row], command: str, elapsed: float) -> str:
              f"{time.strftime('%Y-%m-%d', time.gmtime())}; {elapsed:.0f} s). Regenerate it with the same command; "
              "do not edit it by hand.", "",
              f"**{len(rows)} compilations: {len(rows) - failed} pass, {failed} fail.** "
+             + (f"A subset of the full report's {full} compilations (`python -m lora_fast.compile_report`, every "
+                "config, variant, dtype and rank on both targets). " if full is not None and full != len(rows) else "")
+             +
              "Compile-time facts from a machine without a GPU, not measurements: the GPU image may run another "
              "Triton version, whose numbers differ.", "",
              "## Columns", "", _LEGEND.replace("\n", " ").replace("columns: ", "", 1), "",
@@ -741,10 +745,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\n{len(rows)} compilations (triton {triton.__version__}) in {elapsed:.0f} s: "
           f"{len(rows) - len(failed)} pass, {len(failed)} fail", file=sys.stderr)
     if args.markdown not in (None, "-"):
-        command = "python -m lora_fast.compile_report " + " ".join(
-            shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        given = list(sys.argv[1:] if argv is None else argv)
+        if "--json" in given:   # where the JSON went is no part of what the page shows
+            at = given.index("--json")
+            del given[at:at + 2]
+        command = shlex.join(["python", "-m", "lora_fast.compile_report", *given])
         with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(markdown_page(rows, command.strip(), elapsed))
+            f.write(markdown_page(rows, command, elapsed, full=len(make_jobs())))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"triton": triton.__version__, "rows": [asdict(r) for r in rows]}, f, indent=1)
