@@ -14,7 +14,8 @@ setup(
     description="Fused Triton kernels for LoRA fine-tuning: forward and backward, drop-in LoRA layers",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    # an SPDX expression (PEP 639); setuptools >= 77 refuses a "License ::" classifier next to it
+    # the SPDX identifier, in the License field (setuptools >= 77 can write License-Expression instead, from
+    # license_expression=, but older ones, which python_requires allows, reject that keyword)
     license="Apache-2.0",
     license_files=["LICENSE"],
     classifiers=[
