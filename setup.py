@@ -15,7 +15,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     # the SPDX identifier, in the License field (setuptools >= 77 can write License-Expression instead, from
-    # license_expression=, but older ones, which python_requires allows, reject that keyword)
+    # license_expression=; older ones, which the build may use, do not know that keyword)
     license="Apache-2.0",
     license_files=["LICENSE"],
     classifiers=[
