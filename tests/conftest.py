@@ -1,4 +1,5 @@
 import os
+import shlex
 
 import pytest
 import torch
@@ -6,6 +7,14 @@ import torch
 from tests.utils import WORST
 
 SEED_VARIABLE = "LORA_FAST_TEST_SEED"
+# the replay command printed by _fresh_seed, kept on the test item (tests/test_seed_replay.py reads it)
+REPLAY_COMMAND = pytest.StashKey[str]()
+
+
+def replay_command(nodeid: str, seed: int) -> str:
+    """The shell command that reruns the test ``nodeid`` with ``seed``; quoted for a POSIX shell, so that a
+    parametrized id with quotes or spaces in it pastes as it is printed."""
+    return shlex.join(["python", "-m", "pytest", nodeid, "--seed", str(seed)])
 
 
 def fixed_seed(config):
@@ -28,8 +37,9 @@ def _fresh_seed(request):
     if seed is None:
         seed = torch.seed() % 2**31
     torch.manual_seed(seed)
-    print(f"torch.manual_seed({seed}); replay with: python -m pytest '{request.node.nodeid}' --seed {seed} "
-          f"(or {SEED_VARIABLE}={seed})")
+    command = replay_command(request.node.nodeid, seed)
+    request.node.stash[REPLAY_COMMAND] = command
+    print(f"torch.manual_seed({seed}); replay with: {command} (or {SEED_VARIABLE}={seed})")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ baseline against float64, result files and plot from synthetic rows in a tmp dir
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -155,6 +156,28 @@ def test_cpu_mode_prints_tables_and_times_nothing(capsys):
     # (2 x 12 MiB) and S (M x r bf16, 0.06 MiB)
     assert "gpt2-124m proj 3072->768" in out and "24.1" in out
     assert " ms" not in out
+    # fitted to the console (80 columns into a capture): no cell cut, no line wider
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80
+
+
+def test_fitted_tables_split_columns_instead_of_cutting():
+    from rich.console import Console
+
+    from bench.tables import fitted_tables
+
+    columns = ["projection", "dtype", *(f"impl-{i}" for i in range(6))]
+    rows = [["llama-3-8b q/o 4096->4096", "bf16", *(f"{1234.5 * i:,.1f}" for i in range(6))],
+            ["gpt2-124m proj 3072->768", "bf16", *(f"{7.25 * i:,.2f}" for i in range(6))]]
+    console = Console(width=60, record=True, file=open(os.devnull, "w"))
+    tables = fitted_tables("Bytes", columns, rows, console.width, keys=2)
+    for table in tables:
+        console.print(table)
+    text = console.export_text()
+    assert len(tables) > 1 and "Bytes; dtype bf16 (1/" in text   # the constant key column went to the title
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 60
+    assert text.count("llama-3-8b q/o 4096->4096") == len(tables)   # the key column repeated in every part
+    for row in rows:
+        assert all(cell in text for cell in row[2:])
 
 
 def test_launch_profile_pairs_with_the_cost_model():

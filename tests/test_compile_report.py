@@ -5,7 +5,9 @@ spawned processes that import them with TRITON_INTERPRET=0, so the tests run the
 """
 
 import functools
+import io
 import json
+import shlex
 
 import pytest
 import torch
@@ -155,3 +157,31 @@ def test_one_real_compilation_through_the_command_line(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert status == 0 and len(rows) == 1
     assert rows[0]["registers"] > 0 and rows[0]["shared"] > 0 and rows[0]["mma_name"] == "HGMMA"
+
+
+def test_markdown_page_and_progress_lines(tmp_path, monkeypatch):
+    """--markdown PATH writes the page (the command, the subset it is, a summary, every row); on a non-terminal
+    a progress line comes every --progress-every compilations and at the end."""
+    def fake_run_jobs(jobs, workers=0, progress=None):
+        for done in range(1, len(jobs) + 1):
+            progress(done, len(jobs))
+        return [cr.Row(j.kernel, j.variant, j.dtype, j.target, j.rank, 16, "-", j.num_warps, j.num_stages,
+                       registers=40 + i, spill_stores=0, spill_loads=0, shared=1024, mma=4, mma_name="HGMMA")
+                for i, j in enumerate(jobs)]
+
+    monkeypatch.setattr(cr, "run_jobs", fake_run_jobs)
+    err = io.StringIO()   # not a terminal
+    monkeypatch.setattr(cr.sys, "stderr", err)
+    page = tmp_path / "report.md"
+    args = ["--target", "sm_90", "--kernel", "da_reduce", "--dtype", "bf16", "--rank", "16", "--markdown",
+            str(page), "--progress-every", "2"]
+    assert cr.main(args + ["--json", str(tmp_path / "r.json")]) == 0
+    n = 2 * len(configs.reduce_configs((9, 0), torch.bfloat16))
+    lines = [line for line in err.getvalue().splitlines() if line.startswith("compiled ")]
+    assert [line.split(" (")[0] for line in lines] == [f"compiled {d}/{n}" for d in range(2, n + 1, 2)] + \
+        ([f"compiled {n}/{n}"] if n % 2 else [])
+    text = page.read_text()
+    assert f"`{shlex.join(['python', '-m', 'lora_fast.compile_report', *args])}`" in text
+    assert f"**{n} compilations: {n} pass, 0 fail.** A subset of the full report's {len(cr.make_jobs())}" in text
+    assert f"| da_reduce | sm_90 | {n} | {40 + n - 1} | 0 | 1024 | 4 HGMMA | 0 |" in text
+    assert text.count("| da_reduce | ") == n + 1 and "## Every compilation, sm_90" in text

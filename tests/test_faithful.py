@@ -175,7 +175,7 @@ def test_target_that_is_not_linear_raises_and_unmatched_exclude_warns():
     model = nn.Sequential()
     model.add_module("attn", nn.Sequential(nn.Linear(4, 4)))
     model.add_module("q_proj", nn.Linear(4, 4))
-    with pytest.raises(ValueError, match=r"not linear layers.*attn \(Sequential\)"):
+    with pytest.raises(ValueError, match=r"not linear layers.*attn \(torch\.nn\.Sequential\)"):
         replace_linear_with_lora(model, rank=2, alpha=1.0, target_modules=["attn", "q_proj"])
     assert not any(isinstance(m, LinearWithLoRA) for m in model.modules())
     with pytest.warns(UserWarning, match=r"exclude: \['out_haed'\] match no module"):

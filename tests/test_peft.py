@@ -388,7 +388,8 @@ def test_target_modules():
     assert _wrapped(replace_linear_with_lora(copy.deepcopy(model), 2, 1.0, target_modules=r".*\.1\.mlp\.c_.*")) == [
         "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
     # as PEFT: a regex that also matches the activation and the dropout is an error, not a silent skip
-    with pytest.raises(ValueError, match=r"not linear layers.*transformer\.h\.1\.mlp\.act \(NewGELUActivation\)"):
+    with pytest.raises(ValueError, match=r"not linear layers.*transformer\.h\.1\.mlp\.act "
+                                         r"\(transformers\.activations\.NewGELUActivation\)"):
         replace_linear_with_lora(copy.deepcopy(model), 2, 1.0, target_modules=r".*\.1\.mlp\..*")
     all_linear = _wrapped(replace_linear_with_lora(copy.deepcopy(model), 2, 1.0, target_modules="all-linear"))
     assert len(all_linear) == 8 and "lm_head" not in all_linear
@@ -397,6 +398,11 @@ def test_target_modules():
     peft_names = sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
                         if isinstance(m, peft.tuners.lora.Linear))
     assert all_linear == peft_names
+    # on a model PEFT already wrapped: PEFT's Linear named with its module, and said to be PEFT's; nothing changes
+    with pytest.raises(ValueError, match=r"h\.0\.attn\.c_attn \(peft\.tuners\.lora\.layer\.Linear\).*"
+                                         r"h\.0\.attn\.c_attn.*: already wrapped by PEFT.*patch_peft"):
+        replace_linear_with_lora(peft_model, 2, 1.0, target_modules=["c_attn"])
+    assert not _wrapped(peft_model)
     # a model without get_output_embeddings: the last linear is the head (the book's out_head)
     book = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3))
     assert _wrapped(replace_linear_with_lora(book, 2, 1.0, target_modules="all-linear")) == ["0", "2"]

@@ -1,11 +1,12 @@
 """4-bit base weights (bitsandbytes' NF4 / FP4 layout) read inside the kernels: a dequantization kernel and the
 base GEMM of the fused LoRA linear with the weight dequantized per tile (QLoRA, Dettmers et al. 2023).
 
-The layout is bitsandbytes' (``bitsandbytes.functional.quantize_4bit``, checked bit for bit against its
-``dequantize_4bit`` by tests/test_qlora.py): the (N, K) weight is flattened row-major; element i is the 4-bit
-code ``byte[i // 2] >> 4`` for even i and ``byte[i // 2] & 15`` for odd i; its value is
-``code_table[code] * absmax[i // QBLOCK]`` in fp32, rounded to the quantization dtype. Blocks run over the
-flat index, so a block may straddle two rows when K is not a multiple of QBLOCK. Double quantization
+The layout is bitsandbytes' (``bitsandbytes.functional.quantize_4bit``; checked bit for bit by tests/test_qlora.py
+against its definition in torch ops, ``lora_fast.reference_4bit.dequantize``, and against bitsandbytes'
+``dequantize_4bit`` on the layouts where that is right on every CPU): the (N, K) weight is flattened
+row-major; element i is the 4-bit code ``byte[i // 2] >> 4`` for even i and ``byte[i // 2] & 15`` for odd i; its
+value is ``code_table[code] * absmax[i // QBLOCK]`` in fp32, rounded to the quantization dtype. Blocks run over
+the flat index, so a block may straddle two rows when K is not a multiple of QBLOCK. Double quantization
 (``compress_statistics``) stores absmax as uint8 codes of bitsandbytes' 8-bit dynamic map, in blocks of
 QBLOCK2 (256) with one fp32 absmax each, around a mean ``offset``:
 ``absmax[j] = code2[qabsmax[j]] * absmax2[j // QBLOCK2] + offset`` (a product then a sum, each rounded in
