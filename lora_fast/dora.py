@@ -2,12 +2,13 @@
 
 DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML, eq. 5), with PEFT's formula
 (``use_dora=True``, including its second GEMM on the dropped input when lora_dropout is active) and the norm
-detached as the paper's section 4.3 suggests. The norm per output feature is expanded as
-||W_n + s (A B)^T_n||^2 = ||W_n||^2 + 2 s (W A)_n . B_n + s^2 B_n^T (A^T A) B_n (B_n the n-th column of B), with
-||W_n||^2 cached while W is unchanged, so no N x K matrix is formed (PEFT forms W + s B A on every forward).
+detached as the paper's section 4.3 suggests. The norm ||W_n + s (A B)^T_n|| per output feature is computed
+exactly on every call by one pass over W that forms the rows of W + s (A B)^T tile by tile in fp32 and reduces
+their squares (kernels/dora.py ``dora_norm``): nothing is cached (so no write to W can leave it stale) and no
+N x K matrix is stored (PEFT forms W + s B A on every forward). Rows whose norm is 0 get g = 1 (see
+``dora_linear``).
 """
 
-import weakref
 from typing import Optional
 
 import torch
@@ -16,46 +17,6 @@ from torch.autograd.function import once_differentiable
 from . import philox, reference
 from ._checks import check_dora_linear, check_training
 from .functional import _autocast_enabled, _autocast_inputs, select_backend
-
-# ||W_n||^2 (fp32) per weight tensor (the view's base for a transposed view), valid while the tensor keeps its
-# storage, layout and version counter: an in-place update (optimizer step, merge, copy_) bumps the version.
-# Keyed by id() with a weak reference whose callback drops the entry when the weight is freed (a
-# WeakKeyDictionary would compare tensors with ==, which is elementwise).
-_WSQ_CACHE: dict = {}
-
-
-def _wsq_key(weight: torch.Tensor) -> tuple:
-    return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), weight.dtype, weight.device)
-
-
-def weight_sq_norms(weight: torch.Tensor) -> torch.Tensor:
-    """||W_n||^2 per row of weight (N, K) as (N,) float32 from the kernels, cached while W is unchanged: the key
-    is the tensor (or the base of a view), its data pointer, shape, strides and torch's version counter
-    ``weight._version``, which every in-place update through autograd-visible ops bumps. Writes through
-    ``weight.data`` (which has its own version counter) are not seen: replace the tensor or call
-    ``clear_weight_cache()`` after them."""
-    from .kernels import dora as kernels
-
-    owner = weight._base if weight._base is not None else weight
-    key = _wsq_key(weight)
-    hit = _WSQ_CACHE.get(id(owner))
-    if hit is not None and hit[0]() is owner and hit[1] == key:
-        return hit[2]
-    wsq = kernels.row_sumsq(weight.detach())
-    ident = id(owner)
-
-    def forget(_ref, ident=ident):
-        entry = _WSQ_CACHE.get(ident)
-        if entry is not None and entry[0] is _ref:
-            del _WSQ_CACHE[ident]
-
-    _WSQ_CACHE[ident] = (weakref.ref(owner, forget), key, wsq)
-    return wsq
-
-
-def clear_weight_cache() -> None:
-    """Forget every cached ||W_n||^2 (see ``weight_sq_norms``)."""
-    _WSQ_CACHE.clear()
 
 
 class _DoRALinearFunction(torch.autograd.Function):
@@ -68,20 +29,22 @@ class _DoRALinearFunction(torch.autograd.Function):
         N = weight.shape[0]
         y = x.new_empty((*x.shape[:-1], N))
         x2d = x.reshape(-1, x.shape[-1])
-        norm, gscale = kernels.dora_norm(weight, A, B, magnitude, scale, weight_sq_norms(weight))
+        norm, gscale = kernels.dora_norm(weight, A, B, magnitude, scale)
         need_dm = ctx.needs_input_grad[5]
         if x2d.shape[0] == 0:
             S = torch.zeros((0, A.shape[1]), dtype=torch.float32, device=x.device)
-            U = x2d.new_empty((0, N)) if need_dm else None
+            V = x2d.new_empty((0, N)) if need_dm else None
         else:
-            _, S, U = kernels.dora_forward(x2d, weight, bias, A, B, gscale, scale, dropout_p, seed,
-                                           out=y.view(-1, N), keep_u=need_dm)
-        # saved: x, S = dropout(x) A (M x r fp32), the seed, g and norm (N fp32), parameters (no new memory), and
-        # U (M x N, x's dtype: x W^T + b + s S B without dropout, x_d W^T + s S B with) only when the magnitude
-        # needs a gradient: PEFT keeps more (its base_result in x's dtype and lora_result in the adapters' dtype,
-        # both M x N, and x in the adapters' dtype). No mask, no dropped copy of x.
-        u_bias = bias if (U is not None and dropout_p == 0) else None
-        ctx.save_for_backward(x, weight, A, B, S, U, gscale, norm, seed, u_bias)
+            _, S, V = kernels.dora_forward(x2d, weight, bias, A, B, gscale, norm, scale, dropout_p, seed,
+                                           out=y.view(-1, N), keep_v=need_dm)
+        # saved: x, S = dropout(x) A (M x r fp32), the seed, g (N fp32), parameters (no new memory), and V (M x N,
+        # x's dtype: (x_d W^T + s S B) / norm, x_d = x without dropout) only when the magnitude needs a gradient:
+        # PEFT keeps more (its base_result in x's dtype and lora_result in the adapters' dtype, both M x N, and x
+        # in the adapters' dtype). No mask, no dropped copy of x.
+        # a weight made under torch.inference_mode (frozen: it cannot require grad) cannot be saved; it is kept on
+        # ctx instead (no version check, as for any frozen weight read again in backward)
+        ctx.inference_weight = weight if weight.is_inference() else None
+        ctx.save_for_backward(x, None if weight.is_inference() else weight, A, B, S, V, gscale, seed)
         ctx.scale, ctx.dropout_p, ctx.has_bias, ctx.mag_dtype = scale, dropout_p, bias is not None, magnitude.dtype
         return y
 
@@ -90,7 +53,8 @@ class _DoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         from .kernels import dora as kernels
 
-        x, weight, A, B, S, U, gscale, norm, seed, u_bias = ctx.saved_tensors
+        x, weight, A, B, S, V, gscale, seed = ctx.saved_tensors
+        weight = ctx.inference_weight if weight is None else weight
         need_dx, need_dW, need_db, need_dA, need_dB, need_dm = ctx.needs_input_grad[:6]
         p = ctx.dropout_p
         dx = dW = db = dA = dB = dm = None
@@ -105,8 +69,7 @@ class _DoRALinearFunction(torch.autograd.Function):
                 None, None, None
         if need_dx or need_dA or need_dB or need_dm or need_dW:
             dx, dA, dB, dm, dyg, dyg1 = kernels.dora_backward(
-                dy2d, x2d, weight, A, B, S, U, gscale, norm, ctx.scale, p, seed, bias=u_bias, need_dx=need_dx,
-                need_dA=need_dA,
+                dy2d, x2d, weight, A, B, S, V, gscale, ctx.scale, p, seed, need_dx=need_dx, need_dA=need_dA,
                 need_dB=need_dB, need_dm=need_dm, need_g1=need_dx or need_dW)
             if dx is not None:
                 dx = dx.view(x.shape)
@@ -130,7 +93,9 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 training: bool = True) -> torch.Tensor:
     """Fused DoRA linear with autograd (PEFT's DoRA, ``LoraConfig(use_dora=True)``):
 
-        g = magnitude / ||W + scale (A B)^T||_row      (per output feature, detached: Liu et al. 2024, sec. 4.3)
+        norm = ||W + scale (A B)^T||_row   (per output feature, detached: Liu et al. 2024, sec. 4.3)
+        g = magnitude / norm, and g = 1 on rows where norm = 0 (W_n + scale (A B)^T_n = 0: no direction to scale;
+            the row's output is then the plain LoRA output, finite; PEFT gives 0/0 = NaN there)
         no dropout:  y = g ⊙ (x W^T + scale x A B) + b                       (Liu et al. 2024, eq. 5, plus bias)
         dropout:     y = x W^T + b + (g - 1) ⊙ (x_d W^T) + g ⊙ scale x_d A B,  x_d = dropout(x)  (PEFT's formula)
 
@@ -142,11 +107,13 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         scale: finite LoRA scale. dropout_p: in [0, 1], on the LoRA input as lora_linear (the same Philox mask,
             drawn once per call, serves both dropped terms); applied when ``training``.
 
-    The norm is computed in fp32 without forming the N x K matrix: ||W_n||^2 (cached while W is unchanged, see
-    ``weight_sq_norms``) + 2 scale (W A)_n . B_n + scale^2 B_n^T (A^T A) B_n. Saved for backward: x, S (M x r
-    fp32), g and the norm (N fp32), the seed, and, when the magnitude requires grad, U (M x N in x's dtype:
-    x W^T + b + scale S B, the LoRA GEMM's output, without dropout; x_d W^T + scale S B with) for
-    dm = colsum(dY ⊙ (x_d W^T + scale x_d A B)) / norm. Gradients are deterministic (no atomics).
+    The norm is computed exactly on every call, in fp32, by one pass over W that forms the rows of
+    W + scale (A B)^T tile by tile (no cache, no expansion into ||W_n||^2 and cross terms, nothing of size N x K
+    stored). The unscaled sum x W^T + scale S B is kept in fp32 until g scales it (so a LoRA term beyond
+    16-bit range at a large scale still gives the in-range output). Saved for backward: x, S (M x r fp32), g
+    (N fp32), the seed, and, when the magnitude requires grad, V (M x N in x's dtype) = (x_d W^T + scale S B) /
+    norm (x_d = x without dropout; 0 on zero-norm rows) for dm = colsum(dY ⊙ V): the magnitude gets no gradient
+    on zero-norm rows, where g does not depend on it. Gradients are deterministic (no atomics).
     Under torch.compile or torch.func transforms the op runs the reference path (``reference.dora_linear``).
 
     Returns: (..., out_features) in x's dtype.

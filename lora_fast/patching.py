@@ -10,6 +10,7 @@ from torch import nn
 
 from ._checks import check_dropout
 from .layers import LinearWithDoRA, LinearWithLoRA, has_plain_forward, is_linear, is_linear4bit, lora_scale
+from .reference import dora_scale
 
 Exclude = Optional[Union[Iterable[str], Callable[[str, nn.Module], bool]]]
 TargetModules = Optional[Union[str, Iterable[str]]]
@@ -198,7 +199,8 @@ def _merged_weight(layer: LinearWithLoRA) -> torch.Tensor:
         # DoRA: each output feature's row (a Conv1D's column) scaled by g = m / ||W_n + scale (A B)^T_n||, the
         # norm of the unmerged weight, so linear(x) computes g ⊙ (x W^T + scale x A B) + b (PEFT's merge)
         norm = torch.linalg.vector_norm(merged, dim=0 if layer.fan_in_fan_out else 1)
-        g = layer.m.detach().to(weight.device, acc) / norm
+        # g = 1 on rows of norm 0 (reference.dora_scale: the same rule as the forward on both backends)
+        g = dora_scale(layer.m.detach().to(weight.device, acc), norm)
         merged = merged * (g[None, :] if layer.fan_in_fan_out else g[:, None])
     return merged.to(weight.dtype)
 

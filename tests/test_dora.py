@@ -31,8 +31,7 @@ from lora_fast import (
     save_peft_adapter,
     unmerge_lora,
 )
-from lora_fast.dora import clear_weight_cache, weight_sq_norms
-from tests.utils import assert_close, make_inputs
+from tests.utils import assert_close, linear_magnitude, make_inputs
 
 M, K, N = 37, 45, 29
 
@@ -204,23 +203,152 @@ def test_autocast_computes_in_the_autocast_dtype():
     assert_close(y, ref, mag, torch.bfloat16, K + 4, "dora autocast", record=False)
 
 
-@pytest.mark.parametrize("dtype,R", [(torch.float32, 1), (torch.bfloat16, 16)])
-def test_norm_kernel_and_cache(dtype, R):
+@pytest.mark.parametrize("dtype,R,s", [(torch.float32, 1, 1.3), (torch.bfloat16, 16, 1.3), (torch.float32, 3, 1e6),
+                                       (torch.float16, 8, 1e4)])
+def test_norm_kernel_is_exact_with_no_expansion(dtype, R, s):
+    """The norm pass against float64 on W + s (A B)^T itself, at scales where the LoRA term dominates W (the
+    expansion ||W||^2 + 2 s (W A) . B + s^2 ... lost the precision there), and g = m / norm."""
     from lora_fast.kernels import dora as kernels
 
     x, W, b, A, B, m = _dora_inputs((M,), dtype, R, adapter_dtype=torch.float32)
-    clear_weight_cache()
-    wsq = weight_sq_norms(W)
-    assert weight_sq_norms(W) is wsq   # cached
-    norm, g = kernels.dora_norm(W, A, B, m, 1.3, wsq)
-    ref = reference.dora_weight_norm(W.double(), A.double(), B.double(), 1.3)
-    # squared norm: fp32 sums over K, and A rounded once into the dtype of W's dot (16-bit for a 16-bit W)
-    rel = 4 * (2.0**-24 * K + (2.0**-8 if dtype == torch.bfloat16 else 0))
+    Wt = W.t().contiguous().t()   # a transposed view: strides are read, nothing copied
+    norm, g = kernels.dora_norm(Wt, A, B, m, s)
+    ref = reference.dora_weight_norm(W.double(), A.double(), B.double(), s)
+    # each element of W + s (A B)^T: an fp32 dot of R terms plus one addition, squared and summed over K in fp32
+    # (relative to the norm: Higham's gamma over R + K terms); scale * B rounded once to fp32
+    rel = 2.0**-24 * (R + K + 4)
     assert ((norm.double() - ref).abs() <= rel * ref).all()
-    assert torch.allclose(g.double(), m.double() / norm.double(), rtol=1e-6, atol=0)
+    assert ((g.double() - m.double() / ref).abs() <= 2 * rel * (m.double() / ref).abs()).all()
+
+
+def test_norm_follows_every_write_to_the_weight():
+    """No cache: after writes that a cache keyed on (pointer, version) missed (weight.data.copy_, two .data
+    assignments reusing freed memory, an in-place update of another tensor sharing the storage) the output
+    equals a fresh computation on a new tensor holding the same values."""
+    x, W, b, A, B, m = _dora_inputs((M,), torch.float32, 4)
+
+    def run(weight):
+        return dora_linear(x, weight, b, A, B, m, 0.7)
+
+    def fresh(weight):
+        return run(weight.detach().clone())
+
+    weight = nn.Parameter(W.clone())
+    run(weight)
+    weight.data.copy_(torch.randn_like(W))
+    assert torch.equal(run(weight), fresh(weight))
+    for _ in range(2):
+        weight.data = torch.randn_like(W)
+        assert torch.equal(run(weight), fresh(weight))
+    storage = torch.randn(2 * N * K)
+    view = storage[:N * K].view(N, K)
+    run(view)
+    other = storage[:N * K]                # another tensor on the same storage, its own version counter
+    other.data.mul_(-3.0)
+    assert torch.equal(run(view), fresh(view))
+
+
+def test_inference_tensors_run_on_the_kernels():
+    """A weight made under torch.inference_mode (as loaders make them) runs on the kernels path, in inference
+    mode and, frozen, outside it with adapters that train."""
+    x, W, b, A, B, m = _dora_inputs((M,), torch.float32, 4)
+    with torch.inference_mode():
+        Wi, bi = W.clone(), b.clone()
+        y_inf = dora_linear(x, Wi, bi, A, B, m, 0.7)
+    assert torch.equal(y_inf, dora_linear(x, W, b, A, B, m, 0.7))
+    Ar = A.clone().requires_grad_()
+    y = dora_linear(x, Wi, bi, Ar, B, m, 0.7)
+    y.sum().backward()
+    Ar2 = A.clone().requires_grad_()
+    dora_linear(x, W, b, Ar2, B, m, 0.7).sum().backward()
+    assert torch.equal(y, y_inf) and torch.equal(Ar.grad, Ar2.grad)
+
+
+def _scaled_check(x, W, b, A, B, m, s, p, dtype, grads=True):
+    """Forward, dx, dA, dB and dm against float64 with the bound of the grouped formula that both backends
+    compute, y = (x - x_d) W^T + b + g ⊙ (x_d W^T + s x_d A B) (x_d = x without dropout): |g| multiplies the
+    magnitude of the term it scales, so a low-rank term many times the output does not widen the bound."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, W, b, A, B, m)]
+    leaves[1].requires_grad_(False)
+    torch.manual_seed(77)
+    y = dora_linear(*leaves, s, dropout_p=p, training=True)
+    dy = torch.randn_like(y, dtype=torch.float32).to(y.dtype)
+    y.backward(dy)
+    keep = _mask(77, x.shape, p) if p > 0 else torch.ones_like(x, dtype=torch.bool)
+    pq = philox.quantize(p)
+    ref_leaves = [None if t is None else t.detach().double().requires_grad_() for t in (x, W, b, A, B, m)]
+    ref_leaves[1].requires_grad_(False)
+    ref = reference.dora_linear(*ref_leaves, s, dropout_p=pq, training=True, dropout_mask=keep if p > 0 else None)
+    ref.backward(dy.double())
+    norm = reference.dora_weight_norm(W.double(), A.double(), B.double(), s)
+    g = reference.dora_scale(m.double(), norm)
+    xa, Wa, Aa, Ba = (t.detach().double().abs() for t in (x, W, A, B))
+    xa = xa.requires_grad_()
+    Aa, Ba = Aa.requires_grad_(), Ba.requires_grad_()
+    xd = xa * keep.double() / (1 - pq) if p > 0 else xa
+    rest = (xa - xd).abs() if p > 0 else torch.zeros_like(xa)
+    inner = xd @ Wa.t() + abs(s) * (xd @ Aa @ Ba)
+    mag = rest @ Wa.t() + g.abs() * inner + (b.double().abs() if b is not None else 0)
+    mag.backward(dy.double().abs())
+    assert torch.isfinite(y).all()
+    assert_close(y, ref.detach(), mag.detach(), dtype, K + 8, "dora scaled forward", record=False)
+    for name, got, want, bound, n in (("dx", leaves[0].grad, ref_leaves[0].grad, xa.grad, N + 8),
+                                      ("dA", leaves[3].grad, ref_leaves[3].grad, Aa.grad, M + 8),
+                                      ("dB", leaves[4].grad, ref_leaves[4].grad, Ba.grad, M + 8))[:3 if grads else 0]:
+        assert_close(got, want, bound, dtype, n, "dora scaled " + name, record=False)
+    inv = torch.where(norm > 0, 1 / norm.clamp_min(1e-300), torch.zeros_like(norm))
+    dm_mag = (dy.double().abs() * inner.detach()).sum(0) * inv
+    assert_close(leaves[5].grad, ref_leaves[5].grad, dm_mag, dtype, M + K + 8, "dora scaled dm", record=False)
+    return y, ref
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype,s,p", [(torch.float32, 1e4, 0.0), (torch.float32, 1e6, 0.25),
+                                       (torch.float16, 1e6, 0.0), (torch.bfloat16, 1e4, 0.25)])
+def test_low_rank_term_dominates_at_large_scales(monkeypatch, backend, dtype, s, p):
+    """m = ||W_n|| (PEFT's initial value) with s up to 1e6: g ~ 1 / s and the low-rank term s x A B is far
+    beyond the output (beyond fp16's range at 1e6); the output is in range and finite, fp32 within 1e-5."""
+    monkeypatch.setenv("LORA_FAST_BACKEND", backend)
+    x, W, b, A, B, _ = _dora_inputs((M,), dtype, 4, adapter_dtype=torch.float32)
+    m = torch.linalg.vector_norm(W.float(), dim=1)
+    # fp16 keeps g ⊙ dY (g ~ 1e-6 here) in 16 bits on the kernels: below fp16's normal range, so dx, dA, dB lose
+    # digits there (a known limit, docs/_pending/issue-24.md); the forward and dm are checked
+    grads = not (dtype == torch.float16 and backend == "triton")
+    y, ref = _scaled_check(x, W, b, A, B, m, s, p, dtype, grads=grads)
+    if dtype == torch.float32:
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype,p", [(torch.float32, 0.0), (torch.float32, 0.25), (torch.bfloat16, 0.0)])
+def test_zero_norm_rows_give_g_one(monkeypatch, backend, dtype, p):
+    """Rows where W_n + s (A B)^T_n = 0 (zero rows of W with B's column zero, as in a released MoE checkpoint
+    and at initialisation): g = 1 there, the output is the plain LoRA output (finite, the bias), the magnitude
+    gets no gradient on those rows, and the other rows are unchanged; merge_lora gives the same layer."""
+    monkeypatch.setenv("LORA_FAST_BACKEND", backend)
+    x, W, b, A, B, m = _dora_inputs((M,), dtype, 4, adapter_dtype=torch.float32)
+    zero = torch.tensor([0, 5, N - 1])
+    W[zero] = 0
+    B[:, zero] = 0
+    y, ref = _scaled_check(x, W, b, A, B, m, 0.8, p, dtype)
+    assert torch.isfinite(y).all()
+    if p == 0:
+        assert torch.equal(y[:, zero], b[zero].expand(M, -1).to(y.dtype))
+    layer = LinearWithDoRA(nn.Linear(K, N).to(dtype), 4, 0.8)
     with torch.no_grad():
-        W.mul_(2)                      # in place: the version counter moves, the cache misses
-    assert torch.allclose(weight_sq_norms(W), 4 * wsq, rtol=1e-6, atol=0)
+        layer.linear.weight.copy_(W)
+        layer.linear.bias.copy_(b)
+        layer.lora.A.copy_(A)
+        layer.lora.B.copy_(B)
+        layer.m.copy_(m)
+    y_layer = layer.eval()(x).detach()
+    merge_lora(layer)
+    assert torch.isfinite(layer.linear.weight).all()
+    assert torch.equal(layer.linear.weight[zero], W[zero])
+    ref_eval = reference.dora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), m.double(), 0.8)
+    mag = linear_magnitude(x, layer.linear.weight, b) + linear_magnitude(x, W, b)
+    assert_close(layer(x).detach(), ref_eval, mag, dtype, K + 8, "dora zero rows merged", record=False)
+    assert_close(y_layer, ref_eval, mag, dtype, K + 8, "dora zero rows eval", record=False)
 
 
 # --- LinearWithDoRA ----------------------------------------------------------------------------------------------
@@ -392,8 +520,8 @@ def test_saved_bytes_no_more_than_peft(p):
     peft_bytes, _, y_peft = saved_bytes(model, x.clone().requires_grad_(), params)
     patch_peft(model)
     ours_bytes, ours_tensors, y_ours = saved_bytes(model, x.clone().requires_grad_(), params)
-    # ours: x (bf16), S (M x r fp32), U (M x N bf16), g and norm (N fp32), the seed with dropout
-    expected = 40 * 64 * 2 + 40 * 8 * 4 + 40 * 48 * 2 + 2 * 48 * 4 + (8 if p else 0)
+    # ours: x (bf16), S (M x r fp32), V (M x N bf16), g (N fp32), the seed with dropout
+    expected = 40 * 64 * 2 + 40 * 8 * 4 + 40 * 48 * 2 + 48 * 4 + (8 if p else 0)
     assert ours_bytes == expected, ours_tensors
     assert ours_bytes <= peft_bytes
 
@@ -407,7 +535,7 @@ def test_bench_rows_meta_saved_bytes_and_cost_model():
     assert saved.check_meta_against_real(["lora-fast-dora"], shape=(48, 40, 24, 4)) == []
     for p in (0.0, 0.1):
         ours = saved.measure("lora-fast-dora", 48, 40, 24, 4, torch.bfloat16, p, True)[0]
-        assert ours == 2 * 48 * 40 + 4 * 48 * 4 + 2 * 48 * 24 + 2 * 4 * 24 + (8 if p else 0)
+        assert ours == 2 * 48 * 40 + 4 * 48 * 4 + 2 * 48 * 24 + 4 * 24 + (8 if p else 0)
         assert ours <= saved.measure("peft-dora", 48, 40, 24, 4, torch.bfloat16, p, True)[0]
     errors = accuracy.errors("lora-fast-dora", torch.float32, shapes=((37, 45, 29, 3, True),))
     assert set(errors) == {"y", "dx", "dA", "dB"} and max(errors.values()) < 1e-5
