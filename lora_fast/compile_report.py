@@ -274,7 +274,8 @@ def launch_args(job: Job) -> tuple:
         # DoRA's unscaled sum in fp32 (kernels/dora.py _gemm_wide)
         wide = job.kernel == "dora_wide_gemm"
         args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"),
-                    RM_ptr=_Ptr("fp32" if wide else x), OUT_ptr=_Ptr("fp32" if wide else x), SEED_ptr=_Ptr(x), M=M, N=N, K=K, R=R, M_BUCKET=M,
+                    RM_ptr=_Ptr("fp32" if wide else x), OUT_ptr=_Ptr("fp32" if wide else x), SEED_ptr=_Ptr(x),
+                    M=M, N=N, K=K, R=R, M_BUCKET=M,
                     stride_pm=K, stride_pk=1, stride_qk=1, stride_qn=K, stride_lm=R, stride_lr=1,
                     stride_rr=N, stride_rn=1, stride_om=N, stride_on=1, lowrank_scale=0.5, dropout_p=0.0)
         return gemm_lowrank_kernel, dict(args, **common, **meta)
