@@ -168,6 +168,30 @@ def _replace(module: nn.Module, prefix: str, wrap, rank, alpha, skip, kwargs, wr
             _replace(child, qualified + ".", wrap, rank, alpha, skip, kwargs, wrappers, first_names)
 
 
+def initialize_dora_magnitudes(model: nn.Module, *, force: bool = False) -> nn.Module:
+    """Compute the magnitude m = ||W + scale (A B)^T|| per output feature of every LinearWithDoRA in ``model``
+    whose magnitude is not initialised (every one with ``force``), from the base weights as they are now; returns
+    the model. The last step of the meta-device idiom with DoRA (build on 'meta', replace_linear_with_lora(...,
+    use_dora=True), ``to_empty()``, ``reset_parameters()`` on every module, load the base, then this): the
+    result equals the model wrapped on the loaded base (torchtune initialises its DoRA magnitudes after loading
+    too). Layers whose m was loaded (a state dict, load_lora, load_peft_adapter) keep it.
+
+    Raises: TypeError if model is not an nn.Module; RuntimeError (before any change) if a layer to initialise
+    still has its base on the meta device.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"initialize_dora_magnitudes: model: expected a torch.nn.Module, got {type(model).__name__}")
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, LinearWithDoRA) and (force or not m.magnitude_ready())]
+    meta = [n or "<model>" for n, m in layers if m.base_weight().is_meta]
+    if meta:
+        raise RuntimeError(f"initialize_dora_magnitudes: the base weights of {meta} are on the meta device; move "
+                           "the model with to_empty() and load the base weights first")
+    for _, layer in layers:
+        layer.initialize_magnitude()
+    return model
+
+
 # --- merge / unmerge and trainable-parameter helpers (issue 7) ------------------------------------------------
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -196,6 +220,7 @@ def _merged_weight(layer: LinearWithLoRA) -> torch.Tensor:
     delta = layer.lora.scale * (A.to(weight.device, acc) @ B.to(weight.device, acc))  # (in, out)
     merged = weight.to(acc) + (delta if layer.fan_in_fan_out else delta.t())
     if isinstance(layer, LinearWithDoRA):
+        layer._check_magnitude("merge")
         # DoRA: each output feature's row (a Conv1D's column) scaled by g = m / ||W_n + scale (A B)^T_n||, the
         # norm of the unmerged weight, so linear(x) computes g ⊙ (x W^T + scale x A B) + b (PEFT's merge)
         norm = torch.linalg.vector_norm(merged, dim=0 if layer.fan_in_fan_out else 1)

@@ -18,6 +18,7 @@ from lora_fast import (
     LinearWithDoRA,
     LinearWithLoRA,
     dora_linear,
+    initialize_dora_magnitudes,
     load_lora,
     load_peft_adapter,
     lora_state_dict,
@@ -100,6 +101,51 @@ def _check(x, W, b, A, B, m, s, *, p=0.0, seed_value=1234, dtype=None, train_wei
     assert_close(leaves[5].grad, ref_leaves[5].grad, dm_mag, dtype, rows + K + R, "dora dm")
     if not train_weight:
         assert leaves[1].grad is None
+
+
+def _arch(device=None):
+    return nn.Sequential(nn.Linear(K, N, device=device), nn.ReLU(), nn.Linear(N, 7, device=device))
+
+
+def test_meta_device_idiom_gives_the_model_built_on_the_loaded_base():
+    """Build on meta, wrap with DoRA, to_empty(), reset every module, load the base, initialise the magnitudes:
+    the same model (every tensor, and the outputs) as wrapping the loaded base; a forward before the
+    magnitudes are initialised raises (never NaN), and so does merging."""
+    base = _arch()
+    torch.manual_seed(5)
+    expected = replace_linear_with_lora(copy.deepcopy(base), 4, 2.0, use_dora=True)
+    with torch.device("meta"):
+        model = replace_linear_with_lora(_arch(), 4, 2.0, use_dora=True)
+    model.to_empty(device="cpu")
+    torch.manual_seed(5)
+    for module in model.modules():
+        if isinstance(module, LinearWithLoRA):
+            module.reset_parameters()      # the adapters only (A kaiming, B zeros), in wrapping order
+    x = torch.randn(3, K)
+    with pytest.raises(RuntimeError, match="magnitude m is not initialised"):
+        model(x)
+    with pytest.raises(RuntimeError, match="magnitude m is not initialised"):
+        merge_lora(copy.deepcopy(model))
+    model.load_state_dict({"0.linear.weight": base[0].weight, "0.linear.bias": base[0].bias,
+                           "2.linear.weight": base[2].weight, "2.linear.bias": base[2].bias}, strict=False)
+    initialize_dora_magnitudes(model)
+    got, want = model.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert torch.equal(model(x), expected(x))
+    # a full state dict (m included) also counts as initialised, without initialize_dora_magnitudes
+    with torch.device("meta"):
+        again = replace_linear_with_lora(_arch(), 4, 2.0, use_dora=True)
+    again.to_empty(device="cpu")
+    again.load_state_dict(want)
+    assert torch.equal(again(x), expected(x))
+    # reset_parameters never computes m from the (possibly unloaded) base
+    layer = expected[0]
+    layer.reset_parameters()
+    assert torch.isnan(layer.m).all()
+    with pytest.raises(RuntimeError, match="initialize_magnitude"):
+        layer(x)
+    layer.initialize_magnitude()
+    assert torch.equal(layer.m, torch.linalg.vector_norm(base[0].weight.detach(), dim=1))
 
 
 # --- the float64 reference is PEFT's DoRA ------------------------------------------------------------------------
