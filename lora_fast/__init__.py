@@ -1,7 +1,7 @@
 """lora-fast: fused Triton kernels for LoRA fine-tuning (forward and backward), drop-in LoRA layers."""
 
 from .adapters import load_lora, load_lora_state_dict, lora_state_dict, save_lora
-from .dora import dora_linear
+from .dora import dora_linear, dora_linear_4bit
 from .functional import lora_delta, lora_linear, select_backend
 from .layers import LinearWithDoRA, LinearWithLoRA, LoRALayer, lora_scale
 from .patching import (
@@ -23,7 +23,7 @@ __all__ = [
     "LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "lora_linear", "lora_delta", "lora_scale",
     "select_backend", "lora_linear_4bit",
     # DoRA
-    "LinearWithDoRA", "dora_linear", "initialize_dora_magnitudes",
+    "LinearWithDoRA", "dora_linear", "dora_linear_4bit", "initialize_dora_magnitudes",
     # merge, adapter files, trainable parameters
     "merge_lora", "unmerge_lora", "merge_and_unload", "lora_state_dict", "load_lora_state_dict", "save_lora",
     "load_lora", "mark_only_lora_as_trainable", "count_parameters",

@@ -140,6 +140,128 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return _DoRALinearFunction.apply(x, weight, bias, A, B, magnitude, scale, p, seed)
 
 
+class _DoRALinear4bitFunction(torch.autograd.Function):
+    """Fused DoRA forward/backward on a frozen 4-bit base (QDoRA), x (..., K): the 16-bit op's passes with the
+    4-bit GEMM (each weight tile dequantized in registers) and the 4-bit norm pass. Saved for backward: as the
+    16-bit op (x, S, g, the seed, V when the magnitude trains); the packed weight is read again."""
+
+    @staticmethod
+    def forward(ctx, x, bias, A, B, magnitude, packed, scale, dropout_p, seed):
+        from .kernels import dora as kernels
+        from .kernels import ops_4bit
+
+        N = packed.shape[0]
+        y = x.new_empty((*x.shape[:-1], N))
+        x2d = x.reshape(-1, x.shape[-1])
+        norm, gscale = kernels.dora_norm_4bit(packed, A, B, magnitude, scale, x.dtype)
+        need_dm = ctx.needs_input_grad[4]
+        b_strides = (B.stride(0), B.stride(1))
+
+        def base_gemm(P, bias_, L, lowrank_scale, out):
+            return ops_4bit.gemm_4bit_lowrank(P, packed, True, bias_, L, B, b_strides, lowrank_scale, out=out)
+
+        _, S, V = kernels.dora_forward(x2d, None, bias, A, B, gscale, norm, scale, dropout_p, seed,
+                                       out=y.view(-1, N), keep_v=need_dm, base_gemm=base_gemm)
+        ctx.save_for_backward(x, A, B, S, V, gscale, seed)
+        ctx.packed, ctx.scale, ctx.dropout_p, ctx.has_bias = packed, scale, dropout_p, bias is not None
+        ctx.mag_dtype = magnitude.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        from .kernels import dora as kernels
+        from .kernels import ops_4bit
+
+        x, A, B, S, V, gscale, seed = ctx.saved_tensors
+        need_dx, need_db, need_dA, need_dB, need_dm = ctx.needs_input_grad[:5]
+        dx = dA = dB = dm = db = None
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        packed = ctx.packed
+        a_t = (A.stride(1), A.stride(0))
+
+        def dx_gemm(P, L, lowrank_scale):
+            return ops_4bit.gemm_4bit_lowrank(P, packed, False, None, L, A, a_t, lowrank_scale)
+
+        if need_dx or need_dA or need_dB or need_dm:
+            dx, dA, dB, dm, _, _ = kernels.dora_backward(
+                dy2d, x.reshape(-1, x.shape[-1]), None, A, B, S, V, gscale, ctx.scale, ctx.dropout_p, seed,
+                need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, need_dm=need_dm, need_g1=need_dx,
+                dx_gemm=dx_gemm)
+            dx = dx.view(x.shape) if dx is not None else None
+        if need_db and ctx.has_bias:
+            db = dy2d.sum(0, dtype=torch.float32).to(dy.dtype)
+        if dm is not None:
+            dm = dm.to(ctx.mag_dtype)
+        return dx, db, dA, dB, dm, None, None, None, None
+
+
+def dora_linear_4bit(x: torch.Tensor, qweight: torch.Tensor, quant_state, bias: Optional[torch.Tensor],
+                     A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor, scale: float, *,
+                     dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
+    """Fused DoRA linear on a frozen 4-bit base (QDoRA; PEFT's DoRA on a bitsandbytes Linear4bit): ``dora_linear``
+    with W = deq(W), bitsandbytes' dequantization (nf4 / fp4, any power-of-two blocksize, nested or not: QLoRA,
+    Dettmers et al. 2023) rounded to the quantized dtype and then to x's dtype, as bitsandbytes' matmul_4bit and
+    PEFT's DoRA (``dequantize_module_weight(...).to(x.dtype)``) read it:
+
+        g = magnitude / ||deq(W) + scale (A B)^T||_row (detached; 1 on rows of norm 0)
+        y = g ⊙ (x deq(W)^T + scale x A B) + b   (with dropout, PEFT's formula as ``dora_linear``)
+
+    The kernels dequantize each weight tile in registers (the norm pass and the GEMMs read the packed weight;
+    no N x K copy is made or kept); the reference backend dequantizes (``reference_4bit.dequantize``) and runs
+    ``reference.dora_linear``.
+
+    Args: x (..., in_features) in the compute dtype; qweight, quant_state as ``lora_linear_4bit``; bias, A, B,
+        magnitude, scale, dropout_p, training as ``dora_linear``.
+    Returns: (..., out_features) in x's dtype; gradients for x, bias, A, B and magnitude (none for the weight).
+    Raises: ImportError without bitsandbytes; TypeError / ValueError as ``lora_linear_4bit`` and ``dora_linear``.
+    """
+    from . import qlora, reference_4bit
+
+    if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
+        x, _, bias, A, B = _autocast_inputs(x, None, bias, A, B)
+        if isinstance(magnitude, torch.Tensor) and magnitude.dtype not in (A.dtype, torch.float32):
+            magnitude = magnitude.to(A.dtype)
+    packed = qlora.Packed4bit.from_bitsandbytes(qweight, quant_state)
+    if qweight.requires_grad:
+        raise ValueError("qweight: the 4-bit base weight is frozen; it must not require grad")
+    if isinstance(x, torch.Tensor) and packed.data.device != x.device:
+        raise ValueError(f"qweight: expected a tensor on x's device {x.device}, got {packed.data.device}")
+    stand_in = x.new_empty(()).expand(packed.shape) if isinstance(x, torch.Tensor) else None
+    scale, dropout_p = check_dora_linear(x, stand_in, bias, A, B, magnitude, scale, dropout_p)
+    check_training(training)
+    N, K = packed.shape
+    if select_backend(x) == "reference" or x.numel() == 0 or N == 0 or K == 0 \
+            or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        weight = reference_4bit.dequantize(qweight, quant_state).to(x.dtype)
+        return reference.dora_linear(x, weight, bias, A, B, magnitude, scale, dropout_p=dropout_p,
+                                     training=training)
+    p = dropout_p if training else 0.0
+    seed = reference.draw_seed(x.device) if p > 0 else None
+    p = philox.quantize(p)
+    if p >= 1.0:
+        weight = reference_4bit.dequantize(qweight, quant_state).to(x.dtype)
+        return reference.dora_linear(x, weight, bias, A, B, magnitude, scale, dropout_p=1.0, training=True,
+                                     dropout_mask=torch.zeros_like(x, dtype=torch.bool))
+    return _DoRALinear4bitFunction.apply(x, bias, A, B, magnitude, packed, scale, p, seed)
+
+
+def dequantize_4bit_weight(qweight: torch.Tensor, quant_state) -> torch.Tensor:
+    """The (out, in) weight of a bitsandbytes 4-bit weight in its quantized dtype (``quant_state.dtype``), by the
+    layout's definition: code_table[code] * absmax (QLoRA, Dettmers et al. 2023; kernels/nf4.py) on the kernels'
+    backend, ``reference_4bit.dequantize`` on the reference backend. A temporary tensor (DoRA's magnitude
+    initialisation and the unfused path read it; the fused op never forms it)."""
+    from . import qlora, reference_4bit
+
+    packed = qlora.Packed4bit.from_bitsandbytes(qweight, quant_state)
+    probe = torch.empty(0, dtype=packed.dtype, device=packed.data.device)
+    if select_backend(probe) == "triton":
+        from .kernels import ops_4bit
+
+        return ops_4bit.dequantize(packed, packed.dtype)
+    return reference_4bit.dequantize(qweight, quant_state)
+
+
 def dora_unfused(x: torch.Tensor, base_result: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor, scale: float, *, dropout_p: float = 0.0,
                  training: bool = True) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules import module as module_mod
 
 from ._checks import check_dropout, check_rank, check_scale
-from .dora import dora_linear, dora_unfused
+from .dora import dequantize_4bit_weight, dora_linear, dora_linear_4bit, dora_unfused
 from .functional import lora_delta, lora_linear
 from .qlora import lora_linear_4bit
 from .reference import dora_weight_norm
@@ -164,6 +164,24 @@ def forward_4bit(linear: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.T
     weight = linear.weight
     y = lora_linear_4bit(x.to(compute), weight, weight.quant_state, bias, A, B, scale, dropout_p=dropout_p,
                          training=training)
+    return y.to(x.dtype)
+
+
+def forward_dora_4bit(linear: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor,
+                      scale: float, dropout_p: float, training: bool) -> torch.Tensor:
+    """``forward_4bit`` with DoRA: bitsandbytes Linear4bit's forward (x in the layer's compute dtype, the result
+    cast back to x's dtype) with PEFT's DoRA fused in (``dora_linear_4bit``)."""
+    fix_state = getattr(sys.modules.get("bitsandbytes.nn.modules"), "fix_4bit_weight_quant_state_from_module", None)
+    if fix_state is not None:
+        fix_state(linear)
+    if not linear.compute_type_is_set:
+        linear.set_compute_type(x)
+        linear.compute_type_is_set = True
+    compute = linear.compute_dtype if linear.compute_dtype is not None else x.dtype
+    bias = linear.bias.to(compute) if linear.bias is not None else None
+    weight = linear.weight
+    y = dora_linear_4bit(x.to(compute), weight, weight.quant_state, bias, A, B, magnitude, scale,
+                         dropout_p=dropout_p, training=training)
     return y.to(x.dtype)
 
 
@@ -366,7 +384,10 @@ class LinearWithDoRA(LinearWithLoRA):
             self._magnitude_ready = not bool(torch.isnan(self.m.detach()).any())
 
     def base_weight(self) -> torch.Tensor:
-        """The wrapped weight in nn.Linear's (out, in) layout (a transposed view for a Conv1D)."""
+        """The wrapped weight in nn.Linear's (out, in) layout (a transposed view for a Conv1D); a bitsandbytes
+        Linear4bit's dequantized (in its quantized dtype: a temporary (out, in) tensor)."""
+        if is_linear4bit(self.linear) and getattr(self.linear.weight, "quant_state", None) is not None:
+            return dequantize_4bit_weight(self.linear.weight, self.linear.weight.quant_state)
         return self.linear.weight.t() if self.fan_in_fan_out else self.linear.weight
 
     def adapter_parameters(self) -> list:
@@ -380,7 +401,15 @@ class LinearWithDoRA(LinearWithLoRA):
                 return super().forward(x)
             # the wrapped layer's own call (hooks, own forward), then PEFT's DoRA around its output, unfused
             y = self.linear(x)
-            return dora_unfused(x, y, self.base_weight(), self.linear.bias, self.lora.A, self.lora.B, self.m,
+            weight = self.base_weight()
+            bias = self.linear.bias
+            if is_linear4bit(self.linear):
+                weight = weight.to(y.dtype)
+                bias = bias.to(y.dtype) if bias is not None else None
+            return dora_unfused(x.to(y.dtype), y, weight, bias, self.lora.A, self.lora.B, self.m,
                                 self.lora.scale, dropout_p=self.dropout, training=self.training)
+        if has_4bit_forward(self.linear):
+            return forward_dora_4bit(self.linear, x, self.lora.A, self.lora.B, self.m, self.lora.scale, self.dropout,
+                                     self.training)
         return dora_linear(x, self.base_weight(), self.linear.bias, self.lora.A, self.lora.B, self.m,
                            self.lora.scale, dropout_p=self.dropout, training=self.training)

@@ -32,6 +32,7 @@ from .layers import (
     LinearWithDoRA,
     LinearWithLoRA,
     forward_4bit,
+    forward_dora_4bit,
     has_4bit_forward,
     has_plain_forward,
     is_linear,
@@ -112,8 +113,6 @@ def _adapter_reason(module: nn.Module) -> tuple:
     variant = getattr(module, "lora_variant", {}).get(adapter)
     if (variant is not None or getattr(module, "use_dora", {}).get(adapter)) and not _is_dora(module, adapter):
         return None, "LoRA variant " + ("DoRA" if module.use_dora.get(adapter) else type(variant).__name__)
-    if _is_dora(module, adapter) and has_4bit_forward(module.base_layer):
-        return None, "DoRA on a 4-bit base"   # dora_linear takes a 16-bit weight
     lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
         return None, "custom lora_A / lora_B modules"
@@ -189,10 +188,15 @@ def _fused_forward(module: nn.Module, x, *args, **kwargs):
     base = module.base_layer
     dropout = module.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    if has_4bit_forward(base) and _is_dora(module, adapter):
+        # QDoRA: dora_linear_4bit in the layer's compute dtype (PEFT's DoRA reads deq(W) in the adapters' dtype:
+        # within one rounding of deq(W) in the compute dtype)
+        return forward_dora_4bit(base, x, module.lora_A[adapter].weight.t(), module.lora_B[adapter].weight.t(),
+                                 module.lora_magnitude_vector[adapter].weight, module.scaling[adapter], p,
+                                 module.training and dropout.training)
     if has_4bit_forward(base):
-        # QLoRA (plain LoRA only: _supported leaves DoRA on a 4-bit base to PEFT): the LoRA term reads x in the
-        # compute dtype (PEFT reads it in x's own dtype: the same when they agree, within one rounding of x
-        # otherwise)
+        # QLoRA: the LoRA term reads x in the compute dtype (PEFT reads it in x's own dtype: the same when they
+        # agree, within one rounding of x otherwise)
         return forward_4bit(base, x, module.lora_A[adapter].weight.t(), module.lora_B[adapter].weight.t(),
                             module.scaling[adapter], p, dropout.training)
     # Conv1D (fan_in_fan_out) stores (in, out); .t() gives nn.Linear's (out, in) layout as a view, no copy

@@ -593,3 +593,136 @@ def test_bench_rows_meta_saved_bytes_and_cost_model():
 
     assert bound("lora-fast-dora") / bound("lora-fast") == pytest.approx(1.11, abs=0.01)
     assert bound("peft-dora") / bound("lora-fast-dora") == pytest.approx(1.57, abs=0.01)
+
+
+# --- QDoRA: DoRA on a bitsandbytes 4-bit base --------------------------------------------------------------------
+def _linear4bit(in_f, out_f, compute_dtype, quant_type, nested, blocksize):
+    bnb = pytest.importorskip("bitsandbytes")
+    plain = nn.Linear(in_f, out_f)
+    layer = bnb.nn.Linear4bit(in_f, out_f, compute_dtype=compute_dtype, quant_type=quant_type,
+                              compress_statistics=nested)
+    layer.load_state_dict(plain.state_dict())
+    layer.weight.blocksize = blocksize
+    layer = layer.to("cpu")
+    assert layer.weight.quant_state.blocksize == blocksize
+    return layer
+
+
+def _truth_4bit(lin, x, A, B, m, s):
+    """float64 DoRA on the dequantized weight (in_features a multiple of the blocksize here: bitsandbytes'
+    CPU dequantize_4bit is right for such layouts), its leaves (x, A, B, m) and the leaves (|x|, |A|, |B|) of the
+    magnitude bound |g| ⊙ (|x| |W|^T + |s| |x| |A| |B|) + |b|, with the bound of dm per output feature."""
+    import bitsandbytes.functional as bnb_functional
+
+    W = bnb_functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state).double()
+    b = lin.bias.detach().double()
+    leaves = [t.detach().double().requires_grad_() for t in (x, A, B, m)]
+    y = reference.dora_linear(leaves[0], W, b, leaves[1], leaves[2], leaves[3], s)
+    norm = reference.dora_weight_norm(W, A.double(), B.double(), s)
+    g = reference.dora_scale(m.detach().double(), norm)
+    abs_leaves = [t.detach().double().abs().requires_grad_() for t in (x, A, B)]
+    inner = abs_leaves[0] @ W.abs().t() + abs(s) * (abs_leaves[0] @ abs_leaves[1] @ abs_leaves[2])
+    return y, leaves, g.abs() * inner + b.abs(), abs_leaves, inner, norm
+
+
+def _check_4bit_grads(y, dy, truth, leaves, mag, abs_leaves, inner, norm, got, dtype, K_, N_):
+    """got: (dx, dA, dB, dm) against the float64 truth's gradients within the bounds of |dY| through the formula."""
+    truth.backward(dy.double())
+    mag.backward(dy.double().abs())
+    rows = dy.shape[0]
+    bounds = (abs_leaves[0].grad, abs_leaves[1].grad, abs_leaves[2].grad,
+              (dy.double().abs() * inner.detach()).sum(0) / norm)
+    for name, g_, want, bound, n in zip(("dx", "dA", "dB", "dm"), got, [t.grad for t in leaves], bounds,
+                                        (N_ + 8, rows + 8, rows + 8, rows + K_ + 8)):
+        assert g_ is not None, name
+        assert_close(g_, want, bound, dtype, n, "qdora " + name, record=False)
+
+
+def _loaded_in_4bit(lin):
+    model = nn.Sequential(lin)
+    model.is_loaded_in_4bit = True   # what transformers sets: PEFT then wraps with its bnb.Linear4bit class
+    return model
+
+
+QDORA_CONFIGS = [(torch.float32, "nf4", False, 64), (torch.bfloat16, "fp4", True, 128),
+                 (torch.float16, "nf4", True, 32)]
+
+
+@pytest.mark.parametrize("compute,quant_type,nested,blocksize", QDORA_CONFIGS)
+def test_qdora_patch_peft_matches_float64_and_peft(compute, quant_type, nested, blocksize):
+    """PEFT's DoRA on a Linear4bit, patched onto dora_linear_4bit (kernels under the interpreter): the output and
+    the gradients of x, A, B and the magnitude against float64 on the dequantized weight; PEFT's own forward
+    against the same truth as the anchor."""
+    peft = pytest.importorskip("peft")
+    Kq, Nq, R = 128, 24, 4
+    lin = _linear4bit(Kq, Nq, compute, quant_type, nested, blocksize)
+    model = peft.get_peft_model(_loaded_in_4bit(lin), peft.LoraConfig(r=R, lora_alpha=8, target_modules=["0"],
+                                                                     use_dora=True))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, R ** -0.5)
+        layer.lora_magnitude_vector["default"].weight.mul_(1.0 + 0.3 * torch.randn(Nq))
+    x = torch.randn(9, Kq).to(compute)
+    A_mod, B_mod = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    mag_mod = layer.lora_magnitude_vector["default"].weight
+    s = layer.scaling["default"]
+    truth, leaves, mag, abs_leaves, inner, norm = _truth_4bit(lin, x, A_mod.t(), B_mod.t(), mag_mod, s)
+    with torch.no_grad():
+        y_peft = model(x)
+    assert_close(y_peft, truth.detach(), mag.detach(), compute, Kq + R, "peft qdora forward", record=False)
+    report = patch_peft(model)
+    assert report.patched == ["base_model.model.0"], report.skipped
+    xl = x.clone().requires_grad_()
+    y = model(xl)
+    dy = torch.randn_like(y, dtype=torch.float32).to(y.dtype)
+    y.backward(dy)
+    assert y.dtype == x.dtype
+    assert_close(y, truth.detach(), mag.detach(), compute, Kq + R, "qdora forward", record=False)
+    _check_4bit_grads(y, dy, truth, leaves, mag, abs_leaves, inner, norm,
+                      (xl.grad, A_mod.grad.t(), B_mod.grad.t(), mag_mod.grad), compute, Kq, Nq)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_qdora_layer_wraps_4bit_bases(monkeypatch, tmp_path, backend):
+    """replace_linear_with_lora(use_dora=True) on a Linear4bit: m = ||deq(W)_n|| (not the packed bytes), the
+    output and gradients against float64 on both backends, merge refused by name, and a PEFT DoRA adapter
+    saved from a 4-bit model loads into a 4-bit model (load_peft_adapter) with the same outputs."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("LORA_FAST_BACKEND", backend)
+    Kq, Nq, R = 64, 24, 3
+    lin = _linear4bit(Kq, Nq, torch.float32, "nf4", True, 64)
+    model = replace_linear_with_lora(nn.Sequential(copy.deepcopy(lin)), R, 1.5, use_dora=True)
+    layer = model[0]
+    assert isinstance(layer, LinearWithDoRA)
+    _, _, _, _, _, norm0 = _truth_4bit(lin, torch.zeros(1, Kq), layer.lora.A, layer.lora.B, layer.m, 1.5)
+    assert (layer.m.double() - norm0).abs().max() <= 2.0**-24 * (Kq + 4) * norm0.max()
+    with torch.no_grad():
+        layer.lora.B.normal_(0, R ** -0.5)
+        layer.m.mul_(1.0 + 0.3 * torch.randn(Nq))
+    x = torch.randn(7, Kq).requires_grad_()
+    truth, leaves, mag, abs_leaves, inner, norm = _truth_4bit(lin, x, layer.lora.A, layer.lora.B, layer.m, 1.5)
+    y = model(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert_close(y, truth.detach(), mag.detach(), torch.float32, Kq + R, "qdora layer forward", record=False)
+    _check_4bit_grads(y, dy, truth, leaves, mag, abs_leaves, inner, norm,
+                      (x.grad, layer.lora.A.grad, layer.lora.B.grad, layer.m.grad), torch.float32, Kq, Nq)
+    with pytest.raises(ValueError, match="4-bit base"):
+        merge_lora(model)
+    # PEFT's own DoRA adapter on the same 4-bit layer, saved and loaded into a fresh 4-bit model
+    theirs = peft.get_peft_model(_loaded_in_4bit(copy.deepcopy(lin)),
+                                 peft.LoraConfig(r=R, lora_alpha=6, target_modules=["0"], use_dora=True))
+    with torch.no_grad():
+        theirs.base_model.model[0].lora_B["default"].weight.normal_(0, R ** -0.5)
+        theirs.base_model.model[0].lora_magnitude_vector["default"].weight.mul_(1.0 + 0.3 * torch.randn(Nq))
+    theirs.save_pretrained(tmp_path / "qdora")
+    ours = load_peft_adapter(nn.Sequential(copy.deepcopy(lin)), tmp_path / "qdora")
+    assert isinstance(ours[0], LinearWithDoRA)
+    xe = torch.randn(5, Kq)
+    plin = theirs.base_model.model[0]
+    truth, _, mag, _, _, _ = _truth_4bit(lin, xe, plin.lora_A["default"].weight.t(),
+                                         plin.lora_B["default"].weight.t(),
+                                         plin.lora_magnitude_vector["default"].weight, plin.scaling["default"])
+    with torch.no_grad():
+        assert_close(ours.eval()(xe), truth.detach(), mag.detach(), torch.float32, Kq + R, "qdora loaded",
+                     record=False)

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .. import philox
 from . import configs
+from .nf4 import dequant_tile, dequant_values, round_weight
 from .ops import (
     _INTERPRETED,
     _along_k,
@@ -83,6 +84,56 @@ def dora_norm_kernel(
     tl.store(NORM_ptr + offs_n, norm, mask=mask_n)
     # a zero row (W_n + scale (A B)^T_n = 0) has no direction: g = 1 there (the row's output is the plain LoRA
     # output, finite), not 0/0
+    tl.store(GSCALE_ptr + offs_n, tl.where(norm > 0, mag / tl.where(norm > 0, norm, 1.0), 1.0), mask=mask_n)
+
+
+@triton.jit
+def dora_norm_4bit_kernel(
+    # pointers: the 4-bit weight (W packed uint8, CODE, ABSMAX, CODE2, ABSMAX2, OFFSET: nf4.py's layout); A (K, R);
+    # B (R, N); MAG (N,); NORM, GSCALE (N,) fp32 outputs
+    W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, A_ptr, B_ptr, MAG_ptr, NORM_ptr, GSCALE_ptr,
+    # sizes
+    N, K, R,
+    # strides
+    stride_ak, stride_ar, stride_br, stride_bn,
+    # scalars
+    scale,
+    # meta-parameters: ALIGNED: K % QBLOCK == 0 (byte tiles, one absmax per row), else one gather per element;
+    # W_DTYPE the quantized tensor's dtype, X_DTYPE the compute dtype (deq(W) rounded to each, as bitsandbytes)
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ALIGNED: tl.constexpr,
+    QBLOCK: tl.constexpr, NESTED: tl.constexpr, QBLOCK2: tl.constexpr, W_DTYPE: tl.constexpr,
+    X_DTYPE: tl.constexpr, NEAREST_BF16: tl.constexpr,
+):
+    """``dora_norm_kernel`` on a 4-bit weight dequantized in registers: NORM[n] = ||deq(W)_n + scale (A B)^T_n||
+    with deq(W) rounded as the forward's GEMM reads it (to W_DTYPE, then to the compute dtype X_DTYPE), and
+    GSCALE[n] = MAG[n] / NORM[n] (1 where NORM[n] = 0). One pass over the packed weight, nothing stored."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    rows = offs_n[:, None].to(tl.int64)
+    bt = tl.load(B_ptr + offs_r[None, :] * stride_br + rows * stride_bn, mask=mask_n[:, None] & mask_r[None, :],
+                 other=0.0).to(tl.float32) * scale
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        mask_k = ks < K
+        if ALIGNED:
+            w = dequant_tile(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, offs_n, mask_n, k0, K,
+                             BLOCK_N, BLOCK_K, QBLOCK, NESTED, QBLOCK2)
+        else:
+            w = dequant_values(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr,
+                               rows * K + ks[None, :], mask_n[:, None] & mask_k[None, :], QBLOCK, NESTED, QBLOCK2)
+        w = round_weight(w, W_DTYPE, X_DTYPE, NEAREST_BF16).to(tl.float32)
+        w = tl.where(mask_n[:, None] & mask_k[None, :], w, 0.0)
+        at = tl.load(A_ptr + ks[None, :].to(tl.int64) * stride_ak + offs_r[:, None] * stride_ar,
+                     mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        v = tl.dot(bt, at, acc=w, input_precision="ieee", out_dtype=tl.float32)
+        acc += v * v
+    norm = tl.sqrt(tl.sum(acc, axis=1))
+    mag = tl.load(MAG_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(NORM_ptr + offs_n, norm, mask=mask_n)
     tl.store(GSCALE_ptr + offs_n, tl.where(norm > 0, mag / tl.where(norm > 0, norm, 1.0), 1.0), mask=mask_n)
 
 
@@ -228,6 +279,7 @@ def norm_block(R: int) -> dict:
 
 _one = dict(num_warps=4, num_stages=1)
 _norm = _Launcher(dora_norm_kernel, norm_configs, [], _one, pointers=6, scalars=1)
+_norm_4bit = _Launcher(dora_norm_4bit_kernel, norm_configs, [], _one, pointers=11, scalars=1)
 _scale = _Launcher(dora_scale_kernel, elementwise_configs, [], _one, pointers=7, scalars=0)
 _grad = _Launcher(dora_grad_kernel, elementwise_configs, [], _one, pointers=6, scalars=0)
 _combine = _Launcher(dropout_combine_kernel, elementwise_configs, [], _one, pointers=4, scalars=2)
@@ -254,6 +306,25 @@ def dora_norm(weight, A, B, magnitude, scale: float):
         _norm((_cdiv(N, blk["BLOCK_N"]),), weight, A, B, magnitude, norm, gscale, N, K, R,
               weight.stride(0), weight.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1), float(scale),
               **blk, device=weight.device, dtype=weight.dtype)
+    return norm, gscale
+
+
+def dora_norm_4bit(packed, A, B, magnitude, scale: float, x_dtype: torch.dtype):
+    """``dora_norm`` on a 4-bit weight (qlora.Packed4bit, bitsandbytes' layout) dequantized in registers, rounded
+    as the forward's GEMM reads it (to the quantized dtype, then to ``x_dtype``): (norm, g), (N,) fp32 each."""
+    from . import ops_4bit
+
+    N, K = packed.shape
+    R = A.shape[1]
+    norm = torch.empty(N, dtype=torch.float32, device=A.device)
+    gscale = torch.empty(N, dtype=torch.float32, device=A.device)
+    if N:
+        blk = norm_block(R)
+        meta = ops_4bit._weight_meta(packed)
+        _norm_4bit((_cdiv(N, blk["BLOCK_N"]),), *ops_4bit._weight_args(packed), A, B, magnitude, norm, gscale,
+                   N, K, R, A.stride(0), A.stride(1), B.stride(0), B.stride(1), float(scale), **blk,
+                   ALIGNED=K % packed.blocksize == 0, X_DTYPE=ops_4bit._tl_dtype(x_dtype), **meta,
+                   **ops_4bit._NO_FMA, device=A.device, dtype=x_dtype)
     return norm, gscale
 
 
