@@ -49,7 +49,8 @@ RANKS = (16, 64)
 # output for 16-bit x: dora_wide_gemm): dora_norm: one pass over W forming W + s (A B)^T tile by tile, the norm
 # and g = m / norm; dora_scale: y = g ⊙ U + b (Y1 + g ⊙ U with dropout) and V = U / norm; dora_grad: g ⊙ dY,
 # (g - 1) ⊙ dY and the dm partials; dora_combine: dropout(x), x - dropout(x), and dX's masked add.
-DORA_KERNELS = ("dora_wide_gemm", "dora_norm", "dora_scale", "dora_grad", "dora_combine")
+# dora_norm_4bit: the norm pass on a 4-bit weight dequantized in registers (QDoRA).
+DORA_KERNELS = ("dora_wide_gemm", "dora_norm", "dora_norm_4bit", "dora_scale", "dora_grad", "dora_combine")
 # fwd_gemm_tma / dx_gemm_tma: the persistent TMA GEMM (kernels/gemm_tma.py) in the forward and dX layouts, sm_90 only
 TMA_KERNELS = ("fwd_gemm_tma", "dx_gemm_tma")
 # QLoRA (ops_4bit.py): fwd_gemm_4bit / dx_gemm_4bit: the same GEMMs reading a 4-bit (NF4 / FP4) weight and
@@ -62,7 +63,7 @@ KERNELS = (("fwd_gemm", "dx_gemm", "xa_proj", "dyb_proj", "da_reduce", "grad_fin
 ELEMENTWISE_KERNELS = ("grad_finish", "dequant_4bit", "dora_scale", "dora_grad", "dora_combine")
 GEMM_KERNELS = ("fwd_gemm", "dx_gemm", "fwd_gemm_4bit", "dx_gemm_4bit", "dora_wide_gemm") + TMA_KERNELS
 # compiled without FP contraction, as ops_4bit launches them (bitsandbytes' nested absmax: a product, then a sum)
-NO_FMA_KERNELS = ("fwd_gemm_4bit", "dx_gemm_4bit", "dequant_4bit")
+NO_FMA_KERNELS = ("fwd_gemm_4bit", "dx_gemm_4bit", "dequant_4bit", "dora_norm_4bit")
 # Aligned sizes of the specialisation: any multiple of 16 gives the same code (the JIT keys on "divisible
 # by 16" only); 4096 stands for the hidden sizes of the models the README benchmarks.
 _SIZE = 4096
@@ -134,6 +135,8 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
         return [dict(HAS_DROPOUT=False), dict(HAS_DROPOUT=True)]
     if kernel in ("grad_finish", "dora_norm"):
         return [dict()]
+    if kernel == "dora_norm_4bit":   # nested absmax is the heavier dequantization; any-shape: per-element gathers
+        return [dict(NESTED=True, ALIGNED=True), dict(NESTED=False, ALIGNED=False)]
     if kernel == "dora_wide_gemm":   # U = x W^T + s S B (no bias) or x_d W^T + s S B, into fp32
         return [dict(HAS_BIAS=False, HAS_DROPOUT=False)]
     if kernel == "dora_scale":   # y = g ⊙ U + b without dropout, Y1 + g ⊙ U with; V when the magnitude trains
@@ -192,7 +195,7 @@ def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
     if kernel in DORA_KERNELS:
         from .kernels import dora
 
-        factory = dora.norm_configs if kernel == "dora_norm" else dora.elementwise_configs
+        factory = dora.norm_configs if kernel in ("dora_norm", "dora_norm_4bit") else dora.elementwise_configs
         return factory(capability, dtype)
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
@@ -316,6 +319,8 @@ def launch_args(job: Job) -> tuple:
                     stride_lm=R, stride_lr=1, dropout_p=0.1,
                     BLOCK_M=cfg.reduce_blocks(job_dtype)[0], BLOCK_K=cfg.reduce_blocks(job_dtype)[1])
         return reduce_m_kernel, dict(args, **common, **meta)
+    if job.kernel == "dora_norm_4bit":
+        return _dora_launch_args(job, x, R, M, N, K, meta)
     if job.kernel in NO_FMA_KERNELS:
         return _launch_args_4bit(job, x, common, meta)
     if job.kernel == "grad_finish":
@@ -341,6 +346,20 @@ def _dora_launch_args(job: Job, x: str, R: int, M: int, N: int, K: int, meta: di
                     NORM_ptr=_Ptr("fp32"), GSCALE_ptr=_Ptr("fp32"), N=N, K=K, R=R, stride_wn=K, stride_wk=1,
                     stride_ak=R, stride_ar=1, stride_br=N, stride_bn=1, scale=0.5, **blk)
         return dora.dora_norm_kernel, dict(args, **meta)
+    if job.kernel == "dora_norm_4bit":
+        # blocksize 64 (QLoRA's), fp32 absmax or uint8 codes with a 256-block fp32 absmax when nested; the
+        # quantized dtype is the compute dtype; A, B and the magnitude fp32
+        import triton.language as tl
+
+        blk = dora.norm_block(R)
+        nested = meta["NESTED"]
+        w_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[x.split("/")[0]]
+        args = dict(W_ptr=_Ptr("u8"), CODE_ptr=_Ptr("fp32"), ABSMAX_ptr=_Ptr("u8" if nested else "fp32"),
+                    CODE2_ptr=_Ptr("fp32"), ABSMAX2_ptr=_Ptr("fp32"), OFFSET_ptr=_Ptr("fp32"), A_ptr=_Ptr("fp32"),
+                    B_ptr=_Ptr("fp32"), MAG_ptr=_Ptr("fp32"), NORM_ptr=_Ptr("fp32"), GSCALE_ptr=_Ptr("fp32"),
+                    N=N, K=K, R=R, stride_ak=R, stride_ar=1, stride_br=N, stride_bn=1, scale=0.5, **blk,
+                    QBLOCK=64, QBLOCK2=256, W_DTYPE=w_dtype, X_DTYPE=w_dtype, NEAREST_BF16=False)
+        return dora.dora_norm_4bit_kernel, dict(args, **meta)
     if job.kernel == "dora_scale":
         args = dict(U_ptr=_Ptr("fp32"), BASE_ptr=_Ptr(x), GSCALE_ptr=_Ptr("fp32"), NORM_ptr=_Ptr("fp32"),
                     BIAS_ptr=_Ptr(x), OUT_ptr=_Ptr(x), V_ptr=_Ptr(x), M=M, N=N, stride_um=N, stride_un=1,

@@ -144,14 +144,22 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
     first_names = {}
     for name, module in model.named_modules():
         first_names.setdefault(id(module), name)
-    _replace(model, "", wrap, rank, alpha, skip, kwargs, wrappers, first_names)
+    # every wrapper is built before any is put in place: a layer that cannot be wrapped (an unsupported base,
+    # a magnitude that cannot be computed) raises with the model unchanged
+    places = []
+    _replace(model, "", wrap, rank, alpha, skip, kwargs, wrappers, first_names, places)
+    for parent, name, wrapper in places:
+        setattr(parent, name, wrapper)
     if target_modules is not None and not any(isinstance(m, LinearWithLoRA) for m in model.modules()):
         # as PEFT does: a target list that matches nothing is a mistake, not a no-op
         raise ValueError(f"target_modules: {target_modules!r} matched no linear layer of the model")
     return model
 
 
-def _replace(module: nn.Module, prefix: str, wrap, rank, alpha, skip, kwargs, wrappers, first_names) -> None:
+def _replace(module: nn.Module, prefix: str, wrap, rank, alpha, skip, kwargs, wrappers, first_names,
+             places: list) -> None:
+    """Collect (parent, attribute, wrapper) for every linear layer to wrap under ``module`` into ``places``; the
+    wrappers are built here, the model is not changed."""
     for name, child in list(module.named_children()):
         qualified = f"{prefix}{name}"
         # nn.MultiheadAttention reads out_proj.weight directly, so wrapping it would break the attention
@@ -163,9 +171,9 @@ def _replace(module: nn.Module, prefix: str, wrap, rank, alpha, skip, kwargs, wr
             if wrapper is None and not skip(first_names.get(id(child), qualified), child):
                 wrapper = wrappers[id(child)] = wrap(child, rank, alpha, **kwargs)
             if wrapper is not None:
-                setattr(module, name, wrapper)
+                places.append((module, name, wrapper))
         else:
-            _replace(child, qualified + ".", wrap, rank, alpha, skip, kwargs, wrappers, first_names)
+            _replace(child, qualified + ".", wrap, rank, alpha, skip, kwargs, wrappers, first_names, places)
 
 
 def initialize_dora_magnitudes(model: nn.Module, *, force: bool = False) -> nn.Module:

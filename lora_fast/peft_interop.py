@@ -612,7 +612,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
             raise ValueError(f"adapter_dir: module {name!r} has lora_A {tuple(lora_A.shape)} and lora_B "
                              f"{tuple(lora_B.shape)}, expected rank {r} from the config")
         _check_target(model, name, r, lora_A.shape[1], lora_B.shape[0], config.use_dora)
-        plan.append((name, lora_A, lora_B, magnitude, r, alpha))
+        # the wrapper of a plain layer is built now, before any change: a base it cannot wrap raises here
+        plan.append((name, lora_A, lora_B, magnitude, r, alpha, _new_wrapper(model, name, r, alpha, config)))
     params = dict(model.named_parameters())
     extra_plan = []
     for name, value in extras.items():
@@ -636,8 +637,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
                              f"{target!r} has {tuple(param.shape)}")
         extra_plan.append((param, value))   # wrapping a layer later keeps its Parameter objects
     loaded = set()
-    for name, lora_A, lora_B, magnitude, r, alpha in plan:
-        layer = _lora_target(model, name, r, alpha, config)
+    for name, lora_A, lora_B, magnitude, r, alpha, wrapper in plan:
+        layer = _lora_target(model, name, wrapper)
         with torch.no_grad():
             layer.lora.A.copy_(lora_A.t())
             layer.lora.B.copy_(lora_B.t())
@@ -686,16 +687,21 @@ def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_fea
                          f"give {(in_features, out_features)}")
 
 
-def _lora_target(model: nn.Module, name: str, r: int, alpha: float, config) -> LinearWithLoRA:
-    """The LinearWithLoRA at ``name`` in ``model`` (already checked by _check_target), wrapping a plain linear
-    there first."""
+def _new_wrapper(model: nn.Module, name: str, r: int, alpha: float, config) -> Optional[LinearWithLoRA]:
+    """The LinearWithLoRA (LinearWithDoRA) that will wrap the plain linear at ``name`` (already checked by
+    _check_target), built without changing the model; None when ``name`` is already wrapped."""
     module = model.get_submodule(name)
     if isinstance(module, LinearWithLoRA):
-        return module
+        return None
     scaling = "rslora" if config.use_rslora else "alpha/rank"
     wrap = LinearWithDoRA if config.use_dora else LinearWithLoRA
-    layer = wrap(module, r, alpha, dropout=float(config.lora_dropout), scaling=scaling)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
-    return layer
+    return wrap(module, r, alpha, dropout=float(config.lora_dropout), scaling=scaling)
 
+
+def _lora_target(model: nn.Module, name: str, wrapper: Optional[LinearWithLoRA]) -> LinearWithLoRA:
+    """The LinearWithLoRA at ``name`` in ``model``, putting ``wrapper`` (from _new_wrapper) there first."""
+    if wrapper is None:
+        return model.get_submodule(name)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, wrapper)
+    return wrapper

@@ -726,3 +726,51 @@ def test_qdora_layer_wraps_4bit_bases(monkeypatch, tmp_path, backend):
     with torch.no_grad():
         assert_close(ours.eval()(xe), truth.detach(), mag.detach(), torch.float32, Kq + R, "qdora loaded",
                      record=False)
+
+
+def _snapshot(model):
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    state = {k: v if isinstance(v, nn.parameter.UninitializedParameter) else v.detach().clone() for k, v in tensors}
+    return [(n, type(m)) for n, m in model.named_modules()], state
+
+
+def _assert_unchanged(model, snap):
+    modules, state = _snapshot(model)
+    assert modules == snap[0]
+    assert state.keys() == snap[1].keys()
+    for k, v in state.items():
+        assert v is snap[1][k] if isinstance(v, nn.parameter.UninitializedParameter) else torch.equal(v, snap[1][k])
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_failed_wrap_leaves_the_model_as_it_was(use_dora):
+    """A layer that cannot be wrapped (an uninitialised LazyLinear after a plain one; for DoRA, a 4-bit base in
+    a layout lora-fast does not read) raises before any layer is replaced: module types and state unchanged."""
+    model = nn.Sequential(nn.Linear(K, N), nn.ReLU(), nn.LazyLinear(5))
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="not initialised"):
+        replace_linear_with_lora(model, 4, 1.0, use_dora=use_dora)
+    _assert_unchanged(model, snap)
+    if use_dora:
+        model = nn.Sequential(nn.Linear(K, N), _linear4bit(N, 64, torch.float32, "nf4", False, 64))
+        model[1].weight.quant_state.packing_format_for_cpu = True
+        snap = _snapshot(model)
+        with pytest.raises(ValueError, match="CPU-specific packing"):
+            replace_linear_with_lora(model, 4, 1.0, use_dora=True)
+        _assert_unchanged(model, snap)
+
+
+def test_failed_peft_dora_load_leaves_the_model_as_it_was(tmp_path):
+    """load_peft_adapter of a DoRA adapter whose second target cannot be wrapped (a 4-bit base in a layout
+    lora-fast does not read): the error comes before the first layer is wrapped."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    theirs = peft.get_peft_model(nn.Sequential(nn.Linear(K, N), nn.Linear(N, 64)),
+                                 peft.LoraConfig(r=2, target_modules=["0", "1"], use_dora=True))
+    theirs.save_pretrained(tmp_path / "dora")
+    model = nn.Sequential(nn.Linear(K, N), _linear4bit(N, 64, torch.float32, "nf4", False, 64))
+    model[1].weight.quant_state.packing_format_for_cpu = True
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="CPU-specific packing"):
+        load_peft_adapter(model, tmp_path / "dora")
+    _assert_unchanged(model, snap)
