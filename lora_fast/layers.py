@@ -359,12 +359,14 @@ class LinearWithDoRA(LinearWithLoRA):
         """True when m holds a magnitude (see ``initialize_magnitude``); one check of m for NaN (the mark of a
         magnitude not initialised) the first time after a reset, so that a magnitude written in place
         (``m.copy_``, a loader) counts."""
-        if not self._magnitude_ready and not self.m.is_meta and not torch.isnan(self.m.detach()).any():
-            self._magnitude_ready = True
-        return self._magnitude_ready
+        ready = getattr(self, "_magnitude_ready", True)   # a layer pickled before the mark existed: ready
+        if not ready and not self.m.is_meta and not torch.isnan(self.m.detach()).any():
+            self._magnitude_ready = ready = True
+        return ready
 
     def _check_magnitude(self, caller: str) -> None:
-        if not self._magnitude_ready and not torch.compiler.is_compiling() and not self.magnitude_ready():
+        if not getattr(self, "_magnitude_ready", True) and not torch.compiler.is_compiling() \
+                and not self.magnitude_ready():
             raise RuntimeError(f"LinearWithDoRA.{caller}: the magnitude m is not initialised (the layer was built on "
                                "the meta device, moved with to_empty() or reset): load the base weights, then call "
                                "initialize_magnitude() (lora_fast.initialize_dora_magnitudes(model) for a model), or "

@@ -591,8 +591,10 @@ def test_bench_rows_meta_saved_bytes_and_cost_model():
     def bound(impl):
         return cost_model.bound(impl, "full", 8192, 4096, 4096, 16, "bfloat16", *h200)
 
-    assert bound("lora-fast-dora") / bound("lora-fast") == pytest.approx(1.11, abs=0.01)
-    assert bound("peft-dora") / bound("lora-fast-dora") == pytest.approx(1.57, abs=0.01)
+    # the fp32 unscaled sum (written and read once: no 16-bit overflow, no cancelling (g - 1) term) and the norm
+    # pass over W on every call
+    assert bound("lora-fast-dora") / bound("lora-fast") == pytest.approx(1.155, abs=0.01)
+    assert bound("peft-dora") / bound("lora-fast-dora") == pytest.approx(1.52, abs=0.01)
 
 
 # --- QDoRA: DoRA on a bitsandbytes 4-bit base --------------------------------------------------------------------

@@ -7,12 +7,14 @@ g = m / ||W + scale (A B)^T||_row (the norm per output feature, detached, paper 
     without dropout:  y = g ⊙ (x W^T + scale x A B) + b
     with dropout:     y = x W^T + b + (g - 1) ⊙ (x_d W^T) + g ⊙ scale x_d A B,   x_d = dropout(x)
 
-Shapes: x (M, K), weight (N, K) as nn.Linear stores it, A (K, R), B (R, N), magnitude (N,).
-What is reused: S = dropout(x) A and W A are the narrow projection (lowrank.py); Y0 = x W^T + b + scale S B,
-U = x_d W^T + scale S B and the dX products are the fused GEMM (gemm.py); dS, dA, dB are LoRA's narrow passes;
-partial sums are finished by ``sum_partials_kernel``. New here: five small memory-bound kernels: the squared row
-norms of W (cached by the caller while W is unchanged), the norm and g, the column scale, the backward prologue
-and the dropout combine.
+Shapes: x (M, K), weight (N, K) as nn.Linear stores it, A (K, R), B (R, N), magnitude (N,). g = 1 on rows
+whose norm is 0 (no direction: the plain LoRA output there).
+What is reused: S = dropout(x) A is the narrow projection (lowrank.py); U = x W^T + scale S B (fp32 output for
+16-bit x), Y1 = (x - x_d) W^T + b, U = x_d W^T + scale S B and the dX products are the fused GEMM (gemm.py, or
+nf4.py's on a 4-bit weight); dS, dA, dB are LoRA's narrow passes; partial sums are finished by
+``sum_partials_kernel``. New here: the norm pass (one read of W, or of the packed 4-bit weight, forming
+W + scale (A B)^T tile by tile in fp32: no cache, no N x K matrix) and three small memory-bound kernels: the
+column scale, the backward prologue and the dropout combine.
 """
 
 import torch
