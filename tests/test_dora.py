@@ -18,6 +18,7 @@ from lora_fast import (
     LinearWithDoRA,
     LinearWithLoRA,
     dora_linear,
+    dora_linear_4bit,
     initialize_dora_magnitudes,
     load_lora,
     load_peft_adapter,
@@ -776,3 +777,50 @@ def test_failed_peft_dora_load_leaves_the_model_as_it_was(tmp_path):
     with pytest.raises(ValueError, match="CPU-specific packing"):
         load_peft_adapter(model, tmp_path / "dora")
     _assert_unchanged(model, snap)
+
+
+def _dequantize_by_definition(qweight, quant_state):
+    """float64 deq(W) from the layout's definition (kernels/nf4.py's docstring), independent of bitsandbytes'
+    CPU dequantize_4bit (wrong for blocks that straddle rows in 0.50.2): element i of the row-major (N, K) weight
+    is code_table[nibble i] * absmax[i // blocksize], rounded to the quantized dtype; nested absmax =
+    code2[q] * absmax2[j // blocksize2] + offset (each step rounded in fp32)."""
+    from lora_fast.qlora import Packed4bit
+
+    packed = Packed4bit.from_bitsandbytes(qweight, quant_state)
+    N, K = packed.shape
+    data = packed.data.to(torch.int64)
+    codes = torch.stack([data >> 4, data & 15], dim=1).reshape(-1)[:N * K]
+    if packed.nested:
+        absmax = (packed.code2[packed.absmax.to(torch.int64)]
+                  * packed.absmax2[torch.arange(packed.absmax.numel()) // packed.blocksize2]) + packed.offset
+    else:
+        absmax = packed.absmax.to(torch.float32)
+    flat = packed.code[codes] * absmax[torch.arange(N * K) // packed.blocksize]
+    return flat.to(packed.dtype).double().view(N, K)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_qdora_blocks_straddling_rows(nested):
+    """in_features 48 at blocksize 64 (blocks straddle rows: the kernels' per-element path, norm and GEMMs):
+    dora_linear_4bit against float64 on the weight dequantized by the layout's definition."""
+    Kq, Nq, R = 48, 20, 3
+    lin = _linear4bit(Kq, Nq, torch.float32, "nf4", nested, 64)
+    W = _dequantize_by_definition(lin.weight, lin.weight.quant_state)
+    A = (torch.randn(Kq, R) / Kq ** 0.5).requires_grad_()
+    B = (torch.randn(R, Nq) / R ** 0.5).requires_grad_()
+    m = (torch.linalg.vector_norm(W, dim=1).float() * (1 + 0.3 * torch.randn(Nq))).requires_grad_()
+    x = torch.randn(6, Kq).requires_grad_()
+    bias = lin.bias.detach()
+    y = dora_linear_4bit(x, lin.weight, lin.weight.quant_state, bias, A, B, m, 0.9)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, A, B, m)]
+    truth = reference.dora_linear(leaves[0], W, bias.double(), leaves[1], leaves[2], leaves[3], 0.9)
+    norm = reference.dora_weight_norm(W, A.double(), B.double(), 0.9)
+    g = reference.dora_scale(m.detach().double(), norm)
+    abs_leaves = [t.detach().double().abs().requires_grad_() for t in (x, A, B)]
+    inner = abs_leaves[0] @ W.abs().t() + 0.9 * (abs_leaves[0] @ abs_leaves[1] @ abs_leaves[2])
+    mag = g.abs() * inner + bias.double().abs()
+    assert_close(y, truth.detach(), mag.detach(), torch.float32, Kq + R, "qdora straddling forward", record=False)
+    _check_4bit_grads(y, dy, truth, leaves, mag, abs_leaves, inner, norm, (x.grad, A.grad, B.grad, m.grad),
+                      torch.float32, Kq, Nq)
