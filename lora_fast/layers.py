@@ -321,7 +321,15 @@ class LinearWithDoRA(LinearWithLoRA):
         self._magnitude_ready = False
         if self.base_weight().is_meta:
             return
+        if self._unquantized_4bit():
+            # bitsandbytes quantizes when the layer is moved to a device: m from the float weight would not be
+            # the norm of the weight the forward reads
+            self._forget_magnitude()
+            return
         self.initialize_magnitude()
+
+    def _unquantized_4bit(self) -> bool:
+        return is_linear4bit(self.linear) and getattr(self.linear.weight, "quant_state", None) is None
 
     def initialize_magnitude(self) -> None:
         """m to ||W + scale (A B)^T|| per output feature (= ||W_n|| while B is zero, as at construction), from the
@@ -330,7 +338,11 @@ class LinearWithDoRA(LinearWithLoRA):
         order), which then equals a layer built on the loaded base. ``lora_fast.initialize_dora_magnitudes(model)``
         calls it on every LinearWithDoRA of a model that has no magnitude yet.
 
-        Raises: RuntimeError if the base weight is on the meta device (not loaded)."""
+        Raises: RuntimeError if the base weight is on the meta device (not loaded), or is a bitsandbytes
+        Linear4bit not quantized yet (a wrapper built on one waits for this call after the move to a device)."""
+        if self._unquantized_4bit():
+            raise RuntimeError("LinearWithDoRA.initialize_magnitude: the 4-bit base (bitsandbytes Linear4bit) is "
+                               "not quantized yet; move it to its device first (bitsandbytes quantizes then)")
         weight = self.base_weight()
         if weight.is_meta:
             raise RuntimeError("LinearWithDoRA.initialize_magnitude: the base weight is on the meta device; move "

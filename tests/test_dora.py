@@ -712,6 +712,16 @@ def test_qdora_layer_wraps_4bit_bases(monkeypatch, tmp_path, backend):
                       (x.grad, layer.lora.A.grad, layer.lora.B.grad, layer.m.grad), torch.float32, Kq, Nq)
     with pytest.raises(ValueError, match="4-bit base"):
         merge_lora(model)
+    # a Linear4bit not quantized yet (bitsandbytes quantizes on the move to a device): m waits for the move
+    bnb = pytest.importorskip("bitsandbytes")
+    early = LinearWithDoRA(bnb.nn.Linear4bit(Kq, Nq, compute_dtype=torch.float32), R, 1.5)
+    with pytest.raises(RuntimeError, match="not quantized yet"):
+        early.initialize_magnitude()
+    early.to("cpu")
+    with pytest.raises(RuntimeError, match="magnitude m is not initialised"):
+        early(x)
+    early.initialize_magnitude()
+    assert torch.isfinite(early(x)).all()
     # PEFT's own DoRA adapter on the same 4-bit layer, saved and loaded into a fresh 4-bit model
     theirs = peft.get_peft_model(_loaded_in_4bit(copy.deepcopy(lin)),
                                  peft.LoraConfig(r=R, lora_alpha=6, target_modules=["0"], use_dora=True))
