@@ -136,12 +136,13 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
     if kernel in ("grad_finish", "dora_norm"):
         return [dict()]
     if kernel == "dora_norm_4bit":   # nested absmax is the heavier dequantization; any-shape: per-element gathers
-        return [dict(NESTED=True, ALIGNED=True), dict(NESTED=False, ALIGNED=False)]
+        return [dict(NESTED=False, ALIGNED=False), dict(NESTED=True, ALIGNED=True)]   # the heaviest last
     if kernel == "dora_wide_gemm":   # U = x W^T + s S B (no bias) or x_d W^T + s S B, into fp32
         return [dict(HAS_BIAS=False, HAS_DROPOUT=False)]
     if kernel == "dora_scale":   # y = g ⊙ U + b without dropout, Y1 + g ⊙ U with; V when the magnitude trains
-        return [dict(HAS_BASE=False, HAS_BIAS=True, WRITE_V=True), dict(HAS_BASE=True, HAS_BIAS=False, WRITE_V=True),
-                dict(HAS_BASE=False, HAS_BIAS=False, WRITE_V=False)]
+        # (the heaviest last, as --heaviest-variant takes it)
+        return [dict(HAS_BASE=False, HAS_BIAS=False, WRITE_V=False), dict(HAS_BASE=False, HAS_BIAS=True, WRITE_V=True),
+                dict(HAS_BASE=True, HAS_BIAS=False, WRITE_V=True)]
     if kernel == "dora_grad":    # dm when the magnitude trains; (g - 1) ⊙ dY for dX with dropout
         return [dict(HAS_DM=False, WRITE_G1=False), dict(HAS_DM=True, WRITE_G1=False),
                 dict(HAS_DM=True, WRITE_G1=True)]
@@ -164,7 +165,7 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
 
 def _variant_label(flags: dict) -> str:
     names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB-partials", "HAS_BASE": "base",
-             "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G1": "g-1", "NESTED": "nested"}
+             "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V"}
     label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 
