@@ -192,7 +192,9 @@ def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
     if kernel == "grad_finish":
         return cfg.finish_configs(capability, dtype)
     if kernel == "dora_wide_gemm":
-        return cfg.gemm_configs(capability, dtype, dropout=False)
+        from .kernels import dora
+
+        return dora.wide_gemm_configs(capability, dtype)
     if kernel in DORA_KERNELS:
         from .kernels import dora
 

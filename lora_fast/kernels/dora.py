@@ -23,13 +23,14 @@ import triton.language as tl
 
 from .. import philox
 from . import configs
+from .gemm import gemm_lowrank_kernel
 from .nf4 import dequant_tile, dequant_values, round_weight
 from .ops import (
     _INTERPRETED,
     _along_k,
     _cdiv,
-    _fused_gemm,
     _Launcher,
+    _m_bucket,
     _proj_block_m,
     _splits,
     finish,
@@ -272,6 +273,16 @@ def norm_configs(capability, dtype: torch.dtype) -> list:
     return [triton.Config({}, num_warps=4, num_stages=1)]
 
 
+def wide_gemm_configs(capability, dtype: torch.dtype) -> list:
+    """The forward GEMM's configs (configs.gemm_configs) for DoRA's unscaled sum stored in fp32 from 16-bit
+    operands: on sm_80 without the 128x128 4-warp tile, which spilled 100-132 B at rank 64 with the fp32 store
+    (compile report, triton 3.9; the other tiles and sm_90 compile without spills)."""
+    table = configs.gemm_configs(capability, dtype)
+    if capability[0] < 9:
+        table = [c for c in table if not (c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 128 and c.num_warps == 4)]
+    return table
+
+
 def norm_block(R: int) -> dict:
     """BLOCK_N, BLOCK_K, BLOCK_R of ``dora_norm_kernel`` for rank R."""
     block_r = configs.block_r(R)
@@ -281,6 +292,8 @@ def norm_block(R: int) -> dict:
 
 
 _one = dict(num_warps=4, num_stages=1)
+_wide_gemm = _Launcher(gemm_lowrank_kernel, wide_gemm_configs, ["M_BUCKET", "N", "K", "R"],
+                       dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=2)
 _norm = _Launcher(dora_norm_kernel, norm_configs, [], _one, pointers=6, scalars=1)
 _norm_4bit = _Launcher(dora_norm_4bit_kernel, norm_configs, [], _one, pointers=11, scalars=1)
 _scale = _Launcher(dora_scale_kernel, elementwise_configs, [], _one, pointers=7, scalars=0)
@@ -372,13 +385,26 @@ def _wide(x, N):
 
 
 def _gemm_wide(P, weight, N, bias, S, B, scale, out):
-    """P W^T (+ bias) + scale S B into ``out``: the fused Triton GEMM (ops.gemm_lowrank's "triton" path), which
-    stores its fp32 accumulator in out's dtype whatever P's (cuBLAS's addmm and the TMA kernel write P's dtype)."""
+    """P W^T (+ bias) + scale S B into ``out``. When out's dtype is P's: ops.gemm_lowrank (its measured path);
+    an fp32 ``out`` for 16-bit P (DoRA's unscaled sum): the fused Triton GEMM, which stores its fp32 accumulator
+    in out's dtype (cuBLAS's addmm and the TMA kernel write P's dtype), on its own configs (wide_gemm_configs)."""
+    q_strides = (weight.stride(1), weight.stride(0))
     if out.dtype == P.dtype:
-        return gemm_lowrank(P, weight, (weight.stride(1), weight.stride(0)), N, bias, S, B,
-                            (B.stride(0), B.stride(1)), scale, out=out)
-    _fused_gemm(P, weight, (weight.stride(1), weight.stride(0)), N, bias, S, B, (B.stride(0), B.stride(1)), scale,
-                0.0, None, out, False)
+        return gemm_lowrank(P, weight, q_strides, N, bias, S, B, (B.stride(0), B.stride(1)), scale, out=out)
+    M, K = P.shape
+    R = S.shape[1]
+
+    def grid(meta):
+        return (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
+
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    _wide_gemm(grid, P, weight, bias if bias is not None else out, S, B, out, out,
+               M, N, K, R, _m_bucket(M), P.stride(0), P.stride(1), q_strides[0], q_strides[1], S.stride(0),
+               S.stride(1), B.stride(0), B.stride(1), out.stride(0), out.stride(1), float(scale), 0.0,
+               BLOCK_R=configs.block_r(R), HAS_BIAS=bias is not None, HAS_DROPOUT=False,
+               DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
+               device=P.device, dtype=P.dtype)
     return out
 
 
