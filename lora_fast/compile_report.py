@@ -183,6 +183,10 @@ def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
         return ops_4bit.gemm_4bit_any_shape_configs(capability, dtype)
     if kernel == "dequant_4bit":
         return ops_4bit.dequant_configs(capability, dtype)
+    if kernel == "dora_wide_gemm":
+        from .kernels import dora
+
+        return dora.wide_gemm_configs(capability, dtype)
     if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when it regenerates a keep-mask
         return cfg.gemm_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
     if kernel in ("xa_proj", "dyb_proj"):   # ops.lowrank_project: its own list when it regenerates a keep-mask
@@ -191,10 +195,6 @@ def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
         return cfg.reduce_configs(capability, dtype)
     if kernel == "grad_finish":
         return cfg.finish_configs(capability, dtype)
-    if kernel == "dora_wide_gemm":
-        from .kernels import dora
-
-        return dora.wide_gemm_configs(capability, dtype)
     if kernel in DORA_KERNELS:
         from .kernels import dora
 
