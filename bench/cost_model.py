@@ -21,10 +21,12 @@ A (K, r), B (r, N), y (M, N).
   Dropout: CUDA's fused dropout (writes dropout(x) and a bool mask) and its backward pass.
 - compile: modelled as the best Inductor can do without fusing across GEMMs: the scale and the add go into
   GEMMs, which is the addmm-chain's traffic.
-- lora-fast-dora (kernels/dora.py): the norm's W A (reads W once; ||W_n||^2 is cached, (A^T A) B is tiny),
-  lora-fast's forward, then one column-scale pass (reads Y0, writes y); backward one prologue pass (reads dY
-  and U, writes g dY) and lora-fast's backward on g dY. Dropout: dropout(x) written and a second GEMM on it
-  (PEFT's formula), (g - 1) dY written, a second dX GEMM and a masked add.
+- lora-fast-dora (kernels/dora.py): the norm pass (reads W once and forms W + s (A B)^T tile by tile: r
+  multiply-adds per element; nothing cached), S = dropout(x) A, the GEMM writing the unscaled sum U in fp32,
+  then one column-scale pass (reads U, writes y and V = U / norm for dm); backward one prologue pass (reads dY
+  and V, writes g dY) and lora-fast's backward on g dY. Dropout: dropout(x) and x - dropout(x) written, two
+  GEMMs (Y1 = (x - x_d) W^T + b and U = x_d W^T + s S B), (g - 1) dY written, a second dX GEMM and a masked
+  add.
 - peft-dora (PEFT 0.21's dora.py, eager, W frozen): B A formed through lora_B(lora_A(eye(K))) (a K x K identity
   and the K x N product written), W + s B A and its norm (three N x K passes), the LoRA term as peft's, and
   five elementwise M x N passes for (g - 1) base + g s T and the final add; backward their gradients (five
@@ -110,17 +112,22 @@ def _lora_fast_dora(M: int, K: int, N: int, r: int, e: int, bias_b: int, sms: in
                     mask: int) -> Dict[str, List[Kernel]]:
     x, y, w = M * K * e, M * N * e, N * K * e
     a, b, s32 = K * r * e, r * N * e, M * r * 4
+    u = M * N * 4   # the unscaled sum, kept in fp32 until g scales it (the output itself when e = 4)
     base = 2.0 * M * N * K
     lora = _lora_fast(M, K, N, r, e, bias_b, sms)
-    norm = [Kernel("W A (norm)", 2.0 * N * K * r, w + a + N * r * 4),
-            Kernel("norm, g = m / norm", 2.0 * N * r * r, 2 * N * r * 4 + b + 4 * N * 4)]
-    forward = norm + lora["forward"]
+    # the norm pass: each W tile plus s (A B)^T formed from A and B (r multiply-adds per element), squared and
+    # summed; m read, the norm and g written. Its dot is IEEE fp32 on the CUDA cores (about 67 TFLOP/s on an
+    # H200, not the tensor-core GEMM rate this model divides by): about 8 us at 4096 x 4096, r 16, unmeasured
+    forward = [Kernel("norm, g: one pass over W + s (A B)^T", 2.0 * N * K * r + 3.0 * N * K, w + a + b + 3 * N * 4)]
+    forward += [k for k in lora["forward"] if k.launch != GEMM]   # S = dropout(x) A and its finishing pass
     if drop:
-        forward += [Kernel("x_d = dropout(x)", 0, 2 * x),
-                    Kernel("U = x_d W^T + s S B", base + 2.0 * M * r * N, x + w + y + s32 + b),
-                    Kernel("y += (g - 1) U", 0, 3 * y)]
+        forward += [Kernel("x_d = dropout(x)", 0, 2 * x), Kernel("x - x_d", 0, 2 * x),
+                    Kernel("Y1 = (x - x_d) W^T + b", base + 2.0 * M * r * N, x + w + y + bias_b + s32 + b, GEMM),
+                    Kernel("U = x_d W^T + s S B (fp32)", base + 2.0 * M * r * N, x + w + u + s32 + b, GEMM),
+                    Kernel("y = Y1 + g U, V = U / norm", 0, u + 3 * y + 2 * N * 4)]
     else:
-        forward += [Kernel("y = Y0 + (g - 1)(Y0 - b)", 0, 2 * y + bias_b)]
+        forward += [Kernel("U = x W^T + s S B (fp32)", base + 2.0 * M * r * N, x + w + u + s32 + b, GEMM),
+                    Kernel("y = g U + b, V = U / norm", 0, u + 2 * y + bias_b + 2 * N * 4)]
     backward = [Kernel("g dY, dm partials", 0, (4 if drop else 3) * y)] + lora["backward"]
     if drop:
         backward += [Kernel("dX_inner = ((g - 1) dY) W + s dS A^T", base + 2.0 * M * r * K, y + w + x + s32 + a),
@@ -228,7 +235,7 @@ def bound(impl: str, mode: str, M: int, K: int, N: int, r: int, dtype: str, gemm
 def flops(impl: str, mode: str, M: int, K: int, N: int, r: int) -> float:
     """Useful FLOPs of one call (for TFLOP/s): the base GEMM per pass (W frozen: no dW) plus, for a LoRA row,
     the low-rank products (forward 2 Mr(K+N); backward 4 Mr(K+N): dS, dB, the low-rank dX, dA); a DoRA row adds
-    the norm's cross term W A (2 NKr) to its forward."""
+    the norm's low-rank term s (A B)^T formed over W (2 NKr) to its forward."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     lora = impl != "F.linear"

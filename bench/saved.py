@@ -53,21 +53,18 @@ def _meta_lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, o
     return y, torch.empty((x.shape[0], A.shape[1]), dtype=torch.float32, device=x.device)
 
 
-def _meta_dora_norm(weight, A, B, magnitude, scale, wsq):
+def _meta_dora_norm(weight, A, B, magnitude, scale):
     # the outputs of lora_fast.kernels.dora.dora_norm: norm and g = m / norm, (N,) fp32 each
     N = weight.shape[0]
     return (torch.empty(N, dtype=torch.float32, device=weight.device),
             torch.empty(N, dtype=torch.float32, device=weight.device))
 
 
-def _meta_dora_forward(x, weight, bias, A, B, gscale, scale, dropout_p=0.0, seed=None, *, out=None, keep_u=True):
-    # the outputs of lora_fast.kernels.dora.dora_forward: y (into ``out``), S (M, r) fp32, U (M, N) in x's dtype
+def _meta_dora_forward(x, weight, bias, A, B, gscale, norm, scale, dropout_p=0.0, seed=None, *, out=None,
+                       keep_v=True, base_gemm=None):
+    # the outputs of lora_fast.kernels.dora.dora_forward: y (into ``out``), S (M, r) fp32, V (M, N) in x's dtype
     y, S = _meta_lora_forward(x, weight, bias, A, B, scale, out=out)
-    return y, S, (x.new_empty((x.shape[0], weight.shape[0])) if keep_u else None)
-
-
-def _meta_row_sumsq(weight):
-    return torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    return y, S, (x.new_empty((x.shape[0], B.shape[1])) if keep_v else None)
 
 
 @contextlib.contextmanager
@@ -79,8 +76,7 @@ def meta_kernels():
 
     with mock.patch.object(lora_fast.kernels, "lora_forward", _meta_lora_forward), \
             mock.patch.object(lora_fast.kernels.dora, "dora_norm", _meta_dora_norm), \
-            mock.patch.object(lora_fast.kernels.dora, "dora_forward", _meta_dora_forward), \
-            mock.patch.object(lora_fast.kernels.dora, "row_sumsq", _meta_row_sumsq):
+            mock.patch.object(lora_fast.kernels.dora, "dora_forward", _meta_dora_forward):
         yield
 
 

@@ -2,11 +2,12 @@
 
 from ._version import __version__
 from .adapters import load_lora, load_lora_state_dict, lora_state_dict, save_lora
-from .dora import dora_linear
+from .dora import dora_linear, dora_linear_4bit
 from .functional import lora_delta, lora_linear, select_backend
 from .layers import LinearWithDoRA, LinearWithLoRA, LoRALayer, lora_scale
 from .patching import (
     count_parameters,
+    initialize_dora_magnitudes,
     mark_only_lora_as_trainable,
     merge_and_unload,
     merge_lora,
@@ -23,7 +24,7 @@ __all__ = [
     "LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "lora_linear", "lora_delta", "lora_scale",
     "select_backend", "lora_linear_4bit", "warmup",
     # DoRA
-    "LinearWithDoRA", "dora_linear",
+    "LinearWithDoRA", "dora_linear", "dora_linear_4bit", "initialize_dora_magnitudes",
     # merge, adapter files, trainable parameters
     "merge_lora", "unmerge_lora", "merge_and_unload", "lora_state_dict", "load_lora_state_dict", "save_lora",
     "load_lora", "mark_only_lora_as_trainable", "count_parameters",

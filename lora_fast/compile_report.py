@@ -46,11 +46,12 @@ RANKS = (16, 64)
 # dyb_proj: dS = dY B^T with the dB partials when the rank is small; da_reduce: dA = (keep x)^T dS (the dB
 # reduction of a large rank, reduce_rows(dy, S), compiles to the same kernel with the same specialisation);
 # grad_finish: dA or dB = (scale * the sum of their partials) in the adapters' dtype.
-# DoRA (kernels/dora.py; its GEMMs and narrow passes are the kernels above): dora_sumsq: ||W_n||^2;
-# dora_norm: the norm from ||W_n||^2, W A and (A^T A) B, and g = m / norm; dora_scale: y = Y0 + (g - 1) ⊙ (Y0 - b)
-# (Y0 + (g - 1) ⊙ U with dropout); dora_grad: g ⊙ dY, (g - 1) ⊙ dY and the dm partials; dora_combine:
-# dropout(x), and dX's masked add.
-DORA_KERNELS = ("dora_sumsq", "dora_norm", "dora_scale", "dora_grad", "dora_combine")
+# DoRA (kernels/dora.py; its GEMMs and narrow passes are the kernels above, the forward GEMM also with an fp32
+# output for 16-bit x: dora_wide_gemm): dora_norm: one pass over W forming W + s (A B)^T tile by tile, the norm
+# and g = m / norm; dora_scale: y = g ⊙ U + b (Y1 + g ⊙ U with dropout) and V = U / norm; dora_grad: g ⊙ dY,
+# (g - 1) ⊙ dY and the dm partials; dora_combine: dropout(x), x - dropout(x), and dX's masked add.
+# dora_norm_4bit: the norm pass on a 4-bit weight dequantized in registers (QDoRA).
+DORA_KERNELS = ("dora_wide_gemm", "dora_norm", "dora_norm_4bit", "dora_scale", "dora_grad", "dora_combine")
 # fwd_gemm_tma / dx_gemm_tma: the persistent TMA GEMM (kernels/gemm_tma.py) in the forward and dX layouts, sm_90 only
 TMA_KERNELS = ("fwd_gemm_tma", "dx_gemm_tma")
 # QLoRA (ops_4bit.py): fwd_gemm_4bit / dx_gemm_4bit: the same GEMMs reading a 4-bit (NF4 / FP4) weight and
@@ -60,10 +61,10 @@ KERNELS = (("fwd_gemm", "dx_gemm", "xa_proj", "dyb_proj", "da_reduce", "grad_fin
            + DORA_KERNELS)
 # kernels without a dot or a reduction through shared memory (may report 0 bytes of shared memory), and without
 # a rank dimension that changes their code
-ELEMENTWISE_KERNELS = ("grad_finish", "dequant_4bit", "dora_sumsq", "dora_scale", "dora_grad", "dora_combine")
-GEMM_KERNELS = ("fwd_gemm", "dx_gemm", "fwd_gemm_4bit", "dx_gemm_4bit") + TMA_KERNELS
+ELEMENTWISE_KERNELS = ("grad_finish", "dequant_4bit", "dora_scale", "dora_grad", "dora_combine")
+GEMM_KERNELS = ("fwd_gemm", "dx_gemm", "fwd_gemm_4bit", "dx_gemm_4bit", "dora_wide_gemm") + TMA_KERNELS
 # compiled without FP contraction, as ops_4bit launches them (bitsandbytes' nested absmax: a product, then a sum)
-NO_FMA_KERNELS = ("fwd_gemm_4bit", "dx_gemm_4bit", "dequant_4bit")
+NO_FMA_KERNELS = ("fwd_gemm_4bit", "dx_gemm_4bit", "dequant_4bit", "dora_norm_4bit")
 # Aligned sizes of the specialisation: any multiple of 16 gives the same code (the JIT keys on "divisible
 # by 16" only); 4096 stands for the hidden sizes of the models the README benchmarks.
 _SIZE = 4096
@@ -133,14 +134,19 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
         return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=4 * rank < configs_mod.PROJ_BLOCK_M)]
     if kernel == "da_reduce":
         return [dict(HAS_DROPOUT=False), dict(HAS_DROPOUT=True)]
-    if kernel in ("grad_finish", "dora_sumsq", "dora_norm"):
+    if kernel in ("grad_finish", "dora_norm"):
         return [dict()]
-    if kernel == "dora_scale":   # y = Y0 + (g - 1) ⊙ (U - b?): b only without dropout
-        return [dict(HAS_BASE=True, HAS_BIAS=False), dict(HAS_BASE=True, HAS_BIAS=True)]
-    if kernel == "dora_grad":    # dm when the magnitude trains (b taken off U without dropout); (g - 1) ⊙ dY for
-        # dX with dropout
-        return [dict(HAS_DM=False, WRITE_G1=False, HAS_BIAS=False), dict(HAS_DM=True, WRITE_G1=False, HAS_BIAS=True),
-                dict(HAS_DM=True, WRITE_G1=True, HAS_BIAS=False)]
+    if kernel == "dora_norm_4bit":   # nested absmax is the heavier dequantization; any-shape: per-element gathers
+        return [dict(NESTED=False, ALIGNED=False), dict(NESTED=True, ALIGNED=True)]   # the heaviest last
+    if kernel == "dora_wide_gemm":   # U = x W^T + s S B (no bias) or x_d W^T + s S B, into fp32
+        return [dict(HAS_BIAS=False, HAS_DROPOUT=False)]
+    if kernel == "dora_scale":   # y = g ⊙ U + b without dropout, Y1 + g ⊙ U with; V when the magnitude trains
+        # (the heaviest last, as --heaviest-variant takes it)
+        return [dict(HAS_BASE=False, HAS_BIAS=False, WRITE_V=False), dict(HAS_BASE=False, HAS_BIAS=True, WRITE_V=True),
+                dict(HAS_BASE=True, HAS_BIAS=False, WRITE_V=True)]
+    if kernel == "dora_grad":    # dm when the magnitude trains; (g - 1) ⊙ dY for dX with dropout
+        return [dict(HAS_DM=False, WRITE_G1=False), dict(HAS_DM=True, WRITE_G1=False),
+                dict(HAS_DM=True, WRITE_G1=True)]
     if kernel == "dora_combine":  # forward dropout(x); backward dX + keep/(1-p) ⊙ inner
         return [dict(HAS_BASE=False), dict(HAS_BASE=True)]
     # 4-bit: the double-quantized (nested) absmax is the heavier dequantization
@@ -160,7 +166,7 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
 
 def _variant_label(flags: dict) -> str:
     names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB-partials", "HAS_BASE": "base",
-             "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G1": "g-1", "NESTED": "nested"}
+             "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V"}
     label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 
@@ -178,6 +184,10 @@ def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
         return ops_4bit.gemm_4bit_any_shape_configs(capability, dtype)
     if kernel == "dequant_4bit":
         return ops_4bit.dequant_configs(capability, dtype)
+    if kernel == "dora_wide_gemm":
+        from .kernels import dora
+
+        return dora.wide_gemm_configs(capability, dtype)
     if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when it regenerates a keep-mask
         return cfg.gemm_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
     if kernel in ("xa_proj", "dyb_proj"):   # ops.lowrank_project: its own list when it regenerates a keep-mask
@@ -189,7 +199,7 @@ def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
     if kernel in DORA_KERNELS:
         from .kernels import dora
 
-        factory = dora.norm_configs if kernel in ("dora_sumsq", "dora_norm") else dora.elementwise_configs
+        factory = dora.norm_configs if kernel in ("dora_norm", "dora_norm_4bit") else dora.elementwise_configs
         return factory(capability, dtype)
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
@@ -266,10 +276,13 @@ def launch_args(job: Job) -> tuple:
     common = dict(BLOCK_R=cfg.block_r(R),
                   DOT_DTYPE={"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[job.dtype],
                   INPUT_PRECISION=job.fp32_precision if job.dtype == "fp32" else "ieee")
-    if job.kernel == "fwd_gemm":
-        # P = x (M, K); Q = W^T: (k, n) -> weight[n, k]; L = S (M, R) fp32; RM = B (R, N); OUT = y (M, N)
-        args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
-                    OUT_ptr=_Ptr(x), SEED_ptr=_Ptr(x), M=M, N=N, K=K, R=R, M_BUCKET=M,
+    if job.kernel in ("fwd_gemm", "dora_wide_gemm"):
+        # P = x (M, K); Q = W^T: (k, n) -> weight[n, k]; L = S (M, R) fp32; RM = B (R, N); OUT = y (M, N), or
+        # DoRA's unscaled sum in fp32 (kernels/dora.py _gemm_wide)
+        wide = job.kernel == "dora_wide_gemm"
+        args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"),
+                    RM_ptr=_Ptr("fp32" if wide else x), OUT_ptr=_Ptr("fp32" if wide else x), SEED_ptr=_Ptr(x),
+                    M=M, N=N, K=K, R=R, M_BUCKET=M,
                     stride_pm=K, stride_pk=1, stride_qk=1, stride_qn=K, stride_lm=R, stride_lr=1,
                     stride_rr=N, stride_rn=1, stride_om=N, stride_on=1, lowrank_scale=0.5, dropout_p=0.0)
         return gemm_lowrank_kernel, dict(args, **common, **meta)
@@ -310,6 +323,8 @@ def launch_args(job: Job) -> tuple:
                     stride_lm=R, stride_lr=1, dropout_p=0.1,
                     BLOCK_M=cfg.reduce_blocks(job_dtype)[0], BLOCK_K=cfg.reduce_blocks(job_dtype)[1])
         return reduce_m_kernel, dict(args, **common, **meta)
+    if job.kernel == "dora_norm_4bit":
+        return _dora_launch_args(job, x, R, M, N, K, meta)
     if job.kernel in NO_FMA_KERNELS:
         return _launch_args_4bit(job, x, common, meta)
     if job.kernel == "grad_finish":
@@ -325,29 +340,39 @@ def launch_args(job: Job) -> tuple:
 def _dora_launch_args(job: Job, x: str, R: int, M: int, N: int, K: int, meta: dict) -> tuple:
     """(kernel, arguments) of the DoRA launches of kernels/dora.py: contiguous (M, N) and (M, K) tensors, the
     (N, K) weight as stored."""
-    from .kernels import configs as cfg
     from .kernels import dora
 
     blocks = dora.ELEMENTWISE_BLOCK
-    if job.kernel == "dora_sumsq":
-        args = dict(W_ptr=_Ptr(x), OUT_ptr=_Ptr("fp32"), N=N, K=K, stride_wn=K, stride_wk=1, **dora.SUMSQ_BLOCK)
-        return dora.row_sumsq_kernel, dict(args, **meta)
     if job.kernel == "dora_norm":
-        # B and the magnitude in x's dtype here (the fp32 case is the fp32 row)
-        args = dict(WSQ_ptr=_Ptr("fp32"), WA_ptr=_Ptr("fp32"), B_ptr=_Ptr(x), GB_ptr=_Ptr("fp32"),
-                    MAG_ptr=_Ptr(x), NORM_ptr=_Ptr("fp32"), GSCALE_ptr=_Ptr("fp32"), N=N, R=R, stride_wan=R,
-                    stride_war=1, stride_br=N, stride_bn=1, stride_gr=N, stride_gn=1, scale=0.5,
-                    BLOCK_N=dora.NORM_BLOCK_N, BLOCK_R=cfg.block_r(R))
+        # the weight in x's dtype; A, B and the magnitude fp32 (PEFT's adapters on a 16-bit base)
+        blk = dora.norm_block(R)
+        args = dict(W_ptr=_Ptr(x), A_ptr=_Ptr("fp32"), B_ptr=_Ptr("fp32"), MAG_ptr=_Ptr("fp32"),
+                    NORM_ptr=_Ptr("fp32"), GSCALE_ptr=_Ptr("fp32"), N=N, K=K, R=R, stride_wn=K, stride_wk=1,
+                    stride_ak=R, stride_ar=1, stride_br=N, stride_bn=1, scale=0.5, **blk)
         return dora.dora_norm_kernel, dict(args, **meta)
+    if job.kernel == "dora_norm_4bit":
+        # blocksize 64 (QLoRA's), fp32 absmax or uint8 codes with a 256-block fp32 absmax when nested; the
+        # quantized dtype is the compute dtype; A, B and the magnitude fp32
+        import triton.language as tl
+
+        blk = dora.norm_block(R)
+        nested = meta["NESTED"]
+        w_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[x.split("/")[0]]
+        args = dict(W_ptr=_Ptr("u8"), CODE_ptr=_Ptr("fp32"), ABSMAX_ptr=_Ptr("u8" if nested else "fp32"),
+                    CODE2_ptr=_Ptr("fp32"), ABSMAX2_ptr=_Ptr("fp32"), OFFSET_ptr=_Ptr("fp32"), A_ptr=_Ptr("fp32"),
+                    B_ptr=_Ptr("fp32"), MAG_ptr=_Ptr("fp32"), NORM_ptr=_Ptr("fp32"), GSCALE_ptr=_Ptr("fp32"),
+                    N=N, K=K, R=R, stride_ak=R, stride_ar=1, stride_br=N, stride_bn=1, scale=0.5, **blk,
+                    QBLOCK=64, QBLOCK2=256, W_DTYPE=w_dtype, X_DTYPE=w_dtype, NEAREST_BF16=False)
+        return dora.dora_norm_4bit_kernel, dict(args, **meta)
     if job.kernel == "dora_scale":
-        args = dict(U_ptr=_Ptr(x), BASE_ptr=_Ptr(x), GSCALE_ptr=_Ptr("fp32"), BIAS_ptr=_Ptr(x), OUT_ptr=_Ptr(x),
-                    M=M, N=N, stride_um=N, stride_un=1, stride_bm=N, stride_bn=1, stride_om=N, stride_on=1, **blocks)
+        args = dict(U_ptr=_Ptr("fp32"), BASE_ptr=_Ptr(x), GSCALE_ptr=_Ptr("fp32"), NORM_ptr=_Ptr("fp32"),
+                    BIAS_ptr=_Ptr(x), OUT_ptr=_Ptr(x), V_ptr=_Ptr(x), M=M, N=N, stride_um=N, stride_un=1,
+                    stride_bm=N, stride_bn=1, stride_om=N, stride_on=1, stride_vm=N, stride_vn=1, **blocks)
         return dora.dora_scale_kernel, dict(args, **meta)
     if job.kernel == "dora_grad":
-        args = dict(DY_ptr=_Ptr(x), U_ptr=_Ptr(x), GSCALE_ptr=_Ptr("fp32"), INV_NORM_ptr=_Ptr("fp32"),
-                    BIAS_ptr=_Ptr(x), DYG_ptr=_Ptr(x), DYG1_ptr=_Ptr(x), PARTIAL_ptr=_Ptr("fp32"), M=M, N=N,
-                    ROWS_PER_SPLIT=16 * blocks["BLOCK_M"], stride_dm=N, stride_dn=1, stride_um=N, stride_un=1,
-                    stride_gm=N, stride_gn=1, **blocks)
+        args = dict(DY_ptr=_Ptr(x), V_ptr=_Ptr(x), GSCALE_ptr=_Ptr("fp32"), DYG_ptr=_Ptr(x), DYG1_ptr=_Ptr(x),
+                    PARTIAL_ptr=_Ptr("fp32"), M=M, N=N, ROWS_PER_SPLIT=16 * blocks["BLOCK_M"], stride_dm=N,
+                    stride_dn=1, stride_vm=N, stride_vn=1, stride_gm=N, stride_gn=1, **blocks)
         return dora.dora_grad_kernel, dict(args, **meta)
     # dora_combine: T (M, K), BASE (M, K), OUT (M, K), the seed
     args = dict(T_ptr=_Ptr(x), BASE_ptr=_Ptr(x), OUT_ptr=_Ptr(x), SEED_ptr=_Ptr("i64"), M=M, K=K, stride_tm=K,

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules import module as module_mod
 
 from ._checks import check_dropout, check_rank, check_scale
-from .dora import dora_linear, dora_unfused
+from .dora import dequantize_4bit_weight, dora_linear, dora_linear_4bit, dora_unfused
 from .functional import lora_delta, lora_linear
 from .qlora import lora_linear_4bit
 from .reference import dora_weight_norm
@@ -167,6 +167,24 @@ def forward_4bit(linear: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.T
     return y.to(x.dtype)
 
 
+def forward_dora_4bit(linear: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor,
+                      scale: float, dropout_p: float, training: bool) -> torch.Tensor:
+    """``forward_4bit`` with DoRA: bitsandbytes Linear4bit's forward (x in the layer's compute dtype, the result
+    cast back to x's dtype) with PEFT's DoRA fused in (``dora_linear_4bit``)."""
+    fix_state = getattr(sys.modules.get("bitsandbytes.nn.modules"), "fix_4bit_weight_quant_state_from_module", None)
+    if fix_state is not None:
+        fix_state(linear)
+    if not linear.compute_type_is_set:
+        linear.set_compute_type(x)
+        linear.compute_type_is_set = True
+    compute = linear.compute_dtype if linear.compute_dtype is not None else x.dtype
+    bias = linear.bias.to(compute) if linear.bias is not None else None
+    weight = linear.weight
+    y = dora_linear_4bit(x.to(compute), weight, weight.quant_state, bias, A, B, magnitude, scale,
+                         dropout_p=dropout_p, training=training)
+    return y.to(x.dtype)
+
+
 class LinearWithLoRA(nn.Module):
     """nn.Linear plus a LoRA update, fused: forward(x) = linear(x) + lora(dropout(x)) via ``lora_linear``.
 
@@ -271,6 +289,14 @@ class LinearWithDoRA(LinearWithLoRA):
     the magnitude, an nn.Parameter of shape (out_features,) initialised to ||W_n||, the norm of each output
     feature's row of nn.Linear's (out, in) weight (PEFT's lora_magnitude_vector), in the adapters' dtype
     (float32 on a 16-bit base). State-dict keys: linear.weight, linear.bias, lora.A, lora.B, m.
+    g = 1 on rows whose norm is 0 (``lora_fast.dora_linear``).
+
+    The magnitude is computed only from a loaded base: at construction on a real weight, or by
+    ``initialize_magnitude()``. A layer built on the meta device (its m then waits), moved with ``to_empty()``
+    or reset with ``reset_parameters()`` holds m = NaN, marked not initialised, and its forward (and
+    merge_lora) raises RuntimeError until ``initialize_magnitude()`` runs on the loaded base or m is loaded (a
+    state dict, ``load_lora``, ``load_peft_adapter``). The meta-device idiom is: build on 'meta', wrap,
+    ``to_empty()``, ``reset_parameters()``, load the base, ``initialize_dora_magnitudes(model)``.
 
     The from-scratch DoRA layer published by the book's author (Raschka, "Improving LoRA: Implementing
     Weight-Decomposed Low-Rank Adaptation (DoRA) from Scratch", 2024) keeps ``m`` of shape (1, in_features): it
@@ -290,32 +316,114 @@ class LinearWithDoRA(LinearWithLoRA):
         super().__init__(linear, rank, alpha, dropout=dropout, scaling=scaling)
         A = self.lora.A
         self.m = nn.Parameter(torch.empty(self.lora.B.shape[1], device=A.device, dtype=A.dtype))
-        self.reset_magnitude()
+        # whether m holds a magnitude (computed from a loaded base, loaded from a state dict, or written): a layer
+        # built on the meta device, moved with to_empty() or reset waits for initialize_magnitude()
+        self._magnitude_ready = False
+        if self.base_weight().is_meta:
+            return
+        if self._unquantized_4bit():
+            # bitsandbytes quantizes when the layer is moved to a device: m from the float weight would not be
+            # the norm of the weight the forward reads
+            self._forget_magnitude()
+            return
+        self.initialize_magnitude()
 
-    def reset_magnitude(self) -> None:
-        """m to ||W + scale (A B)^T|| per output feature (= ||W_n|| while B is zero, as at construction)."""
+    def _unquantized_4bit(self) -> bool:
+        return is_linear4bit(self.linear) and getattr(self.linear.weight, "quant_state", None) is None
+
+    def initialize_magnitude(self) -> None:
+        """m to ||W + scale (A B)^T|| per output feature (= ||W_n|| while B is zero, as at construction), from the
+        base weight as it is now: call it after loading the base into a layer built on the meta device (build on
+        'meta', ``to_empty()``, ``reset_parameters()``, load the base, ``initialize_magnitude()``: torchtune's
+        order), which then equals a layer built on the loaded base. ``lora_fast.initialize_dora_magnitudes(model)``
+        calls it on every LinearWithDoRA of a model that has no magnitude yet.
+
+        Raises: RuntimeError if the base weight is on the meta device (not loaded), or is a bitsandbytes
+        Linear4bit not quantized yet (a wrapper built on one waits for this call after the move to a device)."""
+        if self._unquantized_4bit():
+            raise RuntimeError("LinearWithDoRA.initialize_magnitude: the 4-bit base (bitsandbytes Linear4bit) is "
+                               "not quantized yet; move it to its device first (bitsandbytes quantizes then)")
+        weight = self.base_weight()
+        if weight.is_meta:
+            raise RuntimeError("LinearWithDoRA.initialize_magnitude: the base weight is on the meta device; move "
+                               "the model with to_empty() and load the base weights first")
         with torch.no_grad():
-            self.m.copy_(dora_weight_norm(self.base_weight(), self.lora.A, self.lora.B, self.lora.scale))
+            self.m.copy_(dora_weight_norm(weight, self.lora.A, self.lora.B, self.lora.scale))
+        self._magnitude_ready = True
+
+    reset_magnitude = initialize_magnitude
 
     def reset_parameters(self) -> None:
-        """Re-initialise the adapter (A kaiming-uniform, B zeros, m = ||W_n||); the wrapped layer is left as is."""
+        """Re-initialise the adapter (A kaiming-uniform, B zeros) and mark the magnitude as not initialised (NaN,
+        and a forward raises until ``initialize_magnitude()`` is called or m is loaded): in the meta-device idiom
+        reset_parameters runs before the base is loaded, so m is never computed from uninitialised memory. The
+        wrapped layer is left as is."""
         self.lora.reset_parameters()
-        self.reset_magnitude()
+        self._forget_magnitude()
+
+    def _forget_magnitude(self) -> None:
+        if not self.m.is_meta:
+            with torch.no_grad():
+                self.m.fill_(float("nan"))
+        self._magnitude_ready = False
+
+    def magnitude_ready(self) -> bool:
+        """True when m holds a magnitude (see ``initialize_magnitude``); one check of m for NaN (the mark of a
+        magnitude not initialised) the first time after a reset, so that a magnitude written in place
+        (``m.copy_``, a loader) counts."""
+        ready = getattr(self, "_magnitude_ready", True)   # a layer pickled before the mark existed: ready
+        if not ready and not self.m.is_meta and not torch.isnan(self.m.detach()).any():
+            self._magnitude_ready = ready = True
+        return ready
+
+    def _check_magnitude(self, caller: str) -> None:
+        if not getattr(self, "_magnitude_ready", True) and not torch.compiler.is_compiling() \
+                and not self.magnitude_ready():
+            raise RuntimeError(f"LinearWithDoRA.{caller}: the magnitude m is not initialised (the layer was built on "
+                               "the meta device, moved with to_empty() or reset): load the base weights, then call "
+                               "initialize_magnitude() (lora_fast.initialize_dora_magnitudes(model) for a model), or "
+                               "load m from a state dict or adapter")
+
+    def _apply(self, fn, *args, **kwargs):
+        was_meta = self.m.is_meta
+        out = super()._apply(fn, *args, **kwargs)
+        if was_meta and not self.m.is_meta:
+            # to_empty(): m now holds uninitialised memory, as does the base until it is loaded
+            self._forget_magnitude()
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "m" in state_dict and not self.m.is_meta:
+            self._magnitude_ready = not bool(torch.isnan(self.m.detach()).any())
 
     def base_weight(self) -> torch.Tensor:
-        """The wrapped weight in nn.Linear's (out, in) layout (a transposed view for a Conv1D)."""
+        """The wrapped weight in nn.Linear's (out, in) layout (a transposed view for a Conv1D); a bitsandbytes
+        Linear4bit's dequantized (in its quantized dtype: a temporary (out, in) tensor)."""
+        if is_linear4bit(self.linear) and getattr(self.linear.weight, "quant_state", None) is not None:
+            return dequantize_4bit_weight(self.linear.weight, self.linear.weight.quant_state)
         return self.linear.weight.t() if self.fan_in_fan_out else self.linear.weight
 
     def adapter_parameters(self) -> list:
         return [self.lora.A, self.lora.B, self.m]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged:
+            self._check_magnitude("forward")
         if self.merged or not self.fused():
             if self.merged:
                 return super().forward(x)
             # the wrapped layer's own call (hooks, own forward), then PEFT's DoRA around its output, unfused
             y = self.linear(x)
-            return dora_unfused(x, y, self.base_weight(), self.linear.bias, self.lora.A, self.lora.B, self.m,
+            weight = self.base_weight()
+            bias = self.linear.bias
+            if is_linear4bit(self.linear):
+                weight = weight.to(y.dtype)
+                bias = bias.to(y.dtype) if bias is not None else None
+            return dora_unfused(x.to(y.dtype), y, weight, bias, self.lora.A, self.lora.B, self.m,
                                 self.lora.scale, dropout_p=self.dropout, training=self.training)
+        if has_4bit_forward(self.linear):
+            return forward_dora_4bit(self.linear, x, self.lora.A, self.lora.B, self.m, self.lora.scale, self.dropout,
+                                     self.training)
         return dora_linear(x, self.base_weight(), self.linear.bias, self.lora.A, self.lora.B, self.m,
                            self.lora.scale, dropout_p=self.dropout, training=self.training)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ._checks import check_dropout
 from .layers import LinearWithDoRA, LinearWithLoRA, has_plain_forward, is_linear, is_linear4bit, lora_scale
+from .reference import dora_scale
 
 Exclude = Optional[Union[Iterable[str], Callable[[str, nn.Module], bool]]]
 TargetModules = Optional[Union[str, Iterable[str]]]
@@ -162,14 +163,22 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
     first_names = {}
     for name, module in model.named_modules():
         first_names.setdefault(id(module), name)
-    _replace(model, "", wrap, rank, alpha, skip, kwargs, wrappers, first_names)
+    # every wrapper is built before any is put in place: a layer that cannot be wrapped (an unsupported base,
+    # a magnitude that cannot be computed) raises with the model unchanged
+    places = []
+    _replace(model, "", wrap, rank, alpha, skip, kwargs, wrappers, first_names, places)
+    for parent, name, wrapper in places:
+        setattr(parent, name, wrapper)
     if target_modules is not None and not any(isinstance(m, LinearWithLoRA) for m in model.modules()):
         # as PEFT does: a target list that matches nothing is a mistake, not a no-op
         raise ValueError(f"target_modules: {target_modules!r} matched no linear layer of the model")
     return model
 
 
-def _replace(module: nn.Module, prefix: str, wrap, rank, alpha, skip, kwargs, wrappers, first_names) -> None:
+def _replace(module: nn.Module, prefix: str, wrap, rank, alpha, skip, kwargs, wrappers, first_names,
+             places: list) -> None:
+    """Collect (parent, attribute, wrapper) for every linear layer to wrap under ``module`` into ``places``; the
+    wrappers are built here, the model is not changed."""
     for name, child in list(module.named_children()):
         qualified = f"{prefix}{name}"
         # nn.MultiheadAttention reads out_proj.weight directly, so wrapping it would break the attention
@@ -181,9 +190,33 @@ def _replace(module: nn.Module, prefix: str, wrap, rank, alpha, skip, kwargs, wr
             if wrapper is None and not skip(first_names.get(id(child), qualified), child):
                 wrapper = wrappers[id(child)] = wrap(child, rank, alpha, **kwargs)
             if wrapper is not None:
-                setattr(module, name, wrapper)
+                places.append((module, name, wrapper))
         else:
-            _replace(child, qualified + ".", wrap, rank, alpha, skip, kwargs, wrappers, first_names)
+            _replace(child, qualified + ".", wrap, rank, alpha, skip, kwargs, wrappers, first_names, places)
+
+
+def initialize_dora_magnitudes(model: nn.Module, *, force: bool = False) -> nn.Module:
+    """Compute the magnitude m = ||W + scale (A B)^T|| per output feature of every LinearWithDoRA in ``model``
+    whose magnitude is not initialised (every one with ``force``), from the base weights as they are now; returns
+    the model. The last step of the meta-device idiom with DoRA (build on 'meta', replace_linear_with_lora(...,
+    use_dora=True), ``to_empty()``, ``reset_parameters()`` on every module, load the base, then this): the
+    result equals the model wrapped on the loaded base (torchtune initialises its DoRA magnitudes after loading
+    too). Layers whose m was loaded (a state dict, load_lora, load_peft_adapter) keep it.
+
+    Raises: TypeError if model is not an nn.Module; RuntimeError (before any change) if a layer to initialise
+    still has its base on the meta device.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"initialize_dora_magnitudes: model: expected a torch.nn.Module, got {type(model).__name__}")
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, LinearWithDoRA) and (force or not m.magnitude_ready())]
+    meta = [n or "<model>" for n, m in layers if m.base_weight().is_meta]
+    if meta:
+        raise RuntimeError(f"initialize_dora_magnitudes: the base weights of {meta} are on the meta device; move "
+                           "the model with to_empty() and load the base weights first")
+    for _, layer in layers:
+        layer.initialize_magnitude()
+    return model
 
 
 # --- merge / unmerge and trainable-parameter helpers (issue 7) ------------------------------------------------
@@ -214,10 +247,12 @@ def _merged_weight(layer: LinearWithLoRA) -> torch.Tensor:
     delta = layer.lora.scale * (A.to(weight.device, acc) @ B.to(weight.device, acc))  # (in, out)
     merged = weight.to(acc) + (delta if layer.fan_in_fan_out else delta.t())
     if isinstance(layer, LinearWithDoRA):
+        layer._check_magnitude("merge")
         # DoRA: each output feature's row (a Conv1D's column) scaled by g = m / ||W_n + scale (A B)^T_n||, the
         # norm of the unmerged weight, so linear(x) computes g ⊙ (x W^T + scale x A B) + b (PEFT's merge)
         norm = torch.linalg.vector_norm(merged, dim=0 if layer.fan_in_fan_out else 1)
-        g = layer.m.detach().to(weight.device, acc) / norm
+        # g = 1 on rows of norm 0 (reference.dora_scale: the same rule as the forward on both backends)
+        g = dora_scale(layer.m.detach().to(weight.device, acc), norm)
         merged = merged * (g[None, :] if layer.fan_in_fan_out else g[:, None])
     return merged.to(weight.dtype)
 

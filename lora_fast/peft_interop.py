@@ -32,6 +32,7 @@ from .layers import (
     LinearWithDoRA,
     LinearWithLoRA,
     forward_4bit,
+    forward_dora_4bit,
     has_4bit_forward,
     has_plain_forward,
     is_linear,
@@ -112,8 +113,6 @@ def _adapter_reason(module: nn.Module) -> tuple:
     variant = getattr(module, "lora_variant", {}).get(adapter)
     if (variant is not None or getattr(module, "use_dora", {}).get(adapter)) and not _is_dora(module, adapter):
         return None, "LoRA variant " + ("DoRA" if module.use_dora.get(adapter) else type(variant).__name__)
-    if _is_dora(module, adapter) and has_4bit_forward(module.base_layer):
-        return None, "DoRA on a 4-bit base"   # dora_linear takes a 16-bit weight
     lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
         return None, "custom lora_A / lora_B modules"
@@ -189,10 +188,15 @@ def _fused_forward(module: nn.Module, x, *args, **kwargs):
     base = module.base_layer
     dropout = module.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    if has_4bit_forward(base) and _is_dora(module, adapter):
+        # QDoRA: dora_linear_4bit in the layer's compute dtype (PEFT's DoRA reads deq(W) in the adapters' dtype:
+        # within one rounding of deq(W) in the compute dtype)
+        return forward_dora_4bit(base, x, module.lora_A[adapter].weight.t(), module.lora_B[adapter].weight.t(),
+                                 module.lora_magnitude_vector[adapter].weight, module.scaling[adapter], p,
+                                 module.training and dropout.training)
     if has_4bit_forward(base):
-        # QLoRA (plain LoRA only: _supported leaves DoRA on a 4-bit base to PEFT): the LoRA term reads x in the
-        # compute dtype (PEFT reads it in x's own dtype: the same when they agree, within one rounding of x
-        # otherwise)
+        # QLoRA: the LoRA term reads x in the compute dtype (PEFT reads it in x's own dtype: the same when they
+        # agree, within one rounding of x otherwise)
         return forward_4bit(base, x, module.lora_A[adapter].weight.t(), module.lora_B[adapter].weight.t(),
                             module.scaling[adapter], p, dropout.training)
     # Conv1D (fan_in_fan_out) stores (in, out); .t() gives nn.Linear's (out, in) layout as a view, no copy
@@ -608,7 +612,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
             raise ValueError(f"adapter_dir: module {name!r} has lora_A {tuple(lora_A.shape)} and lora_B "
                              f"{tuple(lora_B.shape)}, expected rank {r} from the config")
         _check_target(model, name, r, lora_A.shape[1], lora_B.shape[0], config.use_dora)
-        plan.append((name, lora_A, lora_B, magnitude, r, alpha))
+        # the wrapper of a plain layer is built now, before any change: a base it cannot wrap raises here
+        plan.append((name, lora_A, lora_B, magnitude, r, alpha, _new_wrapper(model, name, r, alpha, config)))
     params = dict(model.named_parameters())
     extra_plan = []
     for name, value in extras.items():
@@ -632,8 +637,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
                              f"{target!r} has {tuple(param.shape)}")
         extra_plan.append((param, value))   # wrapping a layer later keeps its Parameter objects
     loaded = set()
-    for name, lora_A, lora_B, magnitude, r, alpha in plan:
-        layer = _lora_target(model, name, r, alpha, config)
+    for name, lora_A, lora_B, magnitude, r, alpha, wrapper in plan:
+        layer = _lora_target(model, name, wrapper)
         with torch.no_grad():
             layer.lora.A.copy_(lora_A.t())
             layer.lora.B.copy_(lora_B.t())
@@ -682,16 +687,21 @@ def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_fea
                          f"give {(in_features, out_features)}")
 
 
-def _lora_target(model: nn.Module, name: str, r: int, alpha: float, config) -> LinearWithLoRA:
-    """The LinearWithLoRA at ``name`` in ``model`` (already checked by _check_target), wrapping a plain linear
-    there first."""
+def _new_wrapper(model: nn.Module, name: str, r: int, alpha: float, config) -> Optional[LinearWithLoRA]:
+    """The LinearWithLoRA (LinearWithDoRA) that will wrap the plain linear at ``name`` (already checked by
+    _check_target), built without changing the model; None when ``name`` is already wrapped."""
     module = model.get_submodule(name)
     if isinstance(module, LinearWithLoRA):
-        return module
+        return None
     scaling = "rslora" if config.use_rslora else "alpha/rank"
     wrap = LinearWithDoRA if config.use_dora else LinearWithLoRA
-    layer = wrap(module, r, alpha, dropout=float(config.lora_dropout), scaling=scaling)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
-    return layer
+    return wrap(module, r, alpha, dropout=float(config.lora_dropout), scaling=scaling)
 
+
+def _lora_target(model: nn.Module, name: str, wrapper: Optional[LinearWithLoRA]) -> LinearWithLoRA:
+    """The LinearWithLoRA at ``name`` in ``model``, putting ``wrapper`` (from _new_wrapper) there first."""
+    if wrapper is None:
+        return model.get_submodule(name)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, wrapper)
+    return wrapper

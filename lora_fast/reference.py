@@ -116,10 +116,12 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 training: bool = True, dropout_mask: Optional[torch.Tensor] = None, dropout_rng: str = "philox",
                 base_result: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DoRA linear, unfused, as PEFT computes it (``LoraConfig(use_dora=True)``, peft.tuners.lora.dora):
-    g = magnitude / ||W + scale (A B)^T||_row (detached, Liu et al. 2024, eq. 5 and sec. 4.3), and
+    g = magnitude / ||W + scale (A B)^T||_row (detached, Liu et al. 2024, eq. 5 and sec. 4.3; g = 1 on rows of
+    norm 0, see ``dora_scale``), and
 
-        no dropout (or eval):  y = base + (g - 1) ⊙ (base - b) + g ⊙ scale x A B = g ⊙ (x W^T + scale x A B) + b
-        dropout active:        y = base + (g - 1) ⊙ (x_d W^T) + g ⊙ scale x_d A B,   x_d = dropout(x)
+        no dropout (or eval):  y = g ⊙ (base - b + scale x A B) + b = g ⊙ (x W^T + scale x A B) + b
+        dropout active:        y = (base - x_d W^T) + g ⊙ (x_d W^T + scale x_d A B)
+                                 = base + (g - 1) ⊙ (x_d W^T) + g ⊙ scale x_d A B,   x_d = dropout(x)
 
     with base = x W^T + b (or ``base_result``: the wrapped layer's own output, as PEFT takes it). The low-rank
     path and x_d run in A's dtype (x is cast to it, as PEFT does); the sum is cast to x's dtype once.
@@ -135,15 +137,30 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         raise ValueError(f"dropout_rng: expected one of {DROPOUT_RNGS}, got {dropout_rng!r}")
     if dropout_mask is not None and dropout_mask.shape != x.shape:
         raise ValueError(f"dropout_mask: expected x's shape {tuple(x.shape)}, got {tuple(dropout_mask.shape)}")
-    norm = dora_weight_norm(weight, A, B, scale)
-    g = magnitude.to(torch.promote_types(magnitude.dtype, norm.dtype)) / norm
+    g = dora_scale(magnitude, dora_weight_norm(weight, A, B, scale))
     result = F.linear(x, weight, bias) if base_result is None else base_result
     x_lora = x.to(A.dtype)
     active = training and dropout_p > 0
     x_d = _dropped(x_lora, dropout_p, training, dropout_mask, dropout_rng)
-    lora = scale * (x_d @ A @ B)
+    # the low-rank term and the sums in g's dtype (fp32, or fp64), so that a term beyond 16-bit range at a large
+    # scale is scaled back by g before the one rounding to x's dtype (PEFT sums in its fp32 adapters' dtype)
+    acc = g.dtype
+    lora = scale * (x_d.to(acc) @ A.to(acc) @ B.to(acc))
     if active:
-        base = F.linear(x_d, weight.to(x_d.dtype))
-    else:
-        base = result - bias if bias is not None else result
-    return (result + (g - 1) * base + g * lora).to(x.dtype)
+        # PEFT's result + (g - 1) ⊙ x_d W^T + g ⊙ lora, grouped so that no g-scaled term cancels another
+        base_d = F.linear(x_d, weight.to(x_d.dtype)).to(acc)
+        return ((result.to(acc) - base_d) + g * (base_d + lora)).to(x.dtype)
+    # PEFT's g ⊙ (base + lora) + b: the sum scaled by g directly
+    base = (result - bias if bias is not None else result).to(acc)
+    y = g * (base + lora)
+    return (y + bias.to(acc) if bias is not None else y).to(x.dtype)
+
+
+def dora_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """g = magnitude / norm per output feature, and 1 where norm is 0 (a row with W_n + scale (A B)^T_n = 0 has
+    no direction for the magnitude to scale: its output is the plain LoRA output, finite, where PEFT's 0/0 gives
+    NaN); in the wider of the two dtypes. The magnitude's gradient is 0 on such rows."""
+    dtype = torch.promote_types(magnitude.dtype, norm.dtype)
+    zero = norm == 0
+    return torch.where(zero, torch.ones((), dtype=dtype, device=norm.device),
+                       magnitude.to(dtype) / torch.where(zero, torch.ones_like(norm), norm).to(dtype))

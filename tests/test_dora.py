@@ -18,6 +18,8 @@ from lora_fast import (
     LinearWithDoRA,
     LinearWithLoRA,
     dora_linear,
+    dora_linear_4bit,
+    initialize_dora_magnitudes,
     load_lora,
     load_peft_adapter,
     lora_state_dict,
@@ -31,8 +33,7 @@ from lora_fast import (
     save_peft_adapter,
     unmerge_lora,
 )
-from lora_fast.dora import clear_weight_cache, weight_sq_norms
-from tests.utils import assert_close, make_inputs
+from tests.utils import assert_close, linear_magnitude, make_inputs
 
 M, K, N = 37, 45, 29
 
@@ -101,6 +102,51 @@ def _check(x, W, b, A, B, m, s, *, p=0.0, seed_value=1234, dtype=None, train_wei
     assert_close(leaves[5].grad, ref_leaves[5].grad, dm_mag, dtype, rows + K + R, "dora dm")
     if not train_weight:
         assert leaves[1].grad is None
+
+
+def _arch(device=None):
+    return nn.Sequential(nn.Linear(K, N, device=device), nn.ReLU(), nn.Linear(N, 7, device=device))
+
+
+def test_meta_device_idiom_gives_the_model_built_on_the_loaded_base():
+    """Build on meta, wrap with DoRA, to_empty(), reset every module, load the base, initialise the magnitudes:
+    the same model (every tensor, and the outputs) as wrapping the loaded base; a forward before the
+    magnitudes are initialised raises (never NaN), and so does merging."""
+    base = _arch()
+    torch.manual_seed(5)
+    expected = replace_linear_with_lora(copy.deepcopy(base), 4, 2.0, use_dora=True)
+    with torch.device("meta"):
+        model = replace_linear_with_lora(_arch(), 4, 2.0, use_dora=True)
+    model.to_empty(device="cpu")
+    torch.manual_seed(5)
+    for module in model.modules():
+        if isinstance(module, LinearWithLoRA):
+            module.reset_parameters()      # the adapters only (A kaiming, B zeros), in wrapping order
+    x = torch.randn(3, K)
+    with pytest.raises(RuntimeError, match="magnitude m is not initialised"):
+        model(x)
+    with pytest.raises(RuntimeError, match="magnitude m is not initialised"):
+        merge_lora(copy.deepcopy(model))
+    model.load_state_dict({"0.linear.weight": base[0].weight, "0.linear.bias": base[0].bias,
+                           "2.linear.weight": base[2].weight, "2.linear.bias": base[2].bias}, strict=False)
+    initialize_dora_magnitudes(model)
+    got, want = model.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert torch.equal(model(x), expected(x))
+    # a full state dict (m included) also counts as initialised, without initialize_dora_magnitudes
+    with torch.device("meta"):
+        again = replace_linear_with_lora(_arch(), 4, 2.0, use_dora=True)
+    again.to_empty(device="cpu")
+    again.load_state_dict(want)
+    assert torch.equal(again(x), expected(x))
+    # reset_parameters never computes m from the (possibly unloaded) base
+    layer = expected[0]
+    layer.reset_parameters()
+    assert torch.isnan(layer.m).all()
+    with pytest.raises(RuntimeError, match="initialize_magnitude"):
+        layer(x)
+    layer.initialize_magnitude()
+    assert torch.equal(layer.m, torch.linalg.vector_norm(base[0].weight.detach(), dim=1))
 
 
 # --- the float64 reference is PEFT's DoRA ------------------------------------------------------------------------
@@ -204,23 +250,152 @@ def test_autocast_computes_in_the_autocast_dtype():
     assert_close(y, ref, mag, torch.bfloat16, K + 4, "dora autocast", record=False)
 
 
-@pytest.mark.parametrize("dtype,R", [(torch.float32, 1), (torch.bfloat16, 16)])
-def test_norm_kernel_and_cache(dtype, R):
+@pytest.mark.parametrize("dtype,R,s", [(torch.float32, 1, 1.3), (torch.bfloat16, 16, 1.3), (torch.float32, 3, 1e6),
+                                       (torch.float16, 8, 1e4)])
+def test_norm_kernel_is_exact_with_no_expansion(dtype, R, s):
+    """The norm pass against float64 on W + s (A B)^T itself, at scales where the LoRA term dominates W (the
+    expansion ||W||^2 + 2 s (W A) . B + s^2 ... lost the precision there), and g = m / norm."""
     from lora_fast.kernels import dora as kernels
 
     x, W, b, A, B, m = _dora_inputs((M,), dtype, R, adapter_dtype=torch.float32)
-    clear_weight_cache()
-    wsq = weight_sq_norms(W)
-    assert weight_sq_norms(W) is wsq   # cached
-    norm, g = kernels.dora_norm(W, A, B, m, 1.3, wsq)
-    ref = reference.dora_weight_norm(W.double(), A.double(), B.double(), 1.3)
-    # squared norm: fp32 sums over K, and A rounded once into the dtype of W's dot (16-bit for a 16-bit W)
-    rel = 4 * (2.0**-24 * K + (2.0**-8 if dtype == torch.bfloat16 else 0))
+    Wt = W.t().contiguous().t()   # a transposed view: strides are read, nothing copied
+    norm, g = kernels.dora_norm(Wt, A, B, m, s)
+    ref = reference.dora_weight_norm(W.double(), A.double(), B.double(), s)
+    # each element of W + s (A B)^T: an fp32 dot of R terms plus one addition, squared and summed over K in fp32
+    # (relative to the norm: Higham's gamma over R + K terms); scale * B rounded once to fp32
+    rel = 2.0**-24 * (R + K + 4)
     assert ((norm.double() - ref).abs() <= rel * ref).all()
-    assert torch.allclose(g.double(), m.double() / norm.double(), rtol=1e-6, atol=0)
+    assert ((g.double() - m.double() / ref).abs() <= 2 * rel * (m.double() / ref).abs()).all()
+
+
+def test_norm_follows_every_write_to_the_weight():
+    """No cache: after writes that a cache keyed on (pointer, version) missed (weight.data.copy_, two .data
+    assignments reusing freed memory, an in-place update of another tensor sharing the storage) the output
+    equals a fresh computation on a new tensor holding the same values."""
+    x, W, b, A, B, m = _dora_inputs((M,), torch.float32, 4)
+
+    def run(weight):
+        return dora_linear(x, weight, b, A, B, m, 0.7)
+
+    def fresh(weight):
+        return run(weight.detach().clone())
+
+    weight = nn.Parameter(W.clone())
+    run(weight)
+    weight.data.copy_(torch.randn_like(W))
+    assert torch.equal(run(weight), fresh(weight))
+    for _ in range(2):
+        weight.data = torch.randn_like(W)
+        assert torch.equal(run(weight), fresh(weight))
+    storage = torch.randn(2 * N * K)
+    view = storage[:N * K].view(N, K)
+    run(view)
+    other = storage[:N * K]                # another tensor on the same storage, its own version counter
+    other.data.mul_(-3.0)
+    assert torch.equal(run(view), fresh(view))
+
+
+def test_inference_tensors_run_on_the_kernels():
+    """A weight made under torch.inference_mode (as loaders make them) runs on the kernels path, in inference
+    mode and, frozen, outside it with adapters that train."""
+    x, W, b, A, B, m = _dora_inputs((M,), torch.float32, 4)
+    with torch.inference_mode():
+        Wi, bi = W.clone(), b.clone()
+        y_inf = dora_linear(x, Wi, bi, A, B, m, 0.7)
+    assert torch.equal(y_inf, dora_linear(x, W, b, A, B, m, 0.7))
+    Ar = A.clone().requires_grad_()
+    y = dora_linear(x, Wi, bi, Ar, B, m, 0.7)
+    y.sum().backward()
+    Ar2 = A.clone().requires_grad_()
+    dora_linear(x, W, b, Ar2, B, m, 0.7).sum().backward()
+    assert torch.equal(y, y_inf) and torch.equal(Ar.grad, Ar2.grad)
+
+
+def _scaled_check(x, W, b, A, B, m, s, p, dtype, grads=True):
+    """Forward, dx, dA, dB and dm against float64 with the bound of the grouped formula that both backends
+    compute, y = (x - x_d) W^T + b + g ⊙ (x_d W^T + s x_d A B) (x_d = x without dropout): |g| multiplies the
+    magnitude of the term it scales, so a low-rank term many times the output does not widen the bound."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, W, b, A, B, m)]
+    leaves[1].requires_grad_(False)
+    torch.manual_seed(77)
+    y = dora_linear(*leaves, s, dropout_p=p, training=True)
+    dy = torch.randn_like(y, dtype=torch.float32).to(y.dtype)
+    y.backward(dy)
+    keep = _mask(77, x.shape, p) if p > 0 else torch.ones_like(x, dtype=torch.bool)
+    pq = philox.quantize(p)
+    ref_leaves = [None if t is None else t.detach().double().requires_grad_() for t in (x, W, b, A, B, m)]
+    ref_leaves[1].requires_grad_(False)
+    ref = reference.dora_linear(*ref_leaves, s, dropout_p=pq, training=True, dropout_mask=keep if p > 0 else None)
+    ref.backward(dy.double())
+    norm = reference.dora_weight_norm(W.double(), A.double(), B.double(), s)
+    g = reference.dora_scale(m.double(), norm)
+    xa, Wa, Aa, Ba = (t.detach().double().abs() for t in (x, W, A, B))
+    xa = xa.requires_grad_()
+    Aa, Ba = Aa.requires_grad_(), Ba.requires_grad_()
+    xd = xa * keep.double() / (1 - pq) if p > 0 else xa
+    rest = (xa - xd).abs() if p > 0 else torch.zeros_like(xa)
+    inner = xd @ Wa.t() + abs(s) * (xd @ Aa @ Ba)
+    mag = rest @ Wa.t() + g.abs() * inner + (b.double().abs() if b is not None else 0)
+    mag.backward(dy.double().abs())
+    assert torch.isfinite(y).all()
+    assert_close(y, ref.detach(), mag.detach(), dtype, K + 8, "dora scaled forward", record=False)
+    for name, got, want, bound, n in (("dx", leaves[0].grad, ref_leaves[0].grad, xa.grad, N + 8),
+                                      ("dA", leaves[3].grad, ref_leaves[3].grad, Aa.grad, M + 8),
+                                      ("dB", leaves[4].grad, ref_leaves[4].grad, Ba.grad, M + 8))[:3 if grads else 0]:
+        assert_close(got, want, bound, dtype, n, "dora scaled " + name, record=False)
+    inv = torch.where(norm > 0, 1 / norm.clamp_min(1e-300), torch.zeros_like(norm))
+    dm_mag = (dy.double().abs() * inner.detach()).sum(0) * inv
+    assert_close(leaves[5].grad, ref_leaves[5].grad, dm_mag, dtype, M + K + 8, "dora scaled dm", record=False)
+    return y, ref
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype,s,p", [(torch.float32, 1e4, 0.0), (torch.float32, 1e6, 0.25),
+                                       (torch.float16, 1e6, 0.0), (torch.bfloat16, 1e4, 0.25)])
+def test_low_rank_term_dominates_at_large_scales(monkeypatch, backend, dtype, s, p):
+    """m = ||W_n|| (PEFT's initial value) with s up to 1e6: g ~ 1 / s and the low-rank term s x A B is far
+    beyond the output (beyond fp16's range at 1e6); the output is in range and finite, fp32 within 1e-5."""
+    monkeypatch.setenv("LORA_FAST_BACKEND", backend)
+    x, W, b, A, B, _ = _dora_inputs((M,), dtype, 4, adapter_dtype=torch.float32)
+    m = torch.linalg.vector_norm(W.float(), dim=1)
+    # fp16 keeps g ⊙ dY (g ~ 1e-6 here) in 16 bits on the kernels: below fp16's normal range, so dx, dA, dB lose
+    # digits there (a known limit, docs/_pending/issue-24.md); the forward and dm are checked
+    grads = not (dtype == torch.float16 and backend == "triton")
+    y, ref = _scaled_check(x, W, b, A, B, m, s, p, dtype, grads=grads)
+    if dtype == torch.float32:
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype,p", [(torch.float32, 0.0), (torch.float32, 0.25), (torch.bfloat16, 0.0)])
+def test_zero_norm_rows_give_g_one(monkeypatch, backend, dtype, p):
+    """Rows where W_n + s (A B)^T_n = 0 (zero rows of W with B's column zero, as in a released MoE checkpoint
+    and at initialisation): g = 1 there, the output is the plain LoRA output (finite, the bias), the magnitude
+    gets no gradient on those rows, and the other rows are unchanged; merge_lora gives the same layer."""
+    monkeypatch.setenv("LORA_FAST_BACKEND", backend)
+    x, W, b, A, B, m = _dora_inputs((M,), dtype, 4, adapter_dtype=torch.float32)
+    zero = torch.tensor([0, 5, N - 1])
+    W[zero] = 0
+    B[:, zero] = 0
+    y, ref = _scaled_check(x, W, b, A, B, m, 0.8, p, dtype)
+    assert torch.isfinite(y).all()
+    if p == 0:
+        assert torch.equal(y[:, zero], b[zero].expand(M, -1).to(y.dtype))
+    layer = LinearWithDoRA(nn.Linear(K, N).to(dtype), 4, 0.8)
     with torch.no_grad():
-        W.mul_(2)                      # in place: the version counter moves, the cache misses
-    assert torch.allclose(weight_sq_norms(W), 4 * wsq, rtol=1e-6, atol=0)
+        layer.linear.weight.copy_(W)
+        layer.linear.bias.copy_(b)
+        layer.lora.A.copy_(A)
+        layer.lora.B.copy_(B)
+        layer.m.copy_(m)
+    y_layer = layer.eval()(x).detach()
+    merge_lora(layer)
+    assert torch.isfinite(layer.linear.weight).all()
+    assert torch.equal(layer.linear.weight[zero], W[zero])
+    ref_eval = reference.dora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), m.double(), 0.8)
+    mag = linear_magnitude(x, layer.linear.weight, b) + linear_magnitude(x, W, b)
+    assert_close(layer(x).detach(), ref_eval, mag, dtype, K + 8, "dora zero rows merged", record=False)
+    assert_close(y_layer, ref_eval, mag, dtype, K + 8, "dora zero rows eval", record=False)
 
 
 # --- LinearWithDoRA ----------------------------------------------------------------------------------------------
@@ -392,8 +567,8 @@ def test_saved_bytes_no_more_than_peft(p):
     peft_bytes, _, y_peft = saved_bytes(model, x.clone().requires_grad_(), params)
     patch_peft(model)
     ours_bytes, ours_tensors, y_ours = saved_bytes(model, x.clone().requires_grad_(), params)
-    # ours: x (bf16), S (M x r fp32), U (M x N bf16), g and norm (N fp32), the seed with dropout
-    expected = 40 * 64 * 2 + 40 * 8 * 4 + 40 * 48 * 2 + 2 * 48 * 4 + (8 if p else 0)
+    # ours: x (bf16), S (M x r fp32), V (M x N bf16), g (N fp32), the seed with dropout
+    expected = 40 * 64 * 2 + 40 * 8 * 4 + 40 * 48 * 2 + 48 * 4 + (8 if p else 0)
     assert ours_bytes == expected, ours_tensors
     assert ours_bytes <= peft_bytes
 
@@ -407,7 +582,7 @@ def test_bench_rows_meta_saved_bytes_and_cost_model():
     assert saved.check_meta_against_real(["lora-fast-dora"], shape=(48, 40, 24, 4)) == []
     for p in (0.0, 0.1):
         ours = saved.measure("lora-fast-dora", 48, 40, 24, 4, torch.bfloat16, p, True)[0]
-        assert ours == 2 * 48 * 40 + 4 * 48 * 4 + 2 * 48 * 24 + 2 * 4 * 24 + (8 if p else 0)
+        assert ours == 2 * 48 * 40 + 4 * 48 * 4 + 2 * 48 * 24 + 4 * 24 + (8 if p else 0)
         assert ours <= saved.measure("peft-dora", 48, 40, 24, 4, torch.bfloat16, p, True)[0]
     errors = accuracy.errors("lora-fast-dora", torch.float32, shapes=((37, 45, 29, 3, True),))
     assert set(errors) == {"y", "dx", "dA", "dB"} and max(errors.values()) < 1e-5
@@ -417,5 +592,245 @@ def test_bench_rows_meta_saved_bytes_and_cost_model():
     def bound(impl):
         return cost_model.bound(impl, "full", 8192, 4096, 4096, 16, "bfloat16", *h200)
 
-    assert bound("lora-fast-dora") / bound("lora-fast") == pytest.approx(1.11, abs=0.01)
-    assert bound("peft-dora") / bound("lora-fast-dora") == pytest.approx(1.57, abs=0.01)
+    # the fp32 unscaled sum (written and read once: no 16-bit overflow, no cancelling (g - 1) term) and the norm
+    # pass over W on every call
+    assert bound("lora-fast-dora") / bound("lora-fast") == pytest.approx(1.155, abs=0.01)
+    assert bound("peft-dora") / bound("lora-fast-dora") == pytest.approx(1.52, abs=0.01)
+
+
+# --- QDoRA: DoRA on a bitsandbytes 4-bit base --------------------------------------------------------------------
+def _linear4bit(in_f, out_f, compute_dtype, quant_type, nested, blocksize):
+    bnb = pytest.importorskip("bitsandbytes")
+    plain = nn.Linear(in_f, out_f)
+    layer = bnb.nn.Linear4bit(in_f, out_f, compute_dtype=compute_dtype, quant_type=quant_type,
+                              compress_statistics=nested)
+    layer.load_state_dict(plain.state_dict())
+    layer.weight.blocksize = blocksize
+    layer = layer.to("cpu")
+    assert layer.weight.quant_state.blocksize == blocksize
+    return layer
+
+
+def _truth_4bit(lin, x, A, B, m, s):
+    """float64 DoRA on the dequantized weight (in_features a multiple of the blocksize here: bitsandbytes'
+    CPU dequantize_4bit is right for such layouts), its leaves (x, A, B, m) and the leaves (|x|, |A|, |B|) of the
+    magnitude bound |g| ⊙ (|x| |W|^T + |s| |x| |A| |B|) + |b|, with the bound of dm per output feature."""
+    import bitsandbytes.functional as bnb_functional
+
+    W = bnb_functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state).double()
+    b = lin.bias.detach().double()
+    leaves = [t.detach().double().requires_grad_() for t in (x, A, B, m)]
+    y = reference.dora_linear(leaves[0], W, b, leaves[1], leaves[2], leaves[3], s)
+    norm = reference.dora_weight_norm(W, A.double(), B.double(), s)
+    g = reference.dora_scale(m.detach().double(), norm)
+    abs_leaves = [t.detach().double().abs().requires_grad_() for t in (x, A, B)]
+    inner = abs_leaves[0] @ W.abs().t() + abs(s) * (abs_leaves[0] @ abs_leaves[1] @ abs_leaves[2])
+    return y, leaves, g.abs() * inner + b.abs(), abs_leaves, inner, norm
+
+
+def _check_4bit_grads(y, dy, truth, leaves, mag, abs_leaves, inner, norm, got, dtype, K_, N_):
+    """got: (dx, dA, dB, dm) against the float64 truth's gradients within the bounds of |dY| through the formula."""
+    truth.backward(dy.double())
+    mag.backward(dy.double().abs())
+    rows = dy.shape[0]
+    bounds = (abs_leaves[0].grad, abs_leaves[1].grad, abs_leaves[2].grad,
+              (dy.double().abs() * inner.detach()).sum(0) / norm)
+    for name, g_, want, bound, n in zip(("dx", "dA", "dB", "dm"), got, [t.grad for t in leaves], bounds,
+                                        (N_ + 8, rows + 8, rows + 8, rows + K_ + 8)):
+        assert g_ is not None, name
+        assert_close(g_, want, bound, dtype, n, "qdora " + name, record=False)
+
+
+def _loaded_in_4bit(lin):
+    model = nn.Sequential(lin)
+    model.is_loaded_in_4bit = True   # what transformers sets: PEFT then wraps with its bnb.Linear4bit class
+    return model
+
+
+QDORA_CONFIGS = [(torch.float32, "nf4", False, 64), (torch.bfloat16, "fp4", True, 128),
+                 (torch.float16, "nf4", True, 32)]
+
+
+@pytest.mark.parametrize("compute,quant_type,nested,blocksize", QDORA_CONFIGS)
+def test_qdora_patch_peft_matches_float64_and_peft(compute, quant_type, nested, blocksize):
+    """PEFT's DoRA on a Linear4bit, patched onto dora_linear_4bit (kernels under the interpreter): the output and
+    the gradients of x, A, B and the magnitude against float64 on the dequantized weight; PEFT's own forward
+    against the same truth as the anchor."""
+    peft = pytest.importorskip("peft")
+    Kq, Nq, R = 128, 24, 4
+    lin = _linear4bit(Kq, Nq, compute, quant_type, nested, blocksize)
+    model = peft.get_peft_model(_loaded_in_4bit(lin), peft.LoraConfig(r=R, lora_alpha=8, target_modules=["0"],
+                                                                     use_dora=True))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, R ** -0.5)
+        layer.lora_magnitude_vector["default"].weight.mul_(1.0 + 0.3 * torch.randn(Nq))
+    x = torch.randn(9, Kq).to(compute)
+    A_mod, B_mod = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    mag_mod = layer.lora_magnitude_vector["default"].weight
+    s = layer.scaling["default"]
+    truth, leaves, mag, abs_leaves, inner, norm = _truth_4bit(lin, x, A_mod.t(), B_mod.t(), mag_mod, s)
+    with torch.no_grad():
+        y_peft = model(x)
+    assert_close(y_peft, truth.detach(), mag.detach(), compute, Kq + R, "peft qdora forward", record=False)
+    report = patch_peft(model)
+    assert report.patched == ["base_model.model.0"], report.skipped
+    xl = x.clone().requires_grad_()
+    y = model(xl)
+    dy = torch.randn_like(y, dtype=torch.float32).to(y.dtype)
+    y.backward(dy)
+    assert y.dtype == x.dtype
+    assert_close(y, truth.detach(), mag.detach(), compute, Kq + R, "qdora forward", record=False)
+    _check_4bit_grads(y, dy, truth, leaves, mag, abs_leaves, inner, norm,
+                      (xl.grad, A_mod.grad.t(), B_mod.grad.t(), mag_mod.grad), compute, Kq, Nq)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_qdora_layer_wraps_4bit_bases(monkeypatch, tmp_path, backend):
+    """replace_linear_with_lora(use_dora=True) on a Linear4bit: m = ||deq(W)_n|| (not the packed bytes), the
+    output and gradients against float64 on both backends, merge refused by name, and a PEFT DoRA adapter
+    saved from a 4-bit model loads into a 4-bit model (load_peft_adapter) with the same outputs."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("LORA_FAST_BACKEND", backend)
+    Kq, Nq, R = 64, 24, 3
+    lin = _linear4bit(Kq, Nq, torch.float32, "nf4", True, 64)
+    model = replace_linear_with_lora(nn.Sequential(copy.deepcopy(lin)), R, 1.5, use_dora=True)
+    layer = model[0]
+    assert isinstance(layer, LinearWithDoRA)
+    _, _, _, _, _, norm0 = _truth_4bit(lin, torch.zeros(1, Kq), layer.lora.A, layer.lora.B, layer.m, 1.5)
+    assert (layer.m.double() - norm0).abs().max() <= 2.0**-24 * (Kq + 4) * norm0.max()
+    with torch.no_grad():
+        layer.lora.B.normal_(0, R ** -0.5)
+        layer.m.mul_(1.0 + 0.3 * torch.randn(Nq))
+    x = torch.randn(7, Kq).requires_grad_()
+    truth, leaves, mag, abs_leaves, inner, norm = _truth_4bit(lin, x, layer.lora.A, layer.lora.B, layer.m, 1.5)
+    y = model(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert_close(y, truth.detach(), mag.detach(), torch.float32, Kq + R, "qdora layer forward", record=False)
+    _check_4bit_grads(y, dy, truth, leaves, mag, abs_leaves, inner, norm,
+                      (x.grad, layer.lora.A.grad, layer.lora.B.grad, layer.m.grad), torch.float32, Kq, Nq)
+    with pytest.raises(ValueError, match="4-bit base"):
+        merge_lora(model)
+    # a Linear4bit not quantized yet (bitsandbytes quantizes on the move to a device): m waits for the move
+    bnb = pytest.importorskip("bitsandbytes")
+    early = LinearWithDoRA(bnb.nn.Linear4bit(Kq, Nq, compute_dtype=torch.float32), R, 1.5)
+    with pytest.raises(RuntimeError, match="not quantized yet"):
+        early.initialize_magnitude()
+    early.to("cpu")
+    with pytest.raises(RuntimeError, match="magnitude m is not initialised"):
+        early(x)
+    early.initialize_magnitude()
+    assert torch.isfinite(early(x)).all()
+    # PEFT's own DoRA adapter on the same 4-bit layer, saved and loaded into a fresh 4-bit model
+    theirs = peft.get_peft_model(_loaded_in_4bit(copy.deepcopy(lin)),
+                                 peft.LoraConfig(r=R, lora_alpha=6, target_modules=["0"], use_dora=True))
+    with torch.no_grad():
+        theirs.base_model.model[0].lora_B["default"].weight.normal_(0, R ** -0.5)
+        theirs.base_model.model[0].lora_magnitude_vector["default"].weight.mul_(1.0 + 0.3 * torch.randn(Nq))
+    theirs.save_pretrained(tmp_path / "qdora")
+    ours = load_peft_adapter(nn.Sequential(copy.deepcopy(lin)), tmp_path / "qdora")
+    assert isinstance(ours[0], LinearWithDoRA)
+    xe = torch.randn(5, Kq)
+    plin = theirs.base_model.model[0]
+    truth, _, mag, _, _, _ = _truth_4bit(lin, xe, plin.lora_A["default"].weight.t(),
+                                         plin.lora_B["default"].weight.t(),
+                                         plin.lora_magnitude_vector["default"].weight, plin.scaling["default"])
+    with torch.no_grad():
+        assert_close(ours.eval()(xe), truth.detach(), mag.detach(), torch.float32, Kq + R, "qdora loaded",
+                     record=False)
+
+
+def _snapshot(model):
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    state = {k: v if isinstance(v, nn.parameter.UninitializedParameter) else v.detach().clone() for k, v in tensors}
+    return [(n, type(m)) for n, m in model.named_modules()], state
+
+
+def _assert_unchanged(model, snap):
+    modules, state = _snapshot(model)
+    assert modules == snap[0]
+    assert state.keys() == snap[1].keys()
+    for k, v in state.items():
+        assert v is snap[1][k] if isinstance(v, nn.parameter.UninitializedParameter) else torch.equal(v, snap[1][k])
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_failed_wrap_leaves_the_model_as_it_was(use_dora):
+    """A layer that cannot be wrapped (an uninitialised LazyLinear after a plain one; for DoRA, a 4-bit base in
+    a layout lora-fast does not read) raises before any layer is replaced: module types and state unchanged."""
+    model = nn.Sequential(nn.Linear(K, N), nn.ReLU(), nn.LazyLinear(5))
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="not initialised"):
+        replace_linear_with_lora(model, 4, 1.0, use_dora=use_dora)
+    _assert_unchanged(model, snap)
+    if use_dora:
+        model = nn.Sequential(nn.Linear(K, N), _linear4bit(N, 64, torch.float32, "nf4", False, 64))
+        model[1].weight.quant_state.packing_format_for_cpu = True
+        snap = _snapshot(model)
+        with pytest.raises(ValueError, match="CPU-specific packing"):
+            replace_linear_with_lora(model, 4, 1.0, use_dora=True)
+        _assert_unchanged(model, snap)
+
+
+def test_failed_peft_dora_load_leaves_the_model_as_it_was(tmp_path):
+    """load_peft_adapter of a DoRA adapter whose second target cannot be wrapped (a 4-bit base in a layout
+    lora-fast does not read): the error comes before the first layer is wrapped."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    theirs = peft.get_peft_model(nn.Sequential(nn.Linear(K, N), nn.Linear(N, 64)),
+                                 peft.LoraConfig(r=2, target_modules=["0", "1"], use_dora=True))
+    theirs.save_pretrained(tmp_path / "dora")
+    model = nn.Sequential(nn.Linear(K, N), _linear4bit(N, 64, torch.float32, "nf4", False, 64))
+    model[1].weight.quant_state.packing_format_for_cpu = True
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="CPU-specific packing"):
+        load_peft_adapter(model, tmp_path / "dora")
+    _assert_unchanged(model, snap)
+
+
+def _dequantize_by_definition(qweight, quant_state):
+    """float64 deq(W) from the layout's definition (kernels/nf4.py's docstring), independent of bitsandbytes'
+    CPU dequantize_4bit (wrong for blocks that straddle rows in 0.50.2): element i of the row-major (N, K) weight
+    is code_table[nibble i] * absmax[i // blocksize], rounded to the quantized dtype; nested absmax =
+    code2[q] * absmax2[j // blocksize2] + offset (each step rounded in fp32)."""
+    from lora_fast.qlora import Packed4bit
+
+    packed = Packed4bit.from_bitsandbytes(qweight, quant_state)
+    N, K = packed.shape
+    data = packed.data.to(torch.int64)
+    codes = torch.stack([data >> 4, data & 15], dim=1).reshape(-1)[:N * K]
+    if packed.nested:
+        absmax = (packed.code2[packed.absmax.to(torch.int64)]
+                  * packed.absmax2[torch.arange(packed.absmax.numel()) // packed.blocksize2]) + packed.offset
+    else:
+        absmax = packed.absmax.to(torch.float32)
+    flat = packed.code[codes] * absmax[torch.arange(N * K) // packed.blocksize]
+    return flat.to(packed.dtype).double().view(N, K)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_qdora_blocks_straddling_rows(nested):
+    """in_features 48 at blocksize 64 (blocks straddle rows: the kernels' per-element path, norm and GEMMs):
+    dora_linear_4bit against float64 on the weight dequantized by the layout's definition."""
+    Kq, Nq, R = 48, 20, 3
+    lin = _linear4bit(Kq, Nq, torch.float32, "nf4", nested, 64)
+    W = _dequantize_by_definition(lin.weight, lin.weight.quant_state)
+    A = (torch.randn(Kq, R) / Kq ** 0.5).requires_grad_()
+    B = (torch.randn(R, Nq) / R ** 0.5).requires_grad_()
+    m = (torch.linalg.vector_norm(W, dim=1).float() * (1 + 0.3 * torch.randn(Nq))).requires_grad_()
+    x = torch.randn(6, Kq).requires_grad_()
+    bias = lin.bias.detach()
+    y = dora_linear_4bit(x, lin.weight, lin.weight.quant_state, bias, A, B, m, 0.9)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, A, B, m)]
+    truth = reference.dora_linear(leaves[0], W, bias.double(), leaves[1], leaves[2], leaves[3], 0.9)
+    norm = reference.dora_weight_norm(W, A.double(), B.double(), 0.9)
+    g = reference.dora_scale(m.detach().double(), norm)
+    abs_leaves = [t.detach().double().abs().requires_grad_() for t in (x, A, B)]
+    inner = abs_leaves[0] @ W.abs().t() + 0.9 * (abs_leaves[0] @ abs_leaves[1] @ abs_leaves[2])
+    mag = g.abs() * inner + bias.double().abs()
+    assert_close(y, truth.detach(), mag.detach(), torch.float32, Kq + R, "qdora straddling forward", record=False)
+    _check_4bit_grads(y, dy, truth, leaves, mag, abs_leaves, inner, norm, (x.grad, A.grad, B.grad, m.grad),
+                      torch.float32, Kq, Nq)

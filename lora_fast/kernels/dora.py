@@ -7,12 +7,14 @@ g = m / ||W + scale (A B)^T||_row (the norm per output feature, detached, paper 
     without dropout:  y = g ⊙ (x W^T + scale x A B) + b
     with dropout:     y = x W^T + b + (g - 1) ⊙ (x_d W^T) + g ⊙ scale x_d A B,   x_d = dropout(x)
 
-Shapes: x (M, K), weight (N, K) as nn.Linear stores it, A (K, R), B (R, N), magnitude (N,).
-What is reused: S = dropout(x) A and W A are the narrow projection (lowrank.py); Y0 = x W^T + b + scale S B,
-U = x_d W^T + scale S B and the dX products are the fused GEMM (gemm.py); dS, dA, dB are LoRA's narrow passes;
-partial sums are finished by ``sum_partials_kernel``. New here: five small memory-bound kernels: the squared row
-norms of W (cached by the caller while W is unchanged), the norm and g, the column scale, the backward prologue
-and the dropout combine.
+Shapes: x (M, K), weight (N, K) as nn.Linear stores it, A (K, R), B (R, N), magnitude (N,). g = 1 on rows
+whose norm is 0 (no direction: the plain LoRA output there).
+What is reused: S = dropout(x) A is the narrow projection (lowrank.py); U = x W^T + scale S B (fp32 output for
+16-bit x), Y1 = (x - x_d) W^T + b, U = x_d W^T + scale S B and the dX products are the fused GEMM (gemm.py, or
+nf4.py's on a 4-bit weight); dS, dA, dB are LoRA's narrow passes; partial sums are finished by
+``sum_partials_kernel``. New here: the norm pass (one read of W, or of the packed 4-bit weight, forming
+W + scale (A B)^T tile by tile in fp32: no cache, no N x K matrix) and three small memory-bound kernels: the
+column scale, the backward prologue and the dropout combine.
 """
 
 import torch
@@ -21,11 +23,14 @@ import triton.language as tl
 
 from .. import philox
 from . import configs
+from .gemm import gemm_lowrank_kernel
+from .nf4 import dequant_tile, dequant_values, round_weight
 from .ops import (
     _INTERPRETED,
     _along_k,
     _cdiv,
     _Launcher,
+    _m_bucket,
     _proj_block_m,
     _splits,
     finish,
@@ -40,79 +45,119 @@ from .rng import keep_mask
 
 
 @triton.jit
-def row_sumsq_kernel(
-    # pointers: W (N, K) through its strides; OUT (N,) fp32
-    W_ptr, OUT_ptr,
-    # sizes
-    N, K,
-    # strides
-    stride_wn, stride_wk,
-    # meta-parameters
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """OUT[n] = sum_k W[n, k]^2 in fp32: ||W_n||^2, the frozen part of DoRA's squared norm."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    rows = W_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
-        w = tl.load(rows + (k0 + offs_k)[None, :].to(tl.int64) * stride_wk, mask=mask_n[:, None] & mask_k[None, :],
-                    other=0.0).to(tl.float32)
-        acc += w * w
-    tl.store(OUT_ptr + offs_n, tl.sum(acc, axis=1), mask=mask_n)
-
-
-@triton.jit
 def dora_norm_kernel(
-    # pointers: WSQ (N,) fp32 = ||W_n||^2; WA (N, R) fp32 = W A; B (R, N); GB (R, N) fp32 = (A^T A) B;
-    # MAG (N,) the magnitude; NORM, GSCALE (N,) fp32 outputs
-    WSQ_ptr, WA_ptr, B_ptr, GB_ptr, MAG_ptr, NORM_ptr, GSCALE_ptr,
+    # pointers: W (N, K) through its strides; A (K, R); B (R, N); MAG (N,) the magnitude; NORM, GSCALE (N,) fp32
+    # outputs
+    W_ptr, A_ptr, B_ptr, MAG_ptr, NORM_ptr, GSCALE_ptr,
     # sizes
-    N, R,
+    N, K, R,
     # strides
-    stride_wan, stride_war, stride_br, stride_bn, stride_gr, stride_gn,
+    stride_wn, stride_wk, stride_ak, stride_ar, stride_br, stride_bn,
     # scalars
     scale,
     # meta-parameters
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """NORM[n] = sqrt(||W_n||^2 + sum_r B[r, n] (2 scale (W A)[n, r] + scale^2 ((A^T A) B)[r, n]))
-    = ||W_n + scale (A B)^T_n|| (B_n the n-th column of B), and GSCALE[n] = MAG[n] / NORM[n]; all in fp32."""
+    """NORM[n] = ||W_n + scale (A B)^T_n|| and GSCALE[n] = MAG[n] / NORM[n] (1 where NORM[n] = 0), in fp32.
+
+    One pass over W: each (BLOCK_N, BLOCK_K) tile of W is loaded, the matching tile of scale (A B)^T is formed
+    from scale B^T (BLOCK_N, R) and A^T (R, BLOCK_K) by an fp32 dot (R multiply-adds per element, IEEE fp32: no
+    TF32), added, and the squares are accumulated in fp32. Nothing of size N x K is stored, no term is expanded
+    (so no cancellation between ||W_n||^2 and the cross terms), nothing is cached."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
-    mask = mask_n[:, None] & (offs_r < R)[None, :]
-    cols = offs_n[:, None].to(tl.int64)
-    wa = tl.load(WA_ptr + cols * stride_wan + offs_r[None, :] * stride_war, mask=mask, other=0.0)
-    bt = tl.load(B_ptr + offs_r[None, :] * stride_br + cols * stride_bn, mask=mask, other=0.0).to(tl.float32)
-    gbt = tl.load(GB_ptr + offs_r[None, :] * stride_gr + cols * stride_gn, mask=mask, other=0.0).to(tl.float32)
-    cross = tl.sum(bt * (2.0 * scale * wa + scale * scale * gbt), axis=1)
-    sq = tl.load(WSQ_ptr + offs_n, mask=mask_n, other=0.0) + cross
-    # rounding can leave a tiny negative where W_n + scale (A B)^T_n is zero: the norm is then 0, as PEFT's
-    norm = tl.sqrt(tl.maximum(sq, 0.0))
+    mask_r = offs_r < R
+    rows = offs_n[:, None].to(tl.int64)
+    bt = tl.load(B_ptr + offs_r[None, :] * stride_br + rows * stride_bn, mask=mask_n[:, None] & mask_r[None, :],
+                 other=0.0).to(tl.float32) * scale
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        mask_k = ks < K
+        w = tl.load(W_ptr + rows * stride_wn + ks[None, :].to(tl.int64) * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        at = tl.load(A_ptr + ks[None, :].to(tl.int64) * stride_ak + offs_r[:, None] * stride_ar,
+                     mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        v = tl.dot(bt, at, acc=w, input_precision="ieee", out_dtype=tl.float32)
+        acc += v * v
+    norm = tl.sqrt(tl.sum(acc, axis=1))
     mag = tl.load(MAG_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(NORM_ptr + offs_n, norm, mask=mask_n)
-    # masked-off lanes divide by 1, not 0 (no 0/0 outside the tensor)
-    tl.store(GSCALE_ptr + offs_n, mag / tl.where(mask_n, norm, 1.0), mask=mask_n)
+    # a zero row (W_n + scale (A B)^T_n = 0) has no direction: g = 1 there (the row's output is the plain LoRA
+    # output, finite), not 0/0
+    tl.store(GSCALE_ptr + offs_n, tl.where(norm > 0, mag / tl.where(norm > 0, norm, 1.0), 1.0), mask=mask_n)
+
+
+@triton.jit
+def dora_norm_4bit_kernel(
+    # pointers: the 4-bit weight (W packed uint8, CODE, ABSMAX, CODE2, ABSMAX2, OFFSET: nf4.py's layout); A (K, R);
+    # B (R, N); MAG (N,); NORM, GSCALE (N,) fp32 outputs
+    W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, A_ptr, B_ptr, MAG_ptr, NORM_ptr, GSCALE_ptr,
+    # sizes
+    N, K, R,
+    # strides
+    stride_ak, stride_ar, stride_br, stride_bn,
+    # scalars
+    scale,
+    # meta-parameters: ALIGNED: K % QBLOCK == 0 (byte tiles, one absmax per row), else one gather per element;
+    # W_DTYPE the quantized tensor's dtype, X_DTYPE the compute dtype (deq(W) rounded to each, as bitsandbytes)
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ALIGNED: tl.constexpr,
+    QBLOCK: tl.constexpr, NESTED: tl.constexpr, QBLOCK2: tl.constexpr, W_DTYPE: tl.constexpr,
+    X_DTYPE: tl.constexpr, NEAREST_BF16: tl.constexpr,
+):
+    """``dora_norm_kernel`` on a 4-bit weight dequantized in registers: NORM[n] = ||deq(W)_n + scale (A B)^T_n||
+    with deq(W) rounded as the forward's GEMM reads it (to W_DTYPE, then to the compute dtype X_DTYPE), and
+    GSCALE[n] = MAG[n] / NORM[n] (1 where NORM[n] = 0). One pass over the packed weight, nothing stored."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    rows = offs_n[:, None].to(tl.int64)
+    bt = tl.load(B_ptr + offs_r[None, :] * stride_br + rows * stride_bn, mask=mask_n[:, None] & mask_r[None, :],
+                 other=0.0).to(tl.float32) * scale
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        mask_k = ks < K
+        if ALIGNED:
+            w = dequant_tile(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, offs_n, mask_n, k0, K,
+                             BLOCK_N, BLOCK_K, QBLOCK, NESTED, QBLOCK2)
+        else:
+            w = dequant_values(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr,
+                               rows * K + ks[None, :], mask_n[:, None] & mask_k[None, :], QBLOCK, NESTED, QBLOCK2)
+        w = round_weight(w, W_DTYPE, X_DTYPE, NEAREST_BF16).to(tl.float32)
+        w = tl.where(mask_n[:, None] & mask_k[None, :], w, 0.0)
+        at = tl.load(A_ptr + ks[None, :].to(tl.int64) * stride_ak + offs_r[:, None] * stride_ar,
+                     mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        v = tl.dot(bt, at, acc=w, input_precision="ieee", out_dtype=tl.float32)
+        acc += v * v
+    norm = tl.sqrt(tl.sum(acc, axis=1))
+    mag = tl.load(MAG_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(NORM_ptr + offs_n, norm, mask=mask_n)
+    tl.store(GSCALE_ptr + offs_n, tl.where(norm > 0, mag / tl.where(norm > 0, norm, 1.0), 1.0), mask=mask_n)
 
 
 @triton.jit
 def dora_scale_kernel(
-    # pointers: U (M, N); BASE (M, N) or a dummy; GSCALE (N,) fp32; BIAS (N,) or a dummy; OUT (M, N)
-    U_ptr, BASE_ptr, GSCALE_ptr, BIAS_ptr, OUT_ptr,
+    # pointers: U (M, N); BASE (M, N) or a dummy; GSCALE, NORM (N,) fp32; BIAS (N,) or a dummy; OUT (M, N);
+    # V (M, N) or a dummy
+    U_ptr, BASE_ptr, GSCALE_ptr, NORM_ptr, BIAS_ptr, OUT_ptr, V_ptr,
     # sizes
     M, N,
     # strides
-    stride_um, stride_un, stride_bm, stride_bn, stride_om, stride_on,
+    stride_um, stride_un, stride_bm, stride_bn, stride_om, stride_on, stride_vm, stride_vn,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    WRITE_V: tl.constexpr,
 ):
-    """OUT = BASE? + (GSCALE - 1) ⊙ (U - BIAS?), GSCALE and BIAS broadcast over rows, in fp32, one rounding.
-    Without dropout U = BASE = Y0 = x W^T + b + s S B (the LoRA GEMM's output): OUT = Y0 + (g - 1) ⊙ (Y0 - b),
-    PEFT's own order, so the result is within a rounding of Y0's when g ~ 1; with dropout BASE = Y0 and U =
-    x_d W^T + s S B (no bias): OUT = Y0 + (g - 1) ⊙ U. OUT may be BASE (in place)."""
+    """OUT = BASE? + GSCALE ⊙ U + BIAS?, and V = U / NORM (0 on rows of NORM 0) when WRITE_V, GSCALE, NORM and
+    BIAS broadcast over rows, in fp32, one rounding each. Without dropout U = x W^T + s S B (no bias): OUT =
+    g ⊙ (Y0 - b) + b, the sum scaled by g directly (PEFT's result, with no (g - 1) term to cancel); with dropout
+    BASE = (x - x_d) W^T + b and U = x_d W^T + s S B. V (what the magnitude's gradient reads) stays in range
+    where U (in fp32, possibly beyond 16-bit range at large scales) may not. OUT may be BASE or U (in place)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -120,40 +165,42 @@ def dora_scale_kernel(
     rows = offs_m[:, None].to(tl.int64)
     cols = offs_n[None, :].to(tl.int64)
     u = tl.load(U_ptr + rows * stride_um + cols * stride_un, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        u -= tl.load(BIAS_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     g = tl.load(GSCALE_ptr + offs_n, mask=mask_n, other=0.0)
-    out = (g - 1.0)[None, :] * u
+    out = g[None, :] * u
+    if HAS_BIAS:
+        out += tl.load(BIAS_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_BASE:
         out += tl.load(BASE_ptr + rows * stride_bm + cols * stride_bn, mask=mask, other=0.0).to(tl.float32)
+    if WRITE_V:
+        norm = tl.load(NORM_ptr + offs_n, mask=mask_n, other=0.0)
+        inv = tl.where(norm > 0, 1.0 / tl.where(norm > 0, norm, 1.0), 0.0)
+        tl.store(V_ptr + rows * stride_vm + cols * stride_vn, (u * inv[None, :]).to(V_ptr.dtype.element_ty),
+                 mask=mask)
     tl.store(OUT_ptr + rows * stride_om + cols * stride_on, out.to(OUT_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def dora_grad_kernel(
-    # pointers: DY, U (M, N); GSCALE, INV_NORM (N,) fp32; BIAS (N,) or a dummy; DYG, DYG1 (M, N) outputs (DYG1
-    # may be a dummy); PARTIAL (SPLITS, N) fp32 output (a dummy without HAS_DM)
-    DY_ptr, U_ptr, GSCALE_ptr, INV_NORM_ptr, BIAS_ptr, DYG_ptr, DYG1_ptr, PARTIAL_ptr,
+    # pointers: DY, V (M, N); GSCALE (N,) fp32; DYG, DYG1 (M, N) outputs (DYG1 may be a dummy); PARTIAL
+    # (SPLITS, N) fp32 output (a dummy without HAS_DM)
+    DY_ptr, V_ptr, GSCALE_ptr, DYG_ptr, DYG1_ptr, PARTIAL_ptr,
     # sizes (ROWS_PER_SPLIT: a multiple of BLOCK_M)
     M, N, ROWS_PER_SPLIT,
     # strides (DYG and DYG1 share theirs)
-    stride_dm, stride_dn, stride_um, stride_un, stride_gm, stride_gn,
+    stride_dm, stride_dn, stride_vm, stride_vn, stride_gm, stride_gn,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DM: tl.constexpr, WRITE_G1: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
 ):
     """One pass over dY: DYG = g ⊙ dY (the gradient every low-rank and dX product takes), DYG1 = (g - 1) ⊙ dY
-    (dropout's second GEMM), and PARTIAL[split, n] = sum over the split's rows of dY ⊙ (U - BIAS?), times
-    1 / norm[n]: the magnitude's gradient dm = colsum(dY ⊙ (x_d W^T + s S B)) / norm, finished by
-    sum_partials_kernel (fixed order). Without dropout U holds x W^T + b + s S B (HAS_BIAS takes b off)."""
+    (dropout's second GEMM), and PARTIAL[split, n] = sum over the split's rows of dY ⊙ V: the magnitude's
+    gradient dm = colsum(dY ⊙ (x_d W^T + s S B)) / norm with V = (x_d W^T + s S B) / norm saved by the forward
+    (0 on zero-norm rows), finished by sum_partials_kernel (fixed order)."""
     pid_s = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     cols = offs_n[None, :].to(tl.int64)
     g = tl.load(GSCALE_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(BIAS_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     row_start = pid_s * ROWS_PER_SPLIT
     row_end = tl.minimum(row_start + ROWS_PER_SPLIT, M)
     for m0 in range(row_start, row_end, BLOCK_M):
@@ -166,13 +213,10 @@ def dora_grad_kernel(
             tl.store(DYG1_ptr + rows * stride_gm + cols * stride_gn, ((g - 1.0) * dy).to(DYG1_ptr.dtype.element_ty),
                      mask=mask)
         if HAS_DM:
-            u = tl.load(U_ptr + rows * stride_um + cols * stride_un, mask=mask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                u = tl.where(mask, u - bias, 0.0)
-            acc += dy * u
+            v = tl.load(V_ptr + rows * stride_vm + cols * stride_vn, mask=mask, other=0.0).to(tl.float32)
+            acc += dy * v
     if HAS_DM:
-        inv = tl.load(INV_NORM_ptr + offs_n, mask=mask_n, other=0.0)
-        tl.store(PARTIAL_ptr + pid_s.to(tl.int64) * N + offs_n, tl.sum(acc, axis=0) * inv, mask=mask_n)
+        tl.store(PARTIAL_ptr + pid_s.to(tl.int64) * N + offs_n, tl.sum(acc, axis=0), mask=mask_n)
 
 
 @triton.jit
@@ -206,15 +250,17 @@ def dropout_combine_kernel(
 
 # ---------------------------------------------------------------------------------------------- configs
 # Memory-bound elementwise and narrow kernels: one config each, nothing to tune. 32 x 128 tiles with 4 warps
-# are 32 elements per thread (eight 16-byte loads in 16-bit), the usual size for an elementwise pass; the norm
-# kernel's BLOCK_N 32 keeps its three (BLOCK_N, BLOCK_R) fp32 tiles at rank 64 within 4 warps' registers (with
-# an fp32 dot for (A^T A) B inside, it spilled 268 B at rank 64 on sm_90: compile report, triton 3.9).
+# are 32 elements per thread (eight 16-byte loads in 16-bit), the usual size for an elementwise pass.
 ELEMENTWISE_BLOCK = dict(BLOCK_M=32, BLOCK_N=128)
+# The norm pass holds a (BLOCK_N, BLOCK_K) fp32 accumulator, the W tile, scale B^T (BLOCK_N, BLOCK_R) and A^T
+# (BLOCK_R, BLOCK_K) in fp32 (an FMA dot, no tensor cores: IEEE fp32): BLOCK_K shrinks as the rank grows so that
+# A^T stays at NORM_TILE values. 4096 (BLOCK_K 64 at rank 64) spilled ~400 B on sm_80 and sm_90 (compile report,
+# triton 3.9); 1024 keeps rank 16 at BLOCK_K 64. Unmeasured on a GPU.
 NORM_BLOCK_N = 32
-SUMSQ_BLOCK = dict(BLOCK_N=32, BLOCK_K=128)
+NORM_TILE = 1024
 # under the interpreter: small blocks, so that the odd test shapes cross block edges
 INTERP_ELEMENTWISE_BLOCK = dict(BLOCK_M=16, BLOCK_N=32)
-INTERP_SUMSQ_BLOCK = dict(BLOCK_N=16, BLOCK_K=32)
+INTERP_NORM_BLOCK = dict(BLOCK_N=16, BLOCK_K=32)
 
 
 def elementwise_configs(capability, dtype: torch.dtype) -> list:
@@ -223,15 +269,35 @@ def elementwise_configs(capability, dtype: torch.dtype) -> list:
 
 
 def norm_configs(capability, dtype: torch.dtype) -> list:
-    """The one config of ``dora_norm_kernel`` and ``row_sumsq_kernel``."""
+    """The one config of ``dora_norm_kernel``."""
     return [triton.Config({}, num_warps=4, num_stages=1)]
 
 
+def wide_gemm_configs(capability, dtype: torch.dtype) -> list:
+    """The forward GEMM's configs (configs.gemm_configs) for DoRA's unscaled sum stored in fp32 from 16-bit
+    operands: on sm_80 without the 128x128 4-warp tile, which spilled 100-132 B at rank 64 with the fp32 store
+    (compile report, triton 3.9; the other tiles and sm_90 compile without spills)."""
+    table = configs.gemm_configs(capability, dtype)
+    if capability[0] < 9:
+        table = [c for c in table if not (c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 128 and c.num_warps == 4)]
+    return table
+
+
+def norm_block(R: int) -> dict:
+    """BLOCK_N, BLOCK_K, BLOCK_R of ``dora_norm_kernel`` for rank R."""
+    block_r = configs.block_r(R)
+    if _INTERPRETED:
+        return dict(INTERP_NORM_BLOCK, BLOCK_R=block_r)
+    return dict(BLOCK_N=NORM_BLOCK_N, BLOCK_K=max(16, min(64, NORM_TILE // block_r)), BLOCK_R=block_r)
+
+
 _one = dict(num_warps=4, num_stages=1)
-_sumsq = _Launcher(row_sumsq_kernel, norm_configs, [], _one, pointers=2, scalars=0)
-_norm = _Launcher(dora_norm_kernel, norm_configs, [], _one, pointers=7, scalars=1)
-_scale = _Launcher(dora_scale_kernel, elementwise_configs, [], _one, pointers=5, scalars=0)
-_grad = _Launcher(dora_grad_kernel, elementwise_configs, [], _one, pointers=8, scalars=0)
+_wide_gemm = _Launcher(gemm_lowrank_kernel, wide_gemm_configs, ["M_BUCKET", "N", "K", "R"],
+                       dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=2)
+_norm = _Launcher(dora_norm_kernel, norm_configs, [], _one, pointers=6, scalars=1)
+_norm_4bit = _Launcher(dora_norm_4bit_kernel, norm_configs, [], _one, pointers=11, scalars=1)
+_scale = _Launcher(dora_scale_kernel, elementwise_configs, [], _one, pointers=7, scalars=0)
+_grad = _Launcher(dora_grad_kernel, elementwise_configs, [], _one, pointers=6, scalars=0)
 _combine = _Launcher(dropout_combine_kernel, elementwise_configs, [], _one, pointers=4, scalars=2)
 
 
@@ -242,50 +308,59 @@ def _eblock():
 # ---------------------------------------------------------------------------------------------- launchers
 
 
-def row_sumsq(weight: torch.Tensor) -> torch.Tensor:
-    """||W_n||^2 for every row of weight (N, K): (N,) fp32, one pass over W."""
+def dora_norm(weight, A, B, magnitude, scale: float):
+    """(norm, g): the detached DoRA norm ||W_n + scale (A B)^T_n|| per output feature and g = magnitude / norm
+    (1 where the norm is 0), both (N,) fp32, from one pass over W that forms the rows of W + scale (A B)^T tile by
+    tile in fp32 and reduces their squares (``dora_norm_kernel``): nothing cached, nothing of size N x K stored.
+    weight (N, K) (any strides), A (K, R), B (R, N), magnitude (N,)."""
     N, K = weight.shape
-    out = torch.empty(N, dtype=torch.float32, device=weight.device)
-    block = INTERP_SUMSQ_BLOCK if _INTERPRETED else SUMSQ_BLOCK
-    if N:
-        _sumsq((_cdiv(N, block["BLOCK_N"]),), weight, out, N, K, weight.stride(0), weight.stride(1), **block,
-               device=weight.device, dtype=weight.dtype)
-    return out
-
-
-def dora_norm(weight, A, B, magnitude, scale: float, wsq):
-    """(norm, g): the detached DoRA norm ||W_n + scale (A B)^T_n|| per output feature and g = magnitude / norm,
-    both (N,) fp32, from wsq = ||W_n||^2 (N,) fp32, W A (the narrow projection with W as its input, N x K x R)
-    and (A^T A) B (R x N): no N x K matrix is formed. weight (N, K), A (K, R), B (R, N), magnitude (N,)."""
-    N = weight.shape[0]
     R = A.shape[1]
-    WA, _ = lowrank_project(_along_k(weight, 1), A, A.stride(0), A.stride(1), R)
-    A32 = A.float()
-    # (A^T A) B: K R^2 + R^2 N multiply-adds in fp32 torch matmuls, against N K R for W A; in fp32 under
-    # torch.autocast too (which would run them in 16 bits)
-    with torch.autocast(weight.device.type, enabled=False):
-        GB = (A32.t() @ A32) @ B.float()
     norm = torch.empty(N, dtype=torch.float32, device=weight.device)
     gscale = torch.empty(N, dtype=torch.float32, device=weight.device)
-    _norm((_cdiv(N, NORM_BLOCK_N),), wsq, WA, B, GB, magnitude, norm, gscale, N, R,
-          WA.stride(0), WA.stride(1), B.stride(0), B.stride(1), GB.stride(0), GB.stride(1), float(scale),
-          BLOCK_N=NORM_BLOCK_N, BLOCK_R=configs.block_r(R), device=weight.device, dtype=weight.dtype)
+    if N:
+        blk = norm_block(R)
+        _norm((_cdiv(N, blk["BLOCK_N"]),), weight, A, B, magnitude, norm, gscale, N, K, R,
+              weight.stride(0), weight.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1), float(scale),
+              **blk, device=weight.device, dtype=weight.dtype)
     return norm, gscale
 
 
-def column_scale(U, gscale, *, bias=None, base=None, out=None):
-    """OUT (M, N) = base? + (gscale - 1) ⊙ (U - bias?), one launch (``out`` may be ``base``)."""
+def dora_norm_4bit(packed, A, B, magnitude, scale: float, x_dtype: torch.dtype):
+    """``dora_norm`` on a 4-bit weight (qlora.Packed4bit, bitsandbytes' layout) dequantized in registers, rounded
+    as the forward's GEMM reads it (to the quantized dtype, then to ``x_dtype``): (norm, g), (N,) fp32 each."""
+    from . import ops_4bit
+
+    N, K = packed.shape
+    R = A.shape[1]
+    norm = torch.empty(N, dtype=torch.float32, device=A.device)
+    gscale = torch.empty(N, dtype=torch.float32, device=A.device)
+    if N:
+        blk = norm_block(R)
+        meta = ops_4bit._weight_meta(packed)
+        _norm_4bit((_cdiv(N, blk["BLOCK_N"]),), *ops_4bit._weight_args(packed), A, B, magnitude, norm, gscale,
+                   N, K, R, A.stride(0), A.stride(1), B.stride(0), B.stride(1), float(scale), **blk,
+                   ALIGNED=K % packed.blocksize == 0, X_DTYPE=ops_4bit._tl_dtype(x_dtype), **meta,
+                   **ops_4bit._NO_FMA, device=A.device, dtype=x_dtype)
+    return norm, gscale
+
+
+def column_scale(U, gscale, norm, *, bias=None, base=None, out=None, v_dtype=None):
+    """OUT (M, N) = base? + gscale ⊙ U + bias? and, when ``v_dtype`` is given, V = U / norm (0 where the norm is
+    0) in that dtype: (out, V or None), one launch (``out`` may be ``base`` or ``U``)."""
     M, N = U.shape
     if out is None:
         out = torch.empty_like(U)
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
+    V = torch.empty((M, N), dtype=v_dtype, device=U.device) if v_dtype is not None else None
     blk = _eblock()
     b = base if base is not None else out
-    _scale((_cdiv(M, blk["BLOCK_M"]), _cdiv(N, blk["BLOCK_N"])), U, b, gscale, bias if bias is not None else out,
-           out, M, N, U.stride(0), U.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-           **blk, HAS_BASE=base is not None, HAS_BIAS=bias is not None, device=U.device, dtype=U.dtype)
-    return out
+    v = V if V is not None else out
+    _scale((_cdiv(M, blk["BLOCK_M"]), _cdiv(N, blk["BLOCK_N"])), U, b, gscale, norm,
+           bias if bias is not None else out, out, v, M, N, U.stride(0), U.stride(1), b.stride(0), b.stride(1),
+           out.stride(0), out.stride(1), v.stride(0), v.stride(1), **blk, HAS_BASE=base is not None,
+           HAS_BIAS=bias is not None, WRITE_V=V is not None, device=U.device, dtype=U.dtype)
+    return out, V
 
 
 def dropout_combine(T, keep_scale: float, dropout_p: float, seed, *, base=None, out=None):
@@ -302,53 +377,103 @@ def dropout_combine(T, keep_scale: float, dropout_p: float, seed, *, base=None, 
     return out
 
 
-def dora_forward(x, weight, bias, A, B, gscale, scale: float, dropout_p: float = 0.0, seed=None, *, out=None,
-                 keep_u: bool = True):
-    """Forward of the fused DoRA linear: (y, S, U). x (M, K), weight (N, K), bias (N,) or None, A (K, R),
-    B (R, N), gscale (N,) fp32 = m / norm (``dora_norm``). S = dropout(x) A (M, R) fp32.
+def _wide(x, N):
+    """The (M, N) fp32 scratch of the unscaled sum: the GEMM's fp32 accumulator stored as it is, so that a
+    low-rank term beyond 16-bit range is still scaled back by g before its one rounding (PEFT keeps it in the
+    adapters' fp32 too)."""
+    return torch.empty((x.shape[0], N), dtype=torch.float32, device=x.device)
 
-    Both paths start with the fused LoRA GEMM Y0 = x W^T + b + scale S B (M, N) in x's dtype, then one
-    column-scale pass (PEFT's order of operations):
-      without dropout  y = Y0 + (g - 1) ⊙ (Y0 - b); U = Y0 is kept (a separate y) when ``keep_u``, else y is
-                       written over Y0 in place and U is None;
-      with dropout     x_d = dropout(x) materialised, U = x_d W^T + scale S B (a second GEMM, as PEFT's), and
-                       y = Y0 + (g - 1) ⊙ U in place; U is returned when ``keep_u``.
+
+def _gemm_wide(P, weight, N, bias, S, B, scale, out):
+    """P W^T (+ bias) + scale S B into ``out``. When out's dtype is P's: ops.gemm_lowrank (its measured path);
+    an fp32 ``out`` for 16-bit P (DoRA's unscaled sum): the fused Triton GEMM, which stores its fp32 accumulator
+    in out's dtype (cuBLAS's addmm and the TMA kernel write P's dtype), on its own configs (wide_gemm_configs)."""
+    q_strides = (weight.stride(1), weight.stride(0))
+    if out.dtype == P.dtype:
+        return gemm_lowrank(P, weight, q_strides, N, bias, S, B, (B.stride(0), B.stride(1)), scale, out=out)
+    M, K = P.shape
+    R = S.shape[1]
+
+    def grid(meta):
+        return (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
+
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    _wide_gemm(grid, P, weight, bias if bias is not None else out, S, B, out, out,
+               M, N, K, R, _m_bucket(M), P.stride(0), P.stride(1), q_strides[0], q_strides[1], S.stride(0),
+               S.stride(1), B.stride(0), B.stride(1), out.stride(0), out.stride(1), float(scale), 0.0,
+               BLOCK_R=configs.block_r(R), HAS_BIAS=bias is not None, HAS_DROPOUT=False,
+               DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
+               device=P.device, dtype=P.dtype)
+    return out
+
+
+def dora_forward(x, weight, bias, A, B, gscale, norm, scale: float, dropout_p: float = 0.0, seed=None, *,
+                 out=None, keep_v: bool = True, base_gemm=None):
+    """Forward of the fused DoRA linear: (y, S, V). x (M, K), weight (N, K), bias (N,) or None, A (K, R),
+    B (R, N), gscale and norm (N,) fp32 (``dora_norm``). S = dropout(x) A (M, R) fp32.
+
+      without dropout  U = x W^T + scale S B (the fused LoRA GEMM, no bias, fp32 output), then one column-scale
+                       pass y = g ⊙ U + b (PEFT's g ⊙ (Y0 - b) + b, no cancelling (g - 1) term);
+      with dropout     x_d = dropout(x) and x - x_d materialised, Y1 = (x - x_d) W^T + b (x's dtype) and
+                       U = x_d W^T + scale S B (fp32): y = Y1 + g ⊙ U (PEFT's x W^T + b + (g - 1) ⊙ x_d W^T +
+                       g ⊙ scale x_d A B, grouped so that no term cancels another).
+    V = U / norm (0 on zero-norm rows), in x's dtype, is returned when ``keep_v`` (the magnitude's gradient reads
+    it). ``base_gemm(P, bias, L, lowrank_scale, out)``: the GEMM P deq(W)^T + bias + lowrank_scale L B of a
+    4-bit base (weight is then None).
     """
     M, _ = x.shape
-    N = weight.shape[0]
-    x, weight = _along_k(x, 1), _along_k(weight, 1)
+    N = B.shape[1]
+    x = _along_k(x, 1)
+    if base_gemm is None:
+        weight = _along_k(weight, 1)
+
+        def base_gemm(P, bias_, L, lowrank_scale, out_):
+            return _gemm_wide(P, weight, N, bias_, L, B, lowrank_scale, out_)
+
     S, dropout_p, keep_scale = project_input(x, A, dropout_p, seed)
-    w_t = (weight.stride(1), weight.stride(0))   # Q = W^T: element (k, n) is weight[n, k]
-    b_strides = (B.stride(0), B.stride(1))
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    v_dtype = x.dtype if keep_v else None
+    wide = out if x.dtype == torch.float32 and dropout_p == 0 else _wide(x, N)
     if dropout_p == 0:
-        Y0 = gemm_lowrank(x, weight, w_t, N, bias, S, B, b_strides, scale, out=None if keep_u else out)
-        column_scale(Y0, gscale, bias=bias, base=Y0, out=out)
-        return out, S, (Y0 if keep_u else None)
-    gemm_lowrank(x, weight, w_t, N, bias, S, B, b_strides, scale, out=out)
+        base_gemm(x, None, S, scale, wide)
+        _, V = column_scale(wide, gscale, norm, bias=bias, out=out, v_dtype=v_dtype)
+        return out, S, V
     x_d = dropout_combine(x, keep_scale, dropout_p, seed)
-    U = gemm_lowrank(x_d, weight, w_t, N, None, S, B, b_strides, scale)
+    rest = dropout_combine(x, -keep_scale, dropout_p, seed, base=x)   # x - x_d
+    base_gemm(rest, bias, S, 0.0, out)
+    del rest
+    base_gemm(x_d, None, S, scale, wide)
     del x_d
-    column_scale(U, gscale, base=out, out=out)
-    return out, S, (U if keep_u else None)
+    _, V = column_scale(wide, gscale, norm, base=out, out=out, v_dtype=v_dtype)
+    return out, S, V
 
 
-def dora_backward(dy, x, weight, A, B, S, U, gscale, norm, scale: float, dropout_p: float = 0.0, seed=None, *,
-                  bias=None, need_dx=True, need_dA=True, need_dB=True, need_dm=True, need_g1=False):
+def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: float = 0.0, seed=None, *,
+                  need_dx=True, need_dA=True, need_dB=True, need_dm=True, need_g1=False, dx_gemm=None):
     """Backward of the fused DoRA linear: (dx, dA, dB, dm, dyg, dyg1), each None when not needed.
 
     One prologue pass over dY writes dYg = g ⊙ dY (and (g - 1) ⊙ dY with dropout, when dX or a trainable W
-    needs it) and the per-split partials of dm = colsum(dY ⊙ (U - bias)) / norm (``bias``: the bias U holds,
-    without dropout; see dora_forward). Then LoRA's backward runs on dYg:
+    needs it) and the per-split partials of dm = colsum(dY ⊙ V), V = (x_d W^T + scale S B) / norm saved by
+    dora_forward. Then LoRA's backward runs on dYg:
     dS = dYg B^T with the dB partials in one pass; dA = scale/(1-p) (keep ⊙ x)^T dS; without dropout
     dX = dYg W + scale dS A^T in one GEMM; with dropout dX = dY W + keep/(1-p) ⊙ (((g-1) ⊙ dY) W + scale dS A^T):
     two GEMMs (as PEFT's two) and one masked add. dyg and dyg1 are returned for the caller's dW.
+    ``dx_gemm(P, L, lowrank_scale)``: P deq(W) + lowrank_scale L A^T of a 4-bit base (weight is then None).
     """
     M, N = dy.shape
     R = A.shape[1]
     K = x.shape[1]
-    dy, x, weight = _along_k(dy, 1), _along_k(x, 1), _along_k(weight, 0)
+    dy, x = _along_k(dy, 1), _along_k(x, 1)
+    if dx_gemm is None:
+        weight = _along_k(weight, 0)
+        w = (weight.stride(0), weight.stride(1))
+        a_t = (A.stride(1), A.stride(0))   # RM = A^T: element (r, k) is A[k, r]
+
+        def dx_gemm(P, L, lowrank_scale):
+            return gemm_lowrank(P, weight, w, K, None, L, A, a_t, lowrank_scale, backward=True)
+
     dropout_p = philox.quantize(dropout_p)
     dx = dA = dB = dm = dyg1 = None
     blk = _eblock()
@@ -360,15 +485,11 @@ def dora_backward(dy, x, weight, A, B, S, U, gscale, norm, scale: float, dropout
     if write_g1:
         dyg1 = torch.empty_like(dyg)
     partial = torch.empty((splits, N), dtype=torch.float32, device=dy.device) if need_dm else None
-    inv_norm = 1.0 / norm if need_dm else gscale
-    has_bias = need_dm and bias is not None
-    if has_bias and bias.stride(0) != 1:
-        bias = bias.contiguous()
-    u = U if need_dm else dy
-    _grad((splits, _cdiv(N, blk["BLOCK_N"])), dy, u, gscale, inv_norm, bias if has_bias else gscale, dyg,
-          dyg1 if write_g1 else dyg, partial if need_dm else gscale, M, N, rows_per_split,
-          dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), dyg.stride(0), dyg.stride(1), **blk,
-          HAS_DM=need_dm, WRITE_G1=write_g1, HAS_BIAS=has_bias, device=dy.device, dtype=dy.dtype)
+    v = V if need_dm else dy
+    _grad((splits, _cdiv(N, blk["BLOCK_N"])), dy, v, gscale, dyg, dyg1 if write_g1 else dyg,
+          partial if need_dm else gscale, M, N, rows_per_split,
+          dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), dyg.stride(0), dyg.stride(1), **blk,
+          HAS_DM=need_dm, WRITE_G1=write_g1, device=dy.device, dtype=dy.dtype)
     if need_dm:
         dm = torch.empty(N, dtype=torch.float32, device=dy.device)
         finish(partial.view(splits, 1, N), 1.0, dm.view(1, N))
@@ -380,13 +501,11 @@ def dora_backward(dy, x, weight, A, B, S, U, gscale, norm, scale: float, dropout
         dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
         finish(dB_partial if fused_dB else reduce_rows(dyg, S), scale, dB, transpose=not fused_dB)
     keep_scale = 1.0 / (1.0 - dropout_p)
-    a_t = (A.stride(1), A.stride(0))   # RM = A^T: element (r, k) is A[k, r]
-    w = (weight.stride(0), weight.stride(1))
     if need_dx and dropout_p == 0:
-        dx = gemm_lowrank(dyg, weight, w, K, None, dS, A, a_t, scale, backward=True)
+        dx = dx_gemm(dyg, dS, scale)
     elif need_dx:
-        dx = gemm_lowrank(dy, weight, w, K, None, dS, A, a_t, 0.0, backward=True)
-        inner = gemm_lowrank(dyg1, weight, w, K, None, dS, A, a_t, scale, backward=True)
+        dx = dx_gemm(dy, dS, 0.0)
+        inner = dx_gemm(dyg1, dS, scale)
         dropout_combine(inner, keep_scale, dropout_p, seed, base=dx, out=dx)
     if need_dA:
         dA = finish(reduce_rows(x, dS, dropout_p=dropout_p, seed=seed), scale * keep_scale,
