@@ -164,13 +164,14 @@ def _variant_label(flags: dict) -> str:
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 
 
-def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
-    """The autotune configs the launcher of ``kernel`` hands Triton for these flags, capability and dtype."""
+def launch_configs(kernel: str, flags: dict, capability, dtype, rank: int = 16) -> list:
+    """The autotune configs the launcher of ``kernel`` hands Triton for these flags, capability, dtype and rank."""
     from .kernels import configs as cfg
     from .kernels import ops_4bit
 
     if kernel in TMA_KERNELS:
-        return cfg.gemm_tma_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
+        return cfg.gemm_tma_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False),
+                                    block_r=cfg.block_r(rank))
     if kernel in ("fwd_gemm_4bit", "dx_gemm_4bit"):   # the any-shape path has its own (small) tile
         if flags.get("ALIGNED", True):
             return ops_4bit.gemm_4bit_configs(capability, dtype)
@@ -223,7 +224,7 @@ def make_jobs(targets: Sequence[str] = tuple(TARGETS), kernels: Sequence[str] = 
                     if variants == "heaviest":
                         flag_sets = flag_sets[-1:]
                     for flags in flag_sets:
-                        config_list = launch_configs(kernel, flags, TARGETS[target], torch_dtype[dtype])
+                        config_list = launch_configs(kernel, flags, TARGETS[target], torch_dtype[dtype], rank)
                         if first_config:
                             config_list = config_list[:1]
                         for c in config_list:

@@ -60,6 +60,30 @@ def test_tma_takes_aligned_operands_only(monkeypatch, forced):
     assert calls, "a misaligned forced tma launch did not fall back to the cp.async kernel"
 
 
+@pytest.mark.parametrize("subtile,dtype,p", [(1, torch.bfloat16, 0.3), (2, torch.float16, 0.3),
+                                             (4, torch.bfloat16, 0.0), (4, torch.float16, 0.0)], ids=str)
+def test_tma_epilogue_slices_and_tiles_across_programs(subtile, dtype, p, device, forced, monkeypatch):
+    """The persistent TMA kernel's epilogue in 1, 2 or 4 column slices (bias added before the split), with more
+    tiles than programs (6 tiles of 32 x 32 on the interpreter's 2 "SMs": the flattened loop crosses tiles), the
+    forward and dX, with and without the dX keep-mask; fp16's range guard puts the low-rank term before the loop."""
+    from lora_fast.kernels import ops
+
+    forced("tma")
+    monkeypatch.setitem(ops._TMA_INTERP, "SUBTILE", subtile)
+    calls = []
+    real = ops._GEMM_PATHS["tma"]
+    monkeypatch.setitem(ops._GEMM_PATHS, "tma", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    inputs = make_inputs((70,), 64, 64, 5, dtype, device)
+    torch.manual_seed(7)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+    def op(*args):
+        torch.manual_seed(7)
+        return lora_linear(*args, dropout_p=p)
+    check_op(op, *inputs, 1.5, dropout_p=p, mask=dropout_keep_mask(seed, 70, 64, p) if p else None)
+    assert len(calls) == 2, "the forward and dX did not both run the TMA kernel"
+
+
 @pytest.mark.parametrize("path", choice.PATHS)
 def test_paths_with_dropout_and_a_transposed_weight(path, device, forced):
     """dX with the keep-mask in its low-rank term; the weight a transposed view (no copy on either path)."""

@@ -196,24 +196,39 @@ def proj_layout(M: int, K: int, R: int, block_m: int, sms: int, partials: bool):
     return group * block_m, _cdiv(_cdiv(K, splits), SPLIT_QUANTUM) * SPLIT_QUANTUM
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the persistent TMA GEMM (sm_90+), after Triton's tutorial 09
-# (128 x 256 x 64 / 128 x 128 x 64 in 16-bit); the output tile also passes through shared memory for its TMA
-# store, counted in the pruning below. Unmeasured on a GPU: the autotuner picks among them.
-_GEMM_TMA_16BIT = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4)]
-_GEMM_TMA_16BIT_DROPOUT = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SUBTILE, GROUP_M) of the persistent TMA GEMM (sm_90+), after
+# Triton's tutorial 09 (128 x 256 x 64 / 128 x 128 x 64 in 16-bit, its epilogue in column slices) and CUTLASS's
+# Hopper tiles (128 x 256 x 64 with 4 stages, 128 x 128 x 128 with 3). SUBTILE: the epilogue's column slices,
+# through a BLOCK_M x BLOCK_N / SUBTILE shared buffer. The list is pruned per rank by tma_shared_bytes (the 128 x
+# 256 x 64 4-stage tile fits at rank 16 only); every row compiled without spills on sm_90 (compile report, triton
+# 3.9 and 3.6, ranks 16 and 64). Unmeasured on a GPU: the autotuner picks among them.
+_GEMM_TMA_16BIT = [(128, 256, 64, 8, 4, 4, 8), (128, 256, 64, 8, 3, 2, 8), (128, 128, 128, 8, 3, 2, 8),
+                   (128, 128, 64, 8, 4, 2, 8), (128, 128, 64, 4, 4, 1, 16), (64, 256, 64, 4, 4, 2, 8),
+                   (64, 128, 64, 4, 4, 1, 8)]
+# dX with dropout: the keep-mask's Philox runs before the K loop beside the low-rank term; 128 x 128 outputs at most
+_GEMM_TMA_16BIT_DROPOUT = [(128, 128, 64, 8, 4, 2, 8), (128, 128, 64, 8, 3, 1, 8), (128, 128, 64, 4, 4, 1, 8),
+                           (64, 128, 64, 4, 4, 1, 8)]
+# Shared memory Triton adds beside the buffers counted in tma_shared_bytes: the pipeline's mbarriers (8 B per
+# stage) and alignment; 32 B seen in every row of the compile report (sm_90, triton 3.9), 1 KB kept
+_TMA_SMEM_RESERVE = 1024
 
 
-def gemm_tma_configs(capability, dtype: torch.dtype, dropout: bool = False) -> list:
-    """Autotune configs of ``gemm_lowrank_tma_kernel`` (GROUP_M 8; 16-bit inputs: ops.tma_eligible); with
-    ``dropout`` those of dX with the mask. Under the interpreter fp32 runs it too (the tests' exact dtype)."""
+def tma_shared_bytes(bm: int, bn: int, bk: int, stages: int, subtile: int, block_r: int, elt: int) -> int:
+    """Shared memory of one program of ``gemm_lowrank_tma_kernel``: the pipeline's P and Q tiles per stage, the
+    epilogue's slice, and the low-rank term's (BLOCK_M, BLOCK_R) and (BLOCK_R, BLOCK_N) operands (warpgroup MMA
+    reads them from shared memory; with the loop flattened across tiles they no longer alias the pipeline's
+    buffers). Matches the compiled kernels' metadata within _TMA_SMEM_RESERVE (compile report, sm_90)."""
+    return (stages * (bm * bk + bk * bn) + bm * (bn // subtile) + block_r * (bm + bn)) * elt + _TMA_SMEM_RESERVE
+
+
+def gemm_tma_configs(capability, dtype: torch.dtype, dropout: bool = False, block_r: int = 16) -> list:
+    """Autotune configs of ``gemm_lowrank_tma_kernel`` (16-bit inputs: ops.tma_eligible); with ``dropout`` those
+    of dX with the mask. ``block_r``: the padded rank (``block_r(rank)``), whose operands take shared memory too.
+    Under the interpreter fp32 runs it too (the tests' exact dtype)."""
     table = _GEMM_TMA_16BIT_DROPOUT if dropout else _GEMM_TMA_16BIT
-    if dtype == torch.float16:
-        # fp16 puts the low-rank term before the loop (fp16.py's range guard): at 128 x 256 x 64 and rank 64 its
-        # operands took the shared memory to 245,784 B on sm_90 (limit 232,448; compile report, triton 3.9)
-        table = [c for c in table if c[:2] != (128, 256)]
     limit, elt = smem_limit(capability), _elt(dtype)
     return [
-        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in table
-        if (s * (bm * bk + bk * bn) + bm * bn) * elt <= limit
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, SUBTILE=st), num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s, st, gm in table
+        if tma_shared_bytes(bm, bn, bk, s, st, block_r, elt) <= limit
     ]

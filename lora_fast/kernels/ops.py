@@ -129,14 +129,22 @@ _gemm_dx = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N"
 _gemm_dropout = _Launcher(gemm_lowrank_kernel, functools.partial(configs.gemm_configs, dropout=True),
                           ["M_BUCKET", "N", "K", "R"], dict(configs.INTERP_GEMM, num_warps=4, num_stages=1),
                           pointers=7, scalars=2)
-# the persistent TMA GEMM (sm_90+, aligned operands): forward, dX, dX with dropout tuned apart
-_TMA_INTERP = dict(configs.INTERP_GEMM, num_warps=4, num_stages=1)
-_gemm_tma = _Launcher(gemm_lowrank_tma_kernel, configs.gemm_tma_configs, ["M_BUCKET", "N", "K", "R"], _TMA_INTERP,
-                      pointers=7, scalars=2)
-_gemm_tma_dx = _Launcher(gemm_lowrank_tma_kernel, configs.gemm_tma_configs, ["M_BUCKET", "N", "K", "R"], _TMA_INTERP,
-                         pointers=7, scalars=2)
-_gemm_tma_dropout = _Launcher(gemm_lowrank_tma_kernel, functools.partial(configs.gemm_tma_configs, dropout=True),
-                              ["M_BUCKET", "N", "K", "R"], _TMA_INTERP, pointers=7, scalars=2)
+# the persistent TMA GEMM (sm_90+, aligned operands): forward, dX, dX with dropout tuned apart, and per padded
+# rank, whose operands' shared memory prunes the configs (configs.gemm_tma_configs)
+_TMA_INTERP = dict(configs.INTERP_GEMM, SUBTILE=2, num_warps=4, num_stages=1)
+_tma_launchers = {}
+
+
+def _tma_launcher(kind: str, block_r: int) -> "_Launcher":
+    launcher = _tma_launchers.get((kind, block_r))
+    if launcher is None:
+        launcher = _Launcher(gemm_lowrank_tma_kernel, functools.partial(configs.gemm_tma_configs,
+                                                                        dropout=kind == "dropout", block_r=block_r),
+                             ["M_BUCKET", "N", "K", "R"], _TMA_INTERP, pointers=7, scalars=2)
+        _tma_launchers[(kind, block_r)] = launcher
+    return launcher
+
+
 # the low-rank term alone (K = 0) before cuBLAS's addmm (choice.py's "cublas" path): its own tuning
 _term = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N", "K", "R"],
                   dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=2)
@@ -349,12 +357,13 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
 
     if not _INTERPRETED:
         _ensure_allocator()
-    launch = _gemm_tma_dropout if dropout_p > 0 else _gemm_tma_dx if backward else _gemm_tma
+    block_r = configs.block_r(R)
+    launch = _tma_launcher("dropout" if dropout_p > 0 else "dx" if backward else "forward", block_r)
     launch(grid, P, Q, bias if bias is not None else out, L, RM, out, seed if seed is not None else out,
            M, N, K, R, _m_bucket(M),
            P.stride(0), q_row, L.stride(0), L.stride(1), rm_strides[0], rm_strides[1], out.stride(0),
            float(lowrank_scale), float(dropout_p),
-           BLOCK_R=configs.block_r(R), NUM_SMS=num_sms, Q_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
+           BLOCK_R=block_r, NUM_SMS=num_sms, Q_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
            HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=configs.dot_dtype(P.dtype),
            INPUT_PRECISION=configs.input_precision(P.dtype), device=P.device, dtype=P.dtype)
 
