@@ -12,7 +12,7 @@ The first call of a key (device, dtype, M rounded up to a power of two, N, K, R,
 times every path with ``triton.testing.do_bench`` and keeps the fastest; the choice is remembered in memory
 and on disk, one JSON file per device and per (torch, triton, lora-fast) version
 (``$LORA_FAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/lora_fast``, else ``~/.cache/lora_fast``), so a second process
-does not time again and a new version times afresh. ``LORA_FAST_GEMM=auto|triton|cublas|tma`` forces a path (read
+does not time again and a new version times afresh. ``LORA_FAST_GEMM=auto|triton|cublas|tma|ws`` forces a path (read
 when a key is first resolved; ``clear()`` forgets the resolved keys). Under the Triton interpreter nothing is
 timed: "triton" unless forced. With this, lora-fast is never slower than its own cuBLAS path, by construction.
 """
@@ -24,6 +24,9 @@ import tempfile
 from typing import Callable, Dict, Optional
 
 PATHS = ("triton", "cublas", "tma")
+# opt-in paths: taken only when LORA_FAST_GEMM names them, never timed by the automatic choice. "ws": the
+# warp-specialised Gluon GEMM (kernels/gemm_ws.py; sm_90, bf16, no dropout, else "tma"), which no GPU has run yet
+OPT_IN = ("ws",)
 ENV = "LORA_FAST_GEMM"
 
 
@@ -32,8 +35,8 @@ def forced_path() -> Optional[str]:
     value = os.environ.get(ENV, "").strip().lower()
     if value in ("", "auto"):
         return None
-    if value not in PATHS:
-        raise ValueError(f"{ENV}: expected one of auto, {', '.join(PATHS)}; got {value!r}")
+    if value not in PATHS + OPT_IN:
+        raise ValueError(f"{ENV}: expected one of auto, {', '.join(PATHS + OPT_IN)}; got {value!r}")
     return value
 
 

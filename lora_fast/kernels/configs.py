@@ -232,3 +232,37 @@ def gemm_tma_configs(capability, dtype: torch.dtype, dropout: bool = False, bloc
         for bm, bn, bk, w, s, st, gm in table
         if tma_shared_bytes(bm, bn, bk, s, st, block_r, elt) <= limit
     ]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the warp-specialised Gluon GEMM (kernels/gemm_ws.py, sm_90,
+# bf16, opt-in): the consumer warps (num_warps, one or two warpgroups on a 128-row tile, after CUTLASS's cooperative
+# Hopper kernels) and the stages of the producer's ring; pruned per rank by ws_shared_bytes. Unmeasured on a GPU.
+_GEMM_WS_BF16 = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 128, 64, 4, 4)]
+
+
+def ws_shared_bytes(bm: int, bn: int, bk: int, stages: int, block_r: int, elt: int) -> int:
+    """Shared memory of ``gemm_lowrank_ws_kernel``: the ring's P and Q tiles, the whole output tile (its TMA store),
+    RM's (BLOCK_R, BLOCK_N) tile and L's (BLOCK_M, BLOCK_R) tile, whose move into the MMA operand layout passes
+    through shared memory (3,132-3,140 B above the rest at rank 16, compile report), plus the mbarriers
+    (_TMA_SMEM_RESERVE)."""
+    return (stages * (bm * bk + bk * bn) + bm * bn + block_r * (bn + bm)) * elt + _TMA_SMEM_RESERVE
+
+
+def ws_maxnreg(num_warps: int) -> int:
+    """The register cap per thread of the warp-specialised kernel (its launch option ``maxnreg``): the register file
+    (65,536 per SM, one program per SM) shared by the consumer warps and the producer's warpgroup (4 warps), in
+    setmaxnreg's steps of 8, at most 248 (below 255); the producer gives back what it does not keep
+    (gemm_ws.PRODUCER_REGS) to the consumers."""
+    return min(248, 65536 // ((num_warps + 4) * 32) // 8 * 8)
+
+
+def gemm_ws_configs(capability, dtype: torch.dtype, block_r: int = 16) -> list:
+    """Configs of ``gemm_lowrank_ws_kernel`` (bf16 on sm_90: ops.ws_eligible), NUM_STAGES and NUM_WARPS as
+    constexprs (Gluon) beside num_warps."""
+    limit, elt = smem_limit(capability), _elt(dtype)
+    return [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, NUM_STAGES=s, NUM_WARPS=w), num_warps=w,
+                      num_stages=1, maxnreg=ws_maxnreg(w))
+        for bm, bn, bk, w, s in _GEMM_WS_BF16
+        if ws_shared_bytes(bm, bn, bk, s, block_r, elt) <= limit
+    ]

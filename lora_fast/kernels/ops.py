@@ -304,6 +304,8 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
         candidates = {p: functools.partial(_GEMM_PATHS[p], *args) for p in choice.PATHS
                       if p != "tma" or tma_eligible(P, Q, q_strides, out)}
         path = choice.GEMM.resolve(key, name, candidates, measure=not _INTERPRETED)
+    if path == "ws" and not ws_eligible(P, Q, q_strides, out, dropout_p):
+        path = "tma"      # the opt-in Gluon kernel's limits (bf16, sm_90, no dropout): the TMA kernel instead
     if path == "tma" and not tma_eligible(P, Q, q_strides, out):
         path = "triton"   # a misaligned operand (or no Hopper): the cp.async kernel, chosen before launch
     _GEMM_PATHS[path](*args)
@@ -327,6 +329,14 @@ def tma_eligible(P, Q, q_strides, out) -> bool:
     return (P.stride(1) == 1 and out.stride(1) == 1 and q_row is not None
             and (P.stride(0) * elt) % 16 == 0 and (out.stride(0) * elt) % 16 == 0 and (q_row * elt) % 16 == 0
             and P.data_ptr() % 16 == 0 and Q.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0)
+
+
+def ws_eligible(P, Q, q_strides, out, dropout_p) -> bool:
+    """Whether the warp-specialised Gluon kernel (kernels/gemm_ws.py, opt-in: LORA_FAST_GEMM=ws) can take these
+    operands: bf16, no dropout, on sm_90 exactly (warpgroup MMA; Gluon does not run under the interpreter), and
+    what ``tma_eligible`` asks."""
+    return (P.dtype == torch.bfloat16 and dropout_p == 0 and not _INTERPRETED and _capability(P.device) == (9, 0)
+            and tma_eligible(P, Q, q_strides, out))
 
 
 def _scratch(size: int, alignment: int, stream):
@@ -400,7 +410,37 @@ def _cublas_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dro
         out.addmm_(P, Q.as_strided((P.shape[1], N), q_strides))
 
 
-_GEMM_PATHS = {"triton": _fused_gemm, "cublas": _cublas_gemm, "tma": _tma_gemm}
+_ws_launchers = {}
+
+
+def _ws_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out, backward):
+    """The warp-specialised Gluon kernel (kernels/gemm_ws.py) on operands ``ws_eligible`` accepts; imported on first
+    use, so that a triton without Gluon costs nothing until LORA_FAST_GEMM=ws asks for it."""
+    from .gemm_ws import gemm_lowrank_ws_kernel
+
+    M, K = P.shape
+    R = L.shape[1]
+    transposed = q_strides[0] == 1
+    num_sms = _sm_count(P.device)
+    block_r = configs.block_r(R)
+    launch = _ws_launchers.get((backward, block_r))
+    if launch is None:
+        launch = _Launcher(gemm_lowrank_ws_kernel, functools.partial(configs.gemm_ws_configs, block_r=block_r),
+                           ["M_BUCKET", "N", "K", "R"], {}, pointers=6, scalars=1)
+        _ws_launchers[(backward, block_r)] = launch
+
+    def grid(meta):
+        return (min(num_sms, _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])),)
+
+    _ensure_allocator()
+    launch(grid, P, Q, bias if bias is not None else out, L, RM, out, M, N, K, R, _m_bucket(M),
+           P.stride(0), q_strides[1] if transposed else q_strides[0], L.stride(0), L.stride(1), rm_strides[0],
+           rm_strides[1], out.stride(0), float(lowrank_scale),
+           BLOCK_R=block_r, NUM_SMS=num_sms, Q_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
+           device=P.device, dtype=P.dtype)
+
+
+_GEMM_PATHS = {"triton": _fused_gemm, "cublas": _cublas_gemm, "tma": _tma_gemm, "ws": _ws_gemm}
 
 
 def project_input(x, A, dropout_p, seed):
