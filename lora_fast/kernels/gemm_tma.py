@@ -8,10 +8,11 @@ SM walks the output tiles in grouped order; P, Q and the output move through dev
 (TMA: bulk asynchronous copies, out-of-range rows and columns zero-filled on load and clipped on store, so the
 main loop has no masks).
 
-The tile loop is flattened with the K loop (``tl.range(..., flatten=True)``): the software pipeline runs across
-tile boundaries, so the next tile's first TMA loads are issued before this tile's epilogue, instead of the
-pipeline draining after each tile. The epilogue recomputes its own tile from a second counter (``tile_c``), as
-the tutorial does, so that nothing of the prologue's tile indices stays live across the loop. The output leaves
+The tile loop is flattened with the K loop (``tl.range(..., flatten=True)``) where the low-rank term comes after
+the K loop (bf16 without dropout): the software pipeline runs across tile boundaries, so the next tile's first
+TMA loads are issued before this tile's epilogue, instead of the pipeline draining after each tile. The
+epilogue recomputes its own tile from a second counter (``tile_c``), as the tutorial does, so that nothing of the
+prologue's tile indices stays live across the loop. The output leaves
 in SUBTILE column slices of BLOCK_M x BLOCK_N / SUBTILE through a shared buffer of that size (not the whole
 tile): at 128 x 256 x 64 bf16 a 4th pipeline stage then fits in the 227 KB of shared memory (compile report).
 
@@ -103,13 +104,16 @@ def gemm_lowrank_tma_kernel(
                                          block_shape=[BLOCK_M, BLOCK_N // SUBTILE])
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    # the low-rank term starts the accumulator when it needs a tile of its own (dX's keep-mask; fp16's range guard,
+    # fp16.py, scales the product after the dot): after the loop it would spill. Then the loops stay apart: with a
+    # dot before the K loop, flattening left the loads unpipelined (2 UTMALDG instead of 8 at 4 stages, compile
+    # report, triton 3.6 and 3.9)
+    LOWRANK_FIRST: tl.constexpr = HAS_DROPOUT or DOT_DTYPE == tl.float16
     # the epilogue's own tile counter (tutorial 09): it trails the prologue's by the flattened pipeline
     tile_c = tl.program_id(0) - NUM_SMS
-    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=not LOWRANK_FIRST):
         pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        if HAS_DROPOUT or DOT_DTYPE == tl.float16:
-            # the low-rank term starts the accumulator when it needs a tile of its own (the keep-mask; fp16's
-            # range guard, fp16.py, scales the product after the dot): after the loop it would spill
+        if LOWRANK_FIRST:
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             offs_r = tl.arange(0, BLOCK_R)
@@ -130,7 +134,7 @@ def gemm_lowrank_tma_kernel(
 
         tile_c += NUM_SMS
         pid_m, pid_n = grouped_tile(tile_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        if not (HAS_DROPOUT or DOT_DTYPE == tl.float16):
+        if not LOWRANK_FIRST:
             # the low-rank term accumulated into the same registers after the main loop, so it does not delay the
             # first loads; its scale folded into L (fp32) before L's one rounding
             lo, rm = _lowrank_operands(L_ptr, RM_ptr, pid_m * BLOCK_M + tl.arange(0, BLOCK_M),
