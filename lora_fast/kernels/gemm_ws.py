@@ -139,7 +139,7 @@ def _consumer(p_desc, q_desc, out_desc, p_bufs, q_bufs, ready, empty, rm_smem, o
             mbarrier.arrive(empty.index((step + NUM_STAGES - 1) % NUM_STAGES), pred=ki > 0)
             step += 1
         acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(empty.index((step + NUM_STAGES - 1) % NUM_STAGES))
+        mbarrier.arrive(empty.index((step + NUM_STAGES - 1) % NUM_STAGES), pred=k_tiles > 0)
 
         if HAS_BIAS:
             offs_n = off_n + gl.arange(0, BLOCK_N, gl.SliceLayout(0, acc_layout))
