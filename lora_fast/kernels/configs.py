@@ -237,7 +237,7 @@ def gemm_tma_configs(capability, dtype: torch.dtype, dropout: bool = False, bloc
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the warp-specialised Gluon GEMM (kernels/gemm_ws.py, sm_90,
 # bf16, opt-in): the consumer warps (num_warps, one or two warpgroups on a 128-row tile, after CUTLASS's cooperative
 # Hopper kernels) and the stages of the producer's ring; pruned per rank by ws_shared_bytes. Unmeasured on a GPU.
-_GEMM_WS_BF16 = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 128, 64, 4, 4)]
+_GEMM_WS_BF16 = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4)]
 
 
 def ws_shared_bytes(bm: int, bn: int, bk: int, stages: int, block_r: int, elt: int) -> int:
