@@ -657,7 +657,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "partials S^T dY when 4 * rank < PROJ_BLOCK_M (rank 16: yes, rank 64: no, then dB "
                              "runs on da_reduce's kernel); da_reduce: dA = dropout(x)^T dS; grad_finish: dA, dB "
                              "= scale * sum of their partials, cast; fwd_gemm_tma, dx_gemm_tma: the persistent "
-                             "TMA GEMM (sm_90, 16-bit); fwd_gemm_4bit, dx_gemm_4bit: the GEMMs on a 4-bit (NF4/FP4, "
+                             "TMA GEMM (sm_90, 16-bit); fwd_gemm_ws, dx_gemm_ws: the warp-specialised Gluon GEMM "
+                             "(opt-in LORA_FAST_GEMM=ws; sm_90, bf16; rows fail without USETMAXREG); "
+                             "fwd_gemm_4bit, dx_gemm_4bit: the GEMMs on a 4-bit (NF4/FP4, "
                              "QLoRA) weight dequantized per tile; dequant_4bit: the 4-bit weight into a 16-bit "
                              "scratch buffer; dora_*: DoRA's norm, column scale, backward prologue and dropout "
                              "combine (kernels/dora.py)")
