@@ -135,17 +135,22 @@ def run_cpu(args, console: Console) -> int:
     console.print("Cost-model bound (no GPU here to measure ceilings; for scale, an H200's as measured earlier on "
                   "one: 790 TFLOP/s for a large bf16 matmul on random data, 4.3 TB/s for a device-to-device copy; "
                   "its datasheet says ~989 TFLOP/s dense bf16), forward+backward / F.linear at M=8192, r=16, bf16, "
-                  "dropout 0:")
+                  "dropout 0; in brackets the estimate of python -m bench.cost_model, which assumes "
+                  f"{cost_model.Assumptions().describe()}:")
     for proj in shapes.projections(sel["models"]):
         f = cost_model.bound("F.linear", "full", 8192, proj.in_features, proj.out_features, 16, "bfloat16",
                              790e12, 4.3e12, bias=proj.bias)
+        fe = cost_model.estimate("F.linear", "full", 8192, proj.in_features, proj.out_features, 16, "bfloat16",
+                                 790e12, 4.3e12, bias=proj.bias).seconds
         parts = []
         for n in names:
             if n == "F.linear":
                 continue
             b = cost_model.bound(n, "full", 8192, proj.in_features, proj.out_features, 16, "bfloat16", 790e12,
                                  4.3e12, bias=proj.bias)
-            parts.append(f"{n} {b / f:.2f}")
+            e = cost_model.estimate(n, "full", 8192, proj.in_features, proj.out_features, 16, "bfloat16", 790e12,
+                                    4.3e12, bias=proj.bias).seconds
+            parts.append(f"{n} {b / f:.2f} (estimate {e / fe:.2f})")
         console.print(f"  {proj.label}: " + ", ".join(parts))
     return 0
 
@@ -199,6 +204,12 @@ def run_gpu(args, console: Console) -> int:
                                                 dropout=case.dropout) for mode in cost_model.MODES}
             flops[n] = {mode: cost_model.flops(n, mode, case.M, case.K, case.N, case.rank)
                         for mode in cost_model.MODES}
+            est = cost_model.estimate(n, "full", case.M, case.K, case.N, case.rank, case.dtype,
+                                      ceilings[case.dtype]["gemm_flops_per_s"],
+                                      ceilings[case.dtype]["copy_bytes_per_s"], bias=case.proj.bias,
+                                      dropout=case.dropout)
+            console.print(f"  {n} full: measured {m['full'][0] * 1e3:.1f} us, bound {bounds[n]['full'] * 1e6:.1f} us, "
+                          f"estimate {est.seconds * 1e6:.1f} us ({cost_model.Assumptions().describe()})")
         info = dict(model=case.proj.model, proj=case.proj.name, K=case.K, N=case.N, bias=case.proj.bias,
                     M=case.M, rank=case.rank, dtype=case.dtype, dropout=case.dropout)
         rows = results.assemble(info, measured, bounds, flops, ceilings[case.dtype], env)

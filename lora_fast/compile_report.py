@@ -54,15 +54,18 @@ RANKS = (16, 64)
 DORA_KERNELS = ("dora_wide_gemm", "dora_norm", "dora_norm_4bit", "dora_scale", "dora_grad", "dora_combine")
 # fwd_gemm_tma / dx_gemm_tma: the persistent TMA GEMM (kernels/gemm_tma.py) in the forward and dX layouts, sm_90 only
 TMA_KERNELS = ("fwd_gemm_tma", "dx_gemm_tma")
+# fwd_gemm_ws / dx_gemm_ws: the warp-specialised Gluon GEMM (kernels/gemm_ws.py, opt-in), sm_90 and bf16 only; its
+# rows also fail without USETMAXREG (the producer's register budget) in the SASS
+WS_KERNELS = ("fwd_gemm_ws", "dx_gemm_ws")
 # QLoRA (ops_4bit.py): fwd_gemm_4bit / dx_gemm_4bit: the same GEMMs reading a 4-bit (NF4 / FP4) weight and
 # dequantizing each tile before the MMA; dequant_4bit: the weight dequantized into a 16-bit scratch buffer.
 QLORA_KERNELS = ("fwd_gemm_4bit", "dx_gemm_4bit", "dequant_4bit")
-KERNELS = (("fwd_gemm", "dx_gemm", "xa_proj", "dyb_proj", "da_reduce", "grad_finish") + TMA_KERNELS + QLORA_KERNELS
-           + DORA_KERNELS)
+KERNELS = (("fwd_gemm", "dx_gemm", "xa_proj", "dyb_proj", "da_reduce", "grad_finish") + TMA_KERNELS + WS_KERNELS
+           + QLORA_KERNELS + DORA_KERNELS)
 # kernels without a dot or a reduction through shared memory (may report 0 bytes of shared memory), and without
 # a rank dimension that changes their code
 ELEMENTWISE_KERNELS = ("grad_finish", "dequant_4bit", "dora_scale", "dora_grad", "dora_combine")
-GEMM_KERNELS = ("fwd_gemm", "dx_gemm", "fwd_gemm_4bit", "dx_gemm_4bit", "dora_wide_gemm") + TMA_KERNELS
+GEMM_KERNELS = ("fwd_gemm", "dx_gemm", "fwd_gemm_4bit", "dx_gemm_4bit", "dora_wide_gemm") + TMA_KERNELS + WS_KERNELS
 # compiled without FP contraction, as ops_4bit launches them (bitsandbytes' nested absmax: a product, then a sum)
 NO_FMA_KERNELS = ("fwd_gemm_4bit", "dx_gemm_4bit", "dequant_4bit", "dora_norm_4bit")
 # Aligned sizes of the specialisation: any multiple of 16 gives the same code (the JIT keys on "divisible
@@ -105,6 +108,7 @@ class Row:
     mma: Optional[int] = None           # HGMMA (sm_90) or HMMA (sm_80) instructions in the SASS
     mma_name: str = ""
     tma_loads: Optional[int] = None     # UTMALDG instructions
+    setmaxnreg: Optional[int] = None    # USETMAXREG instructions (warp-specialised register budgets)
     instructions: Optional[int] = None  # SASS instructions in the kernel (the static count, loops once)
     compile_s: float = 0.0
     error: str = ""
@@ -128,6 +132,10 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
     if kernel == "dx_gemm_tma":    # Q = W as stored
         return [dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=False),
                 dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True)]
+    if kernel == "fwd_gemm_ws":
+        return [dict(Q_TRANSPOSED=True, HAS_BIAS=False), dict(Q_TRANSPOSED=True, HAS_BIAS=True)]
+    if kernel == "dx_gemm_ws":     # dX without dropout only (ops.ws_eligible)
+        return [dict(Q_TRANSPOSED=False, HAS_BIAS=False)]
     if kernel == "xa_proj":
         return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=False), dict(HAS_DROPOUT=True, WRITE_PARTIAL=False)]
     if kernel == "dyb_proj":   # ops.lora_backward fuses the dB partials when 4 * R < PROJ_BLOCK_M
@@ -171,13 +179,16 @@ def _variant_label(flags: dict) -> str:
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 
 
-def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
-    """The autotune configs the launcher of ``kernel`` hands Triton for these flags, capability and dtype."""
+def launch_configs(kernel: str, flags: dict, capability, dtype, rank: int = 16) -> list:
+    """The autotune configs the launcher of ``kernel`` hands Triton for these flags, capability, dtype and rank."""
     from .kernels import configs as cfg
     from .kernels import ops_4bit
 
+    if kernel in WS_KERNELS:
+        return cfg.gemm_ws_configs(capability, dtype, block_r=cfg.block_r(rank))
     if kernel in TMA_KERNELS:
-        return cfg.gemm_tma_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
+        return cfg.gemm_tma_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False),
+                                    block_r=cfg.block_r(rank))
     if kernel in ("fwd_gemm_4bit", "dx_gemm_4bit"):   # the any-shape path has its own (small) tile
         if flags.get("ALIGNED", True):
             return ops_4bit.gemm_4bit_configs(capability, dtype)
@@ -228,13 +239,15 @@ def make_jobs(targets: Sequence[str] = tuple(TARGETS), kernels: Sequence[str] = 
             for dtype in dtypes:
                 if kernel in TMA_KERNELS and (TARGETS[target][0] < 9 or dtype == "fp32"):
                     continue   # 16-bit operands on Hopper and newer only (ops.tma_eligible)
+                if kernel in WS_KERNELS and (TARGETS[target][0] != 9 or dtype != "bf16"):
+                    continue   # sm_90 and bf16 only (ops.ws_eligible)
                 # only kernels with a rank dimension depend on the rank (the same code for every multiple of 16)
                 for rank in (ranks[:1] if kernel in ELEMENTWISE_KERNELS else ranks):
                     flag_sets = _variants(kernel, rank, cfg)
                     if variants == "heaviest":
                         flag_sets = flag_sets[-1:]
                     for flags in flag_sets:
-                        config_list = launch_configs(kernel, flags, TARGETS[target], torch_dtype[dtype])
+                        config_list = launch_configs(kernel, flags, TARGETS[target], torch_dtype[dtype], rank)
                         if first_config:
                             config_list = config_list[:1]
                         for c in config_list:
@@ -293,6 +306,17 @@ def launch_args(job: Job) -> tuple:
                     stride_pm=N, stride_pk=1, stride_qk=K, stride_qn=1, stride_lm=R, stride_lr=1,
                     stride_rr=1, stride_rn=R, stride_om=K, stride_on=1, lowrank_scale=0.5, dropout_p=0.1)
         return gemm_lowrank_kernel, dict(args, **common, **meta)
+    if job.kernel in WS_KERNELS:
+        # as the TMA kernel's, without the dropout arguments (the config holds NUM_WARPS = num_warps)
+        from .kernels.gemm_ws import gemm_lowrank_ws_kernel
+
+        fwd = job.kernel == "fwd_gemm_ws"
+        args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
+                    OUT_ptr=_Ptr(x), M=M, N=N if fwd else K, K=K if fwd else N, R=R, M_BUCKET=M,
+                    stride_pm=K if fwd else N, stride_qrow=K, stride_lm=R, stride_lr=1,
+                    stride_rr=N if fwd else 1, stride_rn=1 if fwd else R, stride_om=N if fwd else K,
+                    lowrank_scale=0.5, NUM_SMS=132)
+        return gemm_lowrank_ws_kernel, dict(args, BLOCK_R=common["BLOCK_R"], **meta)
     if job.kernel in TMA_KERNELS:
         # forward: P = x (M, K), Q = W's (N, K) rows read transposed, OUT = y (M, N); dX: P = dY (M, N_out), Q = W's
         # rows as stored, OUT = dX (M, K_in); L fp32 (M, R); RM = B (R, N) or A^T ((r, k) -> A[k, r])
@@ -517,7 +541,13 @@ def compile_job(job: Job) -> Row:
             options = {"num_warps": job.num_warps, "num_stages": job.num_stages}
             if job.kernel in NO_FMA_KERNELS:
                 options["enable_fp_fusion"] = False
-            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
+            source = ASTSource
+            if job.kernel in WS_KERNELS:   # a Gluon kernel, with the register cap its launcher sets
+                from triton.experimental.gluon._runtime import GluonASTSource
+
+                source = GluonASTSource
+                options["maxnreg"] = cfg.ws_maxnreg(job.num_warps)
+            compiled = triton.compile(source(fn, signature, constexprs, attrs), target=target, options=options)
     except Exception as exc:
         row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         row.failures = ["does not compile"]
@@ -541,6 +571,7 @@ def compile_job(job: Job) -> Row:
     # opcodes sit after the "/*addr*/" column; HMMA is not a prefix of HGMMA, so plain word matches suffice
     row.mma = len(re.findall(rf"\b{row.mma_name}\.", sass))
     row.tma_loads = len(re.findall(r"\bUTMALDG\b", sass))
+    row.setmaxnreg = len(re.findall(r"\bUSETMAXREG\b", sass))
     row.instructions = len(re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+\S", sass, flags=re.MULTILINE))
     row.failures = check(row, job)
     return row
@@ -560,7 +591,9 @@ def check(row: Row, job: Job) -> list:
         failures.append(f"shared memory {row.shared} B > {limit} B")
     if job.kernel in GEMM_KERNELS and job.dtype in ("fp16", "bf16") and not row.mma:
         failures.append(f"no {row.mma_name} in a {job.dtype} GEMM")
-    if job.kernel in TMA_KERNELS and not row.tma_loads:
+    if job.kernel in WS_KERNELS and not row.setmaxnreg:
+        failures.append("no USETMAXREG in the warp-specialised GEMM")
+    if job.kernel in (TMA_KERNELS + WS_KERNELS) and not row.tma_loads:
         failures.append("no TMA load (UTMALDG) in the TMA GEMM")
     return failures
 
@@ -727,7 +760,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "partials S^T dY when 4 * rank < PROJ_BLOCK_M (rank 16: yes, rank 64: no, then dB "
                              "runs on da_reduce's kernel); da_reduce: dA = dropout(x)^T dS; grad_finish: dA, dB "
                              "= scale * sum of their partials, cast; fwd_gemm_tma, dx_gemm_tma: the persistent "
-                             "TMA GEMM (sm_90, 16-bit); fwd_gemm_4bit, dx_gemm_4bit: the GEMMs on a 4-bit (NF4/FP4, "
+                             "TMA GEMM (sm_90, 16-bit); fwd_gemm_ws, dx_gemm_ws: the warp-specialised Gluon GEMM "
+                             "(opt-in LORA_FAST_GEMM=ws; sm_90, bf16; rows fail without USETMAXREG); "
+                             "fwd_gemm_4bit, dx_gemm_4bit: the GEMMs on a 4-bit (NF4/FP4, "
                              "QLoRA) weight dequantized per tile; dequant_4bit: the 4-bit weight into a 16-bit "
                              "scratch buffer; dora_*: DoRA's norm, column scale, backward prologue and dropout "
                              "combine (kernels/dora.py)")

@@ -45,6 +45,68 @@ def test_cost_model_arithmetic():
         cost_model.kernels("nope", M, K, N, r)
 
 
+def test_cost_model_estimate_arithmetic():
+    """bench.cost_model.estimate: the ideal bound plus what it leaves out, each term checked by hand."""
+    M, K, N, r = 8192, 4096, 4096, 16
+    A = cost_model.Assumptions
+    ideal = A(gemm_fraction=1.0, launch_s=0.0, philox_s_per_element=0.0)
+    for impl in cost_model.IMPLS:
+        for mode in cost_model.MODES:
+            b = cost_model.bound(impl, mode, M, K, N, r, "bfloat16", *H200, dropout=0.1)
+            e = cost_model.estimate(impl, mode, M, K, N, r, "bfloat16", *H200, dropout=0.1, assume=ideal)
+            # nothing added: the bound itself (lora-fast's GEMMs on the fused path, the cheaper at cuBLAS's rate)
+            assert e.seconds == pytest.approx(b, rel=1e-12), (impl, mode)
+            # a cost per launch, one launch per kernel of the list
+            launched = cost_model.estimate(impl, mode, M, K, N, r, "bfloat16", *H200, dropout=0.1,
+                                           assume=A(gemm_fraction=1.0, launch_s=5e-6, philox_s_per_element=0.0))
+            assert launched.seconds - b == pytest.approx(5e-6 * e.launches, rel=1e-9), (impl, mode)
+    assert cost_model.estimate("F.linear", "full", M, K, N, r, "bfloat16", *H200).launches == 2
+
+    # one GEMM's two paths by hand: y = x W^T + s S B (bf16, no bias), compute-bound at these ceilings
+    (gemm,) = [k for k in cost_model.kernels("lora-fast", M, K, N, r)["forward"] if k.out_bytes]
+    y_bytes, term_read = 2 * M * N, 4 * M * r + 2 * r * N
+    assert gemm.out_bytes == y_bytes and gemm.term_bytes == term_read and gemm.term_flops == 2 * M * r * N
+    f, launch = 0.85, 3e-6
+    t = cost_model.gemm_paths_time(gemm, *H200, A(gemm_fraction=f, launch_s=launch))
+    assert t["fused"] == pytest.approx(gemm.flops / (H200[0] * f) + launch)
+    base = 2 * M * N * K / H200[0]   # addmm at cuBLAS's rate, compute-bound
+    assert t["cublas"] == pytest.approx((y_bytes + term_read + y_bytes) / H200[1] + base + 2 * launch)
+    # the measured choice takes the cheaper path: cuBLAS's at 0.85 here (its extra y write and read cost less
+    # than 15% of the GEMM), the fused kernel at 0.95
+    assert t["cublas"] < t["fused"]
+    e85 = cost_model.estimate("lora-fast", "forward", M, K, N, r, "bfloat16", *H200, assume=A(gemm_fraction=f))
+    e95 = cost_model.estimate("lora-fast", "forward", M, K, N, r, "bfloat16", *H200, assume=A(gemm_fraction=0.95))
+    assert e85.gemm_paths == ("cublas",) and e95.gemm_paths == ("fused",)
+    assert e85.launches == e95.launches + 1
+
+    # the mask: regenerated, Philox time in the dX GEMM only; bit-packed, M K / 8 bytes written by the S pass and
+    # read by dX and dA (checked where every launch is memory-bound: an unbounded GEMM rate)
+    fast = (1e30, H200[1])
+    seed = A(gemm_fraction=1.0, launch_s=0.0, philox_s_per_element=2e-12)
+    e0 = cost_model.estimate("lora-fast", "full", M, K, N, r, "bfloat16", *H200, assume=seed)
+    e1 = cost_model.estimate("lora-fast", "full", M, K, N, r, "bfloat16", *H200, dropout=0.1, assume=seed)
+    assert e1.seconds - e0.seconds == pytest.approx(2e-12 * M * K, rel=1e-9)
+    bits = A(gemm_fraction=1.0, launch_s=0.0, mask="bits")
+    e0 = cost_model.estimate("lora-fast", "full", M, K, N, r, "bfloat16", *fast, assume=bits)
+    e1 = cost_model.estimate("lora-fast", "full", M, K, N, r, "bfloat16", *fast, dropout=0.1, assume=bits)
+    assert e1.seconds - e0.seconds == pytest.approx(3 * M * K / 8 / H200[1], rel=1e-9)
+    for bad in (dict(gemm_fraction=0.0), dict(gemm_fraction=1.2), dict(launch_s=-1.0), dict(mask="bytes")):
+        with pytest.raises(ValueError):
+            A(**bad)
+
+
+def test_cost_model_cli_prints_bound_and_estimate(capsys):
+    assert cost_model.main(["--gemm-fraction", "0.9", "--launch-us", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "0.90 of cuBLAS" in out and "2.0 us per launch" in out
+    row = next(line.split() for line in out.splitlines() if line.startswith("lora-fast") and " full " in line)
+    b = cost_model.bound("lora-fast", "full", 8192, 4096, 4096, 16, "bfloat16", 790e12, 4.3e12)
+    e = cost_model.estimate("lora-fast", "full", 8192, 4096, 4096, 16, "bfloat16", 790e12, 4.3e12,
+                            assume=cost_model.Assumptions(gemm_fraction=0.9, launch_s=2e-6))
+    assert float(row[2]) == pytest.approx(b * 1e6, abs=0.05) and float(row[3]) == pytest.approx(e.seconds * 1e6,
+                                                                                                abs=0.05)
+
+
 @pytest.mark.parametrize("impl", ["F.linear", "book", "addmm-chain", "lora-fast"])
 def test_saved_bytes_meta_equals_real(impl):
     assert saved.check_meta_against_real([impl], shape=(48, 40, 24, 4)) == []

@@ -126,6 +126,37 @@ def test_checks_flag_spills_shared_memory_and_missing_tensor_cores():
     assert cr.check(cr.Row(**{**clean.__dict__, "mma": 0}), narrow) == []
 
 
+def test_hopper_gemms_shared_memory_model_and_register_budgets(report):
+    """The TMA and warp-specialised GEMMs: the configs are pruned by a shared-memory model that bounds what the
+    compiler allocates (so no config passes the limit at any rank), the 128 x 256 x 64 TMA tile keeps 4 stages at
+    rank 16 (its epilogue in slices), and the Gluon kernel gives its producer a register budget (USETMAXREG)."""
+    _, rows = report
+    hopper = [r for r in rows if r.kernel in cr.TMA_KERNELS + cr.WS_KERNELS and r.dtype == "bf16"]
+    assert {r.kernel for r in hopper} == set(cr.TMA_KERNELS + cr.WS_KERNELS)
+    for r in hopper:
+        bm, bn, bk = map(int, r.config.split("x"))
+        if r.kernel in cr.TMA_KERNELS:
+            subtile = next(c.kwargs["SUBTILE"] for c in configs.gemm_tma_configs((9, 0), torch.bfloat16,
+                                                                                 dropout=r.variant == "dropout")
+                           if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                               c.num_stages) == (bm, bn, bk, r.num_warps, r.num_stages))
+            model = configs.tma_shared_bytes(bm, bn, bk, r.num_stages, subtile, 16, 2)
+        else:
+            stages = next(c.kwargs["NUM_STAGES"] for c in configs.gemm_ws_configs((9, 0), torch.bfloat16)
+                          if (c.kwargs["BLOCK_N"], c.num_warps) == (bn, r.num_warps))
+            model = configs.ws_shared_bytes(bm, bn, bk, stages, 16, 2)
+            assert r.setmaxnreg, (r.kernel, r.config)
+        assert r.shared <= model, (r.kernel, r.config, r.num_stages, r.shared, model)
+    def big_four_stage(block_r):
+        return [c for c in configs.gemm_tma_configs((9, 0), torch.bfloat16, block_r=block_r)
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) == (128, 256, 4)]
+    assert big_four_stage(16) and not big_four_stage(64)   # rank 64's operands take the 4th stage's room
+    job = cr.Job("fwd_gemm_ws", "W^T", "bf16", "sm_90", 16, {}, 8, 1)
+    ws_row = cr.Row("fwd_gemm_ws", "W^T", "bf16", "sm_90", 16, 16, "128x128x64", 8, 1, registers=168,
+                    spill_stores=0, spill_loads=0, shared=1024, mma=5, mma_name="HGMMA", tma_loads=2, setmaxnreg=0)
+    assert cr.check(ws_row, job) == ["no USETMAXREG in the warp-specialised GEMM"]
+
+
 def test_command_line_writes_json_and_exits_nonzero_on_a_failing_row(tmp_path, monkeypatch, capsys):
     calls = []
 

@@ -60,6 +60,64 @@ def test_tma_takes_aligned_operands_only(monkeypatch, forced):
     assert calls, "a misaligned forced tma launch did not fall back to the cp.async kernel"
 
 
+@pytest.mark.parametrize("subtile,dtype,p", [(1, torch.bfloat16, 0.3), (2, torch.float16, 0.3),
+                                             (4, torch.bfloat16, 0.0), (4, torch.float16, 0.0)], ids=str)
+def test_tma_epilogue_slices_and_tiles_across_programs(subtile, dtype, p, device, forced, monkeypatch):
+    """The persistent TMA kernel's epilogue in 1, 2 or 4 column slices (bias added before the split), with more
+    tiles than programs (6 tiles of 32 x 32 on the interpreter's 2 "SMs": the flattened loop crosses tiles), the
+    forward and dX, with and without the dX keep-mask; fp16's range guard puts the low-rank term before the loop."""
+    from lora_fast.kernels import ops
+
+    forced("tma")
+    monkeypatch.setitem(ops._TMA_INTERP, "SUBTILE", subtile)
+    calls = []
+    real = ops._GEMM_PATHS["tma"]
+    monkeypatch.setitem(ops._GEMM_PATHS, "tma", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    inputs = make_inputs((70,), 64, 64, 5, dtype, device)
+    torch.manual_seed(7)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+    def op(*args):
+        torch.manual_seed(7)
+        return lora_linear(*args, dropout_p=p)
+    check_op(op, *inputs, 1.5, dropout_p=p, mask=dropout_keep_mask(seed, 70, 64, p) if p else None)
+    assert len(calls) == 2, "the forward and dX did not both run the TMA kernel"
+
+
+def test_ws_is_opt_in_and_falls_back_where_it_cannot_run(forced, monkeypatch, device):
+    """LORA_FAST_GEMM=ws (kernels/gemm_ws.py) is never timed by the automatic choice; forced, it runs only where
+    ops.ws_eligible allows (bf16, no dropout, sm_90, not interpreted: Gluon has no interpreter) and the TMA kernel
+    otherwise, with the same result."""
+    from lora_fast.kernels import ops
+
+    assert "ws" not in choice.PATHS and "ws" in choice.OPT_IN
+    forced("ws")
+    assert choice.forced_path() == "ws"
+    bf16 = torch.bfloat16
+    x, w, out = (torch.randn(8, 48, device=device).to(bf16), torch.randn(40, 48, device=device).to(bf16),
+                 torch.empty(8, 40, dtype=bf16, device=device))
+    on_hopper = device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    assert ops.ws_eligible(x, w, (1, 48), out, 0.0) == on_hopper
+    assert not ops.ws_eligible(x, w, (1, 48), out, 0.1)                       # no dropout in the Gluon kernel
+    assert not ops.ws_eligible(x.half(), w.half(), (1, 48), out.half(), 0.0)   # bf16 only
+    ran = []
+    for name in ("ws", "tma"):
+        real = ops._GEMM_PATHS[name]
+        monkeypatch.setitem(ops._GEMM_PATHS, name, lambda *a, _n=name, _f=real, **k: (ran.append(_n), _f(*a, **k)))
+    check_op(lambda *a: lora_linear(*a), *make_inputs((2, 24), 48, 40, 4, bf16, device), scale=1.5)
+    assert ran == (["ws", "ws"] if on_hopper else ["tma", "tma"])
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                    reason="the Gluon warp-specialised GEMM runs on sm_90 only, and Gluon has no CPU interpreter")
+@pytest.mark.parametrize("lead,K,N,R,bias", [((300,), 192, 320, 16, True), ((2, 130), 256, 136, 64, False)], ids=str)
+def test_ws_kernel_matches_float64_on_hopper(lead, K, N, R, bias, forced, device):
+    """The Gluon kernel's numerics (forward and dX, bf16): several tiles per program, partial edge tiles."""
+    forced("ws")
+    check_op(lambda *a: lora_linear(*a), *make_inputs(lead, K, N, R, torch.bfloat16, device, bias=bias), scale=1.5)
+    assert choice.GEMM.get((device, torch.bfloat16, 512, N, K, R, False, False)) == "ws"
+
+
 @pytest.mark.parametrize("path", choice.PATHS)
 def test_paths_with_dropout_and_a_transposed_weight(path, device, forced):
     """dX with the keep-mask in its low-rank term; the weight a transposed view (no copy on either path)."""

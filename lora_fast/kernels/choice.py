@@ -29,8 +29,9 @@ What is measured is kept, in memory and on disk (kernels/cache.py's ``SharedTabl
 and per (torch, CUDA, triton, lora-fast) versions under ``cache_dir()``, shared by every process of the machine
 through a file lock, only ever added to), and agreed across the ranks of a ``torch.distributed`` job
 (``agree``: the first rank to resolve a key publishes its choice in the job's store and every rank runs that
-one), so all ranks run the same kernels and round identically. ``LORA_FAST_GEMM=auto|triton|cublas|tma`` forces
-a path (read when a key is first resolved; ``clear()`` forgets the resolved keys); ``LORA_FAST_AUTOTUNE=0`` takes
+one), so all ranks run the same kernels and round identically. ``LORA_FAST_GEMM=auto|triton|cublas|tma|ws`` forces
+a path (read when a key is first resolved; ``clear()`` forgets the resolved keys; ``ws``, the opt-in
+warp-specialised Gluon GEMM, is never timed); ``LORA_FAST_AUTOTUNE=0`` takes
 each kernel's first config.
 
 Memory: timing allocates one L2 flush buffer of the device's L2 size (``flush_bytes``: 40 MB on an A100, 50 MB on
@@ -45,6 +46,9 @@ from typing import Callable, Dict, Iterable, Optional
 from .cache import MAX_FILE_BYTES, SharedTable, _slug, _versions, agree, cache_dir  # noqa: F401 (cache_dir, MAX_*)
 
 PATHS = ("triton", "cublas", "tma")
+# opt-in paths: taken only when LORA_FAST_GEMM names them, never timed by the automatic choice. "ws": the
+# warp-specialised Gluon GEMM (kernels/gemm_ws.py; sm_90, bf16, no dropout, else "tma"), which no GPU has run yet
+OPT_IN = ("ws",)
 ENV = "LORA_FAST_GEMM"
 # the tile configs of a GEMM-shaped kernel that are timed, after the cost model's ranking (of up to 6)
 TOP_CONFIGS = 3
@@ -61,8 +65,8 @@ def forced_path() -> Optional[str]:
     value = os.environ.get(ENV, "").strip().lower()
     if value in ("", "auto"):
         return None
-    if value not in PATHS:
-        raise ValueError(f"{ENV}: expected one of auto, {', '.join(PATHS)}; got {value!r}")
+    if value not in PATHS + OPT_IN:
+        raise ValueError(f"{ENV}: expected one of auto, {', '.join(PATHS + OPT_IN)}; got {value!r}")
     return value
 
 

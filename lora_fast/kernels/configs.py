@@ -196,26 +196,75 @@ def proj_layout(M: int, K: int, R: int, block_m: int, sms: int, partials: bool):
     return group * block_m, _cdiv(_cdiv(K, splits), SPLIT_QUANTUM) * SPLIT_QUANTUM
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the persistent TMA GEMM (sm_90+), after Triton's tutorial 09
-# (128 x 256 x 64 / 128 x 128 x 64 in 16-bit); the output tile also passes through shared memory for its TMA
-# store, counted in the pruning below. Unmeasured on a GPU: the autotuner picks among them.
-_GEMM_TMA_16BIT = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4)]
-_GEMM_TMA_16BIT_DROPOUT = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SUBTILE, GROUP_M) of the persistent TMA GEMM (sm_90+), after
+# Triton's tutorial 09 (128 x 256 x 64 / 128 x 128 x 64 in 16-bit, its epilogue in column slices) and CUTLASS's
+# Hopper tiles (128 x 256 x 64 with 4 stages, 128 x 128 x 128 with 3). SUBTILE: the epilogue's column slices,
+# through a BLOCK_M x BLOCK_N / SUBTILE shared buffer. The list is pruned per rank by tma_shared_bytes (the 128 x
+# 256 x 64 4-stage tile fits at rank 16 only); every row compiled without spills on sm_90 (compile report, triton
+# 3.9 and 3.6, ranks 16 and 64). Unmeasured on a GPU: the autotuner picks among them.
+_GEMM_TMA_16BIT = [(128, 256, 64, 8, 4, 4, 8), (128, 256, 64, 8, 3, 2, 8), (128, 128, 128, 8, 3, 2, 8),
+                   (128, 128, 64, 8, 4, 2, 8), (128, 128, 64, 4, 4, 1, 16), (64, 256, 64, 4, 4, 2, 8),
+                   (64, 128, 64, 4, 4, 1, 8)]
+# dX with dropout: the keep-mask's Philox runs before the K loop beside the low-rank term; 128 x 128 outputs at most
+_GEMM_TMA_16BIT_DROPOUT = [(128, 128, 64, 8, 4, 2, 8), (128, 128, 64, 8, 3, 1, 8), (128, 128, 64, 4, 4, 1, 8),
+                           (64, 128, 64, 4, 4, 1, 8)]
+# Shared memory Triton adds beside the buffers counted in tma_shared_bytes: the pipeline's mbarriers (8 B per
+# stage) and alignment; 32 B seen in every row of the compile report (sm_90, triton 3.9), 1 KB kept
+_TMA_SMEM_RESERVE = 1024
 
 
-def gemm_tma_configs(capability, dtype: torch.dtype, dropout: bool = False) -> list:
-    """Autotune configs of ``gemm_lowrank_tma_kernel`` (GROUP_M 8; 16-bit inputs: ops.tma_eligible); with
-    ``dropout`` those of dX with the mask. Under the interpreter fp32 runs it too (the tests' exact dtype)."""
+def tma_shared_bytes(bm: int, bn: int, bk: int, stages: int, subtile: int, block_r: int, elt: int) -> int:
+    """Shared memory of one program of ``gemm_lowrank_tma_kernel``: the pipeline's P and Q tiles per stage, the
+    epilogue's slice, and the low-rank term's (BLOCK_M, BLOCK_R) and (BLOCK_R, BLOCK_N) operands (warpgroup MMA
+    reads them from shared memory; with the loop flattened across tiles they no longer alias the pipeline's
+    buffers). Matches the compiled kernels' metadata within _TMA_SMEM_RESERVE (compile report, sm_90)."""
+    return (stages * (bm * bk + bk * bn) + bm * (bn // subtile) + block_r * (bm + bn)) * elt + _TMA_SMEM_RESERVE
+
+
+def gemm_tma_configs(capability, dtype: torch.dtype, dropout: bool = False, block_r: int = 16) -> list:
+    """Autotune configs of ``gemm_lowrank_tma_kernel`` (16-bit inputs: ops.tma_eligible); with ``dropout`` those
+    of dX with the mask. ``block_r``: the padded rank (``block_r(rank)``), whose operands take shared memory too.
+    Under the interpreter fp32 runs it too (the tests' exact dtype)."""
     table = _GEMM_TMA_16BIT_DROPOUT if dropout else _GEMM_TMA_16BIT
-    if dtype == torch.float16:
-        # fp16 puts the low-rank term before the loop (fp16.py's range guard): at 128 x 256 x 64 and rank 64 its
-        # operands took the shared memory to 245,784 B on sm_90 (limit 232,448; compile report, triton 3.9)
-        table = [c for c in table if c[:2] != (128, 256)]
     limit, elt = smem_limit(capability), _elt(dtype)
     return [
-        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in table
-        if (s * (bm * bk + bk * bn) + bm * bn) * elt <= limit
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, SUBTILE=st), num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s, st, gm in table
+        if tma_shared_bytes(bm, bn, bk, s, st, block_r, elt) <= limit
+    ]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the warp-specialised Gluon GEMM (kernels/gemm_ws.py, sm_90,
+# bf16, opt-in): the consumer warps (num_warps, one or two warpgroups on a 128-row tile, after CUTLASS's cooperative
+# Hopper kernels) and the stages of the producer's ring; pruned per rank by ws_shared_bytes. Unmeasured on a GPU.
+_GEMM_WS_BF16 = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4)]
+
+
+def ws_shared_bytes(bm: int, bn: int, bk: int, stages: int, block_r: int, elt: int) -> int:
+    """Shared memory of ``gemm_lowrank_ws_kernel``: the ring's P and Q tiles, the whole output tile (its TMA store),
+    RM's (BLOCK_R, BLOCK_N) tile and L's (BLOCK_M, BLOCK_R) tile, whose move into the MMA operand layout passes
+    through shared memory (3,132-3,140 B above the rest at rank 16, compile report), plus the mbarriers
+    (_TMA_SMEM_RESERVE)."""
+    return (stages * (bm * bk + bk * bn) + bm * bn + block_r * (bn + bm)) * elt + _TMA_SMEM_RESERVE
+
+
+def ws_maxnreg(num_warps: int) -> int:
+    """The register cap per thread of the warp-specialised kernel (its launch option ``maxnreg``): the register file
+    (65,536 per SM, one program per SM) shared by the consumer warps and the producer's warpgroup (4 warps), in
+    setmaxnreg's steps of 8, at most 248 (below 255); the producer gives back what it does not keep
+    (gemm_ws.PRODUCER_REGS) to the consumers."""
+    return min(248, 65536 // ((num_warps + 4) * 32) // 8 * 8)
+
+
+def gemm_ws_configs(capability, dtype: torch.dtype, block_r: int = 16) -> list:
+    """Configs of ``gemm_lowrank_ws_kernel`` (bf16 on sm_90: ops.ws_eligible), NUM_STAGES and NUM_WARPS as
+    constexprs (Gluon) beside num_warps."""
+    limit, elt = smem_limit(capability), _elt(dtype)
+    return [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, NUM_STAGES=s, NUM_WARPS=w), num_warps=w,
+                      num_stages=1, maxnreg=ws_maxnreg(w))
+        for bm, bn, bk, w, s in _GEMM_WS_BF16
+        if ws_shared_bytes(bm, bn, bk, s, block_r, elt) <= limit
     ]
 
 

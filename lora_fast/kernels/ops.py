@@ -123,14 +123,22 @@ _gemm_dx = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N"
 _gemm_dropout = _Launcher(gemm_lowrank_kernel, functools.partial(configs.gemm_configs, dropout=True),
                           ["M_BUCKET", "N", "K", "R"], dict(configs.INTERP_GEMM, num_warps=4, num_stages=1),
                           pointers=7, scalars=2)
-# the persistent TMA GEMM (sm_90+, aligned operands): forward, dX, dX with dropout tuned apart
-_TMA_INTERP = dict(configs.INTERP_GEMM, num_warps=4, num_stages=1)
-_gemm_tma = _Launcher(gemm_lowrank_tma_kernel, configs.gemm_tma_configs, ["M_BUCKET", "N", "K", "R"], _TMA_INTERP,
-                      pointers=7, scalars=2)
-_gemm_tma_dx = _Launcher(gemm_lowrank_tma_kernel, configs.gemm_tma_configs, ["M_BUCKET", "N", "K", "R"], _TMA_INTERP,
-                         pointers=7, scalars=2)
-_gemm_tma_dropout = _Launcher(gemm_lowrank_tma_kernel, functools.partial(configs.gemm_tma_configs, dropout=True),
-                              ["M_BUCKET", "N", "K", "R"], _TMA_INTERP, pointers=7, scalars=2)
+# the persistent TMA GEMM (sm_90+, aligned operands): forward, dX, dX with dropout tuned apart, and per padded
+# rank, whose operands' shared memory prunes the configs (configs.gemm_tma_configs)
+_TMA_INTERP = dict(configs.INTERP_GEMM, SUBTILE=2, num_warps=4, num_stages=1)
+_tma_launchers = {}
+
+
+def _tma_launcher(kind: str, block_r: int) -> "_Launcher":
+    launcher = _tma_launchers.get((kind, block_r))
+    if launcher is None:
+        launcher = _Launcher(gemm_lowrank_tma_kernel, functools.partial(configs.gemm_tma_configs,
+                                                                        dropout=kind == "dropout", block_r=block_r),
+                             ["M_BUCKET", "N", "K", "R"], _TMA_INTERP, pointers=7, scalars=2)
+        _tma_launchers[(kind, block_r)] = launcher
+    return launcher
+
+
 # the low-rank term alone (K = 0) before cuBLAS's addmm (choice.py's "cublas" path): its own tuning
 _term = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N", "K", "R"],
                   dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=2)
@@ -290,6 +298,8 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
         candidates = {p: functools.partial(_GEMM_PATHS[p], *args)
                       for p in choice.candidate_paths(tma_eligible(P, Q, q_strides, out))}
         path = choice.GEMM.resolve(key, name, candidates, measure=not _INTERPRETED)
+    if path == "ws" and not ws_eligible(P, Q, q_strides, out, dropout_p):
+        path = "tma"      # the opt-in Gluon kernel's limits (bf16, sm_90, no dropout): the TMA kernel instead
     if path == "tma" and not tma_eligible(P, Q, q_strides, out):
         path = "triton"   # a misaligned operand (or no Hopper): the cp.async kernel, chosen before launch
     _GEMM_PATHS[path](*args)
@@ -313,6 +323,14 @@ def tma_eligible(P, Q, q_strides, out) -> bool:
     return (P.stride(1) == 1 and out.stride(1) == 1 and q_row is not None
             and (P.stride(0) * elt) % 16 == 0 and (out.stride(0) * elt) % 16 == 0 and (q_row * elt) % 16 == 0
             and P.data_ptr() % 16 == 0 and Q.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0)
+
+
+def ws_eligible(P, Q, q_strides, out, dropout_p) -> bool:
+    """Whether the warp-specialised Gluon kernel (kernels/gemm_ws.py, opt-in: LORA_FAST_GEMM=ws) can take these
+    operands: bf16, no dropout, on sm_90 exactly (warpgroup MMA; Gluon does not run under the interpreter), and
+    what ``tma_eligible`` asks."""
+    return (P.dtype == torch.bfloat16 and dropout_p == 0 and not _INTERPRETED and _capability(P.device) == (9, 0)
+            and tma_eligible(P, Q, q_strides, out))
 
 
 def _scratch(size: int, alignment: int, stream):
@@ -343,12 +361,13 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
 
     if not _INTERPRETED:
         _ensure_allocator()
-    launch = _gemm_tma_dropout if dropout_p > 0 else _gemm_tma_dx if backward else _gemm_tma
+    block_r = configs.block_r(R)
+    launch = _tma_launcher("dropout" if dropout_p > 0 else "dx" if backward else "forward", block_r)
     launch(grid, P, Q, bias if bias is not None else out, L, RM, out, seed if seed is not None else out,
            M, N, K, R, _m_bucket(M),
            P.stride(0), q_row, L.stride(0), L.stride(1), rm_strides[0], rm_strides[1], out.stride(0),
            float(lowrank_scale), float(dropout_p),
-           BLOCK_R=configs.block_r(R), NUM_SMS=num_sms, Q_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
+           BLOCK_R=block_r, NUM_SMS=num_sms, Q_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
            HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=configs.dot_dtype(P.dtype),
            INPUT_PRECISION=configs.input_precision(P.dtype), device=P.device, dtype=P.dtype)
 
@@ -385,7 +404,37 @@ def _cublas_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dro
         out.addmm_(P, Q.as_strided((P.shape[1], N), q_strides))
 
 
-_GEMM_PATHS = {"triton": _fused_gemm, "cublas": _cublas_gemm, "tma": _tma_gemm}
+_ws_launchers = {}
+
+
+def _ws_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out, backward):
+    """The warp-specialised Gluon kernel (kernels/gemm_ws.py) on operands ``ws_eligible`` accepts; imported on first
+    use, so that a triton without Gluon costs nothing until LORA_FAST_GEMM=ws asks for it."""
+    from .gemm_ws import gemm_lowrank_ws_kernel
+
+    M, K = P.shape
+    R = L.shape[1]
+    transposed = q_strides[0] == 1
+    num_sms = _sm_count(P.device)
+    block_r = configs.block_r(R)
+    launch = _ws_launchers.get((backward, block_r))
+    if launch is None:
+        launch = _Launcher(gemm_lowrank_ws_kernel, functools.partial(configs.gemm_ws_configs, block_r=block_r),
+                           ["M_BUCKET", "N", "K", "R"], {}, pointers=6, scalars=1)
+        _ws_launchers[(backward, block_r)] = launch
+
+    def grid(meta):
+        return (min(num_sms, _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])),)
+
+    _ensure_allocator()
+    launch(grid, P, Q, bias if bias is not None else out, L, RM, out, M, N, K, R, _m_bucket(M),
+           P.stride(0), q_strides[1] if transposed else q_strides[0], L.stride(0), L.stride(1), rm_strides[0],
+           rm_strides[1], out.stride(0), float(lowrank_scale),
+           BLOCK_R=block_r, NUM_SMS=num_sms, Q_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
+           device=P.device, dtype=P.dtype)
+
+
+_GEMM_PATHS = {"triton": _fused_gemm, "cublas": _cublas_gemm, "tma": _tma_gemm, "ws": _ws_gemm}
 
 
 def project_input(x, A, dropout_p, seed):
