@@ -257,11 +257,16 @@ def measure(M: int = 4096, rank: int = 16, dtype=torch.bfloat16, paths=("triton"
 
     monkeypatch(choice, "forced_path", lambda: _FORCED[0])
     _stub_addmm(monkeypatch)
+    # one intra-op thread: torch's CPU kernels (the baselines' small matmuls, gradient copies) would otherwise
+    # count OpenMP workers' spin-waits in this thread's CPU time, which a GPU run never has
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         rows = _projection_rows(launcher, paths, M, rank, dtype, repeat, number)
         if layers:
             rows += _layer_rows(launcher, paths, rank, dtype, layer_tokens, max(5, repeat // 3), max(3, number // 4))
     finally:
+        torch.set_num_threads(threads)
         for obj, name, value in reversed(patches):
             setattr(obj, name, value)
     return rows

@@ -76,11 +76,14 @@ def block_r(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())   # next power of two, in plain Python (fast to call)
 
 
+# Triton fixes interpretation when the kernels are decorated (at import): read once, not per launch
+_DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
+               torch.bfloat16: tl.float32 if interpreting() else tl.bfloat16}
+
+
 def dot_dtype(dtype: torch.dtype):
     """Dtype of tl.dot operands for inputs of ``dtype``; bf16 is upcast under the interpreter (it mis-computes bf16)."""
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()):
-        return tl.float32
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    return _DOT_DTYPES[dtype]
 
 
 def input_precision(dtype: torch.dtype) -> str:

@@ -76,10 +76,9 @@ class _Launcher:
         index = device.index if device.index is not None else torch.cuda.current_device()
         # what Triton specialises on: each pointer's dtype and 16-byte alignment, each integer's value (== 1,
         # divisibility by 16), the constexprs; the float scalars are runtime values
-        pointers = args[:self.pointers]
-        plan_key = (index, tuple([t.dtype for t in pointers]), tuple([t.data_ptr() & 15 == 0 for t in pointers]),
+        plan_key = (index, *[(t.dtype, t.data_ptr() & 15 == 0) for t in args[:self.pointers]],
                     args[self.pointers:len(args) - self.scalars], grid if isinstance(grid, tuple) else None,
-                    tuple(kwargs.items()))
+                    *kwargs.items())
         plan = self._plans.get(plan_key)
         if plan is None:
             with _device_guard(index):
@@ -88,13 +87,14 @@ class _Launcher:
                 self._plans.clear()
             self._plans[plan_key] = plan
             return   # the planning call launched the kernel
-        compiled, g0, g1, g2, tail = plan
+        compiled, g0, g1, g2, tail, current_stream = plan
         bound = (*args, *tail)
-        enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        runtime = knobs.runtime
+        enter_hook, exit_hook = runtime.launch_enter_hook, runtime.launch_exit_hook
         # launch metadata only for a profiler's hook (an empty HookChain in triton 3.9, None in older versions)
         hooked = enter_hook is not None and getattr(enter_hook, "calls", True)
         with _device_guard(index):
-            stream = driver.active.get_current_stream(index)
+            stream = current_stream(index)
             metadata = compiled.launch_metadata((g0, g1, g2), stream, *bound) if hooked else None
             compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, metadata, enter_hook,
                          exit_hook, *bound)
@@ -117,7 +117,8 @@ class _Launcher:
         values = {**dict(zip(names, args)), **kwargs, **config.kwargs}
         tail = tuple(values[name] for name in names[len(args):])
         resolved = tuple(grid(values) if callable(grid) else grid) + (1, 1)
-        return compiled, resolved[0], resolved[1], resolved[2], tail
+        # the active driver's stream query, bound once (driver.active is a lazy proxy: slow to go through per launch)
+        return compiled, resolved[0], resolved[1], resolved[2], tail, driver.active.get_current_stream
 
 
 _gemm = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N", "K", "R"],
