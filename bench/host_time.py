@@ -1,19 +1,23 @@
-"""Host time per call, measured on a machine without a GPU: ``python -m bench.host_time``.
+"""Host time per training step, measured on a machine without a GPU: ``python -m bench.host_time``.
 
-What runs: lora_fast.lora_linear forward and backward on CPU tensors of real shapes, through the whole Triton
-path (input checks, autograd, lora-fast's launchers, the autotuner's cache lookup, Triton's JIT dispatch:
-argument binding, specialisation key, kernel cache), with only Triton's final launch stubbed: a stand-in
-Triton driver reports an sm_90 device (132 SMs), compiles every kernel for real (ptxas, as on a GPU), and its
-launcher returns without launching. torch.cuda's capability and property queries are answered for that
-device. Everything the host does per call on a GPU therefore runs, except the CUDA driver's own launch call
-(cuLaunchKernel, a few microseconds per launch) and torch's CUDA allocator (the CPU allocator runs instead).
-The autotuner is given a stand-in benchmark (every config times 1 ms, so the first is kept): tuning itself
-is not timed, only its cache lookup.
+What runs: forward and backward of real modules on CPU tensors through the whole Triton path (input checks,
+autograd, lora-fast's launchers, the autotuner's cache lookup, Triton's JIT dispatch), with only Triton's final
+launch stubbed: a stand-in Triton driver reports an sm_90 device (132 SMs), compiles every kernel for real
+(ptxas, as on a GPU), and its launcher counts the launch instead of making it. torch.cuda's capability and
+property queries are answered for that device; the autotuner gets a stand-in benchmark (the first config is
+kept: tuning is not timed, only its cache lookup); the "cublas" path's addmm_ runs on 1 x 1 tensors (torch's
+dispatch, no CPU BLAS). Not run: the CUDA driver's own launch call (cuLaunchKernel, a few microseconds per
+launch) and torch's CUDA caching allocator (the CPU allocator runs instead). torch runs one intra-op thread.
 
-Rows: lora-fast forward, backward (one loss.backward() minus its forward), and Triton's own dispatch of one
-kernel launch (JITFunction.run with the stub), beside F.linear's forward and backward on tiny tensors (torch's
-dispatch floor) and at the same shapes. Medians of repeated calls, in microseconds, on this CPU; the numbers
-depend on the machine and its load (the load average is printed with them).
+Rows (bf16 base, fp32 adapters as PEFT keeps them, rank 16, no dropout, x requiring grad, every gradient set to
+None before each step): per projection, nn.Linear (frozen), PEFT's lora.Linear, lora-fast's LinearWithLoRA and
+PEFT + lora_fast.patch_peft, at a tiny shape (64 -> 64, M = 4: torch's own compute there is small) and, for the
+Triton rows, at Llama-3.2-1B's projection shapes with M = 4096 (bench/model_configs.py); per decoder layer of a
+tiny Llama (model_configs.two_layer of Llama-3.2-1B: GQA, SiLU MLP, 7 LoRA projections per layer), from the
+difference between a 10-layer and a 2-layer model. Every Triton row for each GEMM path (triton, cublas, tma,
+forced as LORA_FAST_GEMM does). Columns: thread CPU time (robust to other jobs on a shared machine) and wall
+time, min and median per step in microseconds; ratio: median CPU time over PEFT's of the same kind; launches
+per step (per layer for the decoder rows). The numbers depend on the machine and its load (printed).
 """
 
 import argparse
