@@ -190,6 +190,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=4096)
 def _splits(M: int, K: int, block_m: int, block_k: int, device: torch.device) -> int:
     """Row splits of a reduction over M: enough programs for two waves of the GPU (two splits interpreted)."""
     row_blocks = _cdiv(M, block_m)
@@ -199,6 +200,7 @@ def _splits(M: int, K: int, block_m: int, block_k: int, device: torch.device) ->
     return max(1, min(row_blocks, _cdiv(programs, _cdiv(K, block_k))))
 
 
+@functools.lru_cache(maxsize=4096)   # a pure function of its arguments, called twice per step (host time)
 def _proj_layout(M: int, K: int, R: int, block_m: int, device: torch.device, partials: bool):
     """(rows per program, columns per program) of a narrow pass (configs.proj_layout). Interpreted: two K splits,
     and two row blocks per group when there are partials, so that every path runs in the tests."""
@@ -471,8 +473,10 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
     dropout_p = philox.quantize(dropout_p)
     if need_dB:
         dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
-    # dB rides on the dS pass (one launch) while its partials cost less than a second read of dY; at 4 R >=
-    # PROJ_BLOCK_M (rank 32 and up on a GPU) they would not, and dB takes its own pass over dY: six launches
+    # dB rides on the dS pass (five launches per step) while 4 R < PROJ_BLOCK_M (ranks up to 31 on a GPU). Above,
+    # dB takes its own pass over dY (six launches): the reason is the byte count of configs.PROJ_BLOCK_M's
+    # comment (the (groups, R, N) fp32 partials grow with R, a second read of dY does not) and the dS pass's
+    # registers at BLOCK_R 64 (the compile report), not a GPU timing: unmeasured on a GPU as yet
     fused_dB = need_dB and 4 * R < _proj_block_m()
     dS, _ = lowrank_project(dy, B, B.stride(1), B.stride(0), R, partial_of=S if fused_dB else None,
                             grad=dB if fused_dB else None, grad_scale=scale)
