@@ -184,7 +184,8 @@ def launch_configs(kernel: str, flags: dict, capability, dtype) -> list:
     if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when it regenerates a keep-mask
         return cfg.gemm_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
     if kernel in ("xa_proj", "dyb_proj"):   # ops.lowrank_project: its own list when it regenerates a keep-mask
-        return cfg.proj_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
+        return cfg.proj_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False),
+                                partials=flags.get("WRITE_PARTIAL", False))
     if kernel == "da_reduce":
         return cfg.reduce_configs(capability, dtype)
     if kernel == "grad_finish":
