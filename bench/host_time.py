@@ -17,7 +17,10 @@ tiny Llama (model_configs.two_layer of Llama-3.2-1B: GQA, SiLU MLP, 7 LoRA proje
 difference between a 10-layer and a 2-layer model. Every Triton row for each GEMM path (triton, cublas, tma,
 forced as LORA_FAST_GEMM does). Columns: thread CPU time (robust to other jobs on a shared machine) and wall
 time, min and median per step in microseconds; ratio: median CPU time over PEFT's of the same kind; launches
-per step (per layer for the decoder rows). The numbers depend on the machine and its load (printed).
+per step (per layer for the decoder rows; those run in float32 on 8 tokens, see _layer_rows). At M = 4096 the
+CPU allocator's large allocations (no caching allocator on CPU: mmap and munmap per step) count in lora-fast's
+and patch_peft's rows; a GPU's caching allocator does not pay them. The numbers depend on the machine and its
+load (printed).
 """
 
 import argparse
@@ -210,7 +213,8 @@ _FORCED = ["triton"]
 def _layer_rows(launcher, paths, rank: int, dtype, tokens: int, repeat: int, number: int) -> list:
     """Host time per decoder layer of a tiny Llama (bench/model_configs.two_layer of Llama-3.2-1B: GQA, SiLU MLP),
     from the difference between a 10-layer and a 2-layer model (embedding, head and loss cancel), forward+backward
-    with gradients cleared every step."""
+    with gradients cleared every step. float32 and a few tokens: torch's own CPU kernels (attention, norms, the
+    frozen and PEFT matmuls, which lora-fast's stubbed launches skip) then cost little beside their dispatch."""
     from lora_fast.kernels import choice
 
     from . import model_configs, model_setups
@@ -247,7 +251,7 @@ def _layer_rows(launcher, paths, rank: int, dtype, tokens: int, repeat: int, num
 
 
 def measure(M: int = 4096, rank: int = 16, dtype=torch.bfloat16, paths=("triton", "cublas", "tma"), repeat: int = 15,
-            number: int = 20, layer_tokens: int = 64, layers: bool = True) -> list:
+            number: int = 20, layer_tokens: int = 8, layers: bool = True) -> list:
     """Rows of {"what", "shape", "M", "path", "launches", "cpu_min", "cpu_median", "wall_min", "wall_median"} (see the
     module docstring). Needs TRITON_INTERPRET unset or 0."""
     patches = []
@@ -268,7 +272,8 @@ def measure(M: int = 4096, rank: int = 16, dtype=torch.bfloat16, paths=("triton"
     try:
         rows = _projection_rows(launcher, paths, M, rank, dtype, repeat, number)
         if layers:
-            rows += _layer_rows(launcher, paths, rank, dtype, layer_tokens, max(5, repeat // 3), max(3, number // 4))
+            rows += _layer_rows(launcher, paths, rank, torch.float32, layer_tokens, max(5, repeat // 2),
+                                max(3, number // 4))
     finally:
         torch.set_num_threads(threads)
         for obj, name, value in reversed(patches):
