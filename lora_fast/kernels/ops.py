@@ -93,11 +93,18 @@ class _Launcher:
         enter_hook, exit_hook = runtime.launch_enter_hook, runtime.launch_exit_hook
         # launch metadata only for a profiler's hook (an empty HookChain in triton 3.9, None in older versions)
         hooked = enter_hook is not None and getattr(enter_hook, "calls", True)
-        with _device_guard(index):
+        # _device_guard written out (no guard object per launch: host time)
+        previous = torch.cuda.current_device()
+        if previous != index:
+            torch.cuda.set_device(index)
+        try:
             stream = current_stream(index)
             metadata = compiled.launch_metadata((g0, g1, g2), stream, *bound) if hooked else None
             compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, metadata, enter_hook,
                          exit_hook, *bound)
+        finally:
+            if previous != index:
+                torch.cuda.set_device(previous)
 
     def _plan(self, grid, args, kwargs, device, dtype):
         """Launch through Triton's autotuner / JIT once and return the launch plan of this call."""
