@@ -6,14 +6,14 @@ is what the implementation launches on a GPU with the base weight W frozen and x
 a network); per element, e bytes for x's dtype, 4 for fp32, 1 for a bool mask. Sizes: x (M, K), W (N, K),
 A (K, r), B (r, N), y (M, N).
 
-- lora-fast: forward S = dropout(x) A (reads x; split along K when its row blocks leave SMs idle, then one
-  fp32 (M, r) sum per split, written and read back by a finishing pass), then the GEMM with the low-rank term
-  fused in; backward dS = dY B^T with the dB partials in the same pass (reads dY, writes one fp32 (r, N)
-  partial per row group, configs.proj_layout; a second pass over dY instead when 4r >= 128), dX = dY W with
-  the low-rank term fused in,
-  dA = (keep x)^T dS (reads x, writes one fp32 (K, r) partial per split: about two programs per SM), and the
-  finishing passes of dB and dA (read the partials, write the gradient). The mask is regenerated from a
-  seed: no bytes. As ops.py launches them (kernels/ops.py, configs.PROJ_BLOCK_M and SPLIT_QUANTUM).
+- lora-fast: five launches. Forward S = dropout(x) A (reads x; split along K when its row blocks leave SMs
+  idle, then one fp32 (M, r) sum per split, written and read back by the last split in the same launch), then
+  the GEMM with the low-rank term fused in; backward dS = dY B^T with dB in the same pass (reads dY, writes one
+  fp32 (r, N) partial per row group, configs.proj_layout, read back by the last group in the launch; a second
+  pass over dY for dB instead when 4r >= 128), dX = dY W with the low-rank term fused in, dA = (keep x)^T dS
+  (reads x, writes one fp32 (K, r) partial per split, about two programs per SM, read back by the last split).
+  The mask is regenerated from a seed: no bytes. As ops.py launches them (kernels/ops.py, configs.PROJ_BLOCK_M
+  and SPLIT_QUANTUM).
 - addmm-chain: as lora-fast, plus a read and write of y (y.addmm_) and of dX (dX.addmm_), and a second read
   of dY (dB = S^T dY is its own GEMM). Dropout: a pass writing dropout(x) and a bool mask, read back in backward.
 - book, peft: eager autograd: the low-rank output T = S B is written (M, N), scaled in its own pass and added
@@ -33,7 +33,7 @@ A (K, r), B (r, N), y (M, N).
   M x N passes, two of them reductions for dm). Dropout: a second base GEMM on dropout(x), forward and dX.
 
 For the issue's check (H200, 790 TFLOP/s, 4.3 TB/s, bf16, M=8192, r=16) forward+backward relative to F.linear
-is about 1.09 (lora-fast, with its partials and finishing passes), 1.18 (addmm-chain), 1.36 (peft) at
+is about 1.09 (lora-fast, with its partials), 1.18 (addmm-chain), 1.36 (peft) at
 4096->4096; tests/test_bench.py asserts it.
 
 That bound is ideal: it runs lora-fast's own GEMM at cuBLAS's rate and costs nothing per launch. ``estimate``
@@ -100,35 +100,34 @@ def _lora_fast(M: int, K: int, N: int, r: int, e: int, bias_b: int, sms: int) ->
         rows, cols = configs.proj_layout(M, length, r, configs.PROJ_BLOCK_M, sms, partials)
         return _cdiv(M, rows), _cdiv(length, cols)
 
-    def split_sums(splits: int, what: str) -> List[Kernel]:
-        return [Kernel(f"{what}: sum of {splits} splits", 0, splits * s32 + s32, FINISH)] if splits > 1 else []
+    def split_bytes(splits: int) -> int:   # the raw sum of each K split written, then read back by the last split
+        return 2 * splits * s32 if splits > 1 else 0
 
     def reduce_splits(length: int) -> int:  # ops._splits with 64 x 64 blocks
         row_blocks = _cdiv(M, 64)
         return max(1, min(row_blocks, _cdiv(2 * sms, _cdiv(length, 64))))
 
+    # each narrow pass finishes its own reductions (kernels/lowrank.py): its partials are written and read back
+    # by the last program of each output block, in the same launch
     _, s_splits = layout(K)
-    forward = [Kernel("S = dropout(x) A", 2.0 * M * K * r, x + a + s32 * s_splits, PROJ)] + split_sums(s_splits, "S")
-    forward.append(Kernel("y = x W^T + b + s S B", base + 2.0 * M * r * N, x + w + y + bias_b + s32 + b, GEMM,
-                          out_bytes=y, term_flops=2.0 * M * r * N, term_bytes=bias_b + s32 + b))
+    forward = [Kernel("S = dropout(x) A", 2.0 * M * K * r, x + a + s32 + split_bytes(s_splits), PROJ),
+               Kernel("y = x W^T + b + s S B", base + 2.0 * M * r * N, x + w + y + bias_b + s32 + b, GEMM,
+                      out_bytes=y, term_flops=2.0 * M * r * N, term_bytes=bias_b + s32 + b)]
     if 4 * r < configs.PROJ_BLOCK_M:
         groups, ds_splits = layout(N, partials=True)
         partials = groups * r * N * 4
-        backward = [Kernel("dS = dY B^T, dB partials S^T dY", 4.0 * M * N * r,
-                           y + b + s32 + s32 * ds_splits + partials, PROJ)]
-        backward += split_sums(ds_splits, "dS")
-        backward.append(Kernel("dB = s * sum of partials", 0, partials + b, FINISH))
+        backward = [Kernel("dS = dY B^T, dB = s S^T dY", 4.0 * M * N * r,
+                           y + b + s32 + s32 + split_bytes(ds_splits) + 2 * partials + b, PROJ)]
     else:
         _, ds_splits = layout(N)
         partials = reduce_splits(N) * N * r * 4
-        backward = [Kernel("dS = dY B^T", 2.0 * M * N * r, y + b + s32 * ds_splits, PROJ)] + split_sums(ds_splits, "dS")
-        backward += [Kernel("dB partials = dY^T S", 2.0 * M * N * r, y + s32 + partials, REDUCE),
-                     Kernel("dB = s * sum of partials", 0, partials + b, FINISH)]
-    da_partials = reduce_splits(K) * K * r * 4
+        backward = [Kernel("dS = dY B^T", 2.0 * M * N * r, y + b + s32 + split_bytes(ds_splits), PROJ),
+                    Kernel("dB = s dY^T S", 2.0 * M * N * r, y + s32 + 2 * partials + b, REDUCE)]
+    da_splits = reduce_splits(K)
+    da_partials = da_splits * K * r * 4 if da_splits > 1 else 0
     backward += [Kernel("dX = dY W + keep (dS A^T)", base + 2.0 * M * r * K, y + w + x + s32 + a, GEMM,
                         out_bytes=x, term_flops=2.0 * M * r * K, term_bytes=s32 + a),
-                 Kernel("dA partials = (keep x)^T dS", 2.0 * M * K * r, x + s32 + da_partials, REDUCE),
-                 Kernel("dA = s * sum of partials", 0, da_partials + a, FINISH)]
+                 Kernel("dA = s (keep x)^T dS", 2.0 * M * K * r, x + s32 + 2 * da_partials + a, REDUCE)]
     return {"forward": forward, "backward": backward}
 
 

@@ -1,22 +1,30 @@
-"""Host time per call, measured on a machine without a GPU: ``python -m bench.host_time``.
+"""Host time per training step, measured on a machine without a GPU: ``python -m bench.host_time``.
 
-What runs: lora_fast.lora_linear forward and backward on CPU tensors of real shapes, through the whole Triton
-path (input checks, autograd, lora-fast's launchers, the autotuner's cache lookup, Triton's JIT dispatch:
-argument binding, specialisation key, kernel cache), with only Triton's final launch stubbed: a stand-in
-Triton driver reports an sm_90 device (132 SMs), compiles every kernel for real (ptxas, as on a GPU), and its
-launcher returns without launching. torch.cuda's capability and property queries are answered for that
-device. Everything the host does per call on a GPU therefore runs, except the CUDA driver's own launch call
-(cuLaunchKernel, a few microseconds per launch) and torch's CUDA allocator (the CPU allocator runs instead).
-The autotuner is given a stand-in benchmark (every config times 1 ms, so the first is kept): tuning itself
-is not timed, only its cache lookup.
+What runs: forward and backward of real modules on CPU tensors through the whole Triton path (input checks,
+autograd, lora-fast's launchers, the autotuner's cache lookup, Triton's JIT dispatch), with only Triton's final
+launch stubbed: a stand-in Triton driver reports an sm_90 device (132 SMs), compiles every kernel for real
+(ptxas, as on a GPU), and its launcher counts the launch instead of making it. torch.cuda's capability and
+property queries are answered for that device; the autotuner gets a stand-in benchmark (the first config is
+kept: tuning is not timed, only its cache lookup); the "cublas" path's addmm_ runs on 1 x 1 tensors (torch's
+dispatch, no CPU BLAS). Not run: the CUDA driver's own launch call (cuLaunchKernel, a few microseconds per
+launch) and torch's CUDA caching allocator (the CPU allocator runs instead). torch runs one intra-op thread.
 
-Rows: lora-fast forward, backward (one loss.backward() minus its forward), and Triton's own dispatch of one
-kernel launch (JITFunction.run with the stub), beside F.linear's forward and backward on tiny tensors (torch's
-dispatch floor) and at the same shapes. Medians of repeated calls, in microseconds, on this CPU; the numbers
-depend on the machine and its load (the load average is printed with them).
+Rows (bf16 base, fp32 adapters as PEFT keeps them, rank 16, no dropout, x requiring grad, every gradient set to
+None before each step): per projection, nn.Linear (frozen), PEFT's lora.Linear, lora-fast's LinearWithLoRA and
+PEFT + lora_fast.patch_peft, at a tiny shape (64 -> 64, M = 4: torch's own compute there is small) and, for the
+Triton rows, at Llama-3.2-1B's projection shapes with M = 4096 (bench/model_configs.py); per decoder layer of a
+tiny Llama (model_configs.two_layer of Llama-3.2-1B: GQA, SiLU MLP, 7 LoRA projections per layer), from the
+difference between a 10-layer and a 2-layer model. Every Triton row for each GEMM path (triton, cublas, tma,
+forced as LORA_FAST_GEMM does). Columns: thread CPU time (robust to other jobs on a shared machine) and wall
+time, min and median per step in microseconds; ratio: median CPU time over PEFT's of the same kind; launches
+per step (per layer for the decoder rows; those run in float32 on 8 tokens, see _layer_rows). At M = 4096 the
+CPU allocator's large allocations (no caching allocator on CPU: mmap and munmap per step) count in lora-fast's
+and patch_peft's rows; a GPU's caching allocator does not pay them. The numbers depend on the machine and its
+load (printed).
 """
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -106,23 +114,146 @@ def _install(monkeypatch):
     return launcher
 
 
-def _time_us(fn, repeat: int, number: int) -> tuple:
-    """(median, min) over ``repeat`` runs of the per-call time of ``number`` calls, in microseconds."""
-    samples = []
+def _stub_addmm(monkeypatch):
+    """cuBLAS's addmm_ (the "cublas" GEMM path) on a GPU returns after queueing; on CPU tensors it would compute
+    for seconds at M = 4096. Stand-in: torch's own addmm_ on 1 x 1 tensors (the dispatcher's path, no BLAS)."""
+    original = torch.Tensor.addmm_
+    one = torch.ones(1, 1)
+
+    def addmm_(self, mat1, mat2, **kwargs):
+        original(one, one, one)
+        return self
+
+    monkeypatch(torch.Tensor, "addmm_", addmm_)
+
+
+def _time(fn, repeat: int, number: int, clear=()) -> dict:
+    """Per call of ``fn``, over ``repeat`` samples of ``number`` calls each: thread CPU time and wall time, min and
+    median, in microseconds. ``clear``: tensors whose .grad is set to None before each call (outside the timing
+    only in that it costs a few attribute writes: a training loop's zero_grad(set_to_none=True) does the same)."""
+    cpu, wall = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        c0, w0 = time.thread_time(), time.perf_counter()
         for _ in range(number):
+            for t in clear:
+                t.grad = None
             fn()
-        samples.append((time.perf_counter() - start) / number * 1e6)
-    return statistics.median(samples), min(samples)
+        cpu.append((time.thread_time() - c0) / number * 1e6)
+        wall.append((time.perf_counter() - w0) / number * 1e6)
+    return dict(cpu_min=min(cpu), cpu_median=statistics.median(cpu), wall_min=min(wall),
+                wall_median=statistics.median(wall))
 
 
-def measure(M_list=(1, 4, 16), K=4096, N=4096, rank=16, dtype=torch.bfloat16, repeat=21, number=50) -> list:
-    """Rows of {"what", "M", "median_us", "min_us", "launches"} (see the module docstring). Needs
-    TRITON_INTERPRET unset or 0."""
-    from lora_fast import lora_linear
-    from lora_fast.kernels import gemm
+# per projection: Llama-3.2-1B's (bench/model_configs.py: hidden 2048, MLP 8192, 8 of 32 heads for k and v)
+def _llama_shapes() -> dict:
+    from .model_configs import REAL
 
+    spec = REAL["llama-3.2-1b"]
+    h, i = spec["hidden_size"], spec["intermediate_size"]
+    kv = spec["num_key_value_heads"] * spec["head_dim"]
+    return {"q_proj": (h, h), "k_proj": (h, kv), "gate_proj": (h, i), "down_proj": (i, h)}
+
+
+TINY = (64, 64)   # in, out features of the tiny projection (torch's own compute there is a few microseconds)
+
+
+def _projection_rows(launcher, paths, M_big: int, rank: int, dtype, repeat: int, number: int) -> list:
+    """forward+backward of one projection: nn.Linear (frozen), PEFT's lora.Linear, lora-fast (LinearWithLoRA),
+    PEFT + patch_peft; x requires grad, gradients cleared every step."""
+    from peft import LoraConfig, get_peft_model
+
+    import lora_fast
+    from lora_fast.kernels import choice
+
+    rows = []
+
+    def modules(K, N):
+        torch.manual_seed(0)
+        base = torch.nn.Sequential(torch.nn.Linear(K, N, bias=False)).to(dtype).requires_grad_(False)
+        peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["0"]))
+        patched = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["0"]))
+        lora_fast.patch_peft(patched, warn=False)
+        ours = lora_fast.replace_linear_with_lora(copy.deepcopy(base), rank, 2 * rank, target_modules=["0"])
+        return {"nn.Linear (frozen)": base, "PEFT lora.Linear": peft, "lora-fast": ours, "PEFT + patch_peft": patched}
+
+    def one(what, module, M, K, N, path):
+        x = torch.randn(M, K).to(dtype).requires_grad_()
+        dy = torch.randn(M, N).to(dtype)
+        params = [p for p in module.parameters() if p.requires_grad]
+
+        def step():
+            module(x).backward(dy)
+
+        for t in params + [x]:
+            t.grad = None
+        step()   # compiles and tunes (stand-in timer) outside the timing
+        before = launcher.launches
+        timing = _time(step, repeat, number, clear=params + [x])
+        launches = (launcher.launches - before) / (repeat * number)
+        rows.append(dict(what=what, shape=f"{K}->{N}", M=M, path=path, launches=launches, **timing))
+
+    shapes = [("tiny", TINY, 4)] + [(name, kn, M_big) for name, kn in _llama_shapes().items()]
+    for label, (K, N), M in shapes:
+        mods = modules(K, N)
+        if label == "tiny":   # torch's own rows: only at the tiny shape (at M = 4096 the CPU would compute)
+            for what in ("nn.Linear (frozen)", "PEFT lora.Linear"):
+                one(what, mods[what], M, K, N, "-")
+        for path in paths:
+            choice.clear()
+            forced = path
+            _FORCED[0] = forced
+            for what in ("lora-fast", "PEFT + patch_peft"):
+                one(what, mods[what], M, K, N, path)
+    return rows
+
+
+_FORCED = ["triton"]
+
+
+def _layer_rows(launcher, paths, rank: int, dtype, tokens: int, repeat: int, number: int) -> list:
+    """Host time per decoder layer of a tiny Llama (bench/model_configs.two_layer of Llama-3.2-1B: GQA, SiLU MLP),
+    from the difference between a 10-layer and a 2-layer model (embedding, head and loss cancel), forward+backward
+    with gradients cleared every step. float32 and a few tokens: torch's own CPU kernels (attention, norms, the
+    frozen and PEFT matmuls, which lora-fast's stubbed launches skip) then cost little beside their dispatch."""
+    from lora_fast.kernels import choice
+
+    from . import model_configs, model_setups
+
+    rows = []
+    spec = model_configs.two_layer(model_configs.REAL["llama-3.2-1b"])
+    ids = torch.randint(0, spec["vocab_size"], (1, tokens))
+
+    def per_step(setup, layers):
+        run = model_setups.build(setup, dict(spec, num_hidden_layers=layers), dtype)
+        params = run.params
+
+        def step():
+            model_setups.loss_of(run.model, ids).backward()
+
+        step()
+        before = launcher.launches
+        timing = _time(step, repeat, number, clear=params)
+        return timing, (launcher.launches - before) / (repeat * number), len(run.lora_layers)
+
+    for setup in ("frozen", "peft", "lora-fast", "peft+patch"):
+        for path in (paths if setup in ("lora-fast", "peft+patch") else ("-",)):
+            if path != "-":
+                choice.clear()
+                _FORCED[0] = path
+            small, small_launches, small_lora = per_step(setup, 2)
+            large, large_launches, large_lora = per_step(setup, 10)
+            timing = {k: (large[k] - small[k]) / 8 for k in large}
+            lora_per_layer = (large_lora - small_lora) / 8
+            launches = (large_launches - small_launches) / 8
+            rows.append(dict(what=setup, shape=f"decoder layer ({lora_per_layer:.0f} LoRA projections)",
+                             M=tokens, path=path, launches=launches, **timing))
+    return rows
+
+
+def measure(M: int = 4096, rank: int = 16, dtype=torch.bfloat16, paths=("triton", "cublas", "tma"), repeat: int = 15,
+            number: int = 20, layer_tokens: int = 8, layers: bool = True) -> list:
+    """Rows of {"what", "shape", "M", "path", "launches", "cpu_min", "cpu_median", "wall_min", "wall_median"} (see the
+    module docstring). Needs TRITON_INTERPRET unset or 0."""
     patches = []
 
     def monkeypatch(obj, name, value):
@@ -130,56 +261,21 @@ def measure(M_list=(1, 4, 16), K=4096, N=4096, rank=16, dtype=torch.bfloat16, re
         setattr(obj, name, value)
 
     launcher = _install(monkeypatch)
-    rows = []
+    from lora_fast.kernels import choice
 
-    def row(what, M, timing, launches=None):
-        rows.append(dict(what=what, M=M, median_us=timing[0], min_us=timing[1], launches=launches))
-
+    monkeypatch(choice, "forced_path", lambda: _FORCED[0])
+    _stub_addmm(monkeypatch)
+    # one intra-op thread: torch's CPU kernels (the baselines' small matmuls, gradient copies) would otherwise
+    # count OpenMP workers' spin-waits in this thread's CPU time, which a GPU run never has
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        weight = torch.randn(N, K).to(dtype)
-        bias = torch.randn(N).to(dtype)
-        A = (torch.randn(K, rank) / K**0.5).requires_grad_()
-        B = torch.randn(rank, N).requires_grad_()
-        tiny_w, tiny_x = torch.randn(8, 8), torch.randn(1, 8, requires_grad=True)
-        row("F.linear forward, 1x8 @ 8x8 fp32 (torch's dispatch floor)", 1,
-            _time_us(lambda: torch.nn.functional.linear(tiny_x, tiny_w), repeat, number * 4))
-        tiny = _time_us(lambda: torch.nn.functional.linear(tiny_x, tiny_w).sum().backward(), repeat, number)
-        row("F.linear forward+backward (with a sum), 1x8 @ 8x8 fp32", 1, tiny)
-        for M in M_list:
-            x = torch.randn(M, K).to(dtype).requires_grad_()
-            dy = torch.randn(M, N).to(dtype)
-
-            def forward(x=x):
-                return lora_linear(x, weight, bias, A, B, 2.0)
-
-            def step(x=x, dy=dy):
-                forward(x).backward(dy)
-
-            step()          # compiles every kernel (and fills the autotuner's cache) before timing
-            before = launcher.launches
-            fwd = _time_us(forward, repeat, number)
-            forward_launches = (launcher.launches - before) / (repeat * number)
-            before = launcher.launches
-            both = _time_us(step, repeat, number)
-            step_launches = (launcher.launches - before) / (repeat * number)
-            row("lora-fast forward", M, fwd, forward_launches)
-            row("lora-fast backward (forward+backward minus forward)", M, (both[0] - fwd[0], both[1] - fwd[1]),
-                step_launches - forward_launches)
-        x = torch.randn(16, K).to(dtype)
-        out = torch.empty(16, N, dtype=dtype)
-        S = torch.zeros(16, rank)
-
-        def triton_only():
-            gemm.gemm_lowrank_kernel[(1,)](
-                x, weight, bias, S, B, out, out, 16, N, K, rank, 16, x.stride(0), x.stride(1), weight.stride(1),
-                weight.stride(0), S.stride(0), S.stride(1), B.stride(0), B.stride(1), out.stride(0), out.stride(1),
-                2.0, 0.0, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16, GROUP_M=8, HAS_BIAS=True,
-                HAS_DROPOUT=False, DOT_DTYPE=_tl_dtype(dtype), INPUT_PRECISION="ieee", num_warps=4, num_stages=3)
-
-        triton_only()
-        row("Triton's own JIT dispatch of one launch (kernel[grid](...), stubbed launch)", 16,
-            _time_us(triton_only, repeat, number), 1)
+        rows = _projection_rows(launcher, paths, M, rank, dtype, repeat, number)
+        if layers:
+            rows += _layer_rows(launcher, paths, rank, torch.float32, layer_tokens, max(5, repeat // 2),
+                                max(3, number // 4))
     finally:
+        torch.set_num_threads(threads)
         for obj, name, value in reversed(patches):
             setattr(obj, name, value)
     return rows
@@ -191,12 +287,28 @@ def _tl_dtype(dtype):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
+def _ratios(rows) -> list:
+    """Each lora-fast / patch_peft row against PEFT's row of the same kind (tiny projection, or decoder layer): the
+    ratio of median thread CPU times."""
+    peft_proj = next((r for r in rows if r["what"] == "PEFT lora.Linear"), None)
+    peft_layer = next((r for r in rows if r["what"] == "peft"), None)
+    out = []
+    for r in rows:
+        ref = peft_layer if r["shape"].startswith("decoder") else peft_proj
+        out.append("" if ref is None or r is ref or r["what"] in ("frozen", "nn.Linear (frozen)")
+                   else f"{r['cpu_median'] / ref['cpu_median']:.2f}")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.host_time", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16], help="M values (default 1 4 16)")
-    p.add_argument("--features", nargs=2, type=int, default=[4096, 4096], metavar=("IN", "OUT"))
+    p.add_argument("--tokens", type=int, default=4096, help="M of the Llama-3.2-1B projections (default 4096)")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--paths", nargs="+", default=["triton", "cublas", "tma"], choices=["triton", "cublas", "tma"])
+    p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--number", type=int, default=20)
+    p.add_argument("--no-layers", action="store_true", help="skip the decoder-layer rows")
     p.add_argument("--autotune", choices=("0", "1"), default="1",
                    help="LORA_FAST_AUTOTUNE for the run (1: the autotuner's cache lookup is timed)")
     args = p.parse_args(argv)
@@ -206,18 +318,22 @@ def main(argv=None) -> int:
         env = {**os.environ, "TRITON_INTERPRET": "0", "LORA_FAST_AUTOTUNE": args.autotune}
         return subprocess.call([sys.executable, "-m", "bench.host_time", *(argv if argv is not None else
                                                                            sys.argv[1:])], env=env)
-    rows = measure(tuple(args.tokens), args.features[0], args.features[1], args.rank)
+    rows = measure(args.tokens, args.rank, paths=tuple(args.paths), repeat=args.repeat, number=args.number,
+                   layers=not args.no_layers)
     import triton
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(f"host time per call on {platform.machine()} ({os.cpu_count()} cores, load average "
+    print(f"host time per forward+backward on {platform.machine()} ({os.cpu_count()} cores, load average "
           f"{', '.join(f'{v:.2f}' for v in load) if load else 'n/a'}), torch {torch.__version__}, triton "
-          f"{triton.__version__}, LORA_FAST_AUTOTUNE={args.autotune}; {args.features[0]}->{args.features[1]}, "
-          f"rank {args.rank}, bf16; only Triton's final launch stubbed")
-    print(f"  {'':<78} {'M':>3} {'median us':>10} {'min us':>8} {'launches':>9}")
-    for r in rows:
-        launches = "" if r["launches"] is None else f"{r['launches']:.0f}"
-        print(f"  {r['what']:<78} {r['M']:>3} {r['median_us']:>10.1f} {r['min_us']:>8.1f} {launches:>9}")
+          f"{triton.__version__}, LORA_FAST_AUTOTUNE={args.autotune}; rank {args.rank}, bf16 base, fp32 adapters; "
+          "only Triton's final launch stubbed; microseconds; ratio: median CPU time / PEFT's")
+    head = (f"  {'what':<20} {'shape':<36} {'M':>5} {'path':<7} {'cpu min':>8} {'cpu med':>8} {'wall min':>9} "
+            f"{'wall med':>9} {'ratio':>6} {'launches':>9}")
+    print(head)
+    for r, ratio in zip(rows, _ratios(rows)):
+        print(f"  {r['what']:<20} {r['shape']:<36} {r['M']:>5} {r['path']:<7} {r['cpu_min']:>8.1f} "
+              f"{r['cpu_median']:>8.1f} {r['wall_min']:>9.1f} {r['wall_median']:>9.1f} {ratio:>6} "
+              f"{r['launches']:>9.1f}")
     return 0
 
 

@@ -81,7 +81,7 @@ def check_lora_linear(x, weight, bias, A, B, scale, dropout_p):
         raise ValueError(f"A: expected shape (in_features, rank) with rank >= 1, got {tuple(A.shape)}")
     if A.shape[0] != in_features:
         raise ValueError(f"A: expected shape (in_features={in_features}, rank), got {tuple(A.shape)}")
-    if B.shape != (A.shape[1], out_features):
+    if B.shape[0] != A.shape[1] or B.shape[1] != out_features:   # ints: no torch.Size comparison (host time)
         raise ValueError(f"B: expected shape (rank={A.shape[1]}, out_features={out_features}), got {tuple(B.shape)}")
     if bias is not None:
         _tensor("bias", bias, 1)

@@ -136,12 +136,15 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
         return [dict(Q_TRANSPOSED=True, HAS_BIAS=False), dict(Q_TRANSPOSED=True, HAS_BIAS=True)]
     if kernel == "dx_gemm_ws":     # dX without dropout only (ops.ws_eligible)
         return [dict(Q_TRANSPOSED=False, HAS_BIAS=False)]
+    # the narrow passes finish their reductions in the launch; the split variants (K or M split, then the last
+    # program sums the splits) carry that code on top of the unsplit one
     if kernel == "xa_proj":
-        return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=False), dict(HAS_DROPOUT=True, WRITE_PARTIAL=False)]
-    if kernel == "dyb_proj":   # ops.lora_backward fuses the dB partials when 4 * R < PROJ_BLOCK_M
-        return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=4 * rank < configs_mod.PROJ_BLOCK_M)]
+        return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=False, SPLIT_K=False),
+                dict(HAS_DROPOUT=True, WRITE_PARTIAL=False, SPLIT_K=True)]
+    if kernel == "dyb_proj":   # ops.lora_backward fuses dB (its partials) when 4 * R < PROJ_BLOCK_M
+        return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=4 * rank < configs_mod.PROJ_BLOCK_M, SPLIT_K=True)]
     if kernel == "da_reduce":
-        return [dict(HAS_DROPOUT=False), dict(HAS_DROPOUT=True)]
+        return [dict(HAS_DROPOUT=False, SPLIT_M=True), dict(HAS_DROPOUT=True, SPLIT_M=True)]
     if kernel in ("grad_finish", "dora_norm"):
         return [dict()]
     if kernel == "dora_norm_4bit":   # nested absmax is the heavier dequantization; any-shape: per-element gathers
@@ -173,8 +176,9 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
 
 
 def _variant_label(flags: dict) -> str:
-    names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB-partials", "HAS_BASE": "base",
-             "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V"}
+    names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB", "SPLIT_K": "split",
+             "SPLIT_M": "split", "HAS_BASE": "base", "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G1": "g-1",
+             "NESTED": "nested", "WRITE_V": "V"}
     label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 
@@ -202,7 +206,8 @@ def launch_configs(kernel: str, flags: dict, capability, dtype, rank: int = 16) 
     if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when it regenerates a keep-mask
         return cfg.gemm_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
     if kernel in ("xa_proj", "dyb_proj"):   # ops.lowrank_project: its own list when it regenerates a keep-mask
-        return cfg.proj_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
+        return cfg.proj_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False),
+                                partials=flags.get("WRITE_PARTIAL", False))
     if kernel == "da_reduce":
         return cfg.reduce_configs(capability, dtype)
     if kernel == "grad_finish":
@@ -332,19 +337,21 @@ def launch_args(job: Job) -> tuple:
             strides = dict(stride_pm=K, stride_pk=1, stride_qk=R, stride_qr=1)
         else:                         # P = dY (M, N), Q = B^T: (n, r) -> B[r, n]
             strides = dict(stride_pm=N, stride_pk=1, stride_qk=1, stride_qr=N)
+        # SPLIT (splits, M, R) fp32 and PARTIAL (groups, R, K) fp32 scratch; GRAD = dB (R, N) in x's dtype
         args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), OUT_ptr=_Ptr("fp32"), L_ptr=_Ptr("fp32"),
-                    PARTIAL_ptr=_Ptr("fp32"), SEED_ptr=_Ptr("i64" if dropout else "fp32"),
-                    M=M, K=K, R=R, M_BUCKET=M, ROWS_PER_PROGRAM=2 * cfg.PROJ_BLOCK_M, K_PER_SPLIT=K, **strides,
-                    stride_om=R, stride_or=1, stride_os=M * R,
-                    stride_lm=R, stride_lr=1,
-                    out_scale=1.0 / 0.9, dropout_p=0.1, BLOCK_M=cfg.PROJ_BLOCK_M)
+                    PARTIAL_ptr=_Ptr("fp32"), SEED_ptr=_Ptr("i64" if dropout else "fp32"), SPLIT_ptr=_Ptr("fp32"),
+                    GRAD_ptr=_Ptr(x), COUNTER_ptr=_Ptr("i32"),
+                    M=M, K=K, R=R, M_BUCKET=M, ROWS_PER_PROGRAM=2 * cfg.PROJ_BLOCK_M, K_PER_SPLIT=K // 4, **strides,
+                    stride_om=R, stride_or=1, stride_lm=R, stride_lr=1, stride_gr=K, stride_gk=1,
+                    out_scale=1.0 / 0.9, grad_scale=0.5, dropout_p=0.1, BLOCK_M=cfg.PROJ_BLOCK_M)
         return lowrank_proj_kernel, dict(args, **common, **meta)
     if job.kernel == "da_reduce":
         # P = x (M, K), L = dS (M, R) fp32; ROWS_PER_SPLIT is a multiple of REDUCE_BLOCK_M
+        # OUT = dA (K, R) in x's dtype; COUNTER int32
         args = dict(P_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), PARTIAL_ptr=_Ptr("fp32"),
-                    SEED_ptr=_Ptr("i64" if dropout else "fp32"), M=M, K=K, R=R,
-                    ROWS_PER_SPLIT=16 * cfg.reduce_blocks(job_dtype)[0], M_BUCKET=M, stride_pm=K, stride_pk=1,
-                    stride_lm=R, stride_lr=1, dropout_p=0.1,
+                    SEED_ptr=_Ptr("i64" if dropout else "fp32"), OUT_ptr=_Ptr(x), COUNTER_ptr=_Ptr("i32"),
+                    M=M, K=K, R=R, ROWS_PER_SPLIT=16 * cfg.reduce_blocks(job_dtype)[0], M_BUCKET=M, stride_pm=K,
+                    stride_pk=1, stride_lm=R, stride_lr=1, stride_ok=R, stride_or=1, scale=0.5, dropout_p=0.1,
                     BLOCK_M=cfg.reduce_blocks(job_dtype)[0], BLOCK_K=cfg.reduce_blocks(job_dtype)[1])
         return reduce_m_kernel, dict(args, **common, **meta)
     if job.kernel == "dora_norm_4bit":

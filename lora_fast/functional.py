@@ -50,12 +50,17 @@ def _forward(x, weight, bias, A, B, scale: float, dropout_p: float, seed):
     users want that, as nn.Linear gives); S (M, R) fp32. An empty batch launches nothing."""
     from . import kernels
 
-    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    x2d = x.reshape(-1, x.shape[-1])
+    if x.dim() == 2:   # no reshape or view to dispatch (host time)
+        x2d = x
+        y = y2d = x.new_empty((x.shape[0], weight.shape[0]))
+    else:
+        x2d = x.reshape(-1, x.shape[-1])
+        y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+        y2d = y.view(-1, weight.shape[0])
     if y.numel() == 0:
         # nothing to compute: an empty batch, or out_features = 0 (then dS = 0, so S is never read)
         return y, torch.zeros((x2d.shape[0], A.shape[1]), dtype=torch.float32, device=x.device)
-    _, S = kernels.lora_forward(x2d, weight, bias, A, B, scale, dropout_p, seed, out=y.view(-1, weight.shape[0]))
+    _, S = kernels.lora_forward(x2d, weight, bias, A, B, scale, dropout_p, seed, out=y2d)
     return y, S
 
 
@@ -68,10 +73,12 @@ def _backward_kernels(dy, x, weight, A, B, S, scale: float, dropout_p: float, se
                 torch.zeros_like(B) if need_dB else None)
     if not (need_dx or need_dA or need_dB):
         return None, None, None
-    dx, dA, dB = kernels.lora_backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, A, B, S,
+    flat = x.dim() == 2   # no reshape or view to dispatch (host time)
+    dx, dA, dB = kernels.lora_backward(dy if flat else dy.reshape(-1, dy.shape[-1]),
+                                       x if flat else x.reshape(-1, x.shape[-1]), weight, A, B, S,
                                        scale, dropout_p, seed if dropout_p > 0 else None,
                                        need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
-    return (dx.view(x.shape) if dx is not None else None), dA, dB
+    return (dx.view(x.shape) if dx is not None and not flat else dx), dA, dB
 
 
 def _gradients(ctx, dy, backward_kernels):

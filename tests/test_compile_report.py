@@ -41,7 +41,8 @@ def test_report_covers_every_config_the_launchers_use(report):
     jobs, rows = report
     # the CI set has the heaviest flags: dX and x @ A with dropout, which ops launches with their own lists
     factory = {"fwd_gemm": configs.gemm_configs, "dx_gemm": functools.partial(configs.gemm_configs, dropout=True),
-               "xa_proj": functools.partial(configs.proj_configs, dropout=True), "dyb_proj": configs.proj_configs,
+               "xa_proj": functools.partial(configs.proj_configs, dropout=True),
+               "dyb_proj": functools.partial(configs.proj_configs, partials=True),
                "da_reduce": configs.reduce_configs, "grad_finish": configs.finish_configs}
     for target, capability in cr.TARGETS.items():
         for kernel, configs_fn in factory.items():

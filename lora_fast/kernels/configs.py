@@ -56,6 +56,9 @@ REDUCE_BLOCKS_FP32 = (32, 32)
 _PROJ = [(64, 4, 3), (64, 4, 4), (64, 8, 3)]
 # x @ A with the 8-bit-uniform keep-mask on sm_80, 16-bit, rank 64: 64 w8 s3 spilled 8 B (triton 3.9)
 _PROJ_DROPOUT_SM80_DROPS = [(64, 8, 3)]
+# dS = dY B^T with dB finished in the launch (the last group sums the partials), fp16 (the range guard) on sm_80,
+# rank 16: 64 w4 s3 spilled 4 B (compile report, triton 3.9)
+_PROJ_PARTIALS_SM80_FP16_DROPS = [(64, 4, 3)]
 # fp32 on sm_80: BLOCK_K 64 w4 s2 spilled up to 2.7 KB, BLOCK_K 32 w4 8 B at rank 64, BLOCK_K 32 w8 4 B (s2,
 # triton 3.9) or 8 B (s3, triton 3.6) in the dS pass at rank 64; BLOCK_K 16 with 8 warps is clean on both
 _PROJ_FP32 = [(16, 8, 3)]
@@ -76,11 +79,14 @@ def block_r(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())   # next power of two, in plain Python (fast to call)
 
 
+# Triton fixes interpretation when the kernels are decorated (at import): read once, not per launch
+_DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
+               torch.bfloat16: tl.float32 if interpreting() else tl.bfloat16}
+
+
 def dot_dtype(dtype: torch.dtype):
     """Dtype of tl.dot operands for inputs of ``dtype``; bf16 is upcast under the interpreter (it mis-computes bf16)."""
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()):
-        return tl.float32
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    return _DOT_DTYPES[dtype]
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -121,12 +127,15 @@ def gemm_configs(capability, dtype: torch.dtype, dropout: bool = False) -> list:
     ]
 
 
-def proj_configs(capability, dtype: torch.dtype, dropout: bool = False) -> list:
+def proj_configs(capability, dtype: torch.dtype, dropout: bool = False, partials: bool = False) -> list:
     """Autotune configs of ``lowrank_proj_kernel`` (BLOCK_M is PROJ_BLOCK_M, passed by the launcher); with
-    ``dropout`` those of the pass that regenerates the keep-mask."""
+    ``dropout`` those of the pass that regenerates the keep-mask, with ``partials`` those of the dS pass that
+    finishes dB."""
     table = _PROJ_FP32 if dtype == torch.float32 else _PROJ
     if dropout and dtype != torch.float32 and tuple(capability)[0] < 9:
         table = [c for c in table if c not in _PROJ_DROPOUT_SM80_DROPS]
+    if partials and dtype == torch.float16 and tuple(capability)[0] < 9:
+        table = [c for c in table if c not in _PROJ_PARTIALS_SM80_FP16_DROPS]
     limit, elt = smem_limit(capability), _elt(dtype)
     return [
         triton.Config(dict(BLOCK_K=bk), num_warps=w, num_stages=s)

@@ -495,11 +495,13 @@ def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: fl
         finish(partial.view(splits, 1, N), 1.0, dm.view(1, N))
     if not (need_dx or need_dA or need_dB):
         return dx, dA, dB, dm, dyg, dyg1
-    fused_dB = need_dB and 4 * R < _proj_block_m()
-    dS, dB_partial = lowrank_project(dyg, B, B.stride(1), B.stride(0), R, partial_of=S if fused_dB else None)
     if need_dB:
         dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
-        finish(dB_partial if fused_dB else reduce_rows(dyg, S), scale, dB, transpose=not fused_dB)
+    fused_dB = need_dB and 4 * R < _proj_block_m()   # as ops.lora_backward
+    dS, _ = lowrank_project(dyg, B, B.stride(1), B.stride(0), R, partial_of=S if fused_dB else None,
+                            grad=dB if fused_dB else None, grad_scale=scale)
+    if need_dB and not fused_dB:
+        reduce_rows(dyg, S, scale, dB, transpose=True)
     keep_scale = 1.0 / (1.0 - dropout_p)
     if need_dx and dropout_p == 0:
         dx = dx_gemm(dyg, dS, scale)
@@ -508,6 +510,6 @@ def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: fl
         inner = dx_gemm(dyg1, dS, scale)
         dropout_combine(inner, keep_scale, dropout_p, seed, base=dx, out=dx)
     if need_dA:
-        dA = finish(reduce_rows(x, dS, dropout_p=dropout_p, seed=seed), scale * keep_scale,
-                    torch.empty(A.shape, dtype=A.dtype, device=A.device))
+        dA = reduce_rows(x, dS, scale * keep_scale, torch.empty(A.shape, dtype=A.dtype, device=A.device),
+                         dropout_p=dropout_p, seed=seed)
     return dx, dA, dB, dm, dyg, dyg1

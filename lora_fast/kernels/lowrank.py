@@ -2,13 +2,19 @@
 
 ``lowrank_proj_kernel``: OUT[M, R] = out_scale * (keep? ⊙ P[M, K]) @ Q[K, R], in one pass over P, its programs
 over groups of rows and (when the groups alone would leave SMs idle) splits of K; with WRITE_PARTIAL it also
-writes, per row group, PARTIAL[group] = L[group rows, :]^T @ P[group rows, :] (R, K).
+writes, per row group, PARTIAL[group] = L[group rows, :]^T @ P[group rows, :] (R, K) and finishes
+GRAD = grad_scale * sum over groups of PARTIAL (R, K).
   forward:  S = dropout(x) @ A                         (P = x, Q = A, out_scale = 1 / (1 - p))
-  backward: dS = dY @ B^T and the dB partials S^T dY   (P = dY, Q = B^T, L = S), one pass over dY.
-``reduce_m_kernel``: PARTIAL[split] = (keep? ⊙ P)[rows of split, K]^T @ L[rows of split, R] (K, R).
-  backward: dA = scale / (1 - p) * sum over splits    (P = x, L = dS)
-``sum_partials_kernel``: OUT = (scale * sum over splits of PARTIAL).to(dtype): dA and dB from their partials.
-Partials are summed in a fixed order, so the gradients are deterministic (no atomics).
+  backward: dS = dY @ B^T and dB = scale S^T dY        (P = dY, Q = B^T, L = S), one pass over dY.
+``reduce_m_kernel``: OUT = scale * (keep? ⊙ P)^T @ L (K, R), its programs over blocks of K and splits of M.
+  backward: dA = scale / (1 - p) * (keep ⊙ x)^T dS      (P = x, L = dS); dB of a large rank (P = dY, L = S).
+``sum_partials_kernel``: OUT = (scale * sum over splits of PARTIAL).to(dtype) (DoRA's dm).
+
+Each pass finishes its own reductions in the same launch (issue 26: five launches per layer and step). The
+programs that share an output write their fp32 partials to scratch, then each takes a ticket from an int32
+counter (``tl.atomic_add``, acq_rel); the program that draws the last ticket reads every partial back in a fixed
+order (split 0, 1, ...), writes the result and puts the counter back to 0 for the next launch. No float atomics:
+the gradients are bitwise deterministic, whatever the order in which the programs ran.
 """
 
 import triton
@@ -76,65 +82,136 @@ def _proj_row_block(
 
 
 @triton.jit
+def _last_ticket(COUNTER_ptr, index, tickets):
+    """True in the program that draws the last of ``tickets`` tickets of counter ``index``. The barrier orders
+    every thread's stores of this program before the release; acq_rel makes the other programs' stores visible
+    to the winner (read back with .cg loads: from L2, never a stale L1 line)."""
+    tl.debug_barrier()
+    return tl.atomic_add(COUNTER_ptr + index, 1, sem="acq_rel") == tickets - 1
+
+
+@triton.jit
+def _finish_rows(SPLIT_ptr, OUT_ptr, row_start, row_end, M, R, splits, stride_om, stride_or, out_scale,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """OUT[rows] = out_scale * sum over splits (in order) of SPLIT[split, rows] ((splits, M, R) fp32, contiguous)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask = (offs_m < row_end)[:, None] & mask_r[None, :]
+        at = offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        split = SPLIT_ptr
+        for _ in range(0, splits):
+            acc += tl.load(split + at, mask=mask, other=0.0, cache_modifier=".cg")
+            split += M * R
+        tl.store(OUT_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_r[None, :] * stride_or,
+                 (acc * out_scale).to(OUT_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _finish_columns(PARTIAL_ptr, GRAD_ptr, k_start, k_end, K, R, groups, stride_gr, stride_gk, grad_scale,
+                    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """GRAD[:, k_start:k_end] = grad_scale * sum over groups (in order) of PARTIAL[group] ((groups, R, K) fp32)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_r[:, None] & (offs_k < k_end)[None, :]
+        at = offs_r[:, None] * K + offs_k[None, :]
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        group = PARTIAL_ptr
+        for _ in range(0, groups):
+            acc += tl.load(group + at, mask=mask, other=0.0, cache_modifier=".cg")
+            group += R * K
+        tl.store(GRAD_ptr + offs_r[:, None] * stride_gr + offs_k[None, :] * stride_gk,
+                 (acc * grad_scale).to(GRAD_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def lowrank_proj_kernel(
-    # pointers
-    P_ptr, Q_ptr, OUT_ptr, L_ptr, PARTIAL_ptr, SEED_ptr,
+    # pointers (OUT: the (M, R) result; SPLIT: (splits, M, R) fp32 scratch for the raw sum of each K split, read
+    # only with SPLIT_K; PARTIAL: (groups, R, K) fp32 scratch and GRAD (R, K): only with WRITE_PARTIAL; COUNTER:
+    # int32, zero on entry and on exit: one per row group (SPLIT_K), then one per K split (WRITE_PARTIAL))
+    P_ptr, Q_ptr, OUT_ptr, L_ptr, PARTIAL_ptr, SEED_ptr, SPLIT_ptr, GRAD_ptr, COUNTER_ptr,
     # sizes (M_BUCKET only keys the autotuner; ROWS_PER_PROGRAM: a multiple of BLOCK_M, BLOCK_M itself without
     # WRITE_PARTIAL; K_PER_SPLIT: the K range of one program, a multiple of BLOCK_K)
     M, K, R, M_BUCKET, ROWS_PER_PROGRAM, K_PER_SPLIT,
-    # strides (stride_os: between the per-split outputs when K is split, unused otherwise)
-    stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_os, stride_lm, stride_lr,
+    # strides
+    stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_lm, stride_lr, stride_gr, stride_gk,
     # scalars
-    out_scale, dropout_p,
+    out_scale, grad_scale, dropout_p,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WRITE_PARTIAL: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    # a program covers ROWS_PER_PROGRAM rows and K_PER_SPLIT columns (program_id 1). With several K splits OUT
-    # holds one raw sum per split, added up (and scaled) by sum_partials_kernel. With WRITE_PARTIAL the rows are a
-    # group of row blocks walked in turn, whose dB partials accumulate in one (R, K) slice per group in place
-    # (the slice stays in L2: it is this program's own), so their size is set by the number of groups, not of
-    # row blocks; without it a program is one row block, with no loop around it (fewer registers)
+    # a program covers ROWS_PER_PROGRAM rows and K_PER_SPLIT columns (program_id 1). With several K splits
+    # (SPLIT_K) each writes the raw sum of its split to SPLIT, and the last of a row group's splits to finish adds
+    # them up (and scales) into OUT. With WRITE_PARTIAL the rows are a group of row blocks walked in turn, whose
+    # dB partials accumulate in one (R, K) slice per group in place (the slice stays in L2: it is this program's
+    # own), so their size is set by the number of groups, not of row blocks; the last group to finish a K split
+    # sums that split's columns over the groups into GRAD. Without it a program is one row block, with no loop
+    # around it (fewer registers)
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     row_start = pid_m * ROWS_PER_PROGRAM
     row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, M)
+    if SPLIT_K:
+        target, stride_tm, stride_tr, scale = SPLIT_ptr, R, 1, 1.0
+    else:
+        target, stride_tm, stride_tr, scale = OUT_ptr, stride_om, stride_or, out_scale
     if WRITE_PARTIAL:
         partial = PARTIAL_ptr + pid_m.to(tl.int64) * R * K + tl.arange(0, BLOCK_R)[:, None] * K
         for m0 in range(row_start, row_end, BLOCK_M):
             # orders the previous block's stores to the slice before this block's loads of it across the CTA's
             # threads (an element may be stored and loaded by different threads)
             tl.debug_barrier()
-            _proj_row_block(P_ptr, Q_ptr, OUT_ptr, L_ptr, partial, SEED_ptr,
+            _proj_row_block(P_ptr, Q_ptr, target, L_ptr, partial, SEED_ptr,
                             m0, row_end, m0 == row_start, k_start, k_end, K, R, pid_k,
-                            stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_os,
-                            stride_lm, stride_lr, out_scale, dropout_p,
+                            stride_pm, stride_pk, stride_qk, stride_qr, stride_tm, stride_tr, M * R,
+                            stride_lm, stride_lr, scale, dropout_p,
                             BLOCK_M, BLOCK_K, BLOCK_R, HAS_DROPOUT, WRITE_PARTIAL, DOT_DTYPE, INPUT_PRECISION)
     else:
-        _proj_row_block(P_ptr, Q_ptr, OUT_ptr, L_ptr, PARTIAL_ptr, SEED_ptr,
+        _proj_row_block(P_ptr, Q_ptr, target, L_ptr, PARTIAL_ptr, SEED_ptr,
                         row_start, row_end, True, k_start, k_end, K, R, pid_k,
-                        stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_os,
-                        stride_lm, stride_lr, out_scale, dropout_p,
+                        stride_pm, stride_pk, stride_qk, stride_qr, stride_tm, stride_tr, M * R,
+                        stride_lm, stride_lr, scale, dropout_p,
                         BLOCK_M, BLOCK_K, BLOCK_R, HAS_DROPOUT, WRITE_PARTIAL, DOT_DTYPE, INPUT_PRECISION)
+    if SPLIT_K:
+        if _last_ticket(COUNTER_ptr, pid_m, tl.num_programs(1)):
+            _finish_rows(SPLIT_ptr, OUT_ptr, row_start, row_end, M, R, tl.num_programs(1), stride_om, stride_or,
+                         out_scale, BLOCK_M, BLOCK_R)
+            tl.atomic_xchg(COUNTER_ptr + pid_m, 0)
+    if WRITE_PARTIAL:
+        column_counter = COUNTER_ptr
+        if SPLIT_K:
+            column_counter += tl.num_programs(0)
+        if _last_ticket(column_counter, pid_k, tl.num_programs(0)):
+            _finish_columns(PARTIAL_ptr, GRAD_ptr, k_start, k_end, K, R, tl.num_programs(0), stride_gr, stride_gk,
+                            grad_scale, BLOCK_K, BLOCK_R)
+            tl.atomic_xchg(column_counter + pid_k, 0)
 
 
 @triton.jit
 def reduce_m_kernel(
-    # pointers
-    P_ptr, L_ptr, PARTIAL_ptr, SEED_ptr,
+    # pointers (PARTIAL: (splits, K, R) fp32 scratch, only with SPLIT_M; COUNTER: int32, one per block of K, zero
+    # on entry and on exit; OUT (K, R) through its strides)
+    P_ptr, L_ptr, PARTIAL_ptr, SEED_ptr, OUT_ptr, COUNTER_ptr,
     # sizes (ROWS_PER_SPLIT: a multiple of BLOCK_M; M_BUCKET only keys the autotuner)
     M, K, R, ROWS_PER_SPLIT, M_BUCKET,
     # strides
-    stride_pm, stride_pk, stride_lm, stride_lr,
+    stride_pm, stride_pk, stride_lm, stride_lr, stride_ok, stride_or,
     # scalars
-    dropout_p,
+    scale, dropout_p,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SPLIT_M: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    # programs over (blocks of K, splits of M); with SPLIT_M each split writes its (BLOCK_K, R) partial and the last
+    # split of a block of K to finish sums them in split order into OUT
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -165,8 +242,21 @@ def reduce_m_kernel(
         else:
             acc = tl.dot(p_t, lo.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
 
-    partial = PARTIAL_ptr + pid_s.to(tl.int64) * K * R + offs_k[:, None] * R + offs_r[None, :]
-    tl.store(partial, acc, mask=mask_k[:, None] & mask_r[None, :])
+    mask = mask_k[:, None] & mask_r[None, :]
+    out = OUT_ptr + offs_k[:, None] * stride_ok + offs_r[None, :] * stride_or
+    if SPLIT_M:
+        at = offs_k[:, None] * R + offs_r[None, :]
+        tl.store(PARTIAL_ptr + pid_s.to(tl.int64) * K * R + at, acc, mask=mask)
+        if _last_ticket(COUNTER_ptr, pid_k, tl.num_programs(1)):
+            total = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+            split = PARTIAL_ptr
+            for _ in range(0, tl.num_programs(1)):
+                total += tl.load(split + at, mask=mask, other=0.0, cache_modifier=".cg")
+                split += K * R
+            tl.store(out, (total * scale).to(OUT_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(COUNTER_ptr + pid_k, 0)
+    else:
+        tl.store(out, (acc * scale).to(OUT_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""Launchers of the fused LoRA linear: forward (2 launches) and backward (3 launches, plus torch sums).
+"""Launchers of the fused LoRA linear: forward 2 launches (S = dropout(x) A, the GEMM), backward 3 (dS with dB, the
+dX GEMM, dA); each narrow pass finishes its own reductions (kernels/lowrank.py).
 
 Shapes: x (M, K), weight (N, K) as nn.Linear stores it, bias (N,), A (K, R), B (R, N), dy (M, N).
 Maths: LoRA, Hu et al. 2021, eq. 3, y = x W^T + b + scale * dropout(x) A B, with dropout on the LoRA input
@@ -74,10 +75,9 @@ class _Launcher:
         index = device.index if device.index is not None else torch.cuda.current_device()
         # what Triton specialises on: each pointer's dtype and 16-byte alignment, each integer's value (== 1,
         # divisibility by 16), the constexprs; the float scalars are runtime values
-        pointers = args[:self.pointers]
-        plan_key = (index, tuple([t.dtype for t in pointers]), tuple([t.data_ptr() & 15 == 0 for t in pointers]),
+        plan_key = (index, *[(t.dtype, t.data_ptr() & 15 == 0) for t in args[:self.pointers]],
                     args[self.pointers:len(args) - self.scalars], grid if isinstance(grid, tuple) else None,
-                    tuple(kwargs.items()))
+                    *kwargs.items())
         plan = self._plans.get(plan_key)
         if plan is None:
             with _device_guard(index):
@@ -86,16 +86,24 @@ class _Launcher:
                 self._plans.clear()
             self._plans[plan_key] = plan
             return   # the planning call launched the kernel
-        compiled, g0, g1, g2, tail = plan
+        compiled, g0, g1, g2, tail, current_stream = plan
         bound = (*args, *tail)
-        enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        runtime = knobs.runtime
+        enter_hook, exit_hook = runtime.launch_enter_hook, runtime.launch_exit_hook
         # launch metadata only for a profiler's hook (an empty HookChain in triton 3.9, None in older versions)
         hooked = enter_hook is not None and getattr(enter_hook, "calls", True)
-        with _device_guard(index):
-            stream = driver.active.get_current_stream(index)
+        # _device_guard written out (no guard object per launch: host time)
+        previous = torch.cuda.current_device()
+        if previous != index:
+            torch.cuda.set_device(index)
+        try:
+            stream = current_stream(index)
             metadata = compiled.launch_metadata((g0, g1, g2), stream, *bound) if hooked else None
             compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, metadata, enter_hook,
                          exit_hook, *bound)
+        finally:
+            if previous != index:
+                torch.cuda.set_device(previous)
 
     def _plan(self, grid, args, kwargs, device, dtype):
         """Launch through Triton's autotuner / JIT once and return the launch plan of this call."""
@@ -110,7 +118,8 @@ class _Launcher:
         values = {**dict(zip(names, args)), **kwargs, **config.kwargs}
         tail = tuple(values[name] for name in names[len(args):])
         resolved = tuple(grid(values) if callable(grid) else grid) + (1, 1)
-        return compiled, resolved[0], resolved[1], resolved[2], tail
+        # the active driver's stream query, bound once (driver.active is a lazy proxy: slow to go through per launch)
+        return compiled, resolved[0], resolved[1], resolved[2], tail, driver.active.get_current_stream
 
 
 _gemm = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N", "K", "R"],
@@ -146,13 +155,17 @@ _term_dropout = _Launcher(gemm_lowrank_kernel, functools.partial(configs.gemm_co
                           ["M_BUCKET", "N", "K", "R"], dict(configs.INTERP_GEMM, num_warps=4, num_stages=1),
                           pointers=7, scalars=2)
 _proj = _Launcher(lowrank_proj_kernel, configs.proj_configs, ["M_BUCKET", "K", "R"],
-                  dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4, num_stages=1), pointers=6, scalars=2)
+                  dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4, num_stages=1), pointers=9, scalars=3)
 # x @ A with dropout: its own config list (configs.proj_configs(dropout=True): no spills)
 _proj_dropout = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, dropout=True),
                           ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
-                                                       num_stages=1), pointers=6, scalars=2)
+                                                       num_stages=1), pointers=9, scalars=3)
+# dS = dY B^T finishing dB: its own config list (configs.proj_configs(partials=True): no spills)
+_proj_partials = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, partials=True),
+                           ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
+                                                        num_stages=1), pointers=9, scalars=3)
 _reduce = _Launcher(reduce_m_kernel, configs.reduce_configs, ["M_BUCKET", "K", "R"], dict(num_warps=4, num_stages=1),
-                    pointers=4, scalars=1)
+                    pointers=6, scalars=2)
 _finish = _Launcher(sum_partials_kernel, configs.finish_configs, [], dict(num_warps=4, num_stages=1),
                     pointers=2, scalars=1)
 
@@ -190,6 +203,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=4096)
 def _splits(M: int, K: int, block_m: int, block_k: int, device: torch.device) -> int:
     """Row splits of a reduction over M: enough programs for two waves of the GPU (two splits interpreted)."""
     row_blocks = _cdiv(M, block_m)
@@ -199,6 +213,7 @@ def _splits(M: int, K: int, block_m: int, block_k: int, device: torch.device) ->
     return max(1, min(row_blocks, _cdiv(programs, _cdiv(K, block_k))))
 
 
+@functools.lru_cache(maxsize=4096)   # a pure function of its arguments, called twice per step (host time)
 def _proj_layout(M: int, K: int, R: int, block_m: int, device: torch.device, partials: bool):
     """(rows per program, columns per program) of a narrow pass (configs.proj_layout). Interpreted: two K splits,
     and two row blocks per group when there are partials, so that every path runs in the tests."""
@@ -209,63 +224,97 @@ def _proj_layout(M: int, K: int, R: int, block_m: int, device: torch.device, par
     return configs.proj_layout(M, K, R, block_m, _sm_count(device), partials)
 
 
-def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0.0, seed=None, partial_of=None):
-    """OUT (M, R) fp32 = out_scale * (keep ⊙ P) @ Q, Q given by (pointer tensor, strides) of shape (K, R).
+class _Counters:
+    """The int32 tickets of the narrow passes' in-kernel reductions (kernels/lowrank.py), per device and stream:
+    zero between launches (the last program of each counter puts it back), so one zeroed buffer serves every
+    launch of a stream in turn; launches on two streams at once get two buffers. Grown (a fresh zeroed buffer)
+    when a launch needs more counters than it holds."""
 
-    With ``partial_of=L`` (M, R) also returns the per-row-group partials L^T P, (groups, R, K) fp32 (``_proj_layout``
-    sizes the groups). Split along K when the row groups do not fill the GPU: then one raw sum per split, added
-    up and scaled by one ``finish`` launch (M x R x splits fp32 of traffic, against M x K of P).
+    def __init__(self):
+        self._buffers = {}
+
+    def get(self, device: torch.device, count: int) -> torch.Tensor:
+        if _INTERPRETED:
+            key = (device, 0)
+        else:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            key = (index, driver.active.get_current_stream(index))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < count:
+            buffer = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+            self._buffers[key] = buffer
+        return buffer
+
+
+COUNTERS = _Counters()
+
+
+def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0.0, seed=None, partial_of=None,
+                    grad=None, grad_scale=1.0):
+    """OUT (M, R) fp32 = out_scale * (keep ⊙ P) @ Q, Q given by (pointer tensor, strides) of shape (K, R), in one
+    launch. Returns (OUT, ``grad`` or None).
+
+    With ``partial_of=L`` (M, R) it also writes ``grad`` (R, K), any dtype and strides, = grad_scale * L^T P from
+    per-row-group partials ((groups, R, K) fp32 scratch, ``_proj_layout`` sizes the groups) that the last
+    program of each K split sums in group order. Split along K when the row groups do not fill the GPU: then one
+    raw (M, R) fp32 sum per split, which the last split of each row group to finish adds up and scales.
     """
     M, K = P.shape
-    out = torch.empty((M, R), dtype=torch.float32, device=P.device)
+    device = P.device
+    out = torch.empty((M, R), dtype=torch.float32, device=device)
     block_m = _proj_block_m()
-    rows_per_program, k_per_split = _proj_layout(M, K, R, block_m, P.device, partial_of is not None)
+    rows_per_program, k_per_split = _proj_layout(M, K, R, block_m, device, partial_of is not None)
     grid = (_cdiv(M, rows_per_program), _cdiv(K, k_per_split))
-    target, scale = out, out_scale
-    if grid[1] > 1:
-        target, scale = torch.empty((grid[1], M, R), dtype=torch.float32, device=P.device), 1.0
-    partial = None
-    L = out
+    split_k = grid[1] > 1
+    split = torch.empty((grid[1], M, R), dtype=torch.float32, device=device) if split_k else out
+    L, partial, target = out, out, out
     if partial_of is not None:
         L = partial_of
-        partial = torch.empty((grid[0], R, K), dtype=torch.float32, device=P.device)
-    launch = _proj_dropout if dropout_p > 0 else _proj
-    launch(grid, P, Q, target, L, partial if partial is not None else out, seed if seed is not None else out,
-          M, K, R, _m_bucket(M), rows_per_program, k_per_split,
-          P.stride(0), P.stride(1), stride_qk, stride_qr, target.stride(-2), target.stride(-1),
-          target.stride(0) if grid[1] > 1 else 0, L.stride(0), L.stride(1),
-          float(scale), float(dropout_p),
-          BLOCK_M=block_m, BLOCK_R=configs.block_r(R), HAS_DROPOUT=dropout_p > 0, WRITE_PARTIAL=partial is not None,
-          DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
-          device=P.device, dtype=P.dtype)
-    if grid[1] > 1:
-        finish(target, out_scale, out)
-    return out, partial
+        partial = torch.empty((grid[0], R, K), dtype=torch.float32, device=device)
+        target = grad
+    counters = COUNTERS.get(device, grid[0] + grid[1]) if split_k or partial_of is not None else out
+    launch = _proj_dropout if dropout_p > 0 else _proj_partials if partial_of is not None else _proj
+    launch(grid, P, Q, out, L, partial, seed if seed is not None else out, split, target, counters,
+           M, K, R, _m_bucket(M), rows_per_program, k_per_split,
+           P.stride(0), P.stride(1), stride_qk, stride_qr, out.stride(0), out.stride(1), L.stride(0), L.stride(1),
+           target.stride(0), target.stride(1),
+           float(out_scale), float(grad_scale), float(dropout_p),
+           BLOCK_M=block_m, BLOCK_R=configs.block_r(R), HAS_DROPOUT=dropout_p > 0,
+           WRITE_PARTIAL=partial_of is not None, SPLIT_K=split_k,
+           DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
+           device=device, dtype=P.dtype)
+    return out, grad if partial_of is not None else None
 
 
-def reduce_rows(P, L, *, dropout_p=0.0, seed=None):
-    """Per-split partials of (keep ⊙ P)^T @ L over the M rows: (splits, K, R) fp32, from P (M, K) and L (M, R);
-    ``finish`` sums them (deterministic order)."""
+def reduce_rows(P, L, scale, out, *, transpose=False, dropout_p=0.0, seed=None):
+    """out (K, R), or (R, K) with ``transpose``, = scale * (keep ⊙ P)^T @ L over the M rows of P (M, K) and
+    L (M, R), in one launch: split along M for about two waves of the GPU, the splits' (K, R) fp32 partials summed
+    in split order by the last program of each block of K (deterministic). Returns ``out``."""
     M, K = P.shape
     R = L.shape[1]
     block_m, block_k = _reduce_blocks(P.dtype)
     splits = _splits(M, K, block_m, block_k, P.device)
     rows_per_split = _cdiv(_cdiv(M, block_m), splits) * block_m
-    splits = _cdiv(M, rows_per_split)
-    partial = torch.empty((splits, K, R), dtype=torch.float32, device=P.device)
-    _reduce((_cdiv(K, block_k), splits), P, L, partial, seed if seed is not None else partial,
+    splits = max(1, _cdiv(M, rows_per_split))
+    grid = (_cdiv(K, block_k), splits)
+    partial = counters = out
+    if splits > 1:
+        partial = torch.empty((splits, K, R), dtype=torch.float32, device=P.device)
+        counters = COUNTERS.get(P.device, grid[0])
+    strides = (out.stride(1), out.stride(0)) if transpose else (out.stride(0), out.stride(1))
+    _reduce(grid, P, L, partial, seed if seed is not None else out, out, counters,
             M, K, R, rows_per_split, _m_bucket(M),
-            P.stride(0), P.stride(1), L.stride(0), L.stride(1),
-            float(dropout_p),
+            P.stride(0), P.stride(1), L.stride(0), L.stride(1), *strides,
+            float(scale), float(dropout_p),
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=configs.block_r(R), HAS_DROPOUT=dropout_p > 0,
-            DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
+            SPLIT_M=splits > 1, DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
             device=P.device, dtype=P.dtype)
-    return partial
+    return out
 
 
 def finish(partial, scale, out, *, transpose=False):
     """out = (scale * partial.sum(0)).to(out.dtype), one launch; partial (S, rows, cols) fp32 contiguous, out
-    (rows, cols), or (cols, rows) with ``transpose``."""
+    (rows, cols), or (cols, rows) with ``transpose`` (DoRA's dm from its partials)."""
     splits, rows, cols = partial.shape
     strides = (out.stride(1), out.stride(0)) if transpose else (out.stride(0), out.stride(1))
     block = configs.FINISH_BLOCK
@@ -476,12 +525,17 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
     dy, x, weight = _along_k(dy, 1), _along_k(x, 1), _along_k(weight, 0)
     dx = dA = dB = None
     dropout_p = philox.quantize(dropout_p)
-    fused_dB = need_dB and 4 * R < _proj_block_m()
-    dS, partial = lowrank_project(dy, B, B.stride(1), B.stride(0), R, partial_of=S if fused_dB else None)
     if need_dB:
         dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
-        # the dS pass's partials are (blocks, R, N); the reduction's are (splits, N, R)
-        finish(partial if fused_dB else reduce_rows(dy, S), scale, dB, transpose=not fused_dB)
+    # dB rides on the dS pass (five launches per step) while 4 R < PROJ_BLOCK_M (ranks up to 31 on a GPU). Above,
+    # dB takes its own pass over dY (six launches): the reason is the byte count of configs.PROJ_BLOCK_M's
+    # comment (the (groups, R, N) fp32 partials grow with R, a second read of dY does not) and the dS pass's
+    # registers at BLOCK_R 64 (the compile report), not a GPU timing: unmeasured on a GPU as yet
+    fused_dB = need_dB and 4 * R < _proj_block_m()
+    dS, _ = lowrank_project(dy, B, B.stride(1), B.stride(0), R, partial_of=S if fused_dB else None,
+                            grad=dB if fused_dB else None, grad_scale=scale)
+    if need_dB and not fused_dB:
+        reduce_rows(dy, S, scale, dB, transpose=True)
     keep_scale = 1.0 / (1.0 - dropout_p)
     if need_dx:
         # Q = W as (N, K); RM = A^T: element (r, k) is A[k, r]
@@ -489,6 +543,6 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
                           (A.stride(1), A.stride(0)), scale * keep_scale, dropout_p=dropout_p, seed=seed,
                           backward=True)
     if need_dA:
-        dA = finish(reduce_rows(x, dS, dropout_p=dropout_p, seed=seed), scale * keep_scale,
-                    torch.empty(A.shape, dtype=A.dtype, device=A.device))
+        dA = reduce_rows(x, dS, scale * keep_scale, torch.empty(A.shape, dtype=A.dtype, device=A.device),
+                         dropout_p=dropout_p, seed=seed)
     return dx, dA, dB

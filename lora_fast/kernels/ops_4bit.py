@@ -172,11 +172,13 @@ def lora_backward_4bit(dy, x, packed, A, B, S, scale, dropout_p=0.0, seed=None, 
     R = A.shape[1]
     dy, x = ops._along_k(dy, 1), ops._along_k(x, 1)
     dx = dA = dB = None
-    fused_dB = need_dB and 4 * R < ops._proj_block_m()
-    dS, partial = ops.lowrank_project(dy, B, B.stride(1), B.stride(0), R, partial_of=S if fused_dB else None)
     if need_dB:
         dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
-        ops.finish(partial if fused_dB else ops.reduce_rows(dy, S), scale, dB, transpose=not fused_dB)
+    fused_dB = need_dB and 4 * R < ops._proj_block_m()   # as ops.lora_backward
+    dS, _ = ops.lowrank_project(dy, B, B.stride(1), B.stride(0), R, partial_of=S if fused_dB else None,
+                                grad=dB if fused_dB else None, grad_scale=scale)
+    if need_dB and not fused_dB:
+        ops.reduce_rows(dy, S, scale, dB, transpose=True)
     dropout_p = philox.quantize(dropout_p)   # what the keep-mask's 8-bit uniforms apply (idempotent)
     keep_scale = 1.0 / (1.0 - dropout_p)
     if need_dx:
@@ -184,6 +186,6 @@ def lora_backward_4bit(dy, x, packed, A, B, S, scale, dropout_p=0.0, seed=None, 
         dx = gemm_4bit_lowrank(dy, packed, False, None, dS, A, (A.stride(1), A.stride(0)), scale * keep_scale,
                                dropout_p=dropout_p, seed=seed)
     if need_dA:
-        dA = ops.finish(ops.reduce_rows(x, dS, dropout_p=dropout_p, seed=seed), scale * keep_scale,
-                        torch.empty(A.shape, dtype=A.dtype, device=A.device))
+        dA = ops.reduce_rows(x, dS, scale * keep_scale, torch.empty(A.shape, dtype=A.dtype, device=A.device),
+                             dropout_p=dropout_p, seed=seed)
     return dx, dA, dB
