@@ -35,6 +35,8 @@ setup(
         "numpy",
         # adapter files (save_lora / load_lora)
         "safetensors>=0.4",
+        # the shared cache of measured GEMM choices (kernels/cache.py): read-merge-write under a file lock
+        "filelock>=3",
     ],
     extras_require={
         # transformers, peft and the packaged MiniLM (with sentence-transformers, scipy and scikit-learn: ~150 MB of

@@ -346,7 +346,7 @@ def estimate(impl: str, mode: str, M: int, K: int, N: int, r: int, dtype: str, g
             paths.append(path)
             continue
         extra = 0.0
-        if mask_bits and k.name.startswith(("S = ", "dA partials")):   # the mask written, then read by dA
+        if mask_bits and k.name.startswith(("S = ", "dA = ")):   # the mask written, then read by dA
             extra = mask_bits
         seconds += max(k.flops / gemm_flops_per_s, (k.bytes + extra) / copy_bytes_per_s) + assume.launch_s
         launches += 1

@@ -17,6 +17,15 @@ def replay_command(nodeid: str, seed: int) -> str:
     return shlex.join(["python", "-m", "pytest", nodeid, "--seed", str(seed)])
 
 
+def pytest_configure(config):
+    # measured GEMM choices and tuned configs go to a folder of this run, not the user's ~/.cache/lora_fast
+    # (tests that test the cache set their own folder)
+    if not os.environ.get("LORA_FAST_CACHE_DIR", "").strip():
+        import tempfile
+
+        os.environ["LORA_FAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora_fast-test-cache-")
+
+
 def fixed_seed(config):
     """The seed given by --seed or $LORA_FAST_TEST_SEED, or None (fresh seeds)."""
     seed = config.getoption("--seed", default=None)
