@@ -11,11 +11,10 @@ import weakref
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import philox, reference
 from ._checks import check_dora_linear, check_training
-from .functional import _autocast_enabled, _autocast_inputs, select_backend
+from .functional import _autocast_enabled, _autocast_inputs, dropout_mask, graph_gradients, select_backend
 
 # ||W_n||^2 (fp32) per weight tensor (the view's base for a transposed view), valid while the tensor keeps its
 # storage, layout and version counter: an in-place update (optimizer step, merge, copy_) bumps the version.
@@ -81,17 +80,18 @@ class _DoRALinearFunction(torch.autograd.Function):
         # needs a gradient: PEFT keeps more (its base_result in x's dtype and lora_result in the adapters' dtype,
         # both M x N, and x in the adapters' dtype). No mask, no dropped copy of x.
         u_bias = bias if (U is not None and dropout_p == 0) else None
-        ctx.save_for_backward(x, weight, A, B, S, U, gscale, norm, seed, u_bias)
+        ctx.save_for_backward(x, weight, A, B, S, U, gscale, norm, seed, u_bias, magnitude)
         ctx.scale, ctx.dropout_p, ctx.has_bias, ctx.mag_dtype = scale, dropout_p, bias is not None, magnitude.dtype
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         from .kernels import dora as kernels
 
-        x, weight, A, B, S, U, gscale, norm, seed, u_bias = ctx.saved_tensors
+        x, weight, A, B, S, U, gscale, norm, seed, u_bias, magnitude = ctx.saved_tensors
         need_dx, need_dW, need_db, need_dA, need_dB, need_dm = ctx.needs_input_grad[:6]
+        if torch.is_grad_enabled():
+            return _backward_graph(ctx, dy, x, weight, A, B, magnitude, seed)
         p = ctx.dropout_p
         dx = dW = db = dA = dB = dm = None
         dy2d = dy.reshape(-1, dy.shape[-1])
@@ -123,6 +123,24 @@ class _DoRALinearFunction(torch.autograd.Function):
         if dm is not None:
             dm = dm.to(ctx.mag_dtype)
         return dx, dW, db, dA, dB, dm, None, None, None
+
+
+def _backward_graph(ctx, dy, x, weight, A, B, magnitude, seed):
+    """The backward when autograd records it (create_graph=True): the reference maths (``reference.dora_linear``,
+    norm detached) on the saved inputs, the dropout mask regenerated from the seed, differentiated in torch ops
+    that autograd can differentiate again (``functional.graph_gradients``). The bias only shifts y: db = colsum(dy)."""
+    mask = dropout_mask(seed, x, ctx.dropout_p)
+
+    def f(x_, weight_, A_, B_, magnitude_):
+        return reference.dora_linear(x_, weight_, None, A_, B_, magnitude_, ctx.scale, dropout_p=ctx.dropout_p,
+                                     training=mask is not None, dropout_mask=mask)
+
+    need_dx, need_dW, need_db, need_dA, need_dB, need_dm = ctx.needs_input_grad[:6]
+    dx, dW, dA, dB, dm = graph_gradients(f, (x, weight, A, B, magnitude), (need_dx, need_dW, need_dA, need_dB, need_dm),
+                                         dy)
+    db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype) if need_db and ctx.has_bias \
+        else None
+    return dx, dW, db, dA, dB, dm, None, None, None
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,

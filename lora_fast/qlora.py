@@ -15,11 +15,10 @@ import os
 from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import philox, reference, reference_4bit
 from ._checks import check_lora_linear, check_training
-from .functional import _autocast_enabled, _autocast_inputs, select_backend
+from .functional import _autocast_enabled, _autocast_inputs, dropout_mask, graph_gradients, select_backend
 
 QUANT_TYPES = ("nf4", "fp4")
 GEMM_4BIT_PATHS = ("auto", "fused", "dequant")
@@ -218,14 +217,24 @@ class _LoRALinear4bitFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         from .kernels import ops_4bit
 
         x, A, B, S, seed = ctx.saved_tensors
         need_dx, need_db, need_dA, need_dB = ctx.needs_input_grad[:4]
         dx = dA = dB = None
-        if need_dx or need_dA or need_dB:
+        if torch.is_grad_enabled():
+            # autograd records the backward (create_graph=True): torch ops it can differentiate again, on deq(W)
+            # from the kernels' dequantization (a constant: the 4-bit weight gets no gradient)
+            weight = ops_4bit.dequantize(ctx.packed, x.dtype)
+            mask = dropout_mask(seed, x, ctx.dropout_p)
+
+            def f(x_, A_, B_):
+                return reference.lora_linear(x_, weight, None, A_, B_, ctx.scale, dropout_p=ctx.dropout_p,
+                                             training=mask is not None, dropout_mask=mask)
+
+            dx, dA, dB = graph_gradients(f, (x, A, B), (need_dx, need_dA, need_dB), dy)
+        elif need_dx or need_dA or need_dB:
             dx, dA, dB = ops_4bit.lora_backward_4bit(
                 dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), ctx.packed, A, B, S, ctx.scale,
                 ctx.dropout_p, seed if ctx.dropout_p > 0 else None, need_dx=need_dx, need_dA=need_dA,
