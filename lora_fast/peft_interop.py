@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .adapters import Transaction
 from .dora import dora_linear
 from .functional import lora_linear
 from .layers import (
@@ -631,22 +632,32 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
             raise ValueError(f"adapter_dir: tensor {name!r} has shape {tuple(value.shape)}, the model's "
                              f"{target!r} has {tuple(param.shape)}")
         extra_plan.append((param, value))   # wrapping a layer later keeps its Parameter objects
-    loaded = set()
+    # the new values first (layers to wrap, tensors in their parameters' dtypes), then every change through one
+    # Transaction, which undoes them all if one fails: a failed load leaves the model as it was
+    scaling = "rslora" if config.use_rslora else "alpha/rank"
+    staged = []
     for name, lora_A, lora_B, magnitude, r, alpha in plan:
         layer = _lora_target(model, name, r, alpha, config)
-        with torch.no_grad():
-            layer.lora.A.copy_(lora_A.t())
-            layer.lora.B.copy_(lora_B.t())
-            if magnitude is not None:
-                layer.m.copy_(magnitude)
-        scaling = "rslora" if config.use_rslora else "alpha/rank"
-        layer.lora.alpha, layer.lora.scaling = alpha, scaling
-        layer.lora.scale = lora_scale(alpha, r, scaling)
-        layer.dropout = float(config.lora_dropout)
-        loaded.add(name)
-    with torch.no_grad():
+        values = [(layer.lora.A, lora_A.t()), (layer.lora.B, lora_B.t())] \
+            + ([(layer.m, magnitude)] if magnitude is not None else [])
+        staged.append((name, layer, [(p, Transaction.converted(p, v)) for p, v in values], r, alpha))
+    extra_plan = [(param, Transaction.converted(param, value)) for param, value in extra_plan]
+    loaded = set()
+    with Transaction() as transaction:
+        for name, layer, values, r, alpha in staged:
+            current = model.get_submodule(name)
+            if current is not layer:
+                parent, _, child = name.rpartition(".")
+                transaction.setattr(model.get_submodule(parent) if parent else model, child, layer)
+            for param, value in values:
+                transaction.copy(param, value)
+            transaction.setattr(layer.lora, "alpha", alpha)
+            transaction.setattr(layer.lora, "scaling", scaling)
+            transaction.setattr(layer.lora, "scale", lora_scale(alpha, r, scaling))
+            transaction.setattr(layer, "dropout", float(config.lora_dropout))
+            loaded.add(name)
         for param, value in extra_plan:
-            param.copy_(value)
+            transaction.copy(param, value)
     missing = sorted(set(_lora_modules(model)) - loaded)
     if missing:
         warnings.warn(f"load_peft_adapter: {len(missing)} LoRA layers are not in the adapter and keep their "
@@ -683,15 +694,12 @@ def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_fea
 
 
 def _lora_target(model: nn.Module, name: str, r: int, alpha: float, config) -> LinearWithLoRA:
-    """The LinearWithLoRA at ``name`` in ``model`` (already checked by _check_target), wrapping a plain linear
-    there first."""
+    """The LinearWithLoRA at ``name`` in ``model`` (already checked by _check_target), or a new one around the
+    plain linear there (not installed yet: the caller swaps it in)."""
     module = model.get_submodule(name)
     if isinstance(module, LinearWithLoRA):
         return module
     scaling = "rslora" if config.use_rslora else "alpha/rank"
     wrap = LinearWithDoRA if config.use_dora else LinearWithLoRA
-    layer = wrap(module, r, alpha, dropout=float(config.lora_dropout), scaling=scaling)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
-    return layer
+    return wrap(module, r, alpha, dropout=float(config.lora_dropout), scaling=scaling)
 
