@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .layers import SCALINGS, LinearWithDoRA, LinearWithLoRA, is_linear
-from .patching import _lora_layers
+from .patching import _inside_attention, _lora_layers, module_places
 
 FORMAT_VERSION = "1"
 LoadResult = namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
@@ -321,6 +321,7 @@ def load_lora(model: nn.Module, path: PathLike, *, strict: bool = True) -> LoadR
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_lora: model: expected a torch.nn.Module, got {type(model).__name__}")
     modules = dict(model.named_modules())
+    inside_mha = _inside_attention(model)
     mismatches, new_layers = [], {}
     for name, config in saved.items():
         module = modules.get(name)
@@ -329,13 +330,18 @@ def load_lora(model: nn.Module, path: PathLike, *, strict: bool = True) -> LoadR
                 stored, value = config.get(field, False), _config(module).get(field, False)
                 if stored != value:
                     mismatches.append(f"{name or '<model>'}: {field} {stored!r} in the file, {value!r} in the model")
-        elif module is not None and is_linear(module) and not isinstance(module, nn.MultiheadAttention):
+        elif module is not None and id(module) in inside_mha:
+            mismatches.append(f"{name}: the out_proj of {inside_mha[id(module)]}, whose forward reads its weight "
+                              "without calling it (a LoRA wrapper there would never run)")
+        elif module is not None and is_linear(module):
             if name == "":
                 raise ValueError(f"load_lora: {path} adapts the model itself, a plain linear layer; wrap it first "
                                  "(LinearWithLoRA or replace_linear_with_lora), since it cannot be replaced in place")
             wrap = LinearWithDoRA if config.get("use_dora", False) else LinearWithLoRA
-            new_layers[name] = wrap(module, config["rank"], config["alpha"], scaling=config["scaling"],
-                                    dropout=config.get("dropout", 0.0))
+            # one wrapper per layer object, also when the file names it under two of its names
+            shared = next((w for w in new_layers.values() if w.linear is module), None)
+            new_layers[name] = shared or wrap(module, config["rank"], config["alpha"], scaling=config["scaling"],
+                                              dropout=config.get("dropout", 0.0))
         elif strict:
             what = "not in the model" if module is None else f"a {type(module).__name__}, not a linear layer"
             mismatches.append(f"{name or '<model>'}: named in the file, {what}")
@@ -351,8 +357,9 @@ def load_lora(model: nn.Module, path: PathLike, *, strict: bool = True) -> LoadR
                          "layers")
     pairs, missing, unexpected = _plan(model, tensors, strict, "load_lora", new_layers)
     with Transaction() as transaction:
-        for name, layer in new_layers.items():
-            parent, _, child = name.rpartition(".")
-            transaction.setattr(model.get_submodule(parent), child, layer)
+        for layer in {id(layer): layer for layer in new_layers.values()}.values():
+            # every place the layer is registered (a second name in one parent too): one wrapper everywhere
+            for parent, child in module_places(model, layer.linear):
+                transaction.setattr(parent, child, layer)
         _copy(pairs, transaction)
     return LoadResult(missing, unexpected)

@@ -39,6 +39,7 @@ from .layers import (
     is_linear4bit,
     lora_scale,
 )
+from .patching import _inside_attention, module_places
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # the prefix PEFT's PeftModel puts before a module path of the base model in its adapter files
@@ -635,9 +636,12 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
     # the new values first (layers to wrap, tensors in their parameters' dtypes), then every change through one
     # Transaction, which undoes them all if one fails: a failed load leaves the model as it was
     scaling = "rslora" if config.use_rslora else "alpha/rank"
-    staged = []
+    staged, wrappers = [], {}
     for name, lora_A, lora_B, magnitude, r, alpha in plan:
-        layer = _lora_target(model, name, r, alpha, config)
+        module = model.get_submodule(name)
+        # one wrapper per layer object, also when the file names it under two of its names
+        layer = wrappers.get(id(module)) or _lora_target(model, name, r, alpha, config)
+        wrappers[id(module)] = layer
         values = [(layer.lora.A, lora_A.t()), (layer.lora.B, lora_B.t())] \
             + ([(layer.m, magnitude)] if magnitude is not None else [])
         staged.append((name, layer, [(p, Transaction.converted(p, v)) for p, v in values], r, alpha))
@@ -646,9 +650,10 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
     with Transaction() as transaction:
         for name, layer, values, r, alpha in staged:
             current = model.get_submodule(name)
-            if current is not layer:
-                parent, _, child = name.rpartition(".")
-                transaction.setattr(model.get_submodule(parent) if parent else model, child, layer)
+            if current is not layer and not isinstance(current, LinearWithLoRA):
+                # every place the layer is registered (a second name in one parent too): one wrapper everywhere
+                for parent, child in module_places(model, current):
+                    transaction.setattr(parent, child, layer)
             for param, value in values:
                 transaction.copy(param, value)
             transaction.setattr(layer.lora, "alpha", alpha)
@@ -681,6 +686,9 @@ def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_fea
             raise ValueError(f"adapter_dir: the adapter has use_dora={use_dora}, model's module {name!r} is a "
                              f"{type(module).__name__}")
         shape = tuple(module.lora.A.shape[:1]) + tuple(module.lora.B.shape[1:])
+    elif id(module) in _inside_attention(model):
+        raise ValueError(f"adapter_dir: module {name!r} is the out_proj of {_inside_attention(model)[id(module)]}, "
+                         "whose forward reads its weight without calling it: a LoRA wrapper there would never run")
     elif is_linear(module):
         # nn.Linear's sizes from its attributes: a 4-bit Linear4bit's weight holds packed codes
         shape = tuple(module.weight.shape) if not isinstance(module, nn.Linear) \
