@@ -61,7 +61,14 @@ def _proj_row_block(
             p = tl.where(keep, p, 0.0).to(DOT_DTYPE)
         q = tl.load(Q_ptr + (k0 + offs_k)[:, None] * stride_qk + offs_r[None, :] * stride_qr,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        acc = tl.dot(p, q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        if DOT_DTYPE == tl.float16 and Q_ptr.dtype.element_ty == tl.float32:
+            # fp32 adapters on an fp16 base: a power-of-two factor per rank column of Q (fp16.py), put back after
+            # the dot, so that a tiny adapter (|B| ~ 5e-7 after a few steps lies in fp16's subnormals, 1e-9 below
+            # them) is not flushed by its cast to fp16; exact, so nothing else changes
+            q, col_f = pow2_split(q.to(tl.float32), 0)
+            acc += tl.dot(p, q.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32) * col_f
+        else:
+            acc = tl.dot(p, q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
         if WRITE_PARTIAL:
             part = tl.dot(lo_t, p, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
             if DOT_DTYPE == tl.float16:
