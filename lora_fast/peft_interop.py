@@ -50,7 +50,10 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @dataclasses.dataclass
 class PatchReport:
     """What patch_peft did. ``patched``: qualified names of the PEFT LoRA layers that now run on the fused op.
-    ``skipped``: qualified name -> reason, for the LoRA layers that run on PEFT's own path."""
+    ``skipped``: qualified name -> reason, for the LoRA layers that run on PEFT's own path. Both describe the
+    layers that exist at the call: LoRA layers PEFT creates later (``add_adapter`` / ``load_adapter`` /
+    ``inject_adapter_in_model`` on modules not adapted before) run PEFT's own forward until ``patch_peft`` is
+    called again; a new adapter on a layer already patched is fused at call time."""
 
     patched: list = dataclasses.field(default_factory=list)
     skipped: dict = dataclasses.field(default_factory=dict)
@@ -91,6 +94,10 @@ def _layer_reason(module: nn.Module, lora_layer) -> Optional[str]:
         if not has_4bit_forward(module.base_layer):
             return f"base layer {type(module.base_layer).__name__} (own forward, or not quantized in " \
                    "bitsandbytes' standard layout)"
+        return None
+    if type(module) is lora_layer.Linear and has_4bit_forward(getattr(module, "base_layer", None)):
+        # PEFT's plain lora.Linear around a bitsandbytes Linear4bit (a hand-built model: PEFT picks its 4-bit class
+        # only under a quantization config): its forward is Linear4bit's, then the LoRA term, as the 4-bit class
         return None
     if type(module) is not lora_layer.Linear:
         kind = type(module)
@@ -253,7 +260,14 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
     (save_pretrained, set_adapter, merge_and_unload, disable_adapter) keeps working: the patch only adds an
     instance ``forward``; parameters and state-dict keys are PEFT's. Calling twice equals calling once.
 
-    Layers of other PEFT classes (Embedding, Conv2d, 8-bit bnb, hqq, torchao layers, ...) are left untouched.
+    PEFT's plain lora.Linear around a bitsandbytes Linear4bit (what PEFT builds for a hand-built model without a
+    quantization config) is fused as its 4-bit class is, on ``lora_linear_4bit``. Layers of other PEFT classes
+    (Embedding, Conv2d, 8-bit bnb, hqq, torchao layers, ...) are left untouched.
+
+    The patch covers the LoRA layers that exist when it is called. An adapter added later to a patched layer is
+    fused at call time; a LoRA layer created later (``add_adapter`` or ``load_adapter`` targeting modules not
+    adapted before) runs PEFT's own forward until ``patch_peft(model)`` is called again (calling it again
+    patches the new layers and reports every layer).
 
     Returns: a PatchReport: ``patched`` (names of the layers that run fused in the current adapter state) and
         ``skipped`` (name -> reason); with ``warn`` one warning lists the skipped reasons and their counts.

@@ -114,3 +114,81 @@ def test_load_peft_adapter_wraps_every_place(backend, tmp_path):
     theirs.save_pretrained(tmp_path)
     model = load_peft_adapter(copy.deepcopy(base), tmp_path)
     _check_twice(model, torch.randn(5, 6))
+
+
+# --- PEFT coverage (issue 25 item 7) -------------------------------------------------------------------------
+
+
+def test_patch_peft_fuses_plain_lora_linear_around_linear4bit(backend, monkeypatch):
+    """A hand-built model with a bitsandbytes Linear4bit: PEFT wraps it in its plain lora.Linear (no quantization
+    config); patch_peft fuses it (lora_linear_4bit), forward and backward against float64."""
+    peft = pytest.importorskip("peft", reason="patch_peft needs peft")
+    bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit base needs bitsandbytes")
+    from lora_fast import patch_peft, peft_interop
+    from tests.test_second_order import _deq_by_definition
+
+    plain = nn.Linear(64, 24)
+    base = bnb.nn.Linear4bit(64, 24, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=False)
+    base.load_state_dict(plain.state_dict())
+    base = base.to("cpu")   # bitsandbytes quantizes on .to(device)
+    model = peft.get_peft_model(nn.Sequential(base), peft.LoraConfig(r=3, lora_alpha=6, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    assert type(layer) is peft.tuners.lora.layer.Linear
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    report = patch_peft(model)
+    assert report.patched == ["base_model.model.0"] and not report.skipped
+    calls = []
+    fused = peft_interop.forward_4bit
+    monkeypatch.setattr(peft_interop, "forward_4bit", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    x = torch.randn(5, 64, requires_grad=True)
+    y = model(x)
+    assert calls, "the layer ran PEFT's forward"
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    W = _deq_by_definition(base.weight, base.weight.quant_state).double()
+    A = layer.lora_A["default"].weight.detach().double().t().requires_grad_()
+    B = layer.lora_B["default"].weight.detach().double().t().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    s = layer.scaling["default"]
+    truth = x64 @ W.t() + base.bias.double() + s * (x64 @ A @ B)
+    truth.backward(dy.double())
+    mag = x64.detach().abs() @ W.abs().t() + base.bias.double().abs() + s * (x64.detach().abs() @ A.detach().abs()
+                                                                             @ B.detach().abs())
+    assert_close(y.detach(), truth.detach(), mag, torch.float32, 64 + 3, "peft 4-bit", record=False)
+    got = layer.lora_B["default"].weight.grad.t().double()
+    assert (got - B.grad).abs().max() <= 1e-5 * B.grad.abs().max()
+    got = layer.lora_A["default"].weight.grad.t().double()
+    assert (got - A.grad).abs().max() <= 1e-5 * A.grad.abs().max()
+
+
+class _QV(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.v = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.v(torch.relu(self.q(x)))
+
+
+def test_layers_peft_creates_after_patch_peft(backend, monkeypatch):
+    """An adapter added to a patched layer is fused at call time; a layer PEFT creates later runs PEFT's forward
+    until patch_peft is called again, which then patches it (as the docstring and PatchReport say)."""
+    peft = pytest.importorskip("peft", reason="patch_peft needs peft")
+    from lora_fast import patch_peft, peft_interop
+
+    model = peft.get_peft_model(_QV(), peft.LoraConfig(r=2, target_modules=["q"]))
+    assert patch_peft(model).patched == ["base_model.model.q"]
+    model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["q", "v"]))
+    model.set_adapter("second")
+    calls = []
+    fused = peft_interop.lora_linear
+    monkeypatch.setattr(peft_interop, "lora_linear", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    x = torch.randn(3, 8)
+    model(x)
+    assert len(calls) == 1   # q (patched, its new adapter fused at call time); v is new, on PEFT's forward
+    report = patch_peft(model)
+    assert sorted(report.patched) == ["base_model.model.q", "base_model.model.v"]
+    calls.clear()
+    model(x)
+    assert len(calls) == 2
