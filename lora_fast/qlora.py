@@ -11,6 +11,7 @@ weight, per the GEMM path), the reference backend calls bitsandbytes' own ``dequ
 
 import dataclasses
 import functools
+import numbers
 import os
 from typing import Optional, Tuple
 
@@ -136,7 +137,16 @@ class Packed4bit:
             for name, t in (("state2.absmax", absmax2), ("state2.code", code2)):
                 if t.device != device:
                     raise ValueError(f"quant_state: {name}: expected qweight's device {device}, got {t.device}")
-            offset = torch.as_tensor(quant_state.offset, device=device).to(torch.float32).reshape(1)
+            offset = getattr(quant_state, "offset", None)
+            if isinstance(offset, torch.Tensor):
+                if offset.numel() != 1:
+                    raise ValueError(f"quant_state: offset: expected one value (the double quantization's offset, "
+                                     f"added to every dequantized absmax), got shape {tuple(offset.shape)}")
+            elif offset is None or isinstance(offset, bool) or not isinstance(offset, numbers.Real):
+                raise ValueError(f"quant_state: offset: expected the double quantization's offset (a number or a "
+                                 f"one-element tensor, added to every dequantized absmax), got "
+                                 f"{'None' if offset is None else type(offset).__name__}")
+            offset = torch.as_tensor(offset, device=device).to(torch.float32).reshape(1)
             fields.update(code2=code2.to(torch.float32), absmax2=absmax2.to(torch.float32), offset=offset,
                           blocksize2=blocksize2)
         elif not absmax.is_floating_point():

@@ -54,3 +54,16 @@ def test_weight_changed_between_forward_and_backward(change, backend, monkeypatc
             grads(True)
     else:
         assert torch.equal(grads(True), before)
+
+
+def test_nested_state_without_offset_names_the_field():
+    """A nested quant_state with offset=None used to fail with "Could not infer dtype of NoneType"."""
+    from lora_fast.qlora import Packed4bit
+
+    qweight, state = bnbf.quantize_4bit(torch.randn(12, 64), blocksize=64, quant_type="nf4", compress_statistics=True)
+    state.offset = None
+    with pytest.raises(ValueError, match=r"quant_state: offset: expected .*got None"):
+        Packed4bit.from_bitsandbytes(qweight, state)
+    state.offset = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"quant_state: offset: expected one value.*\(2,\)"):
+        Packed4bit.from_bitsandbytes(qweight, state)
