@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .layers import SCALINGS, LinearWithDoRA, LinearWithLoRA, is_linear
-from .patching import _lora_layers
+from .patching import _inside_attention, _lora_layers, module_places
 
 FORMAT_VERSION = "1"
 LoadResult = namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
@@ -142,17 +142,67 @@ def _plan(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool
     return [(params[k], state_dict[k]) for k in shared], missing, unexpected
 
 
-def _copy(pairs) -> None:
-    with torch.no_grad():
-        for param, tensor in pairs:
-            param.copy_(tensor)
+class Transaction:
+    """The changes of one load, each logged before it is made and undone in reverse order if anything raises
+    before the load ends (a failure no up-front check foresaw: a device error, an interrupt, a hook): a failed
+    load leaves the model's parameters bit for bit, its modules and their attributes as they were. Values are
+    converted to each parameter's dtype and device before the first change (``converted``), so the writes
+    themselves are plain same-dtype copies. Use as ``with Transaction() as t: t.copy(...); t.setattr(...)``."""
+
+    def __init__(self):
+        self._undo = []
+
+    def __enter__(self) -> "Transaction":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if kind is not None:
+            # undo everything that can be undone; the load's own exception is the one that propagates
+            while self._undo:
+                try:
+                    self._undo.pop()()
+                except Exception:
+                    pass
+        self._undo.clear()
+        return False
+
+    @staticmethod
+    def converted(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``value`` in ``param``'s dtype and device, as ``param.copy_(value)`` would write it."""
+        return value.detach().to(device=param.device, dtype=param.dtype)
+
+    def copy(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        """param[...] = value in place (no autograd), the old values kept for the undo."""
+        old = param.detach().clone()
+
+        def undo():
+            with torch.no_grad():
+                param.copy_(old)
+
+        self._undo.append(undo)
+        with torch.no_grad():
+            param.copy_(value)
+
+    def setattr(self, owner, name: str, value) -> None:
+        """setattr(owner, name, value) (a module swapped into its parent, a layer's alpha, ...); the old value
+        put back on undo."""
+        old = getattr(owner, name)
+        self._undo.append(lambda: setattr(owner, name, old))
+        setattr(owner, name, value)
+
+
+def _copy(pairs, transaction: Transaction) -> None:
+    pairs = [(param, Transaction.converted(param, tensor)) for param, tensor in pairs]
+    for param, tensor in pairs:
+        transaction.copy(param, tensor)
 
 
 def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
                          strict: bool = True) -> LoadResult:
     """Copy A, B (and DoRA's m) tensors and trainable biases (keys as ``lora_state_dict`` gives them) into the model's
     LinearWithLoRA layers and bias parameters, in place, converting to each parameter's dtype and device.
-    Nothing is copied unless every check passes: a failed load leaves the model as it was.
+    Nothing is copied unless every check passes, and a failure during the copies undoes those made
+    (``Transaction``): a failed load leaves the model as it was, bit for bit.
 
     Args:
         state_dict: {key: tensor}. strict: True (default) raises on missing A/B keys or unexpected keys (bias
@@ -167,7 +217,8 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             first.
     """
     pairs, missing, unexpected = _plan(model, state_dict, strict, "load_lora_state_dict")
-    _copy(pairs)
+    with Transaction() as transaction:
+        _copy(pairs, transaction)
     return LoadResult(missing, unexpected)
 
 
@@ -251,8 +302,9 @@ def load_lora(model: nn.Module, path: PathLike, *, strict: bool = True) -> LoadR
     for a DoRA layer) with the file's rank, alpha, scaling and dropout (as ``load_peft_adapter`` wraps plain
     layers from its config; the wrapped layer's A and B follow LinearWithLoRA's device and dtype rules). Every
     LinearWithLoRA whose tensors the file holds must be named in its metadata. Then the tensors are loaded as
-    ``load_lora_state_dict(model, tensors, strict=strict)`` does. All checks run before anything is changed: a
-    failed load leaves the model as it was.
+    ``load_lora_state_dict(model, tensors, strict=strict)`` does. All checks run before anything is changed, and a
+    failure after the first change undoes every change (``Transaction``): a failed load leaves the model as it
+    was.
 
     Returns: LoadResult(missing_keys, unexpected_keys).
     Raises:
@@ -269,6 +321,7 @@ def load_lora(model: nn.Module, path: PathLike, *, strict: bool = True) -> LoadR
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_lora: model: expected a torch.nn.Module, got {type(model).__name__}")
     modules = dict(model.named_modules())
+    inside_mha = _inside_attention(model)
     mismatches, new_layers = [], {}
     for name, config in saved.items():
         module = modules.get(name)
@@ -277,13 +330,18 @@ def load_lora(model: nn.Module, path: PathLike, *, strict: bool = True) -> LoadR
                 stored, value = config.get(field, False), _config(module).get(field, False)
                 if stored != value:
                     mismatches.append(f"{name or '<model>'}: {field} {stored!r} in the file, {value!r} in the model")
-        elif module is not None and is_linear(module) and not isinstance(module, nn.MultiheadAttention):
+        elif module is not None and id(module) in inside_mha:
+            mismatches.append(f"{name}: the out_proj of {inside_mha[id(module)]}, whose forward reads its weight "
+                              "without calling it (a LoRA wrapper there would never run)")
+        elif module is not None and is_linear(module):
             if name == "":
                 raise ValueError(f"load_lora: {path} adapts the model itself, a plain linear layer; wrap it first "
                                  "(LinearWithLoRA or replace_linear_with_lora), since it cannot be replaced in place")
             wrap = LinearWithDoRA if config.get("use_dora", False) else LinearWithLoRA
-            new_layers[name] = wrap(module, config["rank"], config["alpha"], scaling=config["scaling"],
-                                    dropout=config.get("dropout", 0.0))
+            # one wrapper per layer object, also when the file names it under two of its names
+            shared = next((w for w in new_layers.values() if w.linear is module), None)
+            new_layers[name] = shared or wrap(module, config["rank"], config["alpha"], scaling=config["scaling"],
+                                              dropout=config.get("dropout", 0.0))
         elif strict:
             what = "not in the model" if module is None else f"a {type(module).__name__}, not a linear layer"
             mismatches.append(f"{name or '<model>'}: named in the file, {what}")
@@ -298,8 +356,10 @@ def load_lora(model: nn.Module, path: PathLike, *, strict: bool = True) -> LoadR
         raise ValueError(f"load_lora: model holds no LinearWithLoRA layer and {path} names none of its linear "
                          "layers")
     pairs, missing, unexpected = _plan(model, tensors, strict, "load_lora", new_layers)
-    for name, layer in new_layers.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-    _copy(pairs)
+    with Transaction() as transaction:
+        for layer in {id(layer): layer for layer in new_layers.values()}.values():
+            # every place the layer is registered (a second name in one parent too): one wrapper everywhere
+            for parent, child in module_places(model, layer.linear):
+                transaction.setattr(parent, child, layer)
+        _copy(pairs, transaction)
     return LoadResult(missing, unexpected)

@@ -12,11 +12,10 @@ N x K matrix is stored (PEFT forms W + s B A on every forward). Rows whose norm 
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import philox, reference
 from ._checks import check_dora_linear, check_training
-from .functional import _autocast_enabled, _autocast_inputs, select_backend
+from .functional import _autocast_enabled, _autocast_inputs, dropout_mask, graph_gradients, select_backend
 
 
 class _DoRALinearFunction(torch.autograd.Function):
@@ -44,18 +43,20 @@ class _DoRALinearFunction(torch.autograd.Function):
         # a weight made under torch.inference_mode (frozen: it cannot require grad) cannot be saved; it is kept on
         # ctx instead (no version check, as for any frozen weight read again in backward)
         ctx.inference_weight = weight if weight.is_inference() else None
-        ctx.save_for_backward(x, None if weight.is_inference() else weight, A, B, S, V, gscale, seed)
+        # the magnitude (a parameter, no new memory) for a differentiable backward (create_graph)
+        ctx.save_for_backward(x, None if weight.is_inference() else weight, A, B, S, V, gscale, seed, magnitude)
         ctx.scale, ctx.dropout_p, ctx.has_bias, ctx.mag_dtype = scale, dropout_p, bias is not None, magnitude.dtype
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         from .kernels import dora as kernels
 
-        x, weight, A, B, S, V, gscale, seed = ctx.saved_tensors
+        x, weight, A, B, S, V, gscale, seed, magnitude = ctx.saved_tensors
         weight = ctx.inference_weight if weight is None else weight
         need_dx, need_dW, need_db, need_dA, need_dB, need_dm = ctx.needs_input_grad[:6]
+        if torch.is_grad_enabled():
+            return _backward_graph(ctx, dy, x, weight, A, B, magnitude, seed)
         p = ctx.dropout_p
         dx = dW = db = dA = dB = dm = None
         dy2d = dy.reshape(-1, dy.shape[-1])
@@ -86,6 +87,24 @@ class _DoRALinearFunction(torch.autograd.Function):
         if dm is not None:
             dm = dm.to(ctx.mag_dtype)
         return dx, dW, db, dA, dB, dm, None, None, None
+
+
+def _backward_graph(ctx, dy, x, weight, A, B, magnitude, seed):
+    """The backward when autograd records it (create_graph=True): the reference maths (``reference.dora_linear``,
+    norm detached) on the saved inputs, the dropout mask regenerated from the seed, differentiated in torch ops
+    that autograd can differentiate again (``functional.graph_gradients``). The bias only shifts y: db = colsum(dy)."""
+    mask = dropout_mask(seed, x, ctx.dropout_p)
+
+    def f(x_, weight_, A_, B_, magnitude_):
+        return reference.dora_linear(x_, weight_, None, A_, B_, magnitude_, ctx.scale, dropout_p=ctx.dropout_p,
+                                     training=mask is not None, dropout_mask=mask)
+
+    need_dx, need_dW, need_db, need_dA, need_dB, need_dm = ctx.needs_input_grad[:6]
+    dx, dW, dA, dB, dm = graph_gradients(f, (x, weight, A, B, magnitude), (need_dx, need_dW, need_dA, need_dB, need_dm),
+                                         dy)
+    db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype) if need_db and ctx.has_bias \
+        else None
+    return dx, dW, db, dA, dB, dm, None, None, None
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
@@ -146,7 +165,8 @@ class _DoRALinear4bitFunction(torch.autograd.Function):
     16-bit op (x, S, g, the seed, V when the magnitude trains); the packed weight is read again."""
 
     @staticmethod
-    def forward(ctx, x, bias, A, B, magnitude, packed, scale, dropout_p, seed):
+    def forward(ctx, x, bias, A, B, magnitude, packed, scale, dropout_p, seed, sources):
+        from . import qlora
         from .kernels import dora as kernels
         from .kernels import ops_4bit
 
@@ -162,22 +182,40 @@ class _DoRALinear4bitFunction(torch.autograd.Function):
 
         _, S, V = kernels.dora_forward(x2d, None, bias, A, B, gscale, norm, scale, dropout_p, seed,
                                        out=y.view(-1, N), keep_v=need_dm, base_gemm=base_gemm)
-        ctx.save_for_backward(x, A, B, S, V, gscale, seed)
+        # the magnitude (a parameter, no new memory) for a differentiable backward (create_graph)
+        ctx.save_for_backward(x, A, B, S, V, gscale, seed, magnitude)
+        # the packed weight is read again in backward, not saved: its version counters are (as lora_linear_4bit)
+        ctx.versions = qlora._versions(packed, sources)
         ctx.packed, ctx.scale, ctx.dropout_p, ctx.has_bias = packed, scale, dropout_p, bias is not None
         ctx.mag_dtype = magnitude.dtype
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
+        from . import qlora
         from .kernels import dora as kernels
         from .kernels import ops_4bit
 
-        x, A, B, S, V, gscale, seed = ctx.saved_tensors
+        x, A, B, S, V, gscale, seed, magnitude = ctx.saved_tensors
+        qlora._check_versions(ctx.versions)
         need_dx, need_db, need_dA, need_dB, need_dm = ctx.needs_input_grad[:5]
         dx = dA = dB = dm = db = None
         dy2d = dy.reshape(-1, dy.shape[-1])
         packed = ctx.packed
+        if torch.is_grad_enabled():
+            # autograd records the backward (create_graph=True): the reference maths in torch ops on deq(W) from
+            # the kernels' dequantization (a constant: the 4-bit weight gets no gradient), as lora_linear_4bit
+            weight = ops_4bit.dequantize(packed, x.dtype)
+            mask = dropout_mask(seed, x, ctx.dropout_p)
+
+            def f(x_, A_, B_, magnitude_):
+                return reference.dora_linear(x_, weight, None, A_, B_, magnitude_, ctx.scale,
+                                             dropout_p=ctx.dropout_p, training=mask is not None, dropout_mask=mask)
+
+            dx, dA, dB, dm = graph_gradients(f, (x, A, B, magnitude), (need_dx, need_dA, need_dB, need_dm), dy)
+            if need_db and ctx.has_bias:
+                db = dy2d.sum(0, dtype=torch.float32).to(dy.dtype)
+            return dx, db, dA, dB, dm, None, None, None, None, None
         a_t = (A.stride(1), A.stride(0))
 
         def dx_gemm(P, L, lowrank_scale):
@@ -193,15 +231,16 @@ class _DoRALinear4bitFunction(torch.autograd.Function):
             db = dy2d.sum(0, dtype=torch.float32).to(dy.dtype)
         if dm is not None:
             dm = dm.to(ctx.mag_dtype)
-        return dx, db, dA, dB, dm, None, None, None, None
+        return dx, db, dA, dB, dm, None, None, None, None, None
 
 
 def dora_linear_4bit(x: torch.Tensor, qweight: torch.Tensor, quant_state, bias: Optional[torch.Tensor],
                      A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor, scale: float, *,
                      dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
     """Fused DoRA linear on a frozen 4-bit base (QDoRA; PEFT's DoRA on a bitsandbytes Linear4bit): ``dora_linear``
-    with W = deq(W), bitsandbytes' dequantization (nf4 / fp4, any power-of-two blocksize, nested or not: QLoRA,
-    Dettmers et al. 2023) rounded to the quantized dtype and then to x's dtype, as bitsandbytes' matmul_4bit and
+    with W = deq(W), the 4-bit layout's definition (``reference_4bit.dequantize``: bitsandbytes' nf4 / fp4, any
+    power-of-two blocksize, nested or not: QLoRA, Dettmers et al. 2023)
+    rounded to the quantized dtype and then to x's dtype, as bitsandbytes' matmul_4bit and
     PEFT's DoRA (``dequantize_module_weight(...).to(x.dtype)``) read it:
 
         g = magnitude / ||deq(W) + scale (A B)^T||_row (detached; 1 on rows of norm 0)
@@ -243,7 +282,8 @@ def dora_linear_4bit(x: torch.Tensor, qweight: torch.Tensor, quant_state, bias: 
         weight = reference_4bit.dequantize(qweight, quant_state).to(x.dtype)
         return reference.dora_linear(x, weight, bias, A, B, magnitude, scale, dropout_p=1.0, training=True,
                                      dropout_mask=torch.zeros_like(x, dtype=torch.bool))
-    return _DoRALinear4bitFunction.apply(x, bias, A, B, magnitude, packed, scale, p, seed)
+    return _DoRALinear4bitFunction.apply(x, bias, A, B, magnitude, packed, scale, p, seed,
+                                         qlora._weight_sources(qweight, quant_state))
 
 
 def dequantize_4bit_weight(qweight: torch.Tensor, quant_state) -> torch.Tensor:

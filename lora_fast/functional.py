@@ -4,7 +4,6 @@ import os
 from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _env, philox, reference
 from ._checks import check_lora_linear, check_training
@@ -81,10 +80,55 @@ def _backward_kernels(dy, x, weight, A, B, S, scale: float, dropout_p: float, se
     return (dx.view(x.shape) if dx is not None and not flat else dx), dA, dB
 
 
+def graph_gradients(f, inputs, needs, dy):
+    """The gradients of y = f(*inputs) against ``dy`` for the inputs that need one, recorded on autograd's graph
+    (``create_graph=True``) so that they can be differentiated again; None where not needed, zeros where y does
+    not depend on the input. What a fused op's backward returns when autograd asks for a differentiable backward
+    (``torch.autograd.grad(..., create_graph=True)``: hvp, hessian, MAML): ``f`` is the op's reference maths on
+    the inputs saved in forward (which keep their own history), so the kernels, whose backward autograd cannot
+    see through, are not used."""
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if need and t is not None]
+    out = [None] * len(inputs)
+    if not wanted:
+        return out
+    with torch.enable_grad():
+        y = f(*inputs)
+        grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True, allow_unused=True)
+    for i, g in zip(wanted, grads):
+        out[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return out
+
+
+def dropout_mask(seed, x, dropout_p: float):
+    """The kernels' keep-mask of a call (x's shape, bool) from its seed, in torch ops (``philox.keep_mask``), or
+    None without dropout: the mask the backward regenerates."""
+    if dropout_p <= 0:
+        return None
+    K = x.shape[-1]
+    return philox.keep_mask(seed, x.numel() // K if K else 0, K, dropout_p).view(x.shape)
+
+
+def _backward_graph(dy, x, weight, A, B, S, scale: float, dropout_p: float, seed, need_dx, need_dA, need_dB):
+    """(dx, dA, dB) as ``_backward_kernels``, in torch ops recorded on the graph (``graph_gradients``): the
+    reference maths on the saved inputs, the dropout mask regenerated from the seed."""
+    mask = dropout_mask(seed, x, dropout_p)
+
+    def f(x_, A_, B_):
+        return reference.lora_linear(x_, weight, None, A_, B_, scale, dropout_p=dropout_p, training=mask is not None,
+                                     dropout_mask=mask)
+
+    return tuple(graph_gradients(f, (x, A, B), (need_dx, need_dA, need_dB), dy))
+
+
 def _gradients(ctx, dy, backward_kernels):
-    """All five gradients (x, weight, bias, A, B) from what forward saved; None where not required."""
+    """All five gradients (x, weight, bias, A, B) from what forward saved; None where not required. When
+    autograd records the backward (create_graph=True: grad mode is on inside backward) the low-rank gradients
+    come from torch ops it can differentiate (``_backward_graph``), else from the kernels; dW and db are
+    torch ops either way."""
     x, weight, A, B, S, seed = ctx.saved_tensors
     need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
+    if torch.is_grad_enabled():
+        backward_kernels = _backward_graph
     dx, dA, dB = backward_kernels(dy, x, weight, A, B, S, ctx.scale, ctx.dropout_p, seed, need_dx, need_dA, need_dB)
     # the frozen-layer gradients, when asked for (the book's code leaves W trainable): torch matmuls
     if need_dW:
@@ -113,9 +157,8 @@ class _LoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        # the kernels' backward is not itself differentiable: double backward raises rather than return zeros
+        # differentiable when autograd records it (create_graph=True): see _gradients
         return (*_gradients(ctx, dy, _backward_kernels), None, None, None)
 
 

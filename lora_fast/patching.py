@@ -117,14 +117,18 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
     whole qualified name; or "all-linear": every linear layer except the output head (a Hugging Face model's
     get_output_embeddings(), as in PEFT; for other models, the last linear layer registered, e.g. the book's
     out_head). None (default) targets every linear layer. ``exclude`` applies after ``target_modules``.
-    nn.MultiheadAttention modules are left whole (their forward reads out_proj.weight directly). A linear
+    nn.MultiheadAttention modules are left whole (their forward reads out_proj.weight directly): a
+    target_modules that names their out_proj raises, and with None or "all-linear" a UserWarning names the
+    out_proj layers left unwrapped. A layer registered under several names, in one parent or several, gets one
+    wrapper in every place. A linear
     subclass with its own forward, or a layer with hooks, is wrapped but keeps its own call (LinearWithLoRA
     adds the low-rank term beside it); ``exclude`` names that match no module give a UserWarning.
 
     Args: rank >= 1, alpha, use_dora (bool), and LinearWithLoRA's keywords (dropout, scaling). A layer already
         wrapped keeps its kind (LoRA or DoRA).
-    Raises: ValueError for a bad rank, alpha, dropout or scaling (from LinearWithLoRA), an invalid regex, or a
-        target_modules that names a module that is not a linear layer (as PEFT refuses it);
+    Raises: ValueError for a bad rank, alpha, dropout or scaling (from LinearWithLoRA), an invalid regex, a
+        target_modules that names a module that is not a linear layer (as PEFT refuses it) or the out_proj of an
+        nn.MultiheadAttention (named, with the reason);
         TypeError for a target_modules that is neither a string nor an iterable of strings.
     """
     excluded = _excluder(model, exclude)
@@ -141,10 +145,20 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
         # a lone layer is its own whole model: there is no head to leave out
         return model if excluded("", model) else wrap(model, rank, alpha, **kwargs)
 
-    if target_modules is not None and not (isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR):
+    inside_mha = _inside_attention(model)
+    explicit = target_modules is not None and not (isinstance(target_modules, str)
+                                                   and target_modules.lower() == ALL_LINEAR)
+    if explicit:
         inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, LinearWithLoRA))
         named = [(n, m) for n, m in model.named_modules()
                  if n and not n.startswith(inside) and targeted(n, m) and not excluded(n, m)]
+        in_mha = [f"{n} (in {inside_mha[id(m)]})" for n, m in named if id(m) in inside_mha]
+        if in_mha:
+            raise ValueError(f"target_modules: {target_modules!r} names the output projection of "
+                             f"nn.MultiheadAttention: {', '.join(in_mha)}. Its forward passes out_proj.weight to "
+                             "F.multi_head_attention_forward without calling out_proj, so a LoRA wrapper there would "
+                             "never run; lora-fast does not adapt nn.MultiheadAttention (exclude the layer, or use "
+                             "PEFT, whose lora.MultiheadAttention merges the update into the weights it passes)")
         wrong = [(n, m) for n, m in named if not (is_linear(m) or isinstance(m, LinearWithLoRA))]
         if wrong:
             peft = [n for n, m in wrong if _is_peft_layer(m)]
@@ -154,6 +168,13 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
             raise ValueError(f"target_modules: {target_modules!r} names modules that are not linear layers "
                              f"(torch.nn.Linear or transformers' Conv1D): "
                              f"{', '.join(f'{n} ({_class_name(m)})' for n, m in wrong)}{hint}")
+    else:
+        left = [n for n, m in model.named_modules() if id(m) in inside_mha and targeted(n, m) and not excluded(n, m)]
+        if left:
+            warnings.warn(f"replace_linear_with_lora: the output projections of nn.MultiheadAttention are left "
+                          f"unwrapped ({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}): its forward reads "
+                          "out_proj.weight without calling out_proj, so a wrapper would never run",
+                          UserWarning, stacklevel=2)
 
     def skip(name: str, module: nn.Module) -> bool:
         return not targeted(name, module) or excluded(name, module)
@@ -175,11 +196,29 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
     return model
 
 
+def _inside_attention(model: nn.Module) -> dict:
+    """{id(linear): "<path> (nn.MultiheadAttention)"} for the linear layers nn.MultiheadAttention owns."""
+    return {id(child): f"{name or '<model>'} ({type(m).__name__})"
+            for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+            for child in m.children() if is_linear(child)}
+
+
+def module_places(model: nn.Module, module: nn.Module) -> list:
+    """Every (parent, attribute name) under which ``module`` is registered in ``model``: a layer registered twice
+    in one parent (``self.a = self.b = linear``) or in several parents has several. A LinearWithLoRA's own
+    ``linear`` slot is not one."""
+    return [(parent, name) for parent in model.modules() if not isinstance(parent, LinearWithLoRA)
+            for name, child in parent._modules.items() if child is module]
+
+
 def _replace(module: nn.Module, prefix: str, wrap, rank, alpha, skip, kwargs, wrappers, first_names,
              places: list) -> None:
     """Collect (parent, attribute, wrapper) for every linear layer to wrap under ``module`` into ``places``; the
     wrappers are built here, the model is not changed."""
-    for name, child in list(module.named_children()):
+    # every registered name, also a second name of one child (named_children() gives each child once)
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
         qualified = f"{prefix}{name}"
         # nn.MultiheadAttention reads out_proj.weight directly, so wrapping it would break the attention
         # (PEFT, too, leaves it to a dedicated layer class): such modules are left whole

@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .adapters import Transaction
 from .dora import dora_linear
 from .functional import lora_linear
 from .layers import (
@@ -39,6 +40,7 @@ from .layers import (
     is_linear4bit,
     lora_scale,
 )
+from .patching import _inside_attention, module_places
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # the prefix PEFT's PeftModel puts before a module path of the base model in its adapter files
@@ -49,7 +51,10 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @dataclasses.dataclass
 class PatchReport:
     """What patch_peft did. ``patched``: qualified names of the PEFT LoRA layers that now run on the fused op.
-    ``skipped``: qualified name -> reason, for the LoRA layers that run on PEFT's own path."""
+    ``skipped``: qualified name -> reason, for the LoRA layers that run on PEFT's own path. Both describe the
+    layers that exist at the call: LoRA layers PEFT creates later (``add_adapter`` / ``load_adapter`` /
+    ``inject_adapter_in_model`` on modules not adapted before) run PEFT's own forward until ``patch_peft`` is
+    called again; a new adapter on a layer already patched is fused at call time."""
 
     patched: list = dataclasses.field(default_factory=list)
     skipped: dict = dataclasses.field(default_factory=dict)
@@ -90,6 +95,10 @@ def _layer_reason(module: nn.Module, lora_layer) -> Optional[str]:
         if not has_4bit_forward(module.base_layer):
             return f"base layer {type(module.base_layer).__name__} (own forward, or not quantized in " \
                    "bitsandbytes' standard layout)"
+        return None
+    if type(module) is lora_layer.Linear and has_4bit_forward(getattr(module, "base_layer", None)):
+        # PEFT's plain lora.Linear around a bitsandbytes Linear4bit (a hand-built model: PEFT picks its 4-bit class
+        # only under a quantization config): its forward is Linear4bit's, then the LoRA term, as the 4-bit class
         return None
     if type(module) is not lora_layer.Linear:
         kind = type(module)
@@ -255,7 +264,14 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
     (save_pretrained, set_adapter, merge_and_unload, disable_adapter) keeps working: the patch only adds an
     instance ``forward``; parameters and state-dict keys are PEFT's. Calling twice equals calling once.
 
-    Layers of other PEFT classes (Embedding, Conv2d, 8-bit bnb, hqq, torchao layers, ...) are left untouched.
+    PEFT's plain lora.Linear around a bitsandbytes Linear4bit (what PEFT builds for a hand-built model without a
+    quantization config) is fused as its 4-bit class is, on ``lora_linear_4bit``. Layers of other PEFT classes
+    (Embedding, Conv2d, 8-bit bnb, hqq, torchao layers, ...) are left untouched.
+
+    The patch covers the LoRA layers that exist when it is called. An adapter added later to a patched layer is
+    fused at call time; a LoRA layer created later (``add_adapter`` or ``load_adapter`` targeting modules not
+    adapted before) runs PEFT's own forward until ``patch_peft(model)`` is called again (calling it again
+    patches the new layers and reports every layer).
 
     Returns: a PatchReport: ``patched`` (names of the layers that run fused in the current adapter state) and
         ``skipped`` (name -> reason); with ``warn`` one warning lists the skipped reasons and their counts.
@@ -636,22 +652,37 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
             raise ValueError(f"adapter_dir: tensor {name!r} has shape {tuple(value.shape)}, the model's "
                              f"{target!r} has {tuple(param.shape)}")
         extra_plan.append((param, value))   # wrapping a layer later keeps its Parameter objects
-    loaded = set()
+    # the new values first (layers to wrap, tensors in their parameters' dtypes), then every change through one
+    # Transaction, which undoes them all if one fails: a failed load leaves the model as it was
+    scaling = "rslora" if config.use_rslora else "alpha/rank"
+    staged, wrappers = [], {}
     for name, lora_A, lora_B, magnitude, r, alpha, wrapper in plan:
-        layer = _lora_target(model, name, wrapper)
-        with torch.no_grad():
-            layer.lora.A.copy_(lora_A.t())
-            layer.lora.B.copy_(lora_B.t())
-            if magnitude is not None:
-                layer.m.copy_(magnitude)
-        scaling = "rslora" if config.use_rslora else "alpha/rank"
-        layer.lora.alpha, layer.lora.scaling = alpha, scaling
-        layer.lora.scale = lora_scale(alpha, r, scaling)
-        layer.dropout = float(config.lora_dropout)
-        loaded.add(name)
-    with torch.no_grad():
+        module = model.get_submodule(name)
+        # one wrapper per layer object, also when the file names it under two of its names; the wrappers of plain
+        # layers were built in the checking pass (a base that cannot be wrapped raised there)
+        layer = wrappers.get(id(module)) or (wrapper if wrapper is not None else module)
+        wrappers[id(module)] = layer
+        values = [(layer.lora.A, lora_A.t()), (layer.lora.B, lora_B.t())] \
+            + ([(layer.m, magnitude)] if magnitude is not None else [])
+        staged.append((name, layer, [(p, Transaction.converted(p, v)) for p, v in values], r, alpha))
+    extra_plan = [(param, Transaction.converted(param, value)) for param, value in extra_plan]
+    loaded = set()
+    with Transaction() as transaction:
+        for name, layer, values, r, alpha in staged:
+            current = model.get_submodule(name)
+            if current is not layer and not isinstance(current, LinearWithLoRA):
+                # every place the layer is registered (a second name in one parent too): one wrapper everywhere
+                for parent, child in module_places(model, current):
+                    transaction.setattr(parent, child, layer)
+            for param, value in values:
+                transaction.copy(param, value)
+            transaction.setattr(layer.lora, "alpha", alpha)
+            transaction.setattr(layer.lora, "scaling", scaling)
+            transaction.setattr(layer.lora, "scale", lora_scale(alpha, r, scaling))
+            transaction.setattr(layer, "dropout", float(config.lora_dropout))
+            loaded.add(name)
         for param, value in extra_plan:
-            param.copy_(value)
+            transaction.copy(param, value)
     missing = sorted(set(_lora_modules(model)) - loaded)
     if missing:
         warnings.warn(f"load_peft_adapter: {len(missing)} LoRA layers are not in the adapter and keep their "
@@ -675,6 +706,9 @@ def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_fea
             raise ValueError(f"adapter_dir: the adapter has use_dora={use_dora}, model's module {name!r} is a "
                              f"{type(module).__name__}")
         shape = tuple(module.lora.A.shape[:1]) + tuple(module.lora.B.shape[1:])
+    elif id(module) in _inside_attention(model):
+        raise ValueError(f"adapter_dir: module {name!r} is the out_proj of {_inside_attention(model)[id(module)]}, "
+                         "whose forward reads its weight without calling it: a LoRA wrapper there would never run")
     elif is_linear(module):
         # nn.Linear's sizes from its attributes: a 4-bit Linear4bit's weight holds packed codes
         shape = tuple(module.weight.shape) if not isinstance(module, nn.Linear) \
@@ -697,11 +731,3 @@ def _new_wrapper(model: nn.Module, name: str, r: int, alpha: float, config) -> O
     wrap = LinearWithDoRA if config.use_dora else LinearWithLoRA
     return wrap(module, r, alpha, dropout=float(config.lora_dropout), scaling=scaling)
 
-
-def _lora_target(model: nn.Module, name: str, wrapper: Optional[LinearWithLoRA]) -> LinearWithLoRA:
-    """The LinearWithLoRA at ``name`` in ``model``, putting ``wrapper`` (from _new_wrapper) there first."""
-    if wrapper is None:
-        return model.get_submodule(name)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, wrapper)
-    return wrapper

@@ -12,15 +12,15 @@ bitsandbytes is needed only by these paths (``pip install -e ".[qlora]"``).
 
 import dataclasses
 import functools
+import numbers
 import os
 from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import philox, reference, reference_4bit
 from ._checks import check_lora_linear, check_training
-from .functional import _autocast_enabled, _autocast_inputs, select_backend
+from .functional import _autocast_enabled, _autocast_inputs, dropout_mask, graph_gradients, select_backend
 
 QUANT_TYPES = ("nf4", "fp4")
 GEMM_4BIT_PATHS = ("auto", "fused", "dequant")
@@ -138,7 +138,16 @@ class Packed4bit:
             for name, t in (("state2.absmax", absmax2), ("state2.code", code2)):
                 if t.device != device:
                     raise ValueError(f"quant_state: {name}: expected qweight's device {device}, got {t.device}")
-            offset = torch.as_tensor(quant_state.offset, device=device).to(torch.float32).reshape(1)
+            offset = getattr(quant_state, "offset", None)
+            if isinstance(offset, torch.Tensor):
+                if offset.numel() != 1:
+                    raise ValueError(f"quant_state: offset: expected one value (the double quantization's offset, "
+                                     f"added to every dequantized absmax), got shape {tuple(offset.shape)}")
+            elif offset is None or isinstance(offset, bool) or not isinstance(offset, numbers.Real):
+                raise ValueError(f"quant_state: offset: expected the double quantization's offset (a number or a "
+                                 f"one-element tensor, added to every dequantized absmax), got "
+                                 f"{'None' if offset is None else type(offset).__name__}")
+            offset = torch.as_tensor(offset, device=device).to(torch.float32).reshape(1)
             fields.update(code2=code2.to(torch.float32), absmax2=absmax2.to(torch.float32), offset=offset,
                           blocksize2=blocksize2)
         elif not absmax.is_floating_point():
@@ -207,26 +216,79 @@ def _forward(x, packed, bias, A, B, scale, dropout_p, seed, path):
     return y, S
 
 
+def _weight_sources(qweight, quant_state) -> dict:
+    """{name: tensor} of what a 4-bit weight is made of, as the caller holds it (``qweight`` itself, the
+    QuantState's absmax, and for double quantization state2's absmax and code and the offset): an in-place
+    change to any of them (or to the Packed4bit fields viewing them) changes the weight."""
+    state2 = getattr(quant_state, "state2", None)
+    candidates = {"qweight": qweight, "quant_state.absmax": getattr(quant_state, "absmax", None),
+                  "quant_state.offset": getattr(quant_state, "offset", None),
+                  "quant_state.state2.absmax": getattr(state2, "absmax", None),
+                  "quant_state.state2.code": getattr(state2, "code", None)}
+    return {k: t for k, t in candidates.items() if isinstance(t, torch.Tensor)}
+
+
+def _versions(packed: "Packed4bit", sources: dict) -> list:
+    """[(name, tensor, version)] of the packed fields and their sources (``_weight_sources``): a tensor's
+    ``.data`` has a version counter of its own, so both are kept."""
+    named = dict(sources)
+    for field in ("data", "absmax", "code2", "absmax2", "offset"):
+        t = getattr(packed, field)
+        if t is not None:
+            named[f"Packed4bit.{field}"] = t
+    seen, out = set(), []
+    for name, t in named.items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append((name, t, t._version))
+    return out
+
+
+def _check_versions(versions: list) -> None:
+    """Raise as autograd raises for a saved tensor changed in place, naming the 4-bit weight's part."""
+    for name, t, version in versions:
+        if t._version != version:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"[{t.type()} {list(t.shape)}] ({name}, part of the 4-bit weight of lora_linear_4bit, which its "
+                f"backward reads again) is at version {t._version}; expected version {version} instead. Change the "
+                "4-bit weight only after the backward of every forward that used it")
+
+
 class _LoRALinear4bitFunction(torch.autograd.Function):
     """Fused forward/backward on a 4-bit base, x (..., K). Saved for backward: x, S = dropout(x) A (M x r, fp32)
     and the seed, as the 16-bit op; A and B are parameters; the packed weight is read again (no N x K copy)."""
 
     @staticmethod
-    def forward(ctx, x, bias, A, B, packed, scale, dropout_p, seed, path):
+    def forward(ctx, x, bias, A, B, packed, scale, dropout_p, seed, path, sources):
         y, S = _forward(x, packed, bias, A, B, scale, dropout_p, seed, path)
         ctx.save_for_backward(x, A, B, S, seed)
+        # the packed weight is read again in backward, not saved: its tensors' version counters are, so that an
+        # in-place change in between raises as autograd raises for a saved tensor
+        ctx.versions = _versions(packed, sources)
         ctx.packed, ctx.scale, ctx.dropout_p, ctx.path, ctx.has_bias = packed, scale, dropout_p, path, bias is not None
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         from .kernels import ops_4bit
 
         x, A, B, S, seed = ctx.saved_tensors
+        _check_versions(ctx.versions)
         need_dx, need_db, need_dA, need_dB = ctx.needs_input_grad[:4]
         dx = dA = dB = None
-        if need_dx or need_dA or need_dB:
+        if torch.is_grad_enabled():
+            # autograd records the backward (create_graph=True): torch ops it can differentiate again, on deq(W)
+            # from the kernels' dequantization (a constant: the 4-bit weight gets no gradient)
+            weight = ops_4bit.dequantize(ctx.packed, x.dtype)
+            mask = dropout_mask(seed, x, ctx.dropout_p)
+
+            def f(x_, A_, B_):
+                return reference.lora_linear(x_, weight, None, A_, B_, ctx.scale, dropout_p=ctx.dropout_p,
+                                             training=mask is not None, dropout_mask=mask)
+
+            dx, dA, dB = graph_gradients(f, (x, A, B), (need_dx, need_dA, need_dB), dy)
+        elif need_dx or need_dA or need_dB:
             dx, dA, dB = ops_4bit.lora_backward_4bit(
                 dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), ctx.packed, A, B, S, ctx.scale,
                 ctx.dropout_p, seed if ctx.dropout_p > 0 else None, need_dx=need_dx, need_dA=need_dA,
@@ -235,7 +297,7 @@ class _LoRALinear4bitFunction(torch.autograd.Function):
         db = None
         if need_db and ctx.has_bias:
             db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32).to(dy.dtype)
-        return dx, db, dA, dB, None, None, None, None, None
+        return dx, db, dA, dB, None, None, None, None, None, None
 
 
 def lora_linear_4bit(x: torch.Tensor, qweight: torch.Tensor, quant_state, bias: Optional[torch.Tensor],
@@ -270,7 +332,10 @@ def lora_linear_4bit(x: torch.Tensor, qweight: torch.Tensor, quant_state, bias: 
         TypeError / ValueError: as ``lora_linear`` for x, bias, A, B, scale, dropout_p (shapes are checked
             against quant_state.shape), and naming ``qweight`` / ``quant_state`` for a weight that is not a
             4-bit weight in bitsandbytes' layout on x's device, or that requires grad.
-        RuntimeError: LORA_FAST_BACKEND=triton with inputs the kernels cannot serve.
+        RuntimeError: LORA_FAST_BACKEND=triton with inputs the kernels cannot serve; in backward, on the kernels,
+            when the 4-bit weight (qweight, its absmax, state2's absmax or code, the offset) was changed in place
+            after the forward (version counters, as autograd checks saved tensors; the reference path saves the
+            dequantized weight and is unaffected).
     """
     if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
         x, _, bias, A, B = _autocast_inputs(x, None, bias, A, B)
@@ -297,4 +362,5 @@ def lora_linear_4bit(x: torch.Tensor, qweight: torch.Tensor, quant_state, bias: 
         p, scale = 0.0, 0.0   # every element dropped: the LoRA term and its gradients are zero
     path = _measured_path(x, packed, bias, A, B, scale) if x.is_cuda and _forced_4bit() is None \
         else gemm_4bit_path(x.numel() // K)
-    return _LoRALinear4bitFunction.apply(x, bias, A, B, packed, scale, p, seed, path)
+    return _LoRALinear4bitFunction.apply(x, bias, A, B, packed, scale, p, seed, path,
+                                         _weight_sources(qweight, quant_state))

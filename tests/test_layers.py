@@ -176,7 +176,8 @@ def test_adapters_follow_the_base_device_and_are_fp32_on_a_16bit_base():
 
 def test_multihead_attention_is_left_whole():
     model = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2, batch_first=True))
-    replace_linear_with_lora(model, rank=2, alpha=1)
+    with pytest.warns(UserWarning, match=r"1\.out_proj"):
+        replace_linear_with_lora(model, rank=2, alpha=1)
     assert isinstance(model[0], LinearWithLoRA)
     assert type(model[1].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     x = torch.randn(1, 3, 8)

@@ -55,6 +55,7 @@ def _proj_row_block(
         add_to = ((offs_r * 0 + first) == 0)[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc_f = tl.full((1, BLOCK_R), 1.0, tl.float32)   # acc's power-of-two unit per rank column (fp32 Q on fp16)
     zero64 = tl.full((), 0, tl.int64)
     for k0 in range(k_start, k_end, BLOCK_K):
         mask_k = (k0 + offs_k) < k_end
@@ -67,7 +68,17 @@ def _proj_row_block(
             p = tl.where(keep, p, 0.0).to(DOT_DTYPE)
         q = tl.load(Q_ptr + (k0 + offs_k)[:, None] * stride_qk + offs_r[None, :] * stride_qr,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        acc = tl.dot(p, q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        if DOT_DTYPE == tl.float16 and Q_ptr.dtype.element_ty == tl.float32:
+            # fp32 adapters on an fp16 base: a power-of-two factor per rank column of the Q tile (fp16.py) taken
+            # out before its cast to fp16, so that a tiny adapter (|B| ~ 5e-7 after a few steps lies in fp16's
+            # subnormals, 1e-9 below them) is not flushed; acc is kept in units of the current factors (rescaled
+            # by a power of two when they change, exact) and multiplied by them once at the end
+            q, col_f = pow2_split(q.to(tl.float32), 0)
+            acc = tl.dot(p, q.to(DOT_DTYPE), acc * (acc_f / col_f), input_precision=INPUT_PRECISION,
+                         out_dtype=tl.float32)
+            acc_f = col_f
+        else:
+            acc = tl.dot(p, q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
         if WRITE_PARTIAL:
             part = tl.dot(lo_t, p, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
             if DOT_DTYPE == tl.float16:
@@ -78,6 +89,8 @@ def _proj_row_block(
 
     out = (OUT_ptr + pid_k.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * stride_om
            + offs_r[None, :] * stride_or)
+    if DOT_DTYPE == tl.float16 and Q_ptr.dtype.element_ty == tl.float32:
+        acc = acc * acc_f
     tl.store(out, (acc * out_scale).to(OUT_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
