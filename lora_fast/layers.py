@@ -214,6 +214,9 @@ class LinearWithLoRA(nn.Module):
     to the layer's compute dtype, the result cast back to x's dtype, as Linear4bit computes it. A and B are
     float32. ``merge_lora`` refuses such layers (see lora_fast.patching).
 
+    Mode: the wrapper starts in the wrapped layer's mode (``linear.training``), so a model wrapped in eval mode
+    stays in eval mode (no LoRA dropout) until ``model.train()``.
+
     Merged (``merge_lora``): linear.weight holds W + scale * (A @ B)^T (for a Conv1D, + scale * A @ B) and
     forward is ``linear(x)`` alone, so no LoRA dropout is applied. The forward runs in any mode; a backward
     that would reach A or B (training a merged adapter) raises RuntimeError, since they would get no gradient.
@@ -240,6 +243,9 @@ class LinearWithLoRA(nn.Module):
         # the exact pre-merge weight, kept by merge_lora for unmerge_lora; not in the state dict
         self.register_buffer("weight_before_merge", None, persistent=False)
         self._register_state_dict_hook(_warn_if_merged)
+        # the wrapper takes the wrapped layer's mode: wrapping (or loading an adapter into) a model in eval mode
+        # applies no LoRA dropout until model.train(), as the model's own dropout layers do
+        self.train(linear.training)
 
     def reset_parameters(self) -> None:
         """Re-initialise the adapter only (A kaiming-uniform, B zeros); the wrapped layer is left as it is."""
@@ -308,6 +314,9 @@ class LinearWithDoRA(LinearWithLoRA):
     dropout. This layer follows the paper's per-output-feature reading that PEFT implements, so that a PEFT DoRA
     adapter loads into it and gives the same numbers; the two ``m`` are not interchangeable (their shapes differ,
     so a state dict of one does not load into the other).
+
+    Mode: the wrapper starts in the wrapped layer's mode (``linear.training``), so a model wrapped in eval mode
+    stays in eval mode (no LoRA dropout) until ``model.train()``.
 
     Merged (``merge_lora``): linear.weight holds g ⊙ (W + scale (A B)^T) row-wise (the norm of the unmerged
     weight), a copy of W is kept for an exact ``unmerge_lora``; forward is ``linear(x)``.

@@ -183,3 +183,33 @@ def test_multihead_attention_is_left_whole():
     x = torch.randn(1, 3, 8)
     out, _ = model[1](x, x, x)
     assert out.shape == (1, 3, 8)
+
+
+def test_wrappers_take_the_wrapped_layers_mode():
+    """A model wrapped (or loaded into) in eval mode stays in eval mode: no LoRA dropout until model.train(), so
+    an adapter loaded for evaluation computes the deterministic output."""
+    import tempfile
+
+    from lora_fast import load_lora, save_lora
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    replace_linear_with_lora(model, rank=2, alpha=4, dropout=0.5)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LinearWithLoRA):
+                m.lora.B.normal_()
+    x = torch.randn(5, 8)
+    assert torch.equal(model(x), model(x))   # no dropout in eval mode
+    model.train()
+    assert all(m.training for m in model.modules())
+    with tempfile.TemporaryDirectory() as d:
+        save_lora(model, f"{d}/a.safetensors")
+        fresh = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        fresh.load_state_dict({k.replace(".linear.", "."): v for k, v in model.state_dict().items()
+                               if ".lora." not in k})
+        fresh.eval()
+        load_lora(fresh, f"{d}/a.safetensors")
+    assert not any(m.training for m in fresh.modules())
+    model.eval()
+    assert torch.equal(fresh(x), model(x))
