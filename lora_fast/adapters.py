@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ._files import give_mode
 from .layers import SCALINGS, LinearWithDoRA, LinearWithLoRA, is_linear
 from .patching import _inside_attention, _lora_layers, module_places
 
@@ -241,6 +242,7 @@ def save_lora(model: nn.Module, path: PathLike) -> None:
     os.close(fd)
     try:
         save_file(tensors, part, metadata=metadata)
+        give_mode(part, path)
         os.replace(part, path)
     finally:
         if os.path.exists(part):

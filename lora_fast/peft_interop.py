@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ._files import give_mode
 from .adapters import Transaction
 from .dora import dora_linear
 from .functional import lora_linear
@@ -495,7 +496,9 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
 
     def write(folder: str) -> None:
         config.save_pretrained(folder)
-        save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        weights = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
+        save_file(tensors, weights, metadata={"format": "pt"})
+        give_mode(weights, os.path.join(os.fspath(save_dir), ADAPTER_WEIGHTS_NAME))
 
     _write_dir_atomically(os.fspath(save_dir), write)
 

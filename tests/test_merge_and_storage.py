@@ -470,3 +470,27 @@ def test_save_lora_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         save_lora(small_gpt("cpu", rank=8), path)
     assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_saved_files_get_the_default_mode_or_keep_the_old_one(tmp_path):
+    """save_lora / save_peft_adapter write through a temporary file (0o600 as mkstemp and safetensors make it):
+    the result has the mode a plain open() gives (0o666 less the umask), or the mode of the file it replaces."""
+    import os
+    import stat
+
+    from lora_fast import save_lora, save_peft_adapter
+
+    pytest.importorskip("peft")
+    model = replace_linear_with_lora(torch.nn.Sequential(torch.nn.Linear(4, 3)), rank=1, alpha=1)
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "a.safetensors"
+        save_lora(model, path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+        os.chmod(path, 0o640)
+        save_lora(model, path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+        save_peft_adapter(model, tmp_path / "adapter")
+        assert stat.S_IMODE(os.stat(tmp_path / "adapter" / "adapter_model.safetensors").st_mode) == 0o644
+    finally:
+        os.umask(umask)

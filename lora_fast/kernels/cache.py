@@ -9,6 +9,8 @@ import tempfile
 import warnings
 from typing import Callable, Dict, Optional
 
+from .._files import give_mode
+
 # the on-disk tables: a flat JSON object of short strings; anything else (or larger) is unreadable, so treated
 # as empty and replaced on the next save. ~120 bytes per entry: room for ~8,000 keys
 MAX_FILE_BYTES = 1 << 20
@@ -181,6 +183,7 @@ class SharedTable:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            give_mode(tmp, self.path)
             os.replace(tmp, self.path)
         except BaseException:
             try:
