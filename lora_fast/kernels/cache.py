@@ -9,8 +9,6 @@ import tempfile
 import warnings
 from typing import Callable, Dict, Optional
 
-from .._files import give_mode
-
 # the on-disk tables: a flat JSON object of short strings; anything else (or larger) is unreadable, so treated
 # as empty and replaced on the next save. ~120 bytes per entry: room for ~8,000 keys
 MAX_FILE_BYTES = 1 << 20
@@ -183,7 +181,16 @@ class SharedTable:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            give_mode(tmp, self.path)
+            # mkstemp makes the file private (0o600): the machine's other users share this cache, so the table gets
+            # the old file's mode, or a plain open()'s (this module imports nothing of the package:
+            # lora_fast._files has the same rule for adapter files)
+            umask = os.umask(0)
+            os.umask(umask)
+            try:
+                mode = os.stat(self.path).st_mode & 0o7777
+            except OSError:
+                mode = 0o666 & ~umask
+            os.chmod(tmp, mode)
             os.replace(tmp, self.path)
         except BaseException:
             try:
