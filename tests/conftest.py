@@ -23,7 +23,17 @@ def pytest_configure(config):
     if not os.environ.get("LORA_FAST_CACHE_DIR", "").strip():
         import tempfile
 
-        os.environ["LORA_FAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora_fast-test-cache-")
+        made = tempfile.mkdtemp(prefix="lora_fast-test-cache-")
+        config._lora_fast_cache_dir = os.environ["LORA_FAST_CACHE_DIR"] = made
+
+
+def pytest_unconfigure(config):
+    made = getattr(config, "_lora_fast_cache_dir", None)
+    if made:
+        import shutil
+
+        shutil.rmtree(made, ignore_errors=True)
+        os.environ.pop("LORA_FAST_CACHE_DIR", None)
 
 
 def fixed_seed(config):
