@@ -130,31 +130,22 @@ def _mask_now(x, p):
     return philox.keep_mask(seed, x.shape[0], x.shape[1], p).to(x.dtype)
 
 
-def _deq_by_definition(qweight, state):
-    """deq(W) of a non-nested 4-bit weight from the layout's definition: code[nibble] * absmax[block], the even
-    flat index in the high nibble, rounded to the quantized dtype (no bitsandbytes CPU kernel involved)."""
-    import bitsandbytes.functional as bnbf
+def _quantized_inputs():
+    """A 4-bit (nf4) weight (N, 64), its dequantization by the layout's definition (reference_4bit: no
+    bitsandbytes CPU kernel involved) in fp32, and x, b, A, B for it."""
+    bnbf = pytest.importorskip("bitsandbytes.functional", reason="the 4-bit path needs bitsandbytes")
+    from lora_fast import reference_4bit
 
-    data = qweight.reshape(-1).to(torch.int64)
-    codes = torch.stack([data >> 4, data & 15], dim=1).reshape(-1)
-    n = state.shape[0] * state.shape[1]
-    table = bnbf.get_4bit_type(state.quant_type, device="cpu").to(torch.float32)
-    idx = torch.arange(n)
-    w = table[codes[:n]] * state.absmax.reshape(-1).to(torch.float32)[idx // state.blocksize]
-    return w.to(state.dtype).reshape(state.shape)
+    qweight, state = bnbf.quantize_4bit(torch.randn(N, 64), blocksize=64, quant_type="nf4")
+    Wd = reference_4bit.dequantize(qweight, state).to(torch.float32)
+    return qweight, state, Wd, torch.randn(M, 64), torch.randn(N), torch.randn(64, R) / 8, torch.randn(R, N) / R**0.5
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_lora_linear_4bit_hvp(backend, dropout_p):
-    bnbf = pytest.importorskip("bitsandbytes.functional", reason="the 4-bit path needs bitsandbytes")
     from lora_fast.qlora import lora_linear_4bit
 
-    qweight, state = bnbf.quantize_4bit(torch.randn(N, 64), blocksize=64, quant_type="nf4")
-    Wd = _deq_by_definition(qweight, state).to(torch.float32)
-    x = torch.randn(M, 64)
-    b = torch.randn(N)
-    A = torch.randn(64, R) / 8
-    B = torch.randn(R, N) / R**0.5
+    qweight, state, Wd, x, b, A, B = _quantized_inputs()
     scale = 1.5
 
     def op(x_, A_, B_):
@@ -181,15 +172,9 @@ def test_first_order_backward_still_uses_the_kernels(monkeypatch):
 
 def test_dora_linear_4bit_hvp(backend):
     """QDoRA (dora_linear_4bit) too: its backward is differentiable when a graph is recorded."""
-    bnbf = pytest.importorskip("bitsandbytes.functional", reason="the 4-bit path needs bitsandbytes")
     from lora_fast import dora_linear_4bit
 
-    qweight, state = bnbf.quantize_4bit(torch.randn(N, 64), blocksize=64, quant_type="nf4")
-    Wd = _deq_by_definition(qweight, state).to(torch.float32)
-    x = torch.randn(M, 64)
-    b = torch.randn(N)
-    A = torch.randn(64, R) / 8
-    B = torch.randn(R, N) / R**0.5
+    qweight, state, Wd, x, b, A, B = _quantized_inputs()
     m = torch.rand(N) + 0.5
     scale = 1.5
 

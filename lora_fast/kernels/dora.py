@@ -45,6 +45,17 @@ from .rng import keep_mask
 
 
 @triton.jit
+def _store_norm(acc, MAG_ptr, NORM_ptr, GSCALE_ptr, offs_n, mask_n):
+    """NORM = sqrt of the row sums of ``acc`` (the squares of W + scale (A B)^T), GSCALE = MAG / NORM. A zero row
+    (W_n + scale (A B)^T_n = 0) has no direction: g = 1 there (the row's output is the plain LoRA output, finite),
+    not 0/0."""
+    norm = tl.sqrt(tl.sum(acc, axis=1))
+    mag = tl.load(MAG_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(NORM_ptr + offs_n, norm, mask=mask_n)
+    tl.store(GSCALE_ptr + offs_n, tl.where(norm > 0, mag / tl.where(norm > 0, norm, 1.0), 1.0), mask=mask_n)
+
+
+@triton.jit
 def dora_norm_kernel(
     # pointers: W (N, K) through its strides; A (K, R); B (R, N); MAG (N,) the magnitude; NORM, GSCALE (N,) fp32
     # outputs
@@ -82,12 +93,7 @@ def dora_norm_kernel(
                      mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         v = tl.dot(bt, at, acc=w, input_precision="ieee", out_dtype=tl.float32)
         acc += v * v
-    norm = tl.sqrt(tl.sum(acc, axis=1))
-    mag = tl.load(MAG_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(NORM_ptr + offs_n, norm, mask=mask_n)
-    # a zero row (W_n + scale (A B)^T_n = 0) has no direction: g = 1 there (the row's output is the plain LoRA
-    # output, finite), not 0/0
-    tl.store(GSCALE_ptr + offs_n, tl.where(norm > 0, mag / tl.where(norm > 0, norm, 1.0), 1.0), mask=mask_n)
+    _store_norm(acc, MAG_ptr, NORM_ptr, GSCALE_ptr, offs_n, mask_n)
 
 
 @triton.jit
@@ -134,10 +140,7 @@ def dora_norm_4bit_kernel(
                      mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         v = tl.dot(bt, at, acc=w, input_precision="ieee", out_dtype=tl.float32)
         acc += v * v
-    norm = tl.sqrt(tl.sum(acc, axis=1))
-    mag = tl.load(MAG_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(NORM_ptr + offs_n, norm, mask=mask_n)
-    tl.store(GSCALE_ptr + offs_n, tl.where(norm > 0, mag / tl.where(norm > 0, norm, 1.0), 1.0), mask=mask_n)
+    _store_norm(acc, MAG_ptr, NORM_ptr, GSCALE_ptr, offs_n, mask_n)
 
 
 @triton.jit
