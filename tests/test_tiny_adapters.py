@@ -51,7 +51,7 @@ def test_dora_linear(size, backend):
 def test_lora_linear_4bit(size, backend):
     bnbf = pytest.importorskip("bitsandbytes.functional", reason="the 4-bit path needs bitsandbytes")
     from lora_fast.qlora import lora_linear_4bit
-    from tests.test_second_order import _deq_by_definition
+    from lora_fast.reference_4bit import dequantize as _deq_by_definition
 
     qweight, state = bnbf.quantize_4bit(torch.randn(40, 64).half(), blocksize=64, quant_type="nf4")
     Wd = _deq_by_definition(qweight, state).double()

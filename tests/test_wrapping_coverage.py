@@ -125,7 +125,7 @@ def test_patch_peft_fuses_plain_lora_linear_around_linear4bit(backend, monkeypat
     peft = pytest.importorskip("peft", reason="patch_peft needs peft")
     bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit base needs bitsandbytes")
     from lora_fast import patch_peft, peft_interop
-    from tests.test_second_order import _deq_by_definition
+    from lora_fast.reference_4bit import dequantize as _deq_by_definition
 
     plain = nn.Linear(64, 24)
     base = bnb.nn.Linear4bit(64, 24, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=False)
