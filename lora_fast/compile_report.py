@@ -155,9 +155,9 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
         # (the heaviest last, as --heaviest-variant takes it)
         return [dict(HAS_BASE=False, HAS_BIAS=False, WRITE_V=False), dict(HAS_BASE=False, HAS_BIAS=True, WRITE_V=True),
                 dict(HAS_BASE=True, HAS_BIAS=False, WRITE_V=True)]
-    if kernel == "dora_grad":    # dm when the magnitude trains; (g - 1) ⊙ dY for dX with dropout
-        return [dict(HAS_DM=False, WRITE_G1=False), dict(HAS_DM=True, WRITE_G1=False),
-                dict(HAS_DM=True, WRITE_G1=True)]
+    if kernel == "dora_grad":    # dm when the magnitude trains; g ⊙ dY for dX, (g - 1) ⊙ dY with dropout
+        return [dict(HAS_DM=False, WRITE_G=True, WRITE_G1=False), dict(HAS_DM=True, WRITE_G=True, WRITE_G1=False),
+                dict(HAS_DM=True, WRITE_G=False, WRITE_G1=True)]
     if kernel == "dora_combine":  # forward dropout(x); backward dX + keep/(1-p) ⊙ inner
         return [dict(HAS_BASE=False), dict(HAS_BASE=True)]
     # 4-bit: the double-quantized (nested) absmax is the heavier dequantization
@@ -177,7 +177,8 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
 
 def _variant_label(flags: dict) -> str:
     names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB", "SPLIT_K": "split",
-             "SPLIT_M": "split", "HAS_BASE": "base", "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G1": "g-1",
+             "SPLIT_M": "split", "HAS_BASE": "base", "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G": "g",
+             "WRITE_G1": "g-1",
              "NESTED": "nested", "WRITE_V": "V"}
     label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")

@@ -71,7 +71,7 @@ class _DoRALinearFunction(torch.autograd.Function):
         if need_dx or need_dA or need_dB or need_dm or need_dW:
             dx, dA, dB, dm, dyg, dyg1 = kernels.dora_backward(
                 dy2d, x2d, weight, A, B, S, V, gscale, ctx.scale, p, seed, need_dx=need_dx, need_dA=need_dA,
-                need_dB=need_dB, need_dm=need_dm, need_g1=need_dx or need_dW)
+                need_dB=need_dB, need_dm=need_dm, need_g1=need_dx or need_dW, need_g=need_dW)
             if dx is not None:
                 dx = dx.view(x.shape)
             if need_dW:

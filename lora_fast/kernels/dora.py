@@ -184,20 +184,22 @@ def dora_scale_kernel(
 
 @triton.jit
 def dora_grad_kernel(
-    # pointers: DY, V (M, N); GSCALE (N,) fp32; DYG, DYG1 (M, N) outputs (DYG1 may be a dummy); PARTIAL
-    # (SPLITS, N) fp32 output (a dummy without HAS_DM)
+    # pointers: DY, V (M, N); GSCALE (N,) fp32; DYG, DYG1 (M, N) outputs (dummies without WRITE_G, WRITE_G1);
+    # PARTIAL (SPLITS, N) fp32 output (a dummy without HAS_DM)
     DY_ptr, V_ptr, GSCALE_ptr, DYG_ptr, DYG1_ptr, PARTIAL_ptr,
     # sizes (ROWS_PER_SPLIT: a multiple of BLOCK_M)
     M, N, ROWS_PER_SPLIT,
     # strides (DYG and DYG1 share theirs)
     stride_dm, stride_dn, stride_vm, stride_vn, stride_gm, stride_gn,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DM: tl.constexpr, WRITE_G1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DM: tl.constexpr, WRITE_G: tl.constexpr,
+    WRITE_G1: tl.constexpr,
 ):
-    """One pass over dY: DYG = g ⊙ dY (the gradient every low-rank and dX product takes), DYG1 = (g - 1) ⊙ dY
-    (dropout's second GEMM), and PARTIAL[split, n] = sum over the split's rows of dY ⊙ V: the magnitude's
-    gradient dm = colsum(dY ⊙ (x_d W^T + s S B)) / norm with V = (x_d W^T + s S B) / norm saved by the forward
-    (0 on zero-norm rows), finished by sum_partials_kernel (fixed order)."""
+    """One pass over dY: DYG = g ⊙ dY (the dX product's operand without dropout), DYG1 = (g - 1) ⊙ dY (dropout's
+    second GEMM), and PARTIAL[split, n] = sum over the split's rows of dY ⊙ V: the magnitude's gradient
+    dm = colsum(dY ⊙ (x_d W^T + s S B)) / norm with V = (x_d W^T + s S B) / norm saved by the forward (0 on
+    zero-norm rows), finished by sum_partials_kernel (fixed order). The low-rank gradients do not read DYG: they
+    take g in fp32 (``dora_backward``)."""
     pid_s = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -211,7 +213,9 @@ def dora_grad_kernel(
         mask = (offs_m < row_end)[:, None] & mask_n[None, :]
         rows = offs_m[:, None].to(tl.int64)
         dy = tl.load(DY_ptr + rows * stride_dm + cols * stride_dn, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DYG_ptr + rows * stride_gm + cols * stride_gn, (g * dy).to(DYG_ptr.dtype.element_ty), mask=mask)
+        if WRITE_G:
+            tl.store(DYG_ptr + rows * stride_gm + cols * stride_gn, (g * dy).to(DYG_ptr.dtype.element_ty),
+                     mask=mask)
         if WRITE_G1:
             tl.store(DYG1_ptr + rows * stride_gm + cols * stride_gn, ((g - 1.0) * dy).to(DYG1_ptr.dtype.element_ty),
                      mask=mask)
@@ -454,15 +458,21 @@ def dora_forward(x, weight, bias, A, B, gscale, norm, scale: float, dropout_p: f
 
 
 def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: float = 0.0, seed=None, *,
-                  need_dx=True, need_dA=True, need_dB=True, need_dm=True, need_g1=False, dx_gemm=None):
+                  need_dx=True, need_dA=True, need_dB=True, need_dm=True, need_g1=False, need_g=False,
+                  dx_gemm=None):
     """Backward of the fused DoRA linear: (dx, dA, dB, dm, dyg, dyg1), each None when not needed.
 
-    One prologue pass over dY writes dYg = g ⊙ dY (and (g - 1) ⊙ dY with dropout, when dX or a trainable W
-    needs it) and the per-split partials of dm = colsum(dY ⊙ V), V = (x_d W^T + scale S B) / norm saved by
-    dora_forward. Then LoRA's backward runs on dYg:
-    dS = dYg B^T with the dB partials in one pass; dA = scale/(1-p) (keep ⊙ x)^T dS; without dropout
-    dX = dYg W + scale dS A^T in one GEMM; with dropout dX = dY W + keep/(1-p) ⊙ (((g-1) ⊙ dY) W + scale dS A^T):
-    two GEMMs (as PEFT's two) and one masked add. dyg and dyg1 are returned for the caller's dW.
+    g enters the low-rank gradients in fp32, never through a 16-bit g ⊙ dY (which a small g, ~1e-6 when the
+    magnitude is small against the norm or at large scales, puts among fp16's subnormals, where PEFT's fp32
+    adapters keep its digits): dS = dY (B ⊙ g)^T with B ⊙ g an (R, N) fp32 tensor, and dB = g ⊙ (scale S^T dY),
+    the column scale applied to the (R, N) fp32 result, in one pass over dY when the rank allows (as
+    ops.lora_backward); dA = scale/(1-p) (keep ⊙ x)^T dS. One prologue pass over dY writes the per-split
+    partials of dm = colsum(dY ⊙ V), V = (x_d W^T + scale S B) / norm saved by dora_forward, and what the dX
+    product reads: without dropout dyg = g ⊙ dY in dY's dtype and dX = dyg W + scale dS A^T in one GEMM (its
+    base term takes g ⊙ dY rounded once to dY's dtype, as PEFT's dX does); with dropout (g - 1) ⊙ dY and
+    dX = dY W + keep/(1-p) ⊙ (((g-1) ⊙ dY) W + scale dS A^T): two GEMMs (as PEFT's two) and one masked add.
+    dyg (without dropout, when dX or ``need_g`` asks for it) and dyg1 (with dropout and ``need_g1``) are
+    returned for the caller's dW = dyg^T x (or dY^T x + dyg1^T x_d).
     ``dx_gemm(P, L, lowrank_scale)``: P deq(W) + lowrank_scale L A^T of a 4-bit base (weight is then None).
     """
     M, N = dy.shape
@@ -478,33 +488,44 @@ def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: fl
             return gemm_lowrank(P, weight, w, K, None, L, A, a_t, lowrank_scale, backward=True)
 
     dropout_p = philox.quantize(dropout_p)
-    dx = dA = dB = dm = dyg1 = None
+    dx = dA = dB = dm = dyg = dyg1 = None
     blk = _eblock()
     splits = _splits(M, N, blk["BLOCK_M"], blk["BLOCK_N"], dy.device)
     rows_per_split = _cdiv(_cdiv(M, blk["BLOCK_M"]), splits) * blk["BLOCK_M"]
     splits = _cdiv(M, rows_per_split)
-    dyg = torch.empty((M, N), dtype=dy.dtype, device=dy.device)
+    write_g = dropout_p == 0 and (need_dx or need_g)
     write_g1 = dropout_p > 0 and need_g1
+    if write_g:
+        dyg = torch.empty((M, N), dtype=dy.dtype, device=dy.device)
     if write_g1:
-        dyg1 = torch.empty_like(dyg)
+        dyg1 = torch.empty((M, N), dtype=dy.dtype, device=dy.device)
     partial = torch.empty((splits, N), dtype=torch.float32, device=dy.device) if need_dm else None
-    v = V if need_dm else dy
-    _grad((splits, _cdiv(N, blk["BLOCK_N"])), dy, v, gscale, dyg, dyg1 if write_g1 else dyg,
-          partial if need_dm else gscale, M, N, rows_per_split,
-          dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), dyg.stride(0), dyg.stride(1), **blk,
-          HAS_DM=need_dm, WRITE_G1=write_g1, device=dy.device, dtype=dy.dtype)
+    if write_g or write_g1 or need_dm:
+        v = V if need_dm else dy
+        g_out = dyg if write_g else dyg1 if write_g1 else dy   # a dummy when neither is written
+        _grad((splits, _cdiv(N, blk["BLOCK_N"])), dy, v, gscale, g_out, dyg1 if write_g1 else g_out,
+              partial if need_dm else gscale, M, N, rows_per_split,
+              dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), g_out.stride(0), g_out.stride(1), **blk,
+              HAS_DM=need_dm, WRITE_G=write_g, WRITE_G1=write_g1, device=dy.device, dtype=dy.dtype)
     if need_dm:
         dm = torch.empty(N, dtype=torch.float32, device=dy.device)
         finish(partial.view(splits, 1, N), 1.0, dm.view(1, N))
     if not (need_dx or need_dA or need_dB):
         return dx, dA, dB, dm, dyg, dyg1
+    # g on B's columns in fp32 (R x N): dS = dY (B ⊙ g)^T reads dY itself (an fp32 Q on a 16-bit dY: the
+    # projection's power-of-two factors keep a tiny B ⊙ g out of fp16's subnormals, kernels/lowrank.py)
+    Bg = torch.mul(B, gscale)
+    grad = None
     if need_dB:
         dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
+        grad = dB if B.dtype == torch.float32 else torch.empty(B.shape, dtype=torch.float32, device=B.device)
     fused_dB = need_dB and 4 * R < _proj_block_m()   # as ops.lora_backward
-    dS, _ = lowrank_project(dyg, B, B.stride(1), B.stride(0), R, partial_of=S if fused_dB else None,
-                            grad=dB if fused_dB else None, grad_scale=scale)
-    if need_dB and not fused_dB:
-        reduce_rows(dyg, S, scale, dB, transpose=True)
+    dS, _ = lowrank_project(dy, Bg, Bg.stride(1), Bg.stride(0), R, partial_of=S if fused_dB else None,
+                            grad=grad if fused_dB else None, grad_scale=scale)
+    if need_dB:
+        if not fused_dB:
+            reduce_rows(dy, S, scale, grad, transpose=True)
+        torch.mul(grad, gscale, out=dB)   # dB = g ⊙ (scale S^T dY): g in fp32, one rounding to B's dtype
     keep_scale = 1.0 / (1.0 - dropout_p)
     if need_dx and dropout_p == 0:
         dx = dx_gemm(dyg, dS, scale)
