@@ -178,8 +178,7 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
 def _variant_label(flags: dict) -> str:
     names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB", "SPLIT_K": "split",
              "SPLIT_M": "split", "HAS_BASE": "base", "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G": "g",
-             "WRITE_G1": "g-1",
-             "NESTED": "nested", "WRITE_V": "V"}
+             "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V"}
     label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 

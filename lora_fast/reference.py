@@ -104,11 +104,16 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, 
 def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """||W_n + scale (A B)^T_n|| per output feature n: (out_features,), detached (DoRA, Liu et al. 2024, sec. 4.3:
     the norm is a constant in backward), computed in float32 (float64 when W or A is float64) on the N x K
-    matrix itself (the ground truth of the kernels' expansion). weight (out, in), A (in, r), B (r, out)."""
+    matrix itself (the ground truth of the kernels' expansion). weight (out, in), A (in, r), B (r, out).
+    Each row is scaled by a power of two near its largest entry before its squares are summed (LAPACK's nrm2
+    scales likewise), so that rows past ~1.8e19 (squares beyond fp32's range) or near 1e-30 (squares below it)
+    keep their norm; powers of two scale exactly, so other rows are unchanged bit for bit."""
     acc = torch.promote_types(torch.promote_types(torch.float32, weight.dtype), A.dtype)
     with torch.no_grad():
         merged = weight.detach().to(acc) + scale * (A.detach().to(acc) @ B.detach().to(acc)).t()
-        return torch.linalg.vector_norm(merged, dim=1)
+        _, exponent = torch.frexp(merged.abs().amax(dim=1))   # max |row| < 2**exponent
+        unit = torch.ldexp(torch.ones_like(exponent, dtype=acc), exponent)
+        return torch.linalg.vector_norm(merged / unit[:, None], dim=1) * unit
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,

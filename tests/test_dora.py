@@ -269,6 +269,54 @@ def test_norm_kernel_is_exact_with_no_expansion(dtype, R, s):
     assert ((g.double() - m.double() / ref).abs() <= 2 * rel * (m.double() / ref).abs()).all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_norm_scales_rows_past_fp32s_range(monkeypatch, backend):
+    """Rows of W + s (A B)^T whose squares leave fp32's range: entries 1e20 .. 1e30 (squares past 3.4e38), near
+    1e-30 (squares below fp32's smallest subnormal), and a row whose first K block is ~1e-31 and its last
+    ~1e24 (the per-row unit grows across blocks). The fp32 norm, g and the op's output against float64: the
+    per-row power-of-two unit keeps the plain rows' relative bound (Higham's gamma over R + K terms)."""
+    from lora_fast.kernels import dora as kernels
+
+    monkeypatch.setenv("LORA_FAST_BACKEND", backend)
+    s = 0.7
+    x, W, b, A, B, _ = _dora_inputs((M,), torch.float32, 4, adapter_dtype=torch.float32)
+    c = torch.ones(N, dtype=torch.float64)
+    c[:6] = 10.0 ** torch.linspace(20, 30, 6, dtype=torch.float64)
+    c[6:10] = 10.0 ** torch.linspace(-31, -29, 4, dtype=torch.float64)
+    W = (W.double() * c[:, None]).float()
+    B = (B.double() * c).float()
+    first = kernels.INTERP_NORM_BLOCK["BLOCK_K"]   # the interpreter's K block: row 10's first block is tiny
+    W[10, :first] *= 1e-30
+    W[10, first:] *= 1e24
+    B[:, 10] = 0
+    ref = reference.dora_weight_norm(W.double(), A.double(), B.double(), s)
+    m = (ref * (1.0 + 0.3 * torch.rand(N, dtype=torch.float64))).float()
+    if backend == "triton":
+        norm, g = kernels.dora_norm(W, A, B, m, s)
+        # the 4-bit norm pass shares the scaled sum: rows 0 .. 5 of deq(W) + s (A B)^T are ~1e20 .. 1e30 there
+        from lora_fast import qlora
+
+        lin = _linear4bit(K, N, torch.float32, "nf4", False, 64)
+        packed = qlora.Packed4bit.from_bitsandbytes(lin.weight.data, lin.weight.quant_state)
+        Wq = reference_4bit.dequantize(lin.weight.data, lin.weight.quant_state).double()
+        ref4 = reference.dora_weight_norm(Wq, A.double(), B.double(), s)
+        norm4, _ = kernels.dora_norm_4bit(packed, A, B, m, s, torch.float32)
+        assert ((norm4.double() - ref4).abs() <= 2.0**-24 * (4 + K + 4) * ref4).all()
+    else:
+        norm = reference.dora_weight_norm(W, A, B, s)
+        g = reference.dora_scale(m, norm)
+    rel = 2.0**-24 * (4 + K + 4)   # as test_norm_kernel_is_exact_with_no_expansion
+    assert torch.isfinite(norm).all() and (norm > 0).all()
+    assert ((norm.double() - ref).abs() <= rel * ref).all()
+    assert ((g.double() - m.double() / ref).abs() <= 2 * rel * (m.double() / ref)).all()
+    y = dora_linear(x, W, b, A, B, m, s)
+    want = reference.dora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), m.double(), s)
+    gd = (m.double() / ref).abs()
+    mag = gd * (linear_magnitude(x, W) + abs(s) * (x.double().abs() @ A.double().abs() @ B.double().abs())) \
+        + b.double().abs()
+    assert_close(y, want, mag, torch.float32, K + 8, "dora extreme rows forward", record=False)
+
+
 def test_norm_follows_every_write_to_the_weight():
     """No cache: after writes that a cache keyed on (pointer, version) missed (weight.data.copy_, two .data
     assignments reusing freed memory, an in-place update of another tensor sharing the storage) the output

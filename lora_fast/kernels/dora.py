@@ -45,11 +45,37 @@ from .rng import keep_mask
 
 
 @triton.jit
-def _store_norm(acc, MAG_ptr, NORM_ptr, GSCALE_ptr, offs_n, mask_n):
-    """NORM = sqrt of the row sums of ``acc`` (the squares of W + scale (A B)^T), GSCALE = MAG / NORM. A zero row
-    (W_n + scale (A B)^T_n = 0) has no direction: g = 1 there (the row's output is the plain LoRA output, finite),
-    not 0/0."""
-    norm = tl.sqrt(tl.sum(acc, axis=1))
+def _pow2(e):
+    """2**e for integer-valued fp32 e in [-126, 127], built from its exponent bits (exact, whatever exp2's
+    precision)."""
+    return ((e.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scaled_squares(acc, unit, v):
+    """Adds the squares of the (BLOCK_N, BLOCK_K) tile ``v`` to ``acc``, kept in units of ``unit**2`` per row (a
+    power of two per row, (BLOCK_N,)): unit = 2**ceil(log2 max |v_n|) over the row so far (clamped to
+    [2**-126, 2**127]), so that no scaled square overflows fp32 (rows with entries past ~1.8e19) or underflows it
+    (rows near 1e-30, whose squares lie below fp32's range), as LAPACK's nrm2 scales its sum of squares. Where the
+    unit grows, acc is rescaled by (old / new)**2 (a power of two: what it drops is below 2**-48 of the new
+    largest square). Powers of two scale exactly: where no square over- or underflowed before, the sum is the
+    unscaled one's, bit for bit, times unit**-2. Returns (acc, unit)."""
+    top = tl.minimum(tl.maximum(tl.max(tl.abs(v), axis=1), unit), 1.7014118346046923e38)   # 2**127
+    e = tl.ceil(tl.log2(tl.maximum(top, 1.1754943508222875e-38)))                          # 2**-126
+    e = tl.minimum(tl.maximum(e, -126.0), 127.0)
+    new = _pow2(e)
+    ratio = unit * _pow2(-e)
+    acc = acc * (ratio * ratio)[:, None]
+    w = v * _pow2(-e)[:, None]
+    return acc + w * w, new
+
+
+@triton.jit
+def _store_norm(acc, unit, MAG_ptr, NORM_ptr, GSCALE_ptr, offs_n, mask_n):
+    """NORM = unit * sqrt of the row sums of ``acc`` (the squares of W + scale (A B)^T in units of unit**2),
+    GSCALE = MAG / NORM. A zero row (W_n + scale (A B)^T_n = 0) has no direction: g = 1 there (the row's output
+    is the plain LoRA output, finite), not 0/0."""
+    norm = tl.sqrt(tl.sum(acc, axis=1)) * unit
     mag = tl.load(MAG_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(NORM_ptr + offs_n, norm, mask=mask_n)
     tl.store(GSCALE_ptr + offs_n, tl.where(norm > 0, mag / tl.where(norm > 0, norm, 1.0), 1.0), mask=mask_n)
@@ -73,8 +99,9 @@ def dora_norm_kernel(
 
     One pass over W: each (BLOCK_N, BLOCK_K) tile of W is loaded, the matching tile of scale (A B)^T is formed
     from scale B^T (BLOCK_N, R) and A^T (R, BLOCK_K) by an fp32 dot (R multiply-adds per element, IEEE fp32: no
-    TF32), added, and the squares are accumulated in fp32. Nothing of size N x K is stored, no term is expanded
-    (so no cancellation between ||W_n||^2 and the cross terms), nothing is cached."""
+    TF32), added, and the squares are accumulated in fp32 in units of a per-row power of two (``_scaled_squares``:
+    rows past fp32's square range keep their norm). Nothing of size N x K is stored, no term is expanded (so no
+    cancellation between ||W_n||^2 and the cross terms), nothing is cached."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
@@ -84,6 +111,7 @@ def dora_norm_kernel(
     bt = tl.load(B_ptr + offs_r[None, :] * stride_br + rows * stride_bn, mask=mask_n[:, None] & mask_r[None, :],
                  other=0.0).to(tl.float32) * scale
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    unit = tl.full((BLOCK_N,), 1.1754943508222875e-38, tl.float32)   # 2**-126: acc's unit so far, per row
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         mask_k = ks < K
@@ -92,8 +120,8 @@ def dora_norm_kernel(
         at = tl.load(A_ptr + ks[None, :].to(tl.int64) * stride_ak + offs_r[:, None] * stride_ar,
                      mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         v = tl.dot(bt, at, acc=w, input_precision="ieee", out_dtype=tl.float32)
-        acc += v * v
-    _store_norm(acc, MAG_ptr, NORM_ptr, GSCALE_ptr, offs_n, mask_n)
+        acc, unit = _scaled_squares(acc, unit, v)
+    _store_norm(acc, unit, MAG_ptr, NORM_ptr, GSCALE_ptr, offs_n, mask_n)
 
 
 @triton.jit
@@ -125,6 +153,7 @@ def dora_norm_4bit_kernel(
     bt = tl.load(B_ptr + offs_r[None, :] * stride_br + rows * stride_bn, mask=mask_n[:, None] & mask_r[None, :],
                  other=0.0).to(tl.float32) * scale
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    unit = tl.full((BLOCK_N,), 1.1754943508222875e-38, tl.float32)   # 2**-126: acc's unit so far, per row
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         mask_k = ks < K
@@ -139,8 +168,8 @@ def dora_norm_4bit_kernel(
         at = tl.load(A_ptr + ks[None, :].to(tl.int64) * stride_ak + offs_r[:, None] * stride_ar,
                      mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         v = tl.dot(bt, at, acc=w, input_precision="ieee", out_dtype=tl.float32)
-        acc += v * v
-    _store_norm(acc, MAG_ptr, NORM_ptr, GSCALE_ptr, offs_n, mask_n)
+        acc, unit = _scaled_squares(acc, unit, v)
+    _store_norm(acc, unit, MAG_ptr, NORM_ptr, GSCALE_ptr, offs_n, mask_n)
 
 
 @triton.jit
