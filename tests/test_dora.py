@@ -389,8 +389,18 @@ def _scaled_check(x, W, b, A, B, m, s, p, dtype, grads=True, dx_floor=0.0):
     mag.backward(dy.double().abs())
     assert torch.isfinite(y).all()
     assert_close(y, ref.detach(), mag.detach(), dtype, K + 8, "dora scaled forward", record=False)
+    dx_bound = xa.grad
+    if p > 0:
+        # dx with dropout is formed as PEFT's backward groups it (both backends): dY W + keep/(1-p) ⊙
+        # ((g - 1) ⊙ dY W + g ⊙ s dY B^T A^T), two GEMMs each rounded to x's dtype, whose sum cancels on kept
+        # elements as g -> 0 (dY W (1 - 1/(1-p))): its bound is that grouping's own, not the forward's
+        xb = x.detach().double().abs().requires_grad_()
+        xbd = xb * keep.double() / (1 - pq)
+        grouped = xb @ Wa.t() + (g - 1).abs() * (xbd @ Wa.t()) + g.abs() * abs(s) * (xbd @ Aa.detach() @ Ba.detach())
+        grouped.backward(dy.double().abs())
+        dx_bound = xb.grad
     # assert_close bounds by tolerance * magnitude: the floor enters as floor / tolerance added to the magnitude
-    dx_bound = xa.grad + dx_floor / tolerance(dtype, N + 8)
+    dx_bound = dx_bound + dx_floor / tolerance(dtype, N + 8)
     for name, got, want, bound, n in (("dx", leaves[0].grad, ref_leaves[0].grad, dx_bound, N + 8),
                                       ("dA", leaves[3].grad, ref_leaves[3].grad, Aa.grad, M + 8),
                                       ("dB", leaves[4].grad, ref_leaves[4].grad, Ba.grad, M + 8))[:3 if grads else 0]:
