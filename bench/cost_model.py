@@ -24,9 +24,10 @@ A (K, r), B (r, N), y (M, N).
 - lora-fast-dora (kernels/dora.py): the norm pass (reads W once and forms W + s (A B)^T tile by tile: r
   multiply-adds per element; nothing cached), S = dropout(x) A, the GEMM writing the unscaled sum U in fp32,
   then one column-scale pass (reads U, writes y and V = U / norm for dm); backward one prologue pass (reads dY
-  and V, writes g dY) and lora-fast's backward on g dY. Dropout: dropout(x) and x - dropout(x) written, two
-  GEMMs (Y1 = (x - x_d) W^T + b and U = x_d W^T + s S B), (g - 1) dY written, a second dX GEMM and a masked
-  add.
+  and V, writes g dY for dX), B ⊙ g in fp32 (R x N) and lora-fast's backward on dY with B ⊙ g (g enters dS and
+  dB in fp32), dB scaled by g after (R x N). Dropout: dropout(x) and x - dropout(x) written, two GEMMs
+  (Y1 = (x - x_d) W^T + b and U = x_d W^T + s S B), (g - 1) dY written instead of g dY, a second dX GEMM and a
+  masked add.
 - peft-dora (PEFT 0.21's dora.py, eager, W frozen): B A formed through lora_B(lora_A(eye(K))) (a K x K identity
   and the K x N product written), W + s B A and its norm (three N x K passes), the LoRA term as peft's, and
   five elementwise M x N passes for (g - 1) base + g s T and the final add; backward their gradients (five
@@ -151,7 +152,9 @@ def _lora_fast_dora(M: int, K: int, N: int, r: int, e: int, bias_b: int, sms: in
     else:
         forward += [Kernel("U = x W^T + s S B (fp32)", base + 2.0 * M * r * N, x + w + u + s32 + b, GEMM),
                     Kernel("y = g U + b, V = U / norm", 0, u + 2 * y + bias_b + 2 * N * 4)]
-    backward = [Kernel("g dY, dm partials", 0, (4 if drop else 3) * y)] + lora["backward"]
+    backward = [Kernel("g dY (or (g - 1) dY), dm partials", 0, 3 * y),
+                Kernel("B g (fp32)", 0, b + r * N * 4 + N * 4)] + lora["backward"]
+    backward += [Kernel("dB = g dB' (from fp32)", 0, r * N * 4 + N * 4 + b)]
     if drop:
         backward += [Kernel("dX_inner = ((g - 1) dY) W + s dS A^T", base + 2.0 * M * r * K, y + w + x + s32 + a),
                      Kernel("dX += keep dX_inner / (1 - p)", 0, 3 * x)]
