@@ -4,6 +4,7 @@ The book's arithmetic (Raschka, "Build a Large Language Model (From Scratch)", a
 scale * (x @ A @ B), with dropout on the LoRA input as PEFT applies it. Autograd does the backward.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -112,6 +113,7 @@ def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sca
     with torch.no_grad():
         merged = weight.detach().to(acc) + scale * (A.detach().to(acc) @ B.detach().to(acc)).t()
         _, exponent = torch.frexp(merged.abs().amax(dim=1))   # max |row| < 2**exponent
+        exponent = exponent.clamp(max=math.frexp(torch.finfo(acc).max)[1] - 1)   # 2**exponent finite
         unit = torch.ldexp(torch.ones_like(exponent, dtype=acc), exponent)
         return torch.linalg.vector_norm(merged / unit[:, None], dim=1) * unit
 

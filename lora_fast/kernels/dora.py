@@ -57,9 +57,9 @@ def _scaled_squares(acc, unit, v):
     power of two per row, (BLOCK_N,)): unit = 2**ceil(log2 max |v_n|) over the row so far (clamped to
     [2**-126, 2**127]), so that no scaled square overflows fp32 (rows with entries past ~1.8e19) or underflows it
     (rows near 1e-30, whose squares lie below fp32's range), as LAPACK's nrm2 scales its sum of squares. Where the
-    unit grows, acc is rescaled by (old / new)**2 (a power of two: what it drops is below 2**-48 of the new
-    largest square). Powers of two scale exactly: where no square over- or underflowed before, the sum is the
-    unscaled one's, bit for bit, times unit**-2. Returns (acc, unit)."""
+    unit grows, acc is rescaled by (old / new)**2. Powers of two scale exactly; only parts below ~2**-120 of the
+    row's largest square can underflow. Where no square over- or underflowed before, the sum is the unscaled
+    one's, bit for bit, times unit**-2. Returns (acc, unit)."""
     top = tl.minimum(tl.maximum(tl.max(tl.abs(v), axis=1), unit), 1.7014118346046923e38)   # 2**127
     e = tl.ceil(tl.log2(tl.maximum(top, 1.1754943508222875e-38)))                          # 2**-126
     e = tl.minimum(tl.maximum(e, -126.0), 127.0)
