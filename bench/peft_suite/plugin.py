@@ -24,6 +24,7 @@ names raise ImportError when used, so that the rest of the files collect; those 
 """
 
 import functools
+import importlib.machinery
 import json
 import os
 import re
@@ -47,6 +48,9 @@ def _stand_in(name: str, attributes: tuple) -> None:
     except ImportError:
         pass
     module = types.ModuleType(name)
+    # a spec marks it as a module (find_spec raises on a sys.modules entry without one); no loader: not importable
+    # as a package, so libraries that probe it see a module and use only the names above
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
 
     def missing(attribute):
         def call(*args, **kwargs):
@@ -67,17 +71,17 @@ def pytest_addoption(parser):
 
 
 # tuners whose names contain "lora" or that a LoRA-sounding test name may mention, but that are not PEFT's LoRA
-_OTHER_TUNERS = re.compile(r"(?i)(glora|gralora|tinylora|randlora|vblora|unilora|vera|loha|lokr|oft|boft|ia3|hra|c3a|"
-                           r"fourier|shira|bone|miss|road|waveft|delora|osf|psoft|adamss|frod|beft|hira|"
+_OTHER_TUNERS = re.compile(r"(?i)(adalora|glora|gralora|tinylora|randlora|vblora|unilora|vera|loha|lokr|oft|boft|"
+                           r"ia3|hra|c3a|fourier|shira|bone|miss|road|waveft|delora|osf|psoft|adamss|frod|beft|hira|"
                            r"supertuning|trainable)")
 
 
 def is_lora_test(nodeid: str) -> bool:
     """True for a test of PEFT's LoRA (DoRA included), judged by its id (see --lora-fast-only-lora)."""
     name = nodeid.split("::", 1)[-1]
-    if "-LoraConfig-" in name:
+    if re.search(r"[\[-]LoraConfig-", name):
         return True
-    if re.search(r"-\w+Config-", name):
+    if re.search(r"[\[-]\w+Config-", name):
         return False   # parametrized with another tuner's config
     return bool(re.search(r"(?i)lora|dora", name)) and not _OTHER_TUNERS.search(name)
 
