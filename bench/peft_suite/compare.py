@@ -32,7 +32,10 @@ def compare(unpatched: dict, patched: dict) -> dict:
     fused = sum(e.get("fused", 0) for e in patched.values())
     peft = sum(e.get("peft", 0) for e in patched.values())
     with_fused = sum(1 for e in patched.values() if e.get("fused", 0))
-    return dict(counts=counts, differ=differ, fused=fused, peft=peft, tests_with_fused=with_fused)
+    shadowed = [e for e in patched.values() if e.get("shadow_calls")]
+    shadow = dict(calls=sum(e["shadow_calls"] for e in shadowed),
+                  worst=sorted(((e["shadow"], e["id"]) for e in shadowed), reverse=True)[:5])
+    return dict(counts=counts, differ=differ, fused=fused, peft=peft, tests_with_fused=with_fused, shadow=shadow)
 
 
 def main(argv=None) -> int:
@@ -56,6 +59,11 @@ def main(argv=None) -> int:
             print("  ".join(f"{cell:>10}" for cell in line))
     print(f"\npatched run: {result['fused']} LoRA layer calls on the fused op in {result['tests_with_fused']} tests, "
           f"{result['peft']} on PEFT's own forward")
+    if result["shadow"]["calls"]:
+        print(f"{result['shadow']['calls']} fused calls compared with PEFT's forward (--lora-fast-shadow); largest "
+              "max|fused - PEFT| / max|PEFT| per test:")
+        for ratio, test_id in result["shadow"]["worst"]:
+            print(f"  {ratio:.2e}  {test_id}")
     print(f"{len(result['differ'])} tests differ")
     for test_id, (a, b) in result["differ"].items():
         print(f"- {test_id}: {a['outcome'] if a else 'not run'} -> {b['outcome'] if b else 'not run'}"

@@ -10,6 +10,9 @@ Load it into a run of PEFT's test suite (not lora-fast's: nothing here is collec
     --lora-fast-only-lora   keep the tests of PEFT's LoRA (DoRA included): those parametrized with a LoraConfig,
                             and the unparametrized ones whose class or name says LoRA or DoRA (not another
                             tuner's: GLoRA, VeRA, LoHa, ... are left out)
+    --lora-fast-shadow      (patched) each fused call also runs PEFT's own forward on the same input (no grad;
+                            not for calls that draw a dropout mask) and records the largest difference relative to
+                            the largest |output| ("shadow": the test's worst, "shadow_calls": calls compared)
     --lora-fast-out=PATH    one JSON line per test: id, outcome (passed / failed / error / skipped / xfailed /
                             xpassed), the first line of the failure, and the number of LoRA layer calls that ran
                             the fused op ("fused") and PEFT's own forward ("peft") in patched mode
@@ -38,6 +41,8 @@ import pytest
 class _Counts:
     fused = 0
     peft = 0
+    shadow = 0.0
+    shadow_calls = 0
 
 
 def _stand_in(name: str, attributes: tuple) -> None:
@@ -67,6 +72,7 @@ def pytest_addoption(parser):
     group.addoption("--lora-fast", choices=("patched", "unpatched"), default="unpatched",
                     help="apply lora_fast.patch_peft to every PEFT model the tests build (patched), or not")
     group.addoption("--lora-fast-only-lora", action="store_true", help="deselect the tests of other tuners")
+    group.addoption("--lora-fast-shadow", action="store_true", help="compare each fused call with PEFT's forward")
     group.addoption("--lora-fast-out", default=None, help="write one JSON line per test to this file")
 
 
@@ -94,7 +100,7 @@ def pytest_collection_modifyitems(config, items):
     items[:] = kept
 
 
-def _install_patch() -> None:
+def _install_patch(shadow: bool) -> None:
     if not os.environ.get("TRITON_INTERPRET"):
         import torch
 
@@ -127,6 +133,37 @@ def _install_patch() -> None:
         return adapter
 
     peft_interop._fused_adapter = counted
+    if shadow:
+        _install_shadow(peft_interop)
+
+
+def _install_shadow(peft_interop) -> None:
+    import torch
+
+    fused_forward = peft_interop._fused_forward
+
+    def compared(module, x, *args, **kwargs):
+        out = fused_forward(module, x, *args, **kwargs)
+        # the look-up is not a call of the layer: take it off the counts
+        adapter = peft_interop._fused_adapter(module, x, args, kwargs)
+        if adapter is None:
+            _Counts.peft -= 1
+            return out
+        _Counts.fused -= 1
+        if not isinstance(out, torch.Tensor):
+            return out
+        dropout = module.lora_dropout[adapter]
+        if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training:
+            return out   # PEFT would draw another mask
+        with torch.no_grad():
+            reference = type(module).forward(module, x, *args, **kwargs)
+        scale = reference.abs().max().item() if reference.numel() else 0.0
+        difference = (out.detach() - reference).abs().max().item() if reference.numel() else 0.0
+        _Counts.shadow = max(_Counts.shadow, difference / scale if scale > 0 else difference)
+        _Counts.shadow_calls += 1
+        return out
+
+    peft_interop._fused_forward = compared
 
 
 def pytest_configure(config):
@@ -135,12 +172,13 @@ def pytest_configure(config):
     # the measured kernel choice keeps its cache out of the user's home during the run
     os.environ.setdefault("LORA_FAST_CACHE_DIR", tempfile.mkdtemp(prefix="lora-fast-peft-suite-"))
     if config.getoption("--lora-fast") == "patched":
-        _install_patch()
+        _install_patch(config.getoption("--lora-fast-shadow"))
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    _Counts.fused = _Counts.peft = 0
+    _Counts.fused = _Counts.peft = _Counts.shadow_calls = 0
+    _Counts.shadow = 0.0
     yield
 
 
@@ -150,6 +188,8 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if call.when == "teardown":
         report.user_properties.append(("lora_fast_calls", (_Counts.fused, _Counts.peft)))
+        if _Counts.shadow_calls:
+            report.user_properties.append(("lora_fast_shadow", (_Counts.shadow, _Counts.shadow_calls)))
 
 
 def _outcome(report) -> str:
@@ -179,6 +219,8 @@ def pytest_runtest_logreport(report):
     for key, value in report.user_properties:
         if key == "lora_fast_calls":
             entry["fused"], entry["peft"] = value
+        if key == "lora_fast_shadow":
+            entry["shadow"], entry["shadow_calls"] = value
 
 
 class _config:
