@@ -138,11 +138,16 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
         return [dict(Q_TRANSPOSED=False, HAS_BIAS=False)]
     # the narrow passes finish their reductions in the launch; the split variants (K or M split, then the last
     # program sums the splits) carry that code on top of the unsplit one
+    # Q_FP32 (not a kernel flag: Q's pointer type): fp32 adapters on a 16-bit base (PEFT's default), whose Q tile
+    # takes the fp16 range guard (a power-of-two factor per rank column) before its cast; not for fp32 inputs
     if kernel == "xa_proj":
         return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=False, SPLIT_K=False),
-                dict(HAS_DROPOUT=True, WRITE_PARTIAL=False, SPLIT_K=True)]
+                dict(HAS_DROPOUT=True, WRITE_PARTIAL=False, SPLIT_K=True),
+                dict(HAS_DROPOUT=True, WRITE_PARTIAL=False, SPLIT_K=True, Q_FP32=True)]
     if kernel == "dyb_proj":   # ops.lora_backward fuses dB (its partials) when 4 * R < PROJ_BLOCK_M
-        return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=4 * rank < configs_mod.PROJ_BLOCK_M, SPLIT_K=True)]
+        partials = 4 * rank < configs_mod.PROJ_BLOCK_M
+        return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=partials, SPLIT_K=True),
+                dict(HAS_DROPOUT=False, WRITE_PARTIAL=partials, SPLIT_K=True, Q_FP32=True)]
     if kernel == "da_reduce":
         return [dict(HAS_DROPOUT=False, SPLIT_M=True), dict(HAS_DROPOUT=True, SPLIT_M=True)]
     if kernel in ("grad_finish", "dora_norm"):
@@ -178,7 +183,7 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
 def _variant_label(flags: dict) -> str:
     names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB", "SPLIT_K": "split",
              "SPLIT_M": "split", "HAS_BASE": "base", "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G": "g",
-             "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V"}
+             "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V", "Q_FP32": "fp32-Q"}
     label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 
@@ -207,7 +212,7 @@ def launch_configs(kernel: str, flags: dict, capability, dtype, rank: int = 16) 
         return cfg.gemm_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
     if kernel in ("xa_proj", "dyb_proj"):   # ops.lowrank_project: its own list when it regenerates a keep-mask
         return cfg.proj_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False),
-                                partials=flags.get("WRITE_PARTIAL", False))
+                                partials=flags.get("WRITE_PARTIAL", False), q_fp32=flags.get("Q_FP32", False))
     if kernel == "da_reduce":
         return cfg.reduce_configs(capability, dtype)
     if kernel == "grad_finish":
@@ -248,7 +253,8 @@ def make_jobs(targets: Sequence[str] = tuple(TARGETS), kernels: Sequence[str] = 
                     continue   # sm_90 and bf16 only (ops.ws_eligible)
                 # only kernels with a rank dimension depend on the rank (the same code for every multiple of 16)
                 for rank in (ranks[:1] if kernel in ELEMENTWISE_KERNELS else ranks):
-                    flag_sets = _variants(kernel, rank, cfg)
+                    flag_sets = [f for f in _variants(kernel, rank, cfg)
+                                 if not (f.get("Q_FP32") and dtype == "fp32")]
                     if variants == "heaviest":
                         flag_sets = flag_sets[-1:]
                     for flags in flag_sets:
@@ -337,10 +343,13 @@ def launch_args(job: Job) -> tuple:
             strides = dict(stride_pm=K, stride_pk=1, stride_qk=R, stride_qr=1)
         else:                         # P = dY (M, N), Q = B^T: (n, r) -> B[r, n]
             strides = dict(stride_pm=N, stride_pk=1, stride_qk=1, stride_qr=N)
-        # SPLIT (splits, M, R) fp32 and PARTIAL (groups, R, K) fp32 scratch; GRAD = dB (R, N) in x's dtype
-        args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), OUT_ptr=_Ptr("fp32"), L_ptr=_Ptr("fp32"),
+        # SPLIT (splits, M, R) fp32 and PARTIAL (groups, R, K) fp32 scratch; GRAD = dB (R, N) in the adapters'
+        # dtype: x's, or fp32 with Q_FP32 (then Q = A or B^T is fp32 too)
+        meta = dict(meta)
+        adapters = "fp32" if meta.pop("Q_FP32", False) else x
+        args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(adapters), OUT_ptr=_Ptr("fp32"), L_ptr=_Ptr("fp32"),
                     PARTIAL_ptr=_Ptr("fp32"), SEED_ptr=_Ptr("i64" if dropout else "fp32"), SPLIT_ptr=_Ptr("fp32"),
-                    GRAD_ptr=_Ptr(x), COUNTER_ptr=_Ptr("i32"),
+                    GRAD_ptr=_Ptr(adapters), COUNTER_ptr=_Ptr("i32"),
                     M=M, K=K, R=R, M_BUCKET=M, ROWS_PER_PROGRAM=2 * cfg.PROJ_BLOCK_M, K_PER_SPLIT=K // 4, **strides,
                     stride_om=R, stride_or=1, stride_lm=R, stride_lr=1, stride_gr=K, stride_gk=1,
                     out_scale=1.0 / 0.9, grad_scale=0.5, dropout_p=0.1, BLOCK_M=cfg.PROJ_BLOCK_M)

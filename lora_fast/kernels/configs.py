@@ -59,6 +59,10 @@ _PROJ_DROPOUT_SM80_DROPS = [(64, 8, 3)]
 # dS = dY B^T with dB finished in the launch (the last group sums the partials), fp16 (the range guard) on sm_80,
 # rank 16: 64 w4 s3 spilled 4 B (compile report, triton 3.9)
 _PROJ_PARTIALS_SM80_FP16_DROPS = [(64, 4, 3)]
+# the same pass with fp32 adapters (Q = B^T fp32, its tile range-guarded before the 16-bit cast; dB stored in
+# fp32) on sm_80, rank 16 (compile report, triton 3.9): fp16 64 w4 s4 spilled 40 B (255 registers) and bf16
+# 64 w8 s3 8 B (128 registers); the other configs of each list are clean
+_PROJ_PARTIALS_Q32_SM80_DROPS = {torch.float16: [(64, 4, 4)], torch.bfloat16: [(64, 8, 3)]}
 # fp32 on sm_80: BLOCK_K 64 w4 s2 spilled up to 2.7 KB, BLOCK_K 32 w4 8 B at rank 64, BLOCK_K 32 w8 4 B (s2,
 # triton 3.9) or 8 B (s3, triton 3.6) in the dS pass at rank 64; BLOCK_K 16 with 8 warps is clean on both
 _PROJ_FP32 = [(16, 8, 3)]
@@ -127,15 +131,18 @@ def gemm_configs(capability, dtype: torch.dtype, dropout: bool = False) -> list:
     ]
 
 
-def proj_configs(capability, dtype: torch.dtype, dropout: bool = False, partials: bool = False) -> list:
+def proj_configs(capability, dtype: torch.dtype, dropout: bool = False, partials: bool = False,
+                 q_fp32: bool = False) -> list:
     """Autotune configs of ``lowrank_proj_kernel`` (BLOCK_M is PROJ_BLOCK_M, passed by the launcher); with
     ``dropout`` those of the pass that regenerates the keep-mask, with ``partials`` those of the dS pass that
-    finishes dB."""
+    finishes dB, with ``q_fp32`` as well those for fp32 adapters (Q fp32) on a 16-bit ``dtype``."""
     table = _PROJ_FP32 if dtype == torch.float32 else _PROJ
     if dropout and dtype != torch.float32 and tuple(capability)[0] < 9:
         table = [c for c in table if c not in _PROJ_DROPOUT_SM80_DROPS]
     if partials and dtype == torch.float16 and tuple(capability)[0] < 9:
         table = [c for c in table if c not in _PROJ_PARTIALS_SM80_FP16_DROPS]
+    if partials and q_fp32 and tuple(capability)[0] < 9:
+        table = [c for c in table if c not in _PROJ_PARTIALS_Q32_SM80_DROPS.get(dtype, [])]
     limit, elt = smem_limit(capability), _elt(dtype)
     return [
         triton.Config(dict(BLOCK_K=bk), num_warps=w, num_stages=s)

@@ -164,6 +164,10 @@ _proj_dropout = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_co
 _proj_partials = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, partials=True),
                            ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
                                                         num_stages=1), pointers=9, scalars=3)
+# the same with fp32 adapters on a 16-bit dY (Q = B^T fp32): configs.proj_configs(partials=True, q_fp32=True)
+_proj_partials_q32 = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, partials=True, q_fp32=True),
+                               ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
+                                                            num_stages=1), pointers=9, scalars=3)
 _reduce = _Launcher(reduce_m_kernel, configs.reduce_configs, ["M_BUCKET", "K", "R"], dict(num_warps=4, num_stages=1),
                     pointers=6, scalars=2)
 _finish = _Launcher(sum_partials_kernel, configs.finish_configs, [], dict(num_warps=4, num_stages=1),
@@ -273,7 +277,12 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
         partial = torch.empty((grid[0], R, K), dtype=torch.float32, device=device)
         target = grad
     counters = COUNTERS.get(device, grid[0] + grid[1]) if split_k or partial_of is not None else out
-    launch = _proj_dropout if dropout_p > 0 else _proj_partials if partial_of is not None else _proj
+    if dropout_p > 0:
+        launch = _proj_dropout
+    elif partial_of is not None:
+        launch = _proj_partials_q32 if Q.dtype == torch.float32 and P.dtype != torch.float32 else _proj_partials
+    else:
+        launch = _proj
     launch(grid, P, Q, out, L, partial, seed if seed is not None else out, split, target, counters,
            M, K, R, _m_bucket(M), rows_per_program, k_per_split,
            P.stride(0), P.stride(1), stride_qk, stride_qr, out.stride(0), out.stride(1), L.stride(0), L.stride(1),
