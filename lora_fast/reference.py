@@ -164,9 +164,8 @@ def _multi_delta(x, A, B, scales, adapter_index, dropout_ps, training, dropout_m
     mask = dropout_mask.reshape(M, K) if dropout_mask is not None else None
     delta = torch.zeros((M, B.shape[2]), dtype=torch.promote_types(A.dtype, x.dtype), device=x.device)
     for a in range(A.shape[0]):
+        # an adapter without rows still takes part (an empty matmul): its gradients are zeros, not None
         rows = (idx == a).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
         # all rows: no gather (lora_linear's very operands, so one adapter matches it bit for bit)
         every = rows.numel() == M
         xa = x_lora if every else x_lora.index_select(0, rows)
