@@ -280,3 +280,129 @@ def test_reference_is_the_per_adapter_loop():
         mag = x[m].abs() @ weight.abs().t() + b.abs() + (2.0 * (x[m].abs() @ A[a].abs() @ B[a].abs())
                                                          if a >= 0 else 0)
         assert ((y[m] - expected).abs() <= tolerance(torch.float64, 20) * mag).all()
+
+
+# --- LinearWithLoRA with several named adapters (PEFT's API) ----------------------------------------------------
+
+
+def _layer_with_adapters(device, dtype=torch.float32):
+    """A LinearWithLoRA (default: rank 4, alpha 2) plus adapters "b" (rank 8, alpha/rank) and "c" (rank 2),
+    every B random so that each term is non-zero."""
+    from lora_fast import LinearWithLoRA
+
+    layer = LinearWithLoRA(torch.nn.Linear(24, 20), 4, 2.0).to(device)
+    layer.add_adapter("b", 8, 4.0, scaling="alpha/rank")
+    layer.add_adapter("c", 2, -1.5)
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.normal_(0, 0.3)
+    return layer.eval()
+
+
+def _truth(layer, x, names, absolute=False):
+    """float64 output of ``layer`` with sample i on adapter names[i] (a list: their terms summed; "__base__":
+    none), and the float64 leaves (A, B per adapter) for gradients."""
+    f = (lambda t: t.detach().double().abs()) if absolute else (lambda t: t.detach().double())
+    leaves = {n: (f(layer._adapter(n).A).requires_grad_(), f(layer._adapter(n).B).requires_grad_())
+              for n in layer.adapters}
+    w, b = f(layer.linear.weight), f(layer.linear.bias)
+    rows = []
+    for i, sample in enumerate(names):
+        y = f(x[i]) @ w.t() + b
+        for n in ([sample] if isinstance(sample, str) else sample):
+            if n != "__base__":
+                scale = layer._adapter(n).scale
+                y = y + (abs(scale) if absolute else scale) * (f(x[i]) @ leaves[n][0] @ leaves[n][1])
+        rows.append(y)
+    return torch.stack(rows), leaves
+
+
+def test_layer_adapter_names_per_sample(backend, device):
+    """forward(x, adapter_names=...) gives each sample its own adapter (mixed ranks, "__base__", an adapter
+    unused), forward and the gradients of every adapter's A and B against float64."""
+    layer = _layer_with_adapters(device)
+    x = torch.randn(5, 3, 24, device=device)
+    names = ["b", "__base__", "default", "b", "c"]
+    y = layer(x, adapter_names=names)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    truth, leaves = _truth(layer, x, names)
+    mag, mag_leaves = _truth(layer, x, names, absolute=True)
+    assert_close(y.detach(), truth, mag, torch.float32, 24 + 8, "layer forward", record=False)
+    (truth * dy.double()).sum().backward()
+    (mag * dy.double().abs()).sum().backward()
+    for n in layer.adapters:
+        for p, t, m in zip((layer._adapter(n).A, layer._adapter(n).B), leaves[n], mag_leaves[n]):
+            assert_close(p.grad, t.grad, m.grad, torch.float32, 15, f"layer d{n}", record=False)
+
+
+def test_layer_set_adapter_and_keys(device):
+    """The default adapter keeps the book's keys; added adapters get their own; set_adapter with one name or
+    several (summed on every row, as PEFT); delete_adapter removes the keys and leaves the active set."""
+    layer = _layer_with_adapters(device)
+    assert list(layer.state_dict()) == ["linear.weight", "linear.bias", "lora.A", "lora.B", "loras.b.A",
+                                        "loras.b.B", "loras.c.A", "loras.c.B"]
+    x = torch.randn(4, 24, device=device)
+    with torch.no_grad():
+        for active in ("b", ["default", "c"], ["b", "c", "default"]):
+            layer.set_adapter(active)
+            truth, _ = _truth(layer, x, [active] * 4)
+            mag, _ = _truth(layer, x, [active] * 4, absolute=True)
+            assert_close(layer(x), truth, mag, torch.float32, 24 + 8, f"active {active}", record=False)
+        layer.delete_adapter("b")
+        assert layer.active_adapters == ["c", "default"] and layer.adapters == ["default", "c"]
+        assert "loras.b.A" not in layer.state_dict()
+        layer.delete_adapter("c")
+        assert layer.active_adapters == ["default"]
+
+
+def test_layer_errors_and_merge_refused_by_name(device):
+    from lora_fast import merge_lora, replace_linear_with_lora
+
+    layer = _layer_with_adapters(device)
+    x = torch.randn(3, 24, device=device)
+    with pytest.raises(ValueError, match="name: expected a new adapter name"):
+        layer.add_adapter("b", 2, 1.0)
+    with pytest.raises(ValueError, match="no adapter named 'zz'"):
+        layer.set_adapter(["b", "zz"])
+    with pytest.raises(ValueError, match="'default' adapter is the layer's own"):
+        layer.delete_adapter("default")
+    with pytest.raises(ValueError, match="no adapter named 'zz'"):
+        layer(x, adapter_names=["b", "zz", "c"])
+    with pytest.raises(ValueError, match="one name per sample"):
+        layer(x, adapter_names=["b", "c"])
+    model = torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8)).to(device)
+    replace_linear_with_lora(model, 4, 2.0)
+    model[2].add_adapter("b", 2, 1.0)
+    model[2].set_adapter(["default", "b"])
+    with pytest.raises(ValueError, match=r"several active adapters.*2 \(active: default, b\)"):
+        merge_lora(model)
+    model[2].set_adapter("default")
+    merge_lora(model)
+    with pytest.raises(RuntimeError, match="merged"):
+        model[2].set_adapter("b")
+
+
+def test_use_adapter_names_through_a_model(device):
+    """use_adapter_names passes the per-sample names to every wrapped layer of a model's forward (PEFT's
+    pre-forward hooks): the same as calling each layer with them (the per-sample semantics are checked above);
+    the hooks are gone afterwards."""
+    from lora_fast import replace_linear_with_lora, use_adapter_names
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 6)).to(device)
+    replace_linear_with_lora(model, 4, 2.0)
+    for layer in (model[0], model[2]):
+        layer.add_adapter("b", 2, 3.0)
+        with torch.no_grad():
+            for p in layer.adapter_parameters():
+                p.normal_(0, 0.3)
+    model.eval()
+    x = torch.randn(3, 16, device=device)
+    names = ["b", "__base__", "default"]
+    with torch.no_grad():
+        with use_adapter_names(model, names):
+            y = model(x)
+        assert not model[0]._forward_pre_hooks and not model[2]._forward_pre_hooks
+        expected = model[2](torch.tanh(model[0](x, adapter_names=names)), adapter_names=names)
+        assert torch.equal(y, expected)
+        assert not torch.equal(model(x), y)   # without the names: the default adapter on every sample
