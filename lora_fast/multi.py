@@ -115,11 +115,11 @@ class _MultiFunction(torch.autograd.Function):
         from .kernels import multi
 
         x2d, y, y2d = _output(x, weight.shape[0])
-        idx1d = idx.reshape(-1)
+        idx1d = idx.reshape(-1).contiguous()   # the kernels read it with unit stride
         params = multi.adapter_params(scales, dropout_ps, x.device)
         has_dropout = any(p > 0 for p in dropout_ps)
         S = multi.multi_forward(x2d, weight, bias, A, B, idx1d, params, has_dropout, seed, y2d)
-        ctx.save_for_backward(x, weight, A, B, S, idx, params, seed)
+        ctx.save_for_backward(x, weight, A, B, S, idx1d, params, seed)
         ctx.scales, ctx.dropout_ps, ctx.has_bias = tuple(scales), tuple(dropout_ps), bias is not None
         return y
 
@@ -134,7 +134,7 @@ class _MultiFunction(torch.autograd.Function):
         else:
             has_dropout = any(p > 0 for p in ctx.dropout_ps)
             dx, dA, dB = multi.multi_backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight,
-                                              A, B, S, idx.reshape(-1), params, has_dropout, seed,
+                                              A, B, S, idx, params, has_dropout, seed,
                                               need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
             dx = dx.view(x.shape) if dx is not None else None
         return (dx, *_frozen_gradients(ctx, dy, x, weight), dA, dB, None, None, None, None)

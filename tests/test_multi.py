@@ -92,6 +92,17 @@ def test_matches_float64(case, backend, device):
     check_multi(inputs, scales, idx)
 
 
+def test_strided_operands(backend, device):
+    """Non-contiguous x, a transposed weight view, a strided index: read through their strides."""
+    x_full, _, b, A, B = multi_inputs((30,), 2 * 36, 20, (4, 8, 2), torch.float32, device)
+    x = x_full[:, ::2]
+    weight = (torch.randn(36, 20, device=device) / 6).t()
+    A = A[:, ::2]
+    idx = adapter_index((60,), 3, device)[::2]
+    assert not x.is_contiguous() and not weight.is_contiguous() and not idx.is_contiguous()
+    check_multi((x, weight, b, A, B), [1.0, -2.0, 0.5], idx)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dropout_per_adapter(dtype, backend, device):
     """One drop probability per adapter (one of them 1: no LoRA term, zero gradients), the kernels' Philox mask
