@@ -58,6 +58,7 @@ def _frozen_gradients(ctx, dy, x, weight):
 def _graph_backward(ctx, dy, x, weight, A, B, idx, seed):
     """(dx, dA, dB) on autograd's graph (create_graph=True): the reference maths on the saved inputs, the mask
     regenerated from the seed (functional.graph_gradients)."""
+    idx = idx.reshape(x.shape[:-1])
     mask = reference.multi_keep_mask(seed, x, idx, ctx.dropout_ps) if seed is not None else None
     active = mask is not None and any(p > 0 for p in ctx.dropout_ps)
 

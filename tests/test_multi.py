@@ -117,6 +117,27 @@ def test_dropout_per_adapter(dtype, backend, device):
     assert not leaves[3].grad[3].any() and not leaves[4].grad[3].any()
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_second_order(n, monkeypatch, device):
+    """A differentiable backward (create_graph=True) on the kernels' path is the reference maths on the saved
+    inputs: the same second-order gradients as the reference backend, bit for bit."""
+    inputs = multi_inputs((2, 9), 24, 16, [4] * n, torch.float32, device)
+    idx = adapter_index((2, 9), n, device)
+    # a loss linear in y: the first-order gradients then depend on the inputs only, not on y's rounding
+    c = torch.randn(2, 9, 16, device=device)
+    results = []
+    for backend in BACKENDS:
+        monkeypatch.setenv("LORA_FAST_MULTI", backend)
+        x, w, b, A, B = [t.detach().clone().requires_grad_() for t in inputs]
+        torch.manual_seed(3)
+        y = lora_linear_multi(x, w, b, A, B, [1.5] * n, idx, dropout_p=0.25)
+        gx, gA = torch.autograd.grad((y * c).sum(), (x, A), create_graph=True)
+        (gx.square().sum() + gA.square().sum()).backward()
+        results.append([t.grad for t in (x, A, B)])
+    for name, t1, t2 in zip(("x", "A", "B"), *results):
+        assert torch.equal(t1, t2), name
+
+
 def test_mask_of_each_row_is_lora_linears(device):
     """Row m's keep-mask is the one lora_linear draws for that row under the same seed with its adapter's p."""
     x = torch.randn(50, 37, device=device)
