@@ -438,3 +438,47 @@ def test_use_adapter_names_through_a_model(device):
         expected = model[2](torch.tanh(model[0](x, adapter_names=names)), adapter_names=names)
         assert torch.equal(y, expected)
         assert not torch.equal(model(x), y)   # without the names: the default adapter on every sample
+
+
+def test_patch_peft_fuses_adapter_names(monkeypatch, device):
+    """With the opt-in kernels on, a patched PEFT layer runs PEFT's adapter_names batches (mixed ranks, "__base__")
+    on lora_linear_multi, equal to PEFT's own forward within rounding; without them, PEFT's loop."""
+    peft = pytest.importorskip("peft")
+    from lora_fast import patch_peft, unpatch_peft
+
+    model = torch.nn.Sequential(torch.nn.Linear(24, 20)).to(device)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        for name in ("default", "other"):
+            layer.lora_B[name].weight.normal_(0, 0.3)
+    model.eval()
+    x = torch.randn(5, 3, 24, device=device)
+    names = ["other", "__base__", "default", "default", "other"]
+    calls = []
+    monkeypatch.setattr("lora_fast.peft_interop.lora_linear_multi",
+                        lambda *a, **k: calls.append(1) or lora_linear_multi(*a, **k))
+    with torch.no_grad():
+        peft_y = model(x, adapter_names=names)
+        patch_peft(model, warn=False)
+        assert torch.equal(model(x, adapter_names=names), peft_y) and not calls   # opt-in off: PEFT's loop
+        monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+        y = model(x, adapter_names=names)
+        unpatch_peft(model)
+    assert calls == [1]
+    w, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    truth, mag = [], []
+    for i, name in enumerate(names):
+        t, m = x[i].double() @ w.t() + b, x[i].double().abs() @ w.abs().t() + b.abs()
+        if name in ("default", "other"):
+            A, B = layer.lora_A[name].weight.double().t(), layer.lora_B[name].weight.double().t()
+            t = t + layer.scaling[name] * (x[i].double() @ A @ B)
+            m = m + abs(layer.scaling[name]) * (x[i].double().abs() @ A.abs() @ B.abs())
+        truth.append(t)
+        mag.append(m)
+    assert_close(y, torch.stack(truth), torch.stack(mag), torch.float32, 24 + 4, "patched adapter_names",
+                 record=False)
+    # PEFT's own result against the same truth (it rounds the base and each term apart: two roundings more)
+    assert_close(peft_y, torch.stack(truth), torch.stack(mag), torch.float32, 24 + 4, "PEFT adapter_names",
+                 record=False)
