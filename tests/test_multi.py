@@ -482,3 +482,22 @@ def test_patch_peft_fuses_adapter_names(monkeypatch, device):
     # PEFT's own result against the same truth (it rounds the base and each term apart: two roundings more)
     assert_close(peft_y, torch.stack(truth), torch.stack(mag), torch.float32, 24 + 4, "PEFT adapter_names",
                  record=False)
+
+
+def test_layer_adapter_names_with_a_hooked_linear(device):
+    """A wrapped layer with a forward hook keeps its own call: the per-sample terms are added beside it (the
+    unfused path), within rounding of the fused path."""
+    layer = _layer_with_adapters(device)
+    x = torch.randn(4, 24, device=device)
+    names = ["c", "__base__", "b", "default"]
+    with torch.no_grad():
+        fused = layer(x, adapter_names=names)
+        seen = []
+        layer.linear.register_forward_hook(lambda module, args, out: seen.append(1))
+        assert not layer.fused()
+        unfused = layer(x, adapter_names=names)
+    assert seen == [1]
+    truth, _ = _truth(layer, x, names)
+    mag, _ = _truth(layer, x, names, absolute=True)
+    assert_close(unfused, truth, mag, torch.float32, 24 + 8, "hooked layer", record=False)
+    assert_close(fused, truth, mag, torch.float32, 24 + 8, "fused layer", record=False)
