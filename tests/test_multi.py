@@ -501,3 +501,31 @@ def test_layer_adapter_names_with_a_hooked_linear(device):
     mag, _ = _truth(layer, x, names, absolute=True)
     assert_close(unfused, truth, mag, torch.float32, 24 + 8, "hooked layer", record=False)
     assert_close(fused, truth, mag, torch.float32, 24 + 8, "fused layer", record=False)
+
+
+def test_layer_adapter_names_on_conv1d(backend, device):
+    """transformers' Conv1D (GPT-2's layer, weight (in, out)) with per-sample adapters: its transposed view."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lora_fast import LinearWithLoRA
+
+    conv = Conv1D(20, 24).to(device)
+    with torch.no_grad():
+        conv.bias.normal_()
+    layer = LinearWithLoRA(conv, 4, 2.0)
+    layer.add_adapter("b", 2, -1.0)
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(3, 7, 24, device=device)
+    names = ["b", "default", "__base__"]
+    with torch.no_grad():
+        y = layer(x, adapter_names=names)
+    w, b = conv.weight.double(), conv.bias.double()
+    for i, name in enumerate(names):
+        truth, mag = x[i].double() @ w + b, x[i].double().abs() @ w.abs() + b.abs()
+        if name != "__base__":
+            lora = layer._adapter(name)
+            truth = truth + lora.scale * (x[i].double() @ lora.A.double() @ lora.B.double())
+            mag = mag + abs(lora.scale) * (x[i].double().abs() @ lora.A.double().abs() @ lora.B.double().abs())
+        assert_close(y[i], truth, mag, torch.float32, 24 + 4, f"Conv1D {name}", record=False)
