@@ -56,7 +56,7 @@ class MultiAdapterClassifier(nn.Module):
         self.heads = nn.ModuleDict({name: nn.Linear(encoder.config.hidden_size, 2) for name in self.names})
 
     def adapter_parameters(self, name: str) -> list:
-        return [p for layer in self.layers for p in (layer._adapter(name).A, layer._adapter(name).B)] \
+        return [p for layer in self.layers for p in (layer.adapter(name).A, layer.adapter(name).B)] \
             + list(self.heads[name].parameters())
 
     def forward(self, input_ids, attention_mask, names) -> torch.Tensor:

@@ -285,6 +285,11 @@ class LinearWithLoRA(nn.Module):
     def _adapter(self, name: str) -> LoRALayer:
         return self.lora if name == DEFAULT_ADAPTER else self._modules["loras"][name]
 
+    def adapter(self, name: str) -> LoRALayer:
+        """The LoRALayer (A, B, rank, alpha, scale) of adapter ``name`` ("default": ``self.lora``).
+        Raises: TypeError / ValueError for an unknown name."""
+        return self._adapter(self._check_known(name, "name"))
+
     def _adapter_dropout(self, name: str) -> float:
         return self.dropout if name == DEFAULT_ADAPTER else self._dropouts[name]
 

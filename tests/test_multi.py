@@ -335,7 +335,7 @@ def _truth(layer, x, names, absolute=False):
     """float64 output of ``layer`` with sample i on adapter names[i] (a list: their terms summed; "__base__":
     none), and the float64 leaves (A, B per adapter) for gradients."""
     f = (lambda t: t.detach().double().abs()) if absolute else (lambda t: t.detach().double())
-    leaves = {n: (f(layer._adapter(n).A).requires_grad_(), f(layer._adapter(n).B).requires_grad_())
+    leaves = {n: (f(layer.adapter(n).A).requires_grad_(), f(layer.adapter(n).B).requires_grad_())
               for n in layer.adapters}
     w, b = f(layer.linear.weight), f(layer.linear.bias)
     rows = []
@@ -343,7 +343,7 @@ def _truth(layer, x, names, absolute=False):
         y = f(x[i]) @ w.t() + b
         for n in ([sample] if isinstance(sample, str) else sample):
             if n != "__base__":
-                scale = layer._adapter(n).scale
+                scale = layer.adapter(n).scale
                 y = y + (abs(scale) if absolute else scale) * (f(x[i]) @ leaves[n][0] @ leaves[n][1])
         rows.append(y)
     return torch.stack(rows), leaves
@@ -364,7 +364,7 @@ def test_layer_adapter_names_per_sample(backend, device):
     (truth * dy.double()).sum().backward()
     (mag * dy.double().abs()).sum().backward()
     for n in layer.adapters:
-        for p, t, m in zip((layer._adapter(n).A, layer._adapter(n).B), leaves[n], mag_leaves[n]):
+        for p, t, m in zip((layer.adapter(n).A, layer.adapter(n).B), leaves[n], mag_leaves[n]):
             assert_close(p.grad, t.grad, m.grad, torch.float32, 15, f"layer d{n}", record=False)
 
 
@@ -525,7 +525,7 @@ def test_layer_adapter_names_on_conv1d(backend, device):
     for i, name in enumerate(names):
         truth, mag = x[i].double() @ w + b, x[i].double().abs() @ w.abs() + b.abs()
         if name != "__base__":
-            lora = layer._adapter(name)
+            lora = layer.adapter(name)
             truth = truth + lora.scale * (x[i].double() @ lora.A.double() @ lora.B.double())
             mag = mag + abs(lora.scale) * (x[i].double().abs() @ lora.A.double().abs() @ lora.B.double().abs())
         assert_close(y[i], truth, mag, torch.float32, 24 + 4, f"Conv1D {name}", record=False)
