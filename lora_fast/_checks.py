@@ -135,3 +135,80 @@ def check_dora_linear(x, weight, bias, A, B, magnitude, scale, dropout_p):
     if magnitude.dtype not in (A.dtype, torch.float32):
         raise TypeError(f"magnitude: expected A's dtype {A.dtype} or float32, got {magnitude.dtype}")
     return scale, dropout_p
+
+
+def _per_adapter(value, n: int, name: str, check) -> list:
+    """A real number (one for every adapter), or a sequence / 1-D tensor of ``n`` of them, checked one by one
+    by ``check(value, name)``; a list of ``n`` floats."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return [check(value, name)] * n
+        if value.dim() != 1 or value.shape[0] != n:
+            raise ValueError(f"{name}: expected a number or one per adapter (shape ({n},)), got shape "
+                             f"{tuple(value.shape)}")
+        if value.requires_grad:
+            raise ValueError(f"{name}: a tensor that requires grad is not supported (it is used as a constant)")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name}: expected real numbers, got dtype {value.dtype}")
+        value = value.detach().cpu().tolist()
+    elif isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name}: expected one value per adapter ({n}), got {len(value)}")
+    else:
+        return [check(value, name)] * n
+    return [check(v, f"{name}[{i}]") for i, v in enumerate(value)]
+
+
+def check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout_p):
+    """Validate the arguments of lora_linear_multi: x (..., in), weight (out, in), bias (out,) or None, A (n, in,
+    r), B (n, r, out), scale and dropout_p one number or one per adapter, adapter_index int64 of x.shape[:-1]
+    with values in [-1, n) (read on the host: one device sync). Returns (scales, dropout_ps) as lists of n
+    floats. Raises TypeError/ValueError naming the argument."""
+    _tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x: expected shape (..., in_features), got a 0-d tensor")
+    _tensor("weight", weight, 2)
+    _tensor("A", A, 3)
+    _tensor("B", B, 3)
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x: expected last dim in_features={in_features} (weight is {tuple(weight.shape)}), "
+                         f"got shape {tuple(x.shape)}")
+    n, a_in, rank = A.shape
+    if n < 1 or rank < 1 or a_in != in_features:
+        raise ValueError(f"A: expected shape (adapters >= 1, in_features={in_features}, rank >= 1), got "
+                         f"{tuple(A.shape)}")
+    if tuple(B.shape) != (n, rank, out_features):
+        raise ValueError(f"B: expected shape (adapters={n}, rank={rank}, out_features={out_features}), got "
+                         f"{tuple(B.shape)}")
+    if bias is not None:
+        _tensor("bias", bias, 1)
+        if bias.shape[0] != out_features:
+            raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("A", A), ("B", B)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {t.device}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: expected x's dtype {x.dtype} (as nn.Linear does; use torch.autocast to mix), "
+                        f"got {weight.dtype}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"bias: expected weight's dtype {weight.dtype}, got {bias.dtype}")
+    if A.dtype != B.dtype:
+        raise TypeError(f"B: expected A's dtype {A.dtype}, got {B.dtype}")
+    if A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"A: expected x's dtype {x.dtype} or float32, got {A.dtype}")
+    if not isinstance(adapter_index, torch.Tensor):
+        raise TypeError(f"adapter_index: expected a torch.Tensor, got {type(adapter_index).__name__}")
+    if adapter_index.dtype != torch.int64:
+        raise TypeError(f"adapter_index: expected dtype torch.int64, got {adapter_index.dtype}")
+    if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"adapter_index: expected x's leading shape {tuple(x.shape[:-1])}, got "
+                         f"{tuple(adapter_index.shape)}")
+    if adapter_index.device != x.device:
+        raise ValueError(f"adapter_index: expected a tensor on x's device {x.device}, got {adapter_index.device}")
+    if adapter_index.numel():
+        low, high = (int(v) for v in torch.aminmax(adapter_index.detach()))
+        if low < -1 or high >= n:
+            raise ValueError(f"adapter_index: expected values in [-1, {n}) (-1: no adapter), got values in "
+                             f"[{low}, {high}]")
+    return _per_adapter(scale, n, "scale", check_scale), _per_adapter(dropout_p, n, "dropout_p", check_dropout)

@@ -1,6 +1,7 @@
 """Drop-in LoRA modules: the classes of "Build a Large Language Model (From Scratch)" (Raschka), appendix E,
 with the same attribute names, parameter shapes, initialisation and state-dict keys, on the fused op."""
 
+import contextlib
 import math
 import numbers
 import sys
@@ -13,10 +14,14 @@ from torch.nn.modules import module as module_mod
 from ._checks import check_dropout, check_rank, check_scale
 from .dora import dequantize_4bit_weight, dora_linear, dora_linear_4bit, dora_unfused
 from .functional import lora_delta, lora_linear
+from .multi import lora_linear_multi
 from .qlora import lora_linear_4bit
-from .reference import dora_weight_norm
+from .reference import _multi_delta, dora_weight_norm
 
 SCALINGS = ("alpha", "alpha/rank", "rslora")
+# PEFT's names: the adapter a LinearWithLoRA is built with, and the per-sample name of "no adapter"
+DEFAULT_ADAPTER = "default"
+BASE_ADAPTER = "__base__"
 
 
 def lora_scale(alpha: float, rank: int, scaling: str = "alpha") -> float:
@@ -221,6 +226,15 @@ class LinearWithLoRA(nn.Module):
     forward is ``linear(x)`` alone, so no LoRA dropout is applied. The forward runs in any mode; a backward
     that would reach A or B (training a merged adapter) raises RuntimeError, since they would get no gradient.
 
+    Several adapters (PEFT's words; issue 30): the adapter built with the layer is named "default" and keeps
+    its attributes and keys (``lora``, ``dropout``; lora.A, lora.B). ``add_adapter(name, rank, alpha, ...)``
+    adds another (keys loras.<name>.A, loras.<name>.B), ``set_adapter(name or names)`` chooses the active ones
+    (several active: their terms are summed on every row, as PEFT sums them), ``delete_adapter(name)`` removes
+    one, and ``forward(x, adapter_names=[...])`` (one name per sample, "__base__" for none, as PEFT's
+    ``adapter_names``) gives each sample its own adapter in one fused call (``lora_linear_multi``);
+    ``use_adapter_names(model, names)`` passes them to every wrapped layer of a model's forward. A layer with
+    several active adapters, or one other than "default", is not merged (``merge_lora`` names it).
+
     Raises: TypeError if ``linear`` is neither an nn.Linear nor a Conv1D; ValueError for rank, alpha, dropout,
     scaling.
     """
@@ -252,8 +266,140 @@ class LinearWithLoRA(nn.Module):
         self.lora.reset_parameters()
 
     def adapter_parameters(self) -> list:
-        """The parameters training adapts (A and B; DoRA adds its magnitude)."""
-        return [self.lora.A, self.lora.B]
+        """The parameters training adapts (A and B of every adapter; DoRA adds its magnitude)."""
+        return [p for name in self.adapters for p in (self._adapter(name).A, self._adapter(name).B)]
+
+    # --- several adapters (PEFT's API) ---------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> list:
+        """The names of the adapters this layer holds, "default" first, then in the order they were added."""
+        extra = self._modules.get("loras")
+        return [DEFAULT_ADAPTER] + (list(extra.keys()) if extra is not None else [])
+
+    @property
+    def active_adapters(self) -> list:
+        """The names of the active adapters (``set_adapter``): ["default"] unless changed."""
+        return list(getattr(self, "_active_adapters", (DEFAULT_ADAPTER,)))
+
+    def _adapter(self, name: str) -> LoRALayer:
+        return self.lora if name == DEFAULT_ADAPTER else self._modules["loras"][name]
+
+    def adapter(self, name: str) -> LoRALayer:
+        """The LoRALayer (A, B, rank, alpha, scale) of adapter ``name`` ("default": ``self.lora``).
+        Raises: TypeError / ValueError for an unknown name."""
+        return self._adapter(self._check_known(name, "name"))
+
+    def _adapter_dropout(self, name: str) -> float:
+        return self.dropout if name == DEFAULT_ADAPTER else self._dropouts[name]
+
+    def _check_known(self, name, argument: str) -> str:
+        if not isinstance(name, str):
+            raise TypeError(f"{argument}: expected an adapter name (str), got {type(name).__name__}")
+        if name not in self.adapters:
+            raise ValueError(f"{argument}: no adapter named {name!r}; this layer holds {self.adapters}")
+        return name
+
+    def add_adapter(self, name: str, rank: int, alpha: float, *, dropout: float = 0.0,
+                    scaling: str = "alpha") -> None:
+        """Add an adapter ``name`` (a LoRALayer: A kaiming-uniform, B zeros, so it starts as the frozen layer) on
+        the default adapter's device and dtype, with its own rank, alpha, dropout and scaling; not activated
+        (``set_adapter``, or per call ``adapter_names``). Its state-dict keys are loras.<name>.A and loras.<name>.B.
+
+        Raises: TypeError for a non-str name; ValueError for a name that is taken, empty, has a '.', or is
+        "__base__", or for rank, alpha, dropout, scaling (as the constructor); RuntimeError on a merged layer."""
+        if not isinstance(name, str):
+            raise TypeError(f"name: expected a str, got {type(name).__name__}")
+        if not name or "." in name or name == BASE_ADAPTER or name in self.adapters:
+            raise ValueError(f"name: expected a new adapter name without '.' other than {BASE_ADAPTER!r}, got "
+                             f"{name!r} (this layer holds {self.adapters})")
+        if self.merged:
+            raise RuntimeError("LinearWithLoRA.add_adapter: the layer is merged (merge_lora); unmerge_lora first")
+        dropout = check_dropout(dropout, "dropout")
+        A = self.lora.A
+        layer = LoRALayer(A.shape[0], self.lora.B.shape[1], rank, alpha, scaling=scaling, device=A.device,
+                          dtype=A.dtype)
+        if "loras" not in self._modules:
+            self.loras = nn.ModuleDict()
+            self._dropouts = {}
+        self.loras[name] = layer
+        self._dropouts[name] = dropout
+
+    def set_adapter(self, adapter_name) -> None:
+        """Make ``adapter_name`` (a name, or a list of names: their terms are summed, as PEFT does) the active
+        adapter(s) of this layer. Raises: TypeError / ValueError for an unknown name or an empty list;
+        RuntimeError on a merged layer (unmerge_lora first)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name) \
+            if isinstance(adapter_name, (list, tuple)) else None
+        if not names:
+            raise ValueError(f"adapter_name: expected an adapter name or a non-empty list of them, got "
+                             f"{adapter_name!r}")
+        for name in names:
+            self._check_known(name, "adapter_name")
+        if self.merged:
+            raise RuntimeError("LinearWithLoRA.set_adapter: the layer is merged (merge_lora); unmerge_lora first")
+        self._active_adapters = tuple(dict.fromkeys(names))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an added adapter (its parameters and keys); "default" cannot be removed (its keys are the
+        book's). When it was active it leaves the active set; an empty set falls back to "default".
+        Raises: TypeError / ValueError for an unknown name or "default"."""
+        self._check_known(adapter_name, "adapter_name")
+        if adapter_name == DEFAULT_ADAPTER:
+            raise ValueError("adapter_name: the 'default' adapter is the layer's own (lora.A, lora.B) and is not "
+                             "deleted")
+        del self.loras[adapter_name]
+        del self._dropouts[adapter_name]
+        active = tuple(n for n in self.active_adapters if n != adapter_name)
+        self._active_adapters = active or (DEFAULT_ADAPTER,)
+
+    def _mixed_forward(self, x: torch.Tensor, adapter_names) -> torch.Tensor:
+        """One adapter per sample (PEFT's ``adapter_names``), fused in one ``lora_linear_multi`` call: the
+        adapters named are stacked, padded with zeros to the largest rank (exact)."""
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError("adapter_names: expected a list of adapter names (str), one per sample")
+        if x.dim() < 2 or len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names: expected one name per sample of x (x.shape[0] = "
+                             f"{x.shape[0] if x.dim() >= 2 else 'none: x is 1-D'}), got {len(adapter_names)}")
+        if self.merged:
+            raise RuntimeError("LinearWithLoRA: adapter_names on a merged layer (merge_lora); unmerge_lora first")
+        if has_4bit_forward(self.linear) or is_linear4bit(self.linear):
+            raise NotImplementedError("adapter_names: several adapters in one batch on a 4-bit base (bitsandbytes "
+                                      "Linear4bit) are not supported yet")
+        used = [n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER]
+        for name in used:
+            self._check_known(name, "adapter_names")
+        position = {name: i for i, name in enumerate(used)}
+        if not used:
+            used = [DEFAULT_ADAPTER]   # every sample on the base layer: one adapter, no row uses it
+        index = torch.tensor([position.get(n, -1) for n in adapter_names], dtype=torch.int64, device=x.device)
+        index = index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        layers = [self._adapter(n) for n in used]
+        rank = max(layer.rank for layer in layers)
+        A = torch.stack([nn.functional.pad(layer.A, (0, rank - layer.rank)) for layer in layers])
+        B = torch.stack([nn.functional.pad(layer.B, (0, 0, 0, rank - layer.rank)) for layer in layers])
+        scales = [layer.scale for layer in layers]
+        dropouts = [self._adapter_dropout(n) for n in used]
+        if not self.fused():
+            y = self.linear(x)
+            return (y + _multi_delta(x, A, B, scales, index, dropouts, self.training, None)).to(y.dtype)
+        weight = self.linear.weight.t() if self.fan_in_fan_out else self.linear.weight
+        return lora_linear_multi(x, weight, self.linear.bias, A, B, scales, index, dropout_p=dropouts,
+                                 training=self.training)
+
+    def _forward_one(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        lora, dropout = self._adapter(name), self._adapter_dropout(name)
+        A, B = lora.A, lora.B
+        if not self.fused():
+            y = self.linear(x)
+            # summed in the adapters' dtype when wider, then rounded once (as PEFT and the reference do)
+            return (y + lora_delta(x, A, B, lora.scale, dropout_p=dropout, training=self.training)).to(y.dtype)
+        if has_4bit_forward(self.linear):
+            return forward_4bit(self.linear, x, A, B, lora.scale, dropout, self.training)
+        # Conv1D computes x @ W + b with W (in, out): its transpose is a view in nn.Linear's (out, in) layout
+        weight = self.linear.weight.t() if self.fan_in_fan_out else self.linear.weight
+        return lora_linear(x, weight, self.linear.bias, A, B, lora.scale, dropout_p=dropout,
+                           training=self.training)
 
     def fused(self) -> bool:
         """True when forward runs the fused op (see the class docstring: plain layer, no hooks): nn.Linear's or
@@ -262,28 +408,56 @@ class LinearWithLoRA(nn.Module):
         return (has_plain_forward(self.linear) or has_4bit_forward(self.linear)) \
             and not has_forward_hooks(self.linear)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora.A, self.lora.B
+    def forward(self, x: torch.Tensor, *, adapter_names=None) -> torch.Tensor:
+        """linear(x) plus the active adapters' terms; with ``adapter_names`` (one name per sample of x's first
+        dim, "__base__" for none) each sample's own adapter instead, fused in one call."""
+        if adapter_names is not None:
+            return self._mixed_forward(x, adapter_names)
         if self.merged:
             y = self.linear(x)
-            adapters = self.adapter_parameters()
+            # the merged adapter's parameters (DoRA's magnitude too); added adapters take no part in it
+            adapters = [self.lora.A, self.lora.B] + ([self.m] if isinstance(self, LinearWithDoRA) else [])
             if torch.is_grad_enabled() and any(p.requires_grad for p in adapters):
                 y = _MergedGuard.apply(y, *adapters)
             return y
-        if not self.fused():
-            y = self.linear(x)
-            # summed in the adapters' dtype when wider, then rounded once (as PEFT and the reference do)
-            return (y + lora_delta(x, A, B, self.lora.scale, dropout_p=self.dropout,
-                                   training=self.training)).to(y.dtype)
-        if has_4bit_forward(self.linear):
-            return forward_4bit(self.linear, x, A, B, self.lora.scale, self.dropout, self.training)
-        # Conv1D computes x @ W + b with W (in, out): its transpose is a view in nn.Linear's (out, in) layout
-        weight = self.linear.weight.t() if self.fan_in_fan_out else self.linear.weight
-        return lora_linear(x, weight, self.linear.bias, A, B, self.lora.scale,
-                           dropout_p=self.dropout, training=self.training)
+        active = self.active_adapters
+        y = self._forward_one(x, active[0])
+        if len(active) == 1:
+            return y
+        # several active adapters: their terms summed on every row (PEFT), each with its own dropout mask
+        delta = sum(lora_delta(x, self._adapter(n).A, self._adapter(n).B, self._adapter(n).scale,
+                               dropout_p=self._adapter_dropout(n), training=self.training) for n in active[1:])
+        return (y + delta).to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"dropout={self.dropout}, merged={self.merged}"
+        extra = f", adapters={self.adapters}, active={self.active_adapters}" if len(self.adapters) > 1 else ""
+        return f"dropout={self.dropout}, merged={self.merged}{extra}"
+
+
+@contextlib.contextmanager
+def use_adapter_names(model: nn.Module, adapter_names):
+    """Within the block, every LinearWithLoRA of ``model`` is called with ``adapter_names`` (one adapter name per
+    sample of the batch, "__base__" for the base model alone), as PEFT's ``model(..., adapter_names=...)``
+    passes them with forward pre-hooks: ``with use_adapter_names(model, ["a", "b", "__base__"]): model(x)``.
+    The hooks are removed on leaving the block, also after an exception.
+    Raises: TypeError for a non-Module or a non-list of names; ValueError (at the forward) for unknown names or
+    a batch of another size."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError("adapter_names: expected a list of adapter names (str), one per sample")
+    names = list(adapter_names)
+
+    def hook(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": names}
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
+               if isinstance(m, LinearWithLoRA) and not isinstance(m, LinearWithDoRA)]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class LinearWithDoRA(LinearWithLoRA):
@@ -419,6 +593,11 @@ class LinearWithDoRA(LinearWithLoRA):
 
     def adapter_parameters(self) -> list:
         return [self.lora.A, self.lora.B, self.m]
+
+    def add_adapter(self, name: str, rank: int, alpha: float, **kwargs) -> None:
+        """Not supported: a LinearWithDoRA holds one adapter (its magnitude belongs to it)."""
+        raise NotImplementedError("LinearWithDoRA.add_adapter: several DoRA adapters in one layer are not supported; "
+                                  "use LinearWithLoRA for several adapters")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.merged:

@@ -331,6 +331,12 @@ def _check_plain(layers: list, caller: str) -> None:
                          f"{', '.join(quantized)}; merging would requantize W + scale * (A B)^T to 4 bits and lose "
                          "most of the update, so lora-fast does not merge them: keep the adapters unmerged, or "
                          "load the base in 16 bits to merge")
+    several = [f"{name or '<model>'} (active: {', '.join(layer.active_adapters)})" for name, layer in layers
+               if layer.active_adapters != ["default"]]
+    if several:
+        raise ValueError(f"{caller}: these wrapped layers have several active adapters, or one other than "
+                         f"'default': {', '.join(several)}; merging folds the 'default' adapter alone, so "
+                         "set_adapter('default') first")
     own = [f"{name or '<model>'} ({type(layer.linear).__name__})" for name, layer in layers
            if not has_plain_forward(layer.linear)]
     if own:
@@ -358,7 +364,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     Raises: TypeError if model is not an nn.Module; ValueError if it holds no LinearWithLoRA, if a wrapped
         weight is shared (tied embeddings, one weight in two wrappers), or if a wrapped layer has its own forward
-        or a 4-bit base (bitsandbytes Linear4bit: not merged, the layers are named).
+        or a 4-bit base (bitsandbytes Linear4bit: not merged, the layers are named), or several active adapters
+        (or one other than 'default': ``set_adapter``; the layers are named).
     """
     already = []
     layers = _lora_layers(model, "merge_lora")
@@ -412,7 +419,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     Raises: TypeError if model is not an nn.Module; ValueError if it holds no LinearWithLoRA, if a wrapped
         weight is shared (tied embeddings, one weight in two wrappers), or if a wrapped layer has its own forward
-        or a 4-bit base (bitsandbytes Linear4bit: not merged, the layers are named).
+        or a 4-bit base (bitsandbytes Linear4bit: not merged, the layers are named), or several active adapters
+        (or one other than 'default': ``set_adapter``; the layers are named).
     """
     layers = _lora_layers(model, "merge_and_unload")
     _check_untied(model, [(n, m) for n, m in layers if not m.merged], "merge_and_unload")

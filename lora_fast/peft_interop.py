@@ -41,6 +41,7 @@ from .layers import (
     is_linear4bit,
     lora_scale,
 )
+from .multi import lora_linear_multi
 from .patching import _inside_attention, module_places
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -190,8 +191,72 @@ def _fused_adapter(module: nn.Module, x, args, kwargs) -> Optional[str]:
     return adapter
 
 
+def _mixed_batch_operands(module: nn.Module, x, args, kwargs):
+    """(A (n, in, r), B (n, r, out), scales, dropout ps, adapter index) for a call with PEFT's ``adapter_names``
+    (one adapter per sample) that ``lora_linear_multi`` computes as PEFT's ``_mixed_batch_forward`` does, or
+    None for PEFT's own forward. Only while the opt-in multi-adapter kernels are on (LORA_FAST_MULTI=triton):
+    otherwise PEFT's loop stays (the reference path would compute the same loop, rounded otherwise)."""
+    if os.environ.get("LORA_FAST_MULTI", "").strip().lower() != "triton":
+        return None
+    names = kwargs.get("adapter_names")
+    if args or set(kwargs) != {"adapter_names"} or module.disable_adapters or module.merged:
+        return None
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or _autocast_on(x.device.type):
+        return None
+    if not isinstance(names, (list, tuple)) or len(names) != x.shape[0] \
+            or not all(isinstance(n, str) for n in names):
+        return None   # PEFT's forward raises its own error
+    base = module.base_layer
+    if has_4bit_forward(base) or is_linear4bit(base):
+        return None
+    # PEFT skips "__base__" and names it does not hold: the base layer alone on those samples
+    used = [n for n in dict.fromkeys(names) if n in module.lora_A]
+    if not used:
+        return None
+    weight = base.weight
+    for adapter in used:
+        if getattr(module, "lora_variant", {}).get(adapter) is not None or getattr(module, "use_dora", {}).get(adapter):
+            return None
+        lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
+        if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None \
+                or lora_B.bias is not None:
+            return None
+        if type(module.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
+            return None
+        if any(_has_hooks(m) for m in (base, lora_A, lora_B)):
+            return None
+        A = lora_A.weight
+        if x.dtype != weight.dtype or A.dtype not in (x.dtype, torch.float32) or A.dtype != lora_B.weight.dtype \
+                or A.dtype != module.lora_A[used[0]].weight.dtype:
+            return None
+        if A.dtype != x.dtype and not getattr(module, "cast_input_dtype_enabled", True):
+            return None
+        if weight.device != x.device or A.device != x.device or lora_B.weight.device != x.device:
+            return None
+    rank = max(module.lora_A[a].weight.shape[0] for a in used)
+    # PEFT's lora_A.weight is (r, in) and lora_B.weight (out, r): transposed views, padded to the largest rank
+    A = torch.stack([nn.functional.pad(module.lora_A[a].weight.t(), (0, rank - module.lora_A[a].weight.shape[0]))
+                     for a in used])
+    B = torch.stack([nn.functional.pad(module.lora_B[a].weight.t(), (0, 0, 0, rank - module.lora_A[a].weight.shape[0]))
+                     for a in used])
+    scales = [module.scaling[a] for a in used]
+    dropouts = [module.lora_dropout[a] for a in used]
+    ps = [d.p if isinstance(d, nn.Dropout) and d.training else 0.0 for d in dropouts]
+    position = {a: i for i, a in enumerate(used)}
+    index = torch.tensor([position.get(n, -1) for n in names], dtype=torch.int64, device=x.device)
+    return A, B, scales, ps, index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+
+
 def _fused_forward(module: nn.Module, x, *args, **kwargs):
     """Installed as a patched lora.Linear's forward: the fused op when _fused_adapter allows, else PEFT's."""
+    if "adapter_names" in kwargs:
+        mixed = _mixed_batch_operands(module, x, args, kwargs)
+        if mixed is None:
+            return type(module).forward(module, x, *args, **kwargs)
+        A, B, scales, ps, index = mixed
+        base = module.base_layer
+        weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
+        return lora_linear_multi(x, weight, base.bias, A, B, scales, index, dropout_p=ps, training=True)
     adapter = _fused_adapter(module, x, args, kwargs)
     if adapter is None:
         return type(module).forward(module, x, *args, **kwargs)
@@ -257,7 +322,9 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
     that, per call, runs the fused op when PEFT's forward would compute base(x) + lora_B(lora_A(dropout(x))) *
     scaling for exactly one adapter (or PEFT's DoRA, ``use_dora=True``, on ``dora_linear``, over nn.Linear or
     Conv1D): the active adapter is plain LoRA or DoRA (no other variant, no lora_bias), adapters are neither
-    disabled nor merged, no adapter_names (mixed batches) or other extra arguments, x in the base weight's dtype
+    disabled nor merged, no adapter_names (mixed batches: fused on ``lora_linear_multi`` only while its opt-in
+    kernels are on, ``LORA_FAST_MULTI=triton``, for plain LoRA adapters) or other extra arguments, x in the base
+    weight's dtype
     with adapters in that dtype or float32, no autocast, one device, no forward hooks. Otherwise the call runs
     PEFT's own forward, so results never silently differ from PEFT's (up to floating-point rounding; dropout
     masks come from lora-fast's generator, with PEFT's probability and the dropout module's train/eval mode).

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import philox
-from ._checks import check_dora_linear, check_lora_delta, check_lora_linear, check_training
+from ._checks import check_dora_linear, check_lora_delta, check_lora_linear, check_lora_linear_multi, check_training
 
 DROPOUT_RNGS = ("philox", "torch")
 
@@ -97,6 +97,88 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, 
     scale, dropout_p = check_lora_delta(x, A, B, scale, dropout_p)
     check_training(training)
     return _delta(x, A, B, scale, dropout_p, training, None, "philox")
+
+
+# --- several adapters in one batch (issue 30) ---------------------------------------------------------------
+
+
+def multi_keep_mask(seed: torch.Tensor, x: torch.Tensor, adapter_index: torch.Tensor, dropout_ps) -> torch.Tensor:
+    """The keep-mask of lora_linear_multi's kernels for one call: bool of x's shape, row m drawn as lora_linear
+    draws it (``philox.keep_mask`` under the call's one ``seed``, the same counters) against the quantised
+    drop probability of its adapter ``dropout_ps[adapter_index[m]]``; rows of adapter -1 all kept (unused).
+    x: (..., K); adapter_index: x.shape[:-1] int64; dropout_ps: n probabilities in [0, 1]."""
+    K = x.shape[-1]
+    idx = adapter_index.reshape(-1)
+    M = idx.numel()
+    keep = torch.ones((M, K), dtype=torch.bool, device=x.device)
+    for p in sorted({philox.quantize(p) for p in dropout_ps if philox.quantize(p) > 0}):
+        rows = torch.zeros(M, dtype=torch.bool, device=x.device)
+        for a, pa in enumerate(dropout_ps):
+            if philox.quantize(pa) == p:
+                rows |= idx == a
+        keep = torch.where(rows[:, None], philox.keep_mask(seed, M, K, p), keep)
+    return keep.view(x.shape)
+
+
+def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
+                      B: torch.Tensor, scale, adapter_index: torch.Tensor, *, dropout_p=0.0, training: bool = True,
+                      dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Several LoRA adapters in one batch, unfused: row m of x gets
+    y_m = x_m W^T + b + scale[a] * (dropout_a(x_m) @ A[a]) @ B[a] with a = adapter_index[m], and the base layer
+    alone where a = -1 (LoRA, Hu et al. 2021, eq. 3, per row; PEFT's ``adapter_names`` mixed batches).
+
+    Args:
+        x: (..., in_features), float16/bfloat16/float32/float64.
+        weight: (out_features, in_features) in x's dtype; bias: (out_features,) or None.
+        A: (n, in_features, rank); B: (n, rank, out_features); x's dtype or float32 (adapters of different
+            ranks padded with zeros to the largest: exact). The low-rank path runs in A's dtype, as lora_linear's.
+        scale: one finite number, or n of them (a sequence or a (n,) tensor).
+        adapter_index: int64 of shape x.shape[:-1], values in [-1, n).
+        dropout_p: one probability in [0, 1] or n of them, active when ``training``; the mask is the kernels'
+            (one seed per call drawn as lora_linear draws it, p quantised per adapter: ``multi_keep_mask``).
+        dropout_mask: optional bool keep-mask of x's shape used instead (kept elements of adapter a scaled by
+            1 / (1 - dropout_p[a]) with dropout_p as given).
+
+    Each adapter's rows go through lora_linear's own arithmetic (a row gather, the two matmuls, a scatter), so a
+    batch of one adapter gives bit for bit what ``lora_linear`` gives. Returns (..., out_features) in x's dtype.
+    Raises: TypeError / ValueError naming the argument (see ``lora_fast.lora_linear_multi``).
+    """
+    scales, dropout_ps = check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout_p)
+    check_training(training)
+    if dropout_mask is not None and dropout_mask.shape != x.shape:
+        raise ValueError(f"dropout_mask: expected x's shape {tuple(x.shape)}, got {tuple(dropout_mask.shape)}")
+    y = F.linear(x, weight, bias)
+    return (y + _multi_delta(x, A, B, scales, adapter_index, dropout_ps, training, dropout_mask)).to(x.dtype)
+
+
+def _multi_delta(x, A, B, scales, adapter_index, dropout_ps, training, dropout_mask):
+    """The low-rank terms (..., out_features) in A's dtype (promoted with x's), zero on rows of adapter -1."""
+    K = x.shape[-1]
+    idx = adapter_index.reshape(-1)
+    M = idx.numel()
+    x_lora = x.to(A.dtype).reshape(M, K)
+    ps = dropout_ps
+    if training and dropout_mask is None and any(p > 0 for p in dropout_ps):
+        # one seed per call, drawn as lora_linear draws it; p quantised as the kernels apply it
+        ps = [philox.quantize(p) for p in dropout_ps]
+        dropout_mask = multi_keep_mask(draw_seed(x.device), x, adapter_index, dropout_ps)
+    mask = dropout_mask.reshape(M, K) if dropout_mask is not None else None
+    delta = torch.zeros((M, B.shape[2]), dtype=torch.promote_types(A.dtype, x.dtype), device=x.device)
+    for a in range(A.shape[0]):
+        # an adapter without rows still takes part (an empty matmul): its gradients are zeros, not None
+        rows = (idx == a).nonzero().squeeze(1)
+        # all rows: no gather (lora_linear's very operands, so one adapter matches it bit for bit)
+        every = rows.numel() == M
+        xa = x_lora if every else x_lora.index_select(0, rows)
+        if training and ps[a] > 0:
+            if ps[a] >= 1.0:
+                xa = torch.zeros_like(xa)
+            else:
+                ma = mask if every else mask.index_select(0, rows)
+                xa = xa * ma.to(xa.dtype) / (1.0 - ps[a])
+        da = scales[a] * (xa @ A[a] @ B[a])
+        delta = da.to(delta.dtype) if every else delta.index_copy(0, rows, da.to(delta.dtype))
+    return delta.view(*x.shape[:-1], B.shape[2])
 
 
 # --- DoRA (Liu et al. 2024) ------------------------------------------------------------------------------------

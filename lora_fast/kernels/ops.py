@@ -505,15 +505,19 @@ def project_input(x, A, dropout_p, seed):
     return S, p, keep_scale
 
 
-def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=None):
+def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=None, zero_rows=None):
     """Forward of the fused LoRA linear. x (M, K), weight (N, K), bias (N,) or None, A (K, R), B (R, N).
 
     Returns y (M, N) in x's dtype (written into ``out`` when given) and S = dropout(x) @ A (M, R) in fp32,
     which backward needs (with x). The keep-mask comes from ``seed`` (int64, one element) when dropout_p > 0.
+    ``zero_rows``: an optional (M, 1) bool tensor, rows whose S is set to zero (no LoRA term: lora_linear_multi's
+    rows of adapter -1 with one adapter; pass it to lora_backward too).
     """
     N = weight.shape[0]
     x, weight = _along_k(x, 1), _along_k(weight, 1)
     S, _, _ = project_input(x, A, dropout_p, seed)
+    if zero_rows is not None:
+        S.masked_fill_(zero_rows, 0.0)
     # Q = W^T: element (k, n) of W^T is weight[n, k]
     y = gemm_lowrank(x, weight, (weight.stride(1), weight.stride(0)), N, bias, S, B, (B.stride(0), B.stride(1)),
                      scale, dropout_p=0.0, out=out)
@@ -521,7 +525,7 @@ def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=Non
 
 
 def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, need_dx=True, need_dA=True,
-                  need_dB=True):
+                  need_dB=True, zero_rows=None):
     """Backward of the fused LoRA linear: (dx, dA, dB), each None when not needed.
 
     dS = dY B^T and dB = scale S^T dY in one pass over dY (or two when the partials of a large rank would
@@ -543,6 +547,8 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
     fused_dB = need_dB and 4 * R < _proj_block_m()
     dS, _ = lowrank_project(dy, B, B.stride(1), B.stride(0), R, partial_of=S if fused_dB else None,
                             grad=dB if fused_dB else None, grad_scale=scale)
+    if zero_rows is not None:   # lora_forward's zero_rows: no gradient flows through those rows' LoRA term
+        dS.masked_fill_(zero_rows, 0.0)
     if need_dB and not fused_dB:
         reduce_rows(dy, S, scale, dB, transpose=True)
     keep_scale = 1.0 / (1.0 - dropout_p)

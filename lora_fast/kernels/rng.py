@@ -31,26 +31,42 @@ LEVELS_INT = tl.constexpr(2**philox.UNIFORM_BITS)
 
 
 @triton.jit
-def keep_mask(seed_ptr, offs_m, k0, K, dropout_p, BLOCK_K: tl.constexpr):
-    """Keep-mask tile (BM, BLOCK_K) for rows ``offs_m`` (BM,) and columns k0 .. k0 + BLOCK_K.
-
-    ``k0`` and BLOCK_K are multiples of PER_COUNTER; ``K`` is the logical row length of the input
-    (in_features), not a memory stride; ``dropout_p`` is already quantised (a multiple of 2**-UNIFORM_BITS).
-    """
+def uniforms(seed_ptr, offs_m, k0, K, BLOCK_K: tl.constexpr):
+    """The uniform integers in [0, 2**UNIFORM_BITS) of rows ``offs_m`` (BM,) and columns k0 .. k0 + BLOCK_K: a
+    (BM, BLOCK_K) uint32 tile. ``k0`` and BLOCK_K are multiples of PER_COUNTER; ``K`` is the logical row length
+    of the input (in_features), not a memory stride."""
     seed = tl.load(seed_ptr)
     groups = (K + PER_COUNTER - 1) // PER_COUNTER
     counters = (offs_m[:, None].to(tl.int64) * groups
                 + (tl.arange(0, BLOCK_K // PER_COUNTER) + k0 // PER_COUNTER)[None, :])
     r0, r1, r2, r3 = tl.randint4x(seed, counters)
-    # exact: p is a multiple of 1 / LEVELS (tl.full: dropout_p is a Python float under the interpreter)
-    threshold = (tl.full((), dropout_p, tl.float32) * LEVELS).to(tl.uint32)
     # words in position order: join(join(r0, r2), join(r1, r3))[m, c, a, b] = r_(2a + b); then each word's
     # FIELDS fields along a new last axis, low bits first: column PER_COUNTER * c + FIELDS * w + f holds field f
     # of word w
     words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
     shifts = (tl.arange(0, FIELDS) * UNIFORM_BITS).to(tl.uint32)
     u = (words[:, :, :, :, None] >> shifts[None, None, None, None, :]) & (LEVELS_INT - 1)
-    return tl.reshape(u, (offs_m.shape[0], BLOCK_K)) >= threshold
+    return tl.reshape(u, (offs_m.shape[0], BLOCK_K))
+
+
+@triton.jit
+def keep_mask(seed_ptr, offs_m, k0, K, dropout_p, BLOCK_K: tl.constexpr):
+    """Keep-mask tile (BM, BLOCK_K) for rows ``offs_m`` (BM,) and columns k0 .. k0 + BLOCK_K.
+
+    ``k0`` and BLOCK_K are multiples of PER_COUNTER; ``K`` is the logical row length of the input
+    (in_features), not a memory stride; ``dropout_p`` is already quantised (a multiple of 2**-UNIFORM_BITS).
+    """
+    # exact: p is a multiple of 1 / LEVELS (tl.full: dropout_p is a Python float under the interpreter)
+    threshold = (tl.full((), dropout_p, tl.float32) * LEVELS).to(tl.uint32)
+    return uniforms(seed_ptr, offs_m, k0, K, BLOCK_K) >= threshold
+
+
+@triton.jit
+def keep_mask_rows(seed_ptr, offs_m, k0, K, p_rows, BLOCK_K: tl.constexpr):
+    """``keep_mask`` with a drop probability per row: ``p_rows`` an fp32 tensor broadcastable against (BM, 1)
+    (one per row, or one scalar), each already quantised (the multi-adapter kernels: one p per adapter)."""
+    threshold = (p_rows * LEVELS).to(tl.uint32)
+    return uniforms(seed_ptr, offs_m, k0, K, BLOCK_K) >= threshold
 
 
 @triton.jit

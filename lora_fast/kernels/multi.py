@@ -1,0 +1,385 @@
+"""Kernels of ``lora_linear_multi``: several LoRA adapters in one batch, each row with its own adapter (issue 30).
+
+Row m of x (M, K) uses adapter a = IDX[m] in [-1, n) (-1: the base layer alone), A (n, K, R), B (n, R, N):
+
+    forward:  S = keep_scale[a] * (keep ⊙ x) A[a]                     multi_proj_kernel   (M, R) fp32
+              y = x W^T + b + scale[a] * S B[a]                         multi_gemm_kernel
+    backward: dS = dY B[a]^T                                            multi_proj_kernel   (M, R) fp32
+              dX = dY W + scale[a] keep_scale[a] * keep ⊙ (dS A[a]^T)   multi_gemm_kernel
+              dA[a] = scale[a] keep_scale[a] * sum over rows of a of (keep ⊙ x)^T dS
+              dB[a] = scale[a] * sum over rows of a of S^T dY          multi_reduce_kernel (one launch for both)
+
+Design (chosen for correctness in the time there was; UNMEASURED on any GPU, see docs/_pending/issue-30.md):
+the rows are neither sorted nor gathered. A tile of rows reads each adapter present in it once: the kernels loop
+over the adapters from the tile's smallest to its largest index, skip those with no row in the tile, and add
+``dot(rows of a, operand of a)`` into one fp32 accumulator with the other rows zeroed, so each row receives
+exactly its own adapter's products (the others add exact zeros). A batch grouped by adapter (PEFT's
+``adapter_names`` batches usually are) costs about one dot per tile like lora_linear; a fully mixed tile costs
+one narrow dot per adapter present. The per-adapter gradients are reduced by one program per (block of columns,
+adapter), which walks every row block in order and skips blocks without its adapter: deterministic (no atomics,
+no scratch), but its parallelism is (columns / BLOCK) x n programs and a mixed batch is re-read per adapter.
+Five launches per step (2 forward, 3 backward), as lora_linear at ranks below 32, whatever n.
+
+Each kernel keeps the numerics of its single-adapter counterpart (kernels/gemm.py, kernels/lowrank.py): fp32
+accumulation, the fp16 range guard of fp16.py, the Philox keep-mask of rng.py (per-row drop probabilities).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .fp16 import pow2_split
+from .gemm import grouped_tile
+from .rng import keep_mask_rows
+
+
+@triton.jit
+def _tile_adapters(IDX_ptr, offs_m, mask_m, N_ADAPTERS):
+    """(idx (BM,) int32 with -1 on masked rows, smallest and largest adapter of the tile's rows; an empty range,
+    lo > hi, when no row has one)."""
+    idx = tl.load(IDX_ptr + offs_m, mask=mask_m, other=-1).to(tl.int32)
+    valid = idx >= 0
+    lo = tl.min(tl.where(valid, idx, N_ADAPTERS), axis=0)
+    hi = tl.max(tl.where(valid, idx, -1), axis=0)
+    return idx, valid, lo, hi
+
+
+@triton.jit
+def multi_proj_kernel(
+    # pointers: P (M, K); Q: adapter a's (K, R) operand at Q + a * stride_qa; IDX (M,) int64; ROW_SCALE, DROP_P:
+    # (n,) fp32 per adapter; SEED int64 (one element); OUT (M, R) fp32
+    P_ptr, Q_ptr, IDX_ptr, ROW_SCALE_ptr, DROP_P_ptr, SEED_ptr, OUT_ptr,
+    # sizes
+    M, K, R, N_ADAPTERS,
+    # strides
+    stride_pm, stride_pk, stride_qa, stride_qk, stride_qr, stride_om, stride_or,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """OUT[m] = ROW_SCALE[a] * (keep? ⊙ P[m]) @ Q[a], a = IDX[m]; 0 on rows of adapter -1. The forward's
+    S = dropout(x) A[a] (ROW_SCALE = 1 / (1 - p[a])) and the backward's dS = dY B[a]^T (ROW_SCALE = 1)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    idx, valid, a_lo, a_hi = _tile_adapters(IDX_ptr, offs_m, mask_m, N_ADAPTERS)
+    if HAS_DROPOUT:
+        p_rows = tl.load(DROP_P_ptr + idx, mask=valid, other=0.0)[:, None]
+    rows_p = P_ptr + offs_m[:, None].to(tl.int64) * stride_pm
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc_f = tl.full((1, BLOCK_R), 1.0, tl.float32)   # acc's power-of-two unit per rank column (fp32 Q on fp16)
+    zero64 = tl.full((), 0, tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        p = tl.load(rows_p + (k0 + zero64) * stride_pk + offs_k[None, :] * stride_pk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+        if HAS_DROPOUT:
+            keep = keep_mask_rows(SEED_ptr, offs_m, k0, K, p_rows, BLOCK_K)
+            p = tl.where(keep, p, 0.0).to(DOT_DTYPE)
+        for a in range(a_lo, a_hi + 1):
+            sel = idx == a
+            if tl.sum(sel.to(tl.int32), axis=0) > 0:
+                pa = tl.where(sel[:, None], p, 0.0).to(DOT_DTYPE)
+                q = tl.load(Q_ptr + (a + zero64) * stride_qa + (k0 + offs_k)[:, None] * stride_qk
+                            + offs_r[None, :] * stride_qr, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+                if DOT_DTYPE == tl.float16 and Q_ptr.dtype.element_ty == tl.float32:
+                    # fp32 adapters on an fp16 base: kernels/lowrank.py's power-of-two factor per rank column of
+                    # the Q tile, acc kept in units of the current factors (a power-of-two rescale: exact)
+                    q, col_f = pow2_split(q.to(tl.float32), 0)
+                    acc = tl.dot(pa, q.to(DOT_DTYPE), acc * (acc_f / col_f), input_precision=INPUT_PRECISION,
+                                 out_dtype=tl.float32)
+                    acc_f = col_f
+                else:
+                    acc = tl.dot(pa, q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    if DOT_DTYPE == tl.float16 and Q_ptr.dtype.element_ty == tl.float32:
+        acc = acc * acc_f
+    row_scale = tl.load(ROW_SCALE_ptr + idx, mask=valid, other=0.0)
+    tl.store(OUT_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_r[None, :] * stride_or,
+             acc * row_scale[:, None], mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def multi_gemm_kernel(
+    # pointers: P (M, K); Q (K, N) through strides; BIAS (N,); L (M, R) fp32; RM: adapter a's (R, N) operand at
+    # RM + a * stride_ra; IDX (M,) int64; ROW_SCALE, DROP_P (n,) fp32; OUT (M, N); SEED int64
+    P_ptr, Q_ptr, BIAS_ptr, L_ptr, RM_ptr, IDX_ptr, ROW_SCALE_ptr, DROP_P_ptr, OUT_ptr, SEED_ptr,
+    # sizes
+    M, N, K, R, N_ADAPTERS,
+    # strides
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_ra, stride_rr, stride_rn,
+    stride_om, stride_on,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """OUT = P @ Q (+ bias) + ROW_SCALE[a] * (keep? ⊙ (L[m] @ RM[a])) per row, a = IDX[m] (no term on rows of
+    adapter -1): kernels/gemm.py's GEMM with each row's own low-rank operand and scale. Forward: P = x,
+    Q = W^T, L = S, RM = B, ROW_SCALE = scale. dX: P = dY, Q = W, L = dS, RM = A^T, ROW_SCALE = scale / (1 - p),
+    the keep-mask of x regenerated with each row's p."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    idx, valid, a_lo, a_hi = _tile_adapters(IDX_ptr, offs_m, mask_m, N_ADAPTERS)
+    row_scale = tl.load(ROW_SCALE_ptr + idx, mask=valid, other=0.0)[:, None]
+    zero64 = tl.full((), 0, tl.int64)
+
+    # the low-rank term initialises the accumulator, as in kernels/gemm.py; the scale is folded into L (fp32)
+    # before its rounding to the dot dtype without dropout, applied after the mask with it
+    lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
+                 mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+    if not HAS_DROPOUT:
+        lo = lo * row_scale
+    if DOT_DTYPE == tl.float16:
+        # fp16 range (fp16.py): a power-of-two factor per row taken out before the cast, put back after
+        lo, row_f = pow2_split(lo, 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for a in range(a_lo, a_hi + 1):
+        sel = idx == a
+        if tl.sum(sel.to(tl.int32), axis=0) > 0:
+            rm = tl.load(RM_ptr + (a + zero64) * stride_ra + offs_r[:, None] * stride_rr
+                         + offs_n[None, :].to(tl.int64) * stride_rn, mask=mask_r[:, None] & mask_n[None, :],
+                         other=0.0)
+            acc = tl.dot(tl.where(sel[:, None], lo, 0.0).to(DOT_DTYPE), rm.to(DOT_DTYPE), acc,
+                         input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    if DOT_DTYPE == tl.float16:
+        acc = acc * row_f
+    if HAS_DROPOUT:
+        p_rows = tl.load(DROP_P_ptr + idx, mask=valid, other=0.0)[:, None]
+        keep = keep_mask_rows(SEED_ptr, offs_m, pid_n * BLOCK_N, N, p_rows, BLOCK_N)
+        acc = tl.where(keep, acc, 0.0) * row_scale
+
+    rows_p = P_ptr + offs_m[:, None].to(tl.int64) * stride_pm
+    cols_q = Q_ptr + offs_n[None, :].to(tl.int64) * stride_qn
+    p_ptrs = rows_p + offs_k[None, :] * stride_pk
+    q_ptrs = cols_q + offs_k[:, None] * stride_qk
+    step = tl.full((), BLOCK_K, tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        q = tl.load(q_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        p_ptrs += step * stride_pk
+        q_ptrs += step * stride_qk
+
+    if HAS_BIAS:
+        bias = tl.load(BIAS_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    out = OUT_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :].to(tl.int64) * stride_on
+    tl.store(out, acc.to(OUT_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _segment_reduce(P_ptr, L_ptr, OUT_ptr, IDX_ptr, DROP_P_ptr, SEED_ptr, a, scale, pid_c,
+                    M, C, R, stride_pm, stride_pc, stride_lm, stride_lr, stride_oc, stride_or,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """OUT[c, r] = scale * sum over the rows m with IDX[m] == a, in row order, of (keep? ⊙ P)[m, c] L[m, r], for
+    the columns c of block ``pid_c`` (P (M, C), L (M, R) fp32, OUT (C, R) through its strides)."""
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_c = offs_c < C
+    mask_r = offs_r < R
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    if HAS_DROPOUT:
+        p_a = tl.load(DROP_P_ptr + a)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        idx = tl.load(IDX_ptr + offs_m, mask=mask_m, other=-1).to(tl.int32)
+        sel = idx == a
+        if tl.sum(sel.to(tl.int32), axis=0) > 0:
+            p_t = tl.load(P_ptr + offs_m[None, :].to(tl.int64) * stride_pm + offs_c[:, None] * stride_pc,
+                          mask=mask_c[:, None] & sel[None, :], other=0.0).to(DOT_DTYPE)
+            if HAS_DROPOUT:
+                keep = tl.trans(keep_mask_rows(SEED_ptr, offs_m, pid_c * BLOCK_C, C, p_a, BLOCK_C))
+                p_t = tl.where(keep, p_t, 0.0).to(DOT_DTYPE)
+            lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
+                         mask=sel[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+            if DOT_DTYPE == tl.float16:
+                # fp16 range (fp16.py): a power-of-two factor per rank column of L, put back after the dot
+                lo, rank_f = pow2_split(lo, 0)
+                acc += tl.dot(p_t, lo.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32) * rank_f
+            else:
+                acc = tl.dot(p_t, lo.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    tl.store(OUT_ptr + offs_c[:, None].to(tl.int64) * stride_oc + offs_r[None, :] * stride_or,
+             (acc * scale).to(OUT_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def multi_reduce_kernel(
+    # pointers: X (M, K), DS (M, R) fp32, DA (n, K, R); DY (M, N), S (M, R) fp32, DB (n, R, N); IDX (M,) int64;
+    # DA_SCALE, DB_SCALE, DROP_P (n,) fp32; SEED int64
+    X_ptr, DS_ptr, DA_ptr, DY_ptr, S_ptr, DB_ptr, IDX_ptr, DA_SCALE_ptr, DB_SCALE_ptr, DROP_P_ptr, SEED_ptr,
+    # sizes (K_BLOCKS: programs along dim 0 that compute dA; the others compute dB)
+    M, K, N, R, K_BLOCKS,
+    # strides
+    stride_xm, stride_xk, stride_dsm, stride_dsr, stride_daa, stride_dak, stride_dar,
+    stride_dym, stride_dyn, stride_sm, stride_sr, stride_dba, stride_dbr, stride_dbn,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Program (c, a): for c < K_BLOCKS, block c of dA[a] = DA_SCALE[a] * (keep ⊙ x)^T dS over a's rows; else
+    block c - K_BLOCKS of dB[a]^T = DB_SCALE[a] * dY^T S over a's rows (written through dB's strides). One
+    launch for both per-adapter gradients; each program owns its output block (deterministic)."""
+    pid_c = tl.program_id(0)
+    a = tl.program_id(1)
+    if pid_c < K_BLOCKS:
+        _segment_reduce(X_ptr, DS_ptr, DA_ptr + a.to(tl.int64) * stride_daa, IDX_ptr, DROP_P_ptr, SEED_ptr, a,
+                        tl.load(DA_SCALE_ptr + a), pid_c, M, K, R, stride_xm, stride_xk, stride_dsm, stride_dsr,
+                        stride_dak, stride_dar, BLOCK_M, BLOCK_C, BLOCK_R, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
+    else:
+        _segment_reduce(DY_ptr, S_ptr, DB_ptr + a.to(tl.int64) * stride_dba, IDX_ptr, DROP_P_ptr, SEED_ptr, a,
+                        tl.load(DB_SCALE_ptr + a), pid_c - K_BLOCKS, M, N, R, stride_dym, stride_dyn, stride_sm,
+                        stride_sr, stride_dbn, stride_dbr, BLOCK_M, BLOCK_C, BLOCK_R, False, DOT_DTYPE,
+                        INPUT_PRECISION)
+
+
+# --- launchers ---------------------------------------------------------------------------------------------------
+# One fixed config per kernel, no autotuning: the family has not run on a GPU yet (opt-in, LORA_FAST_MULTI=triton).
+# GPU tiles: kernels/configs.py's first GEMM and narrow-pass configs' sizes, picked by analogy, UNMEASURED.
+# Interpreted: 32-wide blocks, so that the tests' small odd shapes cross block edges.
+# Triton decides at decoration time (when this module was imported) whether kernels are interpreted
+_INTERPRETED = configs.interpreting()
+
+
+def _interpreted() -> bool:
+    return _INTERPRETED
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _proj_config(dtype):
+    if _interpreted():
+        return dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2)
+
+
+def _gemm_config(dtype):
+    if _interpreted():
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _reduce_config(dtype):
+    if _interpreted():
+        return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_C=64, num_warps=4, num_stages=2)
+
+
+# rows of the per-adapter parameter table (PARAM_ROWS, n) fp32 that the launches read
+ONES, KEEP_SCALE, SCALE, DX_SCALE, DROP_P = range(5)
+PARAM_ROWS = 5
+
+
+def adapter_params(scales, dropout_ps, device) -> torch.Tensor:
+    """The (PARAM_ROWS, n) fp32 table of per-adapter constants on ``device``, in one host-to-device copy: ones
+    (dS), keep_scale = 1 / (1 - p), scale, scale * keep_scale (computed in float64, rounded once to fp32 as
+    lora_linear rounds its scalar), p (quantised: exact in fp32). ``dropout_ps`` already quantised, each < 1."""
+    keep = [1.0 / (1.0 - p) for p in dropout_ps]
+    rows = [[1.0] * len(scales), keep, list(scales), [s * k for s, k in zip(scales, keep)], list(dropout_ps)]
+    return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+
+
+def _dot(dtype):
+    return dict(DOT_DTYPE=configs.dot_dtype(dtype), INPUT_PRECISION=configs.input_precision(dtype))
+
+
+def _project(P, Q, q_strides, R, idx, row_scale, drop_p, seed, has_dropout):
+    """OUT (M, R) fp32 = row_scale[a] * (keep? ⊙ P) Q[a] per row (multi_proj_kernel); Q given as (tensor,
+    (stride_a, stride_k, stride_r))."""
+    M, K = P.shape
+    out = torch.empty((M, R), dtype=torch.float32, device=P.device)
+    cfg = _proj_config(P.dtype)
+    multi_proj_kernel[(_cdiv(M, cfg["BLOCK_M"]),)](
+        P, Q, idx, row_scale, drop_p, seed if seed is not None else out, out,
+        M, K, R, Q.shape[0],
+        P.stride(0), P.stride(1), *q_strides, out.stride(0), out.stride(1),
+        BLOCK_R=configs.block_r(R), HAS_DROPOUT=has_dropout, **_dot(P.dtype), **cfg)
+    return out
+
+
+def _gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, n, idx, row_scale, drop_p, seed, has_dropout, out):
+    """out (M, N) = P Q (+ bias) + row_scale[a] * (keep? ⊙ (L RM[a])) per row (multi_gemm_kernel)."""
+    M, K = P.shape
+    R = L.shape[1]
+    cfg = _gemm_config(P.dtype)
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
+    multi_gemm_kernel[grid](
+        P, Q, bias if bias is not None else out, L, RM, idx, row_scale, drop_p, out,
+        seed if seed is not None else out,
+        M, N, K, R, n,
+        P.stride(0), P.stride(1), *q_strides, L.stride(0), L.stride(1), *rm_strides, out.stride(0), out.stride(1),
+        BLOCK_R=configs.block_r(R), HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, **_dot(P.dtype), **cfg)
+    return out
+
+
+def multi_forward(x, weight, bias, A, B, idx, params, has_dropout, seed, out):
+    """Forward of lora_linear_multi, two launches. x (M, K), weight (N, K), bias (N,) or None, A (n, K, R),
+    B (n, R, N), idx (M,) int64 in [-1, n), params: ``adapter_params``; ``seed`` int64 (one element) when
+    ``has_dropout``. Writes y (M, N) into ``out``; returns S = keep_scale[a] * dropout(x) A[a] (M, R) fp32,
+    zero on rows of adapter -1 (with x and idx, what backward needs)."""
+    from .ops import _along_k
+
+    n, K, R = A.shape
+    N = weight.shape[0]
+    x, weight = _along_k(x, 1), _along_k(weight, 1)
+    S = _project(x, A, (A.stride(0), A.stride(1), A.stride(2)), R, idx, params[KEEP_SCALE], params[DROP_P], seed,
+                 has_dropout)
+    # Q = W^T: element (k, n) is weight[n, k]; RM = B[a]
+    _gemm(x, weight, (weight.stride(1), weight.stride(0)), N, bias, S, B, (B.stride(0), B.stride(1), B.stride(2)),
+          n, idx, params[SCALE], params[DROP_P], None, False, out)
+    return S
+
+
+def multi_backward(dy, x, weight, A, B, S, idx, params, has_dropout, seed, *, need_dx=True, need_dA=True,
+                   need_dB=True):
+    """Backward of lora_linear_multi, three launches: dS = dY B[a]^T (multi_proj_kernel), dX = dY W +
+    scale[a] keep_scale[a] keep ⊙ (dS A[a]^T) (multi_gemm_kernel), dA and dB per adapter over its own rows
+    (multi_reduce_kernel). dy (M, N), x (M, K); returns (dx, dA, dB), None where not needed; dA (n, K, R) and
+    dB (n, R, N) in A's dtype, zero for an adapter without rows."""
+    from .ops import _along_k
+
+    n, K, R = A.shape
+    M, N = dy.shape
+    dy, x, weight = _along_k(dy, 1), _along_k(x, 1), _along_k(weight, 0)
+    # B[a]^T as (N, R): element (k, r) is B[a, r, k]
+    dS = _project(dy, B, (B.stride(0), B.stride(2), B.stride(1)), R, idx, params[ONES], params[DROP_P], None,
+                  False)
+    dx = dA = dB = None
+    if need_dx:
+        dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
+        # Q = W as (N, K); RM = A[a]^T: element (r, k) is A[a, k, r]
+        _gemm(dy, weight, (weight.stride(0), weight.stride(1)), K, None, dS, A,
+              (A.stride(0), A.stride(2), A.stride(1)), n, idx, params[DX_SCALE], params[DROP_P], seed, has_dropout,
+              dx)
+    if need_dA or need_dB:
+        dA = torch.empty(A.shape, dtype=A.dtype, device=A.device)
+        dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
+        cfg = _reduce_config(x.dtype)
+        k_blocks = _cdiv(K, cfg["BLOCK_C"]) if need_dA else 0
+        n_blocks = _cdiv(N, cfg["BLOCK_C"]) if need_dB else 0
+        multi_reduce_kernel[(k_blocks + n_blocks, n)](
+            x, dS, dA, dy, S, dB, idx, params[DX_SCALE], params[SCALE], params[DROP_P],
+            seed if seed is not None else dS,
+            M, K, N, R, k_blocks,
+            x.stride(0), x.stride(1), dS.stride(0), dS.stride(1), dA.stride(0), dA.stride(1), dA.stride(2),
+            dy.stride(0), dy.stride(1), S.stride(0), S.stride(1), dB.stride(0), dB.stride(1), dB.stride(2),
+            BLOCK_R=configs.block_r(R), HAS_DROPOUT=has_dropout, **_dot(x.dtype), **cfg)
+    return dx, dA if need_dA else None, dB if need_dB else None
+

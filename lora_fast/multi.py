@@ -1,0 +1,200 @@
+"""lora_linear_multi: several LoRA adapters in one batch, each row with its own adapter (issue 30).
+
+Backends: the reference path (torch ops, ``lora_fast.reference.lora_linear_multi``: a row gather, the two small
+matmuls and a scatter per adapter present, as PEFT's ``adapter_names`` loop) serves by default. The fused
+kernels (lora_fast/kernels/multi.py) are a new kernel family that no GPU has run yet, so they are opt-in:
+``LORA_FAST_MULTI=triton`` uses them wherever ``select_backend`` gives "triton" (a CUDA tensor, or the Triton
+interpreter on CPU), and raises where it cannot. With one adapter the Triton path runs lora_linear's own
+kernels, so a batch of one adapter gives bit for bit what ``lora_linear`` gives on either backend.
+"""
+
+import os
+from typing import Optional
+
+import torch
+
+from . import philox, reference
+from ._checks import check_lora_linear_multi, check_training
+from .functional import _autocast_enabled, _autocast_inputs, graph_gradients, select_backend
+
+MULTI_BACKENDS = ("reference", "triton")
+
+
+def multi_backend(x: torch.Tensor) -> str:
+    """The backend of lora_linear_multi for ``x``: "reference" unless ``LORA_FAST_MULTI=triton`` (opt-in: the
+    multi-adapter kernels are unmeasured on a GPU) and then "triton".
+
+    Raises: ValueError for an unknown LORA_FAST_MULTI; RuntimeError when LORA_FAST_MULTI=triton but the kernels
+    cannot serve x (``select_backend``'s reasons, or LORA_FAST_BACKEND=reference). Never falls back silently.
+    """
+    wanted = os.environ.get("LORA_FAST_MULTI", "").strip().lower() or "reference"
+    if wanted not in MULTI_BACKENDS:
+        raise ValueError(f"LORA_FAST_MULTI: expected one of {MULTI_BACKENDS}, got {wanted!r}")
+    if wanted == "reference":
+        return "reference"
+    if select_backend(x) != "triton":
+        raise RuntimeError("LORA_FAST_MULTI=triton cannot serve these inputs: the kernels need a CUDA tensor (or "
+                           "TRITON_INTERPRET=1 on CPU) of dtype float16/bfloat16/float32, and LORA_FAST_BACKEND "
+                           "not set to reference")
+    return "triton"
+
+
+def _output(x, N):
+    """(x2d, y, y2d): x as (M, K) and a fresh y (..., N) with its (M, N) view."""
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y = x.new_empty((*x.shape[:-1], N))
+    return x2d, y, y.view(-1, N)
+
+
+def _frozen_gradients(ctx, dy, x, weight):
+    """dW and db as lora_linear's backward gives them (torch matmuls), None where not required."""
+    need_dW, need_db = ctx.needs_input_grad[1:3]
+    dy2d = dy.reshape(-1, dy.shape[-1])
+    dW = (dy2d.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype) if need_dW else None
+    db = dy2d.sum(0, dtype=torch.float32).to(weight.dtype) if need_db and ctx.has_bias else None
+    return dW, db
+
+
+def _graph_backward(ctx, dy, x, weight, A, B, idx, seed):
+    """(dx, dA, dB) on autograd's graph (create_graph=True): the reference maths on the saved inputs, the mask
+    regenerated from the seed (functional.graph_gradients)."""
+    idx = idx.reshape(x.shape[:-1])
+    mask = reference.multi_keep_mask(seed, x, idx, ctx.dropout_ps) if seed is not None else None
+    active = mask is not None and any(p > 0 for p in ctx.dropout_ps)
+
+    def f(x_, A_, B_):
+        return reference.lora_linear_multi(x_, weight, None, A_, B_, list(ctx.scales), idx,
+                                           dropout_p=list(ctx.dropout_ps), training=active, dropout_mask=mask)
+
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+    return tuple(graph_gradients(f, (x, A, B), needs, dy))
+
+
+class _OneAdapterFunction(torch.autograd.Function):
+    """n = 1 on the Triton path: lora_linear's kernels (kernels.lora_forward / lora_backward), S and dS zeroed
+    on the rows of adapter -1 (one masked fill each way). Saves x, weight, A, B, S (M, R) fp32, idx, seed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, idx, scale, dropout_p, seed):
+        from . import kernels
+
+        x2d, y, y2d = _output(x, weight.shape[0])
+        zero_rows = (idx.reshape(-1) < 0)[:, None]
+        _, S = kernels.lora_forward(x2d, weight, bias, A[0], B[0], scale, dropout_p, seed, out=y2d,
+                                    zero_rows=zero_rows)
+        ctx.save_for_backward(x, weight, A, B, S, idx, seed)
+        ctx.scales, ctx.dropout_ps, ctx.has_bias = (scale,), (dropout_p,), bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from . import kernels
+
+        x, weight, A, B, S, idx, seed = ctx.saved_tensors
+        need_dx, _, _, need_dA, need_dB = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():
+            dx, dA, dB = _graph_backward(ctx, dy, x, weight, A, B, idx, seed)
+        else:
+            dx, dA, dB = kernels.lora_backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight,
+                                               A[0], B[0], S, ctx.scales[0], ctx.dropout_ps[0], seed,
+                                               need_dx=need_dx, need_dA=need_dA, need_dB=need_dB,
+                                               zero_rows=(idx.reshape(-1) < 0)[:, None])
+            dx = dx.view(x.shape) if dx is not None else None
+            dA = dA[None] if dA is not None else None
+            dB = dB[None] if dB is not None else None
+        return (dx, *_frozen_gradients(ctx, dy, x, weight), dA, dB, None, None, None, None)
+
+
+class _MultiFunction(torch.autograd.Function):
+    """n >= 1 adapters on the Triton path (kernels/multi.py): 2 launches forward, 3 backward, whatever n.
+    Saves x, weight, A, B (parameters: no new memory), S (M, R) fp32, idx (M,) int64, the (5, n) fp32 table of
+    per-adapter constants and the seed: nothing of size M x out_features, nothing that grows with n but the
+    table."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, idx, scales, dropout_ps, seed):
+        from .kernels import multi
+
+        x2d, y, y2d = _output(x, weight.shape[0])
+        idx1d = idx.reshape(-1).contiguous()   # the kernels read it with unit stride
+        params = multi.adapter_params(scales, dropout_ps, x.device)
+        has_dropout = any(p > 0 for p in dropout_ps)
+        S = multi.multi_forward(x2d, weight, bias, A, B, idx1d, params, has_dropout, seed, y2d)
+        ctx.save_for_backward(x, weight, A, B, S, idx1d, params, seed)
+        ctx.scales, ctx.dropout_ps, ctx.has_bias = tuple(scales), tuple(dropout_ps), bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from .kernels import multi
+
+        x, weight, A, B, S, idx, params, seed = ctx.saved_tensors
+        need_dx, _, _, need_dA, need_dB = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():
+            dx, dA, dB = _graph_backward(ctx, dy, x, weight, A, B, idx, seed)
+        else:
+            has_dropout = any(p > 0 for p in ctx.dropout_ps)
+            dx, dA, dB = multi.multi_backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight,
+                                              A, B, S, idx, params, has_dropout, seed,
+                                              need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
+            dx = dx.view(x.shape) if dx is not None else None
+        return (dx, *_frozen_gradients(ctx, dy, x, weight), dA, dB, None, None, None, None)
+
+
+def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
+                      B: torch.Tensor, scale, adapter_index: torch.Tensor, *, dropout_p=0.0,
+                      training: bool = True) -> torch.Tensor:
+    """Several LoRA adapters in one batch, with autograd: row m of x gets
+    y_m = x_m W^T + b + scale[a] * (dropout_a(x_m) @ A[a]) @ B[a], a = adapter_index[m], and the base layer alone
+    where a = -1. Maths: LoRA (Hu et al. 2021, eq. 3) per row, with PEFT's dropout on the LoRA input; what PEFT
+    computes for a mixed batch (``model(..., adapter_names=[...])``, "__base__" = -1) and what training several
+    adapters on one frozen base needs (each adapter's gradients from its own rows only).
+
+    Args:
+        x: (..., in_features), float16/bfloat16/float32 (float64 on the reference backend); may be non-contiguous.
+        weight: (out_features, in_features) in x's dtype, as nn.Linear stores it; bias: (out_features,) or None.
+        A: (n, in_features, rank), n >= 1 adapters; B: (n, rank, out_features); both x's dtype or float32.
+            Adapters of different ranks are padded with zero columns of A / rows of B to the largest rank (exact:
+            the padding adds zero products; LinearWithLoRA pads its own adapters).
+        scale: the LoRA scale of every adapter: one finite number, or n of them (a sequence or a (n,) tensor).
+        adapter_index: int64 tensor of shape x.shape[:-1], values in [-1, n); -1: no adapter on that row.
+        dropout_p: drop probability in [0, 1] of the LoRA input, one for all adapters or one per adapter; active
+            when ``training``. One seed per call, drawn as lora_linear draws it; row m's mask is the element
+            mask lora_linear would draw for that row under that seed with p = dropout_p[a], quantised to a
+            multiple of 1/256 (``philox.quantize``); kept elements scaled by 1 / (1 - that p).
+        training: False (eval) applies no dropout.
+
+    Backend: the reference path (torch ops) unless ``LORA_FAST_MULTI=triton`` (opt-in, see ``multi_backend``).
+    The index range is checked on the host (one device sync per call). Under torch.func transforms the
+    reference path runs. With one adapter (n = 1) the result is bit for bit lora_linear's on either backend.
+
+    Returns: (..., out_features) in x's dtype. Gradients flow to x, weight, bias, A (n, in, r) and B (n, r, out);
+        an adapter with no rows gets zero gradients. Deterministic (no atomics).
+
+    Raises:
+        TypeError: a non-tensor, a non-floating x/weight/A/B, weight not in x's dtype, A/B dtypes that differ or
+            are neither x's dtype nor float32, adapter_index not int64, a non-real scale or dropout_p.
+        ValueError: mismatched shapes (A not 3-D, B not (n, rank, out), adapter_index not x.shape[:-1]), tensors
+            on another device than x, index values outside [-1, n), a non-finite scale, dropout_p outside
+            [0, 1], a per-adapter sequence of another length than n, an unknown LORA_FAST_MULTI.
+        RuntimeError: LORA_FAST_MULTI=triton with inputs the kernels cannot serve.
+    """
+    if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
+        x, weight, bias, A, B = _autocast_inputs(x, weight, bias, A, B)
+    scales, dropout_ps = check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout_p)
+    check_training(training)
+    if multi_backend(x) == "reference" or x.numel() == 0 or weight.shape[0] == 0 \
+            or torch._C._are_functorch_transforms_active():
+        return reference.lora_linear_multi(x, weight, bias, A, B, scales, adapter_index, dropout_p=dropout_ps,
+                                           training=training)
+    ps = [p if training else 0.0 for p in dropout_ps]
+    # drawn on x's device as lora_linear and the reference draw it (only when some adapter drops)
+    seed = reference.draw_seed(x.device) if any(p > 0 for p in ps) else None
+    ps = [philox.quantize(p) for p in ps]
+    # an adapter whose every element is dropped: its LoRA term and gradients are exactly zero (as lora_linear)
+    scales = [0.0 if p >= 1.0 else s for s, p in zip(scales, ps)]
+    ps = [0.0 if p >= 1.0 else p for p in ps]
+    if A.shape[0] == 1:
+        return _OneAdapterFunction.apply(x, weight, bias, A, B, adapter_index, scales[0], ps[0],
+                                         seed if ps[0] > 0 else None)
+    return _MultiFunction.apply(x, weight, bias, A, B, adapter_index, scales, ps, seed)

@@ -1,0 +1,531 @@
+"""lora_linear_multi (issue 30): several adapters in one batch, on the reference backend (the default) and on the
+opt-in kernels (LORA_FAST_MULTI=triton; the interpreter on CPU), against float64."""
+
+import pytest
+import torch
+
+from lora_fast import lora_linear, lora_linear_multi, philox, reference
+from lora_fast.multi import multi_backend
+from tests.utils import assert_close, tolerance
+
+BACKENDS = ["reference", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch, device):
+    monkeypatch.setenv("LORA_FAST_MULTI", request.param)
+    assert multi_backend(torch.empty(1, device=device)) == request.param
+    return request.param
+
+
+def multi_inputs(lead, K, N, ranks, dtype, device, *, adapter_dtype=None, bias=True):
+    """x, weight, bias and adapters of the given ranks padded with zeros to the largest (as a layer pads them):
+    A (n, K, R), B (n, R, N), the LoRA term comparable in size to the base term."""
+    n, R = len(ranks), max(ranks)
+    x = torch.randn(*lead, K, device=device).to(dtype)
+    weight = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    b = torch.randn(N, device=device).to(dtype) if bias else None
+    A = torch.zeros(n, K, R, device=device)
+    B = torch.zeros(n, R, N, device=device)
+    for a, r in enumerate(ranks):
+        A[a, :, :r] = torch.randn(K, r, device=device) / K**0.5
+        B[a, :r] = torch.randn(r, N, device=device) / r**0.5
+    adapter_dtype = adapter_dtype or dtype
+    return x, weight, b, A.to(adapter_dtype), B.to(adapter_dtype)
+
+
+def adapter_index(lead, n, device, *, base=True, empty=()):
+    """Random adapter per row in [-1, n) (without -1 unless ``base``), never one of ``empty``."""
+    choices = torch.tensor([a for a in range(-1 if base else 0, n) if a not in empty], device=device)
+    return choices[torch.randint(0, len(choices), lead, device=device)]
+
+
+def _run(op_inputs, scales, idx, dropout_p, seed, dy=None, *, f=lambda t: t, scale_f=lambda s: s, op=None):
+    """(y, grads of x, weight, bias, A, B) of ``op`` (default: the reference) after torch.manual_seed(seed)."""
+    leaves = [None if t is None else f(t).detach().clone().requires_grad_() for t in op_inputs]
+    torch.manual_seed(seed)
+    y = (op or reference.lora_linear_multi)(*leaves, [scale_f(s) for s in scales], idx, dropout_p=dropout_p)
+    if dy is None:
+        dy = torch.randn_like(y, dtype=torch.float32).to(y.dtype)
+    y.backward(f(dy))
+    return y.detach(), [None if t is None else t.grad for t in leaves], dy
+
+
+def check_multi(inputs, scales, idx, *, dropout_p=0.0, dtype=None):
+    """The op (forward and backward) against the float64 reference under the same dropout seed; the bound of
+    tests/utils.py (a few roundings of the data dtype plus fp32 accumulation over the reduction length) scaled by
+    the reference on |inputs|, which draws the same mask."""
+    x, weight = inputs[0], inputs[1]
+    dtype = dtype or x.dtype
+    y, grads, dy = _run(inputs, scales, idx, dropout_p, 1234, op=lora_linear_multi)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], weight.shape[0])
+    ref, ref_grads, _ = _run(inputs, scales, idx, dropout_p, 1234, dy, f=lambda t: t.double())
+    mag, mag_grads, _ = _run(inputs, scales, idx, dropout_p, 1234, dy, f=lambda t: t.double().abs(), scale_f=abs)
+    K, N, R = weight.shape[1], weight.shape[0], inputs[3].shape[2]
+    M = max(1, x.numel() // K)
+    assert_close(y, ref, mag, dtype, K + R, "multi forward")
+    for name, leaf, g, gr, gm, n in zip(("dx", "dW", "dbias", "dA", "dB"), inputs, grads, ref_grads, mag_grads,
+                                        (N + R, M, M, M, M)):
+        if leaf is None:
+            continue
+        assert g is not None and g.dtype == leaf.dtype and g.shape == leaf.shape, name
+        assert_close(g, gr, gm, dtype, n, f"multi {name}")
+
+
+# (leading dims, in_features, out_features, ranks, dtype, adapter dtype, bias, adapters without rows)
+CASES = [
+    ((37,), 45, 29, (1, 3, 8), torch.float32, None, True, ()),               # mixed ranks, padded
+    ((2, 19), 40, 24, (1, 2, 3, 4, 5, 6, 7, 8), torch.float16, None, True, (5,)),   # n = 8, one adapter empty
+    ((33,), 48, 20, (4, 2, 4), torch.bfloat16, torch.float32, False, ()),    # fp32 adapters on bf16
+    ((21,), 36, 40, (8, 8), torch.float16, torch.float32, True, (0,)),       # fp32 adapters on fp16
+    ((30,), 40, 24, (6,), torch.float32, None, True, ()),                    # n = 1 with rows of adapter -1
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{len(c[3])}-{str(c[4])[6:]}")
+def test_matches_float64(case, backend, device):
+    lead, K, N, ranks, dtype, adapter_dtype, bias, empty = case
+    inputs = multi_inputs(lead, K, N, ranks, dtype, device, adapter_dtype=adapter_dtype, bias=bias)
+    idx = adapter_index(lead, len(ranks), device, empty=empty)
+    scales = [0.5 + a for a in range(len(ranks))]
+    scales[-1] = -scales[-1]
+    check_multi(inputs, scales, idx)
+
+
+def test_strided_operands(backend, device):
+    """Non-contiguous x, a transposed weight view, a strided index: read through their strides."""
+    x_full, _, b, A, B = multi_inputs((30,), 2 * 36, 20, (4, 8, 2), torch.float32, device)
+    x = x_full[:, ::2]
+    weight = (torch.randn(36, 20, device=device) / 6).t()
+    A = A[:, ::2]
+    idx = adapter_index((60,), 3, device)[::2]
+    assert not x.is_contiguous() and not weight.is_contiguous() and not idx.is_contiguous()
+    check_multi((x, weight, b, A, B), [1.0, -2.0, 0.5], idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dropout_per_adapter(dtype, backend, device):
+    """One drop probability per adapter (one of them 1: no LoRA term, zero gradients), the kernels' Philox mask
+    on both backends, compared with the float64 reference under the same seed; a scale given as a tensor."""
+    inputs = multi_inputs((41,), 40, 24, (4, 8, 2, 3), dtype, device)
+    idx = adapter_index((41,), 4, device)
+    ps = [0.3, 0.0, 0.5, 1.0]
+    check_multi(inputs, [2.0, 1.0, -0.5, 3.0], idx, dropout_p=ps)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y = lora_linear_multi(*leaves, torch.tensor([2.0, 1.0, -0.5, 3.0]), idx, dropout_p=ps)
+    y.sum().backward()
+    assert not leaves[3].grad[3].any() and not leaves[4].grad[3].any()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_second_order(n, monkeypatch, device):
+    """A differentiable backward (create_graph=True) on the kernels' path is the reference maths on the saved
+    inputs: the same second-order gradients as the reference backend, bit for bit."""
+    inputs = multi_inputs((2, 9), 24, 16, [4] * n, torch.float32, device)
+    idx = adapter_index((2, 9), n, device)
+    # a loss linear in y: the first-order gradients then depend on the inputs only, not on y's rounding
+    c = torch.randn(2, 9, 16, device=device)
+    results = []
+    for backend in BACKENDS:
+        monkeypatch.setenv("LORA_FAST_MULTI", backend)
+        x, w, b, A, B = [t.detach().clone().requires_grad_() for t in inputs]
+        torch.manual_seed(3)
+        y = lora_linear_multi(x, w, b, A, B, [1.5] * n, idx, dropout_p=0.25)
+        gx, gA = torch.autograd.grad((y * c).sum(), (x, A), create_graph=True)
+        (gx.square().sum() + gA.square().sum()).backward()
+        results.append([t.grad for t in (x, A, B)])
+    for name, t1, t2 in zip(("x", "A", "B"), *results):
+        assert torch.equal(t1, t2), name
+
+
+def test_mask_of_each_row_is_lora_linears(device):
+    """Row m's keep-mask is the one lora_linear draws for that row under the same seed with its adapter's p."""
+    x = torch.randn(50, 37, device=device)
+    idx = adapter_index((50,), 3, device)
+    seed = reference.draw_seed(device)
+    ps = [0.25, 0.5, 0.1]
+    keep = reference.multi_keep_mask(seed, x, idx, ps)
+    for a, p in enumerate(ps):
+        rows = idx == a
+        assert torch.equal(keep[rows], philox.keep_mask(seed, 50, 37, p)[rows])
+    assert keep[idx < 0].all()
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_adapter_is_lora_linear_bit_for_bit(dtype, dropout_p, backend, monkeypatch, device):
+    """A batch of one adapter gives exactly what lora_linear gives (forward and every gradient), lora_linear on
+    the same backend (the reference path, or the kernels)."""
+    if backend == "reference":
+        monkeypatch.setenv("LORA_FAST_BACKEND", "reference")
+    x, weight, b, A, B = multi_inputs((3, 13), 40, 24, (8,), dtype, device)
+    idx = torch.zeros((3, 13), dtype=torch.int64, device=device)
+
+    def single(x_, w_, b_, A_, B_, scales, idx_, dropout_p):
+        return lora_linear(x_, w_, b_, A_[0], B_[0], scales[0], dropout_p=dropout_p)
+
+    y1, g1, dy = _run((x, weight, b, A, B), [1.5], idx, dropout_p, 77, op=lora_linear_multi)
+    y2, g2, _ = _run((x, weight, b, A, B), [1.5], idx, dropout_p, 77, dy, op=single)
+    assert torch.equal(y1, y2)
+    for name, t1, t2 in zip(("dx", "dW", "dbias", "dA", "dB"), g1, g2):
+        assert torch.equal(t1, t2), name
+
+
+def test_rows_of_the_base_alone(backend, device):
+    """Every row on adapter -1: the base layer's output, and zero adapter gradients."""
+    inputs = multi_inputs((29,), 40, 24, (4, 4, 4), torch.float32, device)
+    x, weight, b, A, B = [t.detach().clone().requires_grad_() for t in inputs]
+    idx = torch.full((29,), -1, dtype=torch.int64, device=device)
+    y = lora_linear_multi(x, weight, b, A, B, 2.0, idx, dropout_p=0.5)
+    y.square().sum().backward()
+    truth = x.double() @ weight.double().t() + b.double()
+    mag = x.double().abs() @ weight.double().abs().t() + b.double().abs()
+    assert_close(y.detach(), truth, mag, torch.float32, 40, "base rows", record=False)
+    assert not A.grad.any() and not B.grad.any()
+
+
+def test_eval_and_empty_batch(backend, device):
+    inputs = multi_inputs((17,), 32, 24, (4, 2), torch.float32, device)
+    idx = adapter_index((17,), 2, device)
+    y_eval = lora_linear_multi(*inputs, [1.0, 2.0], idx, dropout_p=0.5, training=False)
+    y_plain = lora_linear_multi(*inputs, [1.0, 2.0], idx)
+    assert torch.equal(y_eval, y_plain)
+    x, weight, b, A, B = [t.detach().clone().requires_grad_() for t in
+                          multi_inputs((0,), 32, 24, (4, 2), torch.float32, device)]
+    y = lora_linear_multi(x, weight, b, A, B, 1.0, torch.zeros(0, dtype=torch.int64, device=device))
+    assert y.shape == (0, 24)
+    y.sum().backward()
+    for t in (x, weight, b, A, B):
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+
+
+def test_tolerance_catches_a_wrong_adapter(monkeypatch, device):
+    """The bound fails an op that gives one row another adapter."""
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    inputs = multi_inputs((37,), 40, 24, (4, 4, 4), torch.float32, device)
+    idx = adapter_index((37,), 3, device, base=False)
+    wrong = idx.clone()
+    wrong[5] = (wrong[5] + 1) % 3
+
+    def op(*args, **kwargs):
+        return lora_linear_multi(*args[:6], wrong, **kwargs)
+
+    y = op(*inputs, [1.0, 2.0, 3.0], idx)
+    ref = reference.lora_linear_multi(*[t.double() for t in inputs], [1.0, 2.0, 3.0], idx)
+    mag = reference.lora_linear_multi(*[t.double().abs() for t in inputs], [1.0, 2.0, 3.0], idx)
+    with pytest.raises(AssertionError, match="forward"):
+        assert_close(y, ref, mag, torch.float32, 44, "forward", record=False)
+
+
+class _CountLaunches:
+    """A kernel whose launches (kernel[grid](...)) are counted."""
+
+    def __init__(self, kernel, counter):
+        self.kernel, self.counter = kernel, counter
+
+    def __getitem__(self, grid):
+        self.counter.append(self.kernel)
+        return self.kernel[grid]
+
+
+def test_launches_and_saved_bytes_do_not_grow_with_n(monkeypatch, device):
+    """Kernels: 2 launches forward, 3 backward whatever n; saved for backward beyond the inputs: S (M, R) fp32,
+    the index, the (5, n) fp32 table of per-adapter constants; gradients deterministic."""
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    from lora_fast.kernels import multi
+
+    launches = []
+    for name in ("multi_proj_kernel", "multi_gemm_kernel", "multi_reduce_kernel"):
+        monkeypatch.setattr(multi, name, _CountLaunches(getattr(multi, name), launches))
+    M, K, N, R = 40, 32, 24, 8
+    for n in (2, 8):
+        inputs = multi_inputs((M,), K, N, [R] * n, torch.float32, device)
+        idx = adapter_index((M,), n, device)
+        results = []
+        for _ in range(2):
+            leaves = [t.detach().clone().requires_grad_() for t in inputs]
+            given = {t.data_ptr() for t in leaves}
+            saved = []
+
+            def pack(t, given=given, saved=saved):
+                if t.data_ptr() not in given:
+                    saved.append(t.numel() * t.element_size())
+                return t
+
+            launches.clear()
+            torch.manual_seed(0)   # the same dropout seed in both runs
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = lora_linear_multi(*leaves, [0.5] * n, idx, dropout_p=0.25)
+            assert len(launches) == 2
+            y.square().sum().backward()
+            assert len(launches) == 5, n
+            assert sum(saved) == M * R * 4 + idx.numel() * 8 + 5 * n * 4 + 8   # S, index, table, seed
+            results.append([t.grad for t in leaves])
+        for g1, g2 in zip(*results):
+            assert torch.equal(g1, g2)
+
+
+def test_argument_errors(device):
+    x, weight, b, A, B = multi_inputs((6,), 8, 5, (2, 2), torch.float32, device)
+    idx = torch.zeros(6, dtype=torch.int64, device=device)
+    cases = [
+        (dict(A=A[0]), ValueError, "A: expected a 3-D tensor"),
+        (dict(B=B[:, :1]), ValueError, r"B: expected shape \(adapters=2, rank=2, out_features=5\)"),
+        (dict(adapter_index=idx.int()), TypeError, "adapter_index: expected dtype torch.int64"),
+        (dict(adapter_index=idx[:5]), ValueError, r"adapter_index: expected x's leading shape \(6,\)"),
+        (dict(adapter_index=idx + 2), ValueError, r"adapter_index: expected values in \[-1, 2\)"),
+        (dict(adapter_index=idx - 2), ValueError, r"adapter_index: expected values in \[-1, 2\)"),
+        (dict(scale=[1.0]), ValueError, r"scale: expected one value per adapter \(2\)"),
+        (dict(scale=[1.0, float("nan")]), ValueError, r"scale\[1\]: expected a finite number"),
+        (dict(scale=torch.ones(3)), ValueError, r"scale: expected a number or one per adapter"),
+        (dict(dropout_p=[0.1, 1.5]), ValueError, r"dropout_p\[1\]: expected a probability in \[0, 1\]"),
+        (dict(A=A.double(), B=B.double()), TypeError, "A: expected x's dtype"),
+        (dict(weight=weight[:, :7]), ValueError, "x: expected last dim in_features=7"),
+    ]
+    for change, error, match in cases:
+        args = dict(x=x, weight=weight, bias=b, A=A, B=B, scale=1.0, adapter_index=idx)
+        args.update(change)
+        dropout_p = args.pop("dropout_p", 0.0)
+        with pytest.raises(error, match=match):
+            lora_linear_multi(**args, dropout_p=dropout_p)
+        with pytest.raises(error, match=match):
+            reference.lora_linear_multi(**args, dropout_p=dropout_p)
+
+
+def test_unknown_or_unservable_multi_backend(monkeypatch):
+    monkeypatch.setenv("LORA_FAST_MULTI", "cuda")
+    with pytest.raises(ValueError, match="LORA_FAST_MULTI"):
+        multi_backend(torch.empty(1))
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    with pytest.raises(RuntimeError, match="LORA_FAST_MULTI=triton"):
+        multi_backend(torch.empty(1, dtype=torch.float64))
+
+
+def test_reference_is_the_per_adapter_loop():
+    """The float64 reference against the formula written out row by row (PEFT's adapter_names loop)."""
+    x, weight, b, A, B = multi_inputs((12,), 10, 7, (3, 2), torch.float64, "cpu")
+    idx = adapter_index((12,), 2, "cpu")
+    y = reference.lora_linear_multi(x, weight, b, A, B, [2.0, -1.0], idx)
+    for m in range(12):
+        a = int(idx[m])
+        expected = x[m] @ weight.t() + b + ((2.0, -1.0)[a] * (x[m] @ A[a] @ B[a]) if a >= 0 else 0)
+        mag = x[m].abs() @ weight.abs().t() + b.abs() + (2.0 * (x[m].abs() @ A[a].abs() @ B[a].abs())
+                                                         if a >= 0 else 0)
+        assert ((y[m] - expected).abs() <= tolerance(torch.float64, 20) * mag).all()
+
+
+# --- LinearWithLoRA with several named adapters (PEFT's API) ----------------------------------------------------
+
+
+def _layer_with_adapters(device, dtype=torch.float32):
+    """A LinearWithLoRA (default: rank 4, alpha 2) plus adapters "b" (rank 8, alpha/rank) and "c" (rank 2),
+    every B random so that each term is non-zero."""
+    from lora_fast import LinearWithLoRA
+
+    layer = LinearWithLoRA(torch.nn.Linear(24, 20), 4, 2.0).to(device)
+    layer.add_adapter("b", 8, 4.0, scaling="alpha/rank")
+    layer.add_adapter("c", 2, -1.5)
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.normal_(0, 0.3)
+    return layer.eval()
+
+
+def _truth(layer, x, names, absolute=False):
+    """float64 output of ``layer`` with sample i on adapter names[i] (a list: their terms summed; "__base__":
+    none), and the float64 leaves (A, B per adapter) for gradients."""
+    f = (lambda t: t.detach().double().abs()) if absolute else (lambda t: t.detach().double())
+    leaves = {n: (f(layer.adapter(n).A).requires_grad_(), f(layer.adapter(n).B).requires_grad_())
+              for n in layer.adapters}
+    w, b = f(layer.linear.weight), f(layer.linear.bias)
+    rows = []
+    for i, sample in enumerate(names):
+        y = f(x[i]) @ w.t() + b
+        for n in ([sample] if isinstance(sample, str) else sample):
+            if n != "__base__":
+                scale = layer.adapter(n).scale
+                y = y + (abs(scale) if absolute else scale) * (f(x[i]) @ leaves[n][0] @ leaves[n][1])
+        rows.append(y)
+    return torch.stack(rows), leaves
+
+
+def test_layer_adapter_names_per_sample(backend, device):
+    """forward(x, adapter_names=...) gives each sample its own adapter (mixed ranks, "__base__", an adapter
+    unused), forward and the gradients of every adapter's A and B against float64."""
+    layer = _layer_with_adapters(device)
+    x = torch.randn(5, 3, 24, device=device)
+    names = ["b", "__base__", "default", "b", "c"]
+    y = layer(x, adapter_names=names)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    truth, leaves = _truth(layer, x, names)
+    mag, mag_leaves = _truth(layer, x, names, absolute=True)
+    assert_close(y.detach(), truth, mag, torch.float32, 24 + 8, "layer forward", record=False)
+    (truth * dy.double()).sum().backward()
+    (mag * dy.double().abs()).sum().backward()
+    for n in layer.adapters:
+        for p, t, m in zip((layer.adapter(n).A, layer.adapter(n).B), leaves[n], mag_leaves[n]):
+            assert_close(p.grad, t.grad, m.grad, torch.float32, 15, f"layer d{n}", record=False)
+
+
+def test_layer_set_adapter_and_keys(device):
+    """The default adapter keeps the book's keys; added adapters get their own; set_adapter with one name or
+    several (summed on every row, as PEFT); delete_adapter removes the keys and leaves the active set."""
+    layer = _layer_with_adapters(device)
+    assert list(layer.state_dict()) == ["linear.weight", "linear.bias", "lora.A", "lora.B", "loras.b.A",
+                                        "loras.b.B", "loras.c.A", "loras.c.B"]
+    x = torch.randn(4, 24, device=device)
+    with torch.no_grad():
+        for active in ("b", ["default", "c"], ["b", "c", "default"]):
+            layer.set_adapter(active)
+            truth, _ = _truth(layer, x, [active] * 4)
+            mag, _ = _truth(layer, x, [active] * 4, absolute=True)
+            assert_close(layer(x), truth, mag, torch.float32, 24 + 8, f"active {active}", record=False)
+        layer.delete_adapter("b")
+        assert layer.active_adapters == ["c", "default"] and layer.adapters == ["default", "c"]
+        assert "loras.b.A" not in layer.state_dict()
+        layer.delete_adapter("c")
+        assert layer.active_adapters == ["default"]
+
+
+def test_layer_errors_and_merge_refused_by_name(device):
+    from lora_fast import merge_lora, replace_linear_with_lora
+
+    layer = _layer_with_adapters(device)
+    x = torch.randn(3, 24, device=device)
+    with pytest.raises(ValueError, match="name: expected a new adapter name"):
+        layer.add_adapter("b", 2, 1.0)
+    with pytest.raises(ValueError, match="no adapter named 'zz'"):
+        layer.set_adapter(["b", "zz"])
+    with pytest.raises(ValueError, match="'default' adapter is the layer's own"):
+        layer.delete_adapter("default")
+    with pytest.raises(ValueError, match="no adapter named 'zz'"):
+        layer(x, adapter_names=["b", "zz", "c"])
+    with pytest.raises(ValueError, match="one name per sample"):
+        layer(x, adapter_names=["b", "c"])
+    model = torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8)).to(device)
+    replace_linear_with_lora(model, 4, 2.0)
+    model[2].add_adapter("b", 2, 1.0)
+    model[2].set_adapter(["default", "b"])
+    with pytest.raises(ValueError, match=r"several active adapters.*2 \(active: default, b\)"):
+        merge_lora(model)
+    model[2].set_adapter("default")
+    merge_lora(model)
+    with pytest.raises(RuntimeError, match="merged"):
+        model[2].set_adapter("b")
+
+
+def test_use_adapter_names_through_a_model(device):
+    """use_adapter_names passes the per-sample names to every wrapped layer of a model's forward (PEFT's
+    pre-forward hooks): the same as calling each layer with them (the per-sample semantics are checked above);
+    the hooks are gone afterwards."""
+    from lora_fast import replace_linear_with_lora, use_adapter_names
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 6)).to(device)
+    replace_linear_with_lora(model, 4, 2.0)
+    for layer in (model[0], model[2]):
+        layer.add_adapter("b", 2, 3.0)
+        with torch.no_grad():
+            for p in layer.adapter_parameters():
+                p.normal_(0, 0.3)
+    model.eval()
+    x = torch.randn(3, 16, device=device)
+    names = ["b", "__base__", "default"]
+    with torch.no_grad():
+        with use_adapter_names(model, names):
+            y = model(x)
+        assert not model[0]._forward_pre_hooks and not model[2]._forward_pre_hooks
+        expected = model[2](torch.tanh(model[0](x, adapter_names=names)), adapter_names=names)
+        assert torch.equal(y, expected)
+        assert not torch.equal(model(x), y)   # without the names: the default adapter on every sample
+
+
+def test_patch_peft_fuses_adapter_names(monkeypatch, device):
+    """With the opt-in kernels on, a patched PEFT layer runs PEFT's adapter_names batches (mixed ranks, "__base__")
+    on lora_linear_multi, equal to PEFT's own forward within rounding; without them, PEFT's loop."""
+    peft = pytest.importorskip("peft")
+    from lora_fast import patch_peft, unpatch_peft
+
+    model = torch.nn.Sequential(torch.nn.Linear(24, 20)).to(device)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        for name in ("default", "other"):
+            layer.lora_B[name].weight.normal_(0, 0.3)
+    model.eval()
+    x = torch.randn(5, 3, 24, device=device)
+    names = ["other", "__base__", "default", "default", "other"]
+    calls = []
+    monkeypatch.setattr("lora_fast.peft_interop.lora_linear_multi",
+                        lambda *a, **k: calls.append(1) or lora_linear_multi(*a, **k))
+    with torch.no_grad():
+        peft_y = model(x, adapter_names=names)
+        patch_peft(model, warn=False)
+        assert torch.equal(model(x, adapter_names=names), peft_y) and not calls   # opt-in off: PEFT's loop
+        monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+        y = model(x, adapter_names=names)
+        unpatch_peft(model)
+    assert calls == [1]
+    w, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    truth, mag = [], []
+    for i, name in enumerate(names):
+        t, m = x[i].double() @ w.t() + b, x[i].double().abs() @ w.abs().t() + b.abs()
+        if name in ("default", "other"):
+            A, B = layer.lora_A[name].weight.double().t(), layer.lora_B[name].weight.double().t()
+            t = t + layer.scaling[name] * (x[i].double() @ A @ B)
+            m = m + abs(layer.scaling[name]) * (x[i].double().abs() @ A.abs() @ B.abs())
+        truth.append(t)
+        mag.append(m)
+    assert_close(y, torch.stack(truth), torch.stack(mag), torch.float32, 24 + 4, "patched adapter_names",
+                 record=False)
+    # PEFT's own result against the same truth (it rounds the base and each term apart: two roundings more)
+    assert_close(peft_y, torch.stack(truth), torch.stack(mag), torch.float32, 24 + 4, "PEFT adapter_names",
+                 record=False)
+
+
+def test_layer_adapter_names_with_a_hooked_linear(device):
+    """A wrapped layer with a forward hook keeps its own call: the per-sample terms are added beside it (the
+    unfused path), within rounding of the fused path."""
+    layer = _layer_with_adapters(device)
+    x = torch.randn(4, 24, device=device)
+    names = ["c", "__base__", "b", "default"]
+    with torch.no_grad():
+        fused = layer(x, adapter_names=names)
+        seen = []
+        layer.linear.register_forward_hook(lambda module, args, out: seen.append(1))
+        assert not layer.fused()
+        unfused = layer(x, adapter_names=names)
+    assert seen == [1]
+    truth, _ = _truth(layer, x, names)
+    mag, _ = _truth(layer, x, names, absolute=True)
+    assert_close(unfused, truth, mag, torch.float32, 24 + 8, "hooked layer", record=False)
+    assert_close(fused, truth, mag, torch.float32, 24 + 8, "fused layer", record=False)
+
+
+def test_layer_adapter_names_on_conv1d(backend, device):
+    """transformers' Conv1D (GPT-2's layer, weight (in, out)) with per-sample adapters: its transposed view."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lora_fast import LinearWithLoRA
+
+    conv = Conv1D(20, 24).to(device)
+    with torch.no_grad():
+        conv.bias.normal_()
+    layer = LinearWithLoRA(conv, 4, 2.0)
+    layer.add_adapter("b", 2, -1.0)
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(3, 7, 24, device=device)
+    names = ["b", "default", "__base__"]
+    with torch.no_grad():
+        y = layer(x, adapter_names=names)
+    w, b = conv.weight.double(), conv.bias.double()
+    for i, name in enumerate(names):
+        truth, mag = x[i].double() @ w + b, x[i].double().abs() @ w.abs() + b.abs()
+        if name != "__base__":
+            lora = layer.adapter(name)
+            truth = truth + lora.scale * (x[i].double() @ lora.A.double() @ lora.B.double())
+            mag = mag + abs(lora.scale) * (x[i].double().abs() @ lora.A.double().abs() @ lora.B.double().abs())
+        assert_close(y[i], truth, mag, torch.float32, 24 + 4, f"Conv1D {name}", record=False)
