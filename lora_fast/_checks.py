@@ -87,9 +87,10 @@ def check_lora_linear(x, weight, bias, A, B, scale, dropout_p):
         _tensor("bias", bias, 1)
         if bias.shape[0] != out_features:
             raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
+    device = x.device
     for name, t in (("weight", weight), ("bias", bias), ("A", A), ("B", B)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {t.device}")
+        if t is not None and t.device != device:
+            raise ValueError(f"{name}: expected a tensor on x's device {device}, got {t.device}")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight: expected x's dtype {x.dtype} (as nn.Linear does; use torch.autocast to mix), "
                         f"got {weight.dtype}")
@@ -185,9 +186,10 @@ def check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout
         _tensor("bias", bias, 1)
         if bias.shape[0] != out_features:
             raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
+    device = x.device
     for name, t in (("weight", weight), ("bias", bias), ("A", A), ("B", B)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {t.device}")
+        if t is not None and t.device != device:
+            raise ValueError(f"{name}: expected a tensor on x's device {device}, got {t.device}")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight: expected x's dtype {x.dtype} (as nn.Linear does; use torch.autocast to mix), "
                         f"got {weight.dtype}")

@@ -1,5 +1,6 @@
 """lora_linear: the fused LoRA linear with autograd, and the choice of backend (triton | reference)."""
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -12,6 +13,7 @@ BACKENDS = ("triton", "reference")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@functools.lru_cache(maxsize=None)   # an import statement per call costs host time; the answer does not change
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401

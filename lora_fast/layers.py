@@ -6,6 +6,7 @@ import math
 import numbers
 import sys
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
@@ -87,6 +88,21 @@ def has_forward_hooks(module: nn.Module) -> bool:
     _hf_hook, or global module hooks (torch.nn.modules.module.register_module_forward_hook)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None)
                 or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+
+def _fused_kind(linear: nn.Module) -> Optional[str]:
+    """How LinearWithLoRA runs ``linear`` fused: "plain" (nn.Linear's or Conv1D's forward: ``lora_linear``), "4bit"
+    (bitsandbytes Linear4bit's on a quantized weight: ``lora_linear_4bit``), or None (its own forward or hooks:
+    the wrapped layer's call plus ``lora_delta``). ``has_plain_forward`` and ``has_4bit_forward`` in one pass."""
+    if has_forward_hooks(linear):
+        return None
+    forward = type(linear).forward
+    if forward is nn.Linear.forward:
+        return "plain"
+    conv1d = conv1d_class()
+    if conv1d is not None and forward is conv1d.forward:
+        return "plain"
+    return "4bit" if has_4bit_forward(linear) else None
 
 
 class LoRALayer(nn.Module):
@@ -388,25 +404,40 @@ class LinearWithLoRA(nn.Module):
                                  training=self.training)
 
     def _forward_one(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        lora, dropout = self._adapter(name), self._adapter_dropout(name)
-        A, B = lora.A, lora.B
-        if not self.fused():
-            y = self.linear(x)
+        # the per-step path: submodules and parameters read from their dicts (nn.Module.__getattr__ costs host
+        # time on every call), the wrapped layer's kind decided once per call
+        modules = self._modules
+        linear = modules["linear"]
+        if name == DEFAULT_ADAPTER:
+            lora, dropout = modules["lora"], self.dropout
+        else:
+            lora, dropout = modules["loras"][name], self._dropouts[name]
+        try:
+            params = lora._parameters
+            A, B = params["A"], params["B"]
+        except KeyError:   # parametrized (torch.nn.utils.parametrize) or otherwise not plain parameters
+            A, B = lora.A, lora.B
+        kind = _fused_kind(linear)
+        if kind is None:
+            y = linear(x)
             # summed in the adapters' dtype when wider, then rounded once (as PEFT and the reference do)
             return (y + lora_delta(x, A, B, lora.scale, dropout_p=dropout, training=self.training)).to(y.dtype)
-        if has_4bit_forward(self.linear):
-            return forward_4bit(self.linear, x, A, B, lora.scale, dropout, self.training)
+        if kind == "4bit":
+            return forward_4bit(linear, x, A, B, lora.scale, dropout, self.training)
         # Conv1D computes x @ W + b with W (in, out): its transpose is a view in nn.Linear's (out, in) layout
-        weight = self.linear.weight.t() if self.fan_in_fan_out else self.linear.weight
-        return lora_linear(x, weight, self.linear.bias, A, B, lora.scale, dropout_p=dropout,
-                           training=self.training)
+        try:
+            linear_params = linear._parameters
+            weight, bias = linear_params["weight"], linear_params["bias"]
+        except KeyError:   # parametrized, or a bias kept as a buffer
+            weight, bias = linear.weight, linear.bias
+        return lora_linear(x, weight.t() if self.fan_in_fan_out else weight, bias, A, B, lora.scale,
+                           dropout_p=dropout, training=self.training)
 
     def fused(self) -> bool:
         """True when forward runs the fused op (see the class docstring: plain layer, no hooks): nn.Linear's or
         Conv1D's forward (``lora_linear``), or bitsandbytes Linear4bit's on a quantized weight
         (``lora_linear_4bit``)."""
-        return (has_plain_forward(self.linear) or has_4bit_forward(self.linear)) \
-            and not has_forward_hooks(self.linear)
+        return _fused_kind(self.linear) is not None
 
     def forward(self, x: torch.Tensor, *, adapter_names=None) -> torch.Tensor:
         """linear(x) plus the active adapters' terms; with ``adapter_names`` (one name per sample of x's first
@@ -420,7 +451,9 @@ class LinearWithLoRA(nn.Module):
             if torch.is_grad_enabled() and any(p.requires_grad for p in adapters):
                 y = _MergedGuard.apply(y, *adapters)
             return y
-        active = self.active_adapters
+        active = self.__dict__.get("_active_adapters")
+        if active is None:   # the default adapter alone (no set_adapter yet): the common case, no list built
+            return self._forward_one(x, DEFAULT_ADAPTER)
         y = self._forward_one(x, active[0])
         if len(active) == 1:
             return y

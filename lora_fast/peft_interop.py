@@ -160,9 +160,10 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
-def _fused_adapter(module: nn.Module, x, args, kwargs) -> Optional[str]:
-    """The adapter to run fused for this call, or None for PEFT's own forward. Every state PEFT's forward treats
-    specially (disabled or merged adapters, adapter_names, extra arguments) goes to PEFT."""
+def _fused_adapter(module: nn.Module, x, args, kwargs) -> Optional[tuple]:
+    """What to run fused for this call: (adapter, base layer, lora_A.weight, lora_B.weight, is_4bit, is_dora), or
+    None for PEFT's own forward. Every state PEFT's forward treats specially (disabled or merged adapters,
+    adapter_names, extra arguments) goes to PEFT. Each fact is looked up once per call (host time)."""
     if args or kwargs or module.disable_adapters or module.merged:
         return None
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or _autocast_on(x.device.type):
@@ -170,10 +171,13 @@ def _fused_adapter(module: nn.Module, x, args, kwargs) -> Optional[str]:
     adapter, _ = _adapter_reason(module)
     if adapter is None:
         return None
-    weight, A = module.base_layer.weight, module.lora_A[adapter].weight
-    if has_4bit_forward(module.base_layer):
+    base = module.base_layer
+    weight = base.weight
+    A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    is_4bit = has_4bit_forward(base)
+    if is_4bit:
         # the op runs in the layer's compute dtype (x cast to it, as Linear4bit casts it)
-        compute = module.base_layer.compute_dtype or x.dtype
+        compute = base.compute_dtype or x.dtype
         if x.dtype not in _FUSED_DTYPES or compute not in _FUSED_DTYPES or A.dtype not in (compute, torch.float32):
             return None
         if A.dtype != compute and not getattr(module, "cast_input_dtype_enabled", True):
@@ -182,13 +186,14 @@ def _fused_adapter(module: nn.Module, x, args, kwargs) -> Optional[str]:
         return None
     if A.dtype != x.dtype and not getattr(module, "cast_input_dtype_enabled", True):
         return None
-    if weight.device != x.device or A.device != x.device or module.lora_B[adapter].weight.device != x.device:
+    if weight.device != x.device or A.device != x.device or B.device != x.device:
         return None
-    if _is_dora(module, adapter):
+    is_dora = _is_dora(module, adapter)
+    if is_dora:
         magnitude = module.lora_magnitude_vector[adapter].weight
         if magnitude.dtype not in (A.dtype, torch.float32) or magnitude.device != x.device:
             return None
-    return adapter
+    return adapter, base, A, B, is_4bit, is_dora
 
 
 def _mixed_batch_operands(module: nn.Module, x, args, kwargs):
@@ -257,33 +262,31 @@ def _fused_forward(module: nn.Module, x, *args, **kwargs):
         base = module.base_layer
         weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
         return lora_linear_multi(x, weight, base.bias, A, B, scales, index, dropout_p=ps, training=True)
-    adapter = _fused_adapter(module, x, args, kwargs)
-    if adapter is None:
+    plan = _fused_adapter(module, x, args, kwargs)
+    if plan is None:
         return type(module).forward(module, x, *args, **kwargs)
-    base = module.base_layer
+    adapter, base, A, B, is_4bit, is_dora = plan
     dropout = module.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-    if has_4bit_forward(base) and _is_dora(module, adapter):
+    scale = module.scaling[adapter]
+    # transposed views of PEFT's parameters (lora_A.weight (r, in), lora_B.weight (out, r)): gradients flow back
+    # into them
+    if is_4bit and is_dora:
         # QDoRA: dora_linear_4bit in the layer's compute dtype (PEFT's DoRA reads deq(W) in the adapters' dtype:
         # within one rounding of deq(W) in the compute dtype)
-        return forward_dora_4bit(base, x, module.lora_A[adapter].weight.t(), module.lora_B[adapter].weight.t(),
-                                 module.lora_magnitude_vector[adapter].weight, module.scaling[adapter], p,
+        return forward_dora_4bit(base, x, A.t(), B.t(), module.lora_magnitude_vector[adapter].weight, scale, p,
                                  module.training and dropout.training)
-    if has_4bit_forward(base):
+    if is_4bit:
         # QLoRA: the LoRA term reads x in the compute dtype (PEFT reads it in x's own dtype: the same when they
         # agree, within one rounding of x otherwise)
-        return forward_4bit(base, x, module.lora_A[adapter].weight.t(), module.lora_B[adapter].weight.t(),
-                            module.scaling[adapter], p, dropout.training)
+        return forward_4bit(base, x, A.t(), B.t(), scale, p, dropout.training)
     # Conv1D (fan_in_fan_out) stores (in, out); .t() gives nn.Linear's (out, in) layout as a view, no copy
     weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
-    if _is_dora(module, adapter):
+    if is_dora:
         # PEFT's DoRA drops (and recomputes the base on the dropped input) only while the layer trains
-        return dora_linear(x, weight, base.bias, module.lora_A[adapter].weight.t(), module.lora_B[adapter].weight.t(),
-                           module.lora_magnitude_vector[adapter].weight, module.scaling[adapter], dropout_p=p,
-                           training=module.training and dropout.training)
-    # transposed views of PEFT's parameters: gradients flow back into lora_A.weight / lora_B.weight
-    return lora_linear(x, weight, base.bias, module.lora_A[adapter].weight.t(), module.lora_B[adapter].weight.t(),
-                       module.scaling[adapter], dropout_p=p, training=dropout.training)
+        return dora_linear(x, weight, base.bias, A.t(), B.t(), module.lora_magnitude_vector[adapter].weight, scale,
+                           dropout_p=p, training=module.training and dropout.training)
+    return lora_linear(x, weight, base.bias, A.t(), B.t(), scale, dropout_p=p, training=dropout.training)
 
 
 class _FusedForward:
