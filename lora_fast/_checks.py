@@ -99,7 +99,8 @@ def check_lora_linear(x, weight, bias, A, B, scale, dropout_p):
     if A.dtype != B.dtype:
         raise TypeError(f"B: expected A's dtype {A.dtype}, got {B.dtype}")
     if A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"A: expected x's dtype {x.dtype} or float32, got {A.dtype}")
+        raise TypeError(f"A: expected x's dtype {x.dtype}" + (" or float32" if x.dtype != torch.float32 else "")
+                        + f", got {A.dtype}")
     return check_scale(scale), check_dropout(dropout_p)
 
 
@@ -198,7 +199,8 @@ def check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout
     if A.dtype != B.dtype:
         raise TypeError(f"B: expected A's dtype {A.dtype}, got {B.dtype}")
     if A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"A: expected x's dtype {x.dtype} or float32, got {A.dtype}")
+        raise TypeError(f"A: expected x's dtype {x.dtype}" + (" or float32" if x.dtype != torch.float32 else "")
+                        + f", got {A.dtype}")
     if not isinstance(adapter_index, torch.Tensor):
         raise TypeError(f"adapter_index: expected a torch.Tensor, got {type(adapter_index).__name__}")
     if adapter_index.dtype != torch.int64:

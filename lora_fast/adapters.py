@@ -87,6 +87,13 @@ def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
             out[name] = p.detach()
         else:
             left_out.append(name)
+    added = [n for n in left_out if ".loras." in f".{n}"]
+    left_out = [n for n in left_out if n not in added]
+    if added:
+        shown = _shown(added[:5]) + (", ..." if len(added) > 5 else "")
+        warnings.warn(f"lora_state_dict: {len(added)} parameter(s) of adapters added with add_adapter are not saved "
+                      f"(only the default adapter is, as yet): {shown}; save them with model.state_dict()",
+                      UserWarning, stacklevel=2)
     if left_out:
         shown = _shown(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
         warnings.warn(f"lora_state_dict: {len(left_out)} trainable parameter(s) are not LoRA adapters or biases and "

@@ -484,8 +484,14 @@ def use_adapter_names(model: nn.Module, adapter_names):
     def hook(module, args, kwargs):
         return args, {**kwargs, "adapter_names": names}
 
+    dora = [name for name, m in model.named_modules() if isinstance(m, LinearWithDoRA)]
+    if dora:
+        # a DoRA layer would otherwise run its one adapter on every sample: a silently different model
+        raise NotImplementedError(f"use_adapter_names: the model has DoRA layers ({', '.join(dora[:3])}"
+                                  f"{', ...' if len(dora) > 3 else ''}), which hold one adapter and cannot take one "
+                                  "adapter per sample")
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
-               if isinstance(m, LinearWithLoRA) and not isinstance(m, LinearWithDoRA)]
+               if isinstance(m, LinearWithLoRA)]
     try:
         yield model
     finally:
@@ -632,7 +638,11 @@ class LinearWithDoRA(LinearWithLoRA):
         raise NotImplementedError("LinearWithDoRA.add_adapter: several DoRA adapters in one layer are not supported; "
                                   "use LinearWithLoRA for several adapters")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, adapter_names=None) -> torch.Tensor:
+        if adapter_names is not None:
+            raise NotImplementedError("LinearWithDoRA: adapter_names (one adapter per sample) is not supported on "
+                                      "DoRA layers, which hold one adapter; use LinearWithLoRA layers for mixed "
+                                      "batches")
         if not self.merged:
             self._check_magnitude("forward")
         if self.merged or not self.fused():

@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from . import _env
 from ._files import give_mode
 from .adapters import Transaction
 from .dora import dora_linear
@@ -208,6 +209,8 @@ def _mixed_batch_operands(module: nn.Module, x, args, kwargs):
         return None
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or _autocast_on(x.device.type):
         return None
+    if not (x.is_cuda or (x.device.type == "cpu" and _env.interpreting())):
+        return None   # the opt-in kernels cannot serve x (a CPU tensor without the interpreter): PEFT's loop
     if not isinstance(names, (list, tuple)) or len(names) != x.shape[0] \
             or not all(isinstance(n, str) for n in names):
         return None   # PEFT's forward raises its own error

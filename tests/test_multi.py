@@ -529,3 +529,60 @@ def test_layer_adapter_names_on_conv1d(backend, device):
             truth = truth + lora.scale * (x[i].double() @ lora.A.double() @ lora.B.double())
             mag = mag + abs(lora.scale) * (x[i].double().abs() @ lora.A.double().abs() @ lora.B.double().abs())
         assert_close(y[i], truth, mag, torch.float32, 24 + 4, f"Conv1D {name}", record=False)
+
+
+def test_patch_peft_adapter_names_keep_peft_loop_where_the_kernels_cannot_serve(monkeypatch):
+    """LORA_FAST_MULTI=triton with a CPU tensor and no interpreter (a model moved to the CPU for evaluation): the
+    patched layer runs PEFT's own loop, as without the switch, instead of raising."""
+    peft = pytest.importorskip("peft")
+    from lora_fast import patch_peft
+
+    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(12, 10)),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
+    with torch.no_grad():
+        for name in ("default", "other"):
+            model.base_model.model[0].lora_B[name].weight.normal_(0, 0.3)
+    model.eval()
+    x = torch.randn(3, 2, 12)
+    names = ["other", "__base__", "default"]
+    calls = []
+    monkeypatch.setattr("lora_fast.peft_interop.lora_linear_multi", lambda *a, **k: calls.append(1))
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setattr("lora_fast._env.interpreting", lambda: False)
+    with torch.no_grad():
+        peft_y = model(x, adapter_names=names)
+        patch_peft(model, warn=False)
+        y = model(x, adapter_names=names)
+    assert not calls and torch.equal(y, peft_y)
+
+
+def test_dora_layers_refuse_per_sample_adapters():
+    """A DoRA layer holds one adapter: adapter_names on it, or use_adapter_names on a model that has one, raise
+    by name instead of running its adapter on every sample."""
+    from lora_fast import LinearWithDoRA, replace_linear_with_lora, use_adapter_names
+
+    model = replace_linear_with_lora(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)), 2, 1.0,
+                                     use_dora=True)
+    assert isinstance(model[0], LinearWithDoRA)
+    x = torch.randn(2, 8)
+    with pytest.raises(NotImplementedError, match="adapter_names"):
+        model[0](x, adapter_names=["default", "__base__"])
+    with pytest.raises(NotImplementedError, match="DoRA layers \\(0, 1\\)"):
+        with use_adapter_names(model, ["default", "__base__"]):
+            model(x)
+    assert not model[0]._forward_pre_hooks
+
+
+def test_added_adapters_left_out_of_lora_state_dict_are_named_as_such():
+    """lora_state_dict keeps the default adapter only (as yet): the warning names the added adapters' parameters
+    as such, not as non-adapter parameters to freeze."""
+    from lora_fast import lora_state_dict, mark_only_lora_as_trainable, replace_linear_with_lora
+
+    model = replace_linear_with_lora(torch.nn.Sequential(torch.nn.Linear(8, 8)), 2, 1.0)
+    model[0].add_adapter("b", 2, 1.0)
+    mark_only_lora_as_trainable(model)
+    with pytest.warns(UserWarning, match="added with add_adapter are not saved") as record:
+        state = lora_state_dict(model)
+    assert not any("mark_only_lora_as_trainable" in str(w.message) for w in record)
+    assert set(state) == {"0.lora.A", "0.lora.B"}
