@@ -65,24 +65,9 @@ def check_rank(rank) -> int:
     return int(rank)
 
 
-def check_lora_linear(x, weight, bias, A, B, scale, dropout_p):
-    """Validate the arguments of lora_linear; returns (scale, dropout_p) as floats. Raises TypeError/ValueError."""
-    _tensor("x", x)
-    if x.dim() < 1:
-        raise ValueError("x: expected shape (..., in_features), got a 0-d tensor")
-    _tensor("weight", weight, 2)
-    _tensor("A", A, 2)
-    _tensor("B", B, 2)
-    out_features, in_features = weight.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x: expected last dim in_features={in_features} (weight is {tuple(weight.shape)}), "
-                         f"got shape {tuple(x.shape)}")
-    if A.shape[1] < 1:
-        raise ValueError(f"A: expected shape (in_features, rank) with rank >= 1, got {tuple(A.shape)}")
-    if A.shape[0] != in_features:
-        raise ValueError(f"A: expected shape (in_features={in_features}, rank), got {tuple(A.shape)}")
-    if B.shape[0] != A.shape[1] or B.shape[1] != out_features:   # ints: no torch.Size comparison (host time)
-        raise ValueError(f"B: expected shape (rank={A.shape[1]}, out_features={out_features}), got {tuple(B.shape)}")
+def _check_bias_devices_dtypes(x, weight, bias, A, B, out_features: int) -> None:
+    """The checks lora_linear and lora_linear_multi share: bias (out_features,), every tensor on x's device,
+    weight in x's dtype, bias in weight's, A and B alike in x's dtype or float32."""
     if bias is not None:
         _tensor("bias", bias, 1)
         if bias.shape[0] != out_features:
@@ -101,6 +86,27 @@ def check_lora_linear(x, weight, bias, A, B, scale, dropout_p):
     if A.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"A: expected x's dtype {x.dtype}" + (" or float32" if x.dtype != torch.float32 else "")
                         + f", got {A.dtype}")
+
+
+def check_lora_linear(x, weight, bias, A, B, scale, dropout_p):
+    """Validate the arguments of lora_linear; returns (scale, dropout_p) as floats. Raises TypeError/ValueError."""
+    _tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x: expected shape (..., in_features), got a 0-d tensor")
+    _tensor("weight", weight, 2)
+    _tensor("A", A, 2)
+    _tensor("B", B, 2)
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x: expected last dim in_features={in_features} (weight is {tuple(weight.shape)}), "
+                         f"got shape {tuple(x.shape)}")
+    if A.shape[1] < 1:
+        raise ValueError(f"A: expected shape (in_features, rank) with rank >= 1, got {tuple(A.shape)}")
+    if A.shape[0] != in_features:
+        raise ValueError(f"A: expected shape (in_features={in_features}, rank), got {tuple(A.shape)}")
+    if B.shape[0] != A.shape[1] or B.shape[1] != out_features:   # ints: no torch.Size comparison (host time)
+        raise ValueError(f"B: expected shape (rank={A.shape[1]}, out_features={out_features}), got {tuple(B.shape)}")
+    _check_bias_devices_dtypes(x, weight, bias, A, B, out_features)
     return check_scale(scale), check_dropout(dropout_p)
 
 
@@ -183,24 +189,7 @@ def check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout
     if tuple(B.shape) != (n, rank, out_features):
         raise ValueError(f"B: expected shape (adapters={n}, rank={rank}, out_features={out_features}), got "
                          f"{tuple(B.shape)}")
-    if bias is not None:
-        _tensor("bias", bias, 1)
-        if bias.shape[0] != out_features:
-            raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
-    device = x.device
-    for name, t in (("weight", weight), ("bias", bias), ("A", A), ("B", B)):
-        if t is not None and t.device != device:
-            raise ValueError(f"{name}: expected a tensor on x's device {device}, got {t.device}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight: expected x's dtype {x.dtype} (as nn.Linear does; use torch.autocast to mix), "
-                        f"got {weight.dtype}")
-    if bias is not None and bias.dtype != weight.dtype:
-        raise TypeError(f"bias: expected weight's dtype {weight.dtype}, got {bias.dtype}")
-    if A.dtype != B.dtype:
-        raise TypeError(f"B: expected A's dtype {A.dtype}, got {B.dtype}")
-    if A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"A: expected x's dtype {x.dtype}" + (" or float32" if x.dtype != torch.float32 else "")
-                        + f", got {A.dtype}")
+    _check_bias_devices_dtypes(x, weight, bias, A, B, out_features)
     if not isinstance(adapter_index, torch.Tensor):
         raise TypeError(f"adapter_index: expected a torch.Tensor, got {type(adapter_index).__name__}")
     if adapter_index.dtype != torch.int64:
