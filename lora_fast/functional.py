@@ -210,6 +210,185 @@ def _op_backward(ctx, dy, dS):
 torch.library.register_autograd("lora_fast::lora_linear_fwd", _op_backward, setup_context=_op_setup_context)
 
 
+# --- planned calls (issue 26: host time) ------------------------------------------------------------------------
+# A call whose arguments' metadata (types, shapes, strides, dtypes, devices, 16-byte alignment of the data pointers),
+# scale, dropout_p and training flag repeat an earlier call's needs none of the checks, backend and path decisions
+# again: its _OpPlan holds the checked scale and dropout and the recorded launches (kernels/plan.py) of its forward
+# and, per dY layout and set of gradients, of its backward. Built by the first call that passes the checks on the
+# Triton backend; kernels/choice.clear() (a new LORA_FAST_GEMM) forgets them all.
+_PLANS = None                 # kernels.plan.PLANS once the Triton backend has served a call (dict: key -> _OpPlan)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_RECORD_TRIES = 3             # recordings tried per forward / backward layout before it keeps the launchers' path
+_BACKWARD_LAYOUTS = 8         # dY layouts (and gradient sets) replayed per plan
+
+
+# os.environ's own dict (bytes keys on POSIX): a plain dict lookup where os.environ.get encodes the key and
+# decodes the value (~0.5-1 us per call on the planned path)
+_ENV_DATA = getattr(os.environ, "_data", None)
+_BACKEND_KEY = os.environ.encodekey("LORA_FAST_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
+def _forced_backend() -> bool:
+    """Whether LORA_FAST_BACKEND is set to anything (the planned path then steps aside for select_backend)."""
+    if _ENV_DATA is not None and _BACKEND_KEY is not None:
+        return bool(_ENV_DATA.get(_BACKEND_KEY))
+    return bool(os.environ.get("LORA_FAST_BACKEND"))
+
+
+def _meta(t):
+    return (type(t), t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+
+
+def _plan_key(x, weight, bias, A, B, scale, dropout_p, training):
+    """The metadata a planned call must repeat (see above); raises for what is not a strided tensor."""
+    # the numbers' types too: 1 == 1.0 == True in a dict key, and the checks accept a float where they refuse a bool
+    return (_meta(x), _meta(weight), None if bias is None else _meta(bias), _meta(A), _meta(B), type(scale), scale,
+            type(dropout_p), dropout_p, type(training), training)
+
+
+class _OpPlan:
+    """The checked constants and the recorded launches of one metadata key (see _PLANS)."""
+
+    __slots__ = ("scale", "p", "draw_seed", "y_shape", "has_bias", "fwd", "fwd_tries", "bwd", "bwd_tries")
+
+    def __init__(self, scale: float, p: float, draw_seed: bool, y_shape, has_bias: bool):
+        self.scale, self.p, self.draw_seed, self.y_shape, self.has_bias = scale, p, draw_seed, y_shape, has_bias
+        self.fwd, self.fwd_tries, self.bwd, self.bwd_tries = None, 0, {}, 0
+
+    def forward(self, x, weight, bias, A, B, seed):
+        """(y, S) as _forward, by the recorded launches when there are."""
+        rep = self.fwd
+        if rep is not None:
+            y = x.new_empty(self.y_shape)
+            out = rep(x, weight, bias, A, B, seed, y)
+            if out is not None:
+                return y, out[0]
+        if rep is not None or self.fwd_tries >= _RECORD_TRIES:
+            return _forward(x, weight, bias, A, B, self.scale, self.p, seed)
+        self.fwd_tries += 1
+        from .kernels import lora_forward, plan
+
+        N = self.y_shape[-1]
+        y = x.new_empty(self.y_shape)
+        flat = x.dim() == 2
+        x2d = x if flat else x.reshape(-1, x.shape[-1])
+        y2d = y if flat else y.view(-1, N)
+        with plan.Recorder((x, weight, bias, A, B, seed, y)) as rec:
+            rec.alias(x2d, x)
+            rec.alias(y2d, y)
+            _, S = lora_forward(x2d, weight, bias, A, B, self.scale, self.p, seed, out=y2d)
+        self.fwd = rec.replay((S,))
+        return y, S
+
+    def backward(self, ctx, dy):
+        """The five gradients of _gradients, the low-rank ones by the recorded launches when there are."""
+        x, weight, A, B, S, seed = ctx.saved_tensors
+        need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():   # autograd records the backward (create_graph=True): see _gradients
+            dx, dA, dB = _backward_graph(dy, x, weight, A, B, S, self.scale, self.p, seed, need_dx, need_dA, need_dB)
+        elif need_dx or need_dA or need_dB:
+            key = (dy.shape, dy.stride(), dy.dtype, dy.data_ptr() & 15, need_dx, need_dA, need_dB)
+            rep = self.bwd.get(key)
+            out = None
+            if rep is not None:
+                dx = x.new_empty(x.shape) if need_dx else None
+                out = rep(dy, x, weight, A, B, S, seed, dx)
+            if out is not None:
+                dA, dB = out
+            elif rep is None and self.bwd_tries < _RECORD_TRIES and len(self.bwd) < _BACKWARD_LAYOUTS:
+                dx, dA, dB = self._record_backward(key, dy, x, weight, A, B, S, seed, need_dx, need_dA, need_dB)
+            else:
+                dx, dA, dB = _backward_kernels(dy, x, weight, A, B, S, self.scale, self.p, seed, need_dx, need_dA,
+                                               need_dB)
+        else:
+            dx = dA = dB = None
+        dW = (dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype) if need_dW else None
+        db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype) \
+            if need_db and self.has_bias else None
+        return dx, dW, db, dA, dB
+
+    def _record_backward(self, key, dy, x, weight, A, B, S, seed, need_dx, need_dA, need_dB):
+        from .kernels import lora_backward, plan
+
+        self.bwd_tries += 1
+        flat = x.dim() == 2
+        dx = x.new_empty(x.shape) if need_dx else None
+        dy2d = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
+        x2d = x if flat else x.reshape(-1, x.shape[-1])
+        dx2d = dx if dx is None or flat else dx.view(-1, x.shape[-1])
+        seed = seed if self.p > 0 else None
+        with plan.Recorder((dy, x, weight, A, B, S, seed, dx)) as rec:
+            rec.alias(dy2d, dy)
+            rec.alias(x2d, x)
+            if dx is not None:
+                rec.alias(dx2d, dx)
+            _, dA, dB = lora_backward(dy2d, x2d, weight, A, B, S, self.scale, self.p, seed, need_dx=need_dx,
+                                      need_dA=need_dA, need_dB=need_dB, dx_out=dx2d)
+        replay = rec.replay((dA, dB))
+        if replay is not None:
+            self.bwd[key] = replay
+        return dx, dA, dB
+
+
+class _PlannedFunction(torch.autograd.Function):
+    """The eager path of a planned call: _LoRALinearFunction's maths and saved tensors, on the plan's launches."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, op, seed):
+        y, S = op.forward(x, weight, bias, A, B, seed)
+        ctx.save_for_backward(x, weight, A, B, S, seed)
+        ctx.op = op
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (*ctx.op.backward(ctx, dy), None, None)
+
+
+# autograd.Function.apply without its Python wrapper (bind_default_args, the functorch check, the dead-wrapper
+# unwrap: the planned path checks for transforms itself and takes plain tensors only): ~4 us less per call
+_planned_apply = super(torch.autograd.Function, _PlannedFunction).apply
+
+
+def _planned(x, weight, bias, A, B, scale, dropout_p, training):
+    """lora_linear's result when the call repeats a planned call's metadata (see _PLANS), else None."""
+    # first what a tracer (torch.compile, torch.func) must never see: a data pointer read, a dict of plans
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
+            or torch._C._is_any_autocast_enabled() or _forced_backend():
+        return None
+    try:
+        key = _plan_key(x, weight, bias, A, B, scale, dropout_p, training)
+    except Exception:   # not a strided tensor (or no data pointer): the checks say what is wrong
+        return None
+    op = _PLANS.get(key)
+    if op is None:
+        return None
+    seed = reference.draw_seed(x.device) if op.draw_seed else None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or A.requires_grad or B.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _planned_apply(x, weight, bias, A, B, op, seed)
+    return op.forward(x, weight, bias, A, B, seed)[0]
+
+
+def _new_plan(x, weight, bias, A, B, raw_scale, raw_dropout_p, training, scale, p, draw_seed):
+    """The _OpPlan of a call that passed the checks on the Triton backend (None for what is never planned: other
+    tensor types, empty tensors, arguments that are not plain numbers)."""
+    global _PLANS
+    if not (type(raw_scale) in (float, int) and type(raw_dropout_p) in (float, int) and type(training) is bool
+            and all(type(t) in _PLAIN for t in (x, weight, A, B)) and (bias is None or type(bias) in _PLAIN)
+            and x.numel() and weight.shape[0]):
+        return None
+    if _PLANS is None:
+        from .kernels import plan
+
+        _PLANS = plan.PLANS
+    if len(_PLANS) >= 4096:   # a bound for programs that never repeat a layout
+        _PLANS.clear()
+    op = _OpPlan(scale, p, draw_seed, (*x.shape[:-1], weight.shape[0]), bias is not None)
+    _PLANS[_plan_key(x, weight, bias, A, B, raw_scale, raw_dropout_p, training)] = op
+    return op
+
+
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
@@ -276,8 +455,14 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             dropout_p outside [0, 1], an unknown LORA_FAST_BACKEND.
         RuntimeError: LORA_FAST_BACKEND=triton with inputs the kernels cannot serve.
     """
-    if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
+    if _PLANS is not None:
+        y = _planned(x, weight, bias, A, B, scale, dropout_p, training)
+        if y is not None:
+            return y
+    autocast = isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type)
+    if autocast:
         x, weight, bias, A, B = _autocast_inputs(x, weight, bias, A, B)
+    raw_scale, raw_dropout_p = scale, dropout_p
     scale, dropout_p = check_lora_linear(x, weight, bias, A, B, scale, dropout_p)
     check_training(training)
     # in_features = 0 (y = bias) or out_features = 0: no matmul to fuse, the reference computes it exactly.
@@ -298,5 +483,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         p, scale = 0.0, 0.0
     if torch.compiler.is_compiling():
         return _lora_linear_fwd(x, weight, bias, A, B, scale, p, seed)[0]
+    op = None if autocast or _forced_backend() else \
+        _new_plan(x, weight, bias, A, B, raw_scale, raw_dropout_p, training, scale, p, seed is not None)
+    if op is not None:
+        return _PlannedFunction.apply(x, weight, bias, A, B, op, seed)
     # eager: an autograd.Function costs less host time per call than the custom-op dispatch
     return _LoRALinearFunction.apply(x, weight, bias, A, B, scale, p, seed)

@@ -87,7 +87,7 @@ def _peft_lora_4bit():
 
 def _has_hooks(module: nn.Module) -> bool:
     # a hook (accelerate's offloading _hf_hook, a user's) expects the module's own forward to be called
-    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None))
+    return bool(module._forward_hooks or module._forward_pre_hooks or module.__dict__.get("_hf_hook"))
 
 
 def _layer_reason(module: nn.Module, lora_layer) -> Optional[str]:
@@ -115,24 +115,45 @@ def _layer_reason(module: nn.Module, lora_layer) -> Optional[str]:
     return None
 
 
+_MISSING = object()
+
+
+def _state(module: nn.Module, private: str, public: str):
+    """A PEFT layer's attribute from its instance dict (``private``, where PEFT keeps it), else through the public
+    property ``public``: the properties and nn.Module.__getattr__ cost host time on every call."""
+    value = module.__dict__.get(private, _MISSING)
+    return getattr(module, public) if value is _MISSING else value
+
+
+def _submodule(module: nn.Module, name: str):
+    """A submodule (PEFT's ModuleDicts, base_layer) from nn.Module's own dict (no __getattr__)."""
+    found = module.__dict__["_modules"].get(name, _MISSING)
+    return getattr(module, name) if found is _MISSING else found
+
+
 def _adapter_reason(module: nn.Module) -> tuple:
     """(adapter name, None) when the layer's active adapter can run fused, else (None, reason)."""
-    active = [a for a in module.active_adapters if a in module.lora_A]
+    active = _state(module, "_active_adapter", "active_adapter")
+    lora_As = _submodule(module, "lora_A")._modules
+    active = [active] if isinstance(active, str) else active
+    active = [a for a in active if a in lora_As]
     if len(active) != 1:
         return None, "several active adapters" if active else "no active adapter"
     adapter = active[0]
     # peft >= 0.15 keeps every variant (DoRA, aLoRA, ...) in lora_variant; older versions only have use_dora
-    variant = getattr(module, "lora_variant", {}).get(adapter)
-    if (variant is not None or getattr(module, "use_dora", {}).get(adapter)) and not _is_dora(module, adapter):
-        return None, "LoRA variant " + ("DoRA" if module.use_dora.get(adapter) else type(variant).__name__)
-    lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
-    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
+    variant = module.__dict__.get("lora_variant", {}).get(adapter)
+    use_dora = module.__dict__.get("use_dora", {}).get(adapter)
+    if (variant is not None or use_dora) and not _is_dora(module, adapter):
+        return None, "LoRA variant " + ("DoRA" if use_dora else type(variant).__name__)
+    lora_A, lora_B = lora_As[adapter], _submodule(module, "lora_B")._modules[adapter]
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A._parameters.get("bias") is not None:
         return None, "custom lora_A / lora_B modules"
-    if lora_B.bias is not None:
+    if lora_B._parameters.get("bias") is not None:
         return None, "lora_bias"
-    if type(module.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
-        return None, f"lora_dropout {type(module.lora_dropout[adapter]).__name__}"
-    if any(_has_hooks(m) for m in (module.base_layer, lora_A, lora_B)):
+    dropout = _submodule(module, "lora_dropout")._modules[adapter]
+    if type(dropout) not in (nn.Dropout, nn.Identity):
+        return None, f"lora_dropout {type(dropout).__name__}"
+    if _has_hooks(_submodule(module, "base_layer")) or _has_hooks(lora_A) or _has_hooks(lora_B):
         return None, "forward hooks on the base layer or lora_A / lora_B"
     return adapter, None
 
@@ -165,16 +186,18 @@ def _fused_adapter(module: nn.Module, x, args, kwargs) -> Optional[tuple]:
     """What to run fused for this call: (adapter, base layer, lora_A.weight, lora_B.weight, is_4bit, is_dora), or
     None for PEFT's own forward. Every state PEFT's forward treats specially (disabled or merged adapters,
     adapter_names, extra arguments) goes to PEFT. Each fact is looked up once per call (host time)."""
-    if args or kwargs or module.disable_adapters or module.merged:
+    if args or kwargs or _state(module, "_disable_adapters", "disable_adapters") \
+            or _state(module, "merged_adapters", "merged"):
         return None
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or _autocast_on(x.device.type):
         return None
     adapter, _ = _adapter_reason(module)
     if adapter is None:
         return None
-    base = module.base_layer
+    base = _submodule(module, "base_layer")
     weight = base.weight
-    A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    A = _submodule(module, "lora_A")._modules[adapter].weight
+    B = _submodule(module, "lora_B")._modules[adapter].weight
     is_4bit = has_4bit_forward(base)
     if is_4bit:
         # the op runs in the layer's compute dtype (x cast to it, as Linear4bit casts it)
@@ -269,9 +292,9 @@ def _fused_forward(module: nn.Module, x, *args, **kwargs):
     if plan is None:
         return type(module).forward(module, x, *args, **kwargs)
     adapter, base, A, B, is_4bit, is_dora = plan
-    dropout = module.lora_dropout[adapter]
+    dropout = _submodule(module, "lora_dropout")._modules[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-    scale = module.scaling[adapter]
+    scale = module.__dict__["scaling"][adapter] if "scaling" in module.__dict__ else module.scaling[adapter]
     # transposed views of PEFT's parameters (lora_A.weight (r, in), lora_B.weight (out, r)): gradients flow back
     # into them
     if is_4bit and is_dora:

@@ -63,6 +63,63 @@ for p in (0.0, 0.25):
         and a1[4:6] == a2[4:6]
         for (n1, _, a1), (n2, _, a2) in zip(first, second))
 
+# planned calls (functional._OpPlan, kernels/plan.py): from the third call of a layout on, the recorded launches
+# replay; they must be the launchers' launches exactly, with each call's own tensors in every pointer argument
+from lora_fast import functional
+from lora_fast.kernels import choice, plan as kplan
+
+replays = [0]
+original_replay = kplan.Replay.__call__
+def counting_replay(self, *inputs):
+    out = original_replay(self, *inputs)
+    replays[0] += out is not None
+    return out
+monkeypatch(kplan.Replay, "__call__", counting_replay)
+addmms = []
+original_addmm = torch.Tensor.addmm_
+def recording_addmm(self, mat1, mat2, **kwargs):   # the cuBLAS path's torch op, recorded like a launch
+    addmms.append(("addmm", 0, (self, mat1, mat2)))
+    return self
+monkeypatch(torch.Tensor, "addmm_", recording_addmm)
+
+def roles(calls, named):
+    """Each launch as (kernel, grid, arguments) with a tensor argument named by the input whose data pointer it
+    holds, else by its layout (a fresh buffer)."""
+    def name(a):
+        if isinstance(a, torch.Tensor):
+            for n, t in named.items():
+                if t is not None and a.data_ptr() == t.data_ptr() and a.dtype == t.dtype:
+                    return n
+            return ("fresh", str(a.dtype), a.numel())   # the launchers' (M, K) buffer is the replay's (B, T, K)
+        return repr(a)
+    # the launch metadata argument (4-6: Triton's JIT passes a LazyDict, a planned launch None without a profiler)
+    return [(kname, [name(a) for i, a in enumerate(args) if not 4 <= i <= 6]) for kname, _, args in calls]
+
+for path in ("triton", "cublas", "tma"):
+    choice.clear()
+    monkeypatch(choice, "forced_path", lambda path=path: path)
+    for p in (0.0, 0.25):
+        trace, replays[0] = [], 0
+        for step in range(4):   # JIT and tuning, the recording, two replays
+            xs3 = torch.randn(2, 5, K).half().requires_grad_()
+            dys = torch.randn(2, 5, N).half()
+            launcher.record, addmms[:] = [], []
+            ys = lora_linear(xs3, w, b, A, B, 2.0, dropout_p=p)
+            S_saved, seed_saved = ys.grad_fn.saved_tensors[4:6]
+            fwd = launcher.record + addmms
+            launcher.record, addmms[:] = [], []
+            ys.backward(dys)
+            bwd = launcher.record + addmms
+            launcher.record = None
+            named = dict(x=xs3, w=w, b=b, A=A, B=B, y=ys, dy=dys, dx=xs3.grad, dA=A.grad, dB=B.grad, S=S_saved,
+                         seed=seed_saved)
+            trace.append(roles(fwd, named) + roles(bwd, named))
+            A.grad = B.grad = None
+        # the second call went through the launchers (and was recorded), the third and fourth replayed
+        result[f"planned {path} p={p}"] = [replays[0] >= 4, trace[3] == trace[1] and trace[2] == trace[1],
+                                          sum(1 for k, _ in trace[0] if k != "addmm")]
+choice.clear()
+
 # a layer whose tensors live on cuda:1 called while cuda:0 is current
 S = torch.zeros(21, R)
 out = torch.empty(21, N).half()
@@ -94,3 +151,8 @@ def test_launch_plans_and_devices():
     assert result["devices"] == [1, 1] and result["current after"] == 0
     # backward at decode size: dS (split in 3 along N = 520, summed by its last split) with dB, dX, dA
     assert result["decode M=1 R=1"] == 3 and result["decode M=2 R=16"] == 3
+    # planned calls: the third and fourth call of each layout replay forward and backward (4 replays or more), with
+    # the launchers' launches, arguments and tensor roles exactly; five launches on every GEMM path
+    for path in ("triton", "cublas", "tma"):
+        for p in (0.0, 0.25):
+            assert result[f"planned {path} p={p}"] == [True, True, 5], (path, p, result[f"planned {path} p={p}"])

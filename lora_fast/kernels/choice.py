@@ -339,3 +339,6 @@ def clear() -> None:
     GEMM.clear()
     GEMM_4BIT.clear()
     TUNING.clear()
+    from . import plan
+
+    plan.clear()

@@ -15,7 +15,7 @@ from triton import knobs
 from triton.runtime import driver
 
 from .. import philox
-from . import choice, configs
+from . import choice, configs, plan
 from .gemm import gemm_lowrank_kernel
 from .gemm_tma import gemm_lowrank_tma_kernel
 from .lowrank import lowrank_proj_kernel, reduce_m_kernel, sum_partials_kernel
@@ -71,6 +71,9 @@ class _Launcher:
 
     def __call__(self, grid, *args, device: torch.device, dtype: torch.dtype, **kwargs):
         if _INTERPRETED:
+            rec = plan.recorder()
+            if rec is not None:
+                rec.fail()   # interpreted launches are not compiled kernels: nothing to replay
             return self.kernel[grid](*args, **kwargs, **self.interp_config)
         index = device.index if device.index is not None else torch.cuda.current_device()
         # what Triton specialises on: each pointer's dtype and 16-byte alignment, each integer's value (== 1,
@@ -78,15 +81,18 @@ class _Launcher:
         plan_key = (index, *[(t.dtype, t.data_ptr() & 15 == 0) for t in args[:self.pointers]],
                     args[self.pointers:len(args) - self.scalars], grid if isinstance(grid, tuple) else None,
                     *kwargs.items())
-        plan = self._plans.get(plan_key)
-        if plan is None:
+        launch_plan = self._plans.get(plan_key)
+        if launch_plan is None:
             with _device_guard(index):
-                plan = self._plan(grid, args, kwargs, device, dtype)
+                launch_plan = self._plan(grid, args, kwargs, device, dtype)
             if len(self._plans) >= _PLAN_LIMIT:
                 self._plans.clear()
-            self._plans[plan_key] = plan
+            self._plans[plan_key] = launch_plan
+            rec = plan.recorder()
+            if rec is not None:
+                rec.fail()   # this call compiled or tuned: the next call with this metadata is recorded instead
             return   # the planning call launched the kernel
-        compiled, g0, g1, g2, tail, current_stream = plan
+        compiled, g0, g1, g2, tail, current_stream = launch_plan
         bound = (*args, *tail)
         runtime = knobs.runtime
         enter_hook, exit_hook = runtime.launch_enter_hook, runtime.launch_exit_hook
@@ -104,6 +110,10 @@ class _Launcher:
         finally:
             if previous != index:
                 torch.cuda.set_device(previous)
+        if plan.RECORDING[0]:
+            rec = plan.recorder()
+            if rec is not None:
+                rec.launch(compiled, (g0, g1, g2), args, tail, index, current_stream)
 
     def _plan(self, grid, args, kwargs, device, dtype):
         """Launch through Triton's autotuner / JIT once and return the launch plan of this call."""
@@ -180,6 +190,16 @@ _finish = _Launcher(sum_partials_kernel, configs.finish_configs, [], dict(num_wa
 _K_STRIDE_LIMIT = 2**24
 
 
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """torch.empty, seen by a recording (kernels/plan.py) as a buffer each replay allocates afresh."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if plan.RECORDING[0]:
+        rec = plan.recorder()
+        if rec is not None:
+            rec.alloc(t)
+    return t
+
+
 def _along_k(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.contiguous() if t.stride(dim) >= _K_STRIDE_LIMIT else t
 
@@ -247,6 +267,10 @@ class _Counters:
         if buffer is None or buffer.numel() < count:
             buffer = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
             self._buffers[key] = buffer
+        if plan.RECORDING[0]:
+            rec = plan.recorder()
+            if rec is not None:
+                rec.constant(buffer)
         return buffer
 
 
@@ -265,16 +289,16 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
     """
     M, K = P.shape
     device = P.device
-    out = torch.empty((M, R), dtype=torch.float32, device=device)
+    out = _empty((M, R), torch.float32, device)
     block_m = _proj_block_m()
     rows_per_program, k_per_split = _proj_layout(M, K, R, block_m, device, partial_of is not None)
     grid = (_cdiv(M, rows_per_program), _cdiv(K, k_per_split))
     split_k = grid[1] > 1
-    split = torch.empty((grid[1], M, R), dtype=torch.float32, device=device) if split_k else out
+    split = _empty((grid[1], M, R), torch.float32, device) if split_k else out
     L, partial, target = out, out, out
     if partial_of is not None:
         L = partial_of
-        partial = torch.empty((grid[0], R, K), dtype=torch.float32, device=device)
+        partial = _empty((grid[0], R, K), torch.float32, device)
         target = grad
     counters = COUNTERS.get(device, grid[0] + grid[1]) if split_k or partial_of is not None else out
     if dropout_p > 0:
@@ -308,7 +332,7 @@ def reduce_rows(P, L, scale, out, *, transpose=False, dropout_p=0.0, seed=None):
     grid = (_cdiv(K, block_k), splits)
     partial = counters = out
     if splits > 1:
-        partial = torch.empty((splits, K, R), dtype=torch.float32, device=P.device)
+        partial = _empty((splits, K, R), torch.float32, P.device)
         counters = COUNTERS.get(P.device, grid[0])
     strides = (out.stride(1), out.stride(0)) if transpose else (out.stride(0), out.stride(1))
     _reduce(grid, P, L, partial, seed if seed is not None else out, out, counters,
@@ -344,13 +368,16 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
     M, K = P.shape
     R = L.shape[1]
     if out is None:
-        out = torch.empty((M, N), dtype=P.dtype, device=P.device)
+        out = _empty((M, N), P.dtype, P.device)
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()   # N elements; the kernel reads the bias with unit stride
     args = (P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out, backward)
     key = (P.device, P.dtype, _m_bucket(M), N, K, R, dropout_p > 0, backward)
     path = choice.GEMM.get(key)
     if path is None:
+        rec = plan.recorder()
+        if rec is not None:
+            rec.fail()   # resolving times the candidates: their launches are not this call's
         def name():
             return torch.cuda.get_device_name(P.device)
         candidates = {p: functools.partial(_GEMM_PATHS[p], *args)
@@ -419,6 +446,9 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
 
     if not _INTERPRETED:
         _ensure_allocator()
+        rec = plan.recorder()
+        if rec is not None:
+            rec.allocator = True
     block_r = configs.block_r(R)
     launch = _tma_launcher("dropout" if dropout_p > 0 else "dx" if backward else "forward", block_r)
     launch(grid, P, Q, bias if bias is not None else out, L, RM, out, seed if seed is not None else out,
@@ -460,6 +490,10 @@ def _cublas_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dro
                 k_loop=False)
     if P.shape[1]:
         out.addmm_(P, Q.as_strided((P.shape[1], N), q_strides))
+        rec = plan.recorder()
+        if rec is not None:
+            shape = (P.shape[1], N)
+            rec.call(lambda out_, P_, Q_: out_.addmm_(P_, Q_.as_strided(shape, q_strides)), out, P, Q)
 
 
 _ws_launchers = {}
@@ -485,6 +519,9 @@ def _ws_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout
         return (min(num_sms, _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])),)
 
     _ensure_allocator()
+    rec = plan.recorder()
+    if rec is not None:
+        rec.allocator = True
     launch(grid, P, Q, bias if bias is not None else out, L, RM, out, M, N, K, R, _m_bucket(M),
            P.stride(0), q_strides[1] if transposed else q_strides[0], L.stride(0), L.stride(1), rm_strides[0],
            rm_strides[1], out.stride(0), float(lowrank_scale),
@@ -518,6 +555,8 @@ def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=Non
     S, _, _ = project_input(x, A, dropout_p, seed)
     if zero_rows is not None:
         S.masked_fill_(zero_rows, 0.0)
+        if plan.recorder() is not None:
+            plan.recorder().fail()
     # Q = W^T: element (k, n) of W^T is weight[n, k]
     y = gemm_lowrank(x, weight, (weight.stride(1), weight.stride(0)), N, bias, S, B, (B.stride(0), B.stride(1)),
                      scale, dropout_p=0.0, out=out)
@@ -525,8 +564,9 @@ def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=Non
 
 
 def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, need_dx=True, need_dA=True,
-                  need_dB=True, zero_rows=None):
-    """Backward of the fused LoRA linear: (dx, dA, dB), each None when not needed.
+                  need_dB=True, zero_rows=None, dx_out=None):
+    """Backward of the fused LoRA linear: (dx, dA, dB), each None when not needed; dx written into ``dx_out``
+    (an (M, K) tensor in x's dtype, a view of the caller's N-D gradient) when given.
 
     dS = dY B^T and dB = scale S^T dY in one pass over dY (or two when the partials of a large rank would
     cost more than re-reading dY); dX = dY W + scale * keep/(1-p) ⊙ (dS A^T) in one GEMM with the low-rank
@@ -539,7 +579,7 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
     dx = dA = dB = None
     dropout_p = philox.quantize(dropout_p)
     if need_dB:
-        dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
+        dB = _empty(B.shape, B.dtype, B.device)
     # dB rides on the dS pass (five launches per step) while 4 R < PROJ_BLOCK_M (ranks up to 31 on a GPU). Above,
     # dB takes its own pass over dY (six launches): the reason is the byte count of configs.PROJ_BLOCK_M's
     # comment (the (groups, R, N) fp32 partials grow with R, a second read of dY does not) and the dS pass's
@@ -549,6 +589,8 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
                             grad=dB if fused_dB else None, grad_scale=scale)
     if zero_rows is not None:   # lora_forward's zero_rows: no gradient flows through those rows' LoRA term
         dS.masked_fill_(zero_rows, 0.0)
+        if plan.recorder() is not None:
+            plan.recorder().fail()
     if need_dB and not fused_dB:
         reduce_rows(dy, S, scale, dB, transpose=True)
     keep_scale = 1.0 / (1.0 - dropout_p)
@@ -556,8 +598,8 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
         # Q = W as (N, K); RM = A^T: element (r, k) is A[k, r]
         dx = gemm_lowrank(dy, weight, (weight.stride(0), weight.stride(1)), K, None, dS, A,
                           (A.stride(1), A.stride(0)), scale * keep_scale, dropout_p=dropout_p, seed=seed,
-                          backward=True)
+                          out=dx_out, backward=True)
     if need_dA:
-        dA = reduce_rows(x, dS, scale * keep_scale, torch.empty(A.shape, dtype=A.dtype, device=A.device),
+        dA = reduce_rows(x, dS, scale * keep_scale, _empty(A.shape, A.dtype, A.device),
                          dropout_p=dropout_p, seed=seed)
     return dx, dA, dB

@@ -1,0 +1,246 @@
+"""Launch sequences recorded once and replayed: the host path of a call that repeats an earlier call's metadata.
+
+The launchers (kernels/ops.py) decide everything a launch needs (the GEMM path, the kernels, their grids, integer
+arguments, constexprs and tile configs, the scratch buffers' shapes) from the tensors' metadata (shapes, strides,
+dtypes, devices, 16-byte alignment of the data pointers), the LoRA scale and the dropout probability; the tensors'
+values never enter a decision. So once a call with given metadata has run, the next call with the same metadata
+issues the same launches, on the same compiled kernels, with only the tensors' data pointers (and the dropout seed
+tensor) changed. ``Recorder`` watches one such call go through the launchers and keeps, per launch, the compiled
+kernel, its resolved grid and its argument tuple with the tensors' positions marked; ``Replay`` then allocates the
+same buffers and issues the same launches directly: no layout or path decision, no autotuner or launch-plan key, no
+argument tuple built from names.
+
+What a recording refuses (and the call keeps the launchers' path): a launch that tuned or compiled (the first call
+of a kernel's key), a GEMM path not resolved yet (the measured choice times candidates), the interpreter (its
+launches are not compiled kernels), a tensor argument that is neither an input nor a buffer the launchers allocated
+(a copy made for alignment or strides, say), one tensor in two roles, launches on two streams or devices, a torch op
+on the launchers' path that the recording does not know (``Recorder.call`` records the ones it knows). A replay
+returns None, and the caller takes the launchers' path, when the current stream is not the recorded one or a
+profiler's launch hook is installed (it wants launch metadata per launch).
+"""
+
+import threading
+from typing import Optional
+
+import torch
+from triton import knobs
+
+_local = threading.local()
+# calls being recorded in any thread: the launchers look for a recorder only while this is non-zero
+RECORDING = [0]
+
+
+def recorder() -> Optional["Recorder"]:
+    """The recorder of the current thread's call, or None."""
+    return getattr(_local, "recorder", None) if RECORDING[0] else None
+
+
+class Recorder:
+    """Watches one call through the launchers (``with Recorder(inputs) as rec: ...``) and becomes a ``Replay``
+    (``rec.replay(outputs)``) when everything it saw can be replayed. ``inputs``: the tensors (or None) the replay
+    will be given, in order."""
+
+    def __init__(self, inputs):
+        self.ok = True
+        self._roles = {}          # id(tensor) -> index into the replay's tensor list
+        self._tensors = []        # every tensor seen (kept alive, so that ids stay unique while recording)
+        self._count = 0           # roles so far: the inputs, then the allocations
+        self._constants = set()   # ids of buffers the launchers own (the reduction counters)
+        self.allocs = []          # the launchers' allocations, in order
+        self.steps = []
+        self.stream = self.device_index = self.stream_fn = None
+        self.allocator = False    # a TMA kernel ran: the replay sets triton's allocator as the launchers do
+        self.inputs = len(inputs)
+        for t in inputs:
+            self._role(t)
+
+    def __enter__(self):
+        if getattr(_local, "recorder", None) is not None:
+            self.ok = False       # a recording inside another (an op calling an op): not supported, not needed
+            self._outer = None
+            return self
+        self._outer = True
+        _local.recorder = self
+        RECORDING[0] += 1
+        return self
+
+    def __exit__(self, *exc):
+        if self._outer:
+            _local.recorder = None
+            RECORDING[0] -= 1
+        if exc[0] is not None:
+            self.ok = False
+
+    def fail(self) -> None:
+        self.ok = False
+
+    def _role(self, t) -> None:
+        role = self._count
+        self._count += 1
+        if t is None:
+            return
+        self._tensors.append(t)
+        if id(t) in self._roles:
+            self.ok = False       # one tensor in two roles: a replay with two tensors could not tell them apart
+        self._roles[id(t)] = role
+
+    def alias(self, view: torch.Tensor, of: torch.Tensor) -> None:
+        """``view`` stands in the role of ``of``: the same dtype and data pointer (the kernels read only the
+        pointer; the integer arguments carry the view's strides, which the metadata fixes)."""
+        if view is of:
+            return
+        if id(of) not in self._roles or view.dtype != of.dtype or view.data_ptr() != of.data_ptr():
+            self.ok = False
+            return
+        self._roles[id(view)] = self._roles[id(of)]
+        self._tensors.append(view)
+
+    def alloc(self, t: torch.Tensor) -> torch.Tensor:
+        """A buffer the launchers allocate (torch.empty): allocated again by each replay, unless it is small scratch
+        (see ``Replay``)."""
+        self.allocs.append(t)
+        self._role(t)
+        return t
+
+    def constant(self, t: torch.Tensor) -> None:
+        """A buffer the launchers keep across calls (the counters of kernels/ops.py, per device and stream)."""
+        self._constants.add(id(t))
+        self._tensors.append(t)
+
+    def _slots(self, args):
+        slots = []
+        for pos, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                role = self._roles.get(id(a))
+                if role is None:
+                    if id(a) not in self._constants:
+                        self.ok = False
+                    continue
+                slots.append((pos, role))
+        return tuple(slots)
+
+    def launch(self, compiled, grid, args, tail, index, stream_fn) -> None:
+        """A launch of ``compiled`` (a triton CompiledKernel that has run) on ``grid`` (3 ints) with ``args`` (the
+        kernel's explicit arguments) and ``tail`` (its config values), on device ``index``'s current stream."""
+        stream = stream_fn(index)
+        if self.stream_fn is None:
+            self.stream, self.device_index, self.stream_fn = stream, index, stream_fn
+        elif (stream, index) != (self.stream, self.device_index):
+            self.ok = False
+        slots = self._slots(args)
+        template = list(args) + list(tail)
+        for pos, _ in slots:
+            template[pos] = None   # filled per replay; no reference to this call's tensors is kept
+        self.steps.append((compiled.run, grid[0], grid[1], grid[2], compiled.function, compiled.packed_metadata,
+                           template, slots))
+
+    def call(self, fn, *tensors) -> None:
+        """A torch op on the launchers' path, replayed as ``fn(*tensors)`` on the replay's tensors."""
+        slots = self._slots(tensors)
+        if len(slots) != len(tensors):
+            self.ok = False
+        self.steps.append((None, fn, tuple(role for _, role in slots)))
+
+    def replay(self, outputs) -> Optional["Replay"]:
+        """The replay of what was recorded, returning the tensors in the roles of ``outputs`` (None stays None),
+        or None when the call cannot be replayed."""
+        if not self.ok or self.stream_fn is None:
+            return None
+        roles = []
+        for t in outputs:
+            if t is None:
+                roles.append(None)
+            elif id(t) in self._roles:
+                roles.append(self._roles[id(t)])
+            else:
+                return None
+        return Replay(self, tuple(roles))
+
+
+# Scratch (a buffer the launchers allocate that is not an output: split sums, dB partials, dS) of at most this many
+# bytes is allocated once per replay and reused by its later calls from the recording thread: the launches of two
+# calls on one stream run in stream order, so a call's kernels are done with it before the next call's write it.
+# Another thread (which could interleave its launches with this one's on the same stream) allocates its own. The
+# bound keeps what a replay holds small (a few of them per layer shape), where allocation is a visible share of the
+# host time; larger scratch goes back to the caching allocator after each call.
+SCRATCH_BYTES = 1 << 20
+
+
+class Replay:
+    """A recorded call's launches (see the module docstring). ``replay(*inputs)`` returns the output tensors, or None
+    when this call cannot be replayed (another stream, a launch hook): then nothing was launched or allocated.
+
+    The launches are written out as one Python function (``_source``), compiled once: each launch a call of the
+    compiled kernel's launcher with its grid as literals, the call's tensors as local names and every other argument
+    as a name bound to its recorded value. That is the least a Python launch can do per call (no argument tuple to
+    copy and fill, no loop over steps): ~2 us less per replay than the same steps interpreted from tuples."""
+
+    __slots__ = ("stream", "device_index", "stream_fn", "allocator", "owner", "_run", "_source")
+
+    def __init__(self, rec: Recorder, outputs):
+        self.stream, self.device_index, self.stream_fn = rec.stream, rec.device_index, rec.stream_fn
+        self.allocator = rec.allocator
+        self.owner = threading.get_ident()
+        names = {"empty": torch.empty}
+        params = [f"t{i}" for i in range(rec.inputs)]
+        lines = [f"def replay({', '.join(params + ['stream', 'enter_hook', 'exit_hook', 'own'])}):"]
+        keep = set(outputs)
+        for j, t in enumerate(rec.allocs):
+            role = rec.inputs + j
+            names[f"shape{j}"], names[f"dtype{j}"], names[f"device{j}"] = tuple(t.shape), t.dtype, t.device
+            fresh = f"empty(shape{j}, dtype=dtype{j}, device=device{j})"
+            if role not in keep and t.numel() * t.element_size() <= SCRATCH_BYTES:
+                names[f"scratch{j}"] = t
+                lines.append(f"    t{role} = scratch{j} if own else {fresh}")
+            else:
+                lines.append(f"    t{role} = {fresh}")
+        for i, step in enumerate(rec.steps):
+            if step[0] is None:   # a torch op (Recorder.call)
+                names[f"op{i}"] = step[1]
+                lines.append(f"    op{i}({', '.join(f't{role}' for role in step[2])})")
+                continue
+            run, g0, g1, g2, function, packed, template, slots = step
+            names[f"run{i}"], names[f"function{i}"], names[f"packed{i}"] = run, function, packed
+            tensor_at = dict(slots)
+            args = []
+            for pos, value in enumerate(template):
+                if pos in tensor_at:
+                    args.append(f"t{tensor_at[pos]}")
+                else:
+                    names[f"arg{i}_{pos}"] = value
+                    args.append(f"arg{i}_{pos}")
+            lines.append(f"    run{i}({int(g0)}, {int(g1)}, {int(g2)}, stream, function{i}, packed{i}, None, "
+                         f"enter_hook, exit_hook, {', '.join(args)})")
+        lines.append(f"    return ({''.join(('None' if role is None else f't{role}') + ', ' for role in outputs)})")
+        self._source = "\n".join(lines)
+        exec(compile(self._source, "<lora_fast.kernels.plan replay>", "exec"), names)
+        self._run = names["replay"]
+
+    def __call__(self, *inputs):
+        index = self.device_index
+        runtime = knobs.runtime
+        enter_hook, exit_hook = runtime.launch_enter_hook, runtime.launch_exit_hook
+        if enter_hook is not None and getattr(enter_hook, "calls", True):
+            return None   # a profiler's hook wants launch metadata: the launchers' path provides it
+        previous = torch.cuda.current_device()
+        if previous != index:
+            torch.cuda.set_device(index)
+        try:
+            if self.stream_fn(index) != self.stream:
+                return None
+            if self.allocator:
+                from .ops import _ensure_allocator
+                _ensure_allocator()
+            return self._run(*inputs, self.stream, enter_hook, exit_hook, threading.get_ident() == self.owner)
+        finally:
+            if previous != index:
+                torch.cuda.set_device(previous)
+
+
+# lora_fast.functional's planned calls (key -> _OpPlan), kept here so that choice.clear() can forget them
+PLANS = {}
+
+
+def clear() -> None:
+    """Forget every planned call (their launches follow choices that choice.clear() forgets)."""
+    PLANS.clear()

@@ -1,0 +1,91 @@
+"""Planned calls (functional._OpPlan, kernels/plan.py): a call that repeats an earlier call's metadata skips the checks
+and the launchers' decisions. What must not change with it: the errors bad input gets, the switches
+(LORA_FAST_BACKEND, autocast, choice.clear()), and the results. That the replayed launches are the launchers' own is
+tests/test_host_path.py's (it needs compiled kernels: a stand-in driver without the interpreter)."""
+
+import pytest
+import torch
+
+from lora_fast import functional, lora_linear, reference
+from lora_fast.kernels import choice
+from tests.utils import assert_close, linear_magnitude
+
+
+def _inputs(device, dtype=torch.float32):
+    K, N, R = 24, 20, 4
+    x = torch.randn(2, 3, K, device=device, dtype=dtype)
+    weight = torch.randn(N, K, device=device, dtype=dtype)
+    bias = torch.randn(N, device=device, dtype=dtype)
+    A = torch.randn(K, R, device=device).requires_grad_()
+    B = torch.randn(R, N, device=device).requires_grad_()
+    return x, weight, bias, A, B
+
+
+def _key(x, weight, bias, A, B, scale, p=0.0, training=True):
+    return functional._plan_key(x, weight, bias, A, B, scale, p, training)
+
+
+@pytest.fixture
+def planned(device):
+    """Inputs whose metadata has a plan: two calls on the Triton backend (interpreted on CPU)."""
+    if functional.select_backend(torch.empty(1, device=device)) != "triton":
+        pytest.skip("the Triton backend is not available here (no GPU, TRITON_INTERPRET unset)")
+    choice.clear()
+    inputs = _inputs(device)
+    for _ in range(2):
+        lora_linear(*inputs, 2.0)
+    assert _key(*inputs, 2.0) in functional._PLANS
+    return inputs
+
+
+def test_planned_calls_match_float64(planned):
+    x, weight, bias, A, B = planned
+    for _ in range(3):   # fresh values, the same metadata: every call after the first two is planned
+        x = torch.randn_like(x)
+        A.data.normal_()
+        B.data.normal_()
+        y = lora_linear(x, weight, bias, A, B, 2.0)
+        want = reference.lora_linear(x.double(), weight.double(), bias.double(), A.double(), B.double(), 2.0)
+        mag = linear_magnitude(x.double(), weight.double(), bias.double()) \
+            + 2.0 * (x.double().abs() @ A.double().abs()) @ B.double().abs()
+        assert_close(y.detach(), want.detach(), mag.detach(), torch.float32, x.shape[-1] + A.shape[1], "planned y")
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        dA_want = 2.0 * x.double().reshape(-1, x.shape[-1]).t() @ (dy.double().reshape(-1, dy.shape[-1])
+                                                                    @ B.double().t())
+        dA_mag = 2.0 * x.double().abs().reshape(-1, x.shape[-1]).t() @ (dy.double().abs().reshape(-1, dy.shape[-1])
+                                                                        @ B.double().abs().t())
+        assert_close(A.grad, dA_want, dA_mag, torch.float32, x.numel() // x.shape[-1] + dy.shape[-1], "planned dA")
+        A.grad = B.grad = None
+
+
+def test_planned_calls_keep_the_errors(planned):
+    x, weight, bias, A, B = planned
+    with pytest.raises(TypeError, match="training"):
+        lora_linear(x, weight, bias, A, B, 2.0, training=1)
+    with pytest.raises(TypeError, match="dropout_p"):
+        lora_linear(x, weight, bias, A, B, 2.0, dropout_p=False)
+    with pytest.raises(ValueError, match="scale"):
+        lora_linear(x, weight, bias, A, B, float("inf"))
+    with pytest.raises(ValueError, match="B"):
+        lora_linear(x, weight, bias, A, B[:, :-1], 2.0)
+    with pytest.raises(TypeError, match="weight"):
+        lora_linear(x, weight.double(), bias, A, B, 2.0)
+
+
+def test_planned_calls_follow_the_switches(planned, monkeypatch):
+    x, weight, bias, A, B = planned
+    calls = []
+    original = reference.lora_linear
+    monkeypatch.setattr(reference, "lora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setenv("LORA_FAST_BACKEND", "reference")
+    lora_linear(x, weight, bias, A, B, 2.0)
+    assert calls == [1]   # the forced backend, not the plan
+    monkeypatch.delenv("LORA_FAST_BACKEND")
+    lora_linear(x, weight, bias, A, B, 2.0)
+    assert calls == [1]   # planned again
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        y = lora_linear(x, weight, bias, A, B, 2.0)
+    assert y.dtype == torch.bfloat16   # autocast's cast, as nn.Linear: the fp32 plan is not taken
+    choice.clear()   # a new LORA_FAST_GEMM is read after clear(): plans made under the old one are forgotten
+    assert not functional._PLANS
