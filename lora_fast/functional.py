@@ -263,10 +263,11 @@ class _OpPlan:
             out = rep(x, weight, bias, A, B, seed, y)
             if out is not None:
                 return y, out[0]
-        if rep is not None or self.fwd_tries >= _RECORD_TRIES:
+        from .kernels import lora_forward, plan
+
+        if rep is not None or self.fwd_tries >= _RECORD_TRIES or not plan.can_record(x.device):
             return _forward(x, weight, bias, A, B, self.scale, self.p, seed)
         self.fwd_tries += 1
-        from .kernels import lora_forward, plan
 
         N = self.y_shape[-1]
         y = x.new_empty(self.y_shape)
@@ -295,7 +296,8 @@ class _OpPlan:
                 out = rep(dy, x, weight, A, B, S, seed, dx)
             if out is not None:
                 dA, dB = out
-            elif rep is None and self.bwd_tries < _RECORD_TRIES and len(self.bwd) < _BACKWARD_LAYOUTS:
+            elif rep is None and self.bwd_tries < _RECORD_TRIES and len(self.bwd) < _BACKWARD_LAYOUTS \
+                    and self._can_record(x.device):
                 dx, dA, dB = self._record_backward(key, dy, x, weight, A, B, S, seed, need_dx, need_dA, need_dB)
             else:
                 dx, dA, dB = _backward_kernels(dy, x, weight, A, B, S, self.scale, self.p, seed, need_dx, need_dA,
@@ -306,6 +308,12 @@ class _OpPlan:
         db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype) \
             if need_db and self.has_bias else None
         return dx, dW, db, dA, dB
+
+    @staticmethod
+    def _can_record(device) -> bool:
+        from .kernels import plan
+
+        return plan.can_record(device)
 
     def _record_backward(self, key, dy, x, weight, A, B, S, seed, need_dx, need_dA, need_dB):
         from .kernels import lora_backward, plan
@@ -378,12 +386,11 @@ def _new_plan(x, weight, bias, A, B, raw_scale, raw_dropout_p, training, scale, 
             and all(type(t) in _PLAIN for t in (x, weight, A, B)) and (bias is None or type(bias) in _PLAIN)
             and x.numel() and weight.shape[0]):
         return None
-    if _PLANS is None:
-        from .kernels import plan
+    from .kernels import plan
 
-        _PLANS = plan.PLANS
+    _PLANS = plan.PLANS
     if len(_PLANS) >= 4096:   # a bound for programs that never repeat a layout
-        _PLANS.clear()
+        plan.clear()
     op = _OpPlan(scale, p, draw_seed, (*x.shape[:-1], weight.shape[0]), bias is not None)
     _PLANS[_plan_key(x, weight, bias, A, B, raw_scale, raw_dropout_p, training)] = op
     return op

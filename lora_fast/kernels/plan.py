@@ -35,6 +35,12 @@ def recorder() -> Optional["Recorder"]:
     return getattr(_local, "recorder", None) if RECORDING[0] else None
 
 
+def can_record(device: torch.device) -> bool:
+    """False while a CUDA graph is being captured on the current stream: a recording then would bind the capture
+    stream and keep scratch from the graph's private memory pool, which the graph's replays write."""
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 class Recorder:
     """Watches one call through the launchers (``with Recorder(inputs) as rec: ...``) and becomes a ``Replay``
     (``rec.replay(outputs)``) when everything it saw can be replayed. ``inputs``: the tensors (or None) the replay
@@ -162,8 +168,12 @@ class Recorder:
 # calls on one stream run in stream order, so a call's kernels are done with it before the next call's write it.
 # Another thread (which could interleave its launches with this one's on the same stream) allocates its own. The
 # bound keeps what a replay holds small (a few of them per layer shape), where allocation is a visible share of the
-# host time; larger scratch goes back to the caching allocator after each call.
+# host time; larger scratch goes back to the caching allocator after each call. All replays together hold at most
+# SCRATCH_BUDGET bytes (a run whose batches change shape every step makes a plan per shape): beyond it, replays
+# allocate their scratch per call as the launchers do.
 SCRATCH_BYTES = 1 << 20
+SCRATCH_BUDGET = 64 << 20
+_scratch_held = [0]
 
 
 class Replay:
@@ -189,7 +199,9 @@ class Replay:
             role = rec.inputs + j
             names[f"shape{j}"], names[f"dtype{j}"], names[f"device{j}"] = tuple(t.shape), t.dtype, t.device
             fresh = f"empty(shape{j}, dtype=dtype{j}, device=device{j})"
-            if role not in keep and t.numel() * t.element_size() <= SCRATCH_BYTES:
+            size = t.numel() * t.element_size()
+            if role not in keep and size <= SCRATCH_BYTES and _scratch_held[0] + size <= SCRATCH_BUDGET:
+                _scratch_held[0] += size
                 names[f"scratch{j}"] = t
                 lines.append(f"    t{role} = scratch{j} if own else {fresh}")
             else:
@@ -242,5 +254,7 @@ PLANS = {}
 
 
 def clear() -> None:
-    """Forget every planned call (their launches follow choices that choice.clear() forgets)."""
+    """Forget every planned call (their launches follow choices that choice.clear() forgets) and the scratch their
+    replays hold (once the calls that still hold a replay for their backward are done)."""
     PLANS.clear()
+    _scratch_held[0] = 0
