@@ -358,6 +358,81 @@ def estimate(impl: str, mode: str, M: int, K: int, N: int, r: int, dtype: str, g
 
 IMPLS = ("F.linear", "book", "peft", "addmm-chain", "lora-fast")
 
+# --- several adapters in one batch (issue 30) -------------------------------------------------------------------
+MULTI_IMPLS = ("lora-fast-multi", "peft-mixed", "lora-fast-separate")
+
+
+def multi_kernels(impl: str, n: int, M: int, K: int, N: int, r: int, dtype: str = "bfloat16", *,
+                  sms: int = 132) -> Dict[str, List[Kernel]]:
+    """The launches of one training step of ``n`` adapters of rank ``r`` on one frozen base, M rows split evenly
+    (rows grouped by adapter, as PEFT's ``adapter_names`` batches usually come), x requiring grad:
+
+    - "lora-fast-multi": ``lora_linear_multi``'s five launches (kernels/multi.py): the base GEMM once for all
+      adapters; each adapter's A and B read once; the int64 row index read by every pass (the gradient pass once
+      per adapter: its programs walk every row block); dA and dB written per adapter.
+    - "peft-mixed": PEFT's ``adapter_names`` loop (``_mixed_batch_forward``): the base layer once, then per
+      adapter a gather of its rows, lora_A, lora_B, the scale and an indexed add into the output; backward their
+      gradients (the indexed add's gather of dY, the scale, dS, dB, the low-rank dX scattered into dX, dA).
+    - "lora-fast-separate": n separate ``lora_linear`` steps on M / n rows each (W read n times).
+
+    Raises ValueError for an unknown implementation or n < 1."""
+    if n < 1:
+        raise ValueError(f"n: expected at least one adapter, got {n}")
+    if dtype not in ELEMENT_BYTES:
+        raise ValueError(f"dtype: expected one of {sorted(ELEMENT_BYTES)}, got {dtype!r}")
+    e = ELEMENT_BYTES[dtype]
+    if impl == "lora-fast-separate":
+        out = {"forward": [], "backward": []}
+        rows = [M // n + (1 if i < M % n else 0) for i in range(n)]
+        for m in rows:
+            for mode, ks in _lora_fast(m, K, N, r, e, 0, sms).items():
+                out[mode] += ks
+        return out
+    x, y, w = M * K * e, M * N * e, N * K * e
+    a, b, s32, idx = K * r * e, r * N * e, M * r * 4, M * 8
+    base = 2.0 * M * N * K
+    if impl == "lora-fast-multi":
+        fwd = [Kernel("S = dropout(x) A[idx]", 2.0 * M * K * r, x + n * a + idx + s32, "multi_proj_kernel"),
+               Kernel("y = x W^T + b + s S B[idx]", base + 2.0 * M * r * N, x + w + y + idx + s32 + n * b,
+                      "multi_gemm_kernel", out_bytes=y, term_flops=2.0 * M * r * N, term_bytes=idx + s32 + n * b)]
+        bwd = [Kernel("dS = dY B[idx]^T", 2.0 * M * N * r, y + n * b + idx + s32, "multi_proj_kernel"),
+               Kernel("dX = dY W + keep (dS A[idx]^T)", base + 2.0 * M * r * K, y + w + x + idx + s32 + n * a,
+                      "multi_gemm_kernel", out_bytes=x, term_flops=2.0 * M * r * K, term_bytes=idx + s32 + n * a),
+               Kernel("dA[a], dB[a] per adapter", 2.0 * M * r * (K + N), x + y + 2 * s32 + n * idx + n * (a + b),
+                      "multi_reduce_kernel")]
+        return {"forward": fwd, "backward": bwd}
+    if impl == "peft-mixed":
+        fwd = [Kernel("y = x W^T", base, x + w + y)]
+        bwd = [Kernel("dX = dY W", base, y + w + x)]
+        for i in range(n):
+            m = M // n + (1 if i < M % n else 0)
+            xs, ys, ss = m * K * e, m * N * e, m * r * e
+            fwd += [Kernel(f"x[rows {i}]", 0, 2 * xs), Kernel(f"S{i} = x A", 2.0 * m * K * r, xs + a + ss),
+                    Kernel(f"T{i} = S B", 2.0 * m * r * N, ss + b + ys), Kernel(f"T{i} * s", 0, 2 * ys),
+                    Kernel(f"y[rows {i}] += T", 0, 3 * ys)]
+            bwd += [Kernel(f"dY[rows {i}]", 0, 2 * ys), Kernel(f"dT{i} = s dY", 0, 2 * ys),
+                    Kernel(f"dS{i} = dT B^T", 2.0 * m * N * r, ys + b + ss),
+                    Kernel(f"dB{i} = S^T dT", 2.0 * m * N * r, ys + ss + b),
+                    Kernel(f"dX{i} = dS A^T", 2.0 * m * r * K, ss + a + xs),
+                    Kernel(f"dA{i} = x^T dS", 2.0 * m * K * r, xs + ss + a),
+                    Kernel(f"dX[rows {i}] += dX{i}", 0, 3 * xs)]
+        return {"forward": fwd, "backward": bwd}
+    raise ValueError(f"impl: expected one of {', '.join(MULTI_IMPLS)}; got {impl!r}")
+
+
+def multi_bound(impl: str, n: int, mode: str, M: int, K: int, N: int, r: int, dtype: str,
+                gemm_flops_per_s: float, copy_bytes_per_s: float, *, sms: int = 132,
+                launch_s: float = 0.0) -> float:
+    """Seconds of ``multi_kernels``' launches in ``mode`` (the roofline sum of ``bound``), plus ``launch_s`` per
+    launch (0: the ideal bound). Raises ValueError."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if gemm_flops_per_s <= 0 or copy_bytes_per_s <= 0:
+        raise ValueError("ceilings: expected positive GEMM and copy rates")
+    ks = multi_kernels(impl, n, M, K, N, r, dtype, sms=sms)
+    passes = ks["forward"] + ks["backward"] if mode == "full" else ks[mode]
+    return sum(k.time(gemm_flops_per_s, copy_bytes_per_s) + launch_s for k in passes)
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """python -m bench.cost_model: the ideal bound and the adjusted estimate side by side, per implementation."""
@@ -378,6 +453,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--mask", choices=("seed", "bits"), default=Assumptions.mask)
     parser.add_argument("--philox-ps", type=float, default=Assumptions.philox_s_per_element * 1e12,
                         help="picoseconds of Philox per element of x in the dX GEMM (mask=seed)")
+    parser.add_argument("--adapters", type=int, nargs="*", default=[],
+                        help="also print a training step of this many adapters in one batch (issue 30: "
+                             "lora_linear_multi, PEFT's adapter_names loop, n separate lora_linear steps)")
     args = parser.parse_args(argv)
     assume = Assumptions(args.gemm_fraction, args.launch_us * 1e-6, args.mask, args.philox_ps * 1e-12)
     rates = (args.gemm_tflops * 1e12, args.copy_tbs * 1e12)
@@ -397,6 +475,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             e = estimate(impl, m, *shape, *rates, **kw, sms=args.sms, assume=assume)
             print(f"{impl:<12} {m:<9} {b * 1e6:9.1f} {e.seconds * 1e6:12.1f} {b / floor[m]:12.3f} "
                   f"{e.seconds / floor_est[m]:11.3f}  {e.launches:8d}  {', '.join(e.gemm_paths) or '-'}")
+    if args.adapters:
+        print(f"several adapters in one batch (forward + backward, M rows split evenly; bound with "
+              f"{assume.launch_s * 1e6:.1f} us per launch; ratio: to lora-fast with one adapter on the M rows)")
+        one = bound("lora-fast", "full", *shape, *rates) + 5 * assume.launch_s
+        for count in args.adapters:
+            for impl in MULTI_IMPLS:
+                t = multi_bound(impl, count, "full", *shape, *rates, sms=args.sms, launch_s=assume.launch_s)
+                launches = sum(len(v) for v in multi_kernels(impl, count, *shape, sms=args.sms).values())
+                print(f"  n={count:<3} {impl:<20} {t * 1e6:9.1f} us  {t / one:6.3f}  {launches:5d} launches")
     return 0
 
 

@@ -45,6 +45,48 @@ def test_cost_model_arithmetic():
         cost_model.kernels("nope", M, K, N, r)
 
 
+def test_cost_model_several_adapters_arithmetic():
+    """bench.cost_model.multi_kernels (issue 30): what each way of training n adapters on one base launches, reads
+    and computes, checked by hand."""
+    M, K, N, r = 8192, 4096, 1024, 16
+    e = 2
+    a, b, idx = K * r * e, r * N * e, M * 8
+
+    def total(impl, n, what):
+        ks = cost_model.multi_kernels(impl, n, M, K, N, r)
+        return sum(getattr(k, what) for k in ks["forward"] + ks["backward"])
+
+    lora = cost_model.kernels("lora-fast", M, K, N, r)
+    lora_flops = sum(k.flops for k in lora["forward"] + lora["backward"])
+    for n in (1, 2, 8, 16):
+        # the useful flops do not depend on n: the base GEMMs once, the low-rank products over the M rows
+        for impl in cost_model.MULTI_IMPLS:
+            assert total(impl, n, "flops") == pytest.approx(lora_flops), (impl, n)
+        # lora_linear_multi: five launches whatever n; each extra adapter adds its A and B read by the passes that
+        # use them (forward S and GEMM, backward dS and dX), written as gradients, and the index walked once more
+        # by the gradient pass
+        assert sum(len(v) for v in cost_model.multi_kernels("lora-fast-multi", n, M, K, N, r).values()) == 5
+        assert total("lora-fast-multi", n, "bytes") - total("lora-fast-multi", 1, "bytes") == \
+            (n - 1) * (3 * a + 3 * b + idx)
+        # PEFT's loop: the base GEMM forward and dX once, 5 + 7 launches per adapter; n separate steps: 5 each
+        assert sum(len(v) for v in cost_model.multi_kernels("peft-mixed", n, M, K, N, r).values()) == 2 + 12 * n
+        assert sum(len(v) for v in cost_model.multi_kernels("lora-fast-separate", n, M, K, N, r).values()) == 5 * n
+        # n separate steps read W n times forward and backward
+        separate_w = sum(1 for k in cost_model.multi_kernels("lora-fast-separate", n, M, K, N, r)["forward"]
+                         if k.name.startswith("y ="))
+        assert separate_w == n
+    # the bound: more adapters never cost lora_linear_multi less, and each launch's cost is added once
+    t1 = cost_model.multi_bound("lora-fast-multi", 1, "full", M, K, N, r, "bfloat16", *H200)
+    t8 = cost_model.multi_bound("lora-fast-multi", 8, "full", M, K, N, r, "bfloat16", *H200)
+    assert t8 >= t1
+    assert cost_model.multi_bound("peft-mixed", 8, "full", M, K, N, r, "bfloat16", *H200, launch_s=1e-6) == \
+        pytest.approx(cost_model.multi_bound("peft-mixed", 8, "full", M, K, N, r, "bfloat16", *H200) + 98e-6)
+    with pytest.raises(ValueError, match="n"):
+        cost_model.multi_kernels("lora-fast-multi", 0, M, K, N, r)
+    with pytest.raises(ValueError, match="impl"):
+        cost_model.multi_kernels("nope", 2, M, K, N, r)
+
+
 def test_cost_model_estimate_arithmetic():
     """bench.cost_model.estimate: the ideal bound plus what it leaves out, each term checked by hand."""
     M, K, N, r = 8192, 4096, 4096, 16
