@@ -220,6 +220,56 @@ def _fused_adapter(module: nn.Module, x, args, kwargs) -> Optional[tuple]:
     return adapter, base, A, B, is_4bit, is_dora
 
 
+def _summed_adapters(module: nn.Module, x, args, kwargs) -> Optional[tuple]:
+    """(base, A (in, r1 + r2 + ...), B (r1 + r2 + ..., out), scale) for a call where PEFT's forward sums several
+    active adapters' terms, base(x) + sum_a lora_B_a(lora_A_a(x)) * scaling_a: one fused call with the adapters
+    side by side along the rank, x [A_1 .. A_n] [s_1 B_1; ..; s_n B_n] (the same sum; the scalings folded into B
+    when they differ, rounded once in the adapters' dtype). Only where no dropout is at work (each adapter's own
+    mask would differ), every active adapter is plain LoRA on a plain base with adapters of one dtype, and no hooks
+    sit on the modules; else None (PEFT's forward)."""
+    if args or kwargs or _state(module, "_disable_adapters", "disable_adapters") \
+            or _state(module, "merged_adapters", "merged"):
+        return None
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or _autocast_on(x.device.type):
+        return None
+    active = _state(module, "_active_adapter", "active_adapter")
+    lora_As, lora_Bs = _submodule(module, "lora_A")._modules, _submodule(module, "lora_B")._modules
+    dropouts = _submodule(module, "lora_dropout")._modules
+    active = [a for a in ([active] if isinstance(active, str) else active) if a in lora_As]
+    if len(active) < 2:
+        return None
+    base = _submodule(module, "base_layer")
+    if not is_linear(base) or not has_plain_forward(base) or _has_hooks(base):
+        return None
+    weight = base.weight
+    As, Bs, scales = [], [], []
+    for adapter in active:
+        if module.__dict__.get("lora_variant", {}).get(adapter) is not None \
+                or module.__dict__.get("use_dora", {}).get(adapter):
+            return None
+        lora_A, lora_B, dropout = lora_As[adapter], lora_Bs[adapter], dropouts[adapter]
+        if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None \
+                or lora_B.bias is not None or _has_hooks(lora_A) or _has_hooks(lora_B):
+            return None
+        if not (type(dropout) is nn.Identity or (type(dropout) is nn.Dropout
+                                                 and (dropout.p == 0 or not dropout.training))):
+            return None
+        As.append(lora_A.weight)
+        Bs.append(lora_B.weight)
+        scales.append(module.scaling[adapter])
+    dtype = As[0].dtype
+    if x.dtype != weight.dtype or dtype not in (x.dtype, torch.float32) \
+            or any(t.dtype != dtype or t.device != x.device for t in As + Bs) or weight.device != x.device:
+        return None
+    if dtype != x.dtype and not getattr(module, "cast_input_dtype_enabled", True):
+        return None
+    # PEFT's lora_A.weight is (r, in) and lora_B.weight (out, r): A = [A_1^T .. A_n^T], B = [B_1^T; ..; B_n^T]
+    A = torch.cat(As, dim=0).t()
+    if all(sc == scales[0] for sc in scales):
+        return base, A, torch.cat(Bs, dim=1).t(), scales[0]
+    return base, A, torch.cat([b * sc for b, sc in zip(Bs, scales)], dim=1).t(), 1.0
+
+
 def _mixed_batch_operands(module: nn.Module, x, args, kwargs):
     """(A (n, in, r), B (n, r, out), scales, dropout ps, adapter index) for a call with PEFT's ``adapter_names``
     (one adapter per sample) that ``lora_linear_multi`` computes as PEFT's ``_mixed_batch_forward`` does, or
@@ -290,6 +340,11 @@ def _fused_forward(module: nn.Module, x, *args, **kwargs):
         return lora_linear_multi(x, weight, base.bias, A, B, scales, index, dropout_p=ps, training=True)
     plan = _fused_adapter(module, x, args, kwargs)
     if plan is None:
+        summed = _summed_adapters(module, x, args, kwargs)
+        if summed is not None:
+            base, A, B, scale = summed
+            weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
+            return lora_linear(x, weight, base.bias, A, B, scale, dropout_p=0.0, training=False)
         return type(module).forward(module, x, *args, **kwargs)
     adapter, base, A, B, is_4bit, is_dora = plan
     dropout = _submodule(module, "lora_dropout")._modules[adapter]
@@ -386,6 +441,12 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
             if not _is_patched(module):
                 module.forward = _FusedForward(module)
             _, reason = _adapter_reason(module)
+            if reason == "several active adapters":
+                # fused as one call when no dropout is at work (_summed_adapters), judged on an empty input
+                weight = module.base_layer.weight
+                probe = torch.empty(0, module.in_features, dtype=weight.dtype, device=weight.device)
+                if _summed_adapters(module, probe, (), {}) is not None:
+                    reason = None
         if reason is None:
             report.patched.append(name)
         else:

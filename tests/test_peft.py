@@ -246,6 +246,48 @@ def test_peft_states_fall_back_to_peft(monkeypatch):
         assert spy.calls == 2
 
 
+@pytest.mark.parametrize("same_scaling", [True, False])
+def test_several_active_adapters_are_fused_without_dropout(same_scaling, monkeypatch):
+    """set_adapter([a, b]): PEFT sums both adapters' terms; patched, one fused call per layer with the ranks side by
+    side, logits and both adapters' gradients against float64 (PEFT's own maths on an unpatched float64 copy).
+    With dropout at work each adapter's own mask is needed: PEFT's forward, bit for bit."""
+    model = _peft_model(llama, r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=2 if same_scaling else 6,
+                                          target_modules=["q_proj", "v_proj"]))
+    _randomize_adapters(model)
+    model.base_model.set_adapter(["default", "other"])
+    for name, p in model.named_parameters():   # set_adapter freezes what is not active: both stay trainable
+        p.requires_grad_("lora_" in name)
+    ids = _inputs()
+    reference = copy.deepcopy(model).double()
+    report = patch_peft(model, warn=False)
+    assert len(report.patched) == 4 and not report.skipped   # 2 layers x 2 blocks
+    spy = _Spy(monkeypatch)
+    probe = torch.randn(BATCH, TOKENS, VOCAB)
+    logits, grads = _run(model, ids, probe)
+    assert spy.calls == 4
+    ref_logits, ref_grads = _run(reference, ids, probe.double())
+    n = _depth(model.base_model.model)
+    _compare(logits, ref_logits.float(), n, "summed adapters logits")
+    assert any(".other." in k for k in grads) and set(grads) == set(ref_grads)
+    for k in grads:
+        _compare(grads[k], ref_grads[k].float(), n, "summed adapters " + k)
+    # dropout at work on one adapter of one layer: that layer runs PEFT's own forward (its masks), bit for bit as
+    # unpatched under the same seed; the other layers stay fused
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.lora_dropout["default"] = nn.Dropout(0.3)
+    model.train()
+    x = torch.randn(BATCH, TOKENS, HIDDEN)
+    torch.manual_seed(7)
+    patched = layer(x)
+    assert spy.calls == 4
+    model(input_ids=ids)
+    assert spy.calls == 4 + 3
+    unpatch_peft(model)
+    torch.manual_seed(7)
+    assert torch.equal(patched, layer(x))
+
+
 def test_dora_is_fused_on_gpt2_conv1d(monkeypatch):
     """PEFT's DoRA layers (use_dora=True) run on lora_fast.dora_linear, Conv1D bases included; logits within the
     fp32 bound of a float64 copy of the PEFT model (DoRA itself: tests/test_dora.py)."""
