@@ -32,10 +32,13 @@ def compare(unpatched: dict, patched: dict) -> dict:
     fused = sum(e.get("fused", 0) for e in patched.values())
     peft = sum(e.get("peft", 0) for e in patched.values())
     with_fused = sum(1 for e in patched.values() if e.get("fused", 0))
+    summed = sum(e.get("summed", 0) for e in patched.values())
+    with_summed = sum(1 for e in patched.values() if e.get("summed", 0))
     shadowed = [e for e in patched.values() if e.get("shadow_calls")]
     shadow = dict(calls=sum(e["shadow_calls"] for e in shadowed),
                   worst=sorted(((e["shadow"], e["id"]) for e in shadowed), reverse=True)[:5])
-    return dict(counts=counts, differ=differ, fused=fused, peft=peft, tests_with_fused=with_fused, shadow=shadow)
+    return dict(counts=counts, differ=differ, fused=fused, peft=peft, tests_with_fused=with_fused, shadow=shadow,
+                summed=summed, tests_with_summed=with_summed)
 
 
 def main(argv=None) -> int:
@@ -58,7 +61,9 @@ def main(argv=None) -> int:
         for line in [header] + lines:
             print("  ".join(f"{cell:>10}" for cell in line))
     print(f"\npatched run: {result['fused']} LoRA layer calls on the fused op in {result['tests_with_fused']} tests, "
-          f"{result['peft']} on PEFT's own forward")
+          f"{result['peft']} on PEFT's own forward"
+          + (f"; of the fused, {result['summed']} calls of several active adapters as one (in "
+             f"{result['tests_with_summed']} tests)" if result["summed"] else ""))
     if result["shadow"]["calls"]:
         print(f"{result['shadow']['calls']} fused calls compared with PEFT's forward (--lora-fast-shadow); largest "
               "max|fused - PEFT| / max|PEFT| per test:")

@@ -40,6 +40,7 @@ import pytest
 
 class _Counts:
     fused = 0
+    summed = 0   # of the fused calls: several active adapters as one call (peft_interop._summed_adapters)
     peft = 0
     shadow = 0.0
     shadow_calls = 0
@@ -133,6 +134,19 @@ def _install_patch(shadow: bool) -> None:
         return adapter
 
     peft_interop._fused_adapter = counted
+    summed = peft_interop._summed_adapters
+
+    @functools.wraps(summed)
+    def counted_summed(*args, **kwargs):
+        # asked after _fused_adapter said no: several active adapters fused as one call move from "peft" to "fused"
+        operands = summed(*args, **kwargs)
+        if operands is not None:
+            _Counts.peft -= 1
+            _Counts.fused += 1
+            _Counts.summed += 1
+        return operands
+
+    peft_interop._summed_adapters = counted_summed
     if shadow:
         _install_shadow(peft_interop)
 
@@ -177,7 +191,7 @@ def pytest_configure(config):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    _Counts.fused = _Counts.peft = _Counts.shadow_calls = 0
+    _Counts.fused = _Counts.peft = _Counts.shadow_calls = _Counts.summed = 0
     _Counts.shadow = 0.0
     yield
 
@@ -188,6 +202,8 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if call.when == "teardown":
         report.user_properties.append(("lora_fast_calls", (_Counts.fused, _Counts.peft)))
+        if _Counts.summed:
+            report.user_properties.append(("lora_fast_summed", _Counts.summed))
         if _Counts.shadow_calls:
             report.user_properties.append(("lora_fast_shadow", (_Counts.shadow, _Counts.shadow_calls)))
 
@@ -221,6 +237,8 @@ def pytest_runtest_logreport(report):
             entry["fused"], entry["peft"] = value
         if key == "lora_fast_shadow":
             entry["shadow"], entry["shadow_calls"] = value
+        if key == "lora_fast_summed":
+            entry["summed"] = value
 
 
 class _config:
