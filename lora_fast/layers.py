@@ -381,9 +381,6 @@ class LinearWithLoRA(nn.Module):
                              f"{x.shape[0] if x.dim() >= 2 else 'none: x is 1-D'}), got {len(adapter_names)}")
         if self.merged:
             raise RuntimeError("LinearWithLoRA: adapter_names on a merged layer (merge_lora); unmerge_lora first")
-        if has_4bit_forward(self.linear) or is_linear4bit(self.linear):
-            raise NotImplementedError("adapter_names: several adapters in one batch on a 4-bit base (bitsandbytes "
-                                      "Linear4bit) are not supported yet")
         used = [n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER]
         for name in used:
             self._check_known(name, "adapter_names")
@@ -398,7 +395,9 @@ class LinearWithLoRA(nn.Module):
         B = torch.stack([nn.functional.pad(layer.B, (0, 0, 0, rank - layer.rank)) for layer in layers])
         scales = [layer.scale for layer in layers]
         dropouts = [self._adapter_dropout(n) for n in used]
-        if not self.fused():
+        if not self.fused() or has_4bit_forward(self.linear) or is_linear4bit(self.linear):
+            # the wrapped layer's own call, then each row's adapter term (PEFT's loop; a 4-bit base's too: no fused
+            # multi-adapter kernel reads 4-bit weights)
             y = self.linear(x)
             return (y + _multi_delta(x, A, B, scales, index, dropouts, self.training, None)).to(y.dtype)
         weight = self.linear.weight.t() if self.fan_in_fan_out else self.linear.weight

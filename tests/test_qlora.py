@@ -283,6 +283,41 @@ def test_replace_linear_with_lora_on_linear4bit(config, device):
         merge_lora(model)
 
 
+def test_mixed_adapter_batch_on_a_4bit_base(device):
+    """adapter_names on a LinearWithLoRA over a Linear4bit: the base layer's own forward plus each row's adapter
+    term (unfused), per row against float64 on the weight by the layout's definition; each adapter's gradients
+    from its own rows only. in_features 128: rows of whole blocks, where bitsandbytes' own forward is right."""
+    K, N = 128, 24
+    layer = replace_linear_with_lora(torch.nn.Sequential(_linear4bit(K, N, torch.float32, "nf4", True, 64, device)),
+                                     rank=4, alpha=8, scaling="alpha/rank")[0]
+    layer.add_adapter("b", rank=2, alpha=6)
+    with torch.no_grad():
+        for name in ("default", "b"):
+            layer.adapter(name).B.normal_()
+    x = torch.randn(3, 5, K, device=device)
+    names = ["b", "__base__", "default"]
+    y = layer(x, adapter_names=names)
+    y.sum().backward()
+    lin = layer.linear
+    W = _dequantize(lin.weight.data, lin.weight.quant_state).double()
+    bias = lin.bias.detach().double()
+    for row, name in enumerate(names):
+        xr = x[row].double()
+        want, mag = xr @ W.t() + bias, xr.abs() @ W.abs().t() + bias.abs()
+        if name != "__base__":
+            adapter = layer.adapter(name)
+            A, B = adapter.A.detach().double(), adapter.B.detach().double()
+            want = want + adapter.scale * (xr @ A) @ B
+            mag = mag + abs(adapter.scale) * (xr.abs() @ A.abs()) @ B.abs()
+        assert_close(y[row].detach(), want, mag, torch.float32, K + 4, f"4-bit mixed row {row}", record=False)
+    # dB of adapter "b" from row 0 alone (the gradient of sum(y) is ones): scale_b * (x_0 A_b)^T 1
+    b = layer.adapter("b")
+    S = x[0].double() @ b.A.detach().double()
+    want_dB = b.scale * S.t() @ torch.ones(5, N, dtype=torch.float64, device=device)
+    mag_dB = abs(b.scale) * S.abs().t() @ torch.ones(5, N, dtype=torch.float64, device=device)
+    assert_close(b.B.grad, want_dB, mag_dB, torch.float32, K + 5, "4-bit mixed dB", record=False)
+
+
 def test_patch_peft_qlora_matches_peft(device):
     peft = pytest.importorskip("peft", reason="patch_peft needs peft (extras: peft, test)")
     from lora_fast import patch_peft, unpatch_peft
