@@ -52,6 +52,7 @@ class Recorder:
         self._tensors = []        # every tensor seen (kept alive, so that ids stay unique while recording)
         self._count = 0           # roles so far: the inputs, then the allocations
         self._constants = set()   # ids of buffers the launchers own (the reduction counters)
+        self._views = {}          # id(alias) -> (shape, strides): what a torch op (``call``) must be given
         self.allocs = []          # the launchers' allocations, in order
         self.steps = []
         self.stream = self.device_index = self.stream_fn = None
@@ -99,6 +100,7 @@ class Recorder:
             self.ok = False
             return
         self._roles[id(view)] = self._roles[id(of)]
+        self._views[id(view)] = (tuple(view.shape), view.stride())
         self._tensors.append(view)
 
     def alloc(self, t: torch.Tensor) -> torch.Tensor:
@@ -145,7 +147,9 @@ class Recorder:
         slots = self._slots(tensors)
         if len(slots) != len(tensors):
             self.ok = False
-        self.steps.append((None, fn, tuple(role for _, role in slots)))
+        # unlike a kernel, a torch op reads shapes and strides: an alias (the launchers' 2-D view of an N-D input)
+        # is rebuilt from the replay's tensor in that role (same metadata, so as_strided gives the same view)
+        self.steps.append((None, fn, tuple(role for _, role in slots), tuple(self._views.get(id(t)) for t in tensors)))
 
     def replay(self, outputs) -> Optional["Replay"]:
         """The replay of what was recorded, returning the tensors in the roles of ``outputs`` (None stays None),
@@ -209,7 +213,14 @@ class Replay:
         for i, step in enumerate(rec.steps):
             if step[0] is None:   # a torch op (Recorder.call)
                 names[f"op{i}"] = step[1]
-                lines.append(f"    op{i}({', '.join(f't{role}' for role in step[2])})")
+                args = []
+                for k, (role, view) in enumerate(zip(step[2], step[3])):
+                    if view is None:
+                        args.append(f"t{role}")
+                    else:
+                        names[f"view{i}_{k}"] = view
+                        args.append(f"t{role}.as_strided(*view{i}_{k})")
+                lines.append(f"    op{i}({', '.join(args)})")
                 continue
             run, g0, g1, g2, function, packed, template, slots = step
             names[f"run{i}"], names[f"function{i}"], names[f"packed{i}"] = run, function, packed
