@@ -144,6 +144,21 @@ def hooked_steps():
     return out, replays[0]
 choice.clear()
 planned_trace, planned_replays = hooked_steps()
+# a replay reuses its small scratch (dS, the dB partials) call after call, but not inside a CUDA graph capture
+(op,) = functional._PLANS.values()
+def scratch_use(capturing):
+    for rep in op.bwd.values():
+        rep.capturing = capturing
+    held = {t.data_ptr() for rep in op.bwd.values() for n, t in rep._run.__globals__.items() if n.startswith("scratch")}
+    xs = strided[0, ..., :K].detach().requires_grad_()
+    ys = lora_linear(xs, w, b, A, B, 2.0)
+    launcher.record = []
+    ys.backward(torch.ones_like(ys))
+    used = {a.data_ptr() for _, _, args in launcher.record for a in args if isinstance(a, torch.Tensor)}
+    launcher.record = None
+    A.grad = B.grad = None
+    return len(held), len(held & used)
+result["scratch reuse"] = [scratch_use(None), scratch_use(lambda: True)]
 os.environ["LORA_FAST_BACKEND"] = "triton"   # any value: the unplanned path (select_backend is stubbed)
 choice.clear()
 unplanned_trace, unplanned_replays = hooked_steps()
@@ -189,3 +204,5 @@ def test_launch_plans_and_devices():
             assert result[f"planned {path} p={p}"] == [True, True, 5], (path, p, result[f"planned {path} p={p}"])
     # a backward replay is keyed on the saved tensors' layout when saved-tensor hooks were active in forward
     assert result["saved-tensor hooks"] == [True, 0, True], result["saved-tensor hooks"]
+    (held, used), (_, used_capturing) = result["scratch reuse"]
+    assert held > 0 and used > 0 and used_capturing == 0, result["scratch reuse"]   # held: of both replays
