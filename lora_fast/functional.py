@@ -406,13 +406,17 @@ def _new_plan(x, weight, bias, A, B, raw_scale, raw_dropout_p, training, scale, 
             and all(type(t) in _PLAIN for t in (x, weight, A, B)) and (bias is None or type(bias) in _PLAIN)
             and x.numel() and weight.shape[0]):
         return None
+    try:
+        key = _plan_key(x, weight, bias, A, B, raw_scale, raw_dropout_p, training)
+    except RuntimeError:   # no data pointer: a functorch wrapper that outlived its transform (apply unwraps it)
+        return None
     from .kernels import plan
 
     _PLANS = plan.PLANS
     if len(_PLANS) >= 4096:   # a bound for programs that never repeat a layout
         plan.clear()
     op = _OpPlan(scale, p, draw_seed, (*x.shape[:-1], weight.shape[0]), bias is not None)
-    _PLANS[_plan_key(x, weight, bias, A, B, raw_scale, raw_dropout_p, training)] = op
+    _PLANS[key] = op
     return op
 
 
