@@ -239,6 +239,21 @@ def _meta(t):
     return (type(t), t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
 
 
+_TOP_SAVED_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks are active (torch.autograd.graph.saved_tensors_hooks: save_on_cpu, non-reentrant
+    checkpointing, a user's pack/unpack): what backward unpacks may then have another layout than what forward
+    saved (save_on_cpu(pin_memory=True) packs into a contiguous buffer, for one). True when torch cannot say."""
+    if _TOP_SAVED_HOOKS is None:
+        return True
+    try:
+        return _TOP_SAVED_HOOKS(False) is not None
+    except TypeError:   # an older signature without ignore_is_tracing
+        return _TOP_SAVED_HOOKS() is not None
+
+
 def _plan_key(x, weight, bias, A, B, scale, dropout_p, training):
     """The metadata a planned call must repeat (see above); raises for what is not a strided tensor."""
     # the numbers' types too: 1 == 1.0 == True in a dict key, and the checks accept a float where they refuse a bool
@@ -289,6 +304,13 @@ class _OpPlan:
             dx, dA, dB = _backward_graph(dy, x, weight, A, B, S, self.scale, self.p, seed, need_dx, need_dA, need_dB)
         elif need_dx or need_dA or need_dB:
             key = (dy.shape, dy.stride(), dy.dtype, dy.data_ptr() & 15, need_dx, need_dA, need_dB)
+            if ctx.hooked:
+                # the replay bakes in the saved tensors' strides and alignment: without hooks they are the
+                # forward's inputs (the plan's key fixes them), with hooks the unpacked tensors' own. Strides and
+                # alignment only (~3 us; an unpack that changed a shape or dtype would be wrong on either path)
+                key += (x.stride(), x.data_ptr() & 15, weight.stride(), weight.data_ptr() & 15, A.stride(),
+                        A.data_ptr() & 15, B.stride(), B.data_ptr() & 15, S.stride(), S.data_ptr() & 15,
+                        None if seed is None else (seed.stride(), seed.data_ptr() & 15))
             rep = self.bwd.get(key)
             out = None
             if rep is not None:
@@ -346,6 +368,7 @@ class _PlannedFunction(torch.autograd.Function):
         y, S = op.forward(x, weight, bias, A, B, seed)
         ctx.save_for_backward(x, weight, A, B, S, seed)
         ctx.op = op
+        ctx.hooked = _saved_tensor_hooks()
         return y
 
     @staticmethod
@@ -386,13 +409,17 @@ def _new_plan(x, weight, bias, A, B, raw_scale, raw_dropout_p, training, scale, 
             and all(type(t) in _PLAIN for t in (x, weight, A, B)) and (bias is None or type(bias) in _PLAIN)
             and x.numel() and weight.shape[0]):
         return None
+    try:
+        key = _plan_key(x, weight, bias, A, B, raw_scale, raw_dropout_p, training)
+    except RuntimeError:   # no data pointer: a functorch wrapper that outlived its transform (apply unwraps it)
+        return None
     from .kernels import plan
 
     _PLANS = plan.PLANS
     if len(_PLANS) >= 4096:   # a bound for programs that never repeat a layout
         plan.clear()
     op = _OpPlan(scale, p, draw_seed, (*x.shape[:-1], weight.shape[0]), bias is not None)
-    _PLANS[_plan_key(x, weight, bias, A, B, raw_scale, raw_dropout_p, training)] = op
+    _PLANS[key] = op
     return op
 
 

@@ -78,7 +78,11 @@ monkeypatch(kplan.Replay, "__call__", counting_replay)
 addmms = []
 original_addmm = torch.Tensor.addmm_
 def recording_addmm(self, mat1, mat2, **kwargs):   # the cuBLAS path's torch op, recorded like a launch
-    addmms.append(("addmm", 0, (self, mat1, mat2)))
+    # with addmm_'s own shape rules (a replay once gave it the N-D input in place of the launchers' 2-D view)
+    if mat1.dim() != 2 or mat2.dim() != 2 or tuple(self.shape) != (mat1.shape[0], mat2.shape[1]) \
+            or mat1.shape[1] != mat2.shape[0]:
+        raise RuntimeError(f"addmm_: {tuple(self.shape)} += {tuple(mat1.shape)} @ {tuple(mat2.shape)}")
+    addmms.append(("addmm", 0, (self, mat1, mat2, 0, 0, 0, 0, [(t.shape, t.stride()) for t in (self, mat1, mat2)])))
     return self
 monkeypatch(torch.Tensor, "addmm_", recording_addmm)
 
@@ -118,6 +122,48 @@ for path in ("triton", "cublas", "tma"):
         # the second call went through the launchers (and was recorded), the third and fourth replayed
         result[f"planned {path} p={p}"] = [replays[0] >= 4, trace[3] == trace[1] and trace[2] == trace[1],
                                           sum(1 for k, _ in trace[0] if k != "addmm")]
+
+# saved-tensor hooks (save_on_cpu with pinned memory packs a contiguous copy): what backward unpacks then has other
+# strides than the call's x, and those strides are arguments of the dA pass. Steps 0-1 without hooks, 2-4 with, 5
+# without: the replays (steps 2-5) must launch what the launchers launch for the same steps
+import contextlib, os
+monkeypatch(choice, "forced_path", lambda: "triton")
+strided = torch.randn(6, 2, 5, K + 8).half()
+def hooked_steps():
+    out, replays[0] = [], 0
+    for step in range(6):
+        xs = strided[step, ..., :K].detach().requires_grad_()   # row stride K + 8
+        with (torch.autograd.graph.saved_tensors_hooks(lambda t: t.contiguous(), lambda t: t) if 2 <= step <= 4
+              else contextlib.nullcontext()):
+            ys = lora_linear(xs, w, b, A, B, 2.0)
+        launcher.record = []
+        ys.backward(torch.ones_like(ys))
+        out.append(roles(launcher.record, dict(x=xs, w=w, b=b, A=A, B=B)))
+        launcher.record = None
+        A.grad = B.grad = None
+    return out, replays[0]
+choice.clear()
+planned_trace, planned_replays = hooked_steps()
+# a replay reuses its small scratch (dS, the dB partials) call after call, but not inside a CUDA graph capture
+(op,) = functional._PLANS.values()
+def scratch_use(capturing):
+    for rep in op.bwd.values():
+        rep.capturing = capturing
+    held = {t.data_ptr() for rep in op.bwd.values() for n, t in rep._run.__globals__.items() if n.startswith("scratch")}
+    xs = strided[0, ..., :K].detach().requires_grad_()
+    ys = lora_linear(xs, w, b, A, B, 2.0)
+    launcher.record = []
+    ys.backward(torch.ones_like(ys))
+    used = {a.data_ptr() for _, _, args in launcher.record for a in args if isinstance(a, torch.Tensor)}
+    launcher.record = None
+    A.grad = B.grad = None
+    return len(held), len(held & used)
+result["scratch reuse"] = [scratch_use(None), scratch_use(lambda: True)]
+os.environ["LORA_FAST_BACKEND"] = "triton"   # any value: the unplanned path (select_backend is stubbed)
+choice.clear()
+unplanned_trace, unplanned_replays = hooked_steps()
+del os.environ["LORA_FAST_BACKEND"]
+result["saved-tensor hooks"] = [planned_replays >= 6, unplanned_replays, planned_trace == unplanned_trace]
 choice.clear()
 
 # a layer whose tensors live on cuda:1 called while cuda:0 is current
@@ -156,3 +202,7 @@ def test_launch_plans_and_devices():
     for path in ("triton", "cublas", "tma"):
         for p in (0.0, 0.25):
             assert result[f"planned {path} p={p}"] == [True, True, 5], (path, p, result[f"planned {path} p={p}"])
+    # a backward replay is keyed on the saved tensors' layout when saved-tensor hooks were active in forward
+    assert result["saved-tensor hooks"] == [True, 0, True], result["saved-tensor hooks"]
+    (held, used), (_, used_capturing) = result["scratch reuse"]
+    assert held > 0 and used > 0 and used_capturing == 0, result["scratch reuse"]   # held: of both replays

@@ -89,3 +89,18 @@ def test_planned_calls_follow_the_switches(planned, monkeypatch):
     assert y.dtype == torch.bfloat16   # autocast's cast, as nn.Linear: the fp32 plan is not taken
     choice.clear()   # a new LORA_FAST_GEMM is read after clear(): plans made under the old one are forgotten
     assert not functional._PLANS
+
+
+def test_planned_calls_take_an_escaped_functorch_tensor(planned):
+    # a tensor that outlived its torch.func transform is a wrapper without storage (no data pointer to key a plan
+    # on); autograd.Function.apply unwraps it, and the call computes what the plain tensor gives (the same kernels)
+    x, weight, bias, A, B = planned
+    leaked = []
+
+    def f(x_):
+        leaked.append(x_)
+        return lora_linear(x_, weight, bias, A.detach(), B.detach(), 2.0).sum()
+
+    torch.func.grad(f)(x.clone())
+    y = lora_linear(leaked[0], weight, bias, A, B, 2.0)
+    assert torch.equal(y, lora_linear(x, weight, bias, A, B, 2.0))

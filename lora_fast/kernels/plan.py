@@ -28,6 +28,10 @@ from triton import knobs
 _local = threading.local()
 # calls being recorded in any thread: the launchers look for a recorder only while this is non-zero
 RECORDING = [0]
+# guards RECORDING's updates: ``RECORDING[0] += 1`` is a read and a write, and two threads' recordings could lose
+# one (a thread switch between them on Python 3.9/3.10, or free-threaded Python); a count left at 0 during a
+# recording would let the launchers skip recording launches, and the replay would silently leave them out
+_RECORDING_LOCK = threading.Lock()
 
 
 def recorder() -> Optional["Recorder"]:
@@ -52,6 +56,7 @@ class Recorder:
         self._tensors = []        # every tensor seen (kept alive, so that ids stay unique while recording)
         self._count = 0           # roles so far: the inputs, then the allocations
         self._constants = set()   # ids of buffers the launchers own (the reduction counters)
+        self._views = {}          # id(alias) -> (shape, strides): what a torch op (``call``) must be given
         self.allocs = []          # the launchers' allocations, in order
         self.steps = []
         self.stream = self.device_index = self.stream_fn = None
@@ -67,13 +72,15 @@ class Recorder:
             return self
         self._outer = True
         _local.recorder = self
-        RECORDING[0] += 1
+        with _RECORDING_LOCK:
+            RECORDING[0] += 1
         return self
 
     def __exit__(self, *exc):
         if self._outer:
             _local.recorder = None
-            RECORDING[0] -= 1
+            with _RECORDING_LOCK:
+                RECORDING[0] -= 1
         if exc[0] is not None:
             self.ok = False
 
@@ -99,6 +106,7 @@ class Recorder:
             self.ok = False
             return
         self._roles[id(view)] = self._roles[id(of)]
+        self._views[id(view)] = (tuple(view.shape), view.stride())
         self._tensors.append(view)
 
     def alloc(self, t: torch.Tensor) -> torch.Tensor:
@@ -145,7 +153,9 @@ class Recorder:
         slots = self._slots(tensors)
         if len(slots) != len(tensors):
             self.ok = False
-        self.steps.append((None, fn, tuple(role for _, role in slots)))
+        # unlike a kernel, a torch op reads shapes and strides: an alias (the launchers' 2-D view of an N-D input)
+        # is rebuilt from the replay's tensor in that role (same metadata, so as_strided gives the same view)
+        self.steps.append((None, fn, tuple(role for _, role in slots), tuple(self._views.get(id(t)) for t in tensors)))
 
     def replay(self, outputs) -> Optional["Replay"]:
         """The replay of what was recorded, returning the tensors in the roles of ``outputs`` (None stays None),
@@ -185,12 +195,16 @@ class Replay:
     as a name bound to its recorded value. That is the least a Python launch can do per call (no argument tuple to
     copy and fill, no loop over steps): ~2 us less per replay than the same steps interpreted from tuples."""
 
-    __slots__ = ("stream", "device_index", "stream_fn", "allocator", "owner", "_run", "_source")
+    __slots__ = ("stream", "device_index", "stream_fn", "allocator", "owner", "capturing", "_run", "_source")
 
     def __init__(self, rec: Recorder, outputs):
         self.stream, self.device_index, self.stream_fn = rec.stream, rec.device_index, rec.stream_fn
         self.allocator = rec.allocator
         self.owner = threading.get_ident()
+        # the held scratch is not used inside a CUDA graph capture: the graph would keep writing it on its replays,
+        # on whatever stream they run, beside this replay's eager calls and other graphs captured from it; a
+        # capture allocates afresh (from the graph's pool)
+        self.capturing = torch.cuda.is_current_stream_capturing if torch.cuda.is_available() else None
         names = {"empty": torch.empty}
         params = [f"t{i}" for i in range(rec.inputs)]
         lines = [f"def replay({', '.join(params + ['stream', 'enter_hook', 'exit_hook', 'own'])}):"]
@@ -209,7 +223,14 @@ class Replay:
         for i, step in enumerate(rec.steps):
             if step[0] is None:   # a torch op (Recorder.call)
                 names[f"op{i}"] = step[1]
-                lines.append(f"    op{i}({', '.join(f't{role}' for role in step[2])})")
+                args = []
+                for k, (role, view) in enumerate(zip(step[2], step[3])):
+                    if view is None:
+                        args.append(f"t{role}")
+                    else:
+                        names[f"view{i}_{k}"] = view
+                        args.append(f"t{role}.as_strided(*view{i}_{k})")
+                lines.append(f"    op{i}({', '.join(args)})")
                 continue
             run, g0, g1, g2, function, packed, template, slots = step
             names[f"run{i}"], names[f"function{i}"], names[f"packed{i}"] = run, function, packed
@@ -243,7 +264,8 @@ class Replay:
             if self.allocator:
                 from .ops import _ensure_allocator
                 _ensure_allocator()
-            return self._run(*inputs, self.stream, enter_hook, exit_hook, threading.get_ident() == self.owner)
+            own = threading.get_ident() == self.owner and not (self.capturing is not None and self.capturing())
+            return self._run(*inputs, self.stream, enter_hook, exit_hook, own)
         finally:
             if previous != index:
                 torch.cuda.set_device(previous)
