@@ -61,13 +61,26 @@ def dequant_tile(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr
                  QBLOCK2: tl.constexpr):
     """fp32 W[rows, c0 : c0 + BLOCK_COLS] (BLOCK_ROWS, BLOCK_COLS) of an (N, W_COLS) weight whose rows hold whole
     quantization blocks (W_COLS % QBLOCK == 0, so W_COLS is even and every row starts on a byte); c0 is a
-    multiple of BLOCK_COLS. The codes come in as a (BLOCK_ROWS, BLOCK_COLS / 2) byte tile split into its two
-    nibbles, the absmax as one value per row (BLOCK_COLS <= QBLOCK) or per QBLOCK columns: no per-element
-    index is kept in registers."""
+    multiple of BLOCK_COLS. The codes come in as a (BLOCK_ROWS, BLOCK_COLS / 2) byte tile (masked loads), then
+    ``dequant_bytes``."""
     rows64 = rows.to(tl.int64)
     half = c0 // 2 + tl.arange(0, BLOCK_COLS // 2)
     byte = tl.load(W_ptr + rows64[:, None] * (W_COLS // 2) + half[None, :],
-                   mask=row_mask[:, None] & (half < W_COLS // 2)[None, :], other=0).to(tl.int32)
+                   mask=row_mask[:, None] & (half < W_COLS // 2)[None, :], other=0)
+    return dequant_bytes(byte, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, rows, row_mask, c0, W_COLS,
+                         BLOCK_ROWS, BLOCK_COLS, QBLOCK, NESTED, QBLOCK2)
+
+
+@triton.jit
+def dequant_bytes(byte, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, rows, row_mask, c0, W_COLS,
+                  BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, QBLOCK: tl.constexpr, NESTED: tl.constexpr,
+                  QBLOCK2: tl.constexpr):
+    """fp32 W[rows, c0 : c0 + BLOCK_COLS] from ``byte``, its packed codes as a (BLOCK_ROWS, BLOCK_COLS / 2) uint8
+    tile (however loaded: masked loads, or a TMA descriptor that zero-fills outside the weight), split into its
+    two nibbles; the absmax as one value per row (BLOCK_COLS <= QBLOCK) or per QBLOCK columns: no per-element
+    index is kept in registers. Rows outside ``row_mask`` get absmax 0 (their value 0, whatever their bytes)."""
+    rows64 = rows.to(tl.int64)
+    byte = byte.to(tl.int32)
     # join(hi, lo)[r, j] = (byte >> 4, byte & 15): row-major, column 2j is the high nibble (the even element)
     code = tl.reshape(tl.join(byte >> 4, byte & 15), (BLOCK_ROWS, BLOCK_COLS))
     value = tl.load(CODE_ptr + code)
@@ -195,3 +208,72 @@ def gemm_4bit_lowrank_kernel(
 
     out = OUT_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :].to(tl.int64) * stride_on
     tl.store(out, acc.to(OUT_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def gemm_4bit_lowrank_tma_kernel(
+    # pointers: as gemm_4bit_lowrank_kernel (W: the packed codes, contiguous, 16-byte aligned; P 16-byte aligned)
+    P_ptr, W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, BIAS_ptr, L_ptr, RM_ptr, OUT_ptr,
+    SEED_ptr,
+    # sizes (M_BUCKET only keys the autotuner; W_COLS: the weight's row length, in_features, a multiple of QBLOCK
+    # and of 32: its rows of W_COLS / 2 bytes are 16-byte aligned)
+    M, N, K, R, M_BUCKET, W_COLS,
+    # strides (P by rows, unit stride along K)
+    stride_pm, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+    # scalars
+    lowrank_scale, dropout_p,
+    # meta-parameters: as gemm_4bit_lowrank_kernel (rows of whole blocks only: ALIGNED); NUM_SMS programs walk
+    # the output tiles
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    TRANSPOSE_W: tl.constexpr,
+    QBLOCK: tl.constexpr, NESTED: tl.constexpr, QBLOCK2: tl.constexpr, W_DTYPE: tl.constexpr,
+    NEAREST_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """The maths of gemm_4bit_lowrank_kernel (ALIGNED) for Hopper: persistent (one program per SM walks the
+    output tiles in grouped order, as gemm_tma.py), P's tiles and the packed weight's byte tiles loaded by TMA
+    (device-side tensor descriptors; rows and columns outside the tensors zero-filled), the absmax by plain loads
+    (a TMA box needs 16 bytes along its inner dimension; a tile needs one or two 4-byte values per row)."""
+    p_desc = tl.make_tensor_descriptor(P_ptr, shape=[M, K], strides=[stride_pm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    # the packed weight as a (rows, W_COLS / 2) byte matrix: forward tiles are BLOCK_N rows of BLOCK_K / 2 bytes,
+    # dX tiles BLOCK_K rows of BLOCK_N / 2 bytes
+    if TRANSPOSE_W:
+        w_desc = tl.make_tensor_descriptor(W_ptr, shape=[N, W_COLS // 2], strides=[W_COLS // 2, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K // 2])
+    else:
+        w_desc = tl.make_tensor_descriptor(W_ptr, shape=[K, W_COLS // 2], strides=[W_COLS // 2, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N // 2])
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS):
+        pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        # the low-rank term starts the accumulator (as gemm_4bit_lowrank_kernel)
+        acc = lowrank_init(L_ptr, RM_ptr, SEED_ptr, offs_m, offs_n, pid_n, mask_m, mask_n, mask_r, offs_r, N,
+                           stride_lm, stride_lr, stride_rr, stride_rn, lowrank_scale, dropout_p,
+                           BLOCK_N, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
+        for k0 in range(0, K, BLOCK_K):
+            p = p_desc.load([pid_m * BLOCK_M, k0])
+            if TRANSPOSE_W:   # Q[k, n] = W[n, k]: the tile W[offs_n, k0 : k0 + BLOCK_K], transposed
+                byte = w_desc.load([pid_n * BLOCK_N, k0 // 2])
+                w = tl.trans(dequant_bytes(byte, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, offs_n,
+                                           mask_n, k0, W_COLS, BLOCK_N, BLOCK_K, QBLOCK, NESTED, QBLOCK2))
+            else:             # Q[k, n] = W[k, n]: the tile W[k0 + offs_k, pid_n * BLOCK_N : ...]
+                byte = w_desc.load([k0, pid_n * (BLOCK_N // 2)])
+                w = dequant_bytes(byte, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, k0 + offs_k,
+                                  (k0 + offs_k) < K, pid_n * BLOCK_N, W_COLS, BLOCK_K, BLOCK_N, QBLOCK, NESTED,
+                                  QBLOCK2)
+            q = round_weight(w, W_DTYPE, P_ptr.dtype.element_ty, NEAREST_BF16)
+            acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION,
+                         out_dtype=tl.float32)
+
+        if HAS_BIAS:
+            bias = tl.load(BIAS_ptr + offs_n, mask=mask_n, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        out = OUT_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :].to(tl.int64) * stride_on
+        tl.store(out, acc.to(OUT_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
