@@ -72,18 +72,23 @@ def dequant_tile(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr
 
 
 @triton.jit
-def dequant_bytes(byte, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, rows, row_mask, c0, W_COLS,
+def dequant_bytes(byte, CODE, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, rows, row_mask, c0, W_COLS,
                   BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, QBLOCK: tl.constexpr, NESTED: tl.constexpr,
-                  QBLOCK2: tl.constexpr):
+                  QBLOCK2: tl.constexpr, CODE_IN_REGISTERS: tl.constexpr = False):
     """fp32 W[rows, c0 : c0 + BLOCK_COLS] from ``byte``, its packed codes as a (BLOCK_ROWS, BLOCK_COLS / 2) uint8
     tile (however loaded: masked loads, or a TMA descriptor that zero-fills outside the weight), split into its
     two nibbles; the absmax as one value per row (BLOCK_COLS <= QBLOCK) or per QBLOCK columns: no per-element
-    index is kept in registers. Rows outside ``row_mask`` get absmax 0 (their value 0, whatever their bytes)."""
+    index is kept in registers. Rows outside ``row_mask`` get absmax 0 (their value 0, whatever their bytes).
+    ``CODE``: the code table's pointer (a gather from global memory per element), or with CODE_IN_REGISTERS its
+    16 values as a tensor (``tl.gather``: the table goes through shared memory once, not a tile per step)."""
     rows64 = rows.to(tl.int64)
     byte = byte.to(tl.int32)
     # join(hi, lo)[r, j] = (byte >> 4, byte & 15): row-major, column 2j is the high nibble (the even element)
     code = tl.reshape(tl.join(byte >> 4, byte & 15), (BLOCK_ROWS, BLOCK_COLS))
-    value = tl.load(CODE_ptr + code)
+    if CODE_IN_REGISTERS:
+        value = tl.reshape(tl.gather(CODE, tl.reshape(code, (BLOCK_ROWS * BLOCK_COLS,)), 0), (BLOCK_ROWS, BLOCK_COLS))
+    else:
+        value = tl.load(CODE + code)
     blocks_per_row = W_COLS // QBLOCK
     if BLOCK_COLS <= QBLOCK:
         # QBLOCK % BLOCK_COLS == 0 (powers of two): the tile's columns lie in one block per row (c0 < W_COLS:
@@ -247,6 +252,9 @@ def gemm_4bit_lowrank_tma_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
+    # the 16 code values held once (the cp.async kernel gathers a (BLOCK, BLOCK) fp32 tile of them from global
+    # memory per K step, which Triton pipelines as one more cp.async stage)
+    code_table = tl.load(CODE_ptr + tl.arange(0, 16))
     for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS):
         pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -261,13 +269,13 @@ def gemm_4bit_lowrank_tma_kernel(
             p = p_desc.load([pid_m * BLOCK_M, k0])
             if TRANSPOSE_W:   # Q[k, n] = W[n, k]: the tile W[offs_n, k0 : k0 + BLOCK_K], transposed
                 byte = w_desc.load([pid_n * BLOCK_N, k0 // 2])
-                w = tl.trans(dequant_bytes(byte, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, offs_n,
-                                           mask_n, k0, W_COLS, BLOCK_N, BLOCK_K, QBLOCK, NESTED, QBLOCK2))
+                w = tl.trans(dequant_bytes(byte, code_table, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, offs_n,
+                                           mask_n, k0, W_COLS, BLOCK_N, BLOCK_K, QBLOCK, NESTED, QBLOCK2, True))
             else:             # Q[k, n] = W[k, n]: the tile W[k0 + offs_k, pid_n * BLOCK_N : ...]
                 byte = w_desc.load([k0, pid_n * (BLOCK_N // 2)])
-                w = dequant_bytes(byte, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, k0 + offs_k,
+                w = dequant_bytes(byte, code_table, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, k0 + offs_k,
                                   (k0 + offs_k) < K, pid_n * BLOCK_N, W_COLS, BLOCK_K, BLOCK_N, QBLOCK, NESTED,
-                                  QBLOCK2)
+                                  QBLOCK2, True)
             q = round_weight(w, W_DTYPE, P_ptr.dtype.element_ty, NEAREST_BF16)
             acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION,
                          out_dtype=tl.float32)
