@@ -15,6 +15,9 @@ fp32: the kernels are compiled without FP contraction, ``enable_fp_fusion=False`
     gemm_4bit_lowrank_kernel: OUT[M, N'] = P[M, K'] @ Q[K', N'] (+ bias) + s * (keep? ⊙ (L @ RM))
       forward: P = x,  Q = deq(W)^T,  L = S = dropout(x) A,  RM = B
       dX:      P = dY, Q = deq(W),    L = dS = dY B^T,       RM = A^T, keep-mask of x
+    gemm_4bit_lowrank_tma_kernel: the same GEMM for Hopper (opt-in, LORA_FAST_GEMM_4BIT=tma): persistent, P's
+      tiles and the packed weight's byte tiles loaded by TMA (device-side tensor descriptors), the code table held
+      in registers; rows of whole blocks only (ops_4bit.tma_eligible_4bit checks the operands before launch).
     dequant_4bit_kernel: OUT (N, K) = deq(W), for the dequantize-then-GEMM path.
 
 In the GEMM each weight tile is dequantized in registers just before the MMA. When the weight's rows hold whole
@@ -238,7 +241,11 @@ def gemm_4bit_lowrank_tma_kernel(
     """The maths of gemm_4bit_lowrank_kernel (ALIGNED) for Hopper: persistent (one program per SM walks the
     output tiles in grouped order, as gemm_tma.py), P's tiles and the packed weight's byte tiles loaded by TMA
     (device-side tensor descriptors; rows and columns outside the tensors zero-filled), the absmax by plain loads
-    (a TMA box needs 16 bytes along its inner dimension; a tile needs one or two 4-byte values per row)."""
+    (a TMA box needs 16 bytes along its inner dimension; a tile needs one or two 4-byte values per row, and the
+    absmax rows of N K / QBLOCK values are 16-byte multiples only when in_features / QBLOCK is a multiple of 4, or
+    16 when nested: Triton pipelines these loads as cp.async, 3 LDGSTS, 6 when nested). The 16 code values are
+    loaded once per program and looked up with ``tl.gather``: the cp.async kernel's per-element gather from
+    global memory is pipelined by Triton as one more staged fp32 tile (32 KB at 128 x 64) per K step."""
     p_desc = tl.make_tensor_descriptor(P_ptr, shape=[M, K], strides=[stride_pm, 1], block_shape=[BLOCK_M, BLOCK_K])
     # the packed weight as a (rows, W_COLS / 2) byte matrix: forward tiles are BLOCK_N rows of BLOCK_K / 2 bytes,
     # dX tiles BLOCK_K rows of BLOCK_N / 2 bytes
