@@ -57,9 +57,8 @@ def test_tma_tiles_dequantize_bit_for_bit(dtype, case, device, monkeypatch, tma_
     if tile is not None:
         if device.type == "cuda":
             pytest.skip("tile sizes are forced only under the interpreter (a GPU autotunes them)")
-        monkeypatch.setattr(ops_4bit, "_TMA_INTERP", dict(ops_4bit._TMA_INTERP, BLOCK_N=tile, BLOCK_K=tile))
         for launcher in (ops_4bit._gemm_tma_fwd, ops_4bit._gemm_tma_dx):
-            monkeypatch.setattr(launcher, "interp_config", ops_4bit._TMA_INTERP)
+            monkeypatch.setattr(launcher, "interp_config", dict(launcher.interp_config, BLOCK_N=tile, BLOCK_K=tile))
     N, K, R = 40, 128, 3
     qweight, state = _quantize(N, K, dtype, *quant, device)
     weight = _dequantize(qweight, state)

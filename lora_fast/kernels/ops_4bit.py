@@ -69,7 +69,8 @@ def gemm_4bit_configs(capability, dtype: torch.dtype) -> list:
 
 def gemm_4bit_tma_configs(capability, dtype: torch.dtype) -> list:
     """Autotune configs of ``gemm_4bit_lowrank_tma_kernel`` (16-bit inputs, sm_90 and newer), pruned by shared
-    memory: the pipeline's P tile and byte tile per stage, and the dequantized weight tile the MMA reads."""
+    memory: the pipeline's P tile and byte tile per stage, and the dequantized weight tile the MMA reads (a bound
+    of the compiled kernels' shared memory, 1-2 KB above it at ranks 16 and 64: compile report, sm_90)."""
     limit = configs.smem_limit(capability)
     return [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
