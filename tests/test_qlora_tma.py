@@ -42,8 +42,9 @@ def _on_hopper_or_interpreted(device):
     return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
 
 
-# (quant, tile): the interpreter's 32-wide tiles (one absmax per tile row in both layouts), and 64-wide tiles over
-# blocks of 32 (two absmax groups per tile row: the forward's BLOCK_K and dX's BLOCK_N)
+# (quant, tile): the interpreter's 32-wide tiles (one absmax per tile row in both layouts; the absmax by loads: 2
+# codes per row), and 64-wide tiles over blocks of 32 (two absmax groups per tile row: the forward's BLOCK_K and
+# dX's BLOCK_N; the absmax by TMA, 4 fp32 per row)
 TILE_CASES = [(("nf4", 64, True), None), (("fp4", 32, False), 64)]
 
 
@@ -62,6 +63,7 @@ def test_tma_tiles_dequantize_bit_for_bit(dtype, case, device, monkeypatch, tma_
     N, K, R = 40, 128, 3
     qweight, state = _quantize(N, K, dtype, *quant, device)
     weight = _dequantize(qweight, state)
+    assert ops_4bit.absmax_box(Packed4bit.from_bitsandbytes(qweight, state)) == (4 if quant[1] == 32 else 0)
     A = torch.randn(K, R, device=device).to(dtype)
     B = torch.zeros(R, N, device=device).to(dtype)
     _same_bits(lora_linear_4bit(torch.eye(K, device=device).to(dtype), qweight, state, None, A, B, 1.0),
@@ -73,18 +75,23 @@ def test_tma_tiles_dequantize_bit_for_bit(dtype, case, device, monkeypatch, tma_
         assert tma_calls == [True, True, False], "the forwards and dX did not all run the TMA variant"
 
 
-# (dtype, bias, dropout_p, quant): every quant type and nesting once, both 16-bit dtypes, dX with its keep-mask
-CASES = [(torch.float16, True, 0.0, ("nf4", 64, True)), (torch.bfloat16, False, 0.25, ("fp4", 128, False)),
-         (torch.bfloat16, True, 0.1, ("nf4", 32, False)), (torch.float16, False, 0.3, ("fp4", 64, True))]
+# (dtype, bias, dropout_p, quant, in_features, absmax box): every quant type and nesting, both 16-bit dtypes, dX
+# with its keep-mask; the absmax by loads (rows of 1 or 2 values) and by TMA (rows of 4 fp32, of 16 uint8 codes)
+CASES = [(torch.float16, True, 0.0, ("nf4", 64, True), 128, 0),
+         (torch.bfloat16, False, 0.25, ("fp4", 128, False), 128, 0),
+         (torch.bfloat16, True, 0.1, ("nf4", 32, False), 128, 4),
+         (torch.float16, False, 0.3, ("fp4", 64, True), 128, 0),
+         (torch.bfloat16, True, 0.2, ("nf4", 32, True), 512, 16)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{str(c[0])[6:]}-bias={c[1]}-p={c[2]}-{c[3]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{str(c[0])[6:]}-bias={c[1]}-p={c[2]}-{c[3]}-K={c[4]}")
 def test_tma_matches_float64(case, device, tma_calls):
-    """The op on the TMA variant (forward and backward) against float64 on the defined weight: x (2, 35, 128),
-    70 rows in 3 tiles by 2 column tiles (40 outputs) walked by 2 programs; dX's 128 columns in 4 tiles."""
-    dtype, bias_on, p, quant = case
-    N, K, R = 40, 128, 5
+    """The op on the TMA variant (forward and backward) against float64 on the defined weight: x (2, 35, K),
+    70 rows in 3 tiles by 2 column tiles (40 outputs) walked by 2 programs; dX's K columns in 4 or 16 tiles."""
+    dtype, bias_on, p, quant, K, box = case
+    N, R = 40, 5
     qweight, state = _quantize(N, K, dtype, *quant, device)
+    assert ops_4bit.absmax_box(Packed4bit.from_bitsandbytes(qweight, state)) == box
     x = torch.randn(2, 35, K, device=device).to(dtype)
     bias = torch.randn(N, device=device).to(dtype) if bias_on else None
     A = (torch.randn(K, R, device=device) / K**0.5).to(dtype)
@@ -115,6 +122,15 @@ def test_tma_is_opt_in_and_checks_operands_on_the_host(device, monkeypatch):
                                           Packed4bit.from_bitsandbytes(*_quantize(40, 70, bf16, "nf4", 64, False,
                                                                                   device)))
     assert not ops_4bit.tma_eligible_4bit(x[:, :48], dataclasses.replace(packed, shape=(40, 48), blocksize=16))
+    # the absmax by TMA where its (N, in_features / blocksize) rows are 16-byte multiples, from an aligned base
+    assert ops_4bit.absmax_box(dataclasses.replace(packed, shape=(40, 128), blocksize=32)) == 4
+    absmax = torch.randn(41 * 4, device=device).abs()
+    assert ops_4bit.absmax_box(dataclasses.replace(packed, absmax=absmax[4:], blocksize=32)) == 4
+    assert ops_4bit.absmax_box(dataclasses.replace(packed, absmax=absmax[1:161], blocksize=32)) == 0   # base + 4 B
+    assert ops_4bit.absmax_box(dataclasses.replace(packed, absmax=absmax[::2], blocksize=32)) == 0     # strided
+    codes = torch.zeros(40 * 16, dtype=torch.uint8, device=device)
+    assert ops_4bit.absmax_box(dataclasses.replace(packed, absmax=codes, shape=(40, 512), blocksize=32)) == 16
+    assert ops_4bit.absmax_box(dataclasses.replace(packed, absmax=codes, shape=(40, 256), blocksize=32)) == 0
 
 
 @pytest.mark.parametrize("shape", [(37, 70, "nf4", 64), (37, 128, "fp4", 64)], ids=str)

@@ -75,15 +75,18 @@ def dequant_tile(W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr
 
 
 @triton.jit
-def dequant_bytes(byte, CODE, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, rows, row_mask, c0, W_COLS,
+def dequant_bytes(byte, CODE, ABSMAX, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, rows, row_mask, c0, W_COLS,
                   BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, QBLOCK: tl.constexpr, NESTED: tl.constexpr,
-                  QBLOCK2: tl.constexpr, CODE_IN_REGISTERS: tl.constexpr = False):
+                  QBLOCK2: tl.constexpr, CODE_IN_REGISTERS: tl.constexpr = False, ABSMAX_BOX: tl.constexpr = 0):
     """fp32 W[rows, c0 : c0 + BLOCK_COLS] from ``byte``, its packed codes as a (BLOCK_ROWS, BLOCK_COLS / 2) uint8
     tile (however loaded: masked loads, or a TMA descriptor that zero-fills outside the weight), split into its
     two nibbles; the absmax as one value per row (BLOCK_COLS <= QBLOCK) or per QBLOCK columns: no per-element
     index is kept in registers. Rows outside ``row_mask`` get absmax 0 (their value 0, whatever their bytes).
     ``CODE``: the code table's pointer (a gather from global memory per element), or with CODE_IN_REGISTERS its
-    16 values as a tensor (``tl.gather``: the table goes through shared memory once, not a tile per step)."""
+    16 values as a tensor (``tl.gather``: the table goes through shared memory once, not a tile per step).
+    ``ABSMAX``: the absmax's pointer (loads), or with ABSMAX_BOX > 0 a (BLOCK_ROWS, ABSMAX_BOX) box of the
+    (rows, W_COLS / QBLOCK) absmax matrix that a TMA descriptor loaded at column
+    ``absmax_box_column(c0, ...)`` (``absmax_from_box``)."""
     rows64 = rows.to(tl.int64)
     byte = byte.to(tl.int32)
     # join(hi, lo)[r, j] = (byte >> 4, byte & 15): row-major, column 2j is the high nibble (the even element)
@@ -93,20 +96,65 @@ def dequant_bytes(byte, CODE, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, ro
     else:
         value = tl.load(CODE + code)
     blocks_per_row = W_COLS // QBLOCK
-    if BLOCK_COLS <= QBLOCK:
-        # QBLOCK % BLOCK_COLS == 0 (powers of two): the tile's columns lie in one block per row (c0 < W_COLS:
-        # the callers' tiles start inside the row)
-        block = rows64 * blocks_per_row + c0 // QBLOCK
-        absmax = absmax_values(ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, block, row_mask, NESTED, QBLOCK2)
-        return value * absmax[:, None]
+    if ABSMAX_BOX > 0:
+        absmax = absmax_from_box(ABSMAX, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, rows, row_mask, c0, W_COLS,
+                                 BLOCK_ROWS, BLOCK_COLS, QBLOCK, NESTED, QBLOCK2, ABSMAX_BOX)
+        if BLOCK_COLS <= QBLOCK:
+            return value * absmax
+        else:
+            GROUPS_BOX: tl.constexpr = BLOCK_COLS // QBLOCK
+            value = tl.reshape(value, (BLOCK_ROWS, GROUPS_BOX, QBLOCK)) * absmax[:, :, None]
+            return tl.reshape(value, (BLOCK_ROWS, BLOCK_COLS))
     else:
-        GROUPS: tl.constexpr = BLOCK_COLS // QBLOCK
-        group = c0 // QBLOCK + tl.arange(0, GROUPS)
-        block = rows64[:, None] * blocks_per_row + group[None, :]
-        absmax = absmax_values(ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, block,
-                               row_mask[:, None] & (group < blocks_per_row)[None, :], NESTED, QBLOCK2)
-        value = tl.reshape(value, (BLOCK_ROWS, GROUPS, QBLOCK)) * absmax[:, :, None]
-        return tl.reshape(value, (BLOCK_ROWS, BLOCK_COLS))
+        ABSMAX_ptr = ABSMAX
+        if BLOCK_COLS <= QBLOCK:
+            # QBLOCK % BLOCK_COLS == 0 (powers of two): the tile's columns lie in one block per row (c0 < W_COLS:
+            # the callers' tiles start inside the row)
+            block = rows64 * blocks_per_row + c0 // QBLOCK
+            absmax = absmax_values(ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, block, row_mask, NESTED, QBLOCK2)
+            return value * absmax[:, None]
+        else:
+            GROUPS: tl.constexpr = BLOCK_COLS // QBLOCK
+            group = c0 // QBLOCK + tl.arange(0, GROUPS)
+            block = rows64[:, None] * blocks_per_row + group[None, :]
+            absmax = absmax_values(ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, block,
+                                   row_mask[:, None] & (group < blocks_per_row)[None, :], NESTED, QBLOCK2)
+            value = tl.reshape(value, (BLOCK_ROWS, GROUPS, QBLOCK)) * absmax[:, :, None]
+            return tl.reshape(value, (BLOCK_ROWS, BLOCK_COLS))
+
+
+@triton.jit
+def absmax_box_column(c0, QBLOCK: tl.constexpr, ABSMAX_BOX: tl.constexpr):
+    """The first absmax column of the ABSMAX_BOX-wide box that holds the blocks of a tile starting at column c0."""
+    return (c0 // QBLOCK) // ABSMAX_BOX * ABSMAX_BOX
+
+
+@triton.jit
+def absmax_from_box(box, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, rows, row_mask, c0, W_COLS,
+                    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, QBLOCK: tl.constexpr, NESTED: tl.constexpr,
+                    QBLOCK2: tl.constexpr, ABSMAX_BOX: tl.constexpr):
+    """fp32 absmax (BLOCK_ROWS, GROUPS) of the tile W[rows, c0 : c0 + BLOCK_COLS] (GROUPS = BLOCK_COLS / QBLOCK,
+    at least 1) from ``box``, the (BLOCK_ROWS, ABSMAX_BOX) absmax (fp32, or uint8 codes when NESTED) at column
+    ``absmax_box_column(c0)``: a TMA box is 16 bytes wide at least, so it holds 4 fp32 or 16 codes per row and the
+    tile's GROUPS columns are picked in registers (a sum of one value and zeros: exact). Rows and columns the
+    descriptor zero-filled give what the masked loads of ``absmax_values`` give (0, or the offset when NESTED)."""
+    GROUPS: tl.constexpr = BLOCK_COLS // QBLOCK if BLOCK_COLS > QBLOCK else 1
+    tl.static_assert(ABSMAX_BOX % GROUPS == 0, "an absmax box must hold whole groups of a tile")
+    first = c0 // QBLOCK
+    # GROUPS divides first (c0 % BLOCK_COLS == 0) and the box's first column (ABSMAX_BOX % GROUPS == 0)
+    slot = (first - absmax_box_column(c0, QBLOCK, ABSMAX_BOX)) // GROUPS
+    pick = tl.arange(0, ABSMAX_BOX // GROUPS) == slot
+    if NESTED:
+        codes = tl.reshape(box.to(tl.int32), (BLOCK_ROWS, ABSMAX_BOX // GROUPS, GROUPS))
+        q = tl.sum(tl.where(pick[None, :, None], codes, 0), axis=1)
+        group = first + tl.arange(0, GROUPS)
+        block = rows.to(tl.int64)[:, None] * (W_COLS // QBLOCK) + group[None, :]
+        mask = row_mask[:, None] & (group < W_COLS // QBLOCK)[None, :]
+        absmax = tl.load(CODE2_ptr + q) * tl.load(ABSMAX2_ptr + block // QBLOCK2, mask=mask, other=0.0)
+        return absmax + tl.load(OFFSET_ptr)
+    else:
+        values = tl.reshape(box.to(tl.float32), (BLOCK_ROWS, ABSMAX_BOX // GROUPS, GROUPS))
+        return tl.sum(tl.where(pick[None, :, None], values, 0.0), axis=1)
 
 
 @triton.jit
@@ -234,16 +282,17 @@ def gemm_4bit_lowrank_tma_kernel(
     # the output tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    TRANSPOSE_W: tl.constexpr,
+    TRANSPOSE_W: tl.constexpr, ABSMAX_BOX: tl.constexpr,
     QBLOCK: tl.constexpr, NESTED: tl.constexpr, QBLOCK2: tl.constexpr, W_DTYPE: tl.constexpr,
     NEAREST_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """The maths of gemm_4bit_lowrank_kernel (ALIGNED) for Hopper: persistent (one program per SM walks the
     output tiles in grouped order, as gemm_tma.py), P's tiles and the packed weight's byte tiles loaded by TMA
-    (device-side tensor descriptors; rows and columns outside the tensors zero-filled), the absmax by plain loads
-    (a TMA box needs 16 bytes along its inner dimension; a tile needs one or two 4-byte values per row, and the
-    absmax rows of N K / QBLOCK values are 16-byte multiples only when in_features / QBLOCK is a multiple of 4, or
-    16 when nested: Triton pipelines these loads as cp.async, 3 LDGSTS, 6 when nested). The 16 code values are
+    (device-side tensor descriptors; rows and columns outside the tensors zero-filled). The absmax, seen as a
+    (rows, W_COLS / QBLOCK) matrix, by TMA too where its rows are 16-byte multiples (ABSMAX_BOX = 4 fp32 or 16
+    uint8 codes per box row, the narrowest box TMA takes; ops_4bit checks the layout): a tile needs 1 or
+    BLOCK_COLS / QBLOCK values per row, picked from the box in registers. Otherwise (ABSMAX_BOX = 0) by loads,
+    which Triton pipelines as cp.async (3 LDGSTS per thread, 6 when nested). The 16 code values are
     loaded once per program and looked up with ``tl.gather``: the cp.async kernel's per-element gather from
     global memory is pipelined by Triton as one more staged fp32 tile (32 KB at 128 x 64) per K step."""
     p_desc = tl.make_tensor_descriptor(P_ptr, shape=[M, K], strides=[stride_pm, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -255,6 +304,13 @@ def gemm_4bit_lowrank_tma_kernel(
     else:
         w_desc = tl.make_tensor_descriptor(W_ptr, shape=[K, W_COLS // 2], strides=[W_COLS // 2, 1],
                                            block_shape=[BLOCK_K, BLOCK_N // 2])
+    if ABSMAX_BOX > 0:
+        if TRANSPOSE_W:
+            a_desc = tl.make_tensor_descriptor(ABSMAX_ptr, shape=[N, W_COLS // QBLOCK], strides=[W_COLS // QBLOCK, 1],
+                                               block_shape=[BLOCK_N, ABSMAX_BOX])
+        else:
+            a_desc = tl.make_tensor_descriptor(ABSMAX_ptr, shape=[K, W_COLS // QBLOCK], strides=[W_COLS // QBLOCK, 1],
+                                               block_shape=[BLOCK_K, ABSMAX_BOX])
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
@@ -276,13 +332,22 @@ def gemm_4bit_lowrank_tma_kernel(
             p = p_desc.load([pid_m * BLOCK_M, k0])
             if TRANSPOSE_W:   # Q[k, n] = W[n, k]: the tile W[offs_n, k0 : k0 + BLOCK_K], transposed
                 byte = w_desc.load([pid_n * BLOCK_N, k0 // 2])
-                w = tl.trans(dequant_bytes(byte, code_table, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, offs_n,
-                                           mask_n, k0, W_COLS, BLOCK_N, BLOCK_K, QBLOCK, NESTED, QBLOCK2, True))
+                if ABSMAX_BOX > 0:
+                    absmax = a_desc.load([pid_n * BLOCK_N, absmax_box_column(k0, QBLOCK, ABSMAX_BOX)])
+                else:
+                    absmax = ABSMAX_ptr
+                w = tl.trans(dequant_bytes(byte, code_table, absmax, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, offs_n,
+                                           mask_n, k0, W_COLS, BLOCK_N, BLOCK_K, QBLOCK, NESTED, QBLOCK2, True,
+                                           ABSMAX_BOX))
             else:             # Q[k, n] = W[k, n]: the tile W[k0 + offs_k, pid_n * BLOCK_N : ...]
                 byte = w_desc.load([k0, pid_n * (BLOCK_N // 2)])
-                w = dequant_bytes(byte, code_table, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, k0 + offs_k,
+                if ABSMAX_BOX > 0:
+                    absmax = a_desc.load([k0, absmax_box_column(pid_n * BLOCK_N, QBLOCK, ABSMAX_BOX)])
+                else:
+                    absmax = ABSMAX_ptr
+                w = dequant_bytes(byte, code_table, absmax, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, k0 + offs_k,
                                   (k0 + offs_k) < K, pid_n * BLOCK_N, W_COLS, BLOCK_K, BLOCK_N, QBLOCK, NESTED,
-                                  QBLOCK2, True)
+                                  QBLOCK2, True, ABSMAX_BOX)
             q = round_weight(w, W_DTYPE, P_ptr.dtype.element_ty, NEAREST_BF16)
             acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION,
                          out_dtype=tl.float32)

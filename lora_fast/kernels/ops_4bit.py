@@ -155,6 +155,19 @@ def tma_eligible_4bit(P, packed) -> bool:
             and P.stride(1) == 1 and (P.stride(0) * P.element_size()) % 16 == 0 and P.data_ptr() % 16 == 0)
 
 
+def absmax_box(packed) -> int:
+    """Absmax values per row of the TMA box that loads them in the TMA variant (4 fp32, or 16 uint8 codes when
+    nested: 16 bytes, the narrowest box TMA takes), or 0 where the absmax, seen as a (N, in_features / blocksize)
+    matrix, has rows that are not 16-byte multiples or is not contiguous from a 16-byte aligned address: the
+    kernel then loads it with (cp.async-pipelined) loads."""
+    absmax = packed.absmax
+    per_row = packed.shape[1] // packed.blocksize
+    elt = absmax.element_size()
+    if absmax.stride(0) == 1 and absmax.data_ptr() % 16 == 0 and (per_row * elt) % 16 == 0:
+        return 16 // elt
+    return 0
+
+
 def gemm_4bit_lowrank(P, packed, transpose: bool, bias, L, RM, rm_strides, lowrank_scale, *, dropout_p=0.0,
                       seed=None, out=None, tma=False):
     """OUT (M, N') in P's dtype = P @ Q (+ bias) + lowrank_scale * (keep ⊙ (L @ RM)), Q = deq(W)^T (N' = N,
@@ -212,8 +225,9 @@ def _gemm_4bit_tma(P, packed, transpose, bias, L, RM, rm_strides, lowrank_scale,
            P.stride(0), L.stride(0), L.stride(1), rm_strides[0], rm_strides[1], out.stride(0), out.stride(1),
            float(lowrank_scale), float(dropout_p),
            BLOCK_R=configs.block_r(R), NUM_SMS=num_sms, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
-           TRANSPOSE_W=transpose, **_weight_meta(packed), DOT_DTYPE=configs.dot_dtype(P.dtype),
-           INPUT_PRECISION=configs.input_precision(P.dtype), **_NO_FMA, device=P.device, dtype=P.dtype)
+           TRANSPOSE_W=transpose, ABSMAX_BOX=absmax_box(packed), **_weight_meta(packed),
+           DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype), **_NO_FMA,
+           device=P.device, dtype=P.dtype)
     return out
 
 
