@@ -179,12 +179,16 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
         return [dict(HAS_BIAS=False, HAS_DROPOUT=True, NESTED=True, ALIGNED=False),
                 dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ALIGNED=True),
                 dict(HAS_BIAS=False, HAS_DROPOUT=True, NESTED=True, ALIGNED=True)]
-    if kernel == "fwd_gemm_4bit_tma":   # rows of whole blocks only (ops_4bit.tma_eligible_4bit)
-        return [dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False),
-                dict(HAS_BIAS=True, HAS_DROPOUT=False, NESTED=True)]
+    # the TMA variants: rows of whole blocks only (ops_4bit.tma_eligible_4bit); the absmax by loads (ABSMAX_BOX 0)
+    # or by TMA (4 fp32 or 16 uint8 codes per box row: ops_4bit.absmax_box)
+    if kernel == "fwd_gemm_4bit_tma":
+        return [dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ABSMAX_BOX=0),
+                dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ABSMAX_BOX=4),
+                dict(HAS_BIAS=True, HAS_DROPOUT=False, NESTED=True, ABSMAX_BOX=16)]
     if kernel == "dx_gemm_4bit_tma":
-        return [dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False),
-                dict(HAS_BIAS=False, HAS_DROPOUT=True, NESTED=True)]
+        return [dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ABSMAX_BOX=0),
+                dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ABSMAX_BOX=4),
+                dict(HAS_BIAS=False, HAS_DROPOUT=True, NESTED=True, ABSMAX_BOX=16)]
     if kernel == "dequant_4bit":
         return [dict(NESTED=False), dict(NESTED=True)]
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -193,7 +197,7 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
 def _variant_label(flags: dict) -> str:
     names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB", "SPLIT_K": "split",
              "SPLIT_M": "split", "HAS_BASE": "base", "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G": "g",
-             "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V", "Q_FP32": "fp32-Q"}
+             "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V", "Q_FP32": "fp32-Q", "ABSMAX_BOX": "absmax-tma"}
     label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 

@@ -125,8 +125,16 @@ def dequant_bytes(byte, CODE, ABSMAX, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, rows, 
 
 @triton.jit
 def absmax_box_column(c0, QBLOCK: tl.constexpr, ABSMAX_BOX: tl.constexpr):
-    """The first absmax column of the ABSMAX_BOX-wide box that holds the blocks of a tile starting at column c0."""
+    """The first absmax column of the ABSMAX_BOX-wide box that holds the blocks of a tile starting at column c0
+    (a box starts on a 16-byte multiple, as descriptor loads require)."""
     return (c0 // QBLOCK) // ABSMAX_BOX * ABSMAX_BOX
+
+
+@triton.jit
+def _half(x, right, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """The right (``right`` true) or left (ROWS, WIDTH // 2) half of a (ROWS, WIDTH) tile (registers only)."""
+    left, other = tl.split(tl.permute(tl.reshape(x, (ROWS, 2, WIDTH // 2)), (0, 2, 1)))
+    return tl.where(right, other, left)
 
 
 @triton.jit
@@ -135,26 +143,32 @@ def absmax_from_box(box, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, rows, row_mask, c0,
                     QBLOCK2: tl.constexpr, ABSMAX_BOX: tl.constexpr):
     """fp32 absmax (BLOCK_ROWS, GROUPS) of the tile W[rows, c0 : c0 + BLOCK_COLS] (GROUPS = BLOCK_COLS / QBLOCK,
     at least 1) from ``box``, the (BLOCK_ROWS, ABSMAX_BOX) absmax (fp32, or uint8 codes when NESTED) at column
-    ``absmax_box_column(c0)``: a TMA box is 16 bytes wide at least, so it holds 4 fp32 or 16 codes per row and the
-    tile's GROUPS columns are picked in registers (a sum of one value and zeros: exact). Rows and columns the
-    descriptor zero-filled give what the masked loads of ``absmax_values`` give (0, or the offset when NESTED)."""
+    ``absmax_box_column(c0)``: a TMA box is 16 bytes wide at least, so it holds 4 fp32 or 16 codes per row, and
+    the tile's GROUPS columns are picked by halving the box in registers, left or right by the bits of their
+    offset in it. Rows and columns the descriptor zero-filled give what the masked loads of ``absmax_values``
+    give (0, or the offset when NESTED)."""
     GROUPS: tl.constexpr = BLOCK_COLS // QBLOCK if BLOCK_COLS > QBLOCK else 1
     tl.static_assert(ABSMAX_BOX % GROUPS == 0, "an absmax box must hold whole groups of a tile")
-    first = c0 // QBLOCK
-    # GROUPS divides first (c0 % BLOCK_COLS == 0) and the box's first column (ABSMAX_BOX % GROUPS == 0)
-    slot = (first - absmax_box_column(c0, QBLOCK, ABSMAX_BOX)) // GROUPS
-    pick = tl.arange(0, ABSMAX_BOX // GROUPS) == slot
+    # GROUPS divides the tile's first column (c0 % BLOCK_COLS == 0) and the box's (ABSMAX_BOX % GROUPS == 0)
+    offset = c0 // QBLOCK - absmax_box_column(c0, QBLOCK, ABSMAX_BOX)
+    x = box
+    if ABSMAX_BOX // GROUPS >= 2:
+        x = _half(x, (offset & (ABSMAX_BOX // 2)) != 0, BLOCK_ROWS, ABSMAX_BOX)
+    if ABSMAX_BOX // GROUPS >= 4:
+        x = _half(x, (offset & (ABSMAX_BOX // 4)) != 0, BLOCK_ROWS, ABSMAX_BOX // 2)
+    if ABSMAX_BOX // GROUPS >= 8:
+        x = _half(x, (offset & (ABSMAX_BOX // 8)) != 0, BLOCK_ROWS, ABSMAX_BOX // 4)
+    if ABSMAX_BOX // GROUPS >= 16:
+        x = _half(x, (offset & (ABSMAX_BOX // 16)) != 0, BLOCK_ROWS, ABSMAX_BOX // 8)
+    x = tl.reshape(x, (BLOCK_ROWS, GROUPS))
     if NESTED:
-        codes = tl.reshape(box.to(tl.int32), (BLOCK_ROWS, ABSMAX_BOX // GROUPS, GROUPS))
-        q = tl.sum(tl.where(pick[None, :, None], codes, 0), axis=1)
-        group = first + tl.arange(0, GROUPS)
+        group = c0 // QBLOCK + tl.arange(0, GROUPS)
         block = rows.to(tl.int64)[:, None] * (W_COLS // QBLOCK) + group[None, :]
         mask = row_mask[:, None] & (group < W_COLS // QBLOCK)[None, :]
-        absmax = tl.load(CODE2_ptr + q) * tl.load(ABSMAX2_ptr + block // QBLOCK2, mask=mask, other=0.0)
+        absmax = tl.load(CODE2_ptr + x.to(tl.int32)) * tl.load(ABSMAX2_ptr + block // QBLOCK2, mask=mask, other=0.0)
         return absmax + tl.load(OFFSET_ptr)
     else:
-        values = tl.reshape(box.to(tl.float32), (BLOCK_ROWS, ABSMAX_BOX // GROUPS, GROUPS))
-        return tl.sum(tl.where(pick[None, :, None], values, 0.0), axis=1)
+        return x.to(tl.float32)
 
 
 @triton.jit
