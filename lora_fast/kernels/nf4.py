@@ -16,8 +16,9 @@ fp32: the kernels are compiled without FP contraction, ``enable_fp_fusion=False`
       forward: P = x,  Q = deq(W)^T,  L = S = dropout(x) A,  RM = B
       dX:      P = dY, Q = deq(W),    L = dS = dY B^T,       RM = A^T, keep-mask of x
     gemm_4bit_lowrank_tma_kernel: the same GEMM for Hopper (opt-in, LORA_FAST_GEMM_4BIT=tma): persistent, P's
-      tiles and the packed weight's byte tiles loaded by TMA (device-side tensor descriptors), the code table held
-      in registers; rows of whole blocks only (ops_4bit.tma_eligible_4bit checks the operands before launch).
+      tiles, the packed weight's byte tiles and (where its rows are 16-byte multiples) the absmax loaded by TMA
+      (device-side tensor descriptors), the code table held in registers; rows of whole blocks only
+      (ops_4bit.tma_eligible_4bit and absmax_box check the operands before launch).
     dequant_4bit_kernel: OUT (N, K) = deq(W), for the dequantize-then-GEMM path.
 
 In the GEMM each weight tile is dequantized in registers just before the MMA. When the weight's rows hold whole
