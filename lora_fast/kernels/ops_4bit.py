@@ -38,9 +38,10 @@ _GEMM_4BIT = {
     8: [(128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3)],
 }
 _GEMM_4BIT_FP32 = [(32, 32, 32, 4, 3)]
-# the TMA variant (sm_90, 16-bit): the tiles of the sm_90 list, 3 stages. Compile report (triton 3.9, sm_90, bf16 /
-# fp16, ranks 16 and 64, forward with and without bias, dX with and without dropout, flat and nested absmax): no
-# spills, 6 UTMALDG, 37-76 KB of shared memory (the cp.async kernel: 43-87 KB); unmeasured on a GPU
+# the TMA variant (sm_90, 16-bit): the tiles of the sm_90 list, 3 stages. Compile report (triton 3.9 and 3.6, sm_90,
+# bf16 / fp16, ranks 16 and 64, forward with and without bias, dX with and without dropout, flat and nested
+# absmax, absmax by loads or by TMA): no spills, at most 236 registers, 6-9 UTMALDG, 28-78 KB of shared memory (the
+# cp.async kernel: 43-136 KB); unmeasured on a GPU
 _GEMM_4BIT_TMA = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3)]
 # the per-element path (rows that do not hold whole blocks: no real layer): one small tile. 64 rows, since sm_90's
 # wgmma needs them (32x32 compiled to no HGMMA); fp32 with BLOCK_K 16 (32x32x32 spilled 4 B in dX with dropout
@@ -69,13 +70,14 @@ def gemm_4bit_configs(capability, dtype: torch.dtype) -> list:
 
 def gemm_4bit_tma_configs(capability, dtype: torch.dtype) -> list:
     """Autotune configs of ``gemm_4bit_lowrank_tma_kernel`` (16-bit inputs, sm_90 and newer), pruned by shared
-    memory: the pipeline's P tile and byte tile per stage, and the dequantized weight tile the MMA reads (a bound
-    of the compiled kernels' shared memory, 1-2 KB above it at ranks 16 and 64: compile report, sm_90)."""
+    memory: the pipeline's P tile, byte tile and absmax box (16 bytes per weight row) per stage, and the
+    dequantized weight tile the MMA reads (a bound of the compiled kernels' shared memory at ranks 16 and 64:
+    compile report, sm_90)."""
     limit = configs.smem_limit(capability)
     return [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in _GEMM_4BIT_TMA
-        if s * (bm * bk * 2 + bk * bn // 2) + bk * bn * 2 <= limit
+        if s * (bm * bk * 2 + bk * bn // 2 + max(bn, bk) * 16) + bk * bn * 2 <= limit
     ]
 
 
