@@ -127,7 +127,7 @@ def dequant_bytes(byte, CODE, ABSMAX, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, rows, 
 @triton.jit
 def absmax_box_column(c0, QBLOCK: tl.constexpr, ABSMAX_BOX: tl.constexpr):
     """The first absmax column of the ABSMAX_BOX-wide box that holds the blocks of a tile starting at column c0
-    (a box starts on a 16-byte multiple, as descriptor loads require)."""
+    (a box starts on a 16-byte multiple: Triton's interpreter asserts it of descriptor loads)."""
     return (c0 // QBLOCK) // ABSMAX_BOX * ABSMAX_BOX
 
 
