@@ -60,14 +60,18 @@ WS_KERNELS = ("fwd_gemm_ws", "dx_gemm_ws")
 # QLoRA (ops_4bit.py): fwd_gemm_4bit / dx_gemm_4bit: the same GEMMs reading a 4-bit (NF4 / FP4) weight and
 # dequantizing each tile before the MMA; dequant_4bit: the weight dequantized into a 16-bit scratch buffer.
 QLORA_KERNELS = ("fwd_gemm_4bit", "dx_gemm_4bit", "dequant_4bit")
+# fwd_gemm_4bit_tma / dx_gemm_4bit_tma: the persistent TMA variant of the 4-bit GEMMs (nf4.py, opt-in
+# LORA_FAST_GEMM_4BIT=tma), sm_90 and 16-bit only; its rows also fail without UTMALDG in the SASS
+QLORA_TMA_KERNELS = ("fwd_gemm_4bit_tma", "dx_gemm_4bit_tma")
 KERNELS = (("fwd_gemm", "dx_gemm", "xa_proj", "dyb_proj", "da_reduce", "grad_finish") + TMA_KERNELS + WS_KERNELS
-           + QLORA_KERNELS + DORA_KERNELS)
+           + QLORA_KERNELS + QLORA_TMA_KERNELS + DORA_KERNELS)
 # kernels without a dot or a reduction through shared memory (may report 0 bytes of shared memory), and without
 # a rank dimension that changes their code
 ELEMENTWISE_KERNELS = ("grad_finish", "dequant_4bit", "dora_scale", "dora_grad", "dora_combine")
-GEMM_KERNELS = ("fwd_gemm", "dx_gemm", "fwd_gemm_4bit", "dx_gemm_4bit", "dora_wide_gemm") + TMA_KERNELS + WS_KERNELS
+GEMM_KERNELS = (("fwd_gemm", "dx_gemm", "fwd_gemm_4bit", "dx_gemm_4bit", "dora_wide_gemm") + TMA_KERNELS
+                + WS_KERNELS + QLORA_TMA_KERNELS)
 # compiled without FP contraction, as ops_4bit launches them (bitsandbytes' nested absmax: a product, then a sum)
-NO_FMA_KERNELS = ("fwd_gemm_4bit", "dx_gemm_4bit", "dequant_4bit", "dora_norm_4bit")
+NO_FMA_KERNELS = ("fwd_gemm_4bit", "dx_gemm_4bit", "dequant_4bit", "dora_norm_4bit") + QLORA_TMA_KERNELS
 # Aligned sizes of the specialisation: any multiple of 16 gives the same code (the JIT keys on "divisible
 # by 16" only); 4096 stands for the hidden sizes of the models the README benchmarks.
 _SIZE = 4096
@@ -175,6 +179,16 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
         return [dict(HAS_BIAS=False, HAS_DROPOUT=True, NESTED=True, ALIGNED=False),
                 dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ALIGNED=True),
                 dict(HAS_BIAS=False, HAS_DROPOUT=True, NESTED=True, ALIGNED=True)]
+    # the TMA variants: rows of whole blocks only (ops_4bit.tma_eligible_4bit); the absmax by loads (ABSMAX_BOX 0)
+    # or by TMA (4 fp32 or 16 uint8 codes per box row: ops_4bit.absmax_box)
+    if kernel == "fwd_gemm_4bit_tma":
+        return [dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ABSMAX_BOX=0),
+                dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ABSMAX_BOX=4),
+                dict(HAS_BIAS=True, HAS_DROPOUT=False, NESTED=True, ABSMAX_BOX=16)]
+    if kernel == "dx_gemm_4bit_tma":
+        return [dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ABSMAX_BOX=0),
+                dict(HAS_BIAS=False, HAS_DROPOUT=False, NESTED=False, ABSMAX_BOX=4),
+                dict(HAS_BIAS=False, HAS_DROPOUT=True, NESTED=True, ABSMAX_BOX=16)]
     if kernel == "dequant_4bit":
         return [dict(NESTED=False), dict(NESTED=True)]
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -183,7 +197,7 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
 def _variant_label(flags: dict) -> str:
     names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB", "SPLIT_K": "split",
              "SPLIT_M": "split", "HAS_BASE": "base", "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G": "g",
-             "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V", "Q_FP32": "fp32-Q"}
+             "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V", "Q_FP32": "fp32-Q", "ABSMAX_BOX": "absmax-tma"}
     label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 
@@ -202,6 +216,8 @@ def launch_configs(kernel: str, flags: dict, capability, dtype, rank: int = 16) 
         if flags.get("ALIGNED", True):
             return ops_4bit.gemm_4bit_configs(capability, dtype)
         return ops_4bit.gemm_4bit_any_shape_configs(capability, dtype)
+    if kernel in QLORA_TMA_KERNELS:
+        return ops_4bit.gemm_4bit_tma_configs(capability, dtype)
     if kernel == "dequant_4bit":
         return ops_4bit.dequant_configs(capability, dtype)
     if kernel == "dora_wide_gemm":
@@ -247,8 +263,8 @@ def make_jobs(targets: Sequence[str] = tuple(TARGETS), kernels: Sequence[str] = 
     for target in targets:
         for kernel in kernels:
             for dtype in dtypes:
-                if kernel in TMA_KERNELS and (TARGETS[target][0] < 9 or dtype == "fp32"):
-                    continue   # 16-bit operands on Hopper and newer only (ops.tma_eligible)
+                if kernel in TMA_KERNELS + QLORA_TMA_KERNELS and (TARGETS[target][0] < 9 or dtype == "fp32"):
+                    continue   # 16-bit operands on Hopper and newer only (ops.tma_eligible, tma_eligible_4bit)
                 if kernel in WS_KERNELS and (TARGETS[target][0] != 9 or dtype != "bf16"):
                     continue   # sm_90 and bf16 only (ops.ws_eligible)
                 # only kernels with a rank dimension depend on the rank (the same code for every multiple of 16)
@@ -427,7 +443,7 @@ def _launch_args_4bit(job: Job, x: str, common: dict, meta: dict) -> tuple:
     dtype is the compute dtype (a model quantized from its own dtype)."""
     import triton.language as tl
 
-    from .kernels.nf4 import dequant_4bit_kernel, gemm_4bit_lowrank_kernel
+    from .kernels.nf4 import dequant_4bit_kernel, gemm_4bit_lowrank_kernel, gemm_4bit_lowrank_tma_kernel
 
     M = N = K = _SIZE
     R = job.rank
@@ -440,6 +456,16 @@ def _launch_args_4bit(job: Job, x: str, common: dict, meta: dict) -> tuple:
         return dequant_4bit_kernel, dict(weight, OUT_ptr=_Ptr(x), NUMEL=N * K, BLOCK=_dequant_block(),
                                          **weight_meta, **meta)
     dropout = meta.get("HAS_DROPOUT", False)
+    if job.kernel in QLORA_TMA_KERNELS:
+        # as the cp.async kernel's below, P by rows only; NUM_SMS of an H100 / H200
+        fwd = job.kernel == "fwd_gemm_4bit_tma"
+        args = dict(P_ptr=_Ptr(x), **weight, BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
+                    OUT_ptr=_Ptr(x), SEED_ptr=_Ptr("i64" if dropout else x), M=M, N=N if fwd else K,
+                    K=K if fwd else N, R=R, M_BUCKET=M, W_COLS=K, stride_pm=K if fwd else N, stride_lm=R,
+                    stride_lr=1, stride_rr=N if fwd else 1, stride_rn=1 if fwd else R, stride_om=N if fwd else K,
+                    stride_on=1, lowrank_scale=0.5, dropout_p=0.1 if dropout else 0.0, NUM_SMS=132,
+                    TRANSPOSE_W=fwd)
+        return gemm_4bit_lowrank_tma_kernel, dict(args, **weight_meta, **common, **meta)
     if job.kernel == "fwd_gemm_4bit":
         # P = x (M, K); Q = deq(W)^T; L = S fp32; RM = B (R, N)
         args = dict(P_ptr=_Ptr(x), **weight, BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
@@ -609,7 +635,7 @@ def check(row: Row, job: Job) -> list:
         failures.append(f"no {row.mma_name} in a {job.dtype} GEMM")
     if job.kernel in WS_KERNELS and not row.setmaxnreg:
         failures.append("no USETMAXREG in the warp-specialised GEMM")
-    if job.kernel in (TMA_KERNELS + WS_KERNELS) and not row.tma_loads:
+    if job.kernel in (TMA_KERNELS + WS_KERNELS + QLORA_TMA_KERNELS) and not row.tma_loads:
         failures.append("no TMA load (UTMALDG) in the TMA GEMM")
     return failures
 
@@ -779,9 +805,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "TMA GEMM (sm_90, 16-bit); fwd_gemm_ws, dx_gemm_ws: the warp-specialised Gluon GEMM "
                              "(opt-in LORA_FAST_GEMM=ws; sm_90, bf16; rows fail without USETMAXREG); "
                              "fwd_gemm_4bit, dx_gemm_4bit: the GEMMs on a 4-bit (NF4/FP4, "
-                             "QLoRA) weight dequantized per tile; dequant_4bit: the 4-bit weight into a 16-bit "
-                             "scratch buffer; dora_*: DoRA's norm, column scale, backward prologue and dropout "
-                             "combine (kernels/dora.py)")
+                             "QLoRA) weight dequantized per tile; fwd_gemm_4bit_tma, dx_gemm_4bit_tma: their "
+                             "persistent TMA variant (opt-in LORA_FAST_GEMM_4BIT=tma; sm_90, 16-bit); "
+                             "dequant_4bit: the 4-bit weight into a 16-bit scratch buffer; dora_*: DoRA's norm, "
+                             "column scale, backward prologue and dropout combine (kernels/dora.py)")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES),
                         help="input dtype (fp32 rows use input_precision 'ieee', torch's default)")
     parser.add_argument("--rank", nargs="+", type=int, default=list(RANKS),

@@ -23,7 +23,11 @@ from ._checks import check_lora_linear, check_training
 from .functional import _autocast_enabled, _autocast_inputs, dropout_mask, graph_gradients, select_backend
 
 QUANT_TYPES = ("nf4", "fp4")
-GEMM_4BIT_PATHS = ("auto", "fused", "dequant")
+GEMM_4BIT_PATHS = ("auto", "fused", "dequant", "tma")
+# opt-in: taken only when LORA_FAST_GEMM_4BIT names it, never timed by "auto". "tma": the fused path with the TMA
+# variant of the 4-bit GEMM (kernels/nf4.py, sm_90+, 16-bit, aligned operands, else the cp.async kernel), which
+# no GPU has run yet
+GEMM_4BIT_OPT_IN = ("tma",)
 # "auto" on a GPU: both paths' forward timed on the first call of a key and the faster kept, in memory and on disk
 # (kernels/choice.py, the mechanism of the 16-bit GEMM's path). Where nothing can be timed (the interpreter) this
 # rule stands in: the per-tile dequantizing GEMM up to this many rows of x, dequantize-then-GEMM above (the
@@ -172,8 +176,9 @@ def _code_table(quant_type: str, device: torch.device) -> torch.Tensor:
 def gemm_4bit_path(M: int) -> str:
     """The GEMM path of the Triton backend for M rows of x when nothing is timed: "fused" (each weight tile
     dequantized in registers before the MMA) or "dequant" (one dequantization pass into an (N, K) scratch weight,
-    then the 16-bit op's kernels). ``LORA_FAST_GEMM_4BIT=auto|fused|dequant`` (default auto: fused for
-    M <= FUSED_MAX_M; on a GPU ``lora_linear_4bit`` measures instead, ``_measured_path``).
+    then the 16-bit op's kernels). ``LORA_FAST_GEMM_4BIT=auto|fused|dequant|tma`` (default auto: fused for
+    M <= FUSED_MAX_M; on a GPU ``lora_linear_4bit`` measures instead, ``_measured_path``; "tma", opt-in: the
+    fused path with the TMA GEMM where ``ops_4bit.tma_eligible_4bit`` allows).
     Raises ValueError for another value."""
     forced = _forced_4bit()
     if forced is not None:

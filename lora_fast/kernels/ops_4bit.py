@@ -8,7 +8,9 @@ passes (S = dropout(x) A; dS = dY B^T with the dB partials; dA) are the 16-bit o
 
 Two paths, the same results up to fp32 summation order:
 - "fused": the GEMM reads the packed codes and dequantizes each tile in registers before the MMA; nothing of
-  size N x K in 16 bits is written.
+  size N x K in 16 bits is written. "tma" (opt-in: ``LORA_FAST_GEMM_4BIT=tma``; no GPU has run it yet) is the
+  same path with the persistent TMA variant of that GEMM on sm_90 and newer (``gemm_4bit_lowrank_tma_kernel``),
+  where ``tma_eligible_4bit`` accepts the operands, and the cp.async kernel otherwise (chosen before launch).
 - "dequant": one dequantization pass into an (N, K) scratch weight in the compute dtype, then the 16-bit op's
   launchers (``ops.lora_forward`` / ``ops.lora_backward``) on it; the scratch is freed when the call returns
   (forward and backward each make their own).
@@ -19,7 +21,7 @@ import triton
 
 from .. import philox
 from . import configs, ops
-from .nf4 import dequant_4bit_kernel, gemm_4bit_lowrank_kernel
+from .nf4 import dequant_4bit_kernel, gemm_4bit_lowrank_kernel, gemm_4bit_lowrank_tma_kernel
 
 _TL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
@@ -36,6 +38,11 @@ _GEMM_4BIT = {
     8: [(128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3)],
 }
 _GEMM_4BIT_FP32 = [(32, 32, 32, 4, 3)]
+# the TMA variant (sm_90, 16-bit): the tiles of the sm_90 list, 3 stages. Compile report (triton 3.9 and 3.6, sm_90,
+# bf16 / fp16, ranks 16 and 64, forward with and without bias, dX with and without dropout, flat and nested
+# absmax, absmax by loads or by TMA): no spills, at most 236 registers, 6-9 UTMALDG, 28-78 KB of shared memory (the
+# cp.async kernel: 43-136 KB); unmeasured on a GPU
+_GEMM_4BIT_TMA = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3)]
 # the per-element path (rows that do not hold whole blocks: no real layer): one small tile. 64 rows, since sm_90's
 # wgmma needs them (32x32 compiled to no HGMMA); fp32 with BLOCK_K 16 (32x32x32 spilled 4 B in dX with dropout
 # at rank 64 on sm_80). Compile report, triton 3.9.
@@ -61,6 +68,19 @@ def gemm_4bit_configs(capability, dtype: torch.dtype) -> list:
     ]
 
 
+def gemm_4bit_tma_configs(capability, dtype: torch.dtype) -> list:
+    """Autotune configs of ``gemm_4bit_lowrank_tma_kernel`` (16-bit inputs, sm_90 and newer), pruned by shared
+    memory: the pipeline's P tile, byte tile and absmax box (16 bytes per weight row) per stage, and the
+    dequantized weight tile the MMA reads (a bound of the compiled kernels' shared memory at ranks 16 and 64:
+    compile report, sm_90)."""
+    limit = configs.smem_limit(capability)
+    return [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in _GEMM_4BIT_TMA
+        if s * (bm * bk * 2 + bk * bn // 2 + max(bn, bk) * 16) + bk * bn * 2 <= limit
+    ]
+
+
 def gemm_4bit_any_shape_configs(capability, dtype: torch.dtype) -> list:
     """The config of ``gemm_4bit_lowrank_kernel`` with ALIGNED=False (per-element gathers)."""
     table = _GEMM_4BIT_ANY_SHAPE_FP32 if dtype == torch.float32 else _GEMM_4BIT_ANY_SHAPE
@@ -83,6 +103,12 @@ _gemm_dx = ops._Launcher(gemm_4bit_lowrank_kernel, gemm_4bit_configs, ["M_BUCKET
 # one) takes the per-element path on the small fp32 tile
 _gemm_any_shape = ops._Launcher(gemm_4bit_lowrank_kernel, gemm_4bit_any_shape_configs, ["M_BUCKET", "N", "K", "R"],
                                 _interp, pointers=12, scalars=2)
+# the TMA variant (opt-in, "tma"): forward and dX tuned apart, as the cp.async kernel's
+_TMA_INTERP = dict(configs.INTERP_GEMM, num_warps=4, num_stages=1)
+_gemm_tma_fwd = ops._Launcher(gemm_4bit_lowrank_tma_kernel, gemm_4bit_tma_configs, ["M_BUCKET", "N", "K", "R"],
+                              _TMA_INTERP, pointers=12, scalars=2)
+_gemm_tma_dx = ops._Launcher(gemm_4bit_lowrank_tma_kernel, gemm_4bit_tma_configs, ["M_BUCKET", "N", "K", "R"],
+                             _TMA_INTERP, pointers=12, scalars=2)
 _dequant = ops._Launcher(dequant_4bit_kernel, dequant_configs, [], dict(num_warps=4, num_stages=1),
                          pointers=7, scalars=0)
 
@@ -117,16 +143,46 @@ def dequantize(packed, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def tma_eligible_4bit(P, packed) -> bool:
+    """Whether the TMA variant of the 4-bit GEMM can take these operands: P (M, K') fp16 or bf16 on Hopper or newer
+    (any device under the interpreter), with unit stride along its rows, a 16-byte aligned base and row stride
+    (tensor descriptors' requirements); the weight's rows holding whole quantization blocks (in_features %
+    blocksize == 0, the tiled path) of a multiple of 32 codes (rows of 16-byte multiples), its packed codes
+    contiguous from a 16-byte aligned address. Others take the cp.async kernel."""
+    if P.dtype not in (torch.float16, torch.bfloat16) or (not ops._INTERPRETED and ops._capability(P.device)[0] < 9):
+        return False
+    K = packed.shape[1]
+    data = packed.data
+    return (K % packed.blocksize == 0 and K % 32 == 0 and data.stride(0) == 1 and data.data_ptr() % 16 == 0
+            and P.stride(1) == 1 and (P.stride(0) * P.element_size()) % 16 == 0 and P.data_ptr() % 16 == 0)
+
+
+def absmax_box(packed) -> int:
+    """Absmax values per row of the TMA box that loads them in the TMA variant (4 fp32, or 16 uint8 codes when
+    nested: 16 bytes, the narrowest box TMA takes), or 0 where the absmax, seen as a (N, in_features / blocksize)
+    matrix, has rows that are not 16-byte multiples or is not contiguous from a 16-byte aligned address: the
+    kernel then loads it with (cp.async-pipelined) loads."""
+    absmax = packed.absmax
+    per_row = packed.shape[1] // packed.blocksize
+    elt = absmax.element_size()
+    if absmax.stride(0) == 1 and absmax.data_ptr() % 16 == 0 and (per_row * elt) % 16 == 0:
+        return 16 // elt
+    return 0
+
+
 def gemm_4bit_lowrank(P, packed, transpose: bool, bias, L, RM, rm_strides, lowrank_scale, *, dropout_p=0.0,
-                      seed=None, out=None):
+                      seed=None, out=None, tma=False):
     """OUT (M, N') in P's dtype = P @ Q (+ bias) + lowrank_scale * (keep ⊙ (L @ RM)), Q = deq(W)^T (N' = N,
-    forward, ``transpose``) or deq(W) (N' = K, dX); RM (R, N') given by (tensor, strides)."""
+    forward, ``transpose``) or deq(W) (N' = K, dX); RM (R, N') given by (tensor, strides). ``tma``: the TMA
+    variant where ``tma_eligible_4bit`` accepts the operands (else the cp.async kernel)."""
     M = P.shape[0]
     N, K = packed.shape
     n_out, k_red = (N, K) if transpose else (K, N)
     R = L.shape[1]
     if out is None:
         out = torch.empty((M, n_out), dtype=P.dtype, device=P.device)
+    if tma and tma_eligible_4bit(P, packed):
+        return _gemm_4bit_tma(P, packed, transpose, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out)
 
     def grid(meta):
         return (ops._cdiv(M, meta["BLOCK_M"]) * ops._cdiv(n_out, meta["BLOCK_N"]),)
@@ -149,14 +205,44 @@ def gemm_4bit_lowrank(P, packed, transpose: bool, bias, L, RM, rm_strides, lowra
     return out
 
 
+def _gemm_4bit_tma(P, packed, transpose, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out):
+    """The persistent TMA variant (nf4.gemm_4bit_lowrank_tma_kernel) on operands ``tma_eligible_4bit`` accepts."""
+    M = P.shape[0]
+    N, K = packed.shape
+    n_out, k_red = (N, K) if transpose else (K, N)
+    R = L.shape[1]
+    num_sms = 2 if ops._INTERPRETED else ops._sm_count(P.device)
+
+    def grid(meta):
+        return (min(num_sms, ops._cdiv(M, meta["BLOCK_M"]) * ops._cdiv(n_out, meta["BLOCK_N"])),)
+
+    if not ops._INTERPRETED:
+        ops._ensure_allocator()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    launch = _gemm_tma_fwd if transpose else _gemm_tma_dx
+    launch(grid, P, *_weight_args(packed), bias if bias is not None else out, L, RM, out,
+           seed if seed is not None else out,
+           M, n_out, k_red, R, ops._m_bucket(M), K,
+           P.stride(0), L.stride(0), L.stride(1), rm_strides[0], rm_strides[1], out.stride(0), out.stride(1),
+           float(lowrank_scale), float(dropout_p),
+           BLOCK_R=configs.block_r(R), NUM_SMS=num_sms, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
+           TRANSPOSE_W=transpose, ABSMAX_BOX=absmax_box(packed), **_weight_meta(packed),
+           DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype), **_NO_FMA,
+           device=P.device, dtype=P.dtype)
+    return out
+
+
 def lora_forward_4bit(x, packed, bias, A, B, scale, dropout_p=0.0, seed=None, out=None, *, path="fused"):
     """Forward of the fused LoRA linear on a 4-bit base: y (M, N) in x's dtype (into ``out`` when given) and
-    S = dropout(x) @ A (M, R) fp32, which backward needs (with x and the seed; the packed weight is read again)."""
+    S = dropout(x) @ A (M, R) fp32, which backward needs (with x and the seed; the packed weight is read again).
+    ``path``: "fused", "tma" (the fused path with the TMA GEMM where eligible) or "dequant"."""
     if path == "dequant":
         return ops.lora_forward(x, dequantize(packed, x.dtype), bias, A, B, scale, dropout_p, seed, out=out)
     x = ops._along_k(x, 1)
     S, _, _ = ops.project_input(x, A, dropout_p, seed)
-    y = gemm_4bit_lowrank(x, packed, True, bias, S, B, (B.stride(0), B.stride(1)), scale, out=out)
+    y = gemm_4bit_lowrank(x, packed, True, bias, S, B, (B.stride(0), B.stride(1)), scale, out=out,
+                          tma=path == "tma")
     return y, S
 
 
@@ -184,7 +270,7 @@ def lora_backward_4bit(dy, x, packed, A, B, S, scale, dropout_p=0.0, seed=None, 
     if need_dx:
         # Q = deq(W) as (N, K); RM = A^T: element (r, k) is A[k, r]
         dx = gemm_4bit_lowrank(dy, packed, False, None, dS, A, (A.stride(1), A.stride(0)), scale * keep_scale,
-                               dropout_p=dropout_p, seed=seed)
+                               dropout_p=dropout_p, seed=seed, tma=path == "tma")
     if need_dA:
         dA = ops.reduce_rows(x, dS, scale * keep_scale, torch.empty(A.shape, dtype=A.dtype, device=A.device),
                              dropout_p=dropout_p, seed=seed)
