@@ -47,8 +47,10 @@ def select_backend(x: torch.Tensor) -> str:
 
 
 def _forward(x, weight, bias, A, B, scale: float, dropout_p: float, seed):
-    """(y, S) from the kernels for x (..., K): y (..., N) is a fresh tensor, not a view (FSDP2 and in-place
-    users want that, as nn.Linear gives); S (M, R) fp32. An empty batch launches nothing."""
+    """(y, S, keep) from the kernels for x (..., K): y (..., N) is a fresh tensor, not a view (FSDP2 and in-place
+    users want that, as nn.Linear gives); S (M, R) fp32; keep the keep-mask the S pass drew, bit-packed (uint8
+    (M, philox.mask_row_bytes(K)): M x K / 8 bytes) with dropout, else an empty uint8 tensor. An empty batch
+    launches nothing."""
     from . import kernels
 
     if x.dim() == 2:   # no reshape or view to dispatch (host time)
@@ -58,15 +60,19 @@ def _forward(x, weight, bias, A, B, scale: float, dropout_p: float, seed):
         x2d = x.reshape(-1, x.shape[-1])
         y = x.new_empty((*x.shape[:-1], weight.shape[0]))
         y2d = y.view(-1, weight.shape[0])
+    M, K = x2d.shape
+    keep = kernels.new_keep_mask(M, K, x.device) if dropout_p > 0 else torch.empty(0, dtype=torch.uint8,
+                                                                                   device=x.device)
     if y.numel() == 0:
         # nothing to compute: an empty batch, or out_features = 0 (then dS = 0, so S is never read)
-        return y, torch.zeros((x2d.shape[0], A.shape[1]), dtype=torch.float32, device=x.device)
-    _, S = kernels.lora_forward(x2d, weight, bias, A, B, scale, dropout_p, seed, out=y2d)
-    return y, S
+        return y, torch.zeros((M, A.shape[1]), dtype=torch.float32, device=x.device), keep.zero_()
+    _, S = kernels.lora_forward(x2d, weight, bias, A, B, scale, dropout_p, seed, out=y2d, keep_out=keep)
+    return y, S, keep
 
 
-def _backward_kernels(dy, x, weight, A, B, S, scale: float, dropout_p: float, seed, need_dx, need_dA, need_dB):
-    """(dx, dA, dB) from the kernels, None where not needed; zeros for an empty batch. dy (..., N), x (..., K)."""
+def _backward_kernels(dy, x, weight, A, B, S, scale: float, dropout_p: float, keep, need_dx, need_dA, need_dB):
+    """(dx, dA, dB) from the kernels, None where not needed; zeros for an empty batch. dy (..., N), x (..., K);
+    ``keep``: the forward's bit-packed keep-mask (read with dropout)."""
     from . import kernels
 
     if x.numel() == 0 or dy.numel() == 0:
@@ -77,8 +83,8 @@ def _backward_kernels(dy, x, weight, A, B, S, scale: float, dropout_p: float, se
     flat = x.dim() == 2   # no reshape or view to dispatch (host time)
     dx, dA, dB = kernels.lora_backward(dy if flat else dy.reshape(-1, dy.shape[-1]),
                                        x if flat else x.reshape(-1, x.shape[-1]), weight, A, B, S,
-                                       scale, dropout_p, seed if dropout_p > 0 else None,
-                                       need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
+                                       scale, dropout_p, need_dx=need_dx, need_dA=need_dA, need_dB=need_dB,
+                                       keep=keep if dropout_p > 0 else None)
     return (dx.view(x.shape) if dx is not None and not flat else dx), dA, dB
 
 
@@ -103,17 +109,17 @@ def graph_gradients(f, inputs, needs, dy):
 
 def dropout_mask(seed, x, dropout_p: float):
     """The kernels' keep-mask of a call (x's shape, bool) from its seed, in torch ops (``philox.keep_mask``), or
-    None without dropout: the mask the backward regenerates."""
+    None without dropout: the mask the DoRA and 4-bit ops' differentiable backwards regenerate."""
     if dropout_p <= 0:
         return None
     K = x.shape[-1]
     return philox.keep_mask(seed, x.numel() // K if K else 0, K, dropout_p).view(x.shape)
 
 
-def _backward_graph(dy, x, weight, A, B, S, scale: float, dropout_p: float, seed, need_dx, need_dA, need_dB):
+def _backward_graph(dy, x, weight, A, B, S, scale: float, dropout_p: float, keep, need_dx, need_dA, need_dB):
     """(dx, dA, dB) as ``_backward_kernels``, in torch ops recorded on the graph (``graph_gradients``): the
-    reference maths on the saved inputs, the dropout mask regenerated from the seed."""
-    mask = dropout_mask(seed, x, dropout_p)
+    reference maths on the saved inputs, the dropout mask unpacked from the forward's bits."""
+    mask = philox.unpack_keep_mask(keep, x.shape[-1]).view(x.shape) if dropout_p > 0 else None
 
     def f(x_, A_, B_):
         return reference.lora_linear(x_, weight, None, A_, B_, scale, dropout_p=dropout_p, training=mask is not None,
@@ -127,11 +133,11 @@ def _gradients(ctx, dy, backward_kernels):
     autograd records the backward (create_graph=True: grad mode is on inside backward) the low-rank gradients
     come from torch ops it can differentiate (``_backward_graph``), else from the kernels; dW and db are
     torch ops either way."""
-    x, weight, A, B, S, seed = ctx.saved_tensors
+    x, weight, A, B, S, keep = ctx.saved_tensors
     need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
     if torch.is_grad_enabled():
         backward_kernels = _backward_graph
-    dx, dA, dB = backward_kernels(dy, x, weight, A, B, S, ctx.scale, ctx.dropout_p, seed, need_dx, need_dA, need_dB)
+    dx, dA, dB = backward_kernels(dy, x, weight, A, B, S, ctx.scale, ctx.dropout_p, keep, need_dx, need_dA, need_dB)
     # the frozen-layer gradients, when asked for (the book's code leaves W trainable): torch matmuls
     if need_dW:
         dW = (dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
@@ -142,10 +148,11 @@ def _gradients(ctx, dy, backward_kernels):
     return dx, dW, db, dA, dB
 
 
-def _save(ctx, x, weight, bias, A, B, S, scale, dropout_p, seed):
-    # x, S = dropout(x) A (M x r, fp32) and the seed; weight, A, B are parameters (no new memory).
-    # Nothing of size M x out_features, no mask, no dropped copy of x.
-    ctx.save_for_backward(x, weight, A, B, S, seed)
+def _save(ctx, x, weight, bias, A, B, S, scale, dropout_p, keep):
+    # x, S = dropout(x) A (M x r, fp32) and, with dropout, the keep-mask as bits (M x in_features / 8 bytes, rows
+    # padded to 16: 1/16 of a 16-bit x), which the dX GEMM and the dA pass read instead of drawing it again;
+    # weight, A, B are parameters (no new memory). Nothing of size M x out_features, no dropped copy of x.
+    ctx.save_for_backward(x, weight, A, B, S, keep)
     ctx.scale, ctx.dropout_p, ctx.has_bias = scale, dropout_p, bias is not None
 
 
@@ -154,8 +161,8 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scale, dropout_p, seed):
-        y, S = _forward(x, weight, bias, A, B, scale, dropout_p, seed)
-        _save(ctx, x, weight, bias, A, B, S, scale, dropout_p, seed)
+        y, S, keep = _forward(x, weight, bias, A, B, scale, dropout_p, seed)
+        _save(ctx, x, weight, bias, A, B, S, scale, dropout_p, keep)
         return y
 
     @staticmethod
@@ -168,42 +175,44 @@ class _LoRALinearFunction(torch.autograd.Function):
 @torch.library.custom_op("lora_fast::lora_linear_fwd", mutates_args=())
 def _lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
                      B: torch.Tensor, scale: float, dropout_p: float,
-                     seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+                     seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(x, weight, bias, A, B, scale, dropout_p, seed)
 
 
 @_lora_linear_fwd.register_fake
 def _(x, weight, bias, A, B, scale, dropout_p, seed):
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, A.shape[1]), dtype=torch.float32)
+    keep_shape = (M, philox.mask_row_bytes(x.shape[-1])) if dropout_p > 0 else (0,)
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, A.shape[1]), dtype=torch.float32),
+            x.new_empty(keep_shape, dtype=torch.uint8))
 
 
 @torch.library.custom_op("lora_fast::lora_linear_bwd", mutates_args=())
 def _lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                     S: torch.Tensor, scale: float, dropout_p: float, seed: Optional[torch.Tensor], need_dx: bool,
+                     S: torch.Tensor, scale: float, dropout_p: float, keep: torch.Tensor, need_dx: bool,
                      need_dA: bool, need_dB: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _backward_kernels(dy, x, weight, A, B, S, scale, dropout_p, seed, need_dx, need_dA, need_dB)
+    grads = _backward_kernels(dy, x, weight, A, B, S, scale, dropout_p, keep, need_dx, need_dA, need_dB)
     # custom ops return tensors only: an empty tensor stands for "not needed"
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @_lora_linear_bwd.register_fake
-def _(dy, x, weight, A, B, S, scale, dropout_p, seed, need_dx, need_dA, need_dB):
+def _(dy, x, weight, A, B, S, scale, dropout_p, keep, need_dx, need_dA, need_dB):
     return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
                  for t, need in ((x, need_dx), (A, need_dA), (B, need_dB)))
 
 
-def _op_backward_kernels(dy, x, weight, A, B, S, scale, dropout_p, seed, need_dx, need_dA, need_dB):
-    grads = _lora_linear_bwd(dy, x, weight, A, B, S, scale, dropout_p, seed, need_dx, need_dA, need_dB)
+def _op_backward_kernels(dy, x, weight, A, B, S, scale, dropout_p, keep, need_dx, need_dA, need_dB):
+    grads = _lora_linear_bwd(dy, x, weight, A, B, S, scale, dropout_p, keep, need_dx, need_dA, need_dB)
     return tuple(g if need else None for g, need in zip(grads, (need_dx, need_dA, need_dB)))
 
 
 def _op_setup_context(ctx, inputs, output):
     x, weight, bias, A, B, scale, dropout_p, seed = inputs
-    _save(ctx, x, weight, bias, A, B, output[1], scale, dropout_p, seed)
+    _save(ctx, x, weight, bias, A, B, output[1], scale, dropout_p, output[2])
 
 
-def _op_backward(ctx, dy, dS):
+def _op_backward(ctx, dy, dS, dkeep):
     return (*_gradients(ctx, dy, _op_backward_kernels), None, None, None)
 
 
@@ -266,8 +275,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     dropout, vmap needs ``randomness="different"`` or ``"same"`` as for nn.Dropout.
 
     Returns: (..., out_features) in x's dtype. Gradients flow to every input that requires one (x, weight,
-        bias, A, B); with dropout the kernels regenerate the mask from a seed drawn from torch's generator for
-        x's device, so ``torch.manual_seed`` makes runs reproducible.
+        bias, A, B); with dropout the kernels draw the mask once, in forward, from a seed drawn from torch's
+        generator for x's device (so ``torch.manual_seed`` makes runs reproducible), and save it as bits
+        (M x in_features / 8 bytes) that the backward reads.
 
     Raises:
         TypeError: a non-tensor, an integer dtype, weight not in x's dtype, A/B dtypes that differ or are

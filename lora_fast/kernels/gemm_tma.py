@@ -27,7 +27,7 @@ cp.async kernel otherwise.
 import triton
 import triton.language as tl
 
-from .gemm import grouped_tile, lowrank_init
+from .gemm import grouped_tile, lowrank_init_bits
 
 
 @triton.jit
@@ -79,14 +79,14 @@ def _store_tile(out_desc, acc, BIAS_ptr, off_m, off_n, N, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def gemm_lowrank_tma_kernel(
-    # pointers
-    P_ptr, Q_ptr, BIAS_ptr, L_ptr, RM_ptr, OUT_ptr, SEED_ptr,
+    # pointers (MASK: the forward's bit-packed keep-mask, uint8 rows of stride_mask bytes, read with HAS_DROPOUT)
+    P_ptr, Q_ptr, BIAS_ptr, L_ptr, RM_ptr, OUT_ptr, MASK_ptr,
     # sizes (M_BUCKET only keys the autotuner)
     M, N, K, R, M_BUCKET,
     # strides (P and OUT by rows; Q by the rows of the tensor it points to: W's (N, K) rows in forward and dX)
-    stride_pm, stride_qrow, stride_lm, stride_lr, stride_rr, stride_rn, stride_om,
-    # scalars
-    lowrank_scale, dropout_p,
+    stride_pm, stride_qrow, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_mask,
+    # scalars (with dropout lowrank_scale includes 1 / (1 - p))
+    lowrank_scale,
     # meta-parameters (Q_TRANSPOSED: Q[k, n] is element (n, k) of the stored rows, the forward's W^T; SUBTILE:
     # column slices of the epilogue's store)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -117,9 +117,9 @@ def gemm_lowrank_tma_kernel(
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             offs_r = tl.arange(0, BLOCK_R)
-            acc = lowrank_init(L_ptr, RM_ptr, SEED_ptr, offs_m, offs_n, pid_n, offs_m < M, offs_n < N, offs_r < R,
-                               offs_r, N, stride_lm, stride_lr, stride_rr, stride_rn, lowrank_scale, dropout_p,
-                               BLOCK_N, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
+            acc = lowrank_init_bits(L_ptr, RM_ptr, MASK_ptr, offs_m, offs_n, pid_n, offs_m < M, offs_n < N,
+                                    offs_r < R, offs_r, N, stride_lm, stride_lr, stride_rr, stride_rn, stride_mask,
+                                    lowrank_scale, BLOCK_N, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 

@@ -101,3 +101,63 @@ def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, dropout_p: float) -> t
         grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
         _keep_mask_kernel[grid](seed, out, M, K, float(dropout_p), BLOCK_M=32, BLOCK_K=32)
     return out.bool()
+
+
+@triton.jit
+def store_keep_bits(MASK_ptr, keep, offs_m, mask_m, k0, k_end, stride_mask, BLOCK_K: tl.constexpr):
+    """Store the keep tile (BM, BLOCK_K) of rows ``offs_m`` and columns k0 .. k0 + BLOCK_K bit-packed
+    (``lora_fast.philox.pack_keep_mask``'s layout): BLOCK_K / 8 bytes per row at byte k0 / 8 of a row of
+    ``stride_mask`` bytes; bits of columns >= ``k_end`` are 0, rows outside ``mask_m`` are not stored. ``k0`` is a
+    multiple of 8."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    bits = (keep & (offs_k < k_end)[None, :]).to(tl.int32)
+    # distinct powers of two: their sum is their bitwise or, and at most 255
+    weights = (1 << tl.arange(0, 8))[None, None, :]
+    packed = tl.sum(tl.reshape(bits, (offs_m.shape[0], BLOCK_K // 8, 8)) * weights, axis=2)
+    offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    tl.store(MASK_ptr + offs_m[:, None].to(tl.int64) * stride_mask + offs_b[None, :], packed.to(tl.uint8),
+             mask=mask_m[:, None] & (offs_b * 8 < k_end)[None, :])
+
+
+@triton.jit
+def load_keep_bits(MASK_ptr, offs_m, mask_m, c0, C, stride_mask, BLOCK_C: tl.constexpr):
+    """The keep tile (BM, BLOCK_C), bool, of rows ``offs_m`` and columns c0 .. c0 + BLOCK_C from the bit-packed
+    mask (``store_keep_bits``) of an input with C columns, rows of ``stride_mask`` bytes: one (BM, BLOCK_C / 8)
+    byte tile, each byte's 8 bits spread along a new last axis (low bit first). ``c0`` is a multiple of 8;
+    columns >= C and rows outside ``mask_m`` read as dropped."""
+    offs_b = c0 // 8 + tl.arange(0, BLOCK_C // 8)
+    packed = tl.load(MASK_ptr + offs_m[:, None].to(tl.int64) * stride_mask + offs_b[None, :],
+                     mask=mask_m[:, None] & (offs_b * 8 < C)[None, :], other=0)
+    bits = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(bits, (offs_m.shape[0], BLOCK_C)) != 0
+
+
+@triton.jit
+def _packed_keep_mask_kernel(
+    # pointers: seed (int64 scalar), out (M, stride_mask) uint8
+    SEED_ptr, OUT_ptr,
+    # sizes and the row stride of OUT in bytes
+    M, K, stride_mask,
+    # scalars
+    dropout_p,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = tl.program_id(1) * BLOCK_K
+    keep = keep_mask(SEED_ptr, offs_m, k0, K, dropout_p, BLOCK_K)
+    store_keep_bits(OUT_ptr, keep, offs_m, offs_m < M, k0, K, stride_mask, BLOCK_K)
+
+
+def packed_keep_mask(seed: torch.Tensor, M: int, K: int, dropout_p: float) -> torch.Tensor:
+    """The keep-mask of ``seed`` on an (M, K) input, drawn by Philox and bit-packed as the forward's S pass stores
+    it: uint8 (M, ``philox.mask_row_bytes(K)``), ``philox.pack_keep_mask``'s layout. One launch: for a backward
+    that has the seed but no saved mask (the multi-adapter op's one-adapter path, the 4-bit op's dequantized
+    path), so that its dX GEMM and dA pass read bits. ``dropout_p`` is quantised here as the op quantises it."""
+    dropout_p = philox.quantize(dropout_p)
+    row_bytes = philox.mask_row_bytes(K)
+    out = torch.empty((M, row_bytes), dtype=torch.uint8, device=seed.device)
+    if M * K:
+        grid = (triton.cdiv(M, 32), triton.cdiv(K, 128))
+        _packed_keep_mask_kernel[grid](seed, out, M, K, row_bytes, float(dropout_p), BLOCK_M=32, BLOCK_K=128)
+    return out
