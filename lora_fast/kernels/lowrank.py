@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .fp16 import pow2_split
-from .rng import keep_mask, load_keep_bits, store_keep_bits
+from .rng import keep_mask, keep_mask_bits, load_keep_bits, store_keep_bits
 
 
 @triton.jit
@@ -66,10 +66,12 @@ def _proj_row_block(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         p = p.to(DOT_DTYPE)
         if HAS_DROPOUT:
-            keep = keep_mask(SEED_ptr, offs_m, k0, K, dropout_p, BLOCK_K)
-            p = tl.where(keep, p, 0.0).to(DOT_DTYPE)
             if WRITE_MASK:
-                store_keep_bits(MASK_ptr, keep, offs_m, mask_m, k0, k_end, stride_mask, BLOCK_K)
+                keep, bits = keep_mask_bits(SEED_ptr, offs_m, k0, K, k_end, dropout_p, BLOCK_K)
+                store_keep_bits(MASK_ptr, bits, offs_m, mask_m, k0, k_end, stride_mask, BLOCK_K)
+            else:
+                keep = keep_mask(SEED_ptr, offs_m, k0, K, dropout_p, BLOCK_K)
+            p = tl.where(keep, p, 0.0).to(DOT_DTYPE)
         q = tl.load(Q_ptr + (k0 + offs_k)[:, None] * stride_qk + offs_r[None, :] * stride_qr,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         if DOT_DTYPE == tl.float16 and Q_ptr.dtype.element_ty == tl.float32:
