@@ -18,10 +18,11 @@ tile): at 128 x 256 x 64 bf16 a 4th pipeline stage then fits in the 227 KB of sh
 
 The low-rank term is accumulated after the main loop in bf16, so it does not delay the first loads; with dropout
 (dX) or in fp16 it starts the accumulator, as in gemm.py, since its masked or rescaled product needs a tile of
-its own (after the loop it spilled: compile report). 16-bit inputs only: fp32 has no tensor-core path here
-(IEEE) and spilled kilobytes at these tiles. Descriptors need a 16-byte aligned base, unit stride along the rows
-and row strides that are multiples of 16 bytes: ops.tma_eligible checks that before launch and takes the
-cp.async kernel otherwise.
+its own (after the loop it spilled: compile report). dX's keep-mask is read from the bits the forward's S pass
+stored (rng.load_keep_bits: BLOCK_M x BLOCK_N / 8 bytes per tile), with no Philox in this kernel (issue 28).
+16-bit inputs only: fp32 has no tensor-core path here (IEEE) and spilled kilobytes at these tiles. Descriptors
+need a 16-byte aligned base, unit stride along the rows and row strides that are multiples of 16 bytes:
+ops.tma_eligible checks that before launch and takes the cp.async kernel otherwise.
 """
 
 import triton
