@@ -171,8 +171,12 @@ class _LoRALinearFunction(torch.autograd.Function):
         return (*_gradients(ctx, dy, _backward_kernels), None, None, None)
 
 
-# The same op as torch.library custom ops, for torch.compile (no graph break) and other tracers.
-@torch.library.custom_op("lora_fast::lora_linear_fwd", mutates_args=())
+# The same op as torch.library custom ops, for torch.compile (no graph break) and other tracers. The names carry a
+# version, raised whenever the ops' outputs or the backward's inputs change (v2: the forward returns the keep-mask's
+# bits, the backward takes them instead of the seed): torch.compile's AOTAutograd cache keys on the traced graph,
+# which names the op but not its registered autograd, so a graph compiled before the change would be reused with
+# the old backward (wrong gradients) until the cache is cleared.
+@torch.library.custom_op("lora_fast::lora_linear_fwd_v2", mutates_args=())
 def _lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
                      B: torch.Tensor, scale: float, dropout_p: float,
                      seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,7 +191,7 @@ def _(x, weight, bias, A, B, scale, dropout_p, seed):
             x.new_empty(keep_shape, dtype=torch.uint8))
 
 
-@torch.library.custom_op("lora_fast::lora_linear_bwd", mutates_args=())
+@torch.library.custom_op("lora_fast::lora_linear_bwd_v2", mutates_args=())
 def _lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                      S: torch.Tensor, scale: float, dropout_p: float, keep: torch.Tensor, need_dx: bool,
                      need_dA: bool, need_dB: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,7 +220,7 @@ def _op_backward(ctx, dy, dS, dkeep):
     return (*_gradients(ctx, dy, _op_backward_kernels), None, None, None)
 
 
-torch.library.register_autograd("lora_fast::lora_linear_fwd", _op_backward, setup_context=_op_setup_context)
+torch.library.register_autograd("lora_fast::lora_linear_fwd_v2", _op_backward, setup_context=_op_setup_context)
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -269,7 +273,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         training: False (eval) applies no dropout.
 
     Under ``torch.autocast`` x, weight and bias are cast to the autocast dtype, as nn.Linear's are. Under
-    ``torch.compile`` the op is the custom op ``lora_fast::lora_linear_fwd`` (with its backward op), so
+    ``torch.compile`` the op is the custom op ``lora_fast::lora_linear_fwd_v2`` (with its backward op), so
     models trace with ``fullgraph=True``. Under ``torch.func`` transforms (``vmap(grad(...))`` for per-sample
     gradients, ``jacrev``, ...) the op runs the reference path (unfused torch ops), whatever the backend; with
     dropout, vmap needs ``randomness="different"`` or ``"same"`` as for nn.Dropout.
