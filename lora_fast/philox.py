@@ -82,10 +82,11 @@ def keep_mask(seed: torch.Tensor, M: int, K: int, dropout_p: float) -> torch.Ten
 # The keep-mask as the fused op saves it for backward (issue 28): one bit per element, drawn once by the forward's
 # S = dropout(x) A pass and read by the dX GEMM and the dA pass instead of running Philox again. Row m is
 # ``mask_row_bytes(K)`` bytes; bit j (least significant first) of byte b is the keep of column 8 b + j; bits of
-# columns >= K are 0. Bytes rather than 32-bit words: every tile width of the kernels (16 to 256 columns) is a
-# whole number of bytes, so each pass reads or writes just its own columns, and a tile's bytes load as one
-# vector per row. Rows are padded to a multiple of MASK_ROW_ALIGN bytes, so that every row starts 16-byte aligned
-# (vector loads; Triton specialises the row stride on divisibility by 16).
+# columns >= K in the last byte are 0, and the row's padding bytes (past ceil(K / 8)) are never written nor read
+# by the kernels (``pack_keep_mask`` sets them to 0). Bytes rather than 32-bit words: every tile width of the
+# kernels (16 to 256 columns) is a whole number of bytes, so each pass reads or writes just its own columns, and a
+# tile's bytes load as one vector per row. Rows are padded to a multiple of MASK_ROW_ALIGN bytes, so that every
+# row starts 16-byte aligned (vector loads; Triton specialises the row stride on divisibility by 16).
 MASK_ROW_ALIGN = 16
 
 
