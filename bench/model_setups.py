@@ -21,6 +21,7 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import lora_fast
+from lora_fast import philox
 from lora_fast.layers import is_linear
 
 from . import model_configs
@@ -280,7 +281,8 @@ def saved_formula(setup: str, layers: List[LayerInput], adapter_dtype: torch.dty
     """Bytes the LoRA layers save for backward in one forward, per setup (what measure_saved counts):
 
     fused (peft+patch, lora-fast): x itself (once per group), S = dropout(x) A (M x r, float32) per layer, and
-      with dropout the int64 seed; no mask and no dropped copy of x (lora_fast/functional.py, _save).
+      with dropout the keep-mask as bits (M rows of lora_fast.philox.mask_row_bytes(K): K / 8 bytes, padded to
+      16) per layer; no dropped copy of x (lora_fast/functional.py, _save).
     peft: lora_A saves its input -- x itself when the adapters are in x's dtype and dropout is 0 (once per group),
       else a private copy per layer (x cast to the adapters' dtype, or dropout's output); dropout's backward keeps
       its mask where x requires grad: 1 byte per element on CUDA (native_dropout), the adapters' itemsize on CPU
@@ -297,7 +299,7 @@ def saved_formula(setup: str, layers: List[LayerInput], adapter_dtype: torch.dty
         x_bytes = layer.M * layer.K * layer.itemsize
         if setup in ("peft+patch", "lora-fast"):
             groups[layer.group] = x_bytes
-            total += layer.M * rank * 4 + (8 if dropout > 0 else 0)
+            total += layer.M * rank * 4 + (layer.M * philox.mask_row_bytes(layer.K) if dropout > 0 else 0)
         elif setup == "peft":
             if dropout > 0:
                 mask = (1 if device_type == "cuda" else a) if layer.requires_grad else 0

@@ -47,8 +47,9 @@ def saved_bytes(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     return total, sorted((v[1], v[2]) for v in counted.values()), y
 
 
-def _meta_lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=None):
+def _meta_lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=None, keep_out=None):
     # the outputs of lora_fast.kernels.lora_forward: y (M, N) in x's dtype (into ``out``) and S (M, r) in fp32
+    # (the bit-packed keep-mask goes into ``keep_out``, which the caller allocated)
     y = out if out is not None else x.new_empty((x.shape[0], weight.shape[0]))
     return y, torch.empty((x.shape[0], A.shape[1]), dtype=torch.float32, device=x.device)
 

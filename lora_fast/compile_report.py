@@ -42,8 +42,10 @@ DTYPES = ("fp16", "bf16", "fp32")
 RANKS = (16, 64)
 
 # Each launch of ops.py, by the name the report uses: (kernel function, variants as {flag: value}).
-# fwd_gemm: y = x W^T (+ b) + scale S B; dx_gemm: dX = dY W + scale keep (dS A^T); xa_proj: S = dropout(x) A;
-# dyb_proj: dS = dY B^T with the dB partials when the rank is small; da_reduce: dA = (keep x)^T dS (the dB
+# fwd_gemm: y = x W^T (+ b) + scale S B; dx_gemm: dX = dY W + scale keep (dS A^T), keep read from the bits the
+# forward stored; xa_proj: S = dropout(x) A, storing the keep-mask's bits ("bits");
+# dyb_proj: dS = dY B^T with the dB partials when the rank is small; da_reduce: dA = (keep x)^T dS, keep read from
+# the bits ("bits": the 16-bit op) or regenerated from the seed (DoRA, 4-bit) (the dB
 # reduction of a large rank, reduce_rows(dy, S), compiles to the same kernel with the same specialisation);
 # grad_finish: dA or dB = (scale * the sum of their partials) in the adapters' dtype.
 # DoRA (kernels/dora.py; its GEMMs and narrow passes are the kernels above, the forward GEMM also with an fp32
@@ -144,16 +146,19 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
     # program sums the splits) carry that code on top of the unsplit one
     # Q_FP32 (not a kernel flag: Q's pointer type): fp32 adapters on a 16-bit base (PEFT's default), whose Q tile
     # takes the fp16 range guard (a power-of-two factor per rank column) before its cast; not for fp32 inputs
+    # WRITE_MASK (the 16-bit op's S pass stores the keep-mask's bits; DoRA's and the 4-bit op's do not: a subset)
     if kernel == "xa_proj":
-        return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=False, SPLIT_K=False),
-                dict(HAS_DROPOUT=True, WRITE_PARTIAL=False, SPLIT_K=True),
-                dict(HAS_DROPOUT=True, WRITE_PARTIAL=False, SPLIT_K=True, Q_FP32=True)]
+        return [dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=False, SPLIT_K=False),
+                dict(HAS_DROPOUT=True, WRITE_MASK=True, WRITE_PARTIAL=False, SPLIT_K=True),
+                dict(HAS_DROPOUT=True, WRITE_MASK=True, WRITE_PARTIAL=False, SPLIT_K=True, Q_FP32=True)]
     if kernel == "dyb_proj":   # ops.lora_backward fuses dB (its partials) when 4 * R < PROJ_BLOCK_M
         partials = 4 * rank < configs_mod.PROJ_BLOCK_M
-        return [dict(HAS_DROPOUT=False, WRITE_PARTIAL=partials, SPLIT_K=True),
-                dict(HAS_DROPOUT=False, WRITE_PARTIAL=partials, SPLIT_K=True, Q_FP32=True)]
-    if kernel == "da_reduce":
-        return [dict(HAS_DROPOUT=False, SPLIT_M=True), dict(HAS_DROPOUT=True, SPLIT_M=True)]
+        return [dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True),
+                dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True, Q_FP32=True)]
+    if kernel == "da_reduce":   # SAVED_MASK: the 16-bit op reads the bits; DoRA and the 4-bit op run Philox
+        return [dict(HAS_DROPOUT=False, SAVED_MASK=False, SPLIT_M=True),
+                dict(HAS_DROPOUT=True, SAVED_MASK=True, SPLIT_M=True),
+                dict(HAS_DROPOUT=True, SAVED_MASK=False, SPLIT_M=True)]
     if kernel in ("grad_finish", "dora_norm"):
         return [dict()]
     if kernel == "dora_norm_4bit":   # nested absmax is the heavier dequantization; any-shape: per-element gathers
@@ -197,7 +202,8 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
 def _variant_label(flags: dict) -> str:
     names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB", "SPLIT_K": "split",
              "SPLIT_M": "split", "HAS_BASE": "base", "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G": "g",
-             "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V", "Q_FP32": "fp32-Q", "ABSMAX_BOX": "absmax-tma"}
+             "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V", "Q_FP32": "fp32-Q", "ABSMAX_BOX": "absmax-tma",
+             "WRITE_MASK": "bits", "SAVED_MASK": "bits"}
     label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 
@@ -321,17 +327,19 @@ def launch_args(job: Job) -> tuple:
         # DoRA's unscaled sum in fp32 (kernels/dora.py _gemm_wide)
         wide = job.kernel == "dora_wide_gemm"
         args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"),
-                    RM_ptr=_Ptr("fp32" if wide else x), OUT_ptr=_Ptr("fp32" if wide else x), SEED_ptr=_Ptr(x),
-                    M=M, N=N, K=K, R=R, M_BUCKET=M,
+                    RM_ptr=_Ptr("fp32" if wide else x), OUT_ptr=_Ptr("fp32" if wide else x),
+                    MASK_ptr=_Ptr("fp32" if wide else x), M=M, N=N, K=K, R=R, M_BUCKET=M,
                     stride_pm=K, stride_pk=1, stride_qk=1, stride_qn=K, stride_lm=R, stride_lr=1,
-                    stride_rr=N, stride_rn=1, stride_om=N, stride_on=1, lowrank_scale=0.5, dropout_p=0.0)
+                    stride_rr=N, stride_rn=1, stride_om=N, stride_on=1, stride_mask=0, lowrank_scale=0.5)
         return gemm_lowrank_kernel, dict(args, **common, **meta)
     if job.kernel == "dx_gemm":
-        # P = dY (M, N_out); Q = W (N_out, K_in) as stored; L = dS fp32; RM = A^T: (r, k) -> A[k, r]
+        # P = dY (M, N_out); Q = W (N_out, K_in) as stored; L = dS fp32; RM = A^T: (r, k) -> A[k, r]; MASK: the
+        # keep-mask's bits, uint8 rows of K_in / 8 bytes
         args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
-                    OUT_ptr=_Ptr(x), SEED_ptr=_Ptr("i64" if dropout else x), M=M, N=K, K=N, R=R, M_BUCKET=M,
+                    OUT_ptr=_Ptr(x), MASK_ptr=_Ptr("u8" if dropout else x), M=M, N=K, K=N, R=R, M_BUCKET=M,
                     stride_pm=N, stride_pk=1, stride_qk=K, stride_qn=1, stride_lm=R, stride_lr=1,
-                    stride_rr=1, stride_rn=R, stride_om=K, stride_on=1, lowrank_scale=0.5, dropout_p=0.1)
+                    stride_rr=1, stride_rn=R, stride_om=K, stride_on=1, stride_mask=K // 8 if dropout else 0,
+                    lowrank_scale=0.5)
         return gemm_lowrank_kernel, dict(args, **common, **meta)
     if job.kernel in WS_KERNELS:
         # as the TMA kernel's, without the dropout arguments (the config holds NUM_WARPS = num_warps)
@@ -349,10 +357,10 @@ def launch_args(job: Job) -> tuple:
         # rows as stored, OUT = dX (M, K_in); L fp32 (M, R); RM = B (R, N) or A^T ((r, k) -> A[k, r])
         fwd = job.kernel == "fwd_gemm_tma"
         args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
-                    OUT_ptr=_Ptr(x), SEED_ptr=_Ptr("i64" if dropout else x), M=M, N=N if fwd else K,
+                    OUT_ptr=_Ptr(x), MASK_ptr=_Ptr("u8" if dropout else x), M=M, N=N if fwd else K,
                     K=K if fwd else N, R=R, M_BUCKET=M, stride_pm=K if fwd else N, stride_qrow=K, stride_lm=R,
                     stride_lr=1, stride_rr=N if fwd else 1, stride_rn=1 if fwd else R, stride_om=N if fwd else K,
-                    lowrank_scale=0.5, dropout_p=0.1, NUM_SMS=132)
+                    stride_mask=K // 8 if dropout else 0, lowrank_scale=0.5, NUM_SMS=132)
         return gemm_lowrank_tma_kernel, dict(args, **common, **meta)
     if job.kernel in ("xa_proj", "dyb_proj"):
         if job.kernel == "xa_proj":   # P = x (M, K), Q = A (K, R)
@@ -363,20 +371,28 @@ def launch_args(job: Job) -> tuple:
         # dtype: x's, or fp32 with Q_FP32 (then Q = A or B^T is fp32 too)
         meta = dict(meta)
         adapters = "fp32" if meta.pop("Q_FP32", False) else x
+        # MASK: the keep-mask's bits (uint8 rows of K / 8 bytes) with WRITE_MASK, else the output (ops.py)
+        write_mask = meta.get("WRITE_MASK", False)
         args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(adapters), OUT_ptr=_Ptr("fp32"), L_ptr=_Ptr("fp32"),
                     PARTIAL_ptr=_Ptr("fp32"), SEED_ptr=_Ptr("i64" if dropout else "fp32"), SPLIT_ptr=_Ptr("fp32"),
-                    GRAD_ptr=_Ptr(adapters), COUNTER_ptr=_Ptr("i32"),
+                    GRAD_ptr=_Ptr(adapters), COUNTER_ptr=_Ptr("i32"), MASK_ptr=_Ptr("u8" if write_mask else "fp32"),
                     M=M, K=K, R=R, M_BUCKET=M, ROWS_PER_PROGRAM=2 * cfg.PROJ_BLOCK_M, K_PER_SPLIT=K // 4, **strides,
                     stride_om=R, stride_or=1, stride_lm=R, stride_lr=1, stride_gr=K, stride_gk=1,
+                    stride_mask=K // 8 if write_mask else 0,
                     out_scale=1.0 / 0.9, grad_scale=0.5, dropout_p=0.1, BLOCK_M=cfg.PROJ_BLOCK_M)
         return lowrank_proj_kernel, dict(args, **common, **meta)
     if job.kernel == "da_reduce":
         # P = x (M, K), L = dS (M, R) fp32; ROWS_PER_SPLIT is a multiple of REDUCE_BLOCK_M
         # OUT = dA (K, R) in x's dtype; COUNTER int32
+        # the keep-mask: its bits (MASK, uint8 rows of K / 8 bytes) with SAVED_MASK, else the seed; the pointer not
+        # used is dA (ops.py)
+        saved = meta.get("SAVED_MASK", False)
         args = dict(P_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), PARTIAL_ptr=_Ptr("fp32"),
-                    SEED_ptr=_Ptr("i64" if dropout else "fp32"), OUT_ptr=_Ptr(x), COUNTER_ptr=_Ptr("i32"),
+                    SEED_ptr=_Ptr("i64" if dropout and not saved else x), OUT_ptr=_Ptr(x), COUNTER_ptr=_Ptr("i32"),
+                    MASK_ptr=_Ptr("u8" if saved else x),
                     M=M, K=K, R=R, ROWS_PER_SPLIT=16 * cfg.reduce_blocks(job_dtype)[0], M_BUCKET=M, stride_pm=K,
-                    stride_pk=1, stride_lm=R, stride_lr=1, stride_ok=R, stride_or=1, scale=0.5, dropout_p=0.1,
+                    stride_pk=1, stride_lm=R, stride_lr=1, stride_ok=R, stride_or=1,
+                    stride_mask=K // 8 if saved else 0, scale=0.5, dropout_p=0.1,
                     BLOCK_M=cfg.reduce_blocks(job_dtype)[0], BLOCK_K=cfg.reduce_blocks(job_dtype)[1])
         return reduce_m_kernel, dict(args, **common, **meta)
     if job.kernel == "dora_norm_4bit":

@@ -47,8 +47,9 @@ def select_backend(x: torch.Tensor) -> str:
 
 
 def _forward(x, weight, bias, A, B, scale: float, dropout_p: float, seed):
-    """(y, S) from the kernels for x (..., K): y (..., N) is a fresh tensor, not a view (FSDP2 and in-place
-    users want that, as nn.Linear gives); S (M, R) fp32. An empty batch launches nothing."""
+    """(y, S, keep) from the kernels for x (..., K): y (..., N) is a fresh tensor, not a view (FSDP2 and in-place
+    users want that, as nn.Linear gives); S (M, R) fp32; keep the keep-mask the S pass drew, bit-packed (uint8
+    (M, philox.mask_row_bytes(K)): M x K / 8 bytes) with dropout, else None. An empty batch launches nothing."""
     from . import kernels
 
     if x.dim() == 2:   # no reshape or view to dispatch (host time)
@@ -58,15 +59,19 @@ def _forward(x, weight, bias, A, B, scale: float, dropout_p: float, seed):
         x2d = x.reshape(-1, x.shape[-1])
         y = x.new_empty((*x.shape[:-1], weight.shape[0]))
         y2d = y.view(-1, weight.shape[0])
+    M, K = x2d.shape
+    keep = kernels.new_keep_mask(M, K, x.device) if dropout_p > 0 else None
     if y.numel() == 0:
         # nothing to compute: an empty batch, or out_features = 0 (then dS = 0, so S is never read)
-        return y, torch.zeros((x2d.shape[0], A.shape[1]), dtype=torch.float32, device=x.device)
-    _, S = kernels.lora_forward(x2d, weight, bias, A, B, scale, dropout_p, seed, out=y2d)
-    return y, S
+        return y, torch.zeros((M, A.shape[1]), dtype=torch.float32, device=x.device), \
+            keep.zero_() if keep is not None else None
+    _, S = kernels.lora_forward(x2d, weight, bias, A, B, scale, dropout_p, seed, out=y2d, keep_out=keep)
+    return y, S, keep
 
 
-def _backward_kernels(dy, x, weight, A, B, S, scale: float, dropout_p: float, seed, need_dx, need_dA, need_dB):
-    """(dx, dA, dB) from the kernels, None where not needed; zeros for an empty batch. dy (..., N), x (..., K)."""
+def _backward_kernels(dy, x, weight, A, B, S, scale: float, dropout_p: float, keep, need_dx, need_dA, need_dB):
+    """(dx, dA, dB) from the kernels, None where not needed; zeros for an empty batch. dy (..., N), x (..., K);
+    ``keep``: the forward's bit-packed keep-mask (read with dropout)."""
     from . import kernels
 
     if x.numel() == 0 or dy.numel() == 0:
@@ -77,8 +82,8 @@ def _backward_kernels(dy, x, weight, A, B, S, scale: float, dropout_p: float, se
     flat = x.dim() == 2   # no reshape or view to dispatch (host time)
     dx, dA, dB = kernels.lora_backward(dy if flat else dy.reshape(-1, dy.shape[-1]),
                                        x if flat else x.reshape(-1, x.shape[-1]), weight, A, B, S,
-                                       scale, dropout_p, seed if dropout_p > 0 else None,
-                                       need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
+                                       scale, dropout_p, need_dx=need_dx, need_dA=need_dA, need_dB=need_dB,
+                                       keep=keep if dropout_p > 0 else None)
     return (dx.view(x.shape) if dx is not None and not flat else dx), dA, dB
 
 
@@ -103,17 +108,17 @@ def graph_gradients(f, inputs, needs, dy):
 
 def dropout_mask(seed, x, dropout_p: float):
     """The kernels' keep-mask of a call (x's shape, bool) from its seed, in torch ops (``philox.keep_mask``), or
-    None without dropout: the mask the backward regenerates."""
+    None without dropout: the mask the DoRA and 4-bit ops' differentiable backwards regenerate."""
     if dropout_p <= 0:
         return None
     K = x.shape[-1]
     return philox.keep_mask(seed, x.numel() // K if K else 0, K, dropout_p).view(x.shape)
 
 
-def _backward_graph(dy, x, weight, A, B, S, scale: float, dropout_p: float, seed, need_dx, need_dA, need_dB):
+def _backward_graph(dy, x, weight, A, B, S, scale: float, dropout_p: float, keep, need_dx, need_dA, need_dB):
     """(dx, dA, dB) as ``_backward_kernels``, in torch ops recorded on the graph (``graph_gradients``): the
-    reference maths on the saved inputs, the dropout mask regenerated from the seed."""
-    mask = dropout_mask(seed, x, dropout_p)
+    reference maths on the saved inputs, the dropout mask unpacked from the forward's bits."""
+    mask = philox.unpack_keep_mask(keep, x.shape[-1]).view(x.shape) if dropout_p > 0 else None
 
     def f(x_, A_, B_):
         return reference.lora_linear(x_, weight, None, A_, B_, scale, dropout_p=dropout_p, training=mask is not None,
@@ -127,11 +132,11 @@ def _gradients(ctx, dy, backward_kernels):
     autograd records the backward (create_graph=True: grad mode is on inside backward) the low-rank gradients
     come from torch ops it can differentiate (``_backward_graph``), else from the kernels; dW and db are
     torch ops either way."""
-    x, weight, A, B, S, seed = ctx.saved_tensors
+    x, weight, A, B, S, keep = ctx.saved_tensors
     need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
     if torch.is_grad_enabled():
         backward_kernels = _backward_graph
-    dx, dA, dB = backward_kernels(dy, x, weight, A, B, S, ctx.scale, ctx.dropout_p, seed, need_dx, need_dA, need_dB)
+    dx, dA, dB = backward_kernels(dy, x, weight, A, B, S, ctx.scale, ctx.dropout_p, keep, need_dx, need_dA, need_dB)
     # the frozen-layer gradients, when asked for (the book's code leaves W trainable): torch matmuls
     if need_dW:
         dW = (dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
@@ -142,10 +147,11 @@ def _gradients(ctx, dy, backward_kernels):
     return dx, dW, db, dA, dB
 
 
-def _save(ctx, x, weight, bias, A, B, S, scale, dropout_p, seed):
-    # x, S = dropout(x) A (M x r, fp32) and the seed; weight, A, B are parameters (no new memory).
-    # Nothing of size M x out_features, no mask, no dropped copy of x.
-    ctx.save_for_backward(x, weight, A, B, S, seed)
+def _save(ctx, x, weight, bias, A, B, S, scale, dropout_p, keep):
+    # x, S = dropout(x) A (M x r, fp32) and, with dropout, the keep-mask as bits (M x in_features / 8 bytes, rows
+    # padded to 16: 1/16 of a 16-bit x), which the dX GEMM and the dA pass read instead of drawing it again;
+    # weight, A, B are parameters (no new memory). Nothing of size M x out_features, no dropped copy of x.
+    ctx.save_for_backward(x, weight, A, B, S, keep)
     ctx.scale, ctx.dropout_p, ctx.has_bias = scale, dropout_p, bias is not None
 
 
@@ -154,8 +160,8 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scale, dropout_p, seed):
-        y, S = _forward(x, weight, bias, A, B, scale, dropout_p, seed)
-        _save(ctx, x, weight, bias, A, B, S, scale, dropout_p, seed)
+        y, S, keep = _forward(x, weight, bias, A, B, scale, dropout_p, seed)
+        _save(ctx, x, weight, bias, A, B, S, scale, dropout_p, keep)
         return y
 
     @staticmethod
@@ -164,50 +170,58 @@ class _LoRALinearFunction(torch.autograd.Function):
         return (*_gradients(ctx, dy, _backward_kernels), None, None, None)
 
 
-# The same op as torch.library custom ops, for torch.compile (no graph break) and other tracers.
-@torch.library.custom_op("lora_fast::lora_linear_fwd", mutates_args=())
+# The same op as torch.library custom ops, for torch.compile (no graph break) and other tracers. The names carry a
+# version, raised whenever the ops' outputs or the backward's inputs change (v2: the forward returns the keep-mask's
+# bits, the backward takes them instead of the seed): torch.compile's AOTAutograd cache keys on the traced graph,
+# which names the op but not its registered autograd, so a graph compiled before the change would be reused with
+# the old backward (wrong gradients) until the cache is cleared.
+@torch.library.custom_op("lora_fast::lora_linear_fwd_v2", mutates_args=())
 def _lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
                      B: torch.Tensor, scale: float, dropout_p: float,
-                     seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _forward(x, weight, bias, A, B, scale, dropout_p, seed)
+                     seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, S, keep = _forward(x, weight, bias, A, B, scale, dropout_p, seed)
+    # custom ops return tensors only: an empty uint8 tensor stands for "no mask"
+    return y, S, keep if keep is not None else x.new_empty(0, dtype=torch.uint8)
 
 
 @_lora_linear_fwd.register_fake
 def _(x, weight, bias, A, B, scale, dropout_p, seed):
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, A.shape[1]), dtype=torch.float32)
+    keep_shape = (M, philox.mask_row_bytes(x.shape[-1])) if dropout_p > 0 else (0,)
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, A.shape[1]), dtype=torch.float32),
+            x.new_empty(keep_shape, dtype=torch.uint8))
 
 
-@torch.library.custom_op("lora_fast::lora_linear_bwd", mutates_args=())
+@torch.library.custom_op("lora_fast::lora_linear_bwd_v2", mutates_args=())
 def _lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                     S: torch.Tensor, scale: float, dropout_p: float, seed: Optional[torch.Tensor], need_dx: bool,
+                     S: torch.Tensor, scale: float, dropout_p: float, keep: torch.Tensor, need_dx: bool,
                      need_dA: bool, need_dB: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _backward_kernels(dy, x, weight, A, B, S, scale, dropout_p, seed, need_dx, need_dA, need_dB)
+    grads = _backward_kernels(dy, x, weight, A, B, S, scale, dropout_p, keep, need_dx, need_dA, need_dB)
     # custom ops return tensors only: an empty tensor stands for "not needed"
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @_lora_linear_bwd.register_fake
-def _(dy, x, weight, A, B, S, scale, dropout_p, seed, need_dx, need_dA, need_dB):
+def _(dy, x, weight, A, B, S, scale, dropout_p, keep, need_dx, need_dA, need_dB):
     return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
                  for t, need in ((x, need_dx), (A, need_dA), (B, need_dB)))
 
 
-def _op_backward_kernels(dy, x, weight, A, B, S, scale, dropout_p, seed, need_dx, need_dA, need_dB):
-    grads = _lora_linear_bwd(dy, x, weight, A, B, S, scale, dropout_p, seed, need_dx, need_dA, need_dB)
+def _op_backward_kernels(dy, x, weight, A, B, S, scale, dropout_p, keep, need_dx, need_dA, need_dB):
+    grads = _lora_linear_bwd(dy, x, weight, A, B, S, scale, dropout_p, keep, need_dx, need_dA, need_dB)
     return tuple(g if need else None for g, need in zip(grads, (need_dx, need_dA, need_dB)))
 
 
 def _op_setup_context(ctx, inputs, output):
     x, weight, bias, A, B, scale, dropout_p, seed = inputs
-    _save(ctx, x, weight, bias, A, B, output[1], scale, dropout_p, seed)
+    _save(ctx, x, weight, bias, A, B, output[1], scale, dropout_p, output[2])
 
 
-def _op_backward(ctx, dy, dS):
+def _op_backward(ctx, dy, dS, dkeep):
     return (*_gradients(ctx, dy, _op_backward_kernels), None, None, None)
 
 
-torch.library.register_autograd("lora_fast::lora_linear_fwd", _op_backward, setup_context=_op_setup_context)
+torch.library.register_autograd("lora_fast::lora_linear_fwd_v2", _op_backward, setup_context=_op_setup_context)
 
 
 # --- planned calls (issue 26: host time) ------------------------------------------------------------------------
@@ -264,20 +278,23 @@ def _plan_key(x, weight, bias, A, B, scale, dropout_p, training):
 class _OpPlan:
     """The checked constants and the recorded launches of one metadata key (see _PLANS)."""
 
-    __slots__ = ("scale", "p", "draw_seed", "y_shape", "has_bias", "fwd", "fwd_tries", "bwd", "bwd_tries")
+    __slots__ = ("scale", "p", "draw_seed", "y_shape", "keep_shape", "has_bias", "fwd", "fwd_tries", "bwd",
+                 "bwd_tries")
 
-    def __init__(self, scale: float, p: float, draw_seed: bool, y_shape, has_bias: bool):
+    def __init__(self, scale: float, p: float, draw_seed: bool, y_shape, keep_shape, has_bias: bool):
         self.scale, self.p, self.draw_seed, self.y_shape, self.has_bias = scale, p, draw_seed, y_shape, has_bias
+        self.keep_shape = keep_shape   # the bit-packed keep-mask's (M, row bytes) with dropout, else None
         self.fwd, self.fwd_tries, self.bwd, self.bwd_tries = None, 0, {}, 0
 
     def forward(self, x, weight, bias, A, B, seed):
-        """(y, S) as _forward, by the recorded launches when there are."""
+        """(y, S, keep) as _forward, by the recorded launches when there are."""
         rep = self.fwd
         if rep is not None:
             y = x.new_empty(self.y_shape)
-            out = rep(x, weight, bias, A, B, seed, y)
+            keep = None if self.keep_shape is None else x.new_empty(self.keep_shape, dtype=torch.uint8)
+            out = rep(x, weight, bias, A, B, seed, y, keep)
             if out is not None:
-                return y, out[0]
+                return y, out[0], keep
         from .kernels import lora_forward, plan
 
         if rep is not None or self.fwd_tries >= _RECORD_TRIES or not plan.can_record(x.device):
@@ -286,22 +303,23 @@ class _OpPlan:
 
         N = self.y_shape[-1]
         y = x.new_empty(self.y_shape)
+        keep = None if self.keep_shape is None else x.new_empty(self.keep_shape, dtype=torch.uint8)
         flat = x.dim() == 2
         x2d = x if flat else x.reshape(-1, x.shape[-1])
         y2d = y if flat else y.view(-1, N)
-        with plan.Recorder((x, weight, bias, A, B, seed, y)) as rec:
+        with plan.Recorder((x, weight, bias, A, B, seed, y, keep)) as rec:
             rec.alias(x2d, x)
             rec.alias(y2d, y)
-            _, S = lora_forward(x2d, weight, bias, A, B, self.scale, self.p, seed, out=y2d)
+            _, S = lora_forward(x2d, weight, bias, A, B, self.scale, self.p, seed, out=y2d, keep_out=keep)
         self.fwd = rec.replay((S,))
-        return y, S
+        return y, S, keep
 
     def backward(self, ctx, dy):
         """The five gradients of _gradients, the low-rank ones by the recorded launches when there are."""
-        x, weight, A, B, S, seed = ctx.saved_tensors
+        x, weight, A, B, S, keep = ctx.saved_tensors
         need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled():   # autograd records the backward (create_graph=True): see _gradients
-            dx, dA, dB = _backward_graph(dy, x, weight, A, B, S, self.scale, self.p, seed, need_dx, need_dA, need_dB)
+            dx, dA, dB = _backward_graph(dy, x, weight, A, B, S, self.scale, self.p, keep, need_dx, need_dA, need_dB)
         elif need_dx or need_dA or need_dB:
             key = (dy.shape, dy.stride(), dy.dtype, dy.data_ptr() & 15, need_dx, need_dA, need_dB)
             if ctx.hooked:
@@ -310,19 +328,19 @@ class _OpPlan:
                 # alignment only (~3 us; an unpack that changed a shape or dtype would be wrong on either path)
                 key += (x.stride(), x.data_ptr() & 15, weight.stride(), weight.data_ptr() & 15, A.stride(),
                         A.data_ptr() & 15, B.stride(), B.data_ptr() & 15, S.stride(), S.data_ptr() & 15,
-                        None if seed is None else (seed.stride(), seed.data_ptr() & 15))
+                        None if keep is None else (keep.stride(), keep.data_ptr() & 15))
             rep = self.bwd.get(key)
             out = None
             if rep is not None:
                 dx = x.new_empty(x.shape) if need_dx else None
-                out = rep(dy, x, weight, A, B, S, seed, dx)
+                out = rep(dy, x, weight, A, B, S, keep, dx)
             if out is not None:
                 dA, dB = out
             elif rep is None and self.bwd_tries < _RECORD_TRIES and len(self.bwd) < _BACKWARD_LAYOUTS \
                     and self._can_record(x.device):
-                dx, dA, dB = self._record_backward(key, dy, x, weight, A, B, S, seed, need_dx, need_dA, need_dB)
+                dx, dA, dB = self._record_backward(key, dy, x, weight, A, B, S, keep, need_dx, need_dA, need_dB)
             else:
-                dx, dA, dB = _backward_kernels(dy, x, weight, A, B, S, self.scale, self.p, seed, need_dx, need_dA,
+                dx, dA, dB = _backward_kernels(dy, x, weight, A, B, S, self.scale, self.p, keep, need_dx, need_dA,
                                                need_dB)
         else:
             dx = dA = dB = None
@@ -337,7 +355,7 @@ class _OpPlan:
 
         return plan.can_record(device)
 
-    def _record_backward(self, key, dy, x, weight, A, B, S, seed, need_dx, need_dA, need_dB):
+    def _record_backward(self, key, dy, x, weight, A, B, S, keep, need_dx, need_dA, need_dB):
         from .kernels import lora_backward, plan
 
         flat = x.dim() == 2
@@ -345,14 +363,14 @@ class _OpPlan:
         dy2d = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
         x2d = x if flat else x.reshape(-1, x.shape[-1])
         dx2d = dx if dx is None or flat else dx.view(-1, x.shape[-1])
-        seed = seed if self.p > 0 else None
-        with plan.Recorder((dy, x, weight, A, B, S, seed, dx)) as rec:
+        keep = keep if self.p > 0 else None
+        with plan.Recorder((dy, x, weight, A, B, S, keep, dx)) as rec:
             rec.alias(dy2d, dy)
             rec.alias(x2d, x)
             if dx is not None:
                 rec.alias(dx2d, dx)
-            _, dA, dB = lora_backward(dy2d, x2d, weight, A, B, S, self.scale, self.p, seed, need_dx=need_dx,
-                                      need_dA=need_dA, need_dB=need_dB, dx_out=dx2d)
+            _, dA, dB = lora_backward(dy2d, x2d, weight, A, B, S, self.scale, self.p, need_dx=need_dx,
+                                      need_dA=need_dA, need_dB=need_dB, dx_out=dx2d, keep=keep)
         replay = rec.replay((dA, dB))
         if replay is not None:
             self.bwd[key] = replay
@@ -366,8 +384,8 @@ class _PlannedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, op, seed):
-        y, S = op.forward(x, weight, bias, A, B, seed)
-        ctx.save_for_backward(x, weight, A, B, S, seed)
+        y, S, keep = op.forward(x, weight, bias, A, B, seed)
+        ctx.save_for_backward(x, weight, A, B, S, keep)   # as _save: the keep-mask's bits with dropout, not the seed
         ctx.op = op
         ctx.hooked = _saved_tensor_hooks()
         return y
@@ -419,7 +437,9 @@ def _new_plan(x, weight, bias, A, B, raw_scale, raw_dropout_p, training, scale, 
     _PLANS = plan.PLANS
     if len(_PLANS) >= 4096:   # a bound for programs that never repeat a layout
         plan.clear()
-    op = _OpPlan(scale, p, draw_seed, (*x.shape[:-1], weight.shape[0]), bias is not None)
+    K = x.shape[-1]
+    keep_shape = (x.numel() // K, philox.mask_row_bytes(K)) if p > 0 else None
+    op = _OpPlan(scale, p, draw_seed, (*x.shape[:-1], weight.shape[0]), keep_shape, bias is not None)
     _PLANS[key] = op
     return op
 
@@ -474,14 +494,15 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         training: False (eval) applies no dropout.
 
     Under ``torch.autocast`` x, weight and bias are cast to the autocast dtype, as nn.Linear's are. Under
-    ``torch.compile`` the op is the custom op ``lora_fast::lora_linear_fwd`` (with its backward op), so
+    ``torch.compile`` the op is the custom op ``lora_fast::lora_linear_fwd_v2`` (with its backward op), so
     models trace with ``fullgraph=True``. Under ``torch.func`` transforms (``vmap(grad(...))`` for per-sample
     gradients, ``jacrev``, ...) the op runs the reference path (unfused torch ops), whatever the backend; with
     dropout, vmap needs ``randomness="different"`` or ``"same"`` as for nn.Dropout.
 
     Returns: (..., out_features) in x's dtype. Gradients flow to every input that requires one (x, weight,
-        bias, A, B); with dropout the kernels regenerate the mask from a seed drawn from torch's generator for
-        x's device, so ``torch.manual_seed`` makes runs reproducible.
+        bias, A, B); with dropout the kernels draw the mask once, in forward, from a seed drawn from torch's
+        generator for x's device (so ``torch.manual_seed`` makes runs reproducible), and save it as bits
+        (M x in_features / 8 bytes) that the backward reads.
 
     Raises:
         TypeError: a non-tensor, an integer dtype, weight not in x's dtype, A/B dtypes that differ or are

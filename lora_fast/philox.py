@@ -77,3 +77,35 @@ def keep_mask(seed: torch.Tensor, M: int, K: int, dropout_p: float) -> torch.Ten
               for f in range(FIELDS)]
     u = torch.stack(fields, dim=-1).view(M, PER_COUNTER * groups)[:, :K]
     return u >= int(round(quantize(dropout_p) * _LEVELS))
+
+
+# The keep-mask as the fused op saves it for backward (issue 28): one bit per element, drawn once by the forward's
+# S = dropout(x) A pass and read by the dX GEMM and the dA pass instead of running Philox again. Row m is
+# ``mask_row_bytes(K)`` bytes; bit j (least significant first) of byte b is the keep of column 8 b + j; bits of
+# columns >= K in the last byte are 0, and the row's padding bytes (past ceil(K / 8)) are never written nor read
+# by the kernels (``pack_keep_mask`` sets them to 0). Bytes rather than 32-bit words: every tile width of the
+# kernels (16 to 256 columns) is a whole number of bytes, so each pass reads or writes just its own columns, and a
+# tile's bytes load as one vector per row. Rows are padded to a multiple of MASK_ROW_ALIGN bytes, so that every
+# row starts 16-byte aligned (vector loads; Triton specialises the row stride on divisibility by 16).
+MASK_ROW_ALIGN = 16
+
+
+def mask_row_bytes(K: int) -> int:
+    """Bytes per row of the packed keep-mask of an (M, K) input: ceil(K / 8) rounded up to MASK_ROW_ALIGN."""
+    return -(-K // (8 * MASK_ROW_ALIGN)) * MASK_ROW_ALIGN
+
+
+def pack_keep_mask(keep: torch.Tensor) -> torch.Tensor:
+    """A bool (M, K) keep-mask packed as the kernels store it: uint8 (M, mask_row_bytes(K)), bit j of byte b the
+    keep of column 8 b + j, padding bits 0."""
+    M, K = keep.shape
+    padded = torch.zeros((M, 8 * mask_row_bytes(K)), dtype=torch.int64, device=keep.device)
+    padded[:, :K] = keep
+    weights = 1 << torch.arange(8, device=keep.device)
+    return (padded.view(M, -1, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_keep_mask(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """The bool (M, K) keep-mask of a packed one (uint8 (M, >= ceil(K / 8)), ``pack_keep_mask``'s layout)."""
+    bits = (packed.to(torch.int64)[:, :, None] >> torch.arange(8, device=packed.device)) & 1
+    return bits.view(packed.shape[0], -1)[:, :K].bool()

@@ -72,10 +72,11 @@ def test_saved_formula_at_the_real_llama_config():
     M, H, F, L, r = 2048, 2048, 8192, 16, 16
     layers = ms.structure(model_configs.REAL["llama-3.2-1b"], torch.bfloat16, 1, M)
     assert len(layers) == 7 * L and sum(not x.requires_grad for x in layers) == 3  # the first q, k, v
-    # fused: x once per input (q/k/v share one, gate/up one), S in fp32 per layer, the seed with dropout
+    # fused: x once per input (q/k/v share one, gate/up one), S in fp32 per layer, with dropout each layer's
+    # keep-mask as bits (M x in_features / 8 bytes: q, k, v, o, gate, up read H features, down F)
     fused = L * (M * (3 * H + F) * 2 + 7 * M * r * 4)
     assert ms.saved_formula("lora-fast", layers, torch.float32, 0.0, "cuda") == fused
-    assert ms.saved_formula("peft+patch", layers, torch.bfloat16, 0.05, "cuda") == fused + 7 * L * 8
+    assert ms.saved_formula("peft+patch", layers, torch.bfloat16, 0.05, "cuda") == fused + L * M * (6 * H + F) // 8
     # PEFT, fp32 adapters, dropout: a dropped fp32 copy of x per layer, its 1-byte mask (none where x needs no
     # gradient), and lora_A's output
     peft = L * (M * (6 * H + F) * 4 + 7 * M * r * 4) + (L * M * (6 * H + F) - 3 * M * H)

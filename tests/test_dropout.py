@@ -122,10 +122,12 @@ def test_saved_for_backward(device):
     on = _saved_bytes(lambda: lora_linear(x, w, b, A, B, 2.0, dropout_p=0.1))
     off = _saved_bytes(lambda: lora_linear(x, w, b, A, B, 2.0, dropout_p=0.0))
     ref_on = _saved_bytes(lambda: reference.lora_linear(x, w, b, A, B, 2.0, dropout_p=0.1))
-    seed_bytes = 8          # the one int64 seed is all that dropout adds to what the fused op saves
-    assert on <= off + seed_bytes
-    # the reference keeps a mask and a dropped copy of x; the fused op keeps x and the seed
-    assert ref_on - on >= M * K * x.element_size() - seed_bytes
+    # the keep-mask as bits (rows of K / 8 bytes padded to 16) is all that dropout adds to what the fused op saves
+    mask_bytes = M * philox.mask_row_bytes(K)
+    assert mask_bytes == M * K // 8 + M * 8     # K = 64: 8 bytes of bits and 8 of padding per row
+    assert on == off + mask_bytes
+    # the reference keeps a mask and a dropped copy of x; the fused op keeps x and the bits
+    assert ref_on - on >= M * K * x.element_size() - mask_bytes
 
 
 def test_checkpointing_gives_the_same_mask(device):
@@ -215,3 +217,63 @@ def test_quantized_probability(device):
     w = torch.zeros(32, 32, device=device)
     assert torch.equal(lora_linear(x, w, None, eye, eye, 1.0, dropout_p=0.4 / levels), x)
     assert torch.equal(lora_linear(x, w, None, eye, eye, 1.0, dropout_p=1 - 0.4 / levels), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("path,dtype", [("triton", torch.float32), ("cublas", torch.float32),
+                                        ("tma", torch.float16)], ids=str)
+def test_backward_reads_the_saved_bits(path, dtype, device, monkeypatch):
+    """The forward saves the keep-mask it drew as bits (philox.pack_keep_mask's layout), bit for bit the torch
+    mirror's mask; the dX GEMM (each path) and the dA pass read those bits: one flipped bit changes dX in exactly
+    that element and dA in exactly that row, to the float64 reference's values with the flipped mask."""
+    from lora_fast.kernels import choice
+
+    monkeypatch.setenv(choice.ENV, path)
+    choice.clear()
+    # K = 72: 9 bytes of bits per row, the last tile of each pass partial; 16-bit rows 16-byte aligned (TMA)
+    M, K, N, R, p, scale = 37, 72, 40, 4, 0.3, 2.0
+    x, w, b, A, B = make_inputs((M,), K, N, R, dtype, device)
+    dy = torch.randn(M, N, device=device).to(dtype)
+    m0, k0 = int(torch.randint(M, ())), int(torch.randint(K, ()))
+
+    def run(flip):
+        saved = []
+
+        def pack(t):
+            if t.dtype == torch.uint8:
+                saved.append(t)
+            return t
+
+        def unpack(t):
+            if flip and t.dtype == torch.uint8:
+                t = t.clone()
+                t[m0, k0 // 8] ^= 1 << (k0 % 8)
+            return t
+
+        leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
+        torch.manual_seed(5)
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            y = lora_linear(leaves[0], w, b, *leaves[1:], scale, dropout_p=p)
+        y.backward(dy)
+        return saved, [t.grad for t in leaves]
+
+    try:
+        (bits,), grads = run(False)
+        _, flipped = run(True)
+    finally:
+        choice.clear()
+    torch.manual_seed(5)
+    mask = philox.keep_mask(reference.draw_seed(device), M, K, p)
+    # the mask's bytes (ceil(K / 8) per row; the row's padding bytes are never read), padding bits 0
+    used = -(-K // 8)
+    assert bits.shape == (M, philox.mask_row_bytes(K))
+    assert torch.equal(bits[:, :used], philox.pack_keep_mask(mask)[:, :used])
+    assert torch.equal(philox.unpack_keep_mask(bits, K), mask)
+    (dx, dA, dB), (fdx, fdA, fdB) = grads, flipped
+    changed_x = (dx != fdx).nonzero().tolist()
+    changed_a = (dA != fdA).any(1).nonzero().flatten().tolist()
+    assert changed_x == [[m0, k0]] and changed_a == [k0] and torch.equal(dB, fdB)
+    mask[m0, k0] = ~mask[m0, k0]
+    _, ref = reference_grads(x, w, b, A, B, scale, dy, dropout_p=p, mask=mask)
+    _, mag = reference_grads(x, w, b, A, B, scale, dy, dropout_p=p, mask=mask, absolute=True)
+    assert_close(fdx, ref[0], mag[0], dtype, N + R, "dx, flipped bit", record=False)
+    assert_close(fdA, ref[3], mag[3], dtype, M, "dA, flipped bit", record=False)

@@ -25,14 +25,14 @@ _GEMM_16BIT = {
     # rank 64: bf16 forward with bias on triton 3.6, fp16 forward with the range guard on 3.9)
     8: [(128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)],
 }
-# dX with dropout: the low-rank term and its keep-mask (tl.randint4x, four numbers per Philox call) initialise
-# the accumulator before the K loop. Compile report (triton 3.9), ranks 16 and 64: on sm_90 every tile above is
-# spill-free except 128x128x64 w4 (8 B at rank 64); on sm_80 the tiles with 128x256, 128x128 or 64x256 outputs
-# spill 12-60 B at rank 64. (Before, with the mask built per element in an epilogue, 5 of 6 sm_90 tiles spilled
-# up to 13 KB.) Those are left out of the dropout lists.
+# dX with dropout: the low-rank term, masked by the keep-mask's bits the forward stored (rng.load_keep_bits),
+# initialises the accumulator before the K loop. Compile report (triton 3.9), ranks 16 and 64, with the bits (issue
+# 28): 128x256x64 w8 s3 is spill-free on sm_90 (fp16 spills 4 B at rank 16: gemm_configs leaves it out) and
+# 128x128x64 w4 spills 68-152 B there; on sm_80 128x256x32 w8 s3 is spill-free and 128x128x32 w4 spills 4-64 B
+# at rank 64. (With the mask drawn here by Philox only 128x64 / 64x128 / 64x64 tiles were spill-free on sm_80.)
 _GEMM_16BIT_DROPOUT = {
     9: [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
-    8: [(128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
+    8: [(128, 256, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
 }
 # fp32 with input_precision="ieee" runs on CUDA cores; larger tiles spill (TRITON_NOTES: 64x64x32 spilled).
 # Removed after the compile report: (64, 32, 32, 4, 3) spills on sm_80 at rank 64 (96 B), and (32, 64, 32, 4, 3)
@@ -111,8 +111,8 @@ def _elt(dtype: torch.dtype) -> int:
 def gemm_configs(capability, dtype: torch.dtype, dropout: bool = False) -> list:
     """Autotune configs of ``gemm_lowrank_kernel`` for a compute capability (major, minor) and input dtype.
 
-    ``dropout=True``: the configs for HAS_DROPOUT (dX with the keep-mask in its low-rank term), which needs
-    smaller 16-bit tiles to stay clear of spills.
+    ``dropout=True``: the configs for HAS_DROPOUT (dX with the keep-mask's bits in its low-rank term), which
+    needs smaller 16-bit tiles to stay clear of spills.
     """
     arch = 9 if capability[0] >= 9 else 8
     if dtype == torch.float32:
@@ -120,8 +120,9 @@ def gemm_configs(capability, dtype: torch.dtype, dropout: bool = False) -> list:
     else:
         table = _GEMM_16BIT_DROPOUT[arch] if dropout else _GEMM_16BIT[arch]
         if dtype == torch.float16 and dropout and arch == 9:
-            # the fp16 range guard (fp16.py: a factor per row of dS) spilled 48 B in dX with dropout at 128x256x64
-            # and rank 64 on sm_90 (compile report, triton 3.9); bf16 needs no guard and keeps the config
+            # the fp16 range guard (fp16.py: a factor per row of dS) spills in dX with dropout at 128x256x64 on
+            # sm_90 (compile report, triton 3.9: 48 B at rank 64 with Philox here, 4 B at rank 16 with the mask's
+            # bits); bf16 needs no guard and keeps the config
             table = [c for c in table if c[:2] != (128, 256)]
     limit, elt = smem_limit(capability), _elt(dtype)
     return [
@@ -221,9 +222,11 @@ def proj_layout(M: int, K: int, R: int, block_m: int, sms: int, partials: bool):
 _GEMM_TMA_16BIT = [(128, 256, 64, 8, 4, 4, 8), (128, 256, 64, 8, 3, 2, 8), (128, 128, 128, 8, 3, 2, 8),
                    (128, 128, 64, 8, 4, 2, 8), (128, 128, 64, 4, 4, 1, 16), (64, 256, 64, 4, 4, 2, 8),
                    (64, 128, 64, 4, 4, 1, 8)]
-# dX with dropout: the keep-mask's Philox runs before the K loop beside the low-rank term; 128 x 128 outputs at most
-_GEMM_TMA_16BIT_DROPOUT = [(128, 128, 64, 8, 4, 2, 8), (128, 128, 64, 8, 3, 1, 8), (128, 128, 64, 4, 4, 1, 8),
-                           (64, 128, 64, 4, 4, 1, 8)]
+# dX with dropout: the keep-mask's bits (rng.load_keep_bits) and the low-rank term before the K loop. With the mask
+# read from the forward's bits (issue 28) every tile above compiles spill-free on sm_90 in bf16 and fp16 at ranks 16
+# and 64 (compile report, triton 3.9; 128 x 256 x 64 with 4 stages at rank 16 only, as tma_shared_bytes prunes);
+# with the mask drawn here by Philox, 128 x 128 outputs were the largest
+_GEMM_TMA_16BIT_DROPOUT = _GEMM_TMA_16BIT
 # Shared memory Triton adds beside the buffers counted in tma_shared_bytes: the pipeline's mbarriers (8 B per
 # stage) and alignment; 32 B seen in every row of the compile report (sm_90, triton 3.9), 1 KB kept
 _TMA_SMEM_RESERVE = 1024

@@ -5,14 +5,15 @@ forward y and backward dX share it.
 
 Forward (LoRA, Hu et al. 2021, eq. 3): P = x, Q = W^T (strides swapped, no copy), L = S = dropout(x) @ A,
 RM = B. Backward: P = dY, Q = W, L = dS = dY @ B^T, RM = A^T, and with dropout the low-rank term is masked
-elementwise by the keep-mask of x regenerated from the seed (PEFT's dropout on the LoRA input).
+elementwise by the keep-mask of x (PEFT's dropout on the LoRA input), read from the bits the forward's
+S = dropout(x) A pass stored (rng.load_keep_bits): no Philox here (issue 28).
 """
 
 import triton
 import triton.language as tl
 
 from .fp16 import pow2_split
-from .rng import keep_mask
+from .rng import keep_mask, load_keep_bits
 
 
 @triton.jit
@@ -34,9 +35,9 @@ def lowrank_init(L_ptr, RM_ptr, SEED_ptr, offs_m, offs_n, pid_n, mask_m, mask_n,
                  BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr):
     """The (BLOCK_M, BLOCK_N) fp32 low-rank term lowrank_scale * (keep? ⊙ (L @ RM)) that initialises a GEMM's
-    accumulator (this module's kernel and the 4-bit one of nf4.py): fp16's range guard of fp16.py, a power-of-two
-    factor per row put back after the dot; the keep-mask of rng.py; without dropout the scale is folded into L
-    (fp32) before its one rounding to the dot dtype."""
+    accumulator (the 4-bit GEMM of nf4.py): fp16's range guard of fp16.py, a power-of-two factor per row put back
+    after the dot; the keep-mask regenerated from the seed (rng.keep_mask); without dropout the scale is folded
+    into L (fp32) before its one rounding to the dot dtype. ``lowrank_init_bits``: the same with the saved bits."""
     lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
                  mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     rm = tl.load(RM_ptr + offs_r[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
@@ -63,15 +64,48 @@ def lowrank_init(L_ptr, RM_ptr, SEED_ptr, offs_m, offs_n, pid_n, mask_m, mask_n,
 
 
 @triton.jit
+def lowrank_init_bits(L_ptr, RM_ptr, MASK_ptr, offs_m, offs_n, pid_n, mask_m, mask_n, mask_r, offs_r, N,
+                      stride_lm, stride_lr, stride_rr, stride_rn, stride_mask, lowrank_scale,
+                      BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr):
+    """``lowrank_init`` with the keep-mask read from the forward's bits (MASK: uint8 rows of ``stride_mask``
+    bytes, rng.store_keep_bits) instead of regenerated: the TMA GEMM's dX (gemm_tma.py)."""
+    lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
+                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    rm = tl.load(RM_ptr + offs_r[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
+                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    lo = lo.to(tl.float32)
+    if HAS_DROPOUT:
+        if DOT_DTYPE == tl.float16:
+            lo, row_f = pow2_split(lo, 1)
+            row_scale = row_f * lowrank_scale
+        else:
+            row_scale = lowrank_scale
+        acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        keep = load_keep_bits(MASK_ptr, offs_m, mask_m, pid_n * BLOCK_N, N, stride_mask, BLOCK_N)
+        acc = tl.where(keep, acc, 0.0) * row_scale
+    else:
+        lo = lo * lowrank_scale
+        if DOT_DTYPE == tl.float16:
+            lo, row_f = pow2_split(lo, 1)
+            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
+                         out_dtype=tl.float32) * row_f
+        else:
+            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
 def gemm_lowrank_kernel(
-    # pointers
-    P_ptr, Q_ptr, BIAS_ptr, L_ptr, RM_ptr, OUT_ptr, SEED_ptr,
+    # pointers (MASK: the forward's bit-packed keep-mask, uint8 rows of stride_mask bytes, read with HAS_DROPOUT)
+    P_ptr, Q_ptr, BIAS_ptr, L_ptr, RM_ptr, OUT_ptr, MASK_ptr,
     # sizes (M_BUCKET only keys the autotuner: M rounded up to a power of two)
     M, N, K, R, M_BUCKET,
     # strides
     stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
-    # scalars
-    lowrank_scale, dropout_p,
+    stride_mask,
+    # scalars (with dropout lowrank_scale includes 1 / (1 - p))
+    lowrank_scale,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -107,7 +141,7 @@ def gemm_lowrank_kernel(
         else:
             row_scale = lowrank_scale
         acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
-        keep = keep_mask(SEED_ptr, offs_m, pid_n * BLOCK_N, N, dropout_p, BLOCK_N)
+        keep = load_keep_bits(MASK_ptr, offs_m, mask_m, pid_n * BLOCK_N, N, stride_mask, BLOCK_N)
         acc = tl.where(keep, acc, 0.0) * row_scale
     else:
         # scale folded into L (fp32) before its one rounding to the dot dtype

@@ -18,16 +18,17 @@ tile): at 128 x 256 x 64 bf16 a 4th pipeline stage then fits in the 227 KB of sh
 
 The low-rank term is accumulated after the main loop in bf16, so it does not delay the first loads; with dropout
 (dX) or in fp16 it starts the accumulator, as in gemm.py, since its masked or rescaled product needs a tile of
-its own (after the loop it spilled: compile report). 16-bit inputs only: fp32 has no tensor-core path here
-(IEEE) and spilled kilobytes at these tiles. Descriptors need a 16-byte aligned base, unit stride along the rows
-and row strides that are multiples of 16 bytes: ops.tma_eligible checks that before launch and takes the
-cp.async kernel otherwise.
+its own (after the loop it spilled: compile report). dX's keep-mask is read from the bits the forward's S pass
+stored (rng.load_keep_bits: BLOCK_M x BLOCK_N / 8 bytes per tile), with no Philox in this kernel (issue 28).
+16-bit inputs only: fp32 has no tensor-core path here (IEEE) and spilled kilobytes at these tiles. Descriptors
+need a 16-byte aligned base, unit stride along the rows and row strides that are multiples of 16 bytes:
+ops.tma_eligible checks that before launch and takes the cp.async kernel otherwise.
 """
 
 import triton
 import triton.language as tl
 
-from .gemm import grouped_tile, lowrank_init
+from .gemm import grouped_tile, lowrank_init_bits
 
 
 @triton.jit
@@ -79,14 +80,14 @@ def _store_tile(out_desc, acc, BIAS_ptr, off_m, off_n, N, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def gemm_lowrank_tma_kernel(
-    # pointers
-    P_ptr, Q_ptr, BIAS_ptr, L_ptr, RM_ptr, OUT_ptr, SEED_ptr,
+    # pointers (MASK: the forward's bit-packed keep-mask, uint8 rows of stride_mask bytes, read with HAS_DROPOUT)
+    P_ptr, Q_ptr, BIAS_ptr, L_ptr, RM_ptr, OUT_ptr, MASK_ptr,
     # sizes (M_BUCKET only keys the autotuner)
     M, N, K, R, M_BUCKET,
     # strides (P and OUT by rows; Q by the rows of the tensor it points to: W's (N, K) rows in forward and dX)
-    stride_pm, stride_qrow, stride_lm, stride_lr, stride_rr, stride_rn, stride_om,
-    # scalars
-    lowrank_scale, dropout_p,
+    stride_pm, stride_qrow, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_mask,
+    # scalars (with dropout lowrank_scale includes 1 / (1 - p))
+    lowrank_scale,
     # meta-parameters (Q_TRANSPOSED: Q[k, n] is element (n, k) of the stored rows, the forward's W^T; SUBTILE:
     # column slices of the epilogue's store)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -117,9 +118,9 @@ def gemm_lowrank_tma_kernel(
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             offs_r = tl.arange(0, BLOCK_R)
-            acc = lowrank_init(L_ptr, RM_ptr, SEED_ptr, offs_m, offs_n, pid_n, offs_m < M, offs_n < N, offs_r < R,
-                               offs_r, N, stride_lm, stride_lr, stride_rr, stride_rn, lowrank_scale, dropout_p,
-                               BLOCK_N, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
+            acc = lowrank_init_bits(L_ptr, RM_ptr, MASK_ptr, offs_m, offs_n, pid_n, offs_m < M, offs_n < N,
+                                    offs_r < R, offs_r, N, stride_lm, stride_lr, stride_rr, stride_rn, stride_mask,
+                                    lowrank_scale, BLOCK_N, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 

@@ -4,10 +4,12 @@
 over groups of rows and (when the groups alone would leave SMs idle) splits of K; with WRITE_PARTIAL it also
 writes, per row group, PARTIAL[group] = L[group rows, :]^T @ P[group rows, :] (R, K) and finishes
 GRAD = grad_scale * sum over groups of PARTIAL (R, K).
-  forward:  S = dropout(x) @ A                         (P = x, Q = A, out_scale = 1 / (1 - p))
+  forward:  S = dropout(x) @ A                         (P = x, Q = A, out_scale = 1 / (1 - p)); with WRITE_MASK
+            it also stores the keep-mask it drew, bit-packed (rng.store_keep_bits), for the backward
   backward: dS = dY @ B^T and dB = scale S^T dY        (P = dY, Q = B^T, L = S), one pass over dY.
 ``reduce_m_kernel``: OUT = scale * (keep? ⊙ P)^T @ L (K, R), its programs over blocks of K and splits of M.
   backward: dA = scale / (1 - p) * (keep ⊙ x)^T dS      (P = x, L = dS); dB of a large rank (P = dY, L = S).
+  The keep-mask is read from the forward's bits (SAVED_MASK) or regenerated from the seed (DoRA, 4-bit).
 ``sum_partials_kernel``: OUT = (scale * sum over splits of PARTIAL).to(dtype) (DoRA's dm).
 
 Each pass finishes its own reductions in the same launch (issue 26: five launches per layer and step). The
@@ -21,17 +23,17 @@ import triton
 import triton.language as tl
 
 from .fp16 import pow2_split
-from .rng import keep_mask
+from .rng import keep_mask, keep_mask_bits, load_keep_bits, store_keep_bits
 
 
 @triton.jit
 def _proj_row_block(
-    P_ptr, Q_ptr, OUT_ptr, L_ptr, partial, SEED_ptr,
+    P_ptr, Q_ptr, OUT_ptr, L_ptr, partial, SEED_ptr, MASK_ptr,
     m0, row_end, first, k_start, k_end, K, R, pid_k,
-    stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_os, stride_lm, stride_lr,
+    stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_os, stride_lm, stride_lr, stride_mask,
     out_scale, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Rows m0 .. m0 + BLOCK_M (below row_end) over columns k_start .. k_end: OUT's block, and with WRITE_PARTIAL
@@ -59,12 +61,19 @@ def _proj_row_block(
     zero64 = tl.full((), 0, tl.int64)
     for k0 in range(k_start, k_end, BLOCK_K):
         mask_k = (k0 + offs_k) < k_end
+        if HAS_DROPOUT:
+            # the mask's bits stored before the block of P is loaded (fewer registers live: with P loaded first,
+            # fp16 with fp32 adapters at rank 64 spilled ~110 B on sm_80, compile report, triton 3.9)
+            if WRITE_MASK:
+                keep, bits = keep_mask_bits(SEED_ptr, offs_m, k0, K, k_end, dropout_p, BLOCK_K)
+                store_keep_bits(MASK_ptr, bits, offs_m, mask_m, k0, k_end, stride_mask, BLOCK_K)
+            else:
+                keep = keep_mask(SEED_ptr, offs_m, k0, K, dropout_p, BLOCK_K)
         # the block's offset along K in int64 (a column-major x, stride_pk = M, passes 2**31 on large inputs)
         p = tl.load(rows_p + (k0 + zero64) * stride_pk + offs_k[None, :] * stride_pk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         p = p.to(DOT_DTYPE)
         if HAS_DROPOUT:
-            keep = keep_mask(SEED_ptr, offs_m, k0, K, dropout_p, BLOCK_K)
             p = tl.where(keep, p, 0.0).to(DOT_DTYPE)
         q = tl.load(Q_ptr + (k0 + offs_k)[:, None] * stride_qk + offs_r[None, :] * stride_qr,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
@@ -145,18 +154,20 @@ def _finish_columns(PARTIAL_ptr, GRAD_ptr, k_start, k_end, K, R, groups, stride_
 def lowrank_proj_kernel(
     # pointers (OUT: the (M, R) result; SPLIT: (splits, M, R) fp32 scratch for the raw sum of each K split, read
     # only with SPLIT_K; PARTIAL: (groups, R, K) fp32 scratch and GRAD (R, K): only with WRITE_PARTIAL; COUNTER:
-    # int32, zero on entry and on exit: one per row group (SPLIT_K), then one per K split (WRITE_PARTIAL))
-    P_ptr, Q_ptr, OUT_ptr, L_ptr, PARTIAL_ptr, SEED_ptr, SPLIT_ptr, GRAD_ptr, COUNTER_ptr,
+    # int32, zero on entry and on exit: one per row group (SPLIT_K), then one per K split (WRITE_PARTIAL); MASK:
+    # the bit-packed keep-mask written with WRITE_MASK, uint8 rows of stride_mask bytes)
+    P_ptr, Q_ptr, OUT_ptr, L_ptr, PARTIAL_ptr, SEED_ptr, SPLIT_ptr, GRAD_ptr, COUNTER_ptr, MASK_ptr,
     # sizes (M_BUCKET only keys the autotuner; ROWS_PER_PROGRAM: a multiple of BLOCK_M, BLOCK_M itself without
     # WRITE_PARTIAL; K_PER_SPLIT: the K range of one program, a multiple of BLOCK_K)
     M, K, R, M_BUCKET, ROWS_PER_PROGRAM, K_PER_SPLIT,
     # strides
     stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_lm, stride_lr, stride_gr, stride_gk,
+    stride_mask,
     # scalars
     out_scale, grad_scale, dropout_p,
-    # meta-parameters
+    # meta-parameters (WRITE_MASK: with HAS_DROPOUT, also store the keep-mask drawn)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WRITE_PARTIAL: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_PARTIAL: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # a program covers ROWS_PER_PROGRAM rows and K_PER_SPLIT columns (program_id 1). With several K splits
@@ -182,17 +193,19 @@ def lowrank_proj_kernel(
             # orders the previous block's stores to the slice before this block's loads of it across the CTA's
             # threads (an element may be stored and loaded by different threads)
             tl.debug_barrier()
-            _proj_row_block(P_ptr, Q_ptr, target, L_ptr, partial, SEED_ptr,
+            _proj_row_block(P_ptr, Q_ptr, target, L_ptr, partial, SEED_ptr, MASK_ptr,
                             m0, row_end, m0 == row_start, k_start, k_end, K, R, pid_k,
                             stride_pm, stride_pk, stride_qk, stride_qr, stride_tm, stride_tr, M * R,
-                            stride_lm, stride_lr, scale, dropout_p,
-                            BLOCK_M, BLOCK_K, BLOCK_R, HAS_DROPOUT, WRITE_PARTIAL, DOT_DTYPE, INPUT_PRECISION)
+                            stride_lm, stride_lr, stride_mask, scale, dropout_p,
+                            BLOCK_M, BLOCK_K, BLOCK_R, HAS_DROPOUT, WRITE_MASK, WRITE_PARTIAL, DOT_DTYPE,
+                            INPUT_PRECISION)
     else:
-        _proj_row_block(P_ptr, Q_ptr, target, L_ptr, PARTIAL_ptr, SEED_ptr,
+        _proj_row_block(P_ptr, Q_ptr, target, L_ptr, PARTIAL_ptr, SEED_ptr, MASK_ptr,
                         row_start, row_end, True, k_start, k_end, K, R, pid_k,
                         stride_pm, stride_pk, stride_qk, stride_qr, stride_tm, stride_tr, M * R,
-                        stride_lm, stride_lr, scale, dropout_p,
-                        BLOCK_M, BLOCK_K, BLOCK_R, HAS_DROPOUT, WRITE_PARTIAL, DOT_DTYPE, INPUT_PRECISION)
+                        stride_lm, stride_lr, stride_mask, scale, dropout_p,
+                        BLOCK_M, BLOCK_K, BLOCK_R, HAS_DROPOUT, WRITE_MASK, WRITE_PARTIAL, DOT_DTYPE,
+                        INPUT_PRECISION)
     if SPLIT_K:
         if _last_ticket(COUNTER_ptr, pid_m, tl.num_programs(1)):
             _finish_rows(SPLIT_ptr, OUT_ptr, row_start, row_end, M, R, tl.num_programs(1), stride_om, stride_or,
@@ -211,17 +224,19 @@ def lowrank_proj_kernel(
 @triton.jit
 def reduce_m_kernel(
     # pointers (PARTIAL: (splits, K, R) fp32 scratch, only with SPLIT_M; COUNTER: int32, one per block of K, zero
-    # on entry and on exit; OUT (K, R) through its strides)
-    P_ptr, L_ptr, PARTIAL_ptr, SEED_ptr, OUT_ptr, COUNTER_ptr,
+    # on entry and on exit; OUT (K, R) through its strides; the keep-mask: SEED (int64) to regenerate it, or MASK,
+    # the forward's bits (uint8 rows of stride_mask bytes) with SAVED_MASK)
+    P_ptr, L_ptr, PARTIAL_ptr, SEED_ptr, OUT_ptr, COUNTER_ptr, MASK_ptr,
     # sizes (ROWS_PER_SPLIT: a multiple of BLOCK_M; M_BUCKET only keys the autotuner)
     M, K, R, ROWS_PER_SPLIT, M_BUCKET,
     # strides
-    stride_pm, stride_pk, stride_lm, stride_lr, stride_ok, stride_or,
+    stride_pm, stride_pk, stride_lm, stride_lr, stride_ok, stride_or, stride_mask,
     # scalars
     scale, dropout_p,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, SPLIT_M: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SAVED_MASK: tl.constexpr, SPLIT_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     # programs over (blocks of K, splits of M); with SPLIT_M each split writes its (BLOCK_K, R) partial and the last
     # split of a block of K to finish sums them in split order into OUT
@@ -244,7 +259,10 @@ def reduce_m_kernel(
                       mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         p_t = p_t.to(DOT_DTYPE)
         if HAS_DROPOUT:
-            keep = tl.trans(keep_mask(SEED_ptr, offs_m, pid_k * BLOCK_K, K, dropout_p, BLOCK_K))
+            if SAVED_MASK:
+                keep = tl.trans(load_keep_bits(MASK_ptr, offs_m, mask_m, pid_k * BLOCK_K, K, stride_mask, BLOCK_K))
+            else:
+                keep = tl.trans(keep_mask(SEED_ptr, offs_m, pid_k * BLOCK_K, K, dropout_p, BLOCK_K))
             p_t = tl.where(keep, p_t, 0.0).to(DOT_DTYPE)
         lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)

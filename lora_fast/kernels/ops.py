@@ -19,6 +19,7 @@ from . import choice, configs, plan
 from .gemm import gemm_lowrank_kernel
 from .gemm_tma import gemm_lowrank_tma_kernel
 from .lowrank import lowrank_proj_kernel, reduce_m_kernel, sum_partials_kernel
+from .rng import packed_keep_mask
 
 
 def _autotuning() -> bool:
@@ -133,15 +134,15 @@ class _Launcher:
 
 
 _gemm = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N", "K", "R"],
-                  dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=2)
+                  dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=1)
 # dX without dropout: the same configs, its own tuning. The autotuner's key (M bucket, N, K, R, dtypes) cannot
 # tell the forward (W read as W^T) from dX (W read as stored) when in = out, and the best tile differs
 _gemm_dx = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N", "K", "R"],
-                     dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=2)
+                     dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=1)
 # dX with dropout: the same kernel with smaller tiles (configs.gemm_configs(dropout=True): no spills)
 _gemm_dropout = _Launcher(gemm_lowrank_kernel, functools.partial(configs.gemm_configs, dropout=True),
                           ["M_BUCKET", "N", "K", "R"], dict(configs.INTERP_GEMM, num_warps=4, num_stages=1),
-                          pointers=7, scalars=2)
+                          pointers=7, scalars=1)
 # the persistent TMA GEMM (sm_90+, aligned operands): forward, dX, dX with dropout tuned apart, and per padded
 # rank, whose operands' shared memory prunes the configs (configs.gemm_tma_configs)
 _TMA_INTERP = dict(configs.INTERP_GEMM, SUBTILE=2, num_warps=4, num_stages=1)
@@ -153,33 +154,33 @@ def _tma_launcher(kind: str, block_r: int) -> "_Launcher":
     if launcher is None:
         launcher = _Launcher(gemm_lowrank_tma_kernel, functools.partial(configs.gemm_tma_configs,
                                                                         dropout=kind == "dropout", block_r=block_r),
-                             ["M_BUCKET", "N", "K", "R"], _TMA_INTERP, pointers=7, scalars=2)
+                             ["M_BUCKET", "N", "K", "R"], _TMA_INTERP, pointers=7, scalars=1)
         _tma_launchers[(kind, block_r)] = launcher
     return launcher
 
 
 # the low-rank term alone (K = 0) before cuBLAS's addmm (choice.py's "cublas" path): its own tuning
 _term = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N", "K", "R"],
-                  dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=2)
+                  dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=1)
 _term_dropout = _Launcher(gemm_lowrank_kernel, functools.partial(configs.gemm_configs, dropout=True),
                           ["M_BUCKET", "N", "K", "R"], dict(configs.INTERP_GEMM, num_warps=4, num_stages=1),
-                          pointers=7, scalars=2)
+                          pointers=7, scalars=1)
 _proj = _Launcher(lowrank_proj_kernel, configs.proj_configs, ["M_BUCKET", "K", "R"],
-                  dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4, num_stages=1), pointers=9, scalars=3)
+                  dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4, num_stages=1), pointers=10, scalars=3)
 # x @ A with dropout: its own config list (configs.proj_configs(dropout=True): no spills)
 _proj_dropout = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, dropout=True),
                           ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
-                                                       num_stages=1), pointers=9, scalars=3)
+                                                       num_stages=1), pointers=10, scalars=3)
 # dS = dY B^T finishing dB: its own config list (configs.proj_configs(partials=True): no spills)
 _proj_partials = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, partials=True),
                            ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
-                                                        num_stages=1), pointers=9, scalars=3)
+                                                        num_stages=1), pointers=10, scalars=3)
 # the same with fp32 adapters on a 16-bit dY (Q = B^T fp32): configs.proj_configs(partials=True, q_fp32=True)
 _proj_partials_q32 = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, partials=True, q_fp32=True),
                                ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
-                                                            num_stages=1), pointers=9, scalars=3)
+                                                            num_stages=1), pointers=10, scalars=3)
 _reduce = _Launcher(reduce_m_kernel, configs.reduce_configs, ["M_BUCKET", "K", "R"], dict(num_warps=4, num_stages=1),
-                    pointers=6, scalars=2)
+                    pointers=7, scalars=2)
 _finish = _Launcher(sum_partials_kernel, configs.finish_configs, [], dict(num_warps=4, num_stages=1),
                     pointers=2, scalars=1)
 
@@ -278,9 +279,13 @@ COUNTERS = _Counters()
 
 
 def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0.0, seed=None, partial_of=None,
-                    grad=None, grad_scale=1.0):
+                    grad=None, grad_scale=1.0, keep_out=None):
     """OUT (M, R) fp32 = out_scale * (keep ⊙ P) @ Q, Q given by (pointer tensor, strides) of shape (K, R), in one
     launch. Returns (OUT, ``grad`` or None).
+
+    With dropout (``dropout_p`` > 0, the keep-mask of ``seed``) and ``keep_out``, a uint8 (M,
+    ``philox.mask_row_bytes(K)``) tensor, the launch also stores the mask it drew there, bit-packed
+    (``philox.pack_keep_mask``'s layout), for a backward that reads it instead of drawing it again.
 
     With ``partial_of=L`` (M, R) it also writes ``grad`` (R, K), any dtype and strides, = grad_scale * L^T P from
     per-row-group partials ((groups, R, K) fp32 scratch, ``_proj_layout`` sizes the groups) that the last
@@ -307,22 +312,26 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
         launch = _proj_partials_q32 if Q.dtype == torch.float32 and P.dtype != torch.float32 else _proj_partials
     else:
         launch = _proj
+    write_mask = keep_out is not None and dropout_p > 0
     launch(grid, P, Q, out, L, partial, seed if seed is not None else out, split, target, counters,
+           keep_out if write_mask else out,
            M, K, R, _m_bucket(M), rows_per_program, k_per_split,
            P.stride(0), P.stride(1), stride_qk, stride_qr, out.stride(0), out.stride(1), L.stride(0), L.stride(1),
-           target.stride(0), target.stride(1),
+           target.stride(0), target.stride(1), keep_out.stride(0) if write_mask else 0,
            float(out_scale), float(grad_scale), float(dropout_p),
-           BLOCK_M=block_m, BLOCK_R=configs.block_r(R), HAS_DROPOUT=dropout_p > 0,
+           BLOCK_M=block_m, BLOCK_R=configs.block_r(R), HAS_DROPOUT=dropout_p > 0, WRITE_MASK=write_mask,
            WRITE_PARTIAL=partial_of is not None, SPLIT_K=split_k,
            DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
            device=device, dtype=P.dtype)
     return out, grad if partial_of is not None else None
 
 
-def reduce_rows(P, L, scale, out, *, transpose=False, dropout_p=0.0, seed=None):
+def reduce_rows(P, L, scale, out, *, transpose=False, dropout_p=0.0, seed=None, keep=None):
     """out (K, R), or (R, K) with ``transpose``, = scale * (keep ⊙ P)^T @ L over the M rows of P (M, K) and
     L (M, R), in one launch: split along M for about two waves of the GPU, the splits' (K, R) fp32 partials summed
-    in split order by the last program of each block of K (deterministic). Returns ``out``."""
+    in split order by the last program of each block of K (deterministic). Returns ``out``. With dropout the
+    keep-mask is read from ``keep`` (the forward's bits, ``lowrank_project(keep_out=)``) when given, else
+    regenerated from ``seed``."""
     M, K = P.shape
     R = L.shape[1]
     block_m, block_k = _reduce_blocks(P.dtype)
@@ -335,12 +344,14 @@ def reduce_rows(P, L, scale, out, *, transpose=False, dropout_p=0.0, seed=None):
         partial = _empty((splits, K, R), torch.float32, P.device)
         counters = COUNTERS.get(P.device, grid[0])
     strides = (out.stride(1), out.stride(0)) if transpose else (out.stride(0), out.stride(1))
-    _reduce(grid, P, L, partial, seed if seed is not None else out, out, counters,
+    saved = keep is not None and dropout_p > 0
+    _reduce(grid, P, L, partial, seed if seed is not None else out, out, counters, keep if saved else out,
             M, K, R, rows_per_split, _m_bucket(M),
-            P.stride(0), P.stride(1), L.stride(0), L.stride(1), *strides,
+            P.stride(0), P.stride(1), L.stride(0), L.stride(1), *strides, keep.stride(0) if saved else 0,
             float(scale), float(dropout_p),
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=configs.block_r(R), HAS_DROPOUT=dropout_p > 0,
-            SPLIT_M=splits > 1, DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
+            SAVED_MASK=saved, SPLIT_M=splits > 1, DOT_DTYPE=configs.dot_dtype(P.dtype),
+            INPUT_PRECISION=configs.input_precision(P.dtype),
             device=P.device, dtype=P.dtype)
     return out
 
@@ -356,11 +367,13 @@ def finish(partial, scale, out, *, transpose=False):
     return out
 
 
-def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, dropout_p=0.0, seed=None,
+def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, dropout_p=0.0, keep=None,
                  out=None, backward=False):
     """OUT (M, N) in P's dtype = P @ Q (+ bias) + lowrank_scale * (keep ⊙ (L @ RM)).
 
-    Q (K, N) and RM (R, N) are given as (pointer tensor, strides) so transposed weights need no copy.
+    Q (K, N) and RM (R, N) are given as (pointer tensor, strides) so transposed weights need no copy. With
+    ``dropout_p`` > 0, ``keep`` is the bit-packed keep-mask of the (M, N) output's columns (uint8 (M,
+    ``philox.mask_row_bytes(N)``): ``lowrank_project(keep_out=)``, ``rng.packed_keep_mask``).
     ``out``: an optional (M, N) tensor to write into (a view of the caller's N-D output). ``backward``: the dX
     GEMM, tuned and chosen apart from the forward. The path (the fused Triton GEMM or cuBLAS after the low-rank
     term) is measured per key and remembered (kernels/choice.py).
@@ -371,7 +384,9 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
         out = _empty((M, N), P.dtype, P.device)
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()   # N elements; the kernel reads the bias with unit stride
-    args = (P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out, backward)
+    if dropout_p > 0 and keep is None:
+        raise ValueError("gemm_lowrank: dropout_p > 0 needs keep, the bit-packed keep-mask")
+    args = (P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward)
     key = (P.device, P.dtype, _m_bucket(M), N, K, R, dropout_p > 0, backward)
     path = choice.GEMM.get(key)
     if path is None:
@@ -433,7 +448,7 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
-def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out, backward):
+def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward):
     """The persistent TMA kernel (kernels/gemm_tma.py) on operands ``tma_eligible`` accepts."""
     M, K = P.shape
     R = L.shape[1]
@@ -451,16 +466,17 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
             rec.allocator = True
     block_r = configs.block_r(R)
     launch = _tma_launcher("dropout" if dropout_p > 0 else "dx" if backward else "forward", block_r)
-    launch(grid, P, Q, bias if bias is not None else out, L, RM, out, seed if seed is not None else out,
+    dropout = dropout_p > 0
+    launch(grid, P, Q, bias if bias is not None else out, L, RM, out, keep if dropout else out,
            M, N, K, R, _m_bucket(M),
            P.stride(0), q_row, L.stride(0), L.stride(1), rm_strides[0], rm_strides[1], out.stride(0),
-           float(lowrank_scale), float(dropout_p),
+           keep.stride(0) if dropout else 0, float(lowrank_scale),
            BLOCK_R=block_r, NUM_SMS=num_sms, Q_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
            HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=configs.dot_dtype(P.dtype),
            INPUT_PRECISION=configs.input_precision(P.dtype), device=P.device, dtype=P.dtype)
 
 
-def _fused_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out, backward, *,
+def _fused_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward, *,
                 k_loop=True):
     """The fused kernel; ``k_loop=False`` runs it with K = 0: out = bias + the low-rank term, nothing else."""
     M, K = P.shape
@@ -473,20 +489,21 @@ def _fused_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, drop
         launch = _term_dropout if dropout_p > 0 else _term
     else:
         launch = _gemm_dropout if dropout_p > 0 else _gemm_dx if backward else _gemm
-    launch(grid, P, Q, bias if bias is not None else out, L, RM, out, seed if seed is not None else out,
+    dropout = dropout_p > 0
+    launch(grid, P, Q, bias if bias is not None else out, L, RM, out, keep if dropout else out,
            M, N, K if k_loop else 0, R, _m_bucket(M),
            P.stride(0), P.stride(1), q_strides[0], q_strides[1], L.stride(0), L.stride(1),
-           rm_strides[0], rm_strides[1], out.stride(0), out.stride(1),
-           float(lowrank_scale), float(dropout_p),
+           rm_strides[0], rm_strides[1], out.stride(0), out.stride(1), keep.stride(0) if dropout else 0,
+           float(lowrank_scale),
            BLOCK_R=configs.block_r(R), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
            DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
            device=P.device, dtype=P.dtype)
 
 
-def _cublas_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out, backward):
+def _cublas_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward):
     """bias + the low-rank term into ``out`` (the fused kernel without its K loop), then cuBLAS accumulates
     P @ Q into it (addmm, beta = 1): the same result up to one rounding of the low-rank term to out's dtype."""
-    _fused_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out, backward,
+    _fused_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward,
                 k_loop=False)
     if P.shape[1]:
         out.addmm_(P, Q.as_strided((P.shape[1], N), q_strides))
@@ -499,7 +516,7 @@ def _cublas_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dro
 _ws_launchers = {}
 
 
-def _ws_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out, backward):
+def _ws_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward):
     """The warp-specialised Gluon kernel (kernels/gemm_ws.py) on operands ``ws_eligible`` accepts; imported on first
     use, so that a triton without Gluon costs nothing until LORA_FAST_GEMM=ws asks for it."""
     from .gemm_ws import gemm_lowrank_ws_kernel
@@ -532,27 +549,36 @@ def _ws_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout
 _GEMM_PATHS = {"triton": _fused_gemm, "cublas": _cublas_gemm, "tma": _tma_gemm, "ws": _ws_gemm}
 
 
-def project_input(x, A, dropout_p, seed):
+def project_input(x, A, dropout_p, seed, keep_out=None):
     """The forward's first pass, shared by the 16-bit, 4-bit and DoRA ops: S = dropout(x) @ A (M, R) fp32 with the
-    keep-mask of ``seed``. Returns (S, p, keep_scale): p the drop probability the mask applies (philox.quantize,
-    idempotent, so callers may pass it quantised or not) and keep_scale = 1 / (1 - p)."""
+    keep-mask of ``seed`` (stored bit-packed into ``keep_out`` when given: ``new_keep_mask``). Returns (S, p,
+    keep_scale): p the drop probability the mask applies (philox.quantize, idempotent, so callers may pass it
+    quantised or not) and keep_scale = 1 / (1 - p)."""
     p = philox.quantize(dropout_p)
     keep_scale = 1.0 / (1.0 - p)
-    S, _ = lowrank_project(x, A, A.stride(0), A.stride(1), A.shape[1], out_scale=keep_scale, dropout_p=p, seed=seed)
+    S, _ = lowrank_project(x, A, A.stride(0), A.stride(1), A.shape[1], out_scale=keep_scale, dropout_p=p, seed=seed,
+                           keep_out=keep_out)
     return S, p, keep_scale
 
 
-def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=None, zero_rows=None):
+def new_keep_mask(M: int, K: int, device) -> torch.Tensor:
+    """An uninitialised bit-packed keep-mask for an (M, K) input: uint8 (M, ``philox.mask_row_bytes(K)``), M x K / 8
+    bytes (rows padded to 16 bytes), for ``lora_forward(keep_out=)`` to fill."""
+    return torch.empty((M, philox.mask_row_bytes(K)), dtype=torch.uint8, device=device)
+
+
+def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=None, zero_rows=None, keep_out=None):
     """Forward of the fused LoRA linear. x (M, K), weight (N, K), bias (N,) or None, A (K, R), B (R, N).
 
     Returns y (M, N) in x's dtype (written into ``out`` when given) and S = dropout(x) @ A (M, R) in fp32,
-    which backward needs (with x). The keep-mask comes from ``seed`` (int64, one element) when dropout_p > 0.
+    which backward needs (with x). The keep-mask comes from ``seed`` (int64, one element) when dropout_p > 0;
+    ``keep_out`` (``new_keep_mask(M, K)``): where the S pass also stores it bit-packed, for ``lora_backward(keep=)``.
     ``zero_rows``: an optional (M, 1) bool tensor, rows whose S is set to zero (no LoRA term: lora_linear_multi's
     rows of adapter -1 with one adapter; pass it to lora_backward too).
     """
     N = weight.shape[0]
     x, weight = _along_k(x, 1), _along_k(weight, 1)
-    S, _, _ = project_input(x, A, dropout_p, seed)
+    S, _, _ = project_input(x, A, dropout_p, seed, keep_out)
     if zero_rows is not None:
         S.masked_fill_(zero_rows, 0.0)
         if plan.recorder() is not None:
@@ -564,13 +590,15 @@ def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=Non
 
 
 def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, need_dx=True, need_dA=True,
-                  need_dB=True, zero_rows=None, dx_out=None):
+                  need_dB=True, zero_rows=None, dx_out=None, keep=None):
     """Backward of the fused LoRA linear: (dx, dA, dB), each None when not needed; dx written into ``dx_out``
     (an (M, K) tensor in x's dtype, a view of the caller's N-D gradient) when given.
 
     dS = dY B^T and dB = scale S^T dY in one pass over dY (or two when the partials of a large rank would
     cost more than re-reading dY); dX = dY W + scale * keep/(1-p) ⊙ (dS A^T) in one GEMM with the low-rank
-    term fused in; dA = scale/(1-p) * (keep ⊙ x)^T dS.
+    term fused in; dA = scale/(1-p) * (keep ⊙ x)^T dS. With dropout the keep-mask is ``keep``, the bits the
+    forward stored (``lora_forward(keep_out=)``); without them it is drawn once from ``seed`` into bits
+    (``rng.packed_keep_mask``, one launch) that both passes read.
     """
     R = A.shape[1]
     K = x.shape[1]
@@ -594,12 +622,16 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
     if need_dB and not fused_dB:
         reduce_rows(dy, S, scale, dB, transpose=True)
     keep_scale = 1.0 / (1.0 - dropout_p)
+    if dropout_p > 0 and keep is None and (need_dx or need_dA):
+        keep = packed_keep_mask(seed, x.shape[0], K, dropout_p)
+        if plan.recorder() is not None:
+            plan.recorder().fail()   # a launch outside the launchers: a replay would leave it out
     if need_dx:
         # Q = W as (N, K); RM = A^T: element (r, k) is A[k, r]
         dx = gemm_lowrank(dy, weight, (weight.stride(0), weight.stride(1)), K, None, dS, A,
-                          (A.stride(1), A.stride(0)), scale * keep_scale, dropout_p=dropout_p, seed=seed,
+                          (A.stride(1), A.stride(0)), scale * keep_scale, dropout_p=dropout_p, keep=keep,
                           out=dx_out, backward=True)
     if need_dA:
         dA = reduce_rows(x, dS, scale * keep_scale, _empty(A.shape, A.dtype, A.device),
-                         dropout_p=dropout_p, seed=seed)
+                         dropout_p=dropout_p, keep=keep)
     return dx, dA, dB
