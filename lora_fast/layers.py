@@ -346,19 +346,26 @@ class LinearWithLoRA(nn.Module):
         """Attach ``layer`` as the (not active) adapter ``name`` (checked by the caller); returns a function that
         detaches it again and leaves the module as it was before (a loader's undo)."""
         created = "loras" not in self._modules
-        if created:
-            self.loras = nn.ModuleDict()
-            self._dropouts = {}
-        self.loras[name] = layer
-        self._dropouts[name] = dropout
 
         def undo():
-            del self.loras[name]
-            del self._dropouts[name]
+            loras, dropouts = self._modules.get("loras"), self.__dict__.get("_dropouts")
+            if loras is not None and name in loras:
+                del loras[name]
+            if dropouts is not None:
+                dropouts.pop(name, None)
             if created:
-                del self.loras
-                del self._dropouts
+                self._modules.pop("loras", None)
+                self.__dict__.pop("_dropouts", None)
 
+        try:
+            if created:
+                self.loras = nn.ModuleDict()
+                self._dropouts = {}
+            self.loras[name] = layer
+            self._dropouts[name] = dropout
+        except BaseException:
+            undo()   # a failure half-way (an interrupt) leaves no half-attached adapter either
+            raise
         return undo
 
     def set_adapter(self, adapter_name) -> None:
