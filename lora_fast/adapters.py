@@ -8,6 +8,11 @@ LinearWithDoRA adds ``.m``: (out_features,), its magnitude) and every trainable 
 ``lora_fast.format_version`` and ``lora_fast.layers``: a JSON object {module path: {"rank", "alpha", "scaling",
 "dropout", "use_dora"}} ("use_dora" absent means false: files written before DoRA read as LoRA). Safetensors
 only (no pickle, so loading a file runs no code).
+
+Several adapters (``LinearWithLoRA.add_adapter``, issue 30): a file holds one adapter, chosen with
+``adapter_name`` ("default" unless given), from the layers that hold it, always under the default adapter's keys
+above (as PEFT's files leave the adapter name out), so that it loads into any adapter of a model; a named
+adapter's file also records ``lora_fast.adapter_name`` in its metadata, for information.
 """
 
 import json
