@@ -22,7 +22,7 @@ import os
 import tempfile
 import warnings
 from collections import namedtuple
-from typing import Dict, Mapping, Union
+from typing import Dict, Mapping, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -105,7 +105,7 @@ def _is_bias(name: str) -> bool:
     return name.rpartition(".")[2] == "bias"
 
 
-def lora_state_dict(model: nn.Module, *, adapter_name: str = DEFAULT_ADAPTER) -> Dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, *, adapter_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """What LoRA training changed: the A and B of every LinearWithLoRA (and m of a LinearWithDoRA) and every
     trainable bias (a parameter
     named ``bias`` that requires grad, as ``mark_only_lora_as_trainable(bias="all" | "lora_only")`` leaves
@@ -113,20 +113,21 @@ def lora_state_dict(model: nn.Module, *, adapter_name: str = DEFAULT_ADAPTER) ->
     detached and sharing storage with the parameters.
 
     ``adapter_name``: which adapter (``LinearWithLoRA.add_adapter``) to take, from the layers that hold it;
-    "default" (the default) is the adapter a layer is built with. Whatever the adapter, its A and B are under
+    "default" is the adapter a layer is built with, and None (not given) means "default". Whatever the adapter, its A and B are under
     the default adapter's keys (``<layer>.lora.A``, not ``<layer>.loras.<name>.A``), as PEFT's adapter files
     leave the adapter name out, so one adapter's state dict loads into any adapter of another model
     (``load_lora_state_dict(..., adapter_name=...)``).
 
     Any other trainable parameter (an unfrozen base weight, a trained head) is not an adapter and is left out,
-    with one UserWarning naming it: save it with ``model.state_dict()``, or freeze it. For the default adapter,
+    with one UserWarning naming it: save it with ``model.state_dict()``, or freeze it. Without ``adapter_name``,
     trainable adapters added with ``add_adapter`` are not in it either: one UserWarning names them (each is
-    saved by its own call with ``adapter_name``).
+    saved by its own call with ``adapter_name``; naming "default" explicitly says so and does not warn).
 
     Raises: TypeError for a non-Module or a non-str adapter_name; ValueError if the model holds no
     LinearWithLoRA, or no layer holds ``adapter_name`` (the model's adapters are listed).
     """
-    adapter = check_adapter_name(adapter_name, "lora_state_dict")
+    implicit = adapter_name is None
+    adapter = check_adapter_name(DEFAULT_ADAPTER if implicit else adapter_name, "lora_state_dict")
     out = {}
     for name, layer in _holding(model, adapter, "lora_state_dict"):
         for key, p in _adapter_tensors(name, layer, adapter).items():
@@ -148,7 +149,7 @@ def lora_state_dict(model: nn.Module, *, adapter_name: str = DEFAULT_ADAPTER) ->
             out[name] = p.detach()
         else:
             left_out.append(name)
-    if adapter == DEFAULT_ADAPTER and trained_added:
+    if implicit and trained_added:
         warnings.warn(f"lora_state_dict: the trainable adapters {_shown(trained_added)} (added with add_adapter) are "
                       "not in the default adapter's state dict; save each with adapter_name=... (lora_state_dict, "
                       "save_lora)", UserWarning, stacklevel=2)
@@ -317,10 +318,11 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     return LoadResult(missing, unexpected)
 
 
-def save_lora(model: nn.Module, path: PathLike, *, adapter_name: str = DEFAULT_ADAPTER) -> None:
+def save_lora(model: nn.Module, path: PathLike, *, adapter_name: Optional[str] = None) -> None:
     """Write ``lora_state_dict(model, adapter_name=adapter_name)`` (A, B, DoRA's m and trainable biases) to a
     safetensors file at ``path``, with each layer's rank, alpha, scaling, dropout and use_dora in the metadata (see
-    the module docstring). One file holds one adapter ("default" unless ``adapter_name`` names another), under the
+    the module docstring). One file holds one adapter ("default" unless ``adapter_name`` names another; without
+    ``adapter_name`` lora_state_dict's warning names trained adapters left out), under the
     default adapter's keys and with the layers that hold it: ``load_lora(model, path, adapter_name=...)`` loads it
     into any adapter. The metadata also records ``lora_fast.adapter_name`` (for information; loading ignores it).
     Works for merged layers too (A and B are kept while merged). Overwrites ``path`` atomically: the file is
@@ -330,8 +332,8 @@ def save_lora(model: nn.Module, path: PathLike, *, adapter_name: str = DEFAULT_A
     or no layer holds ``adapter_name``; safetensors' and the OS's errors for tensors it cannot write (e.g. 'meta')
     or an unwritable path.
     """
-    adapter = check_adapter_name(adapter_name, "save_lora")
-    tensors = {k: v.contiguous() for k, v in lora_state_dict(model, adapter_name=adapter).items()}
+    adapter = check_adapter_name(DEFAULT_ADAPTER if adapter_name is None else adapter_name, "save_lora")
+    tensors = {k: v.contiguous() for k, v in lora_state_dict(model, adapter_name=adapter_name).items()}
     layers = {name: _config(layer, adapter) for name, layer in _holding(model, adapter, "save_lora")}
     metadata = {"format": "pt", "lora_fast.format_version": FORMAT_VERSION,
                 "lora_fast.layers": json.dumps(layers, sort_keys=True)}

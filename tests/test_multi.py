@@ -617,8 +617,8 @@ def _same_adapters(ours, theirs, x, *, peft=False):
 
 
 def test_save_and_load_each_adapter(tmp_path):
-    """save_lora / load_lora per adapter: the default adapter's file keeps the book's keys (and warns that the
-    trained added adapters are not in it); each named one is saved under the same keys and loaded into a fresh
+    """save_lora / load_lora per adapter: the default adapter's file keeps the book's keys (and, unless asked for
+    by name, warns that the trained added adapters are not in it); each named one is saved under the same keys and loaded into a fresh
     model, where it is created with the file's rank, alpha, scaling and dropout; outputs bit for bit. Errors
     name the adapter and the layer."""
     import copy
@@ -632,6 +632,7 @@ def test_save_and_load_each_adapter(tmp_path):
         save_lora(ours, tmp_path / "default.safetensors")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        assert set(lora_state_dict(ours, adapter_name="default")) == {"0.lora.A", "0.lora.B", "2.lora.A", "2.lora.B"}
         state = lora_state_dict(ours, adapter_name="c")
         assert list(state) == ["2.lora.A", "2.lora.B"] and state["2.lora.A"] is not ours[2].adapter("c").A
         assert torch.equal(state["2.lora.A"], ours[2].adapter("c").A)
