@@ -113,9 +113,10 @@ def lora_state_dict(model: nn.Module, *, adapter_name: Optional[str] = None) -> 
     detached and sharing storage with the parameters.
 
     ``adapter_name``: which adapter (``LinearWithLoRA.add_adapter``) to take, from the layers that hold it;
-    "default" is the adapter a layer is built with, and None (not given) means "default". Whatever the adapter, its A and B are under
-    the default adapter's keys (``<layer>.lora.A``, not ``<layer>.loras.<name>.A``), as PEFT's adapter files
-    leave the adapter name out, so one adapter's state dict loads into any adapter of another model
+    "default" is the adapter a layer is built with, and None (not given) means "default". Whatever the adapter,
+    its A and B are under the default adapter's keys (``<layer>.lora.A``, not ``<layer>.loras.<name>.A``), as
+    PEFT's adapter files leave the adapter name out, so one adapter's state dict loads into any adapter of another
+    model
     (``load_lora_state_dict(..., adapter_name=...)``).
 
     Any other trainable parameter (an unfrozen base weight, a trained head) is not an adapter and is left out,

@@ -618,9 +618,9 @@ def _same_adapters(ours, theirs, x, *, peft=False):
 
 def test_save_and_load_each_adapter(tmp_path):
     """save_lora / load_lora per adapter: the default adapter's file keeps the book's keys (and, unless asked for
-    by name, warns that the trained added adapters are not in it); each named one is saved under the same keys and loaded into a fresh
-    model, where it is created with the file's rank, alpha, scaling and dropout; outputs bit for bit. Errors
-    name the adapter and the layer."""
+    by name, warns that the trained added adapters are not in it); each named one is saved under the same keys
+    and loaded into a fresh model, where it is created with the file's rank, alpha, scaling and dropout; outputs
+    bit for bit. Errors name the adapter and the layer."""
     import copy
     import warnings
 
