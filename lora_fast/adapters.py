@@ -116,8 +116,7 @@ def lora_state_dict(model: nn.Module, *, adapter_name: Optional[str] = None) -> 
     "default" is the adapter a layer is built with, and None (not given) means "default". Whatever the adapter,
     its A and B are under the default adapter's keys (``<layer>.lora.A``, not ``<layer>.loras.<name>.A``), as
     PEFT's adapter files leave the adapter name out, so one adapter's state dict loads into any adapter of another
-    model
-    (``load_lora_state_dict(..., adapter_name=...)``).
+    model (``load_lora_state_dict(..., adapter_name=...)``).
 
     Any other trainable parameter (an unfrozen base weight, a trained head) is not an adapter and is left out,
     with one UserWarning naming it: save it with ``model.state_dict()``, or freeze it. Without ``adapter_name``,
