@@ -3,6 +3,7 @@ and against n separate ``lora_linear`` calls, and one adapter on all M rows (the
 set against: n adapters <= 1.15x one adapter at 4096^2).
 
     python -m bench.multi_adapter [--quick] [--out DIR]     # CUDA only: times with triton.testing.do_bench
+    python -m bench.multi_adapter --short [--out DIR]       # CUDA only: the issue's two targets' rows (~30 s)
     python -m bench.multi_adapter --dry-run                  # any machine: every row's forward and backward once
                                                              # on tiny shapes (the interpreter on CPU), no times
 
@@ -13,6 +14,11 @@ Implementations: "fused" (lora_linear_multi, LORA_FAST_MULTI=triton), "peft_loop
 adapter a row gather, two matmuls and a scatter, as PEFT's _mixed_batch_forward), "separate" (n lora_linear
 calls on each adapter's rows, gathered and scattered), "one_adapter" (lora_linear on all M rows). The fused op's
 time includes its host-side index check (one device sync per call).
+
+``--short`` (bench/gpu_check.sh's entry) keeps the rows of issue 30's two GPU targets: n = 8 and 16, the even
+split, mixed rows (the fused kernels' worst case), "fused", "peft_loop" and "one_adapter" (once: it does not
+depend on n), in that order, so that a timeout keeps the first rows: fused <= 1.15x one_adapter, and fused >= 2x
+faster than peft_loop at n = 8. Rows are printed (one JSON line each) and written to ``--out`` as they finish.
 """
 
 import argparse
@@ -77,8 +83,10 @@ def run(args) -> list:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     M, K, N, R = (64, 48, 40, 4) if dry else (8192, 4096, 4096, 16)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    ns = (1, 8, 16) if args.quick or dry else (1, 2, 4, 8, 16)
-    splits = ("even",) if args.quick else ("even", "uneven")
+    ns = (8, 16) if args.short else (1, 8, 16) if args.quick or dry else (1, 2, 4, 8, 16)
+    splits = ("even",) if args.quick or args.short else ("even", "uneven")
+    layouts = ("mixed",) if args.short else ("mixed", "grouped")
+    kept = ("fused", "peft_loop", "one_adapter") if args.short else ("fused", "peft_loop", "separate", "one_adapter")
     torch.manual_seed(0)
     x = torch.randn(M, K, device=device).to(dtype)
     weight = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
@@ -88,10 +96,13 @@ def run(args) -> list:
         B = (torch.randn(n, R, N, device=device) / R**0.5).to(dtype).requires_grad_()
         scales = [2.0] * n
         for split in splits:
-            for layout in ("mixed", "grouped"):
+            for layout in layouts:
                 idx = make_index(M, n, split, layout, device)
                 for name, (forward, trainable) in implementations(x, weight, A, B, scales, idx).items():
-                    row = dict(n=n, split=split, layout=layout, impl=name, M=M, K=K, N=N, rank=R, dtype=str(dtype))
+                    if name not in kept or (args.short and name == "one_adapter" and n != ns[0]):
+                        continue
+                    row = dict(n=n, split=split, layout=layout, impl=name, M=M, K=K, N=N, rank=R, dtype=str(dtype),
+                               device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
                     if dry:
                         y = forward(x)
                         y.float().square().mean().backward()
@@ -105,20 +116,31 @@ def run(args) -> list:
                         row.update({k: v for k, v in measure(forward, x, trainable).items()})
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    _write(args.out, rows)
     return rows
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="n = 1, 8, 16 and the even split only")
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes, each row run once, no times")
-    parser.add_argument("--out", default=None, help="folder for multi_adapter.json")
-    args = parser.parse_args(argv)
-    rows = run(args)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "multi_adapter.json"), "w") as f:
+def _write(out, rows) -> None:
+    """multi_adapter.json in ``out`` (None: nothing), rewritten after every row so that a timeout keeps them."""
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "multi_adapter.json"), "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="n = 1, 8, 16 and the even split only")
+    mode.add_argument("--short", action="store_true", help="the issue's targets only: n = 8, 16, even, mixed; fused, "
+                      "peft_loop, one_adapter (bench/gpu_check.sh)")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes, each row run once, no times")
+    p.add_argument("--out", default=None, help="folder for multi_adapter.json")
+    return p
+
+
+def main(argv=None) -> int:
+    run(parser().parse_args(argv))
     return 0
 
 

@@ -334,14 +334,41 @@ class LinearWithLoRA(nn.Module):
         if self.merged:
             raise RuntimeError("LinearWithLoRA.add_adapter: the layer is merged (merge_lora); unmerge_lora first")
         dropout = check_dropout(dropout, "dropout")
+        self._attach_adapter(name, self.new_adapter_layer(rank, alpha, scaling=scaling), dropout)
+
+    def new_adapter_layer(self, rank: int, alpha: float, *, scaling: str = "alpha") -> LoRALayer:
+        """A LoRALayer for this layer's features, on the default adapter's device and dtype (A kaiming-uniform, B
+        zeros), not attached: what ``add_adapter`` attaches, and what a loader builds before changing anything.
+        Raises: ValueError for rank, alpha, scaling."""
         A = self.lora.A
-        layer = LoRALayer(A.shape[0], self.lora.B.shape[1], rank, alpha, scaling=scaling, device=A.device,
-                          dtype=A.dtype)
-        if "loras" not in self._modules:
-            self.loras = nn.ModuleDict()
-            self._dropouts = {}
-        self.loras[name] = layer
-        self._dropouts[name] = dropout
+        return LoRALayer(A.shape[0], self.lora.B.shape[1], rank, alpha, scaling=scaling, device=A.device,
+                         dtype=A.dtype)
+
+    def _attach_adapter(self, name: str, layer: LoRALayer, dropout: float):
+        """Attach ``layer`` as the (not active) adapter ``name`` (checked by the caller); returns a function that
+        detaches it again and leaves the module as it was before (a loader's undo)."""
+        created = "loras" not in self._modules
+
+        def undo():
+            loras, dropouts = self._modules.get("loras"), self.__dict__.get("_dropouts")
+            if loras is not None and name in loras:
+                del loras[name]
+            if dropouts is not None:
+                dropouts.pop(name, None)
+            if created:
+                self._modules.pop("loras", None)
+                self.__dict__.pop("_dropouts", None)
+
+        try:
+            if created:
+                self.loras = nn.ModuleDict()
+                self._dropouts = {}
+            self.loras[name] = layer
+            self._dropouts[name] = dropout
+        except BaseException:
+            undo()   # a failure half-way (an interrupt) leaves no half-attached adapter either
+            raise
+        return undo
 
     def set_adapter(self, adapter_name) -> None:
         """Make ``adapter_name`` (a name, or a list of names: their terms are summed, as PEFT does) the active

@@ -28,10 +28,11 @@ from torch import nn
 
 from . import _env
 from ._files import give_mode
-from .adapters import Transaction
+from .adapters import Transaction, check_adapter_name, model_adapters
 from .dora import dora_linear
 from .functional import lora_linear
 from .layers import (
+    DEFAULT_ADAPTER,
     LinearWithDoRA,
     LinearWithLoRA,
     forward_4bit,
@@ -572,8 +573,18 @@ def _exchange(a: str, b: str) -> bool:
 
 
 def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
-                      base_model_name_or_path: Optional[str] = None, modules_to_save=None) -> None:
-    """Write the LoRA layers of ``model`` (LinearWithLoRA, from replace_linear_with_lora) as a PEFT LoRA adapter.
+                      base_model_name_or_path: Optional[str] = None, modules_to_save=None,
+                      selected_adapters=None) -> None:
+    """Write the LoRA layers of ``model`` (LinearWithLoRA, from replace_linear_with_lora) as PEFT LoRA adapters.
+
+    Several adapters (``LinearWithLoRA.add_adapter``) are written as PEFT's ``save_pretrained`` writes them:
+    ``selected_adapters`` (a list of names; None, the default: every adapter the model holds), one complete PEFT
+    adapter each, "default" in ``save_dir`` itself and any other in the subfolder ``save_dir/<name>``, each
+    with the layers that hold it. Load one into PEFT with ``PeftModel.from_pretrained(base, folder,
+    adapter_name=name)`` or ``peft_model.load_adapter(folder, adapter_name=name)``, into lora-fast with
+    ``load_peft_adapter(model, folder, adapter_name=name)``. Trained biases and ``modules_to_save`` are shared by
+    the adapters here, and are written into every adapter's file (PEFT keeps them per adapter). What follows
+    describes one adapter's folder.
 
     Files (PEFT's format, loadable with ``peft.PeftModel.from_pretrained(base_model, save_dir)`` where
     base_model is the model before replace_linear_with_lora): ``adapter_config.json`` written by PEFT's own
@@ -595,10 +606,11 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
     The folder is replaced as a whole: a failure while writing leaves the files that were there (a config and
     weights that belong together), other files in the folder are kept.
 
-    Raises: ImportError without peft or safetensors; ValueError if ``model`` has no LinearWithLoRA, if its
-        layers mix "rslora" with other scalings, DoRA with LoRA, or use different dropouts (PEFT keeps one per
-        adapter), or if a
-        modules_to_save name matches no module or a module with LoRA layers.
+    Raises: ImportError without peft or safetensors; ValueError if ``model`` has no LinearWithLoRA, if an
+        adapter's layers mix "rslora" with other scalings, DoRA with LoRA, or use different dropouts (PEFT keeps
+        one per adapter; the adapter is named), if a selected adapter is held by no layer, or if a
+        modules_to_save name matches no module or a module with LoRA layers; TypeError for selected_adapters
+        that are not a list of names.
     """
     from peft import LoraConfig
     from safetensors.torch import save_file
@@ -611,19 +623,66 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
     if isinstance(modules_to_save, str):
         modules_to_save = [modules_to_save]
     modules_to_save = list(modules_to_save or [])
-    rslora = {layer.lora.scaling == "rslora" for layer in layers.values()}
-    if len(rslora) > 1:
-        raise ValueError("model: PEFT has one use_rslora per adapter; these layers mix 'rslora' with other scalings")
-    dropouts = {layer.dropout for layer in layers.values()}
-    if len(dropouts) > 1:
-        raise ValueError(f"model: PEFT has one lora_dropout per adapter; these layers use {sorted(dropouts)}")
-    dora = {isinstance(layer, LinearWithDoRA) for layer in layers.values()}
-    if len(dora) > 1:
-        raise ValueError("model: PEFT has one use_dora per adapter; these layers mix LinearWithDoRA and LinearWithLoRA")
+    known = model_adapters(model)
+    if selected_adapters is None:
+        selected = known
+    else:
+        if isinstance(selected_adapters, str) or not isinstance(selected_adapters, (list, tuple)) or not all(
+                isinstance(a, str) for a in selected_adapters):
+            raise TypeError(f"selected_adapters: expected a list of adapter names, got {selected_adapters!r}")
+        unknown = [a for a in selected_adapters if a not in known]
+        if unknown or not selected_adapters:
+            raise ValueError(f"selected_adapters: expected names of the model's adapters {known}, got "
+                             f"{list(selected_adapters)}")
+        selected = list(dict.fromkeys(selected_adapters))
     bias_mode, biases, saved_modules, left_out = _trainable_extras(model, layers, modules_to_save)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    outputs = {adapter: _peft_adapter_files(layers, adapter, LoraConfig, dict(
+        bias=bias_mode, modules_to_save=modules_to_save or None, base_model_name_or_path=base_model_name_or_path))
+        for adapter in selected}
+    extras = {key: p.detach().contiguous().cpu() for key, p in {**biases, **saved_modules}.items()}
+    if left_out:
+        warnings.warn(f"save_peft_adapter: {len(left_out)} trainable parameter(s) are neither adapters, biases nor "
+                      f"in modules_to_save and are not saved: {left_out[:5]}{' ...' if len(left_out) > 5 else ''}",
+                      UserWarning, stacklevel=2)
+
+    def write(folder: str) -> None:
+        for adapter, (config, tensors) in outputs.items():
+            # PEFT's save_pretrained: the default adapter in the folder itself, any other in a subfolder
+            sub = "" if adapter == DEFAULT_ADAPTER else adapter
+            target = os.path.join(folder, sub)
+            os.makedirs(target, exist_ok=True)
+            config.save_pretrained(target)
+            weights = os.path.join(target, ADAPTER_WEIGHTS_NAME)
+            save_file({**tensors, **extras}, weights, metadata={"format": "pt"})
+            give_mode(weights, os.path.join(os.fspath(save_dir), sub, ADAPTER_WEIGHTS_NAME))
+
+    _write_dir_atomically(os.fspath(save_dir), write)
+
+
+def _peft_adapter_files(layers: dict, adapter: str, config_class, fields: dict) -> tuple:
+    """(PEFT LoraConfig, {PEFT key: tensor}) of one adapter of the LinearWithLoRA ``layers`` ({path: layer}), from
+    the layers that hold it; raises ValueError for settings one PEFT config cannot hold."""
+    holding = {n: layer for n, layer in layers.items() if adapter in layer.adapters}
+    if not holding:
+        raise ValueError(f"selected_adapters: no layer holds adapter {adapter!r}")
+    what = "model" if adapter == DEFAULT_ADAPTER else f"model's adapter {adapter!r}"
+    loras = {n: layer._adapter(adapter) for n, layer in holding.items()}
+    rslora = {lora.scaling == "rslora" for lora in loras.values()}
+    if len(rslora) > 1:
+        raise ValueError(f"{what}: PEFT has one use_rslora per adapter; these layers mix 'rslora' with other "
+                         "scalings")
+    dropouts = {layer._adapter_dropout(adapter) for layer in holding.values()}
+    if len(dropouts) > 1:
+        raise ValueError(f"{what}: PEFT has one lora_dropout per adapter; these layers use {sorted(dropouts)}")
+    dora = {isinstance(layer, LinearWithDoRA) for layer in holding.values()}
+    if len(dora) > 1:
+        raise ValueError(f"{what}: PEFT has one use_dora per adapter; these layers mix LinearWithDoRA and "
+                         "LinearWithLoRA")
     ranks, alphas, tensors = {}, {}, {}
-    for name, layer in layers.items():
-        lora = layer.lora
+    for name, layer in holding.items():
+        lora = loras[name]
         ranks[name] = lora.rank
         alphas[name] = lora.alpha * lora.rank if lora.scaling == "alpha" else lora.alpha
         prefix = PEFT_PREFIX + name + "."
@@ -631,33 +690,16 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
         tensors[prefix + "lora_B.weight"] = lora.B.detach().t().contiguous().cpu()
         if isinstance(layer, LinearWithDoRA):
             tensors[prefix + "lora_magnitude_vector"] = layer.m.detach().contiguous().cpu()
-    for key, p in {**biases, **saved_modules}.items():
-        tensors[key] = p.detach().contiguous().cpu()
-    if left_out:
-        warnings.warn(f"save_peft_adapter: {len(left_out)} trainable parameter(s) are neither adapters, biases nor "
-                      f"in modules_to_save and are not saved: {left_out[:5]}{' ...' if len(left_out) > 5 else ''}",
-                      UserWarning, stacklevel=2)
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, use_rslora=rslora.pop(), lora_dropout=dropouts.pop(), bias=bias_mode,
-        use_dora=dora.pop(),
-        target_modules=sorted(layers), fan_in_fan_out=all(layer.fan_in_fan_out for layer in layers.values()),
+    config = config_class(
+        r=r, lora_alpha=alpha, use_rslora=rslora.pop(), lora_dropout=dropouts.pop(), use_dora=dora.pop(),
+        target_modules=sorted(holding), fan_in_fan_out=all(layer.fan_in_fan_out for layer in holding.values()),
         rank_pattern={_pattern(n): k for n, k in ranks.items() if k != r},
         alpha_pattern={_pattern(n): a for n, a in alphas.items() if a != alpha},
-        modules_to_save=modules_to_save or None,
-        base_model_name_or_path=base_model_name_or_path,
+        **fields,
     )
-
-    def write(folder: str) -> None:
-        config.save_pretrained(folder)
-        weights = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
-        save_file(tensors, weights, metadata={"format": "pt"})
-        give_mode(weights, os.path.join(os.fspath(save_dir), ADAPTER_WEIGHTS_NAME))
-
-    _write_dir_atomically(os.fspath(save_dir), write)
+    return config, tensors
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -721,9 +763,19 @@ def _in_modules_to_save(module_name: str, modules_to_save: list) -> bool:
     return any(p == m or p.endswith("." + m) for p in prefixes for m in modules_to_save)
 
 
-def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) -> nn.Module:
+def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike], *,
+                      adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Load a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``, e.g. from
-    ``PeftModel.save_pretrained``) into ``model``, in place; returns the model.
+    ``PeftModel.save_pretrained``) into ``model``'s adapter ``adapter_name``, in place; returns the model.
+
+    ``adapter_name`` (PEFT's ``load_adapter(adapter_dir, adapter_name)``): the adapter to load into, "default"
+    (the default) being the layers' own. ``adapter_dir`` is read as given, as PEFT reads it: an adapter that
+    ``save_pretrained`` (or ``save_peft_adapter``) wrote under a name other than "default" is in the subfolder of
+    that name. A named adapter loads into LinearWithLoRA layers only; where a layer does not hold it yet, it is
+    created (``add_adapter``: the config's rank, alpha, scaling and dropout, the default adapter's device and
+    dtype, not activated), as PEFT's load_adapter creates it; plain layers, LinearWithDoRA layers and DoRA
+    adapters cannot take a named adapter (ValueError). The rest of this docstring describes the default adapter;
+    the checks and the all-or-nothing rule hold for both.
 
     For every module path P in the file, ``model``'s module at P gets A = lora_A.weight^T (in, r) and
     B = lora_B.weight^T (r, out) (copied into its dtype; with use_dora, m = lora_magnitude_vector into a
@@ -741,10 +793,11 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
         malformed adapter_config.json (file and field named), a non-LoRA adapter, lora_bias, a DoRA adapter for a
         LinearWithLoRA (or the reverse), tensors of
         another kind (embedding adapters), a path that is not in ``model``, or shapes that do not match;
-        RuntimeError for merged layers.
+        RuntimeError for merged layers; TypeError / ValueError for an adapter_name that is not an adapter name.
     """
     from safetensors.torch import load_file
 
+    adapter = check_adapter_name(adapter_name, "load_peft_adapter")
     adapter_dir = os.fspath(adapter_dir)
     weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
@@ -787,9 +840,11 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
         if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != r or lora_B.shape[1] != r:
             raise ValueError(f"adapter_dir: module {name!r} has lora_A {tuple(lora_A.shape)} and lora_B "
                              f"{tuple(lora_B.shape)}, expected rank {r} from the config")
-        _check_target(model, name, r, lora_A.shape[1], lora_B.shape[0], config.use_dora)
-        # the wrapper of a plain layer is built now, before any change: a base it cannot wrap raises here
-        plan.append((name, lora_A, lora_B, magnitude, r, alpha, _new_wrapper(model, name, r, alpha, config)))
+        _check_target(model, name, r, lora_A.shape[1], lora_B.shape[0], config.use_dora, adapter)
+        # the wrapper of a plain layer (the new adapter of a wrapped one) is built now, before any change: a base
+        # it cannot wrap raises here
+        plan.append((name, lora_A, lora_B, magnitude, r, alpha, _new_wrapper(model, name, r, alpha, config),
+                     _new_adapter(model, name, r, alpha, config, adapter)))
     params = dict(model.named_parameters())
     extra_plan = []
     for name, value in extras.items():
@@ -815,35 +870,46 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
     # the new values first (layers to wrap, tensors in their parameters' dtypes), then every change through one
     # Transaction, which undoes them all if one fails: a failed load leaves the model as it was
     scaling = "rslora" if config.use_rslora else "alpha/rank"
-    staged, wrappers = [], {}
-    for name, lora_A, lora_B, magnitude, r, alpha, wrapper in plan:
+    staged, wrappers, new_adapters = [], {}, {}
+    for name, lora_A, lora_B, magnitude, r, alpha, wrapper, new_adapter in plan:
         module = model.get_submodule(name)
-        # one wrapper per layer object, also when the file names it under two of its names; the wrappers of plain
-        # layers were built in the checking pass (a base that cannot be wrapped raised there)
+        # one wrapper (one new adapter) per layer object, also when the file names it under two of its names; the
+        # wrappers of plain layers were built in the checking pass (a base that cannot be wrapped raised there)
         layer = wrappers.get(id(module)) or (wrapper if wrapper is not None else module)
         wrappers[id(module)] = layer
-        values = [(layer.lora.A, lora_A.t()), (layer.lora.B, lora_B.t())] \
+        if new_adapter is not None:
+            new_adapter = new_adapters.setdefault(id(module), new_adapter)
+        lora = new_adapter if new_adapter is not None else layer._adapter(adapter)
+        values = [(lora.A, lora_A.t()), (lora.B, lora_B.t())] \
             + ([(layer.m, magnitude)] if magnitude is not None else [])
-        staged.append((name, layer, [(p, Transaction.converted(p, v)) for p, v in values], r, alpha))
+        staged.append((name, layer, lora, new_adapter, [(p, Transaction.converted(p, v)) for p, v in values], r,
+                       alpha))
     extra_plan = [(param, Transaction.converted(param, value)) for param, value in extra_plan]
-    loaded = set()
+    loaded, attached = set(), set()
+    dropout = float(config.lora_dropout)
     with Transaction() as transaction:
-        for name, layer, values, r, alpha in staged:
+        for name, layer, lora, new_adapter, values, r, alpha in staged:
             current = model.get_submodule(name)
             if current is not layer and not isinstance(current, LinearWithLoRA):
                 # every place the layer is registered (a second name in one parent too): one wrapper everywhere
                 for parent, child in module_places(model, current):
                     transaction.setattr(parent, child, layer)
+            if new_adapter is not None and id(new_adapter) not in attached:
+                attached.add(id(new_adapter))
+                transaction.apply(lambda m=layer, lo=new_adapter: m._attach_adapter(adapter, lo, dropout))
             for param, value in values:
                 transaction.copy(param, value)
-            transaction.setattr(layer.lora, "alpha", alpha)
-            transaction.setattr(layer.lora, "scaling", scaling)
-            transaction.setattr(layer.lora, "scale", lora_scale(alpha, r, scaling))
-            transaction.setattr(layer, "dropout", float(config.lora_dropout))
+            transaction.setattr(lora, "alpha", alpha)
+            transaction.setattr(lora, "scaling", scaling)
+            transaction.setattr(lora, "scale", lora_scale(alpha, r, scaling))
+            if adapter == DEFAULT_ADAPTER:
+                transaction.setattr(layer, "dropout", dropout)
+            else:
+                transaction.setitem(layer._dropouts, adapter, dropout)
             loaded.add(name)
         for param, value in extra_plan:
             transaction.copy(param, value)
-    missing = sorted(set(_lora_modules(model)) - loaded)
+    missing = sorted(n for n, m in _lora_modules(model).items() if adapter in m.adapters and n not in loaded)
     if missing:
         warnings.warn(f"load_peft_adapter: {len(missing)} LoRA layers are not in the adapter and keep their "
                       f"weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}", stacklevel=2)
@@ -851,17 +917,22 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike]) ->
 
 
 def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_features: int,
-                  use_dora: bool = False) -> None:
-    """Raise ValueError unless ``name`` is a LinearWithLoRA of rank r (a LinearWithDoRA for DoRA) or a linear layer,
-    of these feature sizes."""
+                  use_dora: bool = False, adapter: str = DEFAULT_ADAPTER) -> None:
+    """Raise ValueError unless ``name`` is a LinearWithLoRA whose adapter ``adapter`` has rank r or is to be made
+    (a LinearWithDoRA for DoRA) or, for the default adapter, a linear layer, of these feature sizes."""
     try:
         module = model.get_submodule(name)
     except AttributeError:
         raise ValueError(f"adapter_dir: the adapter names module {name!r}, which is not in model") from None
+    named = "" if adapter == DEFAULT_ADAPTER else f" (adapter {adapter!r})"
+    if isinstance(module, LinearWithLoRA) and adapter != DEFAULT_ADAPTER and (
+            use_dora or isinstance(module, LinearWithDoRA)):
+        raise ValueError(f"adapter_dir: module {name!r}{named}: a DoRA {'adapter' if use_dora else 'layer'} holds "
+                         "one adapter, the default one")
     if isinstance(module, LinearWithLoRA):
-        if module.lora.rank != r:
-            raise ValueError(f"adapter_dir: module {name!r} has rank {r}, model's LinearWithLoRA has rank "
-                             f"{module.lora.rank}")
+        if adapter in module.adapters and module._adapter(adapter).rank != r:
+            raise ValueError(f"adapter_dir: module {name!r}{named} has rank {r}, model's LinearWithLoRA has rank "
+                             f"{module._adapter(adapter).rank}")
         if isinstance(module, LinearWithDoRA) != use_dora:
             raise ValueError(f"adapter_dir: the adapter has use_dora={use_dora}, model's module {name!r} is a "
                              f"{type(module).__name__}")
@@ -869,6 +940,10 @@ def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_fea
     elif id(module) in _inside_attention(model):
         raise ValueError(f"adapter_dir: module {name!r} is the out_proj of {_inside_attention(model)[id(module)]}, "
                          "whose forward reads its weight without calling it: a LoRA wrapper there would never run")
+    elif is_linear(module) and adapter != DEFAULT_ADAPTER:
+        raise ValueError(f"adapter_dir: module {name!r} is a plain {type(module).__name__}; adapter {adapter!r} "
+                         "loads into LinearWithLoRA layers (load the default adapter first, or "
+                         "replace_linear_with_lora)")
     elif is_linear(module):
         # nn.Linear's sizes from its attributes: a 4-bit Linear4bit's weight holds packed codes
         shape = tuple(module.weight.shape) if not isinstance(module, nn.Linear) \
@@ -879,6 +954,15 @@ def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_fea
     if shape != (in_features, out_features):
         raise ValueError(f"adapter_dir: module {name!r} has (in, out) = {shape}, the adapter's lora_A/lora_B "
                          f"give {(in_features, out_features)}")
+
+
+def _new_adapter(model: nn.Module, name: str, r: int, alpha: float, config, adapter: str):
+    """The LoRALayer that will be attached as ``adapter`` to the LinearWithLoRA at ``name`` (already checked by
+    _check_target), built without changing the model; None when the layer holds it (or is not wrapped)."""
+    module = model.get_submodule(name)
+    if not isinstance(module, LinearWithLoRA) or adapter in module.adapters:
+        return None
+    return module.new_adapter_layer(r, alpha, scaling="rslora" if config.use_rslora else "alpha/rank")
 
 
 def _new_wrapper(model: nn.Module, name: str, r: int, alpha: float, config) -> Optional[LinearWithLoRA]:

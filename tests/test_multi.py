@@ -574,15 +574,194 @@ def test_dora_layers_refuse_per_sample_adapters():
     assert not model[0]._forward_pre_hooks
 
 
-def test_added_adapters_left_out_of_lora_state_dict_are_named_as_such():
-    """lora_state_dict keeps the default adapter only (as yet): the warning names the added adapters' parameters
-    as such, not as non-adapter parameters to freeze."""
-    from lora_fast import lora_state_dict, mark_only_lora_as_trainable, replace_linear_with_lora
+def _model_with_adapters():
+    """(base, model): a frozen 16 -> 16 -> 6 MLP wrapped with the default adapter (rank 4, alpha 2), adapter "b"
+    (rank 2, alpha/rank, dropout 0.1) on both layers and "c" (rank 8, rslora) on the last one, every A and B
+    random and trainable."""
+    import copy
 
-    model = replace_linear_with_lora(torch.nn.Sequential(torch.nn.Linear(8, 8)), 2, 1.0)
-    model[0].add_adapter("b", 2, 1.0)
+    from lora_fast import mark_only_lora_as_trainable, replace_linear_with_lora
+
+    base = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 6))
+    model = replace_linear_with_lora(copy.deepcopy(base), 4, 2.0)
+    for layer in (model[0], model[2]):
+        layer.add_adapter("b", 2, 3.0, scaling="alpha/rank", dropout=0.1)
+    model[2].add_adapter("c", 8, 1.5, scaling="rslora")
     mark_only_lora_as_trainable(model)
-    with pytest.warns(UserWarning, match="added with add_adapter are not saved") as record:
-        state = lora_state_dict(model)
-    assert not any("mark_only_lora_as_trainable" in str(w.message) for w in record)
-    assert set(state) == {"0.lora.A", "0.lora.B"}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    return base, model.eval()
+
+
+def _same_adapters(ours, theirs, x, *, peft=False):
+    """Each adapter of ``ours`` (rank, alpha, scaling, scale, dropout) is in ``theirs`` with the same settings (through
+    PEFT's format: the same rank and scale, "alpha" scaling written as PEFT's alpha/rank), and the two models'
+    outputs are equal bit for bit with each adapter active and with a mixed batch."""
+    for a, b in ((ours[0], theirs[0]), (ours[2], theirs[2])):
+        assert b.adapters == a.adapters
+        for name in a.adapters:
+            la, lb = a.adapter(name), b.adapter(name)
+            fields = ("rank", "scale") if peft else ("rank", "alpha", "scaling", "scale")
+            assert [getattr(lb, f) for f in fields] == [getattr(la, f) for f in fields], name
+            assert b._adapter_dropout(name) == a._adapter_dropout(name), name
+    with torch.no_grad():
+        for name in ("default", "b", "c"):
+            for model in (ours, theirs):
+                for layer in (model[0], model[2]):
+                    layer.set_adapter(name if name in layer.adapters else "default")
+            assert torch.equal(ours(x), theirs(x)), name
+        names = ["c", "b", "__base__", "default", "c"]
+        assert torch.equal(ours[2](x, adapter_names=names), theirs[2](x, adapter_names=names))
+
+
+def test_save_and_load_each_adapter(tmp_path):
+    """save_lora / load_lora per adapter: the default adapter's file keeps the book's keys (and, unless asked for
+    by name, warns that the trained added adapters are not in it); each named one is saved under the same keys
+    and loaded into a fresh model, where it is created with the file's rank, alpha, scaling and dropout; outputs
+    bit for bit. Errors name the adapter and the layer."""
+    import copy
+    import warnings
+
+    from lora_fast import load_lora, load_lora_state_dict, lora_state_dict, save_lora
+
+    base, ours = _model_with_adapters()
+    with pytest.warns(UserWarning, match=r"trainable adapters b, c \(added with add_adapter\).*adapter_name"):
+        assert set(lora_state_dict(ours)) == {"0.lora.A", "0.lora.B", "2.lora.A", "2.lora.B"}
+        save_lora(ours, tmp_path / "default.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert set(lora_state_dict(ours, adapter_name="default")) == {"0.lora.A", "0.lora.B", "2.lora.A", "2.lora.B"}
+        state = lora_state_dict(ours, adapter_name="c")
+        assert list(state) == ["2.lora.A", "2.lora.B"] and state["2.lora.A"] is not ours[2].adapter("c").A
+        assert torch.equal(state["2.lora.A"], ours[2].adapter("c").A)
+        for name in ("b", "c"):
+            save_lora(ours, tmp_path / f"{name}.safetensors", adapter_name=name)
+        theirs = copy.deepcopy(base)
+        load_lora(theirs, tmp_path / "default.safetensors")        # wraps the plain layers
+        for name in ("b", "c"):
+            load_lora(theirs, tmp_path / f"{name}.safetensors", adapter_name=name)   # creates the adapter
+    _same_adapters(ours, theirs.eval(), torch.randn(5, 16))
+    # into an adapter that exists: the settings must agree (named), and a state dict loads into existing ones
+    with pytest.raises(ValueError, match=r"2: rank 8 in the file, 2 in the model's adapter 'b'"):
+        load_lora(theirs, tmp_path / "c.safetensors", adapter_name="b")
+    with torch.no_grad():
+        theirs[2].adapter("c").A.zero_()
+    load_lora_state_dict(theirs, state, adapter_name="c")
+    assert torch.equal(theirs[2].adapter("c").A, ours[2].adapter("c").A)
+    with pytest.raises(ValueError, match=r"layers without an adapter named 'c'.*: 0"):
+        load_lora_state_dict(theirs, lora_state_dict(ours, adapter_name="b"), adapter_name="c")
+    with pytest.raises(ValueError, match=r"no layer of the model holds an adapter named 'zz'; its adapters: "
+                                         r"\['default', 'b', 'c'\]"):
+        save_lora(ours, tmp_path / "zz.safetensors", adapter_name="zz")
+    with pytest.raises(ValueError, match="adapter_name: expected an adapter name"):
+        lora_state_dict(ours, adapter_name="__base__")
+
+
+def test_peft_format_per_adapter_both_ways(tmp_path):
+    """save_peft_adapter writes every adapter as PEFT's save_pretrained does (default in the folder, the others in
+    subfolders), which PEFT's own classes load with the same weights, scalings and dropouts; PEFT's
+    save_pretrained of that model loads back into a fresh lora-fast model (load_peft_adapter with adapter_name
+    creating each adapter) with outputs equal bit for bit."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from lora_fast import load_peft_adapter, save_peft_adapter
+
+    base, ours = _model_with_adapters()
+    save_peft_adapter(ours, tmp_path / "ours")
+    assert {p.relative_to(tmp_path / "ours").as_posix() for p in (tmp_path / "ours").rglob("*")} == {
+        "adapter_config.json", "adapter_model.safetensors", "b", "b/adapter_config.json",
+        "b/adapter_model.safetensors", "c", "c/adapter_config.json", "c/adapter_model.safetensors"}
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    for name in ("b", "c"):
+        peft_model.load_adapter(tmp_path / "ours" / name, adapter_name=name)
+    for i in (0, 2):
+        layer = peft_model.base_model.model[i]
+        assert sorted(layer.lora_A) == sorted(ours[i].adapters)
+        for name in ours[i].adapters:
+            lora = ours[i].adapter(name)
+            assert torch.equal(layer.lora_A[name].weight, lora.A.t()) and torch.equal(layer.lora_B[name].weight,
+                                                                                      lora.B.t())
+            assert layer.scaling[name] == pytest.approx(lora.scale, rel=1e-12)
+            dropout = layer.lora_dropout[name]
+            assert (dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0) == ours[i]._adapter_dropout(name)
+    peft_model.save_pretrained(tmp_path / "peft")
+    theirs = load_peft_adapter(copy.deepcopy(base), tmp_path / "peft")
+    for name in ("b", "c"):
+        load_peft_adapter(theirs, tmp_path / "peft" / name, adapter_name=name)
+    _same_adapters(ours, theirs.eval(), torch.randn(5, 16), peft=True)
+    with pytest.raises(ValueError, match=r"module '2' \(adapter 'b'\) has rank 8, model's LinearWithLoRA has rank 2"):
+        load_peft_adapter(theirs, tmp_path / "peft" / "c", adapter_name="b")
+    with pytest.raises(ValueError, match=r"selected_adapters: expected names of the model's adapters"):
+        save_peft_adapter(ours, tmp_path / "x", selected_adapters=["b", "zz"])
+
+
+def _snapshot_adapters(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, type(m), list(m._modules)) for n, m in model.named_modules()],
+            {n: dict(m.__dict__.get("_dropouts", {})) for n, m in model.named_modules()})
+
+
+def test_failed_adapter_load_leaves_the_model_as_it_was(tmp_path):
+    """A file whose tensor for one layer has the wrong shape: load_lora and load_peft_adapter into a new named
+    adapter raise naming that layer, and the model is as it was: no half-created adapter on the other layer."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    from lora_fast import (
+        load_lora,
+        load_peft_adapter,
+        lora_state_dict,
+        replace_linear_with_lora,
+        save_lora,
+        save_peft_adapter,
+    )
+
+    base, ours = _model_with_adapters()
+    save_lora(ours, tmp_path / "b.safetensors", adapter_name="b")
+    save_peft_adapter(ours, tmp_path / "peft", selected_adapters=["b"])
+    # the target holds the default adapter only, so "b" would be created by the load
+    target = replace_linear_with_lora(copy.deepcopy(base), 4, 2.0)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "b.safetensors", "pt") as f:
+        metadata = f.metadata()
+    bad = {k: v.clone() for k, v in lora_state_dict(ours, adapter_name="b").items()}
+    bad["2.lora.B"] = torch.zeros(2, 5)
+    save_file(bad, tmp_path / "bad.safetensors", metadata=metadata)
+    peft_file = tmp_path / "peft" / "b" / "adapter_model.safetensors"
+    tensors = load_file(peft_file)
+    tensors["base_model.model.2.lora_B.weight"] = torch.zeros(5, 2)
+    save_file(tensors, peft_file)
+    before = _snapshot_adapters(target)
+    with pytest.raises(ValueError, match=r"mis-shaped keys: 2\.lora\.B \(given \(2, 5\), model \(2, 6\)\)"):
+        load_lora(target, tmp_path / "bad.safetensors", adapter_name="b")
+    with pytest.raises(ValueError, match=r"module '2' has \(in, out\) = \(16, 6\), the adapter's lora_A/lora_B give "
+                                         r"\(16, 5\)"):
+        load_peft_adapter(target, tmp_path / "peft" / "b", adapter_name="b")
+    after = _snapshot_adapters(target)
+    assert after[1:] == before[1:] and after[0].keys() == before[0].keys()
+    assert all(torch.equal(after[0][k], v) for k, v in before[0].items())
+    assert all(layer.adapters == ["default"] and "loras" not in layer._modules for layer in (target[0], target[2]))
+
+
+def test_gpu_check_runs_the_multi_adapter_bench_with_valid_arguments():
+    """bench/gpu_check.sh (no GPU here to run it) is valid bash, and its bench.multi_adapter command line parses
+    with the bench's own parser into the short mode."""
+    import pathlib
+    import shlex
+    import subprocess
+
+    from bench import multi_adapter
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text().replace("\\\n", " ")
+    lines = [line for line in text.splitlines() if "python -m bench.multi_adapter" in line]
+    assert len(lines) == 1
+    words = shlex.split(lines[0].split("python -m bench.multi_adapter", 1)[1].split("2>&1")[0])
+    args = multi_adapter.parser().parse_args([w.replace("$OUT", "/tmp/out") for w in words])
+    assert args.short and not args.dry_run and args.out == "/tmp/out"

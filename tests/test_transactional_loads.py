@@ -171,3 +171,28 @@ def test_load_peft_adapter_is_transactional(inject, tmp_path):
     x = torch.randn(4, 8)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), theirs(x), rtol=0, atol=64 * 2.0**-24 * theirs(x).abs().max())
+
+
+def test_load_into_a_new_adapter_is_transactional(inject, tmp_path):
+    """load_lora and load_peft_adapter into a named adapter the layers do not hold yet (issue 30): a failure at any
+    write leaves no adapter half-created, on any layer."""
+    from lora_fast import load_peft_adapter, save_peft_adapter
+
+    base = _Net()
+    source = replace_linear_with_lora(copy.deepcopy(base), 2, 3.0, target_modules=["q", "v"])
+    for layer in (source.q, source.v):
+        layer.add_adapter("b", 3, 5.0, scaling="alpha/rank", dropout=0.1)
+    _perturb(mark_only_lora_as_trainable(source))
+    save_lora(source, tmp_path / "b.safetensors", adapter_name="b")
+    save_peft_adapter(source, tmp_path / "peft", selected_adapters=["b"])
+    x = torch.randn(4, 8)
+    for load in (lambda m: load_lora(m, tmp_path / "b.safetensors", adapter_name="b"),
+                 lambda m: load_peft_adapter(m, tmp_path / "peft" / "b", adapter_name="b")):
+        writes, model = _every_failure(lambda: replace_linear_with_lora(copy.deepcopy(base), 2, 3.0,
+                                                                        target_modules=["q", "v"]), load, inject)
+        assert writes >= 4
+        for m in (source, model):
+            m.q.set_adapter("b")
+            m.v.set_adapter("b")
+        with torch.no_grad():
+            assert torch.equal(model.eval()(x), source.eval()(x))
