@@ -329,7 +329,7 @@ def norm_block(R: int) -> dict:
 
 _one = dict(num_warps=4, num_stages=1)
 _wide_gemm = _Launcher(gemm_lowrank_kernel, wide_gemm_configs, ["M_BUCKET", "N", "K", "R"],
-                       dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=2)
+                       dict(configs.INTERP_GEMM, num_warps=4, num_stages=1), pointers=7, scalars=1)
 _norm = _Launcher(dora_norm_kernel, norm_configs, [], _one, pointers=6, scalars=1)
 _norm_4bit = _Launcher(dora_norm_4bit_kernel, norm_configs, [], _one, pointers=11, scalars=1)
 _scale = _Launcher(dora_scale_kernel, elementwise_configs, [], _one, pointers=7, scalars=0)
@@ -437,7 +437,7 @@ def _gemm_wide(P, weight, N, bias, S, B, scale, out):
         bias = bias.contiguous()
     _wide_gemm(grid, P, weight, bias if bias is not None else out, S, B, out, out,
                M, N, K, R, _m_bucket(M), P.stride(0), P.stride(1), q_strides[0], q_strides[1], S.stride(0),
-               S.stride(1), B.stride(0), B.stride(1), out.stride(0), out.stride(1), float(scale), 0.0,
+               S.stride(1), B.stride(0), B.stride(1), out.stride(0), out.stride(1), 0, float(scale),
                BLOCK_R=configs.block_r(R), HAS_BIAS=bias is not None, HAS_DROPOUT=False,
                DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
                device=P.device, dtype=P.dtype)
