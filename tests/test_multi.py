@@ -397,6 +397,10 @@ def test_layer_errors_and_merge_refused_by_name(device):
         layer.add_adapter("b", 2, 1.0)
     with pytest.raises(ValueError, match="no adapter named 'zz'"):
         layer.set_adapter(["b", "zz"])
+    with pytest.raises(TypeError, match="adapter_name: expected an adapter name .str. or a list of them, got int"):
+        layer.set_adapter(3)
+    with pytest.raises(ValueError, match="adapter_name: expected an adapter name or a non-empty list"):
+        layer.set_adapter([])
     with pytest.raises(ValueError, match="'default' adapter is the layer's own"):
         layer.delete_adapter("default")
     with pytest.raises(ValueError, match="no adapter named 'zz'"):
