@@ -333,8 +333,9 @@ def save_lora(model: nn.Module, path: PathLike, *, adapter_name: Optional[str] =
     or an unwritable path.
     """
     adapter = check_adapter_name(DEFAULT_ADAPTER if adapter_name is None else adapter_name, "save_lora")
-    tensors = {k: v.contiguous() for k, v in lora_state_dict(model, adapter_name=adapter_name).items()}
+    # the holding layers first, so an adapter no layer holds is reported as save_lora's error
     layers = {name: _config(layer, adapter) for name, layer in _holding(model, adapter, "save_lora")}
+    tensors = {k: v.contiguous() for k, v in lora_state_dict(model, adapter_name=adapter_name).items()}
     metadata = {"format": "pt", "lora_fast.format_version": FORMAT_VERSION,
                 "lora_fast.layers": json.dumps(layers, sort_keys=True)}
     if adapter != DEFAULT_ADAPTER:

@@ -372,10 +372,13 @@ class LinearWithLoRA(nn.Module):
 
     def set_adapter(self, adapter_name) -> None:
         """Make ``adapter_name`` (a name, or a list of names: their terms are summed, as PEFT does) the active
-        adapter(s) of this layer. Raises: TypeError / ValueError for an unknown name or an empty list;
-        RuntimeError on a merged layer (unmerge_lora first)."""
+        adapter(s) of this layer. Raises: TypeError for anything but a str or a list / tuple of str; ValueError for
+        an unknown name or an empty list; RuntimeError on a merged layer (unmerge_lora first)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name) \
             if isinstance(adapter_name, (list, tuple)) else None
+        if names is None:
+            raise TypeError(f"adapter_name: expected an adapter name (str) or a list of them, got "
+                            f"{type(adapter_name).__name__}")
         if not names:
             raise ValueError(f"adapter_name: expected an adapter name or a non-empty list of them, got "
                              f"{adapter_name!r}")

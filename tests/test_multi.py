@@ -397,6 +397,10 @@ def test_layer_errors_and_merge_refused_by_name(device):
         layer.add_adapter("b", 2, 1.0)
     with pytest.raises(ValueError, match="no adapter named 'zz'"):
         layer.set_adapter(["b", "zz"])
+    with pytest.raises(TypeError, match="adapter_name: expected an adapter name .str. or a list of them, got int"):
+        layer.set_adapter(3)
+    with pytest.raises(ValueError, match="adapter_name: expected an adapter name or a non-empty list"):
+        layer.set_adapter([])
     with pytest.raises(ValueError, match="'default' adapter is the layer's own"):
         layer.delete_adapter("default")
     with pytest.raises(ValueError, match="no adapter named 'zz'"):
@@ -652,8 +656,8 @@ def test_save_and_load_each_adapter(tmp_path):
     assert torch.equal(theirs[2].adapter("c").A, ours[2].adapter("c").A)
     with pytest.raises(ValueError, match=r"layers without an adapter named 'c'.*: 0"):
         load_lora_state_dict(theirs, lora_state_dict(ours, adapter_name="b"), adapter_name="c")
-    with pytest.raises(ValueError, match=r"no layer of the model holds an adapter named 'zz'; its adapters: "
-                                         r"\['default', 'b', 'c'\]"):
+    with pytest.raises(ValueError, match=r"^save_lora: adapter_name: no layer of the model holds an adapter named "
+                                         r"'zz'; its adapters: \['default', 'b', 'c'\]"):
         save_lora(ours, tmp_path / "zz.safetensors", adapter_name="zz")
     with pytest.raises(ValueError, match="adapter_name: expected an adapter name"):
         lora_state_dict(ours, adapter_name="__base__")
