@@ -582,9 +582,10 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
     adapter each, "default" in ``save_dir`` itself and any other in the subfolder ``save_dir/<name>``, each
     with the layers that hold it. Load one into PEFT with ``PeftModel.from_pretrained(base, folder,
     adapter_name=name)`` or ``peft_model.load_adapter(folder, adapter_name=name)``, into lora-fast with
-    ``load_peft_adapter(model, folder, adapter_name=name)``. Trained biases and ``modules_to_save`` are shared by
-    the adapters here, and are written into every adapter's file (PEFT keeps them per adapter). What follows
-    describes one adapter's folder.
+    ``load_peft_adapter(model, folder, adapter_name=name)``. Trained biases are shared by the adapters here and
+    written once, into the default adapter's folder (else the first selected adapter's), the other adapters'
+    configs saying ``bias="none"``: PEFT loads only one adapter with a bias. ``modules_to_save`` go into every
+    adapter's file (PEFT keeps them per adapter). What follows describes one adapter's folder.
 
     Files (PEFT's format, loadable with ``peft.PeftModel.from_pretrained(base_model, save_dir)`` where
     base_model is the model before replace_linear_with_lora): ``adapter_config.json`` written by PEFT's own
@@ -638,10 +639,14 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
     bias_mode, biases, saved_modules, left_out = _trainable_extras(model, layers, modules_to_save)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    # the trained biases are the model's, shared by its adapters: written once, into the default adapter's folder
+    # (else the first selected), the others saying bias "none": PEFT loads only one adapter with a bias
+    carrier = DEFAULT_ADAPTER if DEFAULT_ADAPTER in selected else selected[0]
     outputs = {adapter: _peft_adapter_files(layers, adapter, LoraConfig, dict(
-        bias=bias_mode, modules_to_save=modules_to_save or None, base_model_name_or_path=base_model_name_or_path))
-        for adapter in selected}
-    extras = {key: p.detach().contiguous().cpu() for key, p in {**biases, **saved_modules}.items()}
+        bias=bias_mode if adapter == carrier else "none", modules_to_save=modules_to_save or None,
+        base_model_name_or_path=base_model_name_or_path)) for adapter in selected}
+    saved_modules = {key: p.detach().contiguous().cpu() for key, p in saved_modules.items()}
+    biases = {key: p.detach().contiguous().cpu() for key, p in biases.items()}
     if left_out:
         warnings.warn(f"save_peft_adapter: {len(left_out)} trainable parameter(s) are neither adapters, biases nor "
                       f"in modules_to_save and are not saved: {left_out[:5]}{' ...' if len(left_out) > 5 else ''}",
@@ -655,6 +660,7 @@ def save_peft_adapter(model: nn.Module, save_dir: Union[str, os.PathLike], *,
             os.makedirs(target, exist_ok=True)
             config.save_pretrained(target)
             weights = os.path.join(target, ADAPTER_WEIGHTS_NAME)
+            extras = {**biases, **saved_modules} if adapter == carrier else saved_modules
             save_file({**tensors, **extras}, weights, metadata={"format": "pt"})
             give_mode(weights, os.path.join(os.fspath(save_dir), sub, ADAPTER_WEIGHTS_NAME))
 

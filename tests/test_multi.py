@@ -702,6 +702,42 @@ def test_peft_format_per_adapter_both_ways(tmp_path):
         save_peft_adapter(ours, tmp_path / "x", selected_adapters=["b", "zz"])
 
 
+def test_peft_format_with_trained_biases_loads_every_adapter_in_peft(tmp_path):
+    """Trained biases are the model's, shared by its adapters: written once, into the default adapter's folder, the
+    others' configs saying bias "none", so that PEFT (one adapter with a bias at most) loads every folder; the
+    PEFT model then gives lora-fast's outputs for each adapter, biases included."""
+    import copy
+    import json
+
+    peft = pytest.importorskip("peft")
+    from lora_fast import mark_only_lora_as_trainable, replace_linear_with_lora, save_peft_adapter
+
+    base = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    ours = replace_linear_with_lora(copy.deepcopy(base), rank=4, alpha=8, scaling="alpha/rank")
+    for layer in (ours[0], ours[2]):
+        layer.add_adapter("b", rank=8, alpha=16)
+    mark_only_lora_as_trainable(ours, bias="all")
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if ".B" in name or name.endswith("bias"):   # B starts at zero; random biases make the check see them
+                p.normal_()
+    save_peft_adapter(ours, tmp_path / "f")
+    configs = {name: json.loads((tmp_path / "f" / sub / "adapter_config.json").read_text())
+               for name, sub in (("default", ""), ("b", "b"))}
+    assert configs["default"]["bias"] == "lora_only" and configs["b"]["bias"] == "none"   # every bias is a LoRA layer's
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "f")
+    peft_model.load_adapter(tmp_path / "f" / "b", adapter_name="b")   # refused when both carried a bias
+    x = torch.randn(5, 16)
+    for name in ("default", "b"):
+        peft_model.set_adapter(name)
+        for layer in (ours[0], ours[2]):
+            layer.set_adapter(name)
+        with torch.no_grad():
+            want, got = ours.eval()(x), peft_model.eval()(x)
+        mag = want.abs().max()   # two 16-long reductions and a tanh: fp32 rounding of the largest output
+        assert (got - want).abs().max() <= 64 * torch.finfo(torch.float32).eps * mag, name
+
+
 def _snapshot_adapters(model):
     return ({k: v.clone() for k, v in model.state_dict().items()},
             [(n, type(m), list(m._modules)) for n, m in model.named_modules()],
