@@ -221,6 +221,23 @@ def _fused_adapter(module: nn.Module, x, args, kwargs) -> Optional[tuple]:
     return adapter, base, A, B, is_4bit, is_dora
 
 
+def _plain_adapter(module: nn.Module, adapter: str) -> Optional[tuple]:
+    """(lora_A, lora_B, lora_dropout) of a plain LoRA adapter of the layer (no variant, DoRA included; nn.Linear
+    lora_A / lora_B without bias or hooks; nn.Dropout or nn.Identity), or None: the adapters that the summed and
+    the mixed-batch paths fuse."""
+    if module.__dict__.get("lora_variant", {}).get(adapter) is not None \
+            or module.__dict__.get("use_dora", {}).get(adapter):
+        return None
+    lora_A = _submodule(module, "lora_A")._modules[adapter]
+    lora_B = _submodule(module, "lora_B")._modules[adapter]
+    dropout = _submodule(module, "lora_dropout")._modules[adapter]
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None \
+            or lora_B.bias is not None or type(dropout) not in (nn.Dropout, nn.Identity) \
+            or _has_hooks(lora_A) or _has_hooks(lora_B):
+        return None
+    return lora_A, lora_B, dropout
+
+
 def _summed_adapters(module: nn.Module, x, args, kwargs) -> Optional[tuple]:
     """(base, A (in, r1 + r2 + ...), B (r1 + r2 + ..., out), scale) for a call where PEFT's forward sums several
     active adapters' terms, base(x) + sum_a lora_B_a(lora_A_a(x)) * scaling_a: one fused call with the adapters
@@ -234,8 +251,7 @@ def _summed_adapters(module: nn.Module, x, args, kwargs) -> Optional[tuple]:
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or _autocast_on(x.device.type):
         return None
     active = _state(module, "_active_adapter", "active_adapter")
-    lora_As, lora_Bs = _submodule(module, "lora_A")._modules, _submodule(module, "lora_B")._modules
-    dropouts = _submodule(module, "lora_dropout")._modules
+    lora_As = _submodule(module, "lora_A")._modules
     active = [a for a in ([active] if isinstance(active, str) else active) if a in lora_As]
     if len(active) < 2:
         return None
@@ -245,16 +261,12 @@ def _summed_adapters(module: nn.Module, x, args, kwargs) -> Optional[tuple]:
     weight = base.weight
     As, Bs, scales = [], [], []
     for adapter in active:
-        if module.__dict__.get("lora_variant", {}).get(adapter) is not None \
-                or module.__dict__.get("use_dora", {}).get(adapter):
+        plain = _plain_adapter(module, adapter)
+        if plain is None:
             return None
-        lora_A, lora_B, dropout = lora_As[adapter], lora_Bs[adapter], dropouts[adapter]
-        if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None \
-                or lora_B.bias is not None or _has_hooks(lora_A) or _has_hooks(lora_B):
-            return None
-        if not (type(dropout) is nn.Identity or (type(dropout) is nn.Dropout
-                                                 and (dropout.p == 0 or not dropout.training))):
-            return None
+        lora_A, lora_B, dropout = plain
+        if type(dropout) is nn.Dropout and dropout.p != 0 and dropout.training:
+            return None   # each adapter's own mask: PEFT's forward
         As.append(lora_A.weight)
         Bs.append(lora_B.weight)
         scales.append(module.scaling[adapter])
@@ -296,17 +308,13 @@ def _mixed_batch_operands(module: nn.Module, x, args, kwargs):
     if not used:
         return None
     weight = base.weight
+    if _has_hooks(base):
+        return None
     for adapter in used:
-        if getattr(module, "lora_variant", {}).get(adapter) is not None or getattr(module, "use_dora", {}).get(adapter):
+        plain = _plain_adapter(module, adapter)
+        if plain is None:
             return None
-        lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
-        if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None \
-                or lora_B.bias is not None:
-            return None
-        if type(module.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
-            return None
-        if any(_has_hooks(m) for m in (base, lora_A, lora_B)):
-            return None
+        lora_A, lora_B, _ = plain
         A = lora_A.weight
         if x.dtype != weight.dtype or A.dtype not in (x.dtype, torch.float32) or A.dtype != lora_B.weight.dtype \
                 or A.dtype != module.lora_A[used[0]].weight.dtype:

@@ -143,6 +143,12 @@ def test_gemm_tiles_dequantize_bit_for_bit(dtype, case, path, device, monkeypatc
     N, R = 37, 3
     qweight, state = _quantize(N, K, dtype, *quant, device)
     weight = _dequantize(qweight, state)
+    _identity_probes(qweight, state, weight, N, K, R, dtype, device)
+
+
+def _identity_probes(qweight, state, weight, N, K, R, dtype, device):
+    """The 4-bit GEMM's forward and dX layouts against the layout's definition, bit for bit: x = I gives
+    deq(W)^T, dY = I gives deq(W) (B = 0: no low-rank term)."""
     A = torch.randn(K, R, device=device).to(dtype)
     B = torch.zeros(R, N, device=device).to(dtype)
     _same_bits(lora_linear_4bit(torch.eye(K, device=device).to(dtype), qweight, state, None, A, B, 1.0),

@@ -15,8 +15,8 @@ from lora_fast import select_backend
 bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit paths need bitsandbytes (extras: qlora, test)")
 
 from lora_fast.kernels import choice, ops_4bit  # noqa: E402
-from lora_fast.qlora import GEMM_4BIT_OPT_IN, Packed4bit, gemm_4bit_path, lora_linear_4bit  # noqa: E402
-from tests.test_qlora import _dequantize, _quantize, _same_bits, check_4bit_op  # noqa: E402
+from lora_fast.qlora import GEMM_4BIT_OPT_IN, Packed4bit, gemm_4bit_path  # noqa: E402
+from tests.test_qlora import _dequantize, _identity_probes, _quantize, check_4bit_op  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -64,13 +64,7 @@ def test_tma_tiles_dequantize_bit_for_bit(dtype, case, device, monkeypatch, tma_
     qweight, state = _quantize(N, K, dtype, *quant, device)
     weight = _dequantize(qweight, state)
     assert ops_4bit.absmax_box(Packed4bit.from_bitsandbytes(qweight, state)) == (4 if quant[1] == 32 else 0)
-    A = torch.randn(K, R, device=device).to(dtype)
-    B = torch.zeros(R, N, device=device).to(dtype)
-    _same_bits(lora_linear_4bit(torch.eye(K, device=device).to(dtype), qweight, state, None, A, B, 1.0),
-               weight.t().contiguous())
-    x = torch.randn(N, K, device=device).to(dtype).requires_grad_()
-    lora_linear_4bit(x, qweight, state, None, A, B, 1.0).backward(torch.eye(N, device=device).to(dtype))
-    _same_bits(x.grad, weight)
+    _identity_probes(qweight, state, weight, N, K, R, dtype, device)
     if _on_hopper_or_interpreted(device):
         assert tma_calls == [True, True, False], "the forwards and dX did not all run the TMA variant"
 
