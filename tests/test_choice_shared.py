@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lora_fast.kernels import choice
+from tests.utils import end_gloo_rank, spawn_gloo_ranks, write_atomically
 
 KERNELS = Path(choice.__file__).parent
 
@@ -160,10 +160,11 @@ def _rank(rank, world, init_file, cache_root, out_file):
         gathered = [None] * world
         dist.all_gather_object(gathered, got)
         if rank == 0:
-            with open(out_file, "w") as f:
-                json.dump(gathered, f)
-    finally:
+            write_atomically(gathered, out_file, lambda obj, path: Path(path).write_text(json.dumps(obj)))
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_gloo_rank()
 
 
 def test_ranks_of_one_job_agree():
@@ -171,7 +172,7 @@ def test_ranks_of_one_job_agree():
     every key they share, met in different orders; each rank's own file holds what the job agreed."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
-        mp.spawn(_rank, args=(2, os.path.join(tmp, "init"), tmp, out), nprocs=2, join=True)
+        spawn_gloo_ranks(_rank, (2, os.path.join(tmp, "init"), tmp, out), 2, [out])
         gathered = json.load(open(out))
         for rank in range(2):
             disk = json.loads(next(Path(tmp, str(rank)).glob("*.json")).read_text())

@@ -3,17 +3,15 @@ determinism, CUDA graphs, DistributedDataParallel."""
 
 import os
 import tempfile
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.utils.checkpoint
 from torch import nn
 
 from lora_fast import LinearWithLoRA, lora_linear, replace_linear_with_lora
-from tests.utils import assert_close, make_inputs
+from tests.utils import assert_close, end_gloo_rank, make_inputs, spawn_gloo_ranks, write_atomically
 
 
 def two_layer_model(device, dropout=0.0, seed=0):
@@ -151,12 +149,7 @@ def test_cuda_graph_capture_and_replay():
 
 
 def _distributed_worker(rank, world_size, init_file, x, out_dir):
-    """DDP, then FSDP2 (fully_shard), each on this rank's half of the batch; gradients saved for the parent.
-
-    The results are written (atomically) before the process group goes down, and the worker leaves with os._exit
-    after a barrier and destroy_process_group: gloo's teardown at interpreter exit has aborted (SIGABRT, "terminate
-    called without an active exception") on a loaded CI machine once, after both ranks had finished their work.
-    """
+    """DDP, then FSDP2 (fully_shard), each on this rank's half of the batch; gradients saved for the parent."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         shard = x.chunk(world_size)[rank]
@@ -173,31 +166,20 @@ def _distributed_worker(rank, world_size, init_file, x, out_dir):
         fully_shard(model)
         model(shard).square().mean().backward()
         fsdp_grads = [p.grad.full_tensor() for p in model.parameters() if p.requires_grad]
-        path = os.path.join(out_dir, f"{rank}.pt")
-        torch.save((ddp_grads, fsdp_grads), path + ".part")
-        os.replace(path + ".part", path)
+        write_atomically((ddp_grads, fsdp_grads), os.path.join(out_dir, f"{rank}.pt"), torch.save)
         del ddp, model
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
-    os._exit(0)
+        raise
+    end_gloo_rank()
 
 
 def test_ddp_and_fsdp2_gloo_two_processes():
-    """DDP and FSDP2 average the A/B gradients over ranks: equal to one process on the whole batch.
-
-    A worker killed by a signal after both ranks wrote their results (gloo's teardown, see _distributed_worker) is
-    reported as a warning, not a failure: the gradients it wrote are still checked below. Any other failure fails.
-    """
+    """DDP and FSDP2 average the A/B gradients over ranks: equal to one process on the whole batch."""
     x = torch.randn(16, 32)
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            mp.spawn(_distributed_worker, args=(2, os.path.join(tmp, "init"), x, tmp), nprocs=2, join=True)
-        except mp.ProcessExitedException as e:
-            written = all(os.path.exists(os.path.join(tmp, f"{r}.pt")) for r in range(2))
-            if not (written and e.signal_name):
-                raise
-            warnings.warn(f"a gloo worker died in teardown after writing its results: {e}", stacklevel=1)
+        spawn_gloo_ranks(_distributed_worker, (2, os.path.join(tmp, "init"), x, tmp), 2,
+                         [os.path.join(tmp, f"{r}.pt") for r in range(2)])
         rank0 = torch.load(os.path.join(tmp, "0.pt"))
         rank1 = torch.load(os.path.join(tmp, "1.pt"))
     model = two_layer_model("cpu")
