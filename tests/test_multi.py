@@ -117,6 +117,88 @@ def test_dropout_per_adapter(dtype, backend, device):
     assert not leaves[3].grad[3].any() and not leaves[4].grad[3].any()
 
 
+# the sorted variant (LORA_FAST_MULTI_ORDER=sorted): the cases above with n >= 2, and per-adapter dropout with an
+# adapter whose every element drops (n = 4), rows of -1 in every case
+SORTED_CASES = [c for c in CASES if len(c[3]) >= 2]
+
+
+@pytest.mark.parametrize("case", SORTED_CASES, ids=lambda c: f"n{len(c[3])}-{str(c[4])[6:]}")
+def test_sorted_rows_match_float64(case, monkeypatch, device):
+    """Rows visited in adapter order through the permutation: each row its own adapter's products, each
+    adapter's gradients from its rows only, against float64 (the bound of check_multi; dA and dB are summed in
+    another grouping than unsorted, which the fp32 accumulation term of the bound covers)."""
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "sorted")
+    lead, K, N, ranks, dtype, adapter_dtype, bias, empty = case
+    inputs = multi_inputs(lead, K, N, ranks, dtype, device, adapter_dtype=adapter_dtype, bias=bias)
+    idx = adapter_index(lead, len(ranks), device, empty=empty)
+    scales = [0.5 + a for a in range(len(ranks))]
+    scales[-1] = -scales[-1]
+    check_multi(inputs, scales, idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sorted_rows_with_dropout_per_adapter(dtype, monkeypatch, device):
+    """Sorted rows keep each row's own keep-mask (Philox on the row's original position): against float64
+    under the same seed, fp32 adapters on a 16-bit base; an adapter with p = 1 gets zero gradients."""
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "sorted")
+    inputs = multi_inputs((45,), 40, 24, (4, 8, 2, 3), dtype, device, adapter_dtype=torch.float32)
+    idx = adapter_index((45,), 4, device)
+    ps = [0.3, 0.0, 0.5, 1.0]
+    check_multi(inputs, [2.0, 1.0, -0.5, 3.0], idx, dropout_p=ps)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y = lora_linear_multi(*leaves, [2.0, 1.0, -0.5, 3.0], idx, dropout_p=ps)
+    y.sum().backward()
+    assert not leaves[3].grad[3].any() and not leaves[4].grad[3].any()
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_sorted_is_unsorted_bit_for_bit_where_tiles_agree(dropout_p, monkeypatch, device):
+    """A batch already grouped by adapter (rows of -1 first, as the stable sort puts them), each group a whole
+    number of the kernels' row blocks, one adapter empty: the permutation is the identity and every tile holds
+    the same rows in both variants, so y and all five gradients are bit for bit the unsorted variant's. (On a
+    mixed batch the per-row results y, dx are the same products in the same order, but the interpreter's dot
+    is the CPU's BLAS, whose rounding may depend on a row's position in the tile: not asserted there.)"""
+    from lora_fast.kernels import multi
+
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    blk = max(multi._proj_config(dtype)["BLOCK_M"], multi._gemm_config(dtype)["BLOCK_M"],
+              multi._reduce_config(dtype)["BLOCK_M"])
+    sizes = {-1: blk, 0: 2 * blk, 1: 0, 2: blk}   # adapter 1 empty
+    idx = torch.cat([torch.full((m,), a, dtype=torch.int64) for a, m in sizes.items()]).to(device)
+    inputs = multi_inputs(idx.shape, 40, 24, (4, 8, 2), dtype, device)
+    results = {}
+    for order in ("unsorted", "sorted"):
+        monkeypatch.setenv("LORA_FAST_MULTI_ORDER", order)
+        results[order] = _run(inputs, [1.5, -0.5, 2.0], idx, [dropout_p] * 3, 99, op=lora_linear_multi,
+                              dy=results["unsorted"][2] if results else None)
+    (y1, g1, _), (y2, g2, _) = results["unsorted"], results["sorted"]
+    assert torch.equal(y1, y2)
+    for name, t1, t2 in zip(("dx", "dW", "dbias", "dA", "dB"), g1, g2):
+        assert torch.equal(t1, t2), name
+
+
+def test_sort_rows_segments():
+    """sort_rows: a stable sort (rows of one adapter in their order), the segment starts of each adapter."""
+    from lora_fast.kernels import multi
+
+    idx = torch.tensor([2, -1, 0, 2, 0, -1, 2, 3])
+    sorted_idx, perm, seg = multi.sort_rows(idx, 5)
+    assert perm.tolist() == [1, 5, 2, 4, 0, 3, 6, 7]
+    assert sorted_idx.tolist() == [-1, -1, 0, 0, 2, 2, 2, 3]
+    assert seg.tolist() == [2, 4, 4, 7, 8, 8]   # adapter a at sorted positions seg[a] .. seg[a + 1]
+
+
+def test_unknown_multi_order(monkeypatch, device):
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "gathered")
+    inputs = multi_inputs((4,), 8, 5, (2, 2), torch.float32, device)
+    with pytest.raises(ValueError, match="LORA_FAST_MULTI_ORDER"):
+        lora_linear_multi(*inputs, 1.0, torch.zeros(4, dtype=torch.int64, device=device))
+
+
 @pytest.mark.parametrize("n", [1, 3])
 def test_second_order(n, monkeypatch, device):
     """A differentiable backward (create_graph=True) on the kernels' path is the reference maths on the saved
@@ -228,10 +310,13 @@ class _CountLaunches:
         return self.kernel[grid]
 
 
-def test_launches_and_saved_bytes_do_not_grow_with_n(monkeypatch, device):
+@pytest.mark.parametrize("order", ["unsorted", "sorted"])
+def test_launches_and_saved_bytes_do_not_grow_with_n(order, monkeypatch, device):
     """Kernels: 2 launches forward, 3 backward whatever n; saved for backward beyond the inputs: S (M, R) fp32,
-    the index, the (5, n) fp32 table of per-adapter constants; gradients deterministic."""
+    the index, the (5, n) fp32 table of per-adapter constants (sorted: also the sorted index, the permutation and
+    the (n + 1,) segment starts, int64); gradients deterministic."""
     monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", order)
     from lora_fast.kernels import multi
 
     launches = []
@@ -259,7 +344,8 @@ def test_launches_and_saved_bytes_do_not_grow_with_n(monkeypatch, device):
             assert len(launches) == 2
             y.square().sum().backward()
             assert len(launches) == 5, n
-            assert sum(saved) == M * R * 4 + idx.numel() * 8 + 5 * n * 4 + 8   # S, index, table, seed
+            rows = 2 * M * 8 + (n + 1) * 8 if order == "sorted" else 0
+            assert sum(saved) == M * R * 4 + idx.numel() * 8 + 5 * n * 4 + 8 + rows   # S, index, table, seed
             results.append([t.grad for t in leaves])
         for g1, g2 in zip(*results):
             assert torch.equal(g1, g2)
