@@ -19,17 +19,22 @@ from .functional import _autocast_enabled, _autocast_inputs, graph_gradients, se
 
 MULTI_BACKENDS = ("reference", "triton")
 # how the Triton path visits the rows (LORA_FAST_MULTI_ORDER): "unsorted" in their order, each tile looping over the
-# adapters present in it; "sorted" in adapter order through a permutation (issue 30, docs/multi-adapter.md)
+# adapters present in it; "sorted" in adapter order through a permutation (issue 30, docs/multi-adapter.md). The
+# default is "sorted": by bench/cost_model.py --adapters ... --order it never issues more low-rank dots than
+# unsorted and issues n times fewer on randomly interleaved batches (the bench's "mixed" rows), reads fewer index
+# bytes for n >= 2, and costs three small torch launches (the sort); no GPU has timed either (issue 30 item 1)
 MULTI_ORDERS = ("unsorted", "sorted")
+DEFAULT_ORDER = "sorted"
 
 
 def multi_order() -> str:
-    """How the multi-adapter kernels visit the rows: ``LORA_FAST_MULTI_ORDER``, "unsorted" (the default) or
-    "sorted" (a stable sort of adapter_index per call, three small torch launches, reused by the backward; a
-    tile then holds one or two adapters, and each adapter's gradient programs read its own rows only).
+    """How the multi-adapter kernels visit the rows: ``LORA_FAST_MULTI_ORDER``, "sorted" (the default: a stable
+    sort of adapter_index per call, three small torch launches, reused by the backward; a tile then holds one
+    adapter but at segment edges, and each adapter's gradient programs read its own rows only) or "unsorted"
+    (rows in their order, a tile looping over every adapter present in it).
     Both give each row exactly its own adapter's products; y, dx and S are bit for bit the same, dA and dB
     are summed in another grouping. Raises ValueError for another value."""
-    wanted = os.environ.get("LORA_FAST_MULTI_ORDER", "").strip().lower() or "unsorted"
+    wanted = os.environ.get("LORA_FAST_MULTI_ORDER", "").strip().lower() or DEFAULT_ORDER
     if wanted not in MULTI_ORDERS:
         raise ValueError(f"LORA_FAST_MULTI_ORDER: expected one of {MULTI_ORDERS}, got {wanted!r}")
     return wanted
@@ -128,7 +133,7 @@ class _MultiFunction(torch.autograd.Function):
     starts: nothing of size M x out_features, nothing that grows with n but the table and the segments."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, idx, scales, dropout_ps, seed, order="unsorted"):
+    def forward(ctx, x, weight, bias, A, B, idx, scales, dropout_ps, seed, order=DEFAULT_ORDER):
         from .kernels import multi
 
         x2d, y, y2d = _output(x, weight.shape[0])
@@ -183,7 +188,8 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         training: False (eval) applies no dropout.
 
     Backend: the reference path (torch ops) unless ``LORA_FAST_MULTI=triton`` (opt-in, see ``multi_backend``);
-    there, ``LORA_FAST_MULTI_ORDER=sorted`` visits the rows in adapter order (``multi_order``).
+    there the rows are visited in adapter order through a stable sort of adapter_index (``multi_order``;
+    ``LORA_FAST_MULTI_ORDER=unsorted``: in their own order).
     The index range is checked on the host (one device sync per call). Under torch.func transforms the
     reference path runs. With one adapter (n = 1) the result is bit for bit lora_linear's on either backend.
 

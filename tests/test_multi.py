@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lora_fast import lora_linear, lora_linear_multi, philox, reference
-from lora_fast.multi import multi_backend
+from lora_fast.multi import multi_backend, multi_order
 from tests.utils import assert_close, tolerance
 
 BACKENDS = ["reference", "triton"]
@@ -117,18 +117,21 @@ def test_dropout_per_adapter(dtype, backend, device):
     assert not leaves[3].grad[3].any() and not leaves[4].grad[3].any()
 
 
-# the sorted variant (LORA_FAST_MULTI_ORDER=sorted): the cases above with n >= 2, and per-adapter dropout with an
-# adapter whose every element drops (n = 4), rows of -1 in every case
-SORTED_CASES = [c for c in CASES if len(c[3]) >= 2]
+# the kernels' two row orders (LORA_FAST_MULTI_ORDER): the tests above run the default ("sorted": rows visited in
+# adapter order through a permutation); these run the other one on the cases with n >= 2 (n = 1 runs lora_linear's
+# kernels in either order), and per-adapter dropout with an adapter whose every element drops; rows of -1 in each
+OTHER_ORDER = "unsorted"
+ORDER_CASES = [c for c in CASES if len(c[3]) >= 2]
 
 
-@pytest.mark.parametrize("case", SORTED_CASES, ids=lambda c: f"n{len(c[3])}-{str(c[4])[6:]}")
-def test_sorted_rows_match_float64(case, monkeypatch, device):
-    """Rows visited in adapter order through the permutation: each row its own adapter's products, each
-    adapter's gradients from its rows only, against float64 (the bound of check_multi; dA and dB are summed in
-    another grouping than unsorted, which the fp32 accumulation term of the bound covers)."""
+@pytest.mark.parametrize("case", ORDER_CASES, ids=lambda c: f"n{len(c[3])}-{str(c[4])[6:]}")
+def test_other_row_order_matches_float64(case, monkeypatch, device):
+    """Each row its own adapter's products, each adapter's gradients from its rows only, against float64 in
+    the order the tests above do not run (the bound of check_multi; the two orders sum dA and dB in other fp32
+    blocks, which the accumulation term of the bound covers)."""
+    assert OTHER_ORDER != multi_order()
     monkeypatch.setenv("LORA_FAST_MULTI", "triton")
-    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "sorted")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", OTHER_ORDER)
     lead, K, N, ranks, dtype, adapter_dtype, bias, empty = case
     inputs = multi_inputs(lead, K, N, ranks, dtype, device, adapter_dtype=adapter_dtype, bias=bias)
     idx = adapter_index(lead, len(ranks), device, empty=empty)
@@ -137,12 +140,14 @@ def test_sorted_rows_match_float64(case, monkeypatch, device):
     check_multi(inputs, scales, idx)
 
 
+@pytest.mark.parametrize("order", ["unsorted", "sorted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sorted_rows_with_dropout_per_adapter(dtype, monkeypatch, device):
-    """Sorted rows keep each row's own keep-mask (Philox on the row's original position): against float64
-    under the same seed, fp32 adapters on a 16-bit base; an adapter with p = 1 gets zero gradients."""
+def test_row_orders_with_dropout_per_adapter(dtype, order, monkeypatch, device):
+    """Either order keeps each row's own keep-mask (Philox on the row's original position, read through the
+    permutation when sorted): against float64 under the same seed, fp32 adapters on a 16-bit base; an adapter
+    with p = 1 gets zero gradients."""
     monkeypatch.setenv("LORA_FAST_MULTI", "triton")
-    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "sorted")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", order)
     inputs = multi_inputs((45,), 40, 24, (4, 8, 2, 3), dtype, device, adapter_dtype=torch.float32)
     idx = adapter_index((45,), 4, device)
     ps = [0.3, 0.0, 0.5, 1.0]

@@ -9,15 +9,21 @@ Row m of x (M, K) uses adapter a = IDX[m] in [-1, n) (-1: the base layer alone),
               dA[a] = scale[a] keep_scale[a] * sum over rows of a of (keep ⊙ x)^T dS
               dB[a] = scale[a] * sum over rows of a of S^T dY          multi_reduce_kernel (one launch for both)
 
-Design (chosen for correctness in the time there was; UNMEASURED on any GPU, see docs/_pending/issue-30.md):
-the rows are neither sorted nor gathered. A tile of rows reads each adapter present in it once: the kernels loop
+Design (UNMEASURED on any GPU, see docs/_pending/issue-30.md). Rows are visited in one of two orders:
+"sorted" (the default, LORA_FAST_MULTI_ORDER): in adapter order through PERM, a stable sort of the index computed
+once per call on the host side with torch and reused by the backward; a tile of BLOCK_M sorted positions reads and
+writes the rows PERM[pos] in place (x, y, dx are never copied) and holds one adapter but at segment edges, and each
+adapter's gradient programs walk its own segment only. "unsorted": rows in their own order. Either way a tile of
+rows reads each adapter present in it once: the kernels loop
 over the adapters from the tile's smallest to its largest index, skip those with no row in the tile, and add
 ``dot(rows of a, operand of a)`` into one fp32 accumulator with the other rows zeroed, so each row receives
 exactly its own adapter's products (the others add exact zeros). A batch grouped by adapter (PEFT's
 ``adapter_names`` batches usually are) costs about one dot per tile like lora_linear; a fully mixed tile costs
 one narrow dot per adapter present. The per-adapter gradients are reduced by one program per (block of columns,
-adapter), which walks every row block in order and skips blocks without its adapter: deterministic (no atomics,
-no scratch), but its parallelism is (columns / BLOCK) x n programs and a mixed batch is re-read per adapter.
+adapter), which walks every row block in order and skips blocks without its adapter (unsorted), or its segment of
+sorted positions from its start (sorted): deterministic (no atomics, no scratch) either way; its parallelism is
+(columns / BLOCK) x n programs. Per row, y, S, dS and dx are the same products in the same order in both orders;
+dA and dB sum the same rows in the same order but in other fp32 blocks (sorted blocks start at the segment).
 Five launches per step (2 forward, 3 backward), as lora_linear at ranks below 32, whatever n.
 
 Each kernel keeps the numerics of its single-adapter counterpart (kernels/gemm.py, kernels/lowrank.py): fp32
