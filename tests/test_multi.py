@@ -831,6 +831,78 @@ def test_peft_format_with_trained_biases_loads_every_adapter_in_peft(tmp_path):
         assert (got.double() - want).abs().max() <= 64 * torch.finfo(torch.float32).eps * mag, name
 
 
+def test_named_adapter_load_wraps_plain_layers(tmp_path):
+    """load_lora / load_peft_adapter of a named adapter into a model whose layers are plain nn.Linear: the layers
+    the file names are wrapped (PEFT's load_adapter wraps the layers it names), their default adapter untrained
+    (B = 0: the model computes what it did, bit for bit on this CPU's reference path), the named adapter created
+    with the file's weights and settings, not activated; set_adapter gives the saving model's outputs. A failed
+    load (a mis-shaped tensor on the second layer) leaves the plain model as it was."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    from lora_fast import (
+        LinearWithLoRA,
+        load_lora,
+        load_peft_adapter,
+        replace_linear_with_lora,
+        save_lora,
+        save_peft_adapter,
+    )
+
+    base, ours = _model_with_adapters()
+    save_lora(ours, tmp_path / "b.safetensors", adapter_name="b")
+    save_peft_adapter(ours, tmp_path / "peft", selected_adapters=["b"])
+    x = torch.randn(5, 16)
+    for load in (lambda m: load_lora(m, tmp_path / "b.safetensors", adapter_name="b"),
+                 lambda m: load_peft_adapter(m, tmp_path / "peft" / "b", adapter_name="b")):
+        theirs = copy.deepcopy(base)
+        load(theirs)
+        for i in (0, 2):
+            layer = theirs[i]
+            assert isinstance(layer, LinearWithLoRA) and layer.linear is not base[i]
+            assert layer.adapters == ["default", "b"] and layer.active_adapters == ["default"]
+            assert not layer.lora.B.any()
+            want, got = ours[i].adapter("b"), layer.adapter("b")
+            assert torch.equal(got.A, want.A) and torch.equal(got.B, want.B)
+            assert got.rank == want.rank and got.scale == pytest.approx(want.scale, rel=1e-12)
+            assert layer._adapter_dropout("b") == ours[i]._adapter_dropout("b") and layer.dropout == 0.0
+        with torch.no_grad():
+            # what replace_linear_with_lora's wrapping computes (a zero LoRA term), bit for bit, and the plain
+            # model's function within fp32 rounding (two 16-long reductions and a tanh)
+            assert torch.equal(theirs.eval()(x), replace_linear_with_lora(copy.deepcopy(base), 4, 2.0).eval()(x))
+            want = copy.deepcopy(base).double()(x.double())
+            assert (theirs(x).double() - want).abs().max() <= 64 * torch.finfo(torch.float32).eps * want.abs().max()
+            for model in (ours, theirs):
+                for i in (0, 2):
+                    model[i].set_adapter("b")
+            assert torch.equal(theirs(x), ours(x))
+            for i in (0, 2):
+                ours[i].set_adapter("default")
+    # a failed load: the second layer's tensor mis-shaped; nothing wrapped, nothing changed
+    lora_file = load_file(tmp_path / "b.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "b.safetensors", "pt") as f:
+        metadata = f.metadata()
+    lora_file["2.lora.B"] = torch.zeros(2, 5)
+    save_file(lora_file, tmp_path / "bad.safetensors", metadata=metadata)
+    peft_file = tmp_path / "peft" / "b" / "adapter_model.safetensors"
+    tensors = load_file(peft_file)
+    tensors["base_model.model.2.lora_B.weight"] = torch.zeros(5, 2)
+    save_file(tensors, peft_file)
+    plain = copy.deepcopy(base)
+    before = _snapshot_adapters(plain)
+    with pytest.raises(ValueError, match=r"mis-shaped keys: 2\.lora\.B"):
+        load_lora(plain, tmp_path / "bad.safetensors", adapter_name="b")
+    with pytest.raises(ValueError, match=r"module '2' has \(in, out\) = \(16, 6\)"):
+        load_peft_adapter(plain, tmp_path / "peft" / "b", adapter_name="b")
+    after = _snapshot_adapters(plain)
+    assert after[1:] == before[1:] and after[0].keys() == before[0].keys()
+    assert all(torch.equal(after[0][k], v) for k, v in before[0].items())
+    assert all(type(m) is type(b) for m, b in zip(plain, base))
+
+
 def _snapshot_adapters(model):
     return ({k: v.clone() for k, v in model.state_dict().items()},
             [(n, type(m), list(m._modules)) for n, m in model.named_modules()],
