@@ -202,12 +202,13 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
     if kernel == "dequant_4bit":
         return [dict(NESTED=False), dict(NESTED=True)]
     # the multi-adapter kernels, unsorted then sorted (MULTI_FWD: the forward's operand layout; else the backward's)
-    if kernel == "multi_proj":    # S = dropout(x) A[idx] (fp32 adapters on a 16-bit base: Q_FP32)
-        return [dict(HAS_DROPOUT=d, SORTED=o, **({"Q_FP32": True} if d else {}))
-                for d in (False, True) for o in (False, True)]
-    if kernel == "multi_gemm":    # the forward (bias, no mask) and dX (the mask regenerated, fp32 A on 16-bit)
-        return [dict(MULTI_FWD=f, HAS_BIAS=f, HAS_DROPOUT=not f, SORTED=o, **({} if f else {"Q_FP32": True}))
-                for f in (True, False) for o in (False, True)]
+    # (the heaviest last: with dropout and fp32 adapters on a 16-bit base, Q_FP32; fp32 rows drop the Q_FP32 ones)
+    if kernel == "multi_proj":    # S = dropout(x) A[idx]
+        return [dict(HAS_DROPOUT=d, SORTED=o, **({"Q_FP32": True} if q else {}))
+                for d, q in ((False, False), (True, False), (True, True)) for o in (False, True)]
+    if kernel == "multi_gemm":    # the forward (bias, no mask) and dX (the mask regenerated; fp32 A on 16-bit)
+        return [dict(MULTI_FWD=f, HAS_BIAS=f, HAS_DROPOUT=not f, SORTED=o, **({"Q_FP32": True} if q else {}))
+                for f, q in ((True, False), (False, False), (False, True)) for o in (False, True)]
     if kernel == "multi_reduce":  # dA (with the mask) and dB in one launch
         return [dict(HAS_DROPOUT=d, SORTED=o) for d in (False, True) for o in (False, True)]
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -251,8 +252,8 @@ def launch_configs(kernel: str, flags: dict, capability, dtype, rank: int = 16) 
 
         factory = {"multi_proj": multi._proj_config, "multi_gemm": multi._gemm_config,
                    "multi_reduce": multi._reduce_config}[kernel]
-        c = dict(factory(dtype, flags.get("HAS_DROPOUT", False), cfg.block_r(rank)) if kernel == "multi_gemm"
-                 else factory(dtype))
+        c = dict(factory(dtype, flags.get("HAS_DROPOUT", False), cfg.block_r(rank), gpu=True)
+                 if kernel == "multi_gemm" else factory(dtype, gpu=True))
         return [triton.Config(c, num_warps=c.pop("num_warps"), num_stages=c.pop("num_stages"))]
     if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when it regenerates a keep-mask
         return cfg.gemm_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))

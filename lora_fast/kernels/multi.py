@@ -311,14 +311,16 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _proj_config(dtype):
-    if _interpreted():
+# each config function: the GPU tile, or the interpreter's (``gpu=None``: as this process runs the kernels; the
+# compile report asks for the GPU's from a process that interprets them)
+def _proj_config(dtype, *, gpu=None):
+    if not (gpu if gpu is not None else not _interpreted()):
         return dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1)
     return dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2)
 
 
-def _gemm_config(dtype, dropout: bool = False, block_r: int = 16):
-    if _interpreted():
+def _gemm_config(dtype, dropout: bool = False, block_r: int = 16, *, gpu=None):
+    if not (gpu if gpu is not None else not _interpreted()):
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
@@ -329,8 +331,8 @@ def _gemm_config(dtype, dropout: bool = False, block_r: int = 16):
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _reduce_config(dtype):
-    if _interpreted():
+def _reduce_config(dtype, *, gpu=None):
+    if not (gpu if gpu is not None else not _interpreted()):
         return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=1)
     return dict(BLOCK_M=64, BLOCK_C=64, num_warps=4, num_stages=2)
 
