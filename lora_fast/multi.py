@@ -209,11 +209,11 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         x, weight, bias, A, B = _autocast_inputs(x, weight, bias, A, B)
     scales, dropout_ps = check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout_p)
     check_training(training)
+    order = multi_order()   # checked on either backend: a wrong value is never ignored
     if multi_backend(x) == "reference" or x.numel() == 0 or weight.shape[0] == 0 \
             or torch._C._are_functorch_transforms_active():
         return reference.lora_linear_multi(x, weight, bias, A, B, scales, adapter_index, dropout_p=dropout_ps,
                                            training=training)
-    order = multi_order()
     ps = [p if training else 0.0 for p in dropout_ps]
     # drawn on x's device as lora_linear and the reference draw it (only when some adapter drops)
     seed = reference.draw_seed(x.device) if any(p > 0 for p in ps) else None

@@ -196,8 +196,8 @@ def test_sort_rows_segments():
     assert seg.tolist() == [2, 4, 4, 7, 8, 8]   # adapter a at sorted positions seg[a] .. seg[a + 1]
 
 
-def test_unknown_multi_order(monkeypatch, device):
-    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+def test_unknown_multi_order(backend, monkeypatch, device):
+    """A wrong LORA_FAST_MULTI_ORDER raises on either backend (never ignored)."""
     monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "gathered")
     inputs = multi_inputs((4,), 8, 5, (2, 2), torch.float32, device)
     with pytest.raises(ValueError, match="LORA_FAST_MULTI_ORDER"):
