@@ -901,6 +901,16 @@ def test_named_adapter_load_wraps_plain_layers(tmp_path):
     assert after[1:] == before[1:] and after[0].keys() == before[0].keys()
     assert all(torch.equal(after[0][k], v) for k, v in before[0].items())
     assert all(type(m) is type(b) for m, b in zip(plain, base))
+    # a DoRA file is a layer's one adapter: refused by name as a named adapter, the plain model untouched
+    dora = replace_linear_with_lora(copy.deepcopy(base), 4, 2.0, use_dora=True)
+    save_lora(dora, tmp_path / "dora.safetensors")
+    save_peft_adapter(dora, tmp_path / "dora_peft")
+    with pytest.raises(ValueError, match=r"0: a DoRA file holds one adapter, so it cannot take adapter 'b'"):
+        load_lora(plain, tmp_path / "dora.safetensors", adapter_name="b")
+    with pytest.raises(ValueError, match=r"module '0' \(adapter 'b'\): a DoRA adapter"):
+        load_peft_adapter(plain, tmp_path / "dora_peft", adapter_name="b")
+    after = _snapshot_adapters(plain)
+    assert after[1:] == before[1:] and all(torch.equal(after[0][k], v) for k, v in before[0].items())
 
 
 def _snapshot_adapters(model):
