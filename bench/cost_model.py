@@ -435,6 +435,108 @@ def multi_bound(impl: str, n: int, mode: str, M: int, K: int, N: int, r: int, dt
     return sum(k.time(gemm_flops_per_s, copy_bytes_per_s) + launch_s for k in passes)
 
 
+# --- rows unsorted or sorted by adapter (issue 30 item 1) --------------------------------------------------------
+# kernels/multi.py's GPU tiles (its _proj_config, _gemm_config (16-bit), _reduce_config): rows per tile of the
+# projection, of the GEMM and of the gradient reduction, and the column widths they step over
+MULTI_BLOCKS = dict(proj_m=64, proj_k=64, gemm_m=128, gemm_n=128, gemm_k=32, reduce_m=64, reduce_c=64)
+MULTI_BATCHES = ("even", "uneven", "random")
+
+
+def multi_batch_index(kind: str, M: int, n: int, seed: int = 0) -> List[int]:
+    """The adapter of each of M rows: "even" (M / n rows each, grouped by adapter), "uneven" (adapter a's share
+    proportional to 2**-a, grouped: bench/multi_adapter.py's splits) or "random" (the even split shuffled with
+    random.Random(seed): rows interleaved at random). Raises ValueError for another kind or n < 1."""
+    import random
+
+    if n < 1:
+        raise ValueError(f"n: expected at least one adapter, got {n}")
+    if kind not in MULTI_BATCHES:
+        raise ValueError(f"kind: expected one of {MULTI_BATCHES}, got {kind!r}")
+    if kind == "uneven":
+        weights = [2.0**-a for a in range(n)]
+        counts = [int(M * w / sum(weights)) for w in weights]
+        counts[0] += M - sum(counts)
+    else:
+        counts = [M // n + (a < M % n) for a in range(n)]
+    idx = [a for a, c in enumerate(counts) for _ in range(c)]
+    if kind == "random":
+        random.Random(seed).shuffle(idx)
+    return idx
+
+
+def adapters_per_tile(idx: Sequence[int], block_m: int) -> List[int]:
+    """How many distinct adapters (>= 0; -1 rows add none) each tile of ``block_m`` consecutive rows holds."""
+    return [len({a for a in idx[t:t + block_m] if a >= 0}) for t in range(0, len(idx), block_m)]
+
+
+def multi_order_costs(idx: Sequence[int], n: int, K: int, N: int, r: int, dtype: str = "bfloat16", *,
+                      order: str = "unsorted", blocks: Optional[dict] = None) -> Dict[str, dict]:
+    """The low-rank work of one training step of lora_linear_multi's kernels for this row index, counted from
+    the index itself (not a formula of n): per pass, ``dots`` (tensor-core tile products tl.dot issues for the
+    low-rank operands; a tile loops over the adapters present in it, one dot each), ``flops`` (2 m n k of those
+    dots, zero rows included: what the tensor cores execute), ``adapter_bytes`` (A or B tiles read: each tile
+    reads the operand of every adapter present in it) and ``index_bytes`` (int64 index, permutation and
+    segment starts read). The base GEMM's dots are the same in both orders and not counted here.
+
+    order "unsorted": tiles of consecutive rows; "sorted": tiles of the rows in adapter order (a stable sort),
+    and each adapter's gradient programs walk its own segment only, in blocks from its start, instead of every
+    row block; plus "sort": the sort's own pass (reads the index, writes the sorted index and the permutation,
+    three launches: sort, bincount, cumsum; a radix sort's passes over the keys are not modelled: a lower bound).
+
+    Passes: "S" (x A[idx], forward), "dS" (dY B[idx]^T), "y term" (S B[idx] in the forward GEMM), "dX term"
+    (dS A[idx]^T in the dX GEMM), "dA dB" (the per-adapter reduction). Raises ValueError."""
+    if order not in ("unsorted", "sorted"):
+        raise ValueError(f"order: expected 'unsorted' or 'sorted', got {order!r}")
+    if dtype not in ELEMENT_BYTES:
+        raise ValueError(f"dtype: expected one of {sorted(ELEMENT_BYTES)}, got {dtype!r}")
+    if any(a < -1 or a >= n for a in idx):
+        raise ValueError(f"idx: expected values in [-1, {n})")
+    bl = dict(MULTI_BLOCKS, **(blocks or {}))
+    e = ELEMENT_BYTES[dtype]
+    br = max(16, 1 << (r - 1).bit_length())   # configs.block_r: the rank padded to a power of two, at least 16
+    M = len(idx)
+    rows = sorted(idx) if order == "sorted" else list(idx)   # Python's sort is stable; only the values matter
+    perm = 8 if order == "sorted" else 0   # bytes of the permutation read per row visited
+
+    def cdiv(a, b):
+        return -(-a // b)
+
+    out = {}
+    proj = adapters_per_tile(rows, bl["proj_m"])
+    for name, width in (("S", K), ("dS", N)):
+        steps = cdiv(width, bl["proj_k"])
+        out[name] = dict(dots=sum(proj) * steps, flops=2.0 * sum(proj) * steps * bl["proj_m"] * bl["proj_k"] * br,
+                         adapter_bytes=sum(proj) * width * r * e, index_bytes=M * (8 + perm), tiles=len(proj))
+    gemm = adapters_per_tile(rows, bl["gemm_m"])
+    for name, width in (("y term", N), ("dX term", K)):
+        cols = cdiv(width, bl["gemm_n"])
+        out[name] = dict(dots=sum(gemm) * cols, flops=2.0 * sum(gemm) * cols * bl["gemm_m"] * br * bl["gemm_n"],
+                         adapter_bytes=sum(gemm) * r * width * e, index_bytes=M * (8 + perm) * cols,
+                         tiles=len(gemm) * cols)
+    col_blocks = cdiv(K, bl["reduce_c"]) + cdiv(N, bl["reduce_c"])
+    if order == "unsorted":
+        # program (column block, a) walks every row block, reads its index, and dots those holding a row of a
+        blocks_with = sum(sum(1 for t in range(0, M, bl["reduce_m"]) if a in idx[t:t + bl["reduce_m"]])
+                          for a in range(n))
+        index_bytes = n * col_blocks * M * 8
+    else:
+        counts = [sum(1 for v in idx if v == a) for a in range(n)]
+        blocks_with = sum(cdiv(c, bl["reduce_m"]) for c in counts)
+        index_bytes = col_blocks * (2 * n * 8 + (M - counts_base(idx)) * 8)   # segment bounds, permutation
+    out["dA dB"] = dict(dots=blocks_with * col_blocks,
+                        flops=2.0 * blocks_with * col_blocks * bl["reduce_m"] * bl["reduce_c"] * br,
+                        adapter_bytes=0, index_bytes=index_bytes, tiles=n * col_blocks)
+    if order == "sorted":
+        out["sort"] = dict(dots=0, flops=0.0, adapter_bytes=0, index_bytes=M * 8 + 2 * M * 8 + (n + 1) * 8,
+                           tiles=0, launches=3)
+    return out
+
+
+def counts_base(idx: Sequence[int]) -> int:
+    """Rows of adapter -1 (the base layer alone)."""
+    return sum(1 for v in idx if v < 0)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """python -m bench.cost_model: the ideal bound and the adjusted estimate side by side, per implementation."""
     parser = argparse.ArgumentParser(prog="python -m bench.cost_model", description=main.__doc__.split(": ", 1)[1])
@@ -457,6 +559,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--adapters", type=int, nargs="*", default=[],
                         help="also print a training step of this many adapters in one batch (issue 30: "
                              "lora_linear_multi, PEFT's adapter_names loop, n separate lora_linear steps)")
+    parser.add_argument("--order", action="store_true",
+                        help="with --adapters: the low-rank dots and bytes of lora_linear_multi's kernels with rows "
+                             "unsorted and sorted by adapter, for an even, an uneven and a randomly interleaved "
+                             "batch (issue 30 item 1)")
     args = parser.parse_args(argv)
     assume = Assumptions(args.gemm_fraction, args.launch_us * 1e-6, args.mask, args.philox_ps * 1e-12)
     rates = (args.gemm_tflops * 1e12, args.copy_tbs * 1e12)
@@ -485,7 +591,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 t = multi_bound(impl, count, "full", *shape, *rates, sms=args.sms, launch_s=assume.launch_s)
                 launches = sum(len(v) for v in multi_kernels(impl, count, *shape, sms=args.sms).values())
                 print(f"  n={count:<3} {impl:<20} {t * 1e6:9.1f} us  {t / one:6.3f}  {launches:5d} launches")
+    if args.adapters and args.order:
+        print(order_table(args.adapters, args.M, args.K, args.N, args.rank, args.dtype,
+                          args.gemm_tflops * 1e12, args.copy_tbs * 1e12))
     return 0
+
+
+def order_table(ns: Sequence[int], M: int, K: int, N: int, r: int, dtype: str, gemm_flops_per_s: float,
+                copy_bytes_per_s: float) -> str:
+    """The text of ``--order``: per batch kind, n and order, the low-rank dots per tile of the forward GEMM and
+    of S, the dots of the whole step, the extra tensor-core work relative to the base GEMMs' (forward and dX),
+    and the adapter and index bytes; base GEMM dots per output tile for comparison."""
+    bl = MULTI_BLOCKS
+    base_dots_per_tile = -(-K // bl["gemm_k"])
+    base_flops = 2 * 2.0 * M * N * K
+    lines = [f"rows unsorted / sorted by adapter (M={M}, {K}x{N}, r={r}, {dtype}; base GEMM: {base_dots_per_tile} "
+             f"dots per {bl['gemm_m']}x{bl['gemm_n']} output tile; counted from each batch's index)",
+             f"  {'batch':<7} {'n':>3} {'order':<9} {'y dots/tile':>11} {'S dots/tile':>11} {'step dots':>10} "
+             f"{'extra MMA %':>11} {'adapter MB':>10} {'index MB':>9} {'launches':>8}"]
+    for kind in MULTI_BATCHES:
+        for n in ns:
+            idx = multi_batch_index(kind, M, n)
+            for order in ("unsorted", "sorted"):
+                c = multi_order_costs(idx, n, K, N, r, dtype, order=order)
+                lowrank_flops = sum(v["flops"] for v in c.values())
+                lines.append(
+                    f"  {kind:<7} {n:>3} {order:<9} {c['y term']['dots'] / c['y term']['tiles']:11.2f} "
+                    f"{c['S']['dots'] / c['S']['tiles']:11.2f} {sum(v['dots'] for v in c.values()):10d} "
+                    f"{100 * lowrank_flops / base_flops:11.2f} "
+                    f"{sum(v['adapter_bytes'] for v in c.values()) / 1e6:10.2f} "
+                    f"{sum(v['index_bytes'] for v in c.values()) / 1e6:9.2f} "
+                    f"{5 + sum(v.get('launches', 0) for v in c.values()):8d}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -404,11 +404,14 @@ def load_lora(model: nn.Module, path: PathLike, *, strict: bool = True,
     """Load a file written by ``save_lora`` into the model's adapter ``adapter_name`` ("default": the layers' own),
     in place.
 
-    A named adapter (``adapter_name`` other than "default") loads into LinearWithLoRA layers only: where a
-    layer the file names already holds it, its rank, alpha and scaling must be the file's; where it does not,
-    it is created with the file's rank, alpha, scaling and dropout (PEFT's ``load_adapter``), on the default
-    adapter's device and dtype, not activated (``set_adapter``). A plain layer, a LinearWithDoRA (one adapter)
-    or a DoRA file cannot take a named adapter (ValueError, naming the layers). The rest of this docstring
+    A named adapter (``adapter_name`` other than "default"): where a layer the file names already holds it, its
+    rank, alpha and scaling must be the file's; where it does not, it is created with the file's rank, alpha,
+    scaling and dropout (PEFT's ``load_adapter``), on the default adapter's device and dtype, not activated
+    (``set_adapter``). A plain nn.Linear / Conv1D there is first wrapped in a LinearWithLoRA as
+    ``replace_linear_with_lora`` wraps it (the file's rank, alpha and scaling; its default adapter untrained,
+    B = 0, so the model computes what it did until ``set_adapter``), as PEFT's ``load_adapter`` wraps the
+    layers it names. A LinearWithDoRA (one adapter) or a DoRA file cannot take a named adapter (ValueError,
+    naming the layers). The rest of this docstring
     describes the default adapter; the checks and the all-or-nothing rule hold for both.
 
     Each layer the file's metadata names must be, in the model, either a LinearWithLoRA with the file's rank,
@@ -462,9 +465,9 @@ def load_lora(model: nn.Module, path: PathLike, *, strict: bool = True,
                 if stored != value:
                     mismatches.append(f"{shown}: {field} {stored!r} in the file, {value!r} in the model"
                                       + (f"'s adapter {adapter!r}" if adapter != DEFAULT_ADAPTER else ""))
-        elif module is not None and adapter != DEFAULT_ADAPTER and is_linear(module):
-            mismatches.append(f"{name}: a plain {type(module).__name__}; adapter {adapter!r} loads into "
-                              "LinearWithLoRA layers (load the default adapter first, or replace_linear_with_lora)")
+        elif module is not None and adapter != DEFAULT_ADAPTER and is_linear(module) \
+                and config.get("use_dora", False):
+            mismatches.append(f"{name}: a DoRA file holds one adapter, so it cannot take adapter {adapter!r}")
         elif module is not None and id(module) in inside_mha:
             mismatches.append(f"{name}: the out_proj of {inside_mha[id(module)]}, whose forward reads its weight "
                               "without calling it (a LoRA wrapper there would never run)")
@@ -475,8 +478,18 @@ def load_lora(model: nn.Module, path: PathLike, *, strict: bool = True,
             wrap = LinearWithDoRA if config.get("use_dora", False) else LinearWithLoRA
             # one wrapper per layer object, also when the file names it under two of its names
             shared = next((w for w in new_layers.values() if w.linear is module), None)
-            new_layers[name] = shared or wrap(module, config["rank"], config["alpha"], scaling=config["scaling"],
-                                              dropout=config.get("dropout", 0.0))
+            if adapter == DEFAULT_ADAPTER:
+                new_layers[name] = shared or wrap(module, config["rank"], config["alpha"],
+                                                  scaling=config["scaling"], dropout=config.get("dropout", 0.0))
+            else:
+                # a named adapter into a plain layer (PEFT's load_adapter wraps the layers it names): wrapped as
+                # replace_linear_with_lora would (its default adapter untrained, B = 0: the layer computes what it
+                # did), the named adapter created on the wrapper with the file's settings, not activated
+                wrapper = new_layers[name] = shared or wrap(module, config["rank"], config["alpha"],
+                                                            scaling=config["scaling"])
+                made = next((new_adapters[n] for n in new_adapters if new_layers.get(n) is wrapper), None)
+                new_adapters[name] = made or wrapper.new_adapter_layer(config["rank"], config["alpha"],
+                                                                       scaling=config["scaling"])
         elif strict:
             what = "not in the model" if module is None else f"a {type(module).__name__}, not a linear layer"
             mismatches.append(f"{name or '<model>'}: named in the file, {what}")
@@ -501,7 +514,7 @@ def load_lora(model: nn.Module, path: PathLike, *, strict: bool = True,
         for name, lora in new_adapters.items():
             if id(lora) not in attached:
                 attached.add(id(lora))
-                module, dropout = modules[name], saved[name].get("dropout", 0.0)
+                module, dropout = new_layers.get(name, modules[name]), saved[name].get("dropout", 0.0)
                 transaction.apply(lambda m=module, lo=lora, d=dropout: m._attach_adapter(adapter, lo, d))
         for param, value in pairs:
             transaction.copy(param, value)

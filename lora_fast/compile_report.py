@@ -65,8 +65,13 @@ QLORA_KERNELS = ("fwd_gemm_4bit", "dx_gemm_4bit", "dequant_4bit")
 # fwd_gemm_4bit_tma / dx_gemm_4bit_tma: the persistent TMA variant of the 4-bit GEMMs (nf4.py, opt-in
 # LORA_FAST_GEMM_4BIT=tma), sm_90 and 16-bit only; its rows also fail without UTMALDG in the SASS
 QLORA_TMA_KERNELS = ("fwd_gemm_4bit_tma", "dx_gemm_4bit_tma")
+# several adapters in one batch (kernels/multi.py, opt-in LORA_FAST_MULTI=triton): multi_proj: S = dropout(x) A[idx];
+# multi_gemm: y = x W^T + b + s S B[idx] and dX = dY W + keep (dS A[idx]^T); multi_reduce: dA[a], dB[a] per adapter;
+# each unsorted (a tile loops over the adapters present in it) and "sorted" (rows visited in adapter order through a
+# permutation, LORA_FAST_MULTI_ORDER=sorted); one fixed config per kernel (no autotuning)
+MULTI_KERNELS = ("multi_proj", "multi_gemm", "multi_reduce")
 KERNELS = (("fwd_gemm", "dx_gemm", "xa_proj", "dyb_proj", "da_reduce", "grad_finish") + TMA_KERNELS + WS_KERNELS
-           + QLORA_KERNELS + QLORA_TMA_KERNELS + DORA_KERNELS)
+           + QLORA_KERNELS + QLORA_TMA_KERNELS + DORA_KERNELS + MULTI_KERNELS)
 # kernels without a dot or a reduction through shared memory (may report 0 bytes of shared memory), and without
 # a rank dimension that changes their code
 ELEMENTWISE_KERNELS = ("grad_finish", "dequant_4bit", "dora_scale", "dora_grad", "dora_combine")
@@ -196,6 +201,16 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
                 dict(HAS_BIAS=False, HAS_DROPOUT=True, NESTED=True, ABSMAX_BOX=16)]
     if kernel == "dequant_4bit":
         return [dict(NESTED=False), dict(NESTED=True)]
+    # the multi-adapter kernels, unsorted then sorted (MULTI_FWD: the forward's operand layout; else the backward's)
+    # (the heaviest last: with dropout and fp32 adapters on a 16-bit base, Q_FP32; fp32 rows drop the Q_FP32 ones)
+    if kernel == "multi_proj":    # S = dropout(x) A[idx]
+        return [dict(HAS_DROPOUT=d, SORTED=o, **({"Q_FP32": True} if q else {}))
+                for d, q in ((False, False), (True, False), (True, True)) for o in (False, True)]
+    if kernel == "multi_gemm":    # the forward (bias, no mask) and dX (the mask regenerated; fp32 A on 16-bit)
+        return [dict(MULTI_FWD=f, HAS_BIAS=f, HAS_DROPOUT=not f, SORTED=o, **({"Q_FP32": True} if q else {}))
+                for f, q in ((True, False), (False, False), (False, True)) for o in (False, True)]
+    if kernel == "multi_reduce":  # dA (with the mask) and dB in one launch
+        return [dict(HAS_DROPOUT=d, SORTED=o) for d in (False, True) for o in (False, True)]
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
@@ -203,7 +218,7 @@ def _variant_label(flags: dict) -> str:
     names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB", "SPLIT_K": "split",
              "SPLIT_M": "split", "HAS_BASE": "base", "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G": "g",
              "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V", "Q_FP32": "fp32-Q", "ABSMAX_BOX": "absmax-tma",
-             "WRITE_MASK": "bits", "SAVED_MASK": "bits"}
+             "WRITE_MASK": "bits", "SAVED_MASK": "bits", "SORTED": "sorted", "MULTI_FWD": "fwd"}
     label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 
@@ -230,6 +245,16 @@ def launch_configs(kernel: str, flags: dict, capability, dtype, rank: int = 16) 
         from .kernels import dora
 
         return dora.wide_gemm_configs(capability, dtype)
+    if kernel in MULTI_KERNELS:   # kernels/multi.py's one fixed config per kernel
+        import triton
+
+        from .kernels import multi
+
+        factory = {"multi_proj": multi._proj_config, "multi_gemm": multi._gemm_config,
+                   "multi_reduce": multi._reduce_config}[kernel]
+        c = dict(factory(dtype, flags.get("HAS_DROPOUT", False), cfg.block_r(rank), gpu=True)
+                 if kernel == "multi_gemm" else factory(dtype, gpu=True))
+        return [triton.Config(c, num_warps=c.pop("num_warps"), num_stages=c.pop("num_stages"))]
     if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when it regenerates a keep-mask
         return cfg.gemm_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
     if kernel in ("xa_proj", "dyb_proj"):   # ops.lowrank_project: its own list when it regenerates a keep-mask
@@ -395,6 +420,8 @@ def launch_args(job: Job) -> tuple:
                     stride_mask=K // 8 if saved else 0, scale=0.5, dropout_p=0.1,
                     BLOCK_M=cfg.reduce_blocks(job_dtype)[0], BLOCK_K=cfg.reduce_blocks(job_dtype)[1])
         return reduce_m_kernel, dict(args, **common, **meta)
+    if job.kernel in MULTI_KERNELS:
+        return _multi_launch_args(job, x, common, R, M, N, K, meta)
     if job.kernel == "dora_norm_4bit":
         return _dora_launch_args(job, x, R, M, N, K, meta)
     if job.kernel in NO_FMA_KERNELS:
@@ -407,6 +434,44 @@ def launch_args(job: Job) -> tuple:
     if job.kernel in DORA_KERNELS:
         return _dora_launch_args(job, x, R, M, N, K, meta)
     raise ValueError(f"kernel must be one of {KERNELS}, got {job.kernel!r}")
+
+
+def _multi_launch_args(job: Job, x: str, common: dict, R: int, M: int, N: int, K: int, meta: dict) -> tuple:
+    """(kernel, arguments) of kernels/multi.py's launches: 8 adapters stacked contiguously, A (8, K, R),
+    B (8, R, N); the int64 index; sorted, the int64 permutation and segment starts (unsorted, the index stands in
+    for them, as the launcher passes it); the (n,) fp32 rows of the constants table."""
+    from .kernels import multi
+
+    n = 8
+    meta = dict(meta)
+    adapters = "fp32" if meta.pop("Q_FP32", False) else x
+    dropout = meta.get("HAS_DROPOUT", False)
+    per_adapter = dict(IDX_ptr=_Ptr("i64"), PERM_ptr=_Ptr("i64"))
+    if job.kernel == "multi_proj":   # the forward: P = x (M, K), Q = A (n, K, R), OUT = S (M, R) fp32
+        args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(adapters), **per_adapter, ROW_SCALE_ptr=_Ptr("fp32"),
+                    DROP_P_ptr=_Ptr("fp32"), SEED_ptr=_Ptr("i64" if dropout else "fp32"), OUT_ptr=_Ptr("fp32"),
+                    M=M, K=K, R=R, N_ADAPTERS=n, stride_pm=K, stride_pk=1, stride_qa=K * R, stride_qk=R,
+                    stride_qr=1, stride_om=R, stride_or=1)
+        return multi.multi_proj_kernel, dict(args, **common, **meta)
+    if job.kernel == "multi_gemm":
+        fwd = meta.pop("MULTI_FWD")
+        # forward: P = x, Q = W^T ((k, n) -> weight[n, k]), RM = B[a] (R, N); dX: P = dY (M, N_out), Q = W as
+        # stored, RM = A[a]^T ((r, k) -> A[a, k, r]); L = S or dS (M, R) fp32
+        args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(adapters),
+                    **per_adapter, ROW_SCALE_ptr=_Ptr("fp32"), DROP_P_ptr=_Ptr("fp32"), OUT_ptr=_Ptr(x),
+                    SEED_ptr=_Ptr("i64" if dropout else x), M=M, N=N if fwd else K, K=K if fwd else N, R=R,
+                    N_ADAPTERS=n, stride_pm=K if fwd else N, stride_pk=1, stride_qk=1 if fwd else K,
+                    stride_qn=K if fwd else 1, stride_lm=R, stride_lr=1, stride_ra=(R * N) if fwd else (K * R),
+                    stride_rr=N if fwd else 1, stride_rn=1 if fwd else R, stride_om=N if fwd else K, stride_on=1)
+        return multi.multi_gemm_kernel, dict(args, **common, **meta)
+    # multi_reduce: dA (n, K, R) from x and dS, dB (n, R, N) from dY and S, in the adapters' dtype (x's)
+    args = dict(X_ptr=_Ptr(x), DS_ptr=_Ptr("fp32"), DA_ptr=_Ptr(adapters), DY_ptr=_Ptr(x), S_ptr=_Ptr("fp32"),
+                DB_ptr=_Ptr(adapters), **per_adapter, SEG_ptr=_Ptr("i64"), DA_SCALE_ptr=_Ptr("fp32"),
+                DB_SCALE_ptr=_Ptr("fp32"), DROP_P_ptr=_Ptr("fp32"), SEED_ptr=_Ptr("i64" if dropout else "fp32"),
+                M=M, K=K, N=N, R=R, K_BLOCKS=K // 64, stride_xm=K, stride_xk=1, stride_dsm=R, stride_dsr=1,
+                stride_daa=K * R, stride_dak=R, stride_dar=1, stride_dym=N, stride_dyn=1, stride_sm=R,
+                stride_sr=1, stride_dba=R * N, stride_dbr=N, stride_dbn=1)
+    return multi.multi_reduce_kernel, dict(args, **common, **meta)
 
 
 def _dora_launch_args(job: Job, x: str, R: int, M: int, N: int, K: int, meta: dict) -> tuple:
@@ -567,6 +632,8 @@ def _config_label(job: Job) -> str:
         return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
     if "BLOCK_K" in c:
         return f"BK{c['BLOCK_K']}"
+    if "BLOCK_C" in c:   # the multi-adapter gradient reduction: rows x columns per step
+        return f"BM{c['BLOCK_M']}xBC{c['BLOCK_C']}"
     return "-"
 
 
@@ -647,7 +714,7 @@ def check(row: Row, job: Job) -> list:
     limit = cfg.smem_limit(TARGETS[job.target])
     if row.shared is not None and row.shared > limit:
         failures.append(f"shared memory {row.shared} B > {limit} B")
-    if job.kernel in GEMM_KERNELS and job.dtype in ("fp16", "bf16") and not row.mma:
+    if job.kernel in GEMM_KERNELS + MULTI_KERNELS and job.dtype in ("fp16", "bf16") and not row.mma:
         failures.append(f"no {row.mma_name} in a {job.dtype} GEMM")
     if job.kernel in WS_KERNELS and not row.setmaxnreg:
         failures.append("no USETMAXREG in the warp-specialised GEMM")

@@ -18,6 +18,26 @@ from ._checks import check_lora_linear_multi, check_training
 from .functional import _autocast_enabled, _autocast_inputs, graph_gradients, select_backend
 
 MULTI_BACKENDS = ("reference", "triton")
+# how the Triton path visits the rows (LORA_FAST_MULTI_ORDER): "unsorted" in their order, each tile looping over the
+# adapters present in it; "sorted" in adapter order through a permutation (issue 30, docs/multi-adapter.md). The
+# default is "sorted": by bench/cost_model.py --adapters ... --order it never issues more low-rank dots than
+# unsorted and issues n times fewer on randomly interleaved batches (the bench's "mixed" rows), reads fewer index
+# bytes for n >= 2, and costs three small torch launches (the sort); no GPU has timed either (issue 30 item 1)
+MULTI_ORDERS = ("unsorted", "sorted")
+DEFAULT_ORDER = "sorted"
+
+
+def multi_order() -> str:
+    """How the multi-adapter kernels visit the rows: ``LORA_FAST_MULTI_ORDER``, "sorted" (the default: a stable
+    sort of adapter_index per call, three small torch launches, reused by the backward; a tile then holds one
+    adapter but at segment edges, and each adapter's gradient programs read its own rows only) or "unsorted"
+    (rows in their order, a tile looping over every adapter present in it).
+    Both give each row exactly its own adapter's products; y, dx and S are bit for bit the same, dA and dB
+    are summed in another grouping. Raises ValueError for another value."""
+    wanted = os.environ.get("LORA_FAST_MULTI_ORDER", "").strip().lower() or DEFAULT_ORDER
+    if wanted not in MULTI_ORDERS:
+        raise ValueError(f"LORA_FAST_MULTI_ORDER: expected one of {MULTI_ORDERS}, got {wanted!r}")
+    return wanted
 
 
 def multi_backend(x: torch.Tensor) -> str:
@@ -106,21 +126,23 @@ class _OneAdapterFunction(torch.autograd.Function):
 
 
 class _MultiFunction(torch.autograd.Function):
-    """n >= 1 adapters on the Triton path (kernels/multi.py): 2 launches forward, 3 backward, whatever n.
-    Saves x, weight, A, B (parameters: no new memory), S (M, R) fp32, idx (M,) int64, the (5, n) fp32 table of
-    per-adapter constants and the seed: nothing of size M x out_features, nothing that grows with n but the
-    table."""
+    """n >= 1 adapters on the Triton path (kernels/multi.py): 2 launches forward, 3 backward, whatever n (plus
+    the sort's three small torch launches in forward when ``order`` is "sorted"). Saves x, weight, A, B
+    (parameters: no new memory), S (M, R) fp32, idx (M,) int64, the (5, n) fp32 table of per-adapter constants
+    and the seed; sorted, also the sorted index and the permutation (M,) int64 each and the (n + 1,) segment
+    starts: nothing of size M x out_features, nothing that grows with n but the table and the segments."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, idx, scales, dropout_ps, seed):
+    def forward(ctx, x, weight, bias, A, B, idx, scales, dropout_ps, seed, order=DEFAULT_ORDER):
         from .kernels import multi
 
         x2d, y, y2d = _output(x, weight.shape[0])
         idx1d = idx.reshape(-1).contiguous()   # the kernels read it with unit stride
         params = multi.adapter_params(scales, dropout_ps, x.device)
         has_dropout = any(p > 0 for p in dropout_ps)
-        S = multi.multi_forward(x2d, weight, bias, A, B, idx1d, params, has_dropout, seed, y2d)
-        ctx.save_for_backward(x, weight, A, B, S, idx1d, params, seed)
+        rows = multi.sort_rows(idx1d, A.shape[0]) if order == "sorted" else None
+        S = multi.multi_forward(x2d, weight, bias, A, B, idx1d, params, has_dropout, seed, y2d, rows)
+        ctx.save_for_backward(x, weight, A, B, S, idx1d, params, seed, *(rows or ()))
         ctx.scales, ctx.dropout_ps, ctx.has_bias = tuple(scales), tuple(dropout_ps), bias is not None
         return y
 
@@ -128,7 +150,7 @@ class _MultiFunction(torch.autograd.Function):
     def backward(ctx, dy):
         from .kernels import multi
 
-        x, weight, A, B, S, idx, params, seed = ctx.saved_tensors
+        x, weight, A, B, S, idx, params, seed, *rows = ctx.saved_tensors
         need_dx, _, _, need_dA, need_dB = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled():
             dx, dA, dB = _graph_backward(ctx, dy, x, weight, A, B, idx, seed)
@@ -136,9 +158,10 @@ class _MultiFunction(torch.autograd.Function):
             has_dropout = any(p > 0 for p in ctx.dropout_ps)
             dx, dA, dB = multi.multi_backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight,
                                               A, B, S, idx, params, has_dropout, seed,
-                                              need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
+                                              need_dx=need_dx, need_dA=need_dA, need_dB=need_dB,
+                                              order=tuple(rows) or None)
             dx = dx.view(x.shape) if dx is not None else None
-        return (dx, *_frozen_gradients(ctx, dy, x, weight), dA, dB, None, None, None, None)
+        return (dx, *_frozen_gradients(ctx, dy, x, weight), dA, dB, None, None, None, None, None)
 
 
 def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
@@ -164,7 +187,9 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             multiple of 1/256 (``philox.quantize``); kept elements scaled by 1 / (1 - that p).
         training: False (eval) applies no dropout.
 
-    Backend: the reference path (torch ops) unless ``LORA_FAST_MULTI=triton`` (opt-in, see ``multi_backend``).
+    Backend: the reference path (torch ops) unless ``LORA_FAST_MULTI=triton`` (opt-in, see ``multi_backend``);
+    there the rows are visited in adapter order through a stable sort of adapter_index (``multi_order``;
+    ``LORA_FAST_MULTI_ORDER=unsorted``: in their own order).
     The index range is checked on the host (one device sync per call). Under torch.func transforms the
     reference path runs. With one adapter (n = 1) the result is bit for bit lora_linear's on either backend.
 
@@ -176,13 +201,15 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             are neither x's dtype nor float32, adapter_index not int64, a non-real scale or dropout_p.
         ValueError: mismatched shapes (A not 3-D, B not (n, rank, out), adapter_index not x.shape[:-1]), tensors
             on another device than x, index values outside [-1, n), a non-finite scale, dropout_p outside
-            [0, 1], a per-adapter sequence of another length than n, an unknown LORA_FAST_MULTI.
+            [0, 1], a per-adapter sequence of another length than n, an unknown LORA_FAST_MULTI or
+            LORA_FAST_MULTI_ORDER.
         RuntimeError: LORA_FAST_MULTI=triton with inputs the kernels cannot serve.
     """
     if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
         x, weight, bias, A, B = _autocast_inputs(x, weight, bias, A, B)
     scales, dropout_ps = check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout_p)
     check_training(training)
+    order = multi_order()   # checked on either backend: a wrong value is never ignored
     if multi_backend(x) == "reference" or x.numel() == 0 or weight.shape[0] == 0 \
             or torch._C._are_functorch_transforms_active():
         return reference.lora_linear_multi(x, weight, bias, A, B, scales, adapter_index, dropout_p=dropout_ps,
@@ -197,4 +224,4 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if A.shape[0] == 1:
         return _OneAdapterFunction.apply(x, weight, bias, A, B, adapter_index, scales[0], ps[0],
                                          seed if ps[0] > 0 else None)
-    return _MultiFunction.apply(x, weight, bias, A, B, adapter_index, scales, ps, seed)
+    return _MultiFunction.apply(x, weight, bias, A, B, adapter_index, scales, ps, seed, order)

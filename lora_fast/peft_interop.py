@@ -785,9 +785,11 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike], *,
     ``adapter_name`` (PEFT's ``load_adapter(adapter_dir, adapter_name)``): the adapter to load into, "default"
     (the default) being the layers' own. ``adapter_dir`` is read as given, as PEFT reads it: an adapter that
     ``save_pretrained`` (or ``save_peft_adapter``) wrote under a name other than "default" is in the subfolder of
-    that name. A named adapter loads into LinearWithLoRA layers only; where a layer does not hold it yet, it is
-    created (``add_adapter``: the config's rank, alpha, scaling and dropout, the default adapter's device and
-    dtype, not activated), as PEFT's load_adapter creates it; plain layers, LinearWithDoRA layers and DoRA
+    that name. Where a layer does not hold a named adapter yet, it is created (``add_adapter``: the config's
+    rank, alpha, scaling and dropout, the default adapter's device and dtype, not activated), as PEFT's
+    load_adapter creates it; a plain nn.Linear / Conv1D there is first wrapped in a LinearWithLoRA (as
+    ``replace_linear_with_lora`` wraps it: its default adapter untrained, B = 0, so the model computes what it
+    did until ``set_adapter``), as PEFT's load_adapter wraps the layers it names; LinearWithDoRA layers and DoRA
     adapters cannot take a named adapter (ValueError). The rest of this docstring describes the default adapter;
     the checks and the all-or-nothing rule hold for both.
 
@@ -857,8 +859,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Union[str, os.PathLike], *,
         _check_target(model, name, r, lora_A.shape[1], lora_B.shape[0], config.use_dora, adapter)
         # the wrapper of a plain layer (the new adapter of a wrapped one) is built now, before any change: a base
         # it cannot wrap raises here
-        plan.append((name, lora_A, lora_B, magnitude, r, alpha, _new_wrapper(model, name, r, alpha, config),
-                     _new_adapter(model, name, r, alpha, config, adapter)))
+        wrapper = _new_wrapper(model, name, r, alpha, config, adapter)
+        plan.append((name, lora_A, lora_B, magnitude, r, alpha, wrapper,
+                     _new_adapter(model, name, r, alpha, config, adapter, wrapper)))
     params = dict(model.named_parameters())
     extra_plan = []
     for name, value in extras.items():
@@ -954,10 +957,9 @@ def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_fea
     elif id(module) in _inside_attention(model):
         raise ValueError(f"adapter_dir: module {name!r} is the out_proj of {_inside_attention(model)[id(module)]}, "
                          "whose forward reads its weight without calling it: a LoRA wrapper there would never run")
-    elif is_linear(module) and adapter != DEFAULT_ADAPTER:
-        raise ValueError(f"adapter_dir: module {name!r} is a plain {type(module).__name__}; adapter {adapter!r} "
-                         "loads into LinearWithLoRA layers (load the default adapter first, or "
-                         "replace_linear_with_lora)")
+    elif is_linear(module) and adapter != DEFAULT_ADAPTER and use_dora:
+        raise ValueError(f"adapter_dir: module {name!r}{named}: a DoRA adapter is a layer's one adapter, the default "
+                         "one")
     elif is_linear(module):
         # nn.Linear's sizes from its attributes: a 4-bit Linear4bit's weight holds packed codes
         shape = tuple(module.weight.shape) if not isinstance(module, nn.Linear) \
@@ -970,22 +972,28 @@ def _check_target(model: nn.Module, name: str, r: int, in_features: int, out_fea
                          f"give {(in_features, out_features)}")
 
 
-def _new_adapter(model: nn.Module, name: str, r: int, alpha: float, config, adapter: str):
+def _new_adapter(model: nn.Module, name: str, r: int, alpha: float, config, adapter: str,
+                 wrapper: Optional[LinearWithLoRA] = None):
     """The LoRALayer that will be attached as ``adapter`` to the LinearWithLoRA at ``name`` (already checked by
-    _check_target), built without changing the model; None when the layer holds it (or is not wrapped)."""
-    module = model.get_submodule(name)
+    _check_target), or to ``wrapper``, the new wrapper of the plain layer there; built without changing the model;
+    None for the default adapter of a new wrapper and when the layer holds ``adapter``."""
+    module = wrapper if wrapper is not None else model.get_submodule(name)
     if not isinstance(module, LinearWithLoRA) or adapter in module.adapters:
         return None
     return module.new_adapter_layer(r, alpha, scaling="rslora" if config.use_rslora else "alpha/rank")
 
 
-def _new_wrapper(model: nn.Module, name: str, r: int, alpha: float, config) -> Optional[LinearWithLoRA]:
+def _new_wrapper(model: nn.Module, name: str, r: int, alpha: float, config,
+                 adapter: str = DEFAULT_ADAPTER) -> Optional[LinearWithLoRA]:
     """The LinearWithLoRA (LinearWithDoRA) that will wrap the plain linear at ``name`` (already checked by
-    _check_target), built without changing the model; None when ``name`` is already wrapped."""
+    _check_target), built without changing the model; None when ``name`` is already wrapped. For a named
+    ``adapter`` (PEFT's load_adapter wraps the layers it names) the wrapper's default adapter stays untrained
+    (B = 0, no dropout: the layer computes what it did) and the named one is made by ``_new_adapter``."""
     module = model.get_submodule(name)
     if isinstance(module, LinearWithLoRA):
         return None
     scaling = "rslora" if config.use_rslora else "alpha/rank"
     wrap = LinearWithDoRA if config.use_dora else LinearWithLoRA
-    return wrap(module, r, alpha, dropout=float(config.lora_dropout), scaling=scaling)
+    dropout = float(config.lora_dropout) if adapter == DEFAULT_ADAPTER else 0.0
+    return wrap(module, r, alpha, dropout=dropout, scaling=scaling)
 

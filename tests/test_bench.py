@@ -87,6 +87,63 @@ def test_cost_model_several_adapters_arithmetic():
         cost_model.multi_kernels("nope", 2, M, K, N, r)
 
 
+def test_cost_model_row_order_arithmetic():
+    """bench.cost_model.multi_order_costs (issue 30 item 1): the low-rank dots and bytes of lora_linear_multi's
+    kernels with rows unsorted or sorted by adapter, counted from the index, checked by hand on small batches."""
+    # 256 rows alternating adapters 0 and 1: every tile holds both unsorted, one sorted
+    idx = [0, 1] * 128
+    assert cost_model.adapters_per_tile(idx, 128) == [2, 2]
+    assert cost_model.adapters_per_tile(sorted(idx), 128) == [1, 1]
+    assert cost_model.adapters_per_tile([-1, -1, 3, -1], 2) == [0, 1]
+    K = N = 128
+    r, e = 16, 2
+    un = cost_model.multi_order_costs(idx, 2, K, N, r, order="unsorted")
+    so = cost_model.multi_order_costs(idx, 2, K, N, r, order="sorted")
+    # S: 4 tiles of 64 rows x 2 adapters, 128 / 64 = 2 steps along K; each tile reads each present A (K x r)
+    assert un["S"]["dots"] == 4 * 2 * 2 and so["S"]["dots"] == 4 * 1 * 2
+    assert un["S"]["flops"] == 2.0 * 16 * 64 * 64 * 16
+    assert un["S"]["adapter_bytes"] == 8 * K * r * e and so["S"]["adapter_bytes"] == 4 * K * r * e
+    # the GEMMs' term: 2 row tiles of 128 x 1 column tile, 2 adapters each unsorted
+    assert un["y term"]["dots"] == 4 and so["y term"]["dots"] == 2
+    assert un["y term"]["adapter_bytes"] == 4 * r * N * e
+    # the reduction: 2 + 2 column blocks of 64; unsorted each adapter's programs walk the 4 row blocks (each holds
+    # both adapters) reading the whole index; sorted each walks its own 128 rows (2 blocks) through the
+    # permutation, plus its two segment bounds
+    assert un["dA dB"]["dots"] == 2 * 4 * 4 and so["dA dB"]["dots"] == 2 * 2 * 4
+    assert un["dA dB"]["index_bytes"] == 2 * 4 * 256 * 8
+    assert so["dA dB"]["index_bytes"] == 4 * (2 * 2 * 8 + 256 * 8)
+    # the sort: reads the index, writes the sorted index and the permutation; three launches
+    assert "sort" not in un and so["sort"]["index_bytes"] == 256 * 8 * 3 + 3 * 8 and so["sort"]["launches"] == 3
+    # rows of -1 are no adapter's: a batch of base rows only costs no low-rank dot in either order
+    base = cost_model.multi_order_costs([-1] * 256, 2, K, N, r, order="sorted")
+    assert all(v["dots"] == 0 for v in base.values())
+
+    # the batches of the --order table: even and uneven are grouped (sorting changes no tile of the GEMMs), the
+    # random one interleaves; sorting never adds a dot, and on the grouped batches saves none in the GEMMs
+    M, n = 8192, 8
+    for kind in cost_model.MULTI_BATCHES:
+        b = cost_model.multi_batch_index(kind, M, n)
+        assert len(b) == M and sorted(b) == sorted(cost_model.multi_batch_index("even" if kind == "random" else kind,
+                                                                                 M, n))
+        u = cost_model.multi_order_costs(b, n, 4096, 4096, 16, order="unsorted")
+        o = cost_model.multi_order_costs(b, n, 4096, 4096, 16, order="sorted")
+        for name in ("S", "dS", "y term", "dX term", "dA dB"):
+            assert o[name]["dots"] <= u[name]["dots"], (kind, name)
+            if kind != "random" and name != "dA dB":
+                assert o[name]["dots"] == u[name]["dots"], (kind, name)
+        if kind == "random":   # 128-row tiles of 8 adapters shuffled: all 8 present in each (checked by the count)
+            tiles = cost_model.adapters_per_tile(b, 128)
+            assert u["y term"]["dots"] == sum(tiles) * 32 and o["y term"]["dots"] == 64 * 32
+    uneven = cost_model.multi_batch_index("uneven", M, 4)
+    assert [uneven.count(a) for a in range(4)] == [4370, 2184, 1092, 546]   # 2**-a shares, the rest on adapter 0
+    with pytest.raises(ValueError, match="order"):
+        cost_model.multi_order_costs(idx, 2, K, N, r, order="gathered")
+    with pytest.raises(ValueError, match="idx"):
+        cost_model.multi_order_costs([0, 2], 2, K, N, r)
+    with pytest.raises(ValueError, match="kind"):
+        cost_model.multi_batch_index("sorted", M, n)
+
+
 def test_cost_model_estimate_arithmetic():
     """bench.cost_model.estimate: the ideal bound plus what it leaves out, each term checked by hand."""
     M, K, N, r = 8192, 4096, 4096, 16

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lora_fast import lora_linear, lora_linear_multi, philox, reference
-from lora_fast.multi import multi_backend
+from lora_fast.multi import multi_backend, multi_order
 from tests.utils import assert_close, tolerance
 
 BACKENDS = ["reference", "triton"]
@@ -115,6 +115,93 @@ def test_dropout_per_adapter(dtype, backend, device):
     y = lora_linear_multi(*leaves, torch.tensor([2.0, 1.0, -0.5, 3.0]), idx, dropout_p=ps)
     y.sum().backward()
     assert not leaves[3].grad[3].any() and not leaves[4].grad[3].any()
+
+
+# the kernels' two row orders (LORA_FAST_MULTI_ORDER): the tests above run the default ("sorted": rows visited in
+# adapter order through a permutation); these run the other one on the cases with n >= 2 (n = 1 runs lora_linear's
+# kernels in either order), and per-adapter dropout with an adapter whose every element drops; rows of -1 in each
+OTHER_ORDER = "unsorted"
+ORDER_CASES = [c for c in CASES if len(c[3]) >= 2]
+
+
+@pytest.mark.parametrize("case", ORDER_CASES, ids=lambda c: f"n{len(c[3])}-{str(c[4])[6:]}")
+def test_other_row_order_matches_float64(case, monkeypatch, device):
+    """Each row its own adapter's products, each adapter's gradients from its rows only, against float64 in
+    the order the tests above do not run (the bound of check_multi; the two orders sum dA and dB in other fp32
+    blocks, which the accumulation term of the bound covers)."""
+    assert OTHER_ORDER != multi_order()
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", OTHER_ORDER)
+    lead, K, N, ranks, dtype, adapter_dtype, bias, empty = case
+    inputs = multi_inputs(lead, K, N, ranks, dtype, device, adapter_dtype=adapter_dtype, bias=bias)
+    idx = adapter_index(lead, len(ranks), device, empty=empty)
+    scales = [0.5 + a for a in range(len(ranks))]
+    scales[-1] = -scales[-1]
+    check_multi(inputs, scales, idx)
+
+
+@pytest.mark.parametrize("order", ["unsorted", "sorted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_orders_with_dropout_per_adapter(dtype, order, monkeypatch, device):
+    """Either order keeps each row's own keep-mask (Philox on the row's original position, read through the
+    permutation when sorted): against float64 under the same seed, fp32 adapters on a 16-bit base; an adapter
+    with p = 1 gets zero gradients."""
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", order)
+    inputs = multi_inputs((45,), 40, 24, (4, 8, 2, 3), dtype, device, adapter_dtype=torch.float32)
+    idx = adapter_index((45,), 4, device)
+    ps = [0.3, 0.0, 0.5, 1.0]
+    check_multi(inputs, [2.0, 1.0, -0.5, 3.0], idx, dropout_p=ps)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y = lora_linear_multi(*leaves, [2.0, 1.0, -0.5, 3.0], idx, dropout_p=ps)
+    y.sum().backward()
+    assert not leaves[3].grad[3].any() and not leaves[4].grad[3].any()
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_sorted_is_unsorted_bit_for_bit_where_tiles_agree(dropout_p, monkeypatch, device):
+    """A batch already grouped by adapter (rows of -1 first, as the stable sort puts them), each group a whole
+    number of the kernels' row blocks, one adapter empty: the permutation is the identity and every tile holds
+    the same rows in both variants, so y and all five gradients are bit for bit the unsorted variant's. (On a
+    mixed batch the per-row results y, dx are the same products in the same order, but the interpreter's dot
+    is the CPU's BLAS, whose rounding may depend on a row's position in the tile: not asserted there.)"""
+    from lora_fast.kernels import multi
+
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    blk = max(multi._proj_config(dtype)["BLOCK_M"], multi._gemm_config(dtype)["BLOCK_M"],
+              multi._reduce_config(dtype)["BLOCK_M"])
+    sizes = {-1: blk, 0: 2 * blk, 1: 0, 2: blk}   # adapter 1 empty
+    idx = torch.cat([torch.full((m,), a, dtype=torch.int64) for a, m in sizes.items()]).to(device)
+    inputs = multi_inputs(idx.shape, 40, 24, (4, 8, 2), dtype, device)
+    results = {}
+    for order in ("unsorted", "sorted"):
+        monkeypatch.setenv("LORA_FAST_MULTI_ORDER", order)
+        results[order] = _run(inputs, [1.5, -0.5, 2.0], idx, [dropout_p] * 3, 99, op=lora_linear_multi,
+                              dy=results["unsorted"][2] if results else None)
+    (y1, g1, _), (y2, g2, _) = results["unsorted"], results["sorted"]
+    assert torch.equal(y1, y2)
+    for name, t1, t2 in zip(("dx", "dW", "dbias", "dA", "dB"), g1, g2):
+        assert torch.equal(t1, t2), name
+
+
+def test_sort_rows_segments():
+    """sort_rows: a stable sort (rows of one adapter in their order), the segment starts of each adapter."""
+    from lora_fast.kernels import multi
+
+    idx = torch.tensor([2, -1, 0, 2, 0, -1, 2, 3])
+    sorted_idx, perm, seg = multi.sort_rows(idx, 5)
+    assert perm.tolist() == [1, 5, 2, 4, 0, 3, 6, 7]
+    assert sorted_idx.tolist() == [-1, -1, 0, 0, 2, 2, 2, 3]
+    assert seg.tolist() == [2, 4, 4, 7, 8, 8]   # adapter a at sorted positions seg[a] .. seg[a + 1]
+
+
+def test_unknown_multi_order(backend, monkeypatch, device):
+    """A wrong LORA_FAST_MULTI_ORDER raises on either backend (never ignored)."""
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "gathered")
+    inputs = multi_inputs((4,), 8, 5, (2, 2), torch.float32, device)
+    with pytest.raises(ValueError, match="LORA_FAST_MULTI_ORDER"):
+        lora_linear_multi(*inputs, 1.0, torch.zeros(4, dtype=torch.int64, device=device))
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -228,10 +315,13 @@ class _CountLaunches:
         return self.kernel[grid]
 
 
-def test_launches_and_saved_bytes_do_not_grow_with_n(monkeypatch, device):
+@pytest.mark.parametrize("order", ["unsorted", "sorted"])
+def test_launches_and_saved_bytes_do_not_grow_with_n(order, monkeypatch, device):
     """Kernels: 2 launches forward, 3 backward whatever n; saved for backward beyond the inputs: S (M, R) fp32,
-    the index, the (5, n) fp32 table of per-adapter constants; gradients deterministic."""
+    the index, the (5, n) fp32 table of per-adapter constants (sorted: also the sorted index, the permutation and
+    the (n + 1,) segment starts, int64); gradients deterministic."""
     monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", order)
     from lora_fast.kernels import multi
 
     launches = []
@@ -259,7 +349,8 @@ def test_launches_and_saved_bytes_do_not_grow_with_n(monkeypatch, device):
             assert len(launches) == 2
             y.square().sum().backward()
             assert len(launches) == 5, n
-            assert sum(saved) == M * R * 4 + idx.numel() * 8 + 5 * n * 4 + 8   # S, index, table, seed
+            rows = 2 * M * 8 + (n + 1) * 8 if order == "sorted" else 0
+            assert sum(saved) == M * R * 4 + idx.numel() * 8 + 5 * n * 4 + 8 + rows   # S, index, table, seed
             results.append([t.grad for t in leaves])
         for g1, g2 in zip(*results):
             assert torch.equal(g1, g2)
@@ -738,6 +829,88 @@ def test_peft_format_with_trained_biases_loads_every_adapter_in_peft(tmp_path):
         # two 16-long reductions (plus the rank) and a tanh in fp32, bounded by the largest output
         mag = want.abs().max()
         assert (got.double() - want).abs().max() <= 64 * torch.finfo(torch.float32).eps * mag, name
+
+
+def test_named_adapter_load_wraps_plain_layers(tmp_path):
+    """load_lora / load_peft_adapter of a named adapter into a model whose layers are plain nn.Linear: the layers
+    the file names are wrapped (PEFT's load_adapter wraps the layers it names), their default adapter untrained
+    (B = 0: the model computes what it did, bit for bit on this CPU's reference path), the named adapter created
+    with the file's weights and settings, not activated; set_adapter gives the saving model's outputs. A failed
+    load (a mis-shaped tensor on the second layer) leaves the plain model as it was."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    from lora_fast import (
+        LinearWithLoRA,
+        load_lora,
+        load_peft_adapter,
+        replace_linear_with_lora,
+        save_lora,
+        save_peft_adapter,
+    )
+
+    base, ours = _model_with_adapters()
+    save_lora(ours, tmp_path / "b.safetensors", adapter_name="b")
+    save_peft_adapter(ours, tmp_path / "peft", selected_adapters=["b"])
+    x = torch.randn(5, 16)
+    for load in (lambda m: load_lora(m, tmp_path / "b.safetensors", adapter_name="b"),
+                 lambda m: load_peft_adapter(m, tmp_path / "peft" / "b", adapter_name="b")):
+        theirs = copy.deepcopy(base)
+        load(theirs)
+        for i in (0, 2):
+            layer = theirs[i]
+            assert isinstance(layer, LinearWithLoRA) and layer.linear is not base[i]
+            assert layer.adapters == ["default", "b"] and layer.active_adapters == ["default"]
+            assert not layer.lora.B.any()
+            want, got = ours[i].adapter("b"), layer.adapter("b")
+            assert torch.equal(got.A, want.A) and torch.equal(got.B, want.B)
+            assert got.rank == want.rank and got.scale == pytest.approx(want.scale, rel=1e-12)
+            assert layer._adapter_dropout("b") == ours[i]._adapter_dropout("b") and layer.dropout == 0.0
+        with torch.no_grad():
+            # what replace_linear_with_lora's wrapping computes (a zero LoRA term), bit for bit, and the plain
+            # model's function within fp32 rounding (two 16-long reductions and a tanh)
+            assert torch.equal(theirs.eval()(x), replace_linear_with_lora(copy.deepcopy(base), 4, 2.0).eval()(x))
+            want = copy.deepcopy(base).double()(x.double())
+            assert (theirs(x).double() - want).abs().max() <= 64 * torch.finfo(torch.float32).eps * want.abs().max()
+            for model in (ours, theirs):
+                for i in (0, 2):
+                    model[i].set_adapter("b")
+            assert torch.equal(theirs(x), ours(x))
+            for i in (0, 2):
+                ours[i].set_adapter("default")
+    # a failed load: the second layer's tensor mis-shaped; nothing wrapped, nothing changed
+    lora_file = load_file(tmp_path / "b.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "b.safetensors", "pt") as f:
+        metadata = f.metadata()
+    lora_file["2.lora.B"] = torch.zeros(2, 5)
+    save_file(lora_file, tmp_path / "bad.safetensors", metadata=metadata)
+    peft_file = tmp_path / "peft" / "b" / "adapter_model.safetensors"
+    tensors = load_file(peft_file)
+    tensors["base_model.model.2.lora_B.weight"] = torch.zeros(5, 2)
+    save_file(tensors, peft_file)
+    plain = copy.deepcopy(base)
+    before = _snapshot_adapters(plain)
+    with pytest.raises(ValueError, match=r"mis-shaped keys: 2\.lora\.B"):
+        load_lora(plain, tmp_path / "bad.safetensors", adapter_name="b")
+    with pytest.raises(ValueError, match=r"module '2' has \(in, out\) = \(16, 6\)"):
+        load_peft_adapter(plain, tmp_path / "peft" / "b", adapter_name="b")
+    after = _snapshot_adapters(plain)
+    assert after[1:] == before[1:] and after[0].keys() == before[0].keys()
+    assert all(torch.equal(after[0][k], v) for k, v in before[0].items())
+    assert all(type(m) is type(b) for m, b in zip(plain, base))
+    # a DoRA file is a layer's one adapter: refused by name as a named adapter, the plain model untouched
+    dora = replace_linear_with_lora(copy.deepcopy(base), 4, 2.0, use_dora=True)
+    save_lora(dora, tmp_path / "dora.safetensors")
+    save_peft_adapter(dora, tmp_path / "dora_peft")
+    with pytest.raises(ValueError, match=r"0: a DoRA file holds one adapter, so it cannot take adapter 'b'"):
+        load_lora(plain, tmp_path / "dora.safetensors", adapter_name="b")
+    with pytest.raises(ValueError, match=r"module '0' \(adapter 'b'\): a DoRA adapter"):
+        load_peft_adapter(plain, tmp_path / "dora_peft", adapter_name="b")
+    after = _snapshot_adapters(plain)
+    assert after[1:] == before[1:] and all(torch.equal(after[0][k], v) for k, v in before[0].items())
 
 
 def _snapshot_adapters(model):

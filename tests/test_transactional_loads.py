@@ -196,3 +196,11 @@ def test_load_into_a_new_adapter_is_transactional(inject, tmp_path):
             m.v.set_adapter("b")
         with torch.no_grad():
             assert torch.equal(model.eval()(x), source.eval()(x))
+        # into the plain model: the layers wrapped as well (PEFT's load_adapter), all or nothing
+        writes, model = _every_failure(lambda: copy.deepcopy(base), load, inject)
+        assert writes >= 6
+        for m in (source, model):
+            m.q.set_adapter("b")
+            m.v.set_adapter("b")
+        with torch.no_grad():
+            assert torch.equal(model.eval()(x), source.eval()(x))

@@ -9,15 +9,21 @@ Row m of x (M, K) uses adapter a = IDX[m] in [-1, n) (-1: the base layer alone),
               dA[a] = scale[a] keep_scale[a] * sum over rows of a of (keep ⊙ x)^T dS
               dB[a] = scale[a] * sum over rows of a of S^T dY          multi_reduce_kernel (one launch for both)
 
-Design (chosen for correctness in the time there was; UNMEASURED on any GPU, see docs/_pending/issue-30.md):
-the rows are neither sorted nor gathered. A tile of rows reads each adapter present in it once: the kernels loop
+Design (UNMEASURED on any GPU, see docs/_pending/issue-30.md). Rows are visited in one of two orders:
+"sorted" (the default, LORA_FAST_MULTI_ORDER): in adapter order through PERM, a stable sort of the index computed
+once per call on the host side with torch and reused by the backward; a tile of BLOCK_M sorted positions reads and
+writes the rows PERM[pos] in place (x, y, dx are never copied) and holds one adapter but at segment edges, and each
+adapter's gradient programs walk its own segment only. "unsorted": rows in their own order. Either way a tile of
+rows reads each adapter present in it once: the kernels loop
 over the adapters from the tile's smallest to its largest index, skip those with no row in the tile, and add
 ``dot(rows of a, operand of a)`` into one fp32 accumulator with the other rows zeroed, so each row receives
 exactly its own adapter's products (the others add exact zeros). A batch grouped by adapter (PEFT's
 ``adapter_names`` batches usually are) costs about one dot per tile like lora_linear; a fully mixed tile costs
 one narrow dot per adapter present. The per-adapter gradients are reduced by one program per (block of columns,
-adapter), which walks every row block in order and skips blocks without its adapter: deterministic (no atomics,
-no scratch), but its parallelism is (columns / BLOCK) x n programs and a mixed batch is re-read per adapter.
+adapter), which walks every row block in order and skips blocks without its adapter (unsorted), or its segment of
+sorted positions from its start (sorted): deterministic (no atomics, no scratch) either way; its parallelism is
+(columns / BLOCK) x n programs. Per row, y, S, dS and dx are the same products in the same order in both orders;
+dA and dB sum the same rows in the same order but in other fp32 blocks (sorted blocks start at the segment).
 Five launches per step (2 forward, 3 backward), as lora_linear at ranks below 32, whatever n.
 
 Each kernel keeps the numerics of its single-adapter counterpart (kernels/gemm.py, kernels/lowrank.py): fp32
@@ -35,9 +41,18 @@ from .rng import keep_mask_rows
 
 
 @triton.jit
+def _tile_rows(PERM_ptr, pos, mask_m, SORTED: tl.constexpr):
+    """The rows of x a tile visits at positions ``pos`` (BM,) int32: ``pos`` itself, or PERM[pos] when the rows
+    are visited in adapter order (SORTED; masked positions give row 0, never stored)."""
+    if SORTED:
+        return tl.load(PERM_ptr + pos, mask=mask_m, other=0).to(tl.int32)
+    return pos
+
+
+@triton.jit
 def _tile_adapters(IDX_ptr, offs_m, mask_m, N_ADAPTERS):
     """(idx (BM,) int32 with -1 on masked rows, smallest and largest adapter of the tile's rows; an empty range,
-    lo > hi, when no row has one)."""
+    lo > hi, when no row has one). ``offs_m``: positions in IDX (sorted positions when the rows are sorted)."""
     idx = tl.load(IDX_ptr + offs_m, mask=mask_m, other=-1).to(tl.int32)
     valid = idx >= 0
     lo = tl.min(tl.where(valid, idx, N_ADAPTERS), axis=0)
@@ -47,25 +62,28 @@ def _tile_adapters(IDX_ptr, offs_m, mask_m, N_ADAPTERS):
 
 @triton.jit
 def multi_proj_kernel(
-    # pointers: P (M, K); Q: adapter a's (K, R) operand at Q + a * stride_qa; IDX (M,) int64; ROW_SCALE, DROP_P:
-    # (n,) fp32 per adapter; SEED int64 (one element); OUT (M, R) fp32
-    P_ptr, Q_ptr, IDX_ptr, ROW_SCALE_ptr, DROP_P_ptr, SEED_ptr, OUT_ptr,
+    # pointers: P (M, K); Q: adapter a's (K, R) operand at Q + a * stride_qa; IDX (M,) int64 (sorted when SORTED);
+    # PERM (M,) int64, the rows in adapter order (read when SORTED); ROW_SCALE, DROP_P: (n,) fp32 per adapter;
+    # SEED int64 (one element); OUT (M, R) fp32
+    P_ptr, Q_ptr, IDX_ptr, PERM_ptr, ROW_SCALE_ptr, DROP_P_ptr, SEED_ptr, OUT_ptr,
     # sizes
     M, K, R, N_ADAPTERS,
     # strides
     stride_pm, stride_pk, stride_qa, stride_qk, stride_qr, stride_om, stride_or,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SORTED: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """OUT[m] = ROW_SCALE[a] * (keep? ⊙ P[m]) @ Q[a], a = IDX[m]; 0 on rows of adapter -1. The forward's
-    S = dropout(x) A[a] (ROW_SCALE = 1 / (1 - p[a])) and the backward's dS = dY B[a]^T (ROW_SCALE = 1)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    S = dropout(x) A[a] (ROW_SCALE = 1 / (1 - p[a])) and the backward's dS = dY B[a]^T (ROW_SCALE = 1).
+    SORTED: the program's tile holds the rows PERM[pos] (IDX then holds their adapters in that order)."""
+    pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
+    mask_m = pos < M
     mask_r = offs_r < R
-    idx, valid, a_lo, a_hi = _tile_adapters(IDX_ptr, offs_m, mask_m, N_ADAPTERS)
+    offs_m = _tile_rows(PERM_ptr, pos, mask_m, SORTED)
+    idx, valid, a_lo, a_hi = _tile_adapters(IDX_ptr, pos, mask_m, N_ADAPTERS)
     if HAS_DROPOUT:
         p_rows = tl.load(DROP_P_ptr + idx, mask=valid, other=0.0)[:, None]
     rows_p = P_ptr + offs_m[:, None].to(tl.int64) * stride_pm
@@ -104,8 +122,9 @@ def multi_proj_kernel(
 @triton.jit
 def multi_gemm_kernel(
     # pointers: P (M, K); Q (K, N) through strides; BIAS (N,); L (M, R) fp32; RM: adapter a's (R, N) operand at
-    # RM + a * stride_ra; IDX (M,) int64; ROW_SCALE, DROP_P (n,) fp32; OUT (M, N); SEED int64
-    P_ptr, Q_ptr, BIAS_ptr, L_ptr, RM_ptr, IDX_ptr, ROW_SCALE_ptr, DROP_P_ptr, OUT_ptr, SEED_ptr,
+    # RM + a * stride_ra; IDX (M,) int64 (sorted when SORTED); PERM (M,) int64 (read when SORTED); ROW_SCALE,
+    # DROP_P (n,) fp32; OUT (M, N); SEED int64
+    P_ptr, Q_ptr, BIAS_ptr, L_ptr, RM_ptr, IDX_ptr, PERM_ptr, ROW_SCALE_ptr, DROP_P_ptr, OUT_ptr, SEED_ptr,
     # sizes
     M, N, K, R, N_ADAPTERS,
     # strides
@@ -113,22 +132,24 @@ def multi_gemm_kernel(
     stride_om, stride_on,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SORTED: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """OUT = P @ Q (+ bias) + ROW_SCALE[a] * (keep? ⊙ (L[m] @ RM[a])) per row, a = IDX[m] (no term on rows of
     adapter -1): kernels/gemm.py's GEMM with each row's own low-rank operand and scale. Forward: P = x,
     Q = W^T, L = S, RM = B, ROW_SCALE = scale. dX: P = dY, Q = W, L = dS, RM = A^T, ROW_SCALE = scale / (1 - p),
-    the keep-mask of x regenerated with each row's p."""
+    the keep-mask of x regenerated with each row's p. SORTED: the tile's rows are PERM[pos], read and written in
+    place (x and y are never copied)."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
+    mask_m = pos < M
     mask_n = offs_n < N
     mask_r = offs_r < R
-    idx, valid, a_lo, a_hi = _tile_adapters(IDX_ptr, offs_m, mask_m, N_ADAPTERS)
+    offs_m = _tile_rows(PERM_ptr, pos, mask_m, SORTED)
+    idx, valid, a_lo, a_hi = _tile_adapters(IDX_ptr, pos, mask_m, N_ADAPTERS)
     row_scale = tl.load(ROW_SCALE_ptr + idx, mask=valid, other=0.0)[:, None]
     zero64 = tl.full((), 0, tl.int64)
 
@@ -178,38 +199,65 @@ def multi_gemm_kernel(
 
 
 @triton.jit
-def _segment_reduce(P_ptr, L_ptr, OUT_ptr, IDX_ptr, DROP_P_ptr, SEED_ptr, a, scale, pid_c,
+def _reduce_block(P_ptr, L_ptr, rows, sel, acc, p_a, SEED_ptr, pid_c, offs_c, mask_c, offs_r, mask_r,
+                  C, stride_pm, stride_pc, stride_lm, stride_lr, BLOCK_C: tl.constexpr,
+                  HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc (BLOCK_C, BLOCK_R) fp32 += (keep? ⊙ P)[rows, cols]^T L[rows] over the rows with ``sel``."""
+    p_t = tl.load(P_ptr + rows[None, :].to(tl.int64) * stride_pm + offs_c[:, None] * stride_pc,
+                  mask=mask_c[:, None] & sel[None, :], other=0.0).to(DOT_DTYPE)
+    if HAS_DROPOUT:
+        keep = tl.trans(keep_mask_rows(SEED_ptr, rows, pid_c * BLOCK_C, C, p_a, BLOCK_C))
+        p_t = tl.where(keep, p_t, 0.0).to(DOT_DTYPE)
+    lo = tl.load(L_ptr + rows[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
+                 mask=sel[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+    if DOT_DTYPE == tl.float16:
+        # fp16 range (fp16.py): a power-of-two factor per rank column of L, put back after the dot
+        lo, rank_f = pow2_split(lo, 0)
+        acc += tl.dot(p_t, lo.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32) * rank_f
+    else:
+        acc = tl.dot(p_t, lo.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _segment_reduce(P_ptr, L_ptr, OUT_ptr, IDX_ptr, PERM_ptr, SEG_ptr, DROP_P_ptr, SEED_ptr, a, scale, pid_c,
                     M, C, R, stride_pm, stride_pc, stride_lm, stride_lr, stride_oc, stride_or,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """OUT[c, r] = scale * sum over the rows m with IDX[m] == a, in row order, of (keep? ⊙ P)[m, c] L[m, r], for
-    the columns c of block ``pid_c`` (P (M, C), L (M, R) fp32, OUT (C, R) through its strides)."""
+                    HAS_DROPOUT: tl.constexpr, SORTED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
+    """OUT[c, r] = scale * sum over the rows m with IDX[m] == a of (keep? ⊙ P)[m, c] L[m, r], for the columns c
+    of block ``pid_c`` (P (M, C), L (M, R) fp32, OUT (C, R) through its strides). Unsorted: every row block in
+    row order, those without a row of a skipped. SORTED: only a's segment SEG[a] .. SEG[a + 1] of the sorted
+    positions, in blocks of BLOCK_M from its start (its rows in row order: the sort is stable), each block a's
+    rows alone."""
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
     mask_c = offs_c < C
     mask_r = offs_r < R
     acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    p_a = 0.0
     if HAS_DROPOUT:
         p_a = tl.load(DROP_P_ptr + a)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        idx = tl.load(IDX_ptr + offs_m, mask=mask_m, other=-1).to(tl.int32)
-        sel = idx == a
-        if tl.sum(sel.to(tl.int32), axis=0) > 0:
-            p_t = tl.load(P_ptr + offs_m[None, :].to(tl.int64) * stride_pm + offs_c[:, None] * stride_pc,
-                          mask=mask_c[:, None] & sel[None, :], other=0.0).to(DOT_DTYPE)
-            if HAS_DROPOUT:
-                keep = tl.trans(keep_mask_rows(SEED_ptr, offs_m, pid_c * BLOCK_C, C, p_a, BLOCK_C))
-                p_t = tl.where(keep, p_t, 0.0).to(DOT_DTYPE)
-            lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
-                         mask=sel[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-            if DOT_DTYPE == tl.float16:
-                # fp16 range (fp16.py): a power-of-two factor per rank column of L, put back after the dot
-                lo, rank_f = pow2_split(lo, 0)
-                acc += tl.dot(p_t, lo.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32) * rank_f
-            else:
-                acc = tl.dot(p_t, lo.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    if SORTED:
+        start = tl.load(SEG_ptr + a).to(tl.int32)
+        end = tl.load(SEG_ptr + a + 1).to(tl.int32)
+        for m0 in range(start, end, BLOCK_M):
+            pos = m0 + tl.arange(0, BLOCK_M)
+            sel = pos < end
+            rows = tl.load(PERM_ptr + pos, mask=sel, other=0).to(tl.int32)
+            acc = _reduce_block(P_ptr, L_ptr, rows, sel, acc, p_a, SEED_ptr, pid_c, offs_c, mask_c, offs_r,
+                                mask_r, C, stride_pm, stride_pc, stride_lm, stride_lr, BLOCK_C, HAS_DROPOUT,
+                                DOT_DTYPE, INPUT_PRECISION)
+    else:
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < M
+            idx = tl.load(IDX_ptr + offs_m, mask=mask_m, other=-1).to(tl.int32)
+            sel = idx == a
+            if tl.sum(sel.to(tl.int32), axis=0) > 0:
+                acc = _reduce_block(P_ptr, L_ptr, offs_m, sel, acc, p_a, SEED_ptr, pid_c, offs_c, mask_c,
+                                    offs_r, mask_r, C, stride_pm, stride_pc, stride_lm, stride_lr, BLOCK_C,
+                                    HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
     tl.store(OUT_ptr + offs_c[:, None].to(tl.int64) * stride_oc + offs_r[None, :] * stride_or,
              (acc * scale).to(OUT_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_r[None, :])
 
@@ -217,8 +265,10 @@ def _segment_reduce(P_ptr, L_ptr, OUT_ptr, IDX_ptr, DROP_P_ptr, SEED_ptr, a, sca
 @triton.jit
 def multi_reduce_kernel(
     # pointers: X (M, K), DS (M, R) fp32, DA (n, K, R); DY (M, N), S (M, R) fp32, DB (n, R, N); IDX (M,) int64;
-    # DA_SCALE, DB_SCALE, DROP_P (n,) fp32; SEED int64
-    X_ptr, DS_ptr, DA_ptr, DY_ptr, S_ptr, DB_ptr, IDX_ptr, DA_SCALE_ptr, DB_SCALE_ptr, DROP_P_ptr, SEED_ptr,
+    # PERM (M,) int64 and SEG (n + 1,) int64 (read when SORTED: the rows in adapter order, adapter a's at sorted
+    # positions SEG[a] .. SEG[a + 1]); DA_SCALE, DB_SCALE, DROP_P (n,) fp32; SEED int64
+    X_ptr, DS_ptr, DA_ptr, DY_ptr, S_ptr, DB_ptr, IDX_ptr, PERM_ptr, SEG_ptr, DA_SCALE_ptr, DB_SCALE_ptr,
+    DROP_P_ptr, SEED_ptr,
     # sizes (K_BLOCKS: programs along dim 0 that compute dA; the others compute dB)
     M, K, N, R, K_BLOCKS,
     # strides
@@ -226,7 +276,7 @@ def multi_reduce_kernel(
     stride_dym, stride_dyn, stride_sm, stride_sr, stride_dba, stride_dbr, stride_dbn,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SORTED: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Program (c, a): for c < K_BLOCKS, block c of dA[a] = DA_SCALE[a] * (keep ⊙ x)^T dS over a's rows; else
     block c - K_BLOCKS of dB[a]^T = DB_SCALE[a] * dY^T S over a's rows (written through dB's strides). One
@@ -234,14 +284,15 @@ def multi_reduce_kernel(
     pid_c = tl.program_id(0)
     a = tl.program_id(1)
     if pid_c < K_BLOCKS:
-        _segment_reduce(X_ptr, DS_ptr, DA_ptr + a.to(tl.int64) * stride_daa, IDX_ptr, DROP_P_ptr, SEED_ptr, a,
-                        tl.load(DA_SCALE_ptr + a), pid_c, M, K, R, stride_xm, stride_xk, stride_dsm, stride_dsr,
-                        stride_dak, stride_dar, BLOCK_M, BLOCK_C, BLOCK_R, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
+        _segment_reduce(X_ptr, DS_ptr, DA_ptr + a.to(tl.int64) * stride_daa, IDX_ptr, PERM_ptr, SEG_ptr,
+                        DROP_P_ptr, SEED_ptr, a, tl.load(DA_SCALE_ptr + a), pid_c, M, K, R, stride_xm, stride_xk,
+                        stride_dsm, stride_dsr, stride_dak, stride_dar, BLOCK_M, BLOCK_C, BLOCK_R, HAS_DROPOUT,
+                        SORTED, DOT_DTYPE, INPUT_PRECISION)
     else:
-        _segment_reduce(DY_ptr, S_ptr, DB_ptr + a.to(tl.int64) * stride_dba, IDX_ptr, DROP_P_ptr, SEED_ptr, a,
-                        tl.load(DB_SCALE_ptr + a), pid_c - K_BLOCKS, M, N, R, stride_dym, stride_dyn, stride_sm,
-                        stride_sr, stride_dbn, stride_dbr, BLOCK_M, BLOCK_C, BLOCK_R, False, DOT_DTYPE,
-                        INPUT_PRECISION)
+        _segment_reduce(DY_ptr, S_ptr, DB_ptr + a.to(tl.int64) * stride_dba, IDX_ptr, PERM_ptr, SEG_ptr,
+                        DROP_P_ptr, SEED_ptr, a, tl.load(DB_SCALE_ptr + a), pid_c - K_BLOCKS, M, N, R, stride_dym,
+                        stride_dyn, stride_sm, stride_sr, stride_dbn, stride_dbr, BLOCK_M, BLOCK_C, BLOCK_R, False,
+                        SORTED, DOT_DTYPE, INPUT_PRECISION)
 
 
 # --- launchers ---------------------------------------------------------------------------------------------------
@@ -260,22 +311,28 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _proj_config(dtype):
-    if _interpreted():
+# each config function: the GPU tile, or the interpreter's (``gpu=None``: as this process runs the kernels; the
+# compile report asks for the GPU's from a process that interprets them)
+def _proj_config(dtype, *, gpu=None):
+    if not (gpu if gpu is not None else not _interpreted()):
         return dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1)
     return dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2)
 
 
-def _gemm_config(dtype):
-    if _interpreted():
+def _gemm_config(dtype, dropout: bool = False, block_r: int = 16, *, gpu=None):
+    if not (gpu if gpu is not None else not _interpreted()):
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+    if dropout and block_r >= 64:
+        # dX regenerating the keep-mask at rank 64: 128x128 with 8 warps spills 8-40 B (compile report, triton
+        # 3.9, sm_80 bf16/fp16 and sm_90 fp16, fp32 adapters, both row orders); 64x128 with 8 warps does not
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _reduce_config(dtype):
-    if _interpreted():
+def _reduce_config(dtype, *, gpu=None):
+    if not (gpu if gpu is not None else not _interpreted()):
         return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=1)
     return dict(BLOCK_M=64, BLOCK_C=64, num_warps=4, num_stages=2)
 
@@ -298,61 +355,91 @@ def _dot(dtype):
     return dict(DOT_DTYPE=configs.dot_dtype(dtype), INPUT_PRECISION=configs.input_precision(dtype))
 
 
-def _project(P, Q, q_strides, R, idx, row_scale, drop_p, seed, has_dropout):
+def sort_rows(idx: torch.Tensor, n: int):
+    """The rows in adapter order, for the sorted variant: (sorted_idx, perm, seg), computed once per call with
+    torch on idx's device (no host sync) and reused by the backward. idx (M,) int64 in [-1, n); perm (M,) int64
+    a stable sort of idx (rows of one adapter keep their order), sorted_idx = idx[perm]; seg (n + 1,) int64,
+    adapter a's rows at sorted positions seg[a] .. seg[a + 1] (the rows of -1 come first, before seg[0]).
+    Three small torch launches (sort, bincount, cumsum)."""
+    sorted_idx, perm = torch.sort(idx, stable=True)
+    seg = torch.cumsum(torch.bincount(idx + 1, minlength=n + 1), 0)
+    return sorted_idx, perm, seg
+
+
+def _order(idx, order):
+    """(IDX, PERM, SEG, SORTED) for a launch: the row index itself, or the sorted one with its permutation."""
+    if order is None:
+        return idx, idx, idx, False
+    sorted_idx, perm, seg = order
+    return sorted_idx, perm, seg, True
+
+
+def _project(P, Q, q_strides, R, idx, row_scale, drop_p, seed, has_dropout, order=None):
     """OUT (M, R) fp32 = row_scale[a] * (keep? ⊙ P) Q[a] per row (multi_proj_kernel); Q given as (tensor,
-    (stride_a, stride_k, stride_r))."""
+    (stride_a, stride_k, stride_r)); ``order``: None, or ``sort_rows``' tuple (the rows visited in adapter
+    order)."""
     M, K = P.shape
     out = torch.empty((M, R), dtype=torch.float32, device=P.device)
     cfg = _proj_config(P.dtype)
+    idx_k, perm, _, sorted_ = _order(idx, order)
     multi_proj_kernel[(_cdiv(M, cfg["BLOCK_M"]),)](
-        P, Q, idx, row_scale, drop_p, seed if seed is not None else out, out,
+        P, Q, idx_k, perm, row_scale, drop_p, seed if seed is not None else out, out,
         M, K, R, Q.shape[0],
         P.stride(0), P.stride(1), *q_strides, out.stride(0), out.stride(1),
-        BLOCK_R=configs.block_r(R), HAS_DROPOUT=has_dropout, **_dot(P.dtype), **cfg)
+        BLOCK_R=configs.block_r(R), HAS_DROPOUT=has_dropout, SORTED=sorted_, **_dot(P.dtype), **cfg)
     return out
 
 
-def _gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, n, idx, row_scale, drop_p, seed, has_dropout, out):
-    """out (M, N) = P Q (+ bias) + row_scale[a] * (keep? ⊙ (L RM[a])) per row (multi_gemm_kernel)."""
+def _gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, n, idx, row_scale, drop_p, seed, has_dropout, out,
+          order=None):
+    """out (M, N) = P Q (+ bias) + row_scale[a] * (keep? ⊙ (L RM[a])) per row (multi_gemm_kernel); ``order`` as
+    ``_project``'s."""
     M, K = P.shape
     R = L.shape[1]
-    cfg = _gemm_config(P.dtype)
+    cfg = _gemm_config(P.dtype, has_dropout, configs.block_r(R))
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
+    idx_k, perm, _, sorted_ = _order(idx, order)
     multi_gemm_kernel[grid](
-        P, Q, bias if bias is not None else out, L, RM, idx, row_scale, drop_p, out,
+        P, Q, bias if bias is not None else out, L, RM, idx_k, perm, row_scale, drop_p, out,
         seed if seed is not None else out,
         M, N, K, R, n,
         P.stride(0), P.stride(1), *q_strides, L.stride(0), L.stride(1), *rm_strides, out.stride(0), out.stride(1),
-        BLOCK_R=configs.block_r(R), HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, **_dot(P.dtype), **cfg)
+        BLOCK_R=configs.block_r(R), HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, SORTED=sorted_,
+        **_dot(P.dtype), **cfg)
     return out
 
 
-def multi_forward(x, weight, bias, A, B, idx, params, has_dropout, seed, out):
+def multi_forward(x, weight, bias, A, B, idx, params, has_dropout, seed, out, order=None):
     """Forward of lora_linear_multi, two launches. x (M, K), weight (N, K), bias (N,) or None, A (n, K, R),
     B (n, R, N), idx (M,) int64 in [-1, n), params: ``adapter_params``; ``seed`` int64 (one element) when
-    ``has_dropout``. Writes y (M, N) into ``out``; returns S = keep_scale[a] * dropout(x) A[a] (M, R) fp32,
-    zero on rows of adapter -1 (with x and idx, what backward needs)."""
+    ``has_dropout``; ``order``: None (rows in their order, each tile looping over the adapters present in it)
+    or ``sort_rows(idx, n)`` (rows visited in adapter order through the permutation, x and y read and written
+    in place). Writes y (M, N) into ``out``; returns S = keep_scale[a] * dropout(x) A[a] (M, R) fp32 in x's row
+    order, zero on rows of adapter -1 (with x, idx and ``order``, what backward needs)."""
     from .ops import _along_k
 
     n, K, R = A.shape
     N = weight.shape[0]
     x, weight = _along_k(x, 1), _along_k(weight, 1)
     S = _project(x, A, (A.stride(0), A.stride(1), A.stride(2)), R, idx, params[KEEP_SCALE], params[DROP_P], seed,
-                 has_dropout)
+                 has_dropout, order)
     # Q = W^T: element (k, n) is weight[n, k]; RM = B[a]
     _gemm(x, weight, (weight.stride(1), weight.stride(0)), N, bias, S, B, (B.stride(0), B.stride(1), B.stride(2)),
-          n, idx, params[SCALE], params[DROP_P], None, False, out)
+          n, idx, params[SCALE], params[DROP_P], None, False, out, order)
     return S
 
 
 def multi_backward(dy, x, weight, A, B, S, idx, params, has_dropout, seed, *, need_dx=True, need_dA=True,
-                   need_dB=True):
+                   need_dB=True, order=None):
     """Backward of lora_linear_multi, three launches: dS = dY B[a]^T (multi_proj_kernel), dX = dY W +
     scale[a] keep_scale[a] keep ⊙ (dS A[a]^T) (multi_gemm_kernel), dA and dB per adapter over its own rows
     (multi_reduce_kernel). dy (M, N), x (M, K); returns (dx, dA, dB), None where not needed; dA (n, K, R) and
-    dB (n, R, N) in A's dtype, zero for an adapter without rows."""
+    dB (n, R, N) in A's dtype, zero for an adapter without rows. ``order``: the forward's (None or
+    ``sort_rows``' tuple). Sorted, each adapter's gradient programs walk its own segment only (M rows read in all
+    instead of M per adapter), in blocks that start at the segment's start: dA and dB are summed in another
+    grouping than unsorted (the same rows, in the same order, but other fp32 partial sums)."""
     from .ops import _along_k
 
     n, K, R = A.shape
@@ -360,26 +447,27 @@ def multi_backward(dy, x, weight, A, B, S, idx, params, has_dropout, seed, *, ne
     dy, x, weight = _along_k(dy, 1), _along_k(x, 1), _along_k(weight, 0)
     # B[a]^T as (N, R): element (k, r) is B[a, r, k]
     dS = _project(dy, B, (B.stride(0), B.stride(2), B.stride(1)), R, idx, params[ONES], params[DROP_P], None,
-                  False)
+                  False, order)
     dx = dA = dB = None
     if need_dx:
         dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
         # Q = W as (N, K); RM = A[a]^T: element (r, k) is A[a, k, r]
         _gemm(dy, weight, (weight.stride(0), weight.stride(1)), K, None, dS, A,
               (A.stride(0), A.stride(2), A.stride(1)), n, idx, params[DX_SCALE], params[DROP_P], seed, has_dropout,
-              dx)
+              dx, order)
     if need_dA or need_dB:
         dA = torch.empty(A.shape, dtype=A.dtype, device=A.device)
         dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
         cfg = _reduce_config(x.dtype)
         k_blocks = _cdiv(K, cfg["BLOCK_C"]) if need_dA else 0
         n_blocks = _cdiv(N, cfg["BLOCK_C"]) if need_dB else 0
+        idx_k, perm, seg, sorted_ = _order(idx, order)
         multi_reduce_kernel[(k_blocks + n_blocks, n)](
-            x, dS, dA, dy, S, dB, idx, params[DX_SCALE], params[SCALE], params[DROP_P],
+            x, dS, dA, dy, S, dB, idx_k, perm, seg, params[DX_SCALE], params[SCALE], params[DROP_P],
             seed if seed is not None else dS,
             M, K, N, R, k_blocks,
             x.stride(0), x.stride(1), dS.stride(0), dS.stride(1), dA.stride(0), dA.stride(1), dA.stride(2),
             dy.stride(0), dy.stride(1), S.stride(0), S.stride(1), dB.stride(0), dB.stride(1), dB.stride(2),
-            BLOCK_R=configs.block_r(R), HAS_DROPOUT=has_dropout, **_dot(x.dtype), **cfg)
+            BLOCK_R=configs.block_r(R), HAS_DROPOUT=has_dropout, SORTED=sorted_, **_dot(x.dtype), **cfg)
     return dx, dA if need_dA else None, dB if need_dB else None
 
