@@ -647,8 +647,9 @@ def test_saved_bytes_no_more_than_peft(p):
     peft_bytes, _, y_peft = saved_bytes(model, x.clone().requires_grad_(), params)
     patch_peft(model)
     ours_bytes, ours_tensors, y_ours = saved_bytes(model, x.clone().requires_grad_(), params)
-    # ours: x (bf16), S (M x r fp32), V (M x N bf16), g (N fp32), the seed with dropout
-    expected = 40 * 64 * 2 + 40 * 8 * 4 + 40 * 48 * 2 + 48 * 4 + (8 if p else 0)
+    # ours: x (bf16), S (M x r fp32), V (M x N bf16), g (N fp32), with dropout the keep-mask's bits (M rows of
+    # philox.mask_row_bytes(64) = 16 bytes: ceil(64 / 8) rounded up to 16)
+    expected = 40 * 64 * 2 + 40 * 8 * 4 + 40 * 48 * 2 + 48 * 4 + (40 * 16 if p else 0)
     assert ours_bytes == expected, ours_tensors
     assert ours_bytes <= peft_bytes
 
@@ -662,7 +663,8 @@ def test_bench_rows_meta_saved_bytes_and_cost_model():
     assert saved.check_meta_against_real(["lora-fast-dora"], shape=(48, 40, 24, 4)) == []
     for p in (0.0, 0.1):
         ours = saved.measure("lora-fast-dora", 48, 40, 24, 4, torch.bfloat16, p, True)[0]
-        assert ours == 2 * 48 * 40 + 4 * 48 * 4 + 2 * 48 * 24 + 4 * 24 + (8 if p else 0)
+        # x, S, V, g and with dropout the keep-mask's bits (48 rows of 16 bytes: 40 columns, rows padded to 16)
+        assert ours == 2 * 48 * 40 + 4 * 48 * 4 + 2 * 48 * 24 + 4 * 24 + (48 * 16 if p else 0)
         assert ours <= saved.measure("peft-dora", 48, 40, 24, 4, torch.bfloat16, p, True)[0]
     errors = accuracy.errors("lora-fast-dora", torch.float32, shapes=((37, 45, 29, 3, True),))
     assert set(errors) == {"y", "dx", "dA", "dB"} and max(errors.values()) < 1e-5
