@@ -62,8 +62,9 @@ def _meta_dora_norm(weight, A, B, magnitude, scale):
 
 
 def _meta_dora_forward(x, weight, bias, A, B, gscale, norm, scale, dropout_p=0.0, seed=None, *, out=None,
-                       keep_v=True, base_gemm=None):
+                       keep_v=True, base_gemm=None, keep_out=None):
     # the outputs of lora_fast.kernels.dora.dora_forward: y (into ``out``), S (M, r) fp32, V (M, N) in x's dtype
+    # (the bit-packed keep-mask goes into ``keep_out``, which the caller allocated)
     y, S = _meta_lora_forward(x, weight, bias, A, B, scale, out=out)
     return y, S, (x.new_empty((x.shape[0], B.shape[1])) if keep_v else None)
 

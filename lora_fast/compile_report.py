@@ -160,10 +160,8 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
         partials = 4 * rank < configs_mod.PROJ_BLOCK_M
         return [dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True),
                 dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True, Q_FP32=True)]
-    if kernel == "da_reduce":   # SAVED_MASK: the 16-bit op reads the bits; DoRA and the 4-bit op run Philox
-        return [dict(HAS_DROPOUT=False, SAVED_MASK=False, SPLIT_M=True),
-                dict(HAS_DROPOUT=True, SAVED_MASK=True, SPLIT_M=True),
-                dict(HAS_DROPOUT=True, SAVED_MASK=False, SPLIT_M=True)]
+    if kernel == "da_reduce":   # with dropout every op (LoRA, DoRA, 4-bit) reads the forward's bits
+        return [dict(HAS_DROPOUT=False, SPLIT_M=True), dict(HAS_DROPOUT=True, SPLIT_M=True)]
     if kernel in ("grad_finish", "dora_norm"):
         return [dict()]
     if kernel == "dora_norm_4bit":   # nested absmax is the heavier dequantization; any-shape: per-element gathers
@@ -218,7 +216,7 @@ def _variant_label(flags: dict) -> str:
     names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB", "SPLIT_K": "split",
              "SPLIT_M": "split", "HAS_BASE": "base", "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G": "g",
              "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V", "Q_FP32": "fp32-Q", "ABSMAX_BOX": "absmax-tma",
-             "WRITE_MASK": "bits", "SAVED_MASK": "bits", "SORTED": "sorted", "MULTI_FWD": "fwd"}
+             "WRITE_MASK": "bits", "SORTED": "sorted", "MULTI_FWD": "fwd"}
     label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 
@@ -409,15 +407,12 @@ def launch_args(job: Job) -> tuple:
     if job.kernel == "da_reduce":
         # P = x (M, K), L = dS (M, R) fp32; ROWS_PER_SPLIT is a multiple of REDUCE_BLOCK_M
         # OUT = dA (K, R) in x's dtype; COUNTER int32
-        # the keep-mask: its bits (MASK, uint8 rows of K / 8 bytes) with SAVED_MASK, else the seed; the pointer not
-        # used is dA (ops.py)
-        saved = meta.get("SAVED_MASK", False)
-        args = dict(P_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), PARTIAL_ptr=_Ptr("fp32"),
-                    SEED_ptr=_Ptr("i64" if dropout and not saved else x), OUT_ptr=_Ptr(x), COUNTER_ptr=_Ptr("i32"),
-                    MASK_ptr=_Ptr("u8" if saved else x),
+        # the keep-mask with dropout: its bits (MASK, uint8 rows of K / 8 bytes); without, the pointer is dA (ops.py)
+        args = dict(P_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), PARTIAL_ptr=_Ptr("fp32"), OUT_ptr=_Ptr(x),
+                    COUNTER_ptr=_Ptr("i32"), MASK_ptr=_Ptr("u8" if dropout else x),
                     M=M, K=K, R=R, ROWS_PER_SPLIT=16 * cfg.reduce_blocks(job_dtype)[0], M_BUCKET=M, stride_pm=K,
                     stride_pk=1, stride_lm=R, stride_lr=1, stride_ok=R, stride_or=1,
-                    stride_mask=K // 8 if saved else 0, scale=0.5, dropout_p=0.1,
+                    stride_mask=K // 8 if dropout else 0, scale=0.5,
                     BLOCK_M=cfg.reduce_blocks(job_dtype)[0], BLOCK_K=cfg.reduce_blocks(job_dtype)[1])
         return reduce_m_kernel, dict(args, **common, **meta)
     if job.kernel in MULTI_KERNELS:
@@ -511,9 +506,10 @@ def _dora_launch_args(job: Job, x: str, R: int, M: int, N: int, K: int, meta: di
                     PARTIAL_ptr=_Ptr("fp32"), M=M, N=N, ROWS_PER_SPLIT=16 * blocks["BLOCK_M"], stride_dm=N,
                     stride_dn=1, stride_vm=N, stride_vn=1, stride_gm=N, stride_gn=1, **blocks)
         return dora.dora_grad_kernel, dict(args, **meta)
-    # dora_combine: T (M, K), BASE (M, K), OUT (M, K), the seed
-    args = dict(T_ptr=_Ptr(x), BASE_ptr=_Ptr(x), OUT_ptr=_Ptr(x), SEED_ptr=_Ptr("i64"), M=M, K=K, stride_tm=K,
-                stride_tk=1, stride_bm=K, stride_bk=1, stride_om=K, stride_ok=1, keep_scale=1.0 / 0.9, dropout_p=0.1,
+    # dora_combine: T (M, K), BASE (M, K), OUT (M, K), the forward's keep-mask bits (uint8 rows of K / 8 bytes)
+    args = dict(T_ptr=_Ptr(x), BASE_ptr=_Ptr(x), OUT_ptr=_Ptr(x), MASK_ptr=_Ptr("u8"), M=M, K=K, stride_tm=K,
+                stride_tk=1, stride_bm=K, stride_bk=1, stride_om=K, stride_ok=1, stride_mask=K // 8,
+                keep_scale=1.0 / 0.9,
                 BLOCK_M=blocks["BLOCK_M"], BLOCK_K=blocks["BLOCK_N"])
     return dora.dropout_combine_kernel, dict(args, **meta)
 
@@ -541,25 +537,26 @@ def _launch_args_4bit(job: Job, x: str, common: dict, meta: dict) -> tuple:
         # as the cp.async kernel's below, P by rows only; NUM_SMS of an H100 / H200
         fwd = job.kernel == "fwd_gemm_4bit_tma"
         args = dict(P_ptr=_Ptr(x), **weight, BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
-                    OUT_ptr=_Ptr(x), SEED_ptr=_Ptr("i64" if dropout else x), M=M, N=N if fwd else K,
+                    OUT_ptr=_Ptr(x), MASK_ptr=_Ptr("u8" if dropout else x), M=M, N=N if fwd else K,
                     K=K if fwd else N, R=R, M_BUCKET=M, W_COLS=K, stride_pm=K if fwd else N, stride_lm=R,
                     stride_lr=1, stride_rr=N if fwd else 1, stride_rn=1 if fwd else R, stride_om=N if fwd else K,
-                    stride_on=1, lowrank_scale=0.5, dropout_p=0.1 if dropout else 0.0, NUM_SMS=132,
+                    stride_on=1, stride_mask=K // 8 if dropout else 0, lowrank_scale=0.5, NUM_SMS=132,
                     TRANSPOSE_W=fwd)
         return gemm_4bit_lowrank_tma_kernel, dict(args, **weight_meta, **common, **meta)
     if job.kernel == "fwd_gemm_4bit":
         # P = x (M, K); Q = deq(W)^T; L = S fp32; RM = B (R, N)
         args = dict(P_ptr=_Ptr(x), **weight, BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
-                    OUT_ptr=_Ptr(x), SEED_ptr=_Ptr(x), M=M, N=N, K=K, R=R, M_BUCKET=M, W_COLS=K,
+                    OUT_ptr=_Ptr(x), MASK_ptr=_Ptr(x), M=M, N=N, K=K, R=R, M_BUCKET=M, W_COLS=K,
                     stride_pm=K, stride_pk=1, stride_lm=R, stride_lr=1,
-                    stride_rr=N, stride_rn=1, stride_om=N, stride_on=1, lowrank_scale=0.5, dropout_p=0.0,
+                    stride_rr=N, stride_rn=1, stride_om=N, stride_on=1, stride_mask=0, lowrank_scale=0.5,
                     TRANSPOSE_W=True)
     else:
         # P = dY (M, N); Q = deq(W) (N, K); L = dS fp32; RM = A^T: (r, k) -> A[k, r]
         args = dict(P_ptr=_Ptr(x), **weight, BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
-                    OUT_ptr=_Ptr(x), SEED_ptr=_Ptr("i64" if dropout else x), M=M, N=K, K=N, R=R, M_BUCKET=M,
+                    OUT_ptr=_Ptr(x), MASK_ptr=_Ptr("u8" if dropout else x), M=M, N=K, K=N, R=R, M_BUCKET=M,
                     W_COLS=K, stride_pm=N, stride_pk=1, stride_lm=R, stride_lr=1,
-                    stride_rr=1, stride_rn=R, stride_om=K, stride_on=1, lowrank_scale=0.5, dropout_p=0.1,
+                    stride_rr=1, stride_rn=R, stride_om=K, stride_on=1, stride_mask=K // 8 if dropout else 0,
+                    lowrank_scale=0.5,
                     TRANSPOSE_W=False)
     return gemm_4bit_lowrank_kernel, dict(args, **weight_meta, **common, **meta)
 

@@ -15,7 +15,7 @@ import torch
 
 from . import philox, reference
 from ._checks import check_dora_linear, check_training
-from .functional import _autocast_enabled, _autocast_inputs, dropout_mask, graph_gradients, select_backend
+from .functional import _autocast_enabled, _autocast_inputs, graph_gradients, select_backend
 
 
 class _DoRALinearFunction(torch.autograd.Function):
@@ -24,27 +24,31 @@ class _DoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, magnitude, scale, dropout_p, seed):
         from .kernels import dora as kernels
+        from .kernels import ops
 
         N = weight.shape[0]
         y = x.new_empty((*x.shape[:-1], N))
         x2d = x.reshape(-1, x.shape[-1])
         norm, gscale = kernels.dora_norm(weight, A, B, magnitude, scale)
         need_dm = ctx.needs_input_grad[5]
+        keep = ops.new_keep_mask(x2d.shape[0], x2d.shape[1], x.device) if dropout_p > 0 else None
         if x2d.shape[0] == 0:
             S = torch.zeros((0, A.shape[1]), dtype=torch.float32, device=x.device)
             V = x2d.new_empty((0, N)) if need_dm else None
         else:
             _, S, V = kernels.dora_forward(x2d, weight, bias, A, B, gscale, norm, scale, dropout_p, seed,
-                                           out=y.view(-1, N), keep_v=need_dm)
-        # saved: x, S = dropout(x) A (M x r fp32), the seed, g (N fp32), parameters (no new memory), and V (M x N,
-        # x's dtype: (x_d W^T + s S B) / norm, x_d = x without dropout) only when the magnitude needs a gradient:
-        # PEFT keeps more (its base_result in x's dtype and lora_result in the adapters' dtype, both M x N, and x
-        # in the adapters' dtype). No mask, no dropped copy of x.
+                                           out=y.view(-1, N), keep_v=need_dm, keep_out=keep)
+        # saved: x, S = dropout(x) A (M x r fp32), with dropout the keep-mask's bits the S pass stored (M x K / 8
+        # bytes, rows padded to 16: the forward's x_d, the backward's masked add and dA pass read them; no seed),
+        # g (N fp32), parameters (no new memory), and V (M x N, x's dtype: (x_d W^T + s S B) / norm, x_d = x
+        # without dropout) only when the magnitude needs a gradient: PEFT keeps more (its base_result in x's
+        # dtype and lora_result in the adapters' dtype, both M x N, and x in the adapters' dtype). No dropped
+        # copy of x.
         # a weight made under torch.inference_mode (frozen: it cannot require grad) cannot be saved; it is kept on
         # ctx instead (no version check, as for any frozen weight read again in backward)
         ctx.inference_weight = weight if weight.is_inference() else None
         # the magnitude (a parameter, no new memory) for a differentiable backward (create_graph)
-        ctx.save_for_backward(x, None if weight.is_inference() else weight, A, B, S, V, gscale, seed, magnitude)
+        ctx.save_for_backward(x, None if weight.is_inference() else weight, A, B, S, V, gscale, keep, magnitude)
         ctx.scale, ctx.dropout_p, ctx.has_bias, ctx.mag_dtype = scale, dropout_p, bias is not None, magnitude.dtype
         return y
 
@@ -52,11 +56,11 @@ class _DoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         from .kernels import dora as kernels
 
-        x, weight, A, B, S, V, gscale, seed, magnitude = ctx.saved_tensors
+        x, weight, A, B, S, V, gscale, keep, magnitude = ctx.saved_tensors
         weight = ctx.inference_weight if weight is None else weight
         need_dx, need_dW, need_db, need_dA, need_dB, need_dm = ctx.needs_input_grad[:6]
         if torch.is_grad_enabled():
-            return _backward_graph(ctx, dy, x, weight, A, B, magnitude, seed)
+            return _backward_graph(ctx, dy, x, weight, A, B, magnitude, keep)
         p = ctx.dropout_p
         dx = dW = db = dA = dB = dm = None
         dy2d = dy.reshape(-1, dy.shape[-1])
@@ -70,7 +74,7 @@ class _DoRALinearFunction(torch.autograd.Function):
                 None, None, None
         if need_dx or need_dA or need_dB or need_dm or need_dW:
             dx, dA, dB, dm, dyg, dyg1 = kernels.dora_backward(
-                dy2d, x2d, weight, A, B, S, V, gscale, ctx.scale, p, seed, need_dx=need_dx, need_dA=need_dA,
+                dy2d, x2d, weight, A, B, S, V, gscale, ctx.scale, p, keep, need_dx=need_dx, need_dA=need_dA,
                 need_dB=need_dB, need_dm=need_dm, need_g1=need_dx or need_dW, need_g=need_dW)
             if dx is not None:
                 dx = dx.view(x.shape)
@@ -79,7 +83,7 @@ class _DoRALinearFunction(torch.autograd.Function):
                 if p == 0:
                     dW = dyg.t() @ x2d
                 else:
-                    x_d = kernels.dropout_combine(x2d, 1.0 / (1.0 - p), p, seed)
+                    x_d = kernels.dropout_combine(x2d, 1.0 / (1.0 - p), keep)
                     dW = dy2d.t() @ x2d + dyg1.t() @ x_d
                 dW = dW.to(weight.dtype)
         if need_db and ctx.has_bias:
@@ -89,11 +93,18 @@ class _DoRALinearFunction(torch.autograd.Function):
         return dx, dW, db, dA, dB, dm, None, None, None
 
 
-def _backward_graph(ctx, dy, x, weight, A, B, magnitude, seed):
+def _keep_mask(keep, x, dropout_p: float):
+    """The bool keep-mask (x's shape) of the forward's bits (``philox.unpack_keep_mask``), or None without dropout:
+    the mask of the differentiable backwards."""
+    return philox.unpack_keep_mask(keep, x.shape[-1]).view(x.shape) if dropout_p > 0 else None
+
+
+def _backward_graph(ctx, dy, x, weight, A, B, magnitude, keep):
     """The backward when autograd records it (create_graph=True): the reference maths (``reference.dora_linear``,
-    norm detached) on the saved inputs, the dropout mask regenerated from the seed, differentiated in torch ops
-    that autograd can differentiate again (``functional.graph_gradients``). The bias only shifts y: db = colsum(dy)."""
-    mask = dropout_mask(seed, x, ctx.dropout_p)
+    norm detached) on the saved inputs, the dropout mask unpacked from the forward's bits, differentiated in torch
+    ops that autograd can differentiate again (``functional.graph_gradients``). The bias only shifts y:
+    db = colsum(dy)."""
+    mask = _keep_mask(keep, x, ctx.dropout_p)
 
     def f(x_, weight_, A_, B_, magnitude_):
         return reference.dora_linear(x_, weight_, None, A_, B_, magnitude_, ctx.scale, dropout_p=ctx.dropout_p,
@@ -130,7 +141,8 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     W + scale (A B)^T tile by tile (no cache, no expansion into ||W_n||^2 and cross terms, nothing of size N x K
     stored). The unscaled sum x W^T + scale S B is kept in fp32 until g scales it (so a LoRA term beyond
     16-bit range at a large scale still gives the in-range output). Saved for backward: x, S (M x r fp32), g
-    (N fp32), the seed, and, when the magnitude requires grad, V (M x N in x's dtype) = (x_d W^T + scale S B) /
+    (N fp32), with dropout the keep-mask's bits (M x in_features / 8 bytes: drawn once, by the x A pass, and
+    read by every later pass), and, when the magnitude requires grad, V (M x N in x's dtype) = (x_d W^T + scale S B) /
     norm (x_d = x without dropout; 0 on zero-norm rows) for dm = colsum(dY ⊙ V): the magnitude gets no gradient
     on zero-norm rows, where g does not depend on it. Gradients are deterministic (no atomics).
     Under torch.compile or torch.func transforms the op runs the reference path (``reference.dora_linear``).
@@ -162,17 +174,19 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 class _DoRALinear4bitFunction(torch.autograd.Function):
     """Fused DoRA forward/backward on a frozen 4-bit base (QDoRA), x (..., K): the 16-bit op's passes with the
     4-bit GEMM (each weight tile dequantized in registers) and the 4-bit norm pass. Saved for backward: as the
-    16-bit op (x, S, g, the seed, V when the magnitude trains); the packed weight is read again."""
+    16-bit op (x, S, g, the keep-mask's bits with dropout, V when the magnitude trains); the packed weight is read
+    again."""
 
     @staticmethod
     def forward(ctx, x, bias, A, B, magnitude, packed, scale, dropout_p, seed, sources):
         from . import qlora
         from .kernels import dora as kernels
-        from .kernels import ops_4bit
+        from .kernels import ops, ops_4bit
 
         N = packed.shape[0]
         y = x.new_empty((*x.shape[:-1], N))
         x2d = x.reshape(-1, x.shape[-1])
+        keep = ops.new_keep_mask(x2d.shape[0], x2d.shape[1], x.device) if dropout_p > 0 else None
         norm, gscale = kernels.dora_norm_4bit(packed, A, B, magnitude, scale, x.dtype)
         need_dm = ctx.needs_input_grad[4]
         b_strides = (B.stride(0), B.stride(1))
@@ -181,9 +195,10 @@ class _DoRALinear4bitFunction(torch.autograd.Function):
             return ops_4bit.gemm_4bit_lowrank(P, packed, True, bias_, L, B, b_strides, lowrank_scale, out=out)
 
         _, S, V = kernels.dora_forward(x2d, None, bias, A, B, gscale, norm, scale, dropout_p, seed,
-                                       out=y.view(-1, N), keep_v=need_dm, base_gemm=base_gemm)
-        # the magnitude (a parameter, no new memory) for a differentiable backward (create_graph)
-        ctx.save_for_backward(x, A, B, S, V, gscale, seed, magnitude)
+                                       out=y.view(-1, N), keep_v=need_dm, base_gemm=base_gemm, keep_out=keep)
+        # the magnitude (a parameter, no new memory) for a differentiable backward (create_graph); the keep-mask's
+        # bits with dropout (no seed)
+        ctx.save_for_backward(x, A, B, S, V, gscale, keep, magnitude)
         # the packed weight is read again in backward, not saved: its version counters are (as lora_linear_4bit)
         ctx.versions = qlora._versions(packed, sources)
         ctx.packed, ctx.scale, ctx.dropout_p, ctx.has_bias = packed, scale, dropout_p, bias is not None
@@ -196,7 +211,7 @@ class _DoRALinear4bitFunction(torch.autograd.Function):
         from .kernels import dora as kernels
         from .kernels import ops_4bit
 
-        x, A, B, S, V, gscale, seed, magnitude = ctx.saved_tensors
+        x, A, B, S, V, gscale, keep, magnitude = ctx.saved_tensors
         qlora._check_versions(ctx.versions)
         need_dx, need_db, need_dA, need_dB, need_dm = ctx.needs_input_grad[:5]
         dx = dA = dB = dm = db = None
@@ -206,7 +221,7 @@ class _DoRALinear4bitFunction(torch.autograd.Function):
             # autograd records the backward (create_graph=True): the reference maths in torch ops on deq(W) from
             # the kernels' dequantization (a constant: the 4-bit weight gets no gradient), as lora_linear_4bit
             weight = ops_4bit.dequantize(packed, x.dtype)
-            mask = dropout_mask(seed, x, ctx.dropout_p)
+            mask = _keep_mask(keep, x, ctx.dropout_p)
 
             def f(x_, A_, B_, magnitude_):
                 return reference.dora_linear(x_, weight, None, A_, B_, magnitude_, ctx.scale,
@@ -223,7 +238,7 @@ class _DoRALinear4bitFunction(torch.autograd.Function):
 
         if need_dx or need_dA or need_dB or need_dm:
             dx, dA, dB, dm, _, _ = kernels.dora_backward(
-                dy2d, x.reshape(-1, x.shape[-1]), None, A, B, S, V, gscale, ctx.scale, ctx.dropout_p, seed,
+                dy2d, x.reshape(-1, x.shape[-1]), None, A, B, S, V, gscale, ctx.scale, ctx.dropout_p, keep,
                 need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, need_dm=need_dm, need_g1=need_dx,
                 dx_gemm=dx_gemm)
             dx = dx.view(x.shape) if dx is not None else None

@@ -106,15 +106,6 @@ def graph_gradients(f, inputs, needs, dy):
     return out
 
 
-def dropout_mask(seed, x, dropout_p: float):
-    """The kernels' keep-mask of a call (x's shape, bool) from its seed, in torch ops (``philox.keep_mask``), or
-    None without dropout: the mask the DoRA and 4-bit ops' differentiable backwards regenerate."""
-    if dropout_p <= 0:
-        return None
-    K = x.shape[-1]
-    return philox.keep_mask(seed, x.numel() // K if K else 0, K, dropout_p).view(x.shape)
-
-
 def _backward_graph(dy, x, weight, A, B, S, scale: float, dropout_p: float, keep, need_dx, need_dA, need_dB):
     """(dx, dA, dB) as ``_backward_kernels``, in torch ops recorded on the graph (``graph_gradients``): the
     reference maths on the saved inputs, the dropout mask unpacked from the forward's bits."""

@@ -20,7 +20,7 @@ import torch
 
 from . import philox, reference, reference_4bit
 from ._checks import check_lora_linear, check_training
-from .functional import _autocast_enabled, _autocast_inputs, dropout_mask, graph_gradients, select_backend
+from .functional import _autocast_enabled, _autocast_inputs, graph_gradients, select_backend
 
 QUANT_TYPES = ("nf4", "fp4")
 GEMM_4BIT_PATHS = ("auto", "fused", "dequant", "tma")
@@ -213,12 +213,16 @@ def _measured_path(x, packed, bias, A, B, scale) -> str:
 
 
 def _forward(x, packed, bias, A, B, scale, dropout_p, seed, path):
-    from .kernels import ops_4bit
+    """(y, S, keep) from the kernels: keep the keep-mask the S pass drew, bit-packed (uint8 (M,
+    philox.mask_row_bytes(K))) with dropout, else None."""
+    from .kernels import ops, ops_4bit
 
     y = x.new_empty((*x.shape[:-1], packed.shape[0]))
-    _, S = ops_4bit.lora_forward_4bit(x.reshape(-1, x.shape[-1]), packed, bias, A, B, scale, dropout_p, seed,
-                                      out=y.view(-1, packed.shape[0]), path=path)
-    return y, S
+    x2d = x.reshape(-1, x.shape[-1])
+    keep = ops.new_keep_mask(x2d.shape[0], x2d.shape[1], x.device) if dropout_p > 0 else None
+    _, S = ops_4bit.lora_forward_4bit(x2d, packed, bias, A, B, scale, dropout_p, seed,
+                                      out=y.view(-1, packed.shape[0]), path=path, keep_out=keep)
+    return y, S, keep
 
 
 def _weight_sources(qweight, quant_state) -> dict:
@@ -262,12 +266,14 @@ def _check_versions(versions: list) -> None:
 
 class _LoRALinear4bitFunction(torch.autograd.Function):
     """Fused forward/backward on a 4-bit base, x (..., K). Saved for backward: x, S = dropout(x) A (M x r, fp32)
-    and the seed, as the 16-bit op; A and B are parameters; the packed weight is read again (no N x K copy)."""
+    and, with dropout, the keep-mask's bits (M x K / 8 bytes, rows padded to 16), as the 16-bit op; A and B are
+    parameters; the packed weight is read again (no N x K copy)."""
 
     @staticmethod
     def forward(ctx, x, bias, A, B, packed, scale, dropout_p, seed, path, sources):
-        y, S = _forward(x, packed, bias, A, B, scale, dropout_p, seed, path)
-        ctx.save_for_backward(x, A, B, S, seed)
+        y, S, keep = _forward(x, packed, bias, A, B, scale, dropout_p, seed, path)
+        # the bits the S pass stored: the dX GEMM and the dA pass read them (no Philox in backward, no seed kept)
+        ctx.save_for_backward(x, A, B, S, keep)
         # the packed weight is read again in backward, not saved: its tensors' version counters are, so that an
         # in-place change in between raises as autograd raises for a saved tensor
         ctx.versions = _versions(packed, sources)
@@ -278,7 +284,7 @@ class _LoRALinear4bitFunction(torch.autograd.Function):
     def backward(ctx, dy):
         from .kernels import ops_4bit
 
-        x, A, B, S, seed = ctx.saved_tensors
+        x, A, B, S, keep = ctx.saved_tensors
         _check_versions(ctx.versions)
         need_dx, need_db, need_dA, need_dB = ctx.needs_input_grad[:4]
         dx = dA = dB = None
@@ -286,7 +292,7 @@ class _LoRALinear4bitFunction(torch.autograd.Function):
             # autograd records the backward (create_graph=True): torch ops it can differentiate again, on deq(W)
             # from the kernels' dequantization (a constant: the 4-bit weight gets no gradient)
             weight = ops_4bit.dequantize(ctx.packed, x.dtype)
-            mask = dropout_mask(seed, x, ctx.dropout_p)
+            mask = philox.unpack_keep_mask(keep, x.shape[-1]).view(x.shape) if ctx.dropout_p > 0 else None
 
             def f(x_, A_, B_):
                 return reference.lora_linear(x_, weight, None, A_, B_, ctx.scale, dropout_p=ctx.dropout_p,
@@ -296,7 +302,7 @@ class _LoRALinear4bitFunction(torch.autograd.Function):
         elif need_dx or need_dA or need_dB:
             dx, dA, dB = ops_4bit.lora_backward_4bit(
                 dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), ctx.packed, A, B, S, ctx.scale,
-                ctx.dropout_p, seed if ctx.dropout_p > 0 else None, need_dx=need_dx, need_dA=need_dA,
+                ctx.dropout_p, keep, need_dx=need_dx, need_dA=need_dA,
                 need_dB=need_dB, path=ctx.path)
             dx = dx.view(x.shape) if dx is not None else None
         db = None

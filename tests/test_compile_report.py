@@ -176,8 +176,8 @@ def test_command_line_writes_json_and_exits_nonzero_on_a_failing_row(tmp_path, m
                       "--json", str(out)])
     assert status == 1
     rows = json.loads(out.read_text())["rows"]
-    # da_reduce's variants: no dropout, the keep-mask from the forward's bits, the keep-mask from the seed
-    assert len(rows) == len(calls[0]) == 3 * len(configs.reduce_configs((9, 0), torch.bfloat16))
+    # da_reduce's variants: no dropout, the keep-mask from the forward's bits
+    assert len(rows) == len(calls[0]) == 2 * len(configs.reduce_configs((9, 0), torch.bfloat16))
     assert rows[-1]["failures"] and not rows[0]["failures"]
     assert "spills 8 B" in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -210,7 +210,7 @@ def test_markdown_page_and_progress_lines(tmp_path, monkeypatch):
     args = ["--target", "sm_90", "--kernel", "da_reduce", "--dtype", "bf16", "--rank", "16", "--markdown",
             str(page), "--progress-every", "2"]
     assert cr.main(args + ["--json", str(tmp_path / "r.json")]) == 0
-    n = 3 * len(configs.reduce_configs((9, 0), torch.bfloat16))   # da_reduce's three variants
+    n = 2 * len(configs.reduce_configs((9, 0), torch.bfloat16))   # da_reduce's two variants
     lines = [line for line in err.getvalue().splitlines() if line.startswith("compiled ")]
     assert [line.split(" (")[0] for line in lines] == [f"compiled {d}/{n}" for d in range(2, n + 1, 2)] + \
         ([f"compiled {n}/{n}"] if n % 2 else [])

@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from lora_fast import (
@@ -647,8 +648,9 @@ def test_saved_bytes_no_more_than_peft(p):
     peft_bytes, _, y_peft = saved_bytes(model, x.clone().requires_grad_(), params)
     patch_peft(model)
     ours_bytes, ours_tensors, y_ours = saved_bytes(model, x.clone().requires_grad_(), params)
-    # ours: x (bf16), S (M x r fp32), V (M x N bf16), g (N fp32), the seed with dropout
-    expected = 40 * 64 * 2 + 40 * 8 * 4 + 40 * 48 * 2 + 48 * 4 + (8 if p else 0)
+    # ours: x (bf16), S (M x r fp32), V (M x N bf16), g (N fp32), with dropout the keep-mask's bits (M rows of
+    # philox.mask_row_bytes(64) = 16 bytes: ceil(64 / 8) rounded up to 16)
+    expected = 40 * 64 * 2 + 40 * 8 * 4 + 40 * 48 * 2 + 48 * 4 + (40 * 16 if p else 0)
     assert ours_bytes == expected, ours_tensors
     assert ours_bytes <= peft_bytes
 
@@ -662,7 +664,8 @@ def test_bench_rows_meta_saved_bytes_and_cost_model():
     assert saved.check_meta_against_real(["lora-fast-dora"], shape=(48, 40, 24, 4)) == []
     for p in (0.0, 0.1):
         ours = saved.measure("lora-fast-dora", 48, 40, 24, 4, torch.bfloat16, p, True)[0]
-        assert ours == 2 * 48 * 40 + 4 * 48 * 4 + 2 * 48 * 24 + 4 * 24 + (8 if p else 0)
+        # x, S, V, g and with dropout the keep-mask's bits (48 rows of 16 bytes: 40 columns, rows padded to 16)
+        assert ours == 2 * 48 * 40 + 4 * 48 * 4 + 2 * 48 * 24 + 4 * 24 + (48 * 16 if p else 0)
         assert ours <= saved.measure("peft-dora", 48, 40, 24, 4, torch.bfloat16, p, True)[0]
     errors = accuracy.errors("lora-fast-dora", torch.float32, shapes=((37, 45, 29, 3, True),))
     assert set(errors) == {"y", "dx", "dA", "dB"} and max(errors.values()) < 1e-5
@@ -917,3 +920,102 @@ def test_qdora_blocks_straddling_rows(nested):
     assert_close(y, truth.detach(), mag.detach(), torch.float32, Kq + R, "qdora straddling forward", record=False)
     _check_4bit_grads(y, dy, truth, leaves, mag, abs_leaves, inner, norm, (x.grad, A.grad, B.grad, m.grad),
                       torch.float32, Kq, Nq)
+
+
+# --- the keep-mask drawn once per step (issue 28) -----------------------------------------------------------------
+@pytest.mark.parametrize("base", ["16-bit", "4-bit"])
+def test_backward_reads_the_saved_bits(base):
+    """With dropout the forward's x A pass stores the keep-mask as bits (philox.pack_keep_mask's layout, the torch
+    mirror's mask bit for bit), saved for backward instead of the seed; the backward's masked add and dA pass
+    read them (no Philox): one flipped saved bit changes dX in exactly that element and dA in exactly that row,
+    to the float64 reference's values with the flipped mask; dB and dm do not read the mask."""
+    M_, K_, N_, R, p, s = 23, 64, 29, 4, 0.3, 1.5
+    x, b = torch.randn(M_, K_), torch.randn(N_)
+    W = torch.randn(N_, K_) / K_**0.5
+    A, B = torch.randn(K_, R) / K_**0.5, torch.randn(R, N_) / R**0.5
+    if base == "4-bit":
+        bnb_functional = pytest.importorskip("bitsandbytes.functional")
+        qweight, state = bnb_functional.quantize_4bit(W, blocksize=64, quant_type="nf4")
+        W = reference_4bit.dequantize(qweight, state).to(torch.float32)
+    m = (reference.dora_weight_norm(W, A, B, s) * (1.0 + 0.3 * torch.randn(N_))).to(A.dtype)
+    dy = torch.randn(M_, N_)
+    m0, k0 = int(torch.randint(M_, ())), int(torch.randint(K_, ()))
+
+    def run(flip):
+        saved = []
+
+        def pack(t):
+            if t.dtype == torch.uint8:
+                saved.append(t)
+            return t
+
+        def unpack(t):
+            if flip and t.dtype == torch.uint8:
+                t = t.clone()
+                t[m0, k0 // 8] ^= 1 << (k0 % 8)
+            return t
+
+        leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, m)]
+        torch.manual_seed(5)
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            if base == "4-bit":
+                y = dora_linear_4bit(leaves[0], qweight, state, b, *leaves[1:], s, dropout_p=p)
+            else:
+                y = dora_linear(leaves[0], W, b, *leaves[1:], s, dropout_p=p)
+        y.backward(dy)
+        return saved, [t.grad for t in leaves]
+
+    (bits,), grads = run(False)
+    _, flipped = run(True)
+    mask = _mask(5, x.shape, p)
+    used = -(-K_ // 8)   # the mask's bytes per row (the row's padding bytes are never read)
+    assert bits.shape == (M_, philox.mask_row_bytes(K_))
+    assert torch.equal(bits[:, :used], philox.pack_keep_mask(mask)[:, :used])
+    (dx, dA, dB, dm), (fdx, fdA, fdB, fdm) = grads, flipped
+    assert (dx != fdx).nonzero().tolist() == [[m0, k0]]
+    assert (dA != fdA).any(1).nonzero().flatten().tolist() == [k0]
+    assert torch.equal(dB, fdB) and torch.equal(dm, fdm)
+    # the flipped run's dX and dA: the float64 reference's with the flipped mask (g does not depend on the mask)
+    mask[m0, k0] = ~mask[m0, k0]
+    pq = philox.quantize(p)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, A)]
+    ref = reference.dora_linear(ref_leaves[0], W.double(), b.double(), ref_leaves[1], B.double(), m.double(), s,
+                                dropout_p=pq, training=True, dropout_mask=mask)
+    ref.backward(dy.double())
+    g = m.double() / reference.dora_weight_norm(W.double(), A.double(), B.double(), s)
+    abs_leaves = [t.detach().double().abs().requires_grad_() for t in (x, W, b, A, B)]
+    mag = _formula(*abs_leaves, (g - 1).abs(), g.abs(), abs(s), mask, pq)
+    mag.backward(dy.double().abs())
+    assert_close(fdx, ref_leaves[0].grad, abs_leaves[0].grad, torch.float32, N_ + R, "dora dx, flipped bit")
+    assert_close(fdA, ref_leaves[1].grad, abs_leaves[3].grad, torch.float32, M_, "dora dA, flipped bit")
+
+
+@pytest.mark.parametrize("base", ["16-bit", "4-bit"])
+def test_checkpointing_recomputes_the_same_mask(base):
+    """Activation checkpointing re-runs the forward under the same RNG state: the S pass draws the same seed and
+    stores the same bits, so every gradient equals the plain run's bit for bit."""
+    M_, K_, N_, R, p, s = 19, 64, 24, 4, 0.3, 1.5
+    x = torch.randn(M_, K_)
+    W = torch.randn(N_, K_) / K_**0.5
+    A, B = torch.randn(K_, R) / K_**0.5, torch.randn(R, N_)
+    if base == "4-bit":
+        bnb_functional = pytest.importorskip("bitsandbytes.functional")
+        qweight, state = bnb_functional.quantize_4bit(W, blocksize=64, quant_type="nf4")
+        W = reference_4bit.dequantize(qweight, state).to(torch.float32)
+    m = reference.dora_weight_norm(W, A, B, s) * (1.0 + 0.3 * torch.rand(N_))
+    dy = torch.randn(M_, N_)
+
+    def op(x_, A_, B_, m_):
+        if base == "4-bit":
+            return dora_linear_4bit(x_, qweight, state, None, A_, B_, m_, s, dropout_p=p)
+        return dora_linear(x_, W, None, A_, B_, m_, s, dropout_p=p)
+
+    def step(checkpoint):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, m)]
+        torch.manual_seed(11)
+        y = torch.utils.checkpoint.checkpoint(op, *leaves, use_reentrant=False) if checkpoint else op(*leaves)
+        y.backward(dy)
+        return [t.grad for t in leaves]
+
+    for g1, g2 in zip(step(False), step(True)):
+        assert torch.equal(g1, g2)

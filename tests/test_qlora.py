@@ -504,3 +504,89 @@ def test_bench_qlora_rows(device, monkeypatch):
             monkeypatch.setenv("LORA_FAST_GEMM_4BIT", path)
         assert_close(forward(x).detach(), ref, mag, torch.float32, 64 + 4, name, record=False)
         monkeypatch.delenv("LORA_FAST_GEMM_4BIT", raising=False)
+
+
+@pytest.mark.parametrize("gemm,dtype", [("fused", torch.float32), ("dequant", torch.float32), ("tma", torch.float16)],
+                         ids=str)
+def test_backward_reads_the_saved_bits(gemm, dtype, device, monkeypatch):
+    """With dropout the forward's x A pass stores the keep-mask as bits (philox.pack_keep_mask's layout, the torch
+    mirror's mask bit for bit), saved for backward instead of the seed; the 4-bit dX GEMM (cp.async, TMA, or the
+    16-bit GEMM on the dequantized weight) and the dA pass read them (no Philox in backward): one flipped saved
+    bit changes dX in exactly that element and dA in exactly that row, to the float64 reference's values with the
+    flipped mask."""
+    from lora_fast import philox
+
+    monkeypatch.setenv("LORA_FAST_GEMM_4BIT", gemm)
+    # K = 64: 8 bytes of bits per row; N = 40: dY's 16-bit rows 16-byte aligned (the TMA variant's dX)
+    M, K, N, R, p, scale = 37, 64, 40, 4, 0.3, 2.0
+    qweight, state = _quantize(N, K, dtype, "nf4", 64, False, device)
+    weight = _dequantize(qweight, state).to(dtype)
+    x = torch.randn(M, K, device=device).to(dtype)
+    A = (torch.randn(K, R, device=device) / K**0.5).to(dtype)
+    B = (torch.randn(R, N, device=device) / R**0.5).to(dtype)
+    dy = torch.randn(M, N, device=device).to(dtype)
+    m0, k0 = int(torch.randint(M, ())), int(torch.randint(K, ()))
+
+    def run(flip):
+        saved = []
+
+        def pack(t):
+            if t.dtype == torch.uint8:
+                saved.append(t)
+            return t
+
+        def unpack(t):
+            if flip and t.dtype == torch.uint8:
+                t = t.clone()
+                t[m0, k0 // 8] ^= 1 << (k0 % 8)
+            return t
+
+        leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
+        torch.manual_seed(5)
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            y = lora_linear_4bit(leaves[0], qweight, state, None, *leaves[1:], scale, dropout_p=p)
+        y.backward(dy)
+        return saved, [t.grad for t in leaves]
+
+    (bits,), grads = run(False)
+    _, flipped = run(True)
+    mask = _mask_for(5, x, p)
+    used = -(-K // 8)   # the mask's bytes per row (the row's padding bytes are never read)
+    assert bits.shape == (M, philox.mask_row_bytes(K))
+    assert torch.equal(bits[:, :used], philox.pack_keep_mask(mask)[:, :used])
+    (dx, dA, dB), (fdx, fdA, fdB) = grads, flipped
+    assert (dx != fdx).nonzero().tolist() == [[m0, k0]]
+    assert (dA != fdA).any(1).nonzero().flatten().tolist() == [k0]
+    assert torch.equal(dB, fdB)
+    mask[m0, k0] = ~mask[m0, k0]
+    pq = philox.quantize(p)
+    _, ref = reference_grads(x, weight, None, A, B, scale, dy, dropout_p=pq, mask=mask)
+    _, mag = reference_grads(x, weight, None, A, B, scale, dy, dropout_p=pq, mask=mask, absolute=True)
+    assert_close(fdx, ref[0], mag[0], dtype, N + R, "dx, flipped bit")
+    assert_close(fdA, ref[3], mag[3], dtype, M, "dA, flipped bit")
+
+
+def test_checkpointing_recomputes_the_same_mask(path, device):
+    """Activation checkpointing re-runs the forward under the same RNG state: the S pass draws the same seed and
+    stores the same bits, so every gradient equals the plain run's bit for bit."""
+    import torch.utils.checkpoint
+
+    M, K, N, R = 19, 64, 24, 4
+    qweight, state = _quantize(N, K, torch.float32, "nf4", 64, True, device)
+    x = torch.randn(M, K, device=device)
+    A, B = torch.randn(K, R, device=device) / K**0.5, torch.randn(R, N, device=device)
+    dy = torch.randn(M, N, device=device)
+
+    def step(checkpoint):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
+        torch.manual_seed(11)
+
+        def op(x_, A_, B_):
+            return lora_linear_4bit(x_, qweight, state, None, A_, B_, 1.5, dropout_p=0.3)
+
+        y = torch.utils.checkpoint.checkpoint(op, *leaves, use_reentrant=False) if checkpoint else op(*leaves)
+        y.backward(dy)
+        return [t.grad for t in leaves]
+
+    for g1, g2 in zip(step(False), step(True)):
+        assert torch.equal(g1, g2)

@@ -39,7 +39,7 @@ from .ops import (
     project_input,
     reduce_rows,
 )
-from .rng import keep_mask
+from .rng import load_keep_bits
 
 # ---------------------------------------------------------------------------------------------- kernels
 
@@ -257,27 +257,30 @@ def dora_grad_kernel(
 
 @triton.jit
 def dropout_combine_kernel(
-    # pointers: T (M, K); BASE (M, K) or a dummy; OUT (M, K); SEED (int64, one element)
-    T_ptr, BASE_ptr, OUT_ptr, SEED_ptr,
+    # pointers: T (M, K); BASE (M, K) or a dummy; OUT (M, K); MASK: the forward's bit-packed keep-mask (uint8 rows
+    # of stride_mask bytes)
+    T_ptr, BASE_ptr, OUT_ptr, MASK_ptr,
     # sizes
     M, K,
     # strides
-    stride_tm, stride_tk, stride_bm, stride_bk, stride_om, stride_ok,
+    stride_tm, stride_tk, stride_bm, stride_bk, stride_om, stride_ok, stride_mask,
     # scalars
-    keep_scale, dropout_p,
-    # meta-parameters
+    keep_scale,
+    # meta-parameters (BLOCK_K a multiple of 8: whole bytes of the mask)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BASE: tl.constexpr,
 ):
-    """OUT = BASE? + keep_scale * keep ⊙ T, keep the fused kernels' Philox keep-mask of an (M, K) input (rng.py).
-    Forward: x_d = dropout(x) (no BASE); backward: dX = dY W + keep/(1-p) ⊙ ((g-1) ⊙ dY) W (BASE, in place)."""
+    """OUT = BASE? + keep_scale * keep ⊙ T, keep the keep-mask of an (M, K) input read from the bits the forward's
+    S = dropout(x) A pass stored (rng.load_keep_bits: no Philox here, issue 28). Forward: x_d = dropout(x) and
+    x - x_d (no BASE / BASE = x); backward: dX = dY W + keep/(1-p) ⊙ ((g-1) ⊙ dY) W (BASE, in place)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+    mask_m = offs_m < M
+    mask = mask_m[:, None] & (offs_k < K)[None, :]
     rows = offs_m[:, None].to(tl.int64)
     cols = offs_k[None, :].to(tl.int64)
     t = tl.load(T_ptr + rows * stride_tm + cols * stride_tk, mask=mask, other=0.0).to(tl.float32)
-    keep = keep_mask(SEED_ptr, offs_m, k0, K, dropout_p, BLOCK_K)
+    keep = load_keep_bits(MASK_ptr, offs_m, mask_m, k0, K, stride_mask, BLOCK_K)
     out = tl.where(keep, t * keep_scale, 0.0)
     if HAS_BASE:
         out += tl.load(BASE_ptr + rows * stride_bm + cols * stride_bk, mask=mask, other=0.0).to(tl.float32)
@@ -334,7 +337,7 @@ _norm = _Launcher(dora_norm_kernel, norm_configs, [], _one, pointers=6, scalars=
 _norm_4bit = _Launcher(dora_norm_4bit_kernel, norm_configs, [], _one, pointers=11, scalars=1)
 _scale = _Launcher(dora_scale_kernel, elementwise_configs, [], _one, pointers=7, scalars=0)
 _grad = _Launcher(dora_grad_kernel, elementwise_configs, [], _one, pointers=6, scalars=0)
-_combine = _Launcher(dropout_combine_kernel, elementwise_configs, [], _one, pointers=4, scalars=2)
+_combine = _Launcher(dropout_combine_kernel, elementwise_configs, [], _one, pointers=4, scalars=1)
 
 
 def _eblock():
@@ -399,16 +402,17 @@ def column_scale(U, gscale, norm, *, bias=None, base=None, out=None, v_dtype=Non
     return out, V
 
 
-def dropout_combine(T, keep_scale: float, dropout_p: float, seed, *, base=None, out=None):
-    """OUT (M, K) = base? + keep_scale * keep ⊙ T with the kernels' keep-mask of an (M, K) input under ``seed``."""
+def dropout_combine(T, keep_scale: float, keep, *, base=None, out=None):
+    """OUT (M, K) = base? + keep_scale * keep ⊙ T, ``keep`` the bit-packed keep-mask of an (M, K) input (uint8 (M,
+    ``philox.mask_row_bytes(K)``), what ``project_input(keep_out=)`` stored), one launch."""
     M, K = T.shape
     if out is None:
         out = torch.empty((M, K), dtype=T.dtype, device=T.device)
     blk = _eblock()
     b = base if base is not None else out
-    _combine((_cdiv(M, blk["BLOCK_M"]), _cdiv(K, blk["BLOCK_N"])), T, b, out, seed, M, K,
-             T.stride(0), T.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-             float(keep_scale), float(dropout_p), BLOCK_M=blk["BLOCK_M"], BLOCK_K=blk["BLOCK_N"],
+    _combine((_cdiv(M, blk["BLOCK_M"]), _cdiv(K, blk["BLOCK_N"])), T, b, out, keep, M, K,
+             T.stride(0), T.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), keep.stride(0),
+             float(keep_scale), BLOCK_M=blk["BLOCK_M"], BLOCK_K=blk["BLOCK_N"],
              HAS_BASE=base is not None, device=T.device, dtype=T.dtype)
     return out
 
@@ -445,7 +449,7 @@ def _gemm_wide(P, weight, N, bias, S, B, scale, out):
 
 
 def dora_forward(x, weight, bias, A, B, gscale, norm, scale: float, dropout_p: float = 0.0, seed=None, *,
-                 out=None, keep_v: bool = True, base_gemm=None):
+                 out=None, keep_v: bool = True, base_gemm=None, keep_out=None):
     """Forward of the fused DoRA linear: (y, S, V). x (M, K), weight (N, K), bias (N,) or None, A (K, R),
     B (R, N), gscale and norm (N,) fp32 (``dora_norm``). S = dropout(x) A (M, R) fp32.
 
@@ -456,7 +460,10 @@ def dora_forward(x, weight, bias, A, B, gscale, norm, scale: float, dropout_p: f
                        g ⊙ scale x_d A B, grouped so that no term cancels another).
     V = U / norm (0 on zero-norm rows), in x's dtype, is returned when ``keep_v`` (the magnitude's gradient reads
     it). ``base_gemm(P, bias, L, lowrank_scale, out)``: the GEMM P deq(W)^T + bias + lowrank_scale L B of a
-    4-bit base (weight is then None).
+    4-bit base (weight is then None). With dropout the keep-mask is drawn once, from ``seed`` (int64, one element),
+    by the S pass, which stores it bit-packed into ``keep_out`` (required: ``ops.new_keep_mask(M, K)``); x_d and
+    x - x_d read those bits, as dora_backward does (no Philox after the S pass).
+    Raises ValueError for dropout without ``keep_out``.
     """
     M, _ = x.shape
     N = B.shape[1]
@@ -467,7 +474,9 @@ def dora_forward(x, weight, bias, A, B, gscale, norm, scale: float, dropout_p: f
         def base_gemm(P, bias_, L, lowrank_scale, out_):
             return _gemm_wide(P, weight, N, bias_, L, B, lowrank_scale, out_)
 
-    S, dropout_p, keep_scale = project_input(x, A, dropout_p, seed)
+    if dropout_p > 0 and keep_out is None:
+        raise ValueError("dora_forward: dropout_p > 0 needs keep_out, the bit-packed keep-mask to fill")
+    S, dropout_p, keep_scale = project_input(x, A, dropout_p, seed, keep_out)
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     v_dtype = x.dtype if keep_v else None
@@ -476,8 +485,8 @@ def dora_forward(x, weight, bias, A, B, gscale, norm, scale: float, dropout_p: f
         base_gemm(x, None, S, scale, wide)
         _, V = column_scale(wide, gscale, norm, bias=bias, out=out, v_dtype=v_dtype)
         return out, S, V
-    x_d = dropout_combine(x, keep_scale, dropout_p, seed)
-    rest = dropout_combine(x, -keep_scale, dropout_p, seed, base=x)   # x - x_d
+    x_d = dropout_combine(x, keep_scale, keep_out)
+    rest = dropout_combine(x, -keep_scale, keep_out, base=x)   # x - x_d
     base_gemm(rest, bias, S, 0.0, out)
     del rest
     base_gemm(x_d, None, S, scale, wide)
@@ -486,7 +495,7 @@ def dora_forward(x, weight, bias, A, B, gscale, norm, scale: float, dropout_p: f
     return out, S, V
 
 
-def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: float = 0.0, seed=None, *,
+def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: float = 0.0, keep=None, *,
                   need_dx=True, need_dA=True, need_dB=True, need_dm=True, need_g1=False, need_g=False,
                   dx_gemm=None):
     """Backward of the fused DoRA linear: (dx, dA, dB, dm, dyg, dyg1), each None when not needed.
@@ -503,7 +512,11 @@ def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: fl
     dyg (without dropout, when dX or ``need_g`` asks for it) and dyg1 (with dropout and ``need_g1``) are
     returned for the caller's dW = dyg^T x (or dY^T x + dyg1^T x_d).
     ``dx_gemm(P, L, lowrank_scale)``: P deq(W) + lowrank_scale L A^T of a 4-bit base (weight is then None).
+    With dropout ``keep`` is the forward's bit-packed keep-mask (``dora_forward(keep_out=)``), read by the masked
+    add and the dA pass: no Philox in the backward. Raises ValueError for dropout without ``keep``.
     """
+    if dropout_p > 0 and keep is None:
+        raise ValueError("dora_backward: dropout_p > 0 needs keep, the forward's bit-packed keep-mask")
     M, N = dy.shape
     R = A.shape[1]
     K = x.shape[1]
@@ -561,8 +574,8 @@ def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: fl
     elif need_dx:
         dx = dx_gemm(dy, dS, 0.0)
         inner = dx_gemm(dyg1, dS, scale)
-        dropout_combine(inner, keep_scale, dropout_p, seed, base=dx, out=dx)
+        dropout_combine(inner, keep_scale, keep, base=dx, out=dx)
     if need_dA:
         dA = reduce_rows(x, dS, scale * keep_scale, torch.empty(A.shape, dtype=A.dtype, device=A.device),
-                         dropout_p=dropout_p, seed=seed)
+                         dropout_p=dropout_p, keep=keep)
     return dx, dA, dB, dm, dyg, dyg1

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .fp16 import pow2_split
-from .rng import keep_mask, load_keep_bits
+from .rng import load_keep_bits
 
 
 @triton.jit
@@ -30,46 +30,15 @@ def grouped_tile(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GR
 
 
 @triton.jit
-def lowrank_init(L_ptr, RM_ptr, SEED_ptr, offs_m, offs_n, pid_n, mask_m, mask_n, mask_r, offs_r, N,
-                 stride_lm, stride_lr, stride_rr, stride_rn, lowrank_scale, dropout_p,
-                 BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr):
-    """The (BLOCK_M, BLOCK_N) fp32 low-rank term lowrank_scale * (keep? ⊙ (L @ RM)) that initialises a GEMM's
-    accumulator (the 4-bit GEMM of nf4.py): fp16's range guard of fp16.py, a power-of-two factor per row put back
-    after the dot; the keep-mask regenerated from the seed (rng.keep_mask); without dropout the scale is folded
-    into L (fp32) before its one rounding to the dot dtype. ``lowrank_init_bits``: the same with the saved bits."""
-    lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
-                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    rm = tl.load(RM_ptr + offs_r[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
-                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    lo = lo.to(tl.float32)
-    if HAS_DROPOUT:
-        if DOT_DTYPE == tl.float16:
-            lo, row_f = pow2_split(lo, 1)
-            row_scale = row_f * lowrank_scale
-        else:
-            row_scale = lowrank_scale
-        acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
-        keep = keep_mask(SEED_ptr, offs_m, pid_n * BLOCK_N, N, dropout_p, BLOCK_N)
-        acc = tl.where(keep, acc, 0.0) * row_scale
-    else:
-        lo = lo * lowrank_scale
-        if DOT_DTYPE == tl.float16:
-            lo, row_f = pow2_split(lo, 1)
-            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
-                         out_dtype=tl.float32) * row_f
-        else:
-            acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
-    return acc
-
-
-@triton.jit
 def lowrank_init_bits(L_ptr, RM_ptr, MASK_ptr, offs_m, offs_n, pid_n, mask_m, mask_n, mask_r, offs_r, N,
                       stride_lm, stride_lr, stride_rr, stride_rn, stride_mask, lowrank_scale,
                       BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr):
-    """``lowrank_init`` with the keep-mask read from the forward's bits (MASK: uint8 rows of ``stride_mask``
-    bytes, rng.store_keep_bits) instead of regenerated: the TMA GEMM's dX (gemm_tma.py)."""
+    """The (BLOCK_M, BLOCK_N) fp32 low-rank term lowrank_scale * (keep? ⊙ (L @ RM)) that initialises a GEMM's
+    accumulator (the TMA GEMM of gemm_tma.py, the 4-bit GEMMs of nf4.py): fp16's range guard of fp16.py, a
+    power-of-two factor per row put back after the dot; the keep-mask read from the forward's bits (MASK: uint8
+    rows of ``stride_mask`` bytes, rng.store_keep_bits; no Philox); without dropout the scale is folded into L
+    (fp32) before its one rounding to the dot dtype."""
     lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
                  mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     rm = tl.load(RM_ptr + offs_r[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
@@ -126,7 +95,7 @@ def gemm_lowrank_kernel(
 
     # The low-rank term comes first and initialises the accumulator, so no second (BLOCK_M, BLOCK_N) tile, nor
     # the keep-mask, is live beside the finished accumulator (as an epilogue had them: spills, compile report).
-    # The maths of lowrank_init, written out here: through the helper call ptxas allocated otherwise and dX in
+    # The maths of lowrank_init_bits, written out here: through the helper call ptxas allocated otherwise and dX in
     # fp16 at rank 64 spilled 20 B at 128x128x32 w4 s4 on sm_80 (compile report, triton 3.9)
     lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
                  mask=mask_m[:, None] & mask_r[None, :], other=0.0)

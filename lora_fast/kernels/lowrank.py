@@ -9,7 +9,7 @@ GRAD = grad_scale * sum over groups of PARTIAL (R, K).
   backward: dS = dY @ B^T and dB = scale S^T dY        (P = dY, Q = B^T, L = S), one pass over dY.
 ``reduce_m_kernel``: OUT = scale * (keep? ⊙ P)^T @ L (K, R), its programs over blocks of K and splits of M.
   backward: dA = scale / (1 - p) * (keep ⊙ x)^T dS      (P = x, L = dS); dB of a large rank (P = dY, L = S).
-  The keep-mask is read from the forward's bits (SAVED_MASK) or regenerated from the seed (DoRA, 4-bit).
+  The keep-mask is read from the bits the forward's S pass stored (every op: LoRA, DoRA, 4-bit; issue 28).
 ``sum_partials_kernel``: OUT = (scale * sum over splits of PARTIAL).to(dtype) (DoRA's dm).
 
 Each pass finishes its own reductions in the same launch (issue 26: five launches per layer and step). The
@@ -224,18 +224,18 @@ def lowrank_proj_kernel(
 @triton.jit
 def reduce_m_kernel(
     # pointers (PARTIAL: (splits, K, R) fp32 scratch, only with SPLIT_M; COUNTER: int32, one per block of K, zero
-    # on entry and on exit; OUT (K, R) through its strides; the keep-mask: SEED (int64) to regenerate it, or MASK,
-    # the forward's bits (uint8 rows of stride_mask bytes) with SAVED_MASK)
-    P_ptr, L_ptr, PARTIAL_ptr, SEED_ptr, OUT_ptr, COUNTER_ptr, MASK_ptr,
+    # on entry and on exit; OUT (K, R) through its strides; MASK: the forward's bit-packed keep-mask, uint8 rows
+    # of stride_mask bytes, read with HAS_DROPOUT)
+    P_ptr, L_ptr, PARTIAL_ptr, OUT_ptr, COUNTER_ptr, MASK_ptr,
     # sizes (ROWS_PER_SPLIT: a multiple of BLOCK_M; M_BUCKET only keys the autotuner)
     M, K, R, ROWS_PER_SPLIT, M_BUCKET,
     # strides
     stride_pm, stride_pk, stride_lm, stride_lr, stride_ok, stride_or, stride_mask,
     # scalars
-    scale, dropout_p,
+    scale,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, SAVED_MASK: tl.constexpr, SPLIT_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SPLIT_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     # programs over (blocks of K, splits of M); with SPLIT_M each split writes its (BLOCK_K, R) partial and the last
@@ -259,10 +259,7 @@ def reduce_m_kernel(
                       mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         p_t = p_t.to(DOT_DTYPE)
         if HAS_DROPOUT:
-            if SAVED_MASK:
-                keep = tl.trans(load_keep_bits(MASK_ptr, offs_m, mask_m, pid_k * BLOCK_K, K, stride_mask, BLOCK_K))
-            else:
-                keep = tl.trans(keep_mask(SEED_ptr, offs_m, pid_k * BLOCK_K, K, dropout_p, BLOCK_K))
+            keep = tl.trans(load_keep_bits(MASK_ptr, offs_m, mask_m, pid_k * BLOCK_K, K, stride_mask, BLOCK_K))
             p_t = tl.where(keep, p_t, 0.0).to(DOT_DTYPE)
         lo = tl.load(L_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)

@@ -14,7 +14,8 @@ fp32: the kernels are compiled without FP contraction, ``enable_fp_fusion=False`
 
     gemm_4bit_lowrank_kernel: OUT[M, N'] = P[M, K'] @ Q[K', N'] (+ bias) + s * (keep? ⊙ (L @ RM))
       forward: P = x,  Q = deq(W)^T,  L = S = dropout(x) A,  RM = B
-      dX:      P = dY, Q = deq(W),    L = dS = dY B^T,       RM = A^T, keep-mask of x
+      dX:      P = dY, Q = deq(W),    L = dS = dY B^T,       RM = A^T, keep-mask of x read from the bits the
+               forward's S = dropout(x) A pass stored (rng.load_keep_bits: no Philox here, issue 28)
     gemm_4bit_lowrank_tma_kernel: the same GEMM for Hopper (opt-in, LORA_FAST_GEMM_4BIT=tma): persistent, P's
       tiles, the packed weight's byte tiles and (where its rows are 16-byte multiples) the absmax loaded by TMA
       (device-side tensor descriptors), the code table held in registers; rows of whole blocks only
@@ -30,7 +31,7 @@ into nibbles and the absmax as one value per tile row (or per block of columns):
 import triton
 import triton.language as tl
 
-from .gemm import grouped_tile, lowrank_init
+from .gemm import grouped_tile, lowrank_init_bits
 
 
 @triton.jit
@@ -215,16 +216,17 @@ def dequant_4bit_kernel(
 @triton.jit
 def gemm_4bit_lowrank_kernel(
     # pointers: P (M, K) in the compute dtype; the 4-bit weight (W packed uint8, CODE, ABSMAX, CODE2, ABSMAX2,
-    # OFFSET: see dequant_4bit_kernel); BIAS (N,); L (M, R) fp32; RM (R, N); OUT (M, N); SEED (int64)
+    # OFFSET: see dequant_4bit_kernel); BIAS (N,); L (M, R) fp32; RM (R, N); OUT (M, N); MASK: the forward's
+    # bit-packed keep-mask (uint8 rows of stride_mask bytes), read with HAS_DROPOUT
     P_ptr, W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, BIAS_ptr, L_ptr, RM_ptr, OUT_ptr,
-    SEED_ptr,
+    MASK_ptr,
     # sizes (M_BUCKET only keys the autotuner: M rounded up to a power of two; W_COLS: the weight's row length,
     # in_features: K in the forward, N in dX)
     M, N, K, R, M_BUCKET, W_COLS,
     # strides
-    stride_pm, stride_pk, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
-    # scalars
-    lowrank_scale, dropout_p,
+    stride_pm, stride_pk, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_mask,
+    # scalars (with dropout lowrank_scale includes 1 / (1 - p))
+    lowrank_scale,
     # meta-parameters: TRANSPOSE_W: Q = deq(W)^T (forward), else Q = deq(W) (dX); ALIGNED: W_COLS % QBLOCK == 0
     # (every real layer): tiles of bytes and per-row absmax, else one gather per element (any shape)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -244,9 +246,9 @@ def gemm_4bit_lowrank_kernel(
     mask_r = offs_r < R
 
     # the low-rank term first: it initialises the accumulator (as in gemm.py, so no second output tile is live)
-    acc = lowrank_init(L_ptr, RM_ptr, SEED_ptr, offs_m, offs_n, pid_n, mask_m, mask_n, mask_r, offs_r, N,
-                       stride_lm, stride_lr, stride_rr, stride_rn, lowrank_scale, dropout_p,
-                       BLOCK_N, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
+    acc = lowrank_init_bits(L_ptr, RM_ptr, MASK_ptr, offs_m, offs_n, pid_n, mask_m, mask_n, mask_r, offs_r, N,
+                            stride_lm, stride_lr, stride_rr, stride_rn, stride_mask, lowrank_scale,
+                            BLOCK_N, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
 
     p_ptrs = P_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_k[None, :] * stride_pk
     step_p = tl.full((), BLOCK_K, tl.int64) * stride_pk
@@ -285,14 +287,14 @@ def gemm_4bit_lowrank_kernel(
 def gemm_4bit_lowrank_tma_kernel(
     # pointers: as gemm_4bit_lowrank_kernel (W: the packed codes, contiguous, 16-byte aligned; P 16-byte aligned)
     P_ptr, W_ptr, CODE_ptr, ABSMAX_ptr, CODE2_ptr, ABSMAX2_ptr, OFFSET_ptr, BIAS_ptr, L_ptr, RM_ptr, OUT_ptr,
-    SEED_ptr,
+    MASK_ptr,
     # sizes (M_BUCKET only keys the autotuner; W_COLS: the weight's row length, in_features, a multiple of QBLOCK
     # and of 32: its rows of W_COLS / 2 bytes are 16-byte aligned)
     M, N, K, R, M_BUCKET, W_COLS,
     # strides (P by rows, unit stride along K)
-    stride_pm, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
-    # scalars
-    lowrank_scale, dropout_p,
+    stride_pm, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_mask,
+    # scalars (with dropout lowrank_scale includes 1 / (1 - p))
+    lowrank_scale,
     # meta-parameters: as gemm_4bit_lowrank_kernel (rows of whole blocks only: ALIGNED); NUM_SMS programs walk
     # the output tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -340,9 +342,9 @@ def gemm_4bit_lowrank_tma_kernel(
         mask_m = offs_m < M
         mask_n = offs_n < N
         # the low-rank term starts the accumulator (as gemm_4bit_lowrank_kernel)
-        acc = lowrank_init(L_ptr, RM_ptr, SEED_ptr, offs_m, offs_n, pid_n, mask_m, mask_n, mask_r, offs_r, N,
-                           stride_lm, stride_lr, stride_rr, stride_rn, lowrank_scale, dropout_p,
-                           BLOCK_N, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
+        acc = lowrank_init_bits(L_ptr, RM_ptr, MASK_ptr, offs_m, offs_n, pid_n, mask_m, mask_n, mask_r, offs_r, N,
+                                stride_lm, stride_lr, stride_rr, stride_rn, stride_mask, lowrank_scale,
+                                BLOCK_N, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
         for k0 in range(0, K, BLOCK_K):
             p = p_desc.load([pid_m * BLOCK_M, k0])
             if TRANSPOSE_W:   # Q[k, n] = W[n, k]: the tile W[offs_n, k0 : k0 + BLOCK_K], transposed

@@ -180,7 +180,7 @@ _proj_partials_q32 = _Launcher(lowrank_proj_kernel, functools.partial(configs.pr
                                ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
                                                             num_stages=1), pointers=10, scalars=3)
 _reduce = _Launcher(reduce_m_kernel, configs.reduce_configs, ["M_BUCKET", "K", "R"], dict(num_warps=4, num_stages=1),
-                    pointers=7, scalars=2)
+                    pointers=6, scalars=1)
 _finish = _Launcher(sum_partials_kernel, configs.finish_configs, [], dict(num_warps=4, num_stages=1),
                     pointers=2, scalars=1)
 
@@ -326,12 +326,14 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
     return out, grad if partial_of is not None else None
 
 
-def reduce_rows(P, L, scale, out, *, transpose=False, dropout_p=0.0, seed=None, keep=None):
+def reduce_rows(P, L, scale, out, *, transpose=False, dropout_p=0.0, keep=None):
     """out (K, R), or (R, K) with ``transpose``, = scale * (keep ⊙ P)^T @ L over the M rows of P (M, K) and
     L (M, R), in one launch: split along M for about two waves of the GPU, the splits' (K, R) fp32 partials summed
-    in split order by the last program of each block of K (deterministic). Returns ``out``. With dropout the
-    keep-mask is read from ``keep`` (the forward's bits, ``lowrank_project(keep_out=)``) when given, else
-    regenerated from ``seed``."""
+    in split order by the last program of each block of K (deterministic). Returns ``out``. With dropout
+    (``dropout_p`` > 0) the keep-mask is read from ``keep``, the forward's bits (``lowrank_project(keep_out=)``,
+    ``rng.packed_keep_mask``). Raises ValueError for dropout without ``keep``."""
+    if dropout_p > 0 and keep is None:
+        raise ValueError("reduce_rows: dropout_p > 0 needs keep, the bit-packed keep-mask")
     M, K = P.shape
     R = L.shape[1]
     block_m, block_k = _reduce_blocks(P.dtype)
@@ -344,13 +346,13 @@ def reduce_rows(P, L, scale, out, *, transpose=False, dropout_p=0.0, seed=None, 
         partial = _empty((splits, K, R), torch.float32, P.device)
         counters = COUNTERS.get(P.device, grid[0])
     strides = (out.stride(1), out.stride(0)) if transpose else (out.stride(0), out.stride(1))
-    saved = keep is not None and dropout_p > 0
-    _reduce(grid, P, L, partial, seed if seed is not None else out, out, counters, keep if saved else out,
+    dropout = dropout_p > 0
+    _reduce(grid, P, L, partial, out, counters, keep if dropout else out,
             M, K, R, rows_per_split, _m_bucket(M),
-            P.stride(0), P.stride(1), L.stride(0), L.stride(1), *strides, keep.stride(0) if saved else 0,
-            float(scale), float(dropout_p),
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=configs.block_r(R), HAS_DROPOUT=dropout_p > 0,
-            SAVED_MASK=saved, SPLIT_M=splits > 1, DOT_DTYPE=configs.dot_dtype(P.dtype),
+            P.stride(0), P.stride(1), L.stride(0), L.stride(1), *strides, keep.stride(0) if dropout else 0,
+            float(scale),
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=configs.block_r(R), HAS_DROPOUT=dropout,
+            SPLIT_M=splits > 1, DOT_DTYPE=configs.dot_dtype(P.dtype),
             INPUT_PRECISION=configs.input_precision(P.dtype),
             device=P.device, dtype=P.dtype)
     return out

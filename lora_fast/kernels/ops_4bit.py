@@ -14,6 +14,9 @@ Two paths, the same results up to fp32 summation order:
 - "dequant": one dequantization pass into an (N, K) scratch weight in the compute dtype, then the 16-bit op's
   launchers (``ops.lora_forward`` / ``ops.lora_backward``) on it; the scratch is freed when the call returns
   (forward and backward each make their own).
+
+With dropout, both paths draw the keep-mask once per step: the forward's S = dropout(x) A pass stores it
+bit-packed (``keep_out``, ``ops.new_keep_mask``) and the backward's dX GEMM and dA pass read those bits (issue 28).
 """
 
 import torch
@@ -95,20 +98,20 @@ def dequant_configs(capability, dtype: torch.dtype) -> list:
 
 _interp = dict(configs.INTERP_GEMM, num_warps=4, num_stages=1)
 _gemm_fwd = ops._Launcher(gemm_4bit_lowrank_kernel, gemm_4bit_configs, ["M_BUCKET", "N", "K", "R"], _interp,
-                          pointers=12, scalars=2)
+                          pointers=12, scalars=1)
 # dX reads the weight as stored ((N, K), reduction over N), the forward transposed: tuned apart
 _gemm_dx = ops._Launcher(gemm_4bit_lowrank_kernel, gemm_4bit_configs, ["M_BUCKET", "N", "K", "R"], _interp,
-                         pointers=12, scalars=2)
+                         pointers=12, scalars=1)
 # a weight whose rows do not hold whole quantization blocks (in_features % blocksize != 0: no real model has
 # one) takes the per-element path on the small fp32 tile
 _gemm_any_shape = ops._Launcher(gemm_4bit_lowrank_kernel, gemm_4bit_any_shape_configs, ["M_BUCKET", "N", "K", "R"],
-                                _interp, pointers=12, scalars=2)
+                                _interp, pointers=12, scalars=1)
 # the TMA variant (opt-in, "tma"): forward and dX tuned apart, as the cp.async kernel's
 _TMA_INTERP = dict(configs.INTERP_GEMM, num_warps=4, num_stages=1)
 _gemm_tma_fwd = ops._Launcher(gemm_4bit_lowrank_tma_kernel, gemm_4bit_tma_configs, ["M_BUCKET", "N", "K", "R"],
-                              _TMA_INTERP, pointers=12, scalars=2)
+                              _TMA_INTERP, pointers=12, scalars=1)
 _gemm_tma_dx = ops._Launcher(gemm_4bit_lowrank_tma_kernel, gemm_4bit_tma_configs, ["M_BUCKET", "N", "K", "R"],
-                             _TMA_INTERP, pointers=12, scalars=2)
+                             _TMA_INTERP, pointers=12, scalars=1)
 _dequant = ops._Launcher(dequant_4bit_kernel, dequant_configs, [], dict(num_warps=4, num_stages=1),
                          pointers=7, scalars=0)
 
@@ -171,10 +174,15 @@ def absmax_box(packed) -> int:
 
 
 def gemm_4bit_lowrank(P, packed, transpose: bool, bias, L, RM, rm_strides, lowrank_scale, *, dropout_p=0.0,
-                      seed=None, out=None, tma=False):
+                      keep=None, out=None, tma=False):
     """OUT (M, N') in P's dtype = P @ Q (+ bias) + lowrank_scale * (keep ⊙ (L @ RM)), Q = deq(W)^T (N' = N,
-    forward, ``transpose``) or deq(W) (N' = K, dX); RM (R, N') given by (tensor, strides). ``tma``: the TMA
-    variant where ``tma_eligible_4bit`` accepts the operands (else the cp.async kernel)."""
+    forward, ``transpose``) or deq(W) (N' = K, dX); RM (R, N') given by (tensor, strides). With ``dropout_p`` > 0,
+    ``keep`` is the bit-packed keep-mask of the output's N' columns (uint8 (M, ``philox.mask_row_bytes(N')``):
+    ``ops.lowrank_project(keep_out=)``, ``rng.packed_keep_mask``). ``tma``: the TMA variant where
+    ``tma_eligible_4bit`` accepts the operands (else the cp.async kernel).
+    Raises ValueError for dropout without ``keep``."""
+    if dropout_p > 0 and keep is None:
+        raise ValueError("gemm_4bit_lowrank: dropout_p > 0 needs keep, the bit-packed keep-mask")
     M = P.shape[0]
     N, K = packed.shape
     n_out, k_red = (N, K) if transpose else (K, N)
@@ -182,7 +190,7 @@ def gemm_4bit_lowrank(P, packed, transpose: bool, bias, L, RM, rm_strides, lowra
     if out is None:
         out = torch.empty((M, n_out), dtype=P.dtype, device=P.device)
     if tma and tma_eligible_4bit(P, packed):
-        return _gemm_4bit_tma(P, packed, transpose, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out)
+        return _gemm_4bit_tma(P, packed, transpose, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out)
 
     def grid(meta):
         return (ops._cdiv(M, meta["BLOCK_M"]) * ops._cdiv(n_out, meta["BLOCK_N"]),)
@@ -193,19 +201,20 @@ def gemm_4bit_lowrank(P, packed, transpose: bool, bias, L, RM, rm_strides, lowra
     # on small tiles
     aligned = K % packed.blocksize == 0
     launch = (_gemm_fwd if transpose else _gemm_dx) if aligned else _gemm_any_shape
+    dropout = dropout_p > 0
     launch(grid, P, *_weight_args(packed), bias if bias is not None else out, L, RM, out,
-           seed if seed is not None else out,
+           keep if dropout else out,
            M, n_out, k_red, R, ops._m_bucket(M), K,
            P.stride(0), P.stride(1), L.stride(0), L.stride(1), rm_strides[0], rm_strides[1],
-           out.stride(0), out.stride(1),
-           float(lowrank_scale), float(dropout_p),
+           out.stride(0), out.stride(1), keep.stride(0) if dropout else 0,
+           float(lowrank_scale),
            BLOCK_R=configs.block_r(R), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
            TRANSPOSE_W=transpose, ALIGNED=aligned, **_weight_meta(packed), DOT_DTYPE=configs.dot_dtype(P.dtype),
            INPUT_PRECISION=configs.input_precision(P.dtype), **_NO_FMA, device=P.device, dtype=P.dtype)
     return out
 
 
-def _gemm_4bit_tma(P, packed, transpose, bias, L, RM, rm_strides, lowrank_scale, dropout_p, seed, out):
+def _gemm_4bit_tma(P, packed, transpose, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out):
     """The persistent TMA variant (nf4.gemm_4bit_lowrank_tma_kernel) on operands ``tma_eligible_4bit`` accepts."""
     M = P.shape[0]
     N, K = packed.shape
@@ -221,11 +230,12 @@ def _gemm_4bit_tma(P, packed, transpose, bias, L, RM, rm_strides, lowrank_scale,
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     launch = _gemm_tma_fwd if transpose else _gemm_tma_dx
+    dropout = dropout_p > 0
     launch(grid, P, *_weight_args(packed), bias if bias is not None else out, L, RM, out,
-           seed if seed is not None else out,
+           keep if dropout else out,
            M, n_out, k_red, R, ops._m_bucket(M), K,
            P.stride(0), L.stride(0), L.stride(1), rm_strides[0], rm_strides[1], out.stride(0), out.stride(1),
-           float(lowrank_scale), float(dropout_p),
+           keep.stride(0) if dropout else 0, float(lowrank_scale),
            BLOCK_R=configs.block_r(R), NUM_SMS=num_sms, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
            TRANSPOSE_W=transpose, ABSMAX_BOX=absmax_box(packed), **_weight_meta(packed),
            DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype), **_NO_FMA,
@@ -233,27 +243,36 @@ def _gemm_4bit_tma(P, packed, transpose, bias, L, RM, rm_strides, lowrank_scale,
     return out
 
 
-def lora_forward_4bit(x, packed, bias, A, B, scale, dropout_p=0.0, seed=None, out=None, *, path="fused"):
+def lora_forward_4bit(x, packed, bias, A, B, scale, dropout_p=0.0, seed=None, out=None, *, path="fused",
+                      keep_out=None):
     """Forward of the fused LoRA linear on a 4-bit base: y (M, N) in x's dtype (into ``out`` when given) and
-    S = dropout(x) @ A (M, R) fp32, which backward needs (with x and the seed; the packed weight is read again).
-    ``path``: "fused", "tma" (the fused path with the TMA GEMM where eligible) or "dequant"."""
+    S = dropout(x) @ A (M, R) fp32, which backward needs (with x and, with dropout, the keep-mask's bits; the
+    packed weight is read again). The keep-mask comes from ``seed`` (int64, one element) when dropout_p > 0;
+    ``keep_out`` (``ops.new_keep_mask(M, K)``): where the S pass also stores it bit-packed, for
+    ``lora_backward_4bit(keep=)``. ``path``: "fused", "tma" (the fused path with the TMA GEMM where eligible) or
+    "dequant"."""
     if path == "dequant":
-        return ops.lora_forward(x, dequantize(packed, x.dtype), bias, A, B, scale, dropout_p, seed, out=out)
+        return ops.lora_forward(x, dequantize(packed, x.dtype), bias, A, B, scale, dropout_p, seed, out=out,
+                                keep_out=keep_out)
     x = ops._along_k(x, 1)
-    S, _, _ = ops.project_input(x, A, dropout_p, seed)
+    S, _, _ = ops.project_input(x, A, dropout_p, seed, keep_out)
     y = gemm_4bit_lowrank(x, packed, True, bias, S, B, (B.stride(0), B.stride(1)), scale, out=out,
                           tma=path == "tma")
     return y, S
 
 
-def lora_backward_4bit(dy, x, packed, A, B, S, scale, dropout_p=0.0, seed=None, *, need_dx=True, need_dA=True,
+def lora_backward_4bit(dy, x, packed, A, B, S, scale, dropout_p=0.0, keep=None, *, need_dx=True, need_dA=True,
                        need_dB=True, path="fused"):
     """Backward on a 4-bit base: (dx, dA, dB), each None when not needed. As ``ops.lora_backward``, with
     dX = dY deq(W) + scale * keep/(1-p) ⊙ (dS A^T) from the 4-bit GEMM ("fused") or from the 16-bit GEMM on a
-    dequantized scratch weight ("dequant")."""
+    dequantized scratch weight ("dequant"). With dropout the keep-mask is ``keep`` (required), the bits the
+    forward stored (``lora_forward_4bit(keep_out=)``), read by the dX GEMM and the dA pass: no Philox in the
+    backward. Raises ValueError for dropout without ``keep``."""
+    if dropout_p > 0 and keep is None:
+        raise ValueError("lora_backward_4bit: dropout_p > 0 needs keep, the forward's bit-packed keep-mask")
     if path == "dequant" and need_dx:
-        return ops.lora_backward(dy, x, dequantize(packed, dy.dtype), A, B, S, scale, dropout_p, seed,
-                                 need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
+        return ops.lora_backward(dy, x, dequantize(packed, dy.dtype), A, B, S, scale, dropout_p,
+                                 need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, keep=keep)
     # without dX no path reads the weight: the narrow passes alone
     R = A.shape[1]
     dy, x = ops._along_k(dy, 1), ops._along_k(x, 1)
@@ -270,8 +289,8 @@ def lora_backward_4bit(dy, x, packed, A, B, S, scale, dropout_p=0.0, seed=None, 
     if need_dx:
         # Q = deq(W) as (N, K); RM = A^T: element (r, k) is A[k, r]
         dx = gemm_4bit_lowrank(dy, packed, False, None, dS, A, (A.stride(1), A.stride(0)), scale * keep_scale,
-                               dropout_p=dropout_p, seed=seed, tma=path == "tma")
+                               dropout_p=dropout_p, keep=keep, tma=path == "tma")
     if need_dA:
         dA = ops.reduce_rows(x, dS, scale * keep_scale, torch.empty(A.shape, dtype=A.dtype, device=A.device),
-                             dropout_p=dropout_p, seed=seed)
+                             dropout_p=dropout_p, keep=keep)
     return dx, dA, dB
