@@ -227,17 +227,19 @@ def test_the_4bit_choice_has_its_own_paths_file_and_switch(tmp_path, monkeypatch
     assert choice.GEMM_4BIT.paths == ("fused", "dequant") and choice.GEMM_4BIT.default == "fused"
 
 
-@pytest.mark.parametrize("dtype,R,p,bias,block_n", [(torch.bfloat16, 5, 0.0, True, 32),
-                                                    (torch.float16, 5, 0.0, False, 32),
-                                                    (torch.bfloat16, 16, 0.3, False, 128),
-                                                    (torch.float16, 12, 0.3, True, 128)], ids=str)
-def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, R, p, bias, block_n, device, forced, monkeypatch):
+@pytest.mark.parametrize("dtype,R,p,bias,block_n,adapters", [(torch.bfloat16, 5, 0.0, True, 32, torch.float32),
+                                                             (torch.float16, 5, 0.0, False, 32, None),
+                                                             (torch.bfloat16, 16, 0.3, False, 128, None),
+                                                             (torch.float16, 12, 0.3, True, 128, torch.float32)],
+                         ids=str)
+def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, R, p, bias, block_n, adapters, device, forced, monkeypatch):
     """The TMA kernel's low-rank term by TMA (LOWRANK_TMA: the S and dS passes' rounded copy of scale * S or dS, B
     and A's rows by descriptors; with dropout the keep-mask's bytes by TMA) gives the output of the same kernel with
     the pointer loads bit for bit: forward and dX, M and N not multiples of the 32 x 32 tile, R not a multiple of 8
     (A's rows padded to 16 bytes in storage), with and without bias and the dX keep-mask; fp16 with a row of S
     far beyond fp16's range (its power-of-two row factor, fp16.py). BLOCK_N 128: the keep-mask's 16 bytes per tile
-    row by TMA, the tile wider than the 64 or 72 columns."""
+    row by TMA, the tile wider than the 64 or 72 columns. fp32 adapters (PEFT's default): RM's rounded copy (Term.rm)
+    where the dot dtype is 16-bit."""
     from lora_fast import philox
     from lora_fast.kernels import ops
     from lora_fast.kernels.gemm_tma import gemm_lowrank_tma_kernel
@@ -256,12 +258,13 @@ def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, R, p, bias, block_n, de
     x = torch.randn(M, K, device=device).to(dtype)
     weight = torch.randn(N, K, device=device).to(dtype)
     b = torch.randn(N, device=device).to(dtype) if bias else None
-    A = torch.empty(K, 8 * -(-R // 8), device=device, dtype=dtype)[:, :R]   # rows of 16 bytes, R columns
+    adapters = adapters or dtype
+    A = torch.empty(K, 8 * -(-R // 8), device=device, dtype=adapters)[:, :R]   # rows of 16 bytes, R columns
     A.copy_(torch.randn(K, R, device=device) / K ** 0.5)
-    B = (torch.randn(R, N, device=device) / R ** 0.5).to(dtype)
+    B = (torch.randn(R, N, device=device) / R ** 0.5).to(adapters)
     if dtype == torch.float16:   # |scale * S| ~ 1e5 (past fp16's 65504 before the row factors), the term ~ 10
         A.mul_(3e4)
-        B = (B.float() * 1e-4).to(dtype)
+        B = (B.float() * 1e-4).to(adapters)
     dy = torch.randn(M, N, device=device).to(dtype)
 
     # forward: y = x W^T + b + scale * S B
@@ -293,5 +296,7 @@ def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, R, p, bias, block_n, de
     new, old = torch.empty(M, K, dtype=dtype, device=device), torch.empty(M, K, dtype=dtype, device=device)
     ops._tma_gemm(dy, weight, q, K, None, dS, A, rm, scale * keep_scale, philox.quantize(p), keep, new, True, term)
     ops._tma_gemm(dy, weight, q, K, None, dS, A, rm, scale * keep_scale, philox.quantize(p), keep, old, True)
-    assert flags == [(True, True, p > 0), (False, False, False)]
+    direct = ops._rm_layout(A, rm, ops._TORCH_DOT[dtype]) == "rows_n"   # else a rounded copy in (R, K) rows
+    assert (term.rm is None) == direct
+    assert flags == [(True, direct, p > 0), (False, False, False)]
     assert torch.isfinite(old).all() and torch.equal(new, old)

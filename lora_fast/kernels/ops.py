@@ -439,8 +439,8 @@ def _tma_operands(P, Q, q_strides, out_row: int, out_ptr: int) -> bool:
 
 def _rm_layout(RM, rm_strides, dtype):
     """How the TMA kernel reads RM (R, N) given as (tensor, strides) by a descriptor: "rows" (unit stride along N:
-    the forward's B), "rows_n" (unit stride along R: dX's A^T from A's (K, R) rows), or None (another dtype than the
-    dot's 16 bits, a misaligned base or row: the pointer loads)."""
+    the forward's B), "rows_n" (unit stride along R: dX's A^T from A's (K, R) rows), or None (another dtype than
+    ``dtype``, the dot's, or a misaligned base or row: term_for makes a copy that has a layout)."""
     if RM.dtype != dtype or RM.data_ptr() % 16:
         return None
     elt = RM.element_size()
@@ -456,10 +456,27 @@ class Term(NamedTuple):
     that computes L (S or dS; lowrank_project(term=)): ``values`` (M, R) in the dot dtype, rows padded to 16 bytes,
     = scale * L rounded as gemm.lowrank_init_bits rounds it; fp16: divided by a power-of-two factor per row,
     ``factors`` (M,) fp32 (fp16.py's range guard), else None. ``scale``: lowrank_scale without dropout, 1 with it
-    (then the scale is applied after the keep-mask, as before)."""
+    (then the scale is applied after the keep-mask, as before). ``rm``: RM (R, N) rounded to the dot dtype, in
+    16-byte rows, when RM itself has no descriptor layout (fp32 adapters, PEFT's default, on a 16-bit base; rows
+    of A not 16-byte multiples), else None: the rounding the kernel's ``rm.to(DOT_DTYPE)`` does (round to nearest
+    even), made before the launch."""
     values: torch.Tensor
     factors: Optional[torch.Tensor]
     scale: float
+    rm: Optional[torch.Tensor]
+
+
+def _padded(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised (rows, cols) tensor whose rows are 16-byte multiples apart (a view of a wider buffer, which a
+    recording allocates and aliases)."""
+    unit = 16 // torch.empty((), dtype=dtype).element_size()
+    buffer = _empty((rows, -(-cols // unit) * unit), dtype, device)
+    view = buffer[:, :cols]
+    if plan.RECORDING[0]:
+        rec = plan.recorder()
+        if rec is not None:
+            rec.alias(view, buffer)
+    return view
 
 
 _TORCH_DOT = {torch.float16: torch.float16,
@@ -475,17 +492,24 @@ def term_for(P, Q, q_strides, N, R, out, RM, rm_strides, lowrank_scale, *, dropo
     path = choice.GEMM.get(key)
     if path is None:
         path = choice.GEMM.forced() if choice.GEMM.forced is not None else choice.forced_path()
-    if path != "tma" or P.dtype not in _TORCH_DOT or _rm_layout(RM, rm_strides, P.dtype) is None:
+    if path != "tma" or P.dtype not in _TORCH_DOT:
         return None
     out_ok = (out.stride(1) == 1 and _tma_operands(P, Q, q_strides, out.stride(0), out.data_ptr()) if out is not None
               else _tma_operands(P, Q, q_strides, N, 0))
     if not out_ok:
         return None
     dot = _TORCH_DOT[P.dtype]
-    unit = 16 // torch.empty((), dtype=dot).element_size()
-    values = _empty((M, -(-R // unit) * unit), dot, P.device)[:, :R]
+    rm = None
+    if _rm_layout(RM, rm_strides, dot) is None:
+        # RM rounded once here (R x N elements): one copy launch, so that the kernel has no pointer loads left
+        rm = _padded(R, N, dot, P.device)
+        rm.copy_(RM.as_strided((R, N), rm_strides))
+        rec = plan.recorder()
+        if rec is not None:
+            rec.call(lambda dst, src: dst.copy_(src.as_strided((R, N), rm_strides)), rm, RM)
+    values = _padded(M, R, dot, P.device)
     factors = _empty((M,), torch.float32, P.device) if P.dtype == torch.float16 else None
-    return Term(values, factors, 1.0 if dropout else float(lowrank_scale))
+    return Term(values, factors, 1.0 if dropout else float(lowrank_scale), rm)
 
 
 def ws_eligible(P, Q, q_strides, out, dropout_p) -> bool:
@@ -533,8 +557,12 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
     dropout = dropout_p > 0
     # the low-rank term by TMA when the pass that wrote L left its rounded copy (term_for) and RM has a descriptor
     # layout; the copy's scale must be the one this launch would fold in
-    layout = _rm_layout(RM, rm_strides, P.dtype) if term is not None else None
-    use_term = layout is not None and term.scale == (1.0 if dropout else float(lowrank_scale))
+    layout = None
+    if term is not None and term.scale == (1.0 if dropout else float(lowrank_scale)):
+        if term.rm is not None:
+            RM, rm_strides = term.rm, term.rm.stride()
+        layout = _rm_layout(RM, rm_strides, _TORCH_DOT[P.dtype])
+    use_term = layout is not None
     if use_term:
         L = term.values
     # the keep-mask's bytes by TMA: rows of 16-byte multiples (philox.mask_row_bytes pads them), an aligned base
