@@ -378,7 +378,8 @@ def launch_args(job: Job) -> tuple:
                     stride_lm=-(-R // 8) * 8 if term else R, stride_lr=1, stride_rr=N if fwd else 1,
                     stride_rn=1 if fwd else R, stride_om=N if fwd else K,
                     stride_mask=K // 8 if dropout else 0, lowrank_scale=0.5, NUM_SMS=132)
-        return gemm_lowrank_tma_kernel, dict(args, **common, **{"RM_ROWS_N": False, "MASK_TMA": False, **meta})
+        return gemm_lowrank_tma_kernel, dict(args, **common, **{"RM_ROWS_N": False, "MASK_TMA": False,
+                                                                "BIAS_TMA": meta.get("LOWRANK_TMA", False), **meta})
     if job.kernel in ("xa_proj", "dyb_proj"):
         if job.kernel == "xa_proj":   # P = x (M, K), Q = A (K, R)
             strides = dict(stride_pm=K, stride_pk=1, stride_qk=R, stride_qr=1)

@@ -234,12 +234,12 @@ def test_the_4bit_choice_has_its_own_paths_file_and_switch(tmp_path, monkeypatch
                          ids=str)
 def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, R, p, bias, block_n, adapters, device, forced, monkeypatch):
     """The TMA kernel's low-rank term by TMA (LOWRANK_TMA: the S and dS passes' rounded copy of scale * S or dS, B
-    and A's rows by descriptors; with dropout the keep-mask's bytes by TMA) gives the output of the same kernel with
-    the pointer loads bit for bit: forward and dX, M and N not multiples of the 32 x 32 tile, R not a multiple of 8
-    (A's rows padded to 16 bytes in storage), with and without bias and the dX keep-mask; fp16 with a row of S
-    far beyond fp16's range (its power-of-two row factor, fp16.py). BLOCK_N 128: the keep-mask's 16 bytes per tile
-    row by TMA, the tile wider than the 64 or 72 columns. fp32 adapters (PEFT's default): RM's rounded copy (Term.rm)
-    where the dot dtype is 16-bit."""
+    and A's rows by descriptors; with dropout the keep-mask's bytes, the bias by TMA too) gives the output of the
+    same kernel with the pointer loads bit for bit: forward and dX, M and N not multiples of the 32 x 32 tile, R not
+    a multiple of 8 (A's rows padded to 16 bytes in storage), with and without bias and the dX keep-mask; fp16 with
+    rows of S far beyond fp16's range (its power-of-two row factors, fp16.py). BLOCK_N 128: the keep-mask's 16 bytes
+    per tile row by TMA, the tile wider than the 64 or 72 columns. fp32 adapters (PEFT's default): RM's rounded
+    copy (Term.rm) where the dot dtype is 16-bit."""
     from lora_fast import philox
     from lora_fast.kernels import ops
     from lora_fast.kernels.gemm_tma import gemm_lowrank_tma_kernel
@@ -252,6 +252,7 @@ def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, R, p, bias, block_n, ad
     def spy(self, grid, *args, **kwargs):
         if self.kernel is gemm_lowrank_tma_kernel:
             flags.append((kwargs["LOWRANK_TMA"], kwargs["RM_ROWS_N"], kwargs["MASK_TMA"]))
+            assert kwargs["BIAS_TMA"] == (kwargs["LOWRANK_TMA"] and kwargs["HAS_BIAS"])
         return real_call(self, grid, *args, **kwargs)
     monkeypatch.setattr(ops._Launcher, "__call__", spy)
     M, K, N, scale = 70, 64, 72, 1.5

@@ -52,14 +52,18 @@ def _halves(acc, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _store_tile(out_desc, acc, BIAS_ptr, off_m, off_n, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _store_tile(out_desc, acc, BIAS_ptr, bias_desc, off_m, off_n, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SUBTILE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """acc (+ bias) stored at (off_m, off_n) in SUBTILE (1, 2 or 4) column slices, each cast and sent by TMA through
     a BLOCK_M x BLOCK_N / SUBTILE shared buffer. The bias is added to the whole tile, before the split: per slice
-    its load lost its vector width (64 LDG instead of 4, compile report)."""
+    its load lost its vector width (64 LDG instead of 4, compile report). The bias by TMA when ``bias_desc`` is
+    given (a 1-D descriptor, columns past N zero-filled), else by a pointer load."""
     if HAS_BIAS:
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        bias = tl.load(BIAS_ptr + offs_n, mask=offs_n < N, other=0.0)
+        if bias_desc is not None:
+            bias = bias_desc.load([off_n])
+        else:
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            bias = tl.load(BIAS_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
     dtype: tl.constexpr = out_desc.dtype
     if SUBTILE == 1:
@@ -139,11 +143,11 @@ def gemm_lowrank_tma_kernel(
     # column slices of the epilogue's store; LOWRANK_TMA: the term's operands by TMA (L the S pass's rounded copy,
     # RM by a descriptor: RM_ROWS_N when it is stored as (N, R) rows), else by pointer loads (L fp32, the scale and
     # rounding here); MASK_TMA: the keep-mask's bytes by TMA where a tile row's bytes (BLOCK_N / 8) reach the 16 a
-    # descriptor's box needs)
+    # descriptor's box needs; BIAS_TMA: the bias by a 1-D descriptor (an aligned base))
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, SUBTILE: tl.constexpr, NUM_SMS: tl.constexpr, Q_TRANSPOSED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    LOWRANK_TMA: tl.constexpr, RM_ROWS_N: tl.constexpr, MASK_TMA: tl.constexpr,
+    LOWRANK_TMA: tl.constexpr, RM_ROWS_N: tl.constexpr, MASK_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
 ):
     p_desc = tl.make_tensor_descriptor(P_ptr, shape=[M, K], strides=[stride_pm, 1], block_shape=[BLOCK_M, BLOCK_K])
     if Q_TRANSPOSED:
@@ -154,6 +158,9 @@ def gemm_lowrank_tma_kernel(
                                            block_shape=[BLOCK_K, BLOCK_N])
     out_desc = tl.make_tensor_descriptor(OUT_ptr, shape=[M, N], strides=[stride_om, 1],
                                          block_shape=[BLOCK_M, BLOCK_N // SUBTILE])
+    bias_desc = None
+    if HAS_BIAS and BIAS_TMA:
+        bias_desc = tl.make_tensor_descriptor(BIAS_ptr, shape=[N], strides=[1], block_shape=[BLOCK_N])
     l_desc = None
     rm_desc = None
     f_desc = None
@@ -223,4 +230,5 @@ def gemm_lowrank_tma_kernel(
                                            stride_rr, stride_rn, BLOCK_R)
                 acc = tl.dot((lo * lowrank_scale).to(DOT_DTYPE), rm.to(DOT_DTYPE), acc,
                              input_precision=INPUT_PRECISION, out_dtype=tl.float32)
-        _store_tile(out_desc, acc, BIAS_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, N, BLOCK_M, BLOCK_N, SUBTILE, HAS_BIAS)
+        _store_tile(out_desc, acc, BIAS_ptr, bias_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, N, BLOCK_M, BLOCK_N, SUBTILE,
+                    HAS_BIAS)

@@ -575,7 +575,8 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
            BLOCK_R=block_r, NUM_SMS=num_sms, Q_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
            HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=configs.dot_dtype(P.dtype),
            INPUT_PRECISION=configs.input_precision(P.dtype), LOWRANK_TMA=use_term,
-           RM_ROWS_N=use_term and layout == "rows_n", MASK_TMA=mask_tma, device=P.device, dtype=P.dtype)
+           RM_ROWS_N=use_term and layout == "rows_n", MASK_TMA=mask_tma,
+           BIAS_TMA=use_term and bias is not None and bias.data_ptr() % 16 == 0, device=P.device, dtype=P.dtype)
 
 
 def _fused_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward,
