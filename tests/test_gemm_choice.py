@@ -238,8 +238,8 @@ def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, R, p, bias, block_n, ad
     same kernel with the pointer loads bit for bit: forward and dX, M and N not multiples of the 32 x 32 tile, R not
     a multiple of 8 (A's rows padded to 16 bytes in storage), with and without bias and the dX keep-mask; fp16 with
     rows of S far beyond fp16's range (its power-of-two row factors, fp16.py). BLOCK_N 128: the keep-mask's 16 bytes
-    per tile row by TMA, the tile wider than the 64 or 72 columns. fp32 adapters (PEFT's default): RM's rounded
-    copy (Term.rm) where the dot dtype is 16-bit."""
+    per tile row by TMA, the tile wider than the 64 or 72 columns. fp32 adapters (PEFT's default): RM by a pointer
+    load where the dot dtype is 16-bit (bf16 under the interpreter dots in fp32: RM by TMA)."""
     from lora_fast import philox
     from lora_fast.kernels import ops
     from lora_fast.kernels.gemm_tma import gemm_lowrank_tma_kernel
@@ -251,7 +251,7 @@ def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, R, p, bias, block_n, ad
 
     def spy(self, grid, *args, **kwargs):
         if self.kernel is gemm_lowrank_tma_kernel:
-            flags.append((kwargs["LOWRANK_TMA"], kwargs["RM_ROWS_N"], kwargs["MASK_TMA"]))
+            flags.append((kwargs["LOWRANK_TMA"], kwargs["RM_TMA"], kwargs["RM_ROWS_N"], kwargs["MASK_TMA"]))
             assert kwargs["BIAS_TMA"] == (kwargs["LOWRANK_TMA"] and kwargs["HAS_BIAS"])
         return real_call(self, grid, *args, **kwargs)
     monkeypatch.setattr(ops._Launcher, "__call__", spy)
@@ -280,7 +280,8 @@ def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, R, p, bias, block_n, ad
     new, old = torch.empty(M, N, dtype=dtype, device=device), torch.empty(M, N, dtype=dtype, device=device)
     ops._tma_gemm(x, weight, q, N, b, S, B, rm, scale, 0.0, None, new, False, term)
     ops._tma_gemm(x, weight, q, N, b, S, B, rm, scale, 0.0, None, old, False)
-    assert flags == [(True, False, False), (False, False, False)]
+    rm_tma = ops._rm_layout(B, rm, ops._TORCH_DOT[dtype]) == "rows"   # else B by a pointer load (fp32 adapters)
+    assert flags == [(True, rm_tma, False, False), (False, False, False, False)]
     assert torch.isfinite(old).all() and torch.equal(new, old)
 
     # dX = dY W + scale / (1 - p) * keep ⊙ (dS A^T); the term of dS unscaled with dropout
@@ -297,7 +298,6 @@ def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, R, p, bias, block_n, ad
     new, old = torch.empty(M, K, dtype=dtype, device=device), torch.empty(M, K, dtype=dtype, device=device)
     ops._tma_gemm(dy, weight, q, K, None, dS, A, rm, scale * keep_scale, philox.quantize(p), keep, new, True, term)
     ops._tma_gemm(dy, weight, q, K, None, dS, A, rm, scale * keep_scale, philox.quantize(p), keep, old, True)
-    direct = ops._rm_layout(A, rm, ops._TORCH_DOT[dtype]) == "rows_n"   # else a rounded copy in (R, K) rows
-    assert (term.rm is None) == direct
-    assert flags == [(True, direct, p > 0), (False, False, False)]
+    rm_tma = ops._rm_layout(A, rm, ops._TORCH_DOT[dtype]) == "rows_n"   # else A^T by a pointer load
+    assert flags == [(True, rm_tma, rm_tma, p > 0), (False, False, False, False)]
     assert torch.isfinite(old).all() and torch.equal(new, old)

@@ -440,7 +440,7 @@ def _tma_operands(P, Q, q_strides, out_row: int, out_ptr: int) -> bool:
 def _rm_layout(RM, rm_strides, dtype):
     """How the TMA kernel reads RM (R, N) given as (tensor, strides) by a descriptor: "rows" (unit stride along N:
     the forward's B), "rows_n" (unit stride along R: dX's A^T from A's (K, R) rows), or None (another dtype than
-    ``dtype``, the dot's, or a misaligned base or row: term_for makes a copy that has a layout)."""
+    ``dtype``, the dot's, or a misaligned base or row: a pointer load)."""
     if RM.dtype != dtype or RM.data_ptr() % 16:
         return None
     elt = RM.element_size()
@@ -456,20 +456,16 @@ class Term(NamedTuple):
     that computes L (S or dS; lowrank_project(term=)): ``values`` (M, R) in the dot dtype, rows padded to 16 bytes,
     = scale * L rounded as gemm.lowrank_init_bits rounds it; fp16: divided by a power-of-two factor per row,
     ``factors`` (M,) fp32 (fp16.py's range guard), else None. ``scale``: lowrank_scale without dropout, 1 with it
-    (then the scale is applied after the keep-mask, as before). ``rm``: RM (R, N) rounded to the dot dtype, in
-    16-byte rows, when RM itself has no descriptor layout (fp32 adapters, PEFT's default, on a 16-bit base; rows
-    of A not 16-byte multiples), else None: the rounding the kernel's ``rm.to(DOT_DTYPE)`` does (round to nearest
-    even), made before the launch."""
+    (then the scale is applied after the keep-mask, as before)."""
     values: torch.Tensor
     factors: Optional[torch.Tensor]
     scale: float
-    rm: Optional[torch.Tensor]
 
 
 def _padded(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
     """An uninitialised (rows, cols) tensor whose rows are 16-byte multiples apart (a view of a wider buffer, which a
     recording allocates and aliases)."""
-    unit = 16 // torch.empty((), dtype=dtype).element_size()
+    unit = 16 // dtype.itemsize
     buffer = _empty((rows, -(-cols // unit) * unit), dtype, device)
     view = buffer[:, :cols]
     if plan.RECORDING[0]:
@@ -485,8 +481,8 @@ _TORCH_DOT = {torch.float16: torch.float16,
 
 def term_for(P, Q, q_strides, N, R, out, RM, rm_strides, lowrank_scale, *, dropout=False, backward=False):
     """A ``Term`` for gemm_lowrank(P, Q, ..., out=out) when its path is known to be the TMA kernel on these operands
-    (resolved or forced; not on the first, measuring call) and RM can be read by a descriptor, else None (the
-    kernel then loads L (fp32) and RM by pointers, and rounds L itself: the same result)."""
+    (resolved or forced; not on the first, measuring call), else None (the kernel then loads L (fp32) by pointers
+    and rounds it itself: the same result)."""
     M, K = P.shape
     key = (P.device, P.dtype, _m_bucket(M), N, K, R, dropout, backward)
     path = choice.GEMM.get(key)
@@ -499,17 +495,9 @@ def term_for(P, Q, q_strides, N, R, out, RM, rm_strides, lowrank_scale, *, dropo
     if not out_ok:
         return None
     dot = _TORCH_DOT[P.dtype]
-    rm = None
-    if _rm_layout(RM, rm_strides, dot) is None:
-        # RM rounded once here (R x N elements): one copy launch, so that the kernel has no pointer loads left
-        rm = _padded(R, N, dot, P.device)
-        rm.copy_(RM.as_strided((R, N), rm_strides))
-        rec = plan.recorder()
-        if rec is not None:
-            rec.call(lambda dst, src: dst.copy_(src.as_strided((R, N), rm_strides)), rm, RM)
     values = _padded(M, R, dot, P.device)
     factors = _empty((M,), torch.float32, P.device) if P.dtype == torch.float16 else None
-    return Term(values, factors, 1.0 if dropout else float(lowrank_scale), rm)
+    return Term(values, factors, 1.0 if dropout else float(lowrank_scale))
 
 
 def ws_eligible(P, Q, q_strides, out, dropout_p) -> bool:
@@ -557,12 +545,10 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
     dropout = dropout_p > 0
     # the low-rank term by TMA when the pass that wrote L left its rounded copy (term_for) and RM has a descriptor
     # layout; the copy's scale must be the one this launch would fold in
-    layout = None
-    if term is not None and term.scale == (1.0 if dropout else float(lowrank_scale)):
-        if term.rm is not None:
-            RM, rm_strides = term.rm, term.rm.stride()
-        layout = _rm_layout(RM, rm_strides, _TORCH_DOT[P.dtype])
-    use_term = layout is not None
+    # RM by a descriptor where its dtype and layout allow; else by a pointer load (fp32 adapters, PEFT's default: a
+    # rounded 16-bit copy per call cost more host time than its loads, bench.host_time, docs/_pending/issue-28.md)
+    use_term = term is not None and term.scale == (1.0 if dropout else float(lowrank_scale))
+    layout = _rm_layout(RM, rm_strides, _TORCH_DOT[P.dtype]) if use_term else None
     if use_term:
         L = term.values
     # the keep-mask's bytes by TMA: rows of 16-byte multiples (philox.mask_row_bytes pads them), an aligned base
@@ -575,7 +561,7 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
            BLOCK_R=block_r, NUM_SMS=num_sms, Q_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
            HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=configs.dot_dtype(P.dtype),
            INPUT_PRECISION=configs.input_precision(P.dtype), LOWRANK_TMA=use_term,
-           RM_ROWS_N=use_term and layout == "rows_n", MASK_TMA=mask_tma,
+           RM_TMA=layout is not None, RM_ROWS_N=layout == "rows_n", MASK_TMA=mask_tma,
            BIAS_TMA=use_term and bias is not None and bias.data_ptr() % 16 == 0, device=P.device, dtype=P.dtype)
 
 
