@@ -135,11 +135,9 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
         return [dict(HAS_BIAS=False, HAS_DROPOUT=False), dict(HAS_BIAS=False, HAS_DROPOUT=True)]
     # the TMA GEMM: LOWRANK_TMA, the low-rank term's operands by TMA (the S pass's rounded copy of S or dS, B or
     # A's rows), what ops.lora_forward / lora_backward launch once the path is known; without it (the first,
-    # measuring call, and DoRA's and other callers without the S pass's copy) by pointer loads; with Q_FP32 (fp32
-    # adapters, PEFT's default) RM = B stays a pointer load
+    # measuring call, fp32 adapters, DoRA's and other callers without the S pass's copy) by pointer loads
     if kernel == "fwd_gemm_tma":   # Q = W^T from W's rows; RM = B (R, N)
         return [dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=False),
-                dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=True, Q_FP32=True),
                 dict(Q_TRANSPOSED=True, HAS_BIAS=False, HAS_DROPOUT=False, LOWRANK_TMA=True),
                 dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=True)]
     if kernel == "dx_gemm_tma":    # Q = W as stored; RM = A^T read from A's (K, R) rows (RM_ROWS_N)
@@ -380,12 +378,8 @@ def launch_args(job: Job) -> tuple:
                     stride_lm=-(-R // 8) * 8 if term else R, stride_lr=1, stride_rr=N if fwd else 1,
                     stride_rn=1 if fwd else R, stride_om=N if fwd else K,
                     stride_mask=K // 8 if dropout else 0, lowrank_scale=0.5, NUM_SMS=132)
-        meta = dict(meta)
-        rm_fp32 = meta.pop("Q_FP32", False)   # fp32 adapters: RM by a pointer load (ops._tma_gemm)
-        if rm_fp32:
-            args["RM_ptr"] = _Ptr("fp32")
-        term = meta.get("LOWRANK_TMA", False)   # with it, RM and the bias by descriptors too (16-bit adapters)
-        flags = {"RM_TMA": term and not rm_fp32, "RM_ROWS_N": False, "MASK_TMA": False, "BIAS_TMA": term, **meta}
+        term = meta.get("LOWRANK_TMA", False)   # with it, the bias by a descriptor too
+        flags = {"RM_ROWS_N": False, "MASK_TMA": False, "BIAS_TMA": term, **meta}
         return gemm_lowrank_tma_kernel, dict(args, **common, **flags)
     if job.kernel in ("xa_proj", "dyb_proj"):
         if job.kernel == "xa_proj":   # P = x (M, K), Q = A (K, R)

@@ -84,20 +84,12 @@ def _store_tile(out_desc, acc, BIAS_ptr, bias_desc, off_m, off_n, N, BLOCK_M: tl
 
 
 @triton.jit
-def _lowrank_tiles(l_desc, rm_desc, RM_ptr, off_m, off_n, N, R, stride_rr, stride_rn, BLOCK_N: tl.constexpr,
-                   BLOCK_R: tl.constexpr, RM_ROWS_N: tl.constexpr):
-    """The (BLOCK_M, BLOCK_R) tile of the low-rank term's left operand (the S pass's rounded copy) by TMA and the
-    (BLOCK_R, BLOCK_N) tile of RM, by TMA when ``rm_desc`` is given (ranks >= R and rows or columns past the edge
-    zero-filled), else by a pointer load (RM in another dtype than the dot's: fp32 adapters, PEFT's default; or
-    rows that are not 16-byte multiples). RM_ROWS_N: RM is stored as (N, R) rows (dX's A^T read from A's (K, R)
-    rows) and its tile is transposed."""
+def _lowrank_tiles(l_desc, rm_desc, off_m, off_n, RM_ROWS_N: tl.constexpr):
+    """The (BLOCK_M, BLOCK_R) tile of the low-rank term's left operand (the S pass's rounded copy) and the
+    (BLOCK_R, BLOCK_N) tile of RM, both by TMA (ranks >= R and rows or columns past the edge zero-filled).
+    RM_ROWS_N: RM is stored as (N, R) rows (dX's A^T read from A's (K, R) rows) and its tile is transposed."""
     lo = l_desc.load([off_m, 0])
-    if rm_desc is None:
-        offs_r = tl.arange(0, BLOCK_R)
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        rm = tl.load(RM_ptr + offs_r[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
-                     mask=(offs_r < R)[:, None] & (offs_n < N)[None, :], other=0.0)
-    elif RM_ROWS_N:
+    if RM_ROWS_N:
         rm = tl.trans(rm_desc.load([off_n, 0]))
     else:
         rm = rm_desc.load([0, off_n])
@@ -105,17 +97,15 @@ def _lowrank_tiles(l_desc, rm_desc, RM_ptr, off_m, off_n, N, R, stride_rr, strid
 
 
 @triton.jit
-def _lowrank_first_tma(l_desc, rm_desc, f_desc, RM_ptr, MASK_ptr, mask_desc, off_m, off_n, M, N, R, stride_rr,
-                       stride_rn, stride_mask, lowrank_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_R: tl.constexpr, RM_ROWS_N: tl.constexpr,
+def _lowrank_first_tma(l_desc, rm_desc, f_desc, MASK_ptr, mask_desc, off_m, off_n, M, N, stride_mask,
+                       lowrank_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RM_ROWS_N: tl.constexpr,
                        MASK_TMA: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr):
     """gemm.lowrank_init_bits with its operands by TMA: L is the S pass's copy, already rounded to the dot dtype
     (lowrank.py's TERM: with fp16 divided by its power-of-two row factor F, a 1-D fp32 descriptor; without dropout
     the scale folded in before the rounding), so the arithmetic after the loads is that of lowrank_init_bits, bit
     for bit. The keep-mask's bytes come by TMA too with MASK_TMA (rows past the edge read as dropped)."""
-    lo, rm = _lowrank_tiles(l_desc, rm_desc, RM_ptr, off_m, off_n, N, R, stride_rr, stride_rn, BLOCK_N, BLOCK_R,
-                            RM_ROWS_N)
+    lo, rm = _lowrank_tiles(l_desc, rm_desc, off_m, off_n, RM_ROWS_N)
     acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
     if DOT_DTYPE == tl.float16:
         row_f = f_desc.load([off_m])[:, None]
@@ -150,15 +140,14 @@ def gemm_lowrank_tma_kernel(
     # scalars (with dropout lowrank_scale includes 1 / (1 - p))
     lowrank_scale,
     # meta-parameters (Q_TRANSPOSED: Q[k, n] is element (n, k) of the stored rows, the forward's W^T; SUBTILE:
-    # column slices of the epilogue's store; LOWRANK_TMA: L by TMA (the S pass's rounded copy), else L (fp32) and
-    # RM by pointer loads (the scale and rounding here); RM_TMA: RM by a descriptor too (RM_ROWS_N when it is stored
-    # as (N, R) rows), else by a pointer load; MASK_TMA: the keep-mask's bytes by TMA where a tile row's bytes
-    # (BLOCK_N / 8) reach the 16 a descriptor's box needs; BIAS_TMA: the bias by a 1-D descriptor (an aligned base))
+    # column slices of the epilogue's store; LOWRANK_TMA: the term's operands by TMA (L the S pass's rounded copy,
+    # RM by a descriptor: RM_ROWS_N when it is stored as (N, R) rows), else by pointer loads (L fp32, the scale and
+    # rounding here); MASK_TMA: the keep-mask's bytes by TMA where a tile row's bytes (BLOCK_N / 8) reach the 16 a
+    # descriptor's box needs; BIAS_TMA: the bias by a 1-D descriptor (an aligned base))
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, SUBTILE: tl.constexpr, NUM_SMS: tl.constexpr, Q_TRANSPOSED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    LOWRANK_TMA: tl.constexpr, RM_TMA: tl.constexpr, RM_ROWS_N: tl.constexpr, MASK_TMA: tl.constexpr,
-    BIAS_TMA: tl.constexpr,
+    LOWRANK_TMA: tl.constexpr, RM_ROWS_N: tl.constexpr, MASK_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
 ):
     p_desc = tl.make_tensor_descriptor(P_ptr, shape=[M, K], strides=[stride_pm, 1], block_shape=[BLOCK_M, BLOCK_K])
     if Q_TRANSPOSED:
@@ -179,9 +168,7 @@ def gemm_lowrank_tma_kernel(
     if LOWRANK_TMA:
         l_desc = tl.make_tensor_descriptor(L_ptr, shape=[M, R], strides=[stride_lm, 1],
                                            block_shape=[BLOCK_M, BLOCK_R])
-        if not RM_TMA:
-            rm_desc = None
-        elif RM_ROWS_N:
+        if RM_ROWS_N:
             rm_desc = tl.make_tensor_descriptor(RM_ptr, shape=[N, R], strides=[stride_rn, 1],
                                                 block_shape=[BLOCK_N, BLOCK_R])
         else:
@@ -205,10 +192,10 @@ def gemm_lowrank_tma_kernel(
         pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         if LOWRANK_FIRST:
             if LOWRANK_TMA:
-                acc = _lowrank_first_tma(l_desc, rm_desc, f_desc, RM_ptr, MASK_ptr, mask_desc, pid_m * BLOCK_M,
-                                         pid_n * BLOCK_N, M, N, R, stride_rr, stride_rn, stride_mask, lowrank_scale,
-                                         BLOCK_M, BLOCK_N, BLOCK_R, RM_ROWS_N, MASK_TMA and BLOCK_N >= 128,
-                                         HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
+                acc = _lowrank_first_tma(l_desc, rm_desc, f_desc, MASK_ptr, mask_desc, pid_m * BLOCK_M,
+                                         pid_n * BLOCK_N, M, N, stride_mask, lowrank_scale, BLOCK_M, BLOCK_N,
+                                         RM_ROWS_N, MASK_TMA and BLOCK_N >= 128, HAS_DROPOUT, DOT_DTYPE,
+                                         INPUT_PRECISION)
             else:
                 offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
                 offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -234,8 +221,7 @@ def gemm_lowrank_tma_kernel(
             # the low-rank term accumulated into the same registers after the main loop, so it does not delay the
             # first loads; its scale folded into L (fp32) before L's one rounding (by the S pass with LOWRANK_TMA)
             if LOWRANK_TMA:
-                lo, rm = _lowrank_tiles(l_desc, rm_desc, RM_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, N, R, stride_rr,
-                                        stride_rn, BLOCK_N, BLOCK_R, RM_ROWS_N)
+                lo, rm = _lowrank_tiles(l_desc, rm_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, RM_ROWS_N)
                 acc = tl.dot(lo.to(DOT_DTYPE), rm.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION,
                              out_dtype=tl.float32)
             else:

@@ -440,7 +440,7 @@ def _tma_operands(P, Q, q_strides, out_row: int, out_ptr: int) -> bool:
 def _rm_layout(RM, rm_strides, dtype):
     """How the TMA kernel reads RM (R, N) given as (tensor, strides) by a descriptor: "rows" (unit stride along N:
     the forward's B), "rows_n" (unit stride along R: dX's A^T from A's (K, R) rows), or None (another dtype than
-    ``dtype``, the dot's, or a misaligned base or row: a pointer load)."""
+    ``dtype``, the dot's, or a misaligned base or row: the pointer loads)."""
     if RM.dtype != dtype or RM.data_ptr() % 16:
         return None
     elt = RM.element_size()
@@ -481,14 +481,17 @@ _TORCH_DOT = {torch.float16: torch.float16,
 
 def term_for(P, Q, q_strides, N, R, out, RM, rm_strides, lowrank_scale, *, dropout=False, backward=False):
     """A ``Term`` for gemm_lowrank(P, Q, ..., out=out) when its path is known to be the TMA kernel on these operands
-    (resolved or forced; not on the first, measuring call), else None (the kernel then loads L (fp32) by pointers
-    and rounds it itself: the same result)."""
+    (resolved or forced; not on the first, measuring call) and RM has a descriptor layout (``_rm_layout``: in the
+    dot dtype with 16-byte rows), else None: the kernel then loads L (fp32) and RM by pointers and rounds L itself,
+    the same result. Not for fp32 adapters (PEFT's default) on a 16-bit base: L by TMA with RM by pointer loads
+    took 245,784 B of shared memory at 128 x 256 x 64, 3 stages, rank 64 (compile report, triton 3.9), past the
+    limit, and a rounded copy of RM per call cost host time (docs/_pending/issue-28.md)."""
     M, K = P.shape
     key = (P.device, P.dtype, _m_bucket(M), N, K, R, dropout, backward)
     path = choice.GEMM.get(key)
     if path is None:
         path = choice.GEMM.forced() if choice.GEMM.forced is not None else choice.forced_path()
-    if path != "tma" or P.dtype not in _TORCH_DOT:
+    if path != "tma" or P.dtype not in _TORCH_DOT or _rm_layout(RM, rm_strides, _TORCH_DOT[P.dtype]) is None:
         return None
     out_ok = (out.stride(1) == 1 and _tma_operands(P, Q, q_strides, out.stride(0), out.data_ptr()) if out is not None
               else _tma_operands(P, Q, q_strides, N, 0))
@@ -545,10 +548,10 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
     dropout = dropout_p > 0
     # the low-rank term by TMA when the pass that wrote L left its rounded copy (term_for) and RM has a descriptor
     # layout; the copy's scale must be the one this launch would fold in
-    # RM by a descriptor where its dtype and layout allow; else by a pointer load (fp32 adapters, PEFT's default: a
-    # rounded 16-bit copy per call cost more host time than its loads, bench.host_time, docs/_pending/issue-28.md)
-    use_term = term is not None and term.scale == (1.0 if dropout else float(lowrank_scale))
-    layout = _rm_layout(RM, rm_strides, _TORCH_DOT[P.dtype]) if use_term else None
+    layout = None
+    if term is not None and term.scale == (1.0 if dropout else float(lowrank_scale)):
+        layout = _rm_layout(RM, rm_strides, _TORCH_DOT[P.dtype])
+    use_term = layout is not None
     if use_term:
         L = term.values
     # the keep-mask's bytes by TMA: rows of 16-byte multiples (philox.mask_row_bytes pads them), an aligned base
@@ -561,7 +564,7 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
            BLOCK_R=block_r, NUM_SMS=num_sms, Q_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
            HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=configs.dot_dtype(P.dtype),
            INPUT_PRECISION=configs.input_precision(P.dtype), LOWRANK_TMA=use_term,
-           RM_TMA=layout is not None, RM_ROWS_N=layout == "rows_n", MASK_TMA=mask_tma,
+           RM_ROWS_N=layout == "rows_n", MASK_TMA=mask_tma,
            BIAS_TMA=use_term and bias is not None and bias.data_ptr() % 16 == 0, device=P.device, dtype=P.dtype)
 
 
