@@ -293,7 +293,7 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
     program of each K split sums in group order. Split along K when the row groups do not fill the GPU: then one
     raw (M, R) fp32 sum per split, which the last split of each row group to finish adds up and scales.
 
-    ``term``: a ``Term`` (``new_term``) the launch also fills with OUT's copy that the TMA GEMM's low-rank term reads
+    ``term``: a ``Term`` (``term_for``) the launch also fills with OUT's copy that the TMA GEMM's low-rank term reads
     by TMA (gemm_tma.py): term.scale * OUT rounded to the dot dtype as the GEMM rounds it.
     """
     M, K = P.shape
