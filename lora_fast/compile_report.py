@@ -119,6 +119,7 @@ class Row:
     mma: Optional[int] = None           # HGMMA (sm_90) or HMMA (sm_80) instructions in the SASS
     mma_name: str = ""
     tma_loads: Optional[int] = None     # UTMALDG instructions
+    global_loads: Optional[int] = None  # LDG instructions (plain global loads: what TMA does not carry)
     setmaxnreg: Optional[int] = None    # USETMAXREG instructions (warp-specialised register budgets)
     instructions: Optional[int] = None  # SASS instructions in the kernel (the static count, loops once)
     compile_s: float = 0.0
@@ -137,12 +138,18 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
         return [dict(HAS_BIAS=False, HAS_DROPOUT=False), dict(HAS_BIAS=True, HAS_DROPOUT=False)]
     if kernel == "dx_gemm":    # ops.lora_backward: no bias term in dX
         return [dict(HAS_BIAS=False, HAS_DROPOUT=False), dict(HAS_BIAS=False, HAS_DROPOUT=True)]
-    if kernel == "fwd_gemm_tma":   # Q = W^T from W's rows
-        return [dict(Q_TRANSPOSED=True, HAS_BIAS=False, HAS_DROPOUT=False),
-                dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False)]
-    if kernel == "dx_gemm_tma":    # Q = W as stored
-        return [dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=False),
-                dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True)]
+    # the TMA GEMM: LOWRANK_TMA, the low-rank term's operands by TMA (the S pass's rounded copy of S or dS, B or
+    # A's rows), what ops.lora_forward / lora_backward launch once the path is known; without it (the first,
+    # measuring call, fp32 adapters, DoRA's and other callers without the S pass's copy) by pointer loads
+    if kernel == "fwd_gemm_tma":   # Q = W^T from W's rows; RM = B (R, N)
+        return [dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=False),
+                dict(Q_TRANSPOSED=True, HAS_BIAS=False, HAS_DROPOUT=False, LOWRANK_TMA=True),
+                dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=True)]
+    if kernel == "dx_gemm_tma":    # Q = W as stored; RM = A^T read from A's (K, R) rows (RM_ROWS_N)
+        return [dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True, LOWRANK_TMA=False),
+                dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=False, LOWRANK_TMA=True, RM_ROWS_N=True),
+                dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True, LOWRANK_TMA=True, RM_ROWS_N=True,
+                     MASK_TMA=True)]
     if kernel == "fwd_gemm_ws":
         return [dict(Q_TRANSPOSED=True, HAS_BIAS=False), dict(Q_TRANSPOSED=True, HAS_BIAS=True)]
     if kernel == "dx_gemm_ws":     # dX without dropout only (ops.ws_eligible)
@@ -152,14 +159,19 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
     # Q_FP32 (not a kernel flag: Q's pointer type): fp32 adapters on a 16-bit base (PEFT's default), whose Q tile
     # takes the fp16 range guard (a power-of-two factor per rank column) before its cast; not for fp32 inputs
     # WRITE_MASK (the 16-bit op's S pass stores the keep-mask's bits; DoRA's and the 4-bit op's do not: a subset)
+    # WRITE_TERM (the 16-bit op's S and dS passes on the TMA GEMM's path: the term's rounded copy, gemm_tma.py)
     if kernel == "xa_proj":
         return [dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=False, SPLIT_K=False),
                 dict(HAS_DROPOUT=True, WRITE_MASK=True, WRITE_PARTIAL=False, SPLIT_K=True),
-                dict(HAS_DROPOUT=True, WRITE_MASK=True, WRITE_PARTIAL=False, SPLIT_K=True, Q_FP32=True)]
+                dict(HAS_DROPOUT=True, WRITE_MASK=True, WRITE_PARTIAL=False, SPLIT_K=True, Q_FP32=True),
+                dict(HAS_DROPOUT=True, WRITE_MASK=True, WRITE_PARTIAL=False, SPLIT_K=True, Q_FP32=True,
+                     WRITE_TERM=True)]
     if kernel == "dyb_proj":   # ops.lora_backward fuses dB (its partials) when 4 * R < PROJ_BLOCK_M
         partials = 4 * rank < configs_mod.PROJ_BLOCK_M
         return [dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True),
-                dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True, Q_FP32=True)]
+                dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True, Q_FP32=True),
+                dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True, Q_FP32=True,
+                     WRITE_TERM=True)]
     if kernel == "da_reduce":   # with dropout every op (LoRA, DoRA, 4-bit) reads the forward's bits
         return [dict(HAS_DROPOUT=False, SPLIT_M=True), dict(HAS_DROPOUT=True, SPLIT_M=True)]
     if kernel in ("grad_finish", "dora_norm"):
@@ -216,7 +228,8 @@ def _variant_label(flags: dict) -> str:
     names = {"HAS_BIAS": "bias", "HAS_DROPOUT": "dropout", "WRITE_PARTIAL": "dB", "SPLIT_K": "split",
              "SPLIT_M": "split", "HAS_BASE": "base", "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G": "g",
              "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V", "Q_FP32": "fp32-Q", "ABSMAX_BOX": "absmax-tma",
-             "WRITE_MASK": "bits", "SORTED": "sorted", "MULTI_FWD": "fwd"}
+             "WRITE_MASK": "bits", "SORTED": "sorted", "MULTI_FWD": "fwd", "LOWRANK_TMA": "term-tma",
+             "WRITE_TERM": "term", "MASK_TMA": "bits-tma"}
     label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 
@@ -379,12 +392,18 @@ def launch_args(job: Job) -> tuple:
         # forward: P = x (M, K), Q = W's (N, K) rows read transposed, OUT = y (M, N); dX: P = dY (M, N_out), Q = W's
         # rows as stored, OUT = dX (M, K_in); L fp32 (M, R); RM = B (R, N) or A^T ((r, k) -> A[k, r])
         fwd = job.kernel == "fwd_gemm_tma"
-        args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(x),
-                    OUT_ptr=_Ptr(x), MASK_ptr=_Ptr("u8" if dropout else x), M=M, N=N if fwd else K,
-                    K=K if fwd else N, R=R, M_BUCKET=M, stride_pm=K if fwd else N, stride_qrow=K, stride_lm=R,
-                    stride_lr=1, stride_rr=N if fwd else 1, stride_rn=1 if fwd else R, stride_om=N if fwd else K,
+        # with LOWRANK_TMA, L is the S pass's copy in the dot dtype, rows padded to 16 bytes, and F fp32 (fp16 only)
+        term = meta.get("LOWRANK_TMA", False)
+        args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), BIAS_ptr=_Ptr(x), L_ptr=_Ptr(x if term else "fp32"),
+                    RM_ptr=_Ptr(x), OUT_ptr=_Ptr(x), MASK_ptr=_Ptr("u8" if dropout else x),
+                    F_ptr=_Ptr("fp32" if term and x == "fp16" else x), M=M, N=N if fwd else K,
+                    K=K if fwd else N, R=R, M_BUCKET=M, stride_pm=K if fwd else N, stride_qrow=K,
+                    stride_lm=-(-R // 8) * 8 if term else R, stride_lr=1, stride_rr=N if fwd else 1,
+                    stride_rn=1 if fwd else R, stride_om=N if fwd else K,
                     stride_mask=K // 8 if dropout else 0, lowrank_scale=0.5, NUM_SMS=132)
-        return gemm_lowrank_tma_kernel, dict(args, **common, **meta)
+        term = meta.get("LOWRANK_TMA", False)   # with it, the bias by a descriptor too
+        flags = {"RM_ROWS_N": False, "MASK_TMA": False, "BIAS_TMA": term, **meta}
+        return gemm_lowrank_tma_kernel, dict(args, **common, **flags)
     if job.kernel in ("xa_proj", "dyb_proj"):
         if job.kernel == "xa_proj":   # P = x (M, K), Q = A (K, R)
             strides = dict(stride_pm=K, stride_pk=1, stride_qk=R, stride_qr=1)
@@ -396,13 +415,18 @@ def launch_args(job: Job) -> tuple:
         adapters = "fp32" if meta.pop("Q_FP32", False) else x
         # MASK: the keep-mask's bits (uint8 rows of K / 8 bytes) with WRITE_MASK, else the output (ops.py)
         write_mask = meta.get("WRITE_MASK", False)
+        # TERM: the TMA GEMM's copy of the term's left operand in the dot dtype (rows padded to 16 bytes), F its
+        # fp32 row factors (fp16), with WRITE_TERM; else the output (ops.py)
+        meta.setdefault("WRITE_TERM", False)
+        term = meta["WRITE_TERM"]
         args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(adapters), OUT_ptr=_Ptr("fp32"), L_ptr=_Ptr("fp32"),
                     PARTIAL_ptr=_Ptr("fp32"), SEED_ptr=_Ptr("i64" if dropout else "fp32"), SPLIT_ptr=_Ptr("fp32"),
                     GRAD_ptr=_Ptr(adapters), COUNTER_ptr=_Ptr("i32"), MASK_ptr=_Ptr("u8" if write_mask else "fp32"),
+                    TERM_ptr=_Ptr(x if term else "fp32"), F_ptr=_Ptr("fp32"),
                     M=M, K=K, R=R, M_BUCKET=M, ROWS_PER_PROGRAM=2 * cfg.PROJ_BLOCK_M, K_PER_SPLIT=K // 4, **strides,
                     stride_om=R, stride_or=1, stride_lm=R, stride_lr=1, stride_gr=K, stride_gk=1,
-                    stride_mask=K // 8 if write_mask else 0,
-                    out_scale=1.0 / 0.9, grad_scale=0.5, dropout_p=0.1, BLOCK_M=cfg.PROJ_BLOCK_M)
+                    stride_mask=K // 8 if write_mask else 0, stride_tm=-(-R // 8) * 8 if term else 0,
+                    out_scale=1.0 / 0.9, grad_scale=0.5, dropout_p=0.1, term_scale=0.5, BLOCK_M=cfg.PROJ_BLOCK_M)
         return lowrank_proj_kernel, dict(args, **common, **meta)
     if job.kernel == "da_reduce":
         # P = x (M, K), L = dS (M, R) fp32; ROWS_PER_SPLIT is a multiple of REDUCE_BLOCK_M
@@ -693,6 +717,7 @@ def compile_job(job: Job) -> Row:
     # opcodes sit after the "/*addr*/" column; HMMA is not a prefix of HGMMA, so plain word matches suffice
     row.mma = len(re.findall(rf"\b{row.mma_name}\.", sass))
     row.tma_loads = len(re.findall(r"\bUTMALDG\b", sass))
+    row.global_loads = len(re.findall(r"\bLDG\b", sass))
     row.setmaxnreg = len(re.findall(r"\bUSETMAXREG\b", sass))
     row.instructions = len(re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+\S", sass, flags=re.MULTILINE))
     row.failures = check(row, job)
@@ -760,7 +785,7 @@ def run_jobs(jobs: Sequence[Job], workers: int = 0, progress=None) -> list:
 
 # ---------------------------------------------------------------------------------------------- output
 _COLUMNS = ("kernel", "variant", "target", "dtype", "R", "config", "warps", "stages", "regs", "spill st/ld",
-            "smem B", "MMA", "TMA", "SASS", "check")
+            "smem B", "MMA", "TMA", "LDG", "SASS", "check")
 
 
 def _cells(row: Row) -> list:
@@ -769,7 +794,8 @@ def _cells(row: Row) -> list:
     mma = "?" if row.mma is None else f"{row.mma} {row.mma_name}"
     return [row.kernel, row.variant, row.target, row.dtype, str(row.block_r), row.config, str(row.num_warps),
             str(row.num_stages), num(row.registers), f"{num(row.spill_stores)}/{num(row.spill_loads)}",
-            num(row.shared), mma, num(row.tma_loads), num(row.instructions), "; ".join(row.failures) or "ok"]
+            num(row.shared), mma, num(row.tma_loads), num(row.global_loads), num(row.instructions),
+            "; ".join(row.failures) or "ok"]
 
 
 def format_table(rows: Sequence[Row], markdown: bool = False) -> str:

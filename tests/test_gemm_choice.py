@@ -225,3 +225,80 @@ def test_the_4bit_choice_has_its_own_paths_file_and_switch(tmp_path, monkeypatch
     gemm4.clear()
     assert gemm4.resolve(key + ("x",), "gpu", {"fused": fused, "dequant": dequant}, measure=False) == "fused"
     assert choice.GEMM_4BIT.paths == ("fused", "dequant") and choice.GEMM_4BIT.default == "fused"
+
+
+@pytest.mark.parametrize("dtype,R,p,bias,block_n", [(torch.bfloat16, 5, 0.0, True, 32),
+                                                    (torch.float16, 5, 0.0, False, 32),
+                                                    (torch.bfloat16, 16, 0.3, False, 128),
+                                                    (torch.float16, 12, 0.3, True, 128)], ids=str)
+def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, R, p, bias, block_n, device, forced, monkeypatch):
+    """The TMA kernel's low-rank term by TMA (LOWRANK_TMA: the S and dS passes' rounded copy of scale * S or dS, B
+    and A's rows by descriptors; with dropout the keep-mask's bytes, the bias by TMA too) gives the output of the
+    same kernel with the pointer loads bit for bit: forward and dX, M and N not multiples of the 32 x 32 tile, R not
+    a multiple of 8 (A's rows padded to 16 bytes in storage), with and without bias and the dX keep-mask; fp16 with
+    rows of S far beyond fp16's range (its power-of-two row factors, fp16.py). BLOCK_N 128: the keep-mask's 16 bytes
+    per tile row by TMA, the tile wider than the 64 or 72 columns. Adapters in the dot dtype (fp32 for bf16 under the
+    interpreter); fp32 adapters (PEFT's default) on a 16-bit dot get no term (the pointer loads)."""
+    from lora_fast import philox
+    from lora_fast.kernels import ops
+    from lora_fast.kernels.gemm_tma import gemm_lowrank_tma_kernel
+
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("the TMA kernel needs sm_90 or newer")
+    forced("tma")
+    monkeypatch.setitem(ops._TMA_INTERP, "BLOCK_N", block_n)
+    flags = []
+    real_call = ops._Launcher.__call__
+
+    def spy(self, grid, *args, **kwargs):
+        if self.kernel is gemm_lowrank_tma_kernel:
+            flags.append((kwargs["LOWRANK_TMA"], kwargs["RM_ROWS_N"], kwargs["MASK_TMA"]))
+            assert kwargs["BIAS_TMA"] == (kwargs["LOWRANK_TMA"] and kwargs["HAS_BIAS"])
+        return real_call(self, grid, *args, **kwargs)
+    monkeypatch.setattr(ops._Launcher, "__call__", spy)
+    M, K, N, scale = 70, 64, 72, 1.5
+    x = torch.randn(M, K, device=device).to(dtype)
+    weight = torch.randn(N, K, device=device).to(dtype)
+    b = torch.randn(N, device=device).to(dtype) if bias else None
+    adapters = ops._TORCH_DOT[dtype]   # the term's path needs RM in the dot dtype (fp32 for bf16 interpreted)
+    A = torch.empty(K, 8 * -(-R // 8), device=device, dtype=adapters)[:, :R]   # rows of 16 bytes, R columns
+    A.copy_(torch.randn(K, R, device=device) / K ** 0.5)
+    B = (torch.randn(R, N, device=device) / R ** 0.5).to(adapters)
+    if dtype == torch.float16:   # |scale * S| ~ 1e5 (past fp16's 65504 before the row factors), the term ~ 10
+        A.mul_(3e4)
+        B = (B.float() * 1e-4).to(adapters)
+    dy = torch.randn(M, N, device=device).to(dtype)
+
+    # forward: y = x W^T + b + scale * S B
+    q, rm = (weight.stride(1), weight.stride(0)), (B.stride(0), B.stride(1))
+    if dtype == torch.float16:   # fp32 adapters on a 16-bit dot: the pointer loads (ops.term_for)
+        assert ops.term_for(x, weight, q, N, R, None, B.float(), rm, scale) is None
+    term = ops.term_for(x, weight, q, N, R, None, B, rm, scale)
+    assert term is not None and term.values.stride(0) * term.values.element_size() % 16 == 0
+    S, _ = ops.lowrank_project(x, A, A.stride(0), A.stride(1), R, term=term)
+    S_plain, _ = ops.lowrank_project(x, A, A.stride(0), A.stride(1), R)
+    assert torch.equal(S, S_plain), "writing the term changed S"
+    if dtype == torch.float16:
+        assert (S.abs().amax(1) * scale > 65504).any() and term.factors.max() > 1, "no row beyond fp16's range"
+    new, old = torch.empty(M, N, dtype=dtype, device=device), torch.empty(M, N, dtype=dtype, device=device)
+    ops._tma_gemm(x, weight, q, N, b, S, B, rm, scale, 0.0, None, new, False, term)
+    ops._tma_gemm(x, weight, q, N, b, S, B, rm, scale, 0.0, None, old, False)
+    assert flags == [(True, False, False), (False, False, False)]
+    assert torch.isfinite(old).all() and torch.equal(new, old)
+
+    # dX = dY W + scale / (1 - p) * keep ⊙ (dS A^T); the term of dS unscaled with dropout
+    flags.clear()
+    keep_scale = 1.0 / (1.0 - philox.quantize(p))
+    keep = None
+    if p:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+        keep = ops.packed_keep_mask(seed, M, K, p)
+    q, rm = (weight.stride(0), weight.stride(1)), (A.stride(1), A.stride(0))
+    term = ops.term_for(dy, weight, q, K, R, None, A, rm, scale * keep_scale, dropout=p > 0, backward=True)
+    assert term is not None
+    dS, _ = ops.lowrank_project(dy, B, B.stride(1), B.stride(0), R, term=term)
+    new, old = torch.empty(M, K, dtype=dtype, device=device), torch.empty(M, K, dtype=dtype, device=device)
+    ops._tma_gemm(dy, weight, q, K, None, dS, A, rm, scale * keep_scale, philox.quantize(p), keep, new, True, term)
+    ops._tma_gemm(dy, weight, q, K, None, dS, A, rm, scale * keep_scale, philox.quantize(p), keep, old, True)
+    assert flags == [(True, True, p > 0), (False, False, False)]
+    assert torch.isfinite(old).all() and torch.equal(new, old)

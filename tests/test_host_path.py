@@ -99,9 +99,15 @@ def roles(calls, named):
     # the launch metadata argument (4-6: Triton's JIT passes a LazyDict, a planned launch None without a profiler)
     return [(kname, [name(a) for i, a in enumerate(args) if not 4 <= i <= 6]) for kname, _, args in calls]
 
-for path in ("triton", "cublas", "tma"):
+A32, B32 = A, B
+# "tma-16": fp16 adapters, whose low-rank term the TMA kernel reads by TMA (the S and dS passes write its rounded
+# copy into padded buffers, views that the recording aliases: ops.term_for)
+for path in ("triton", "cublas", "tma", "tma-16"):
     choice.clear()
-    monkeypatch(choice, "forced_path", lambda path=path: path)
+    monkeypatch(choice, "forced_path", lambda path=path: path.split("-")[0])
+    A, B = A32, B32
+    if path == "tma-16":
+        A, B = A32.detach().half().requires_grad_(), B32.detach().half().requires_grad_()
     for p in (0.0, 0.25):
         trace, replays[0] = [], 0
         for step in range(4):   # JIT and tuning, the recording, two replays
@@ -122,6 +128,7 @@ for path in ("triton", "cublas", "tma"):
         # the second call went through the launchers (and was recorded), the third and fourth replayed
         result[f"planned {path} p={p}"] = [replays[0] >= 4, trace[3] == trace[1] and trace[2] == trace[1],
                                           sum(1 for k, _ in trace[0] if k != "addmm")]
+A, B = A32, B32
 
 # saved-tensor hooks (save_on_cpu with pinned memory packs a contiguous copy): what backward unpacks then has other
 # strides than the call's x, and those strides are arguments of the dA pass. Steps 0-1 without hooks, 2-4 with, 5
@@ -199,7 +206,7 @@ def test_launch_plans_and_devices():
     assert result["decode M=1 R=1"] == 3 and result["decode M=2 R=16"] == 3
     # planned calls: the third and fourth call of each layout replay forward and backward (4 replays or more), with
     # the launchers' launches, arguments and tensor roles exactly; five launches on every GEMM path
-    for path in ("triton", "cublas", "tma"):
+    for path in ("triton", "cublas", "tma", "tma-16"):
         for p in (0.0, 0.25):
             assert result[f"planned {path} p={p}"] == [True, True, 5], (path, p, result[f"planned {path} p={p}"])
     # a backward replay is keyed on the saved tensors' layout when saved-tensor hooks were active in forward

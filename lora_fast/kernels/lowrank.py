@@ -27,13 +27,26 @@ from .rng import keep_mask, keep_mask_bits, load_keep_bits, store_keep_bits
 
 
 @triton.jit
+def _store_term(TERM_ptr, F_ptr, s, offs_m, mask_m, offs_r, mask_r, stride_tm, term_scale, DOT_DTYPE: tl.constexpr):
+    """The TMA GEMM's copy of the low-rank term's left operand (gemm_tma.py, LOWRANK_TMA), from ``s``, the fp32
+    (BLOCK_M, BLOCK_R) block of OUT just stored: term_scale * s rounded to the dot dtype, as gemm.lowrank_init_bits
+    rounds it (fp16: divided first by its power-of-two row factor, fp16.py, stored to F); ranks >= R not written."""
+    t = s * term_scale
+    if DOT_DTYPE == tl.float16:
+        t, f = pow2_split(t, 1)
+        tl.store(F_ptr + offs_m[:, None], f, mask=mask_m[:, None])
+    tl.store(TERM_ptr + offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :], t.to(DOT_DTYPE),
+             mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
 def _proj_row_block(
-    P_ptr, Q_ptr, OUT_ptr, L_ptr, partial, SEED_ptr, MASK_ptr,
+    P_ptr, Q_ptr, OUT_ptr, L_ptr, partial, SEED_ptr, MASK_ptr, TERM_ptr, F_ptr,
     m0, row_end, first, k_start, k_end, K, R, pid_k,
     stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_os, stride_lm, stride_lr, stride_mask,
-    out_scale, dropout_p,
+    stride_tm, out_scale, dropout_p, term_scale,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_PARTIAL: tl.constexpr, WRITE_TERM: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Rows m0 .. m0 + BLOCK_M (below row_end) over columns k_start .. k_end: OUT's block, and with WRITE_PARTIAL
@@ -100,7 +113,11 @@ def _proj_row_block(
            + offs_r[None, :] * stride_or)
     if DOT_DTYPE == tl.float16 and Q_ptr.dtype.element_ty == tl.float32:
         acc = acc * acc_f
-    tl.store(out, (acc * out_scale).to(OUT_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+    acc = acc * out_scale
+    tl.store(out, acc.to(OUT_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+    if WRITE_TERM:
+        _store_term(TERM_ptr, F_ptr, acc.to(OUT_ptr.dtype.element_ty).to(tl.float32), offs_m, mask_m, offs_r, mask_r,
+                    stride_tm, term_scale, DOT_DTYPE)
 
 
 @triton.jit
@@ -113,9 +130,11 @@ def _last_ticket(COUNTER_ptr, index, tickets):
 
 
 @triton.jit
-def _finish_rows(SPLIT_ptr, OUT_ptr, row_start, row_end, M, R, splits, stride_om, stride_or, out_scale,
-                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    """OUT[rows] = out_scale * sum over splits (in order) of SPLIT[split, rows] ((splits, M, R) fp32, contiguous)."""
+def _finish_rows(SPLIT_ptr, OUT_ptr, TERM_ptr, F_ptr, row_start, row_end, M, R, splits, stride_om, stride_or,
+                 stride_tm, out_scale, term_scale, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                 WRITE_TERM: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """OUT[rows] = out_scale * sum over splits (in order) of SPLIT[split, rows] ((splits, M, R) fp32, contiguous);
+    with WRITE_TERM also the TMA GEMM's rounded copy (``_store_term``)."""
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     for m0 in range(row_start, row_end, BLOCK_M):
@@ -127,8 +146,12 @@ def _finish_rows(SPLIT_ptr, OUT_ptr, row_start, row_end, M, R, splits, stride_om
         for _ in range(0, splits):
             acc += tl.load(split + at, mask=mask, other=0.0, cache_modifier=".cg")
             split += M * R
+        acc = acc * out_scale
         tl.store(OUT_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_r[None, :] * stride_or,
-                 (acc * out_scale).to(OUT_ptr.dtype.element_ty), mask=mask)
+                 acc.to(OUT_ptr.dtype.element_ty), mask=mask)
+        if WRITE_TERM:
+            _store_term(TERM_ptr, F_ptr, acc.to(OUT_ptr.dtype.element_ty).to(tl.float32), offs_m, offs_m < row_end,
+                        offs_r, mask_r, stride_tm, term_scale, DOT_DTYPE)
 
 
 @triton.jit
@@ -156,19 +179,21 @@ def lowrank_proj_kernel(
     # only with SPLIT_K; PARTIAL: (groups, R, K) fp32 scratch and GRAD (R, K): only with WRITE_PARTIAL; COUNTER:
     # int32, zero on entry and on exit: one per row group (SPLIT_K), then one per K split (WRITE_PARTIAL); MASK:
     # the bit-packed keep-mask written with WRITE_MASK, uint8 rows of stride_mask bytes)
-    P_ptr, Q_ptr, OUT_ptr, L_ptr, PARTIAL_ptr, SEED_ptr, SPLIT_ptr, GRAD_ptr, COUNTER_ptr, MASK_ptr,
+    P_ptr, Q_ptr, OUT_ptr, L_ptr, PARTIAL_ptr, SEED_ptr, SPLIT_ptr, GRAD_ptr, COUNTER_ptr, MASK_ptr, TERM_ptr, F_ptr,
     # sizes (M_BUCKET only keys the autotuner; ROWS_PER_PROGRAM: a multiple of BLOCK_M, BLOCK_M itself without
     # WRITE_PARTIAL; K_PER_SPLIT: the K range of one program, a multiple of BLOCK_K)
     M, K, R, M_BUCKET, ROWS_PER_PROGRAM, K_PER_SPLIT,
     # strides
     stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_lm, stride_lr, stride_gr, stride_gk,
-    stride_mask,
+    stride_mask, stride_tm,
     # scalars
-    out_scale, grad_scale, dropout_p,
-    # meta-parameters (WRITE_MASK: with HAS_DROPOUT, also store the keep-mask drawn)
+    out_scale, grad_scale, dropout_p, term_scale,
+    # meta-parameters (WRITE_MASK: with HAS_DROPOUT, also store the keep-mask drawn; WRITE_TERM: also store
+    # TERM (M, R) in the dot dtype, rows of stride_tm, = term_scale * OUT rounded as the GEMM's low-rank term rounds
+    # it, fp16 divided by its power-of-two row factor F (M,) fp32: the TMA GEMM's operand, gemm_tma.py)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_PARTIAL: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WRITE_TERM: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # a program covers ROWS_PER_PROGRAM rows and K_PER_SPLIT columns (program_id 1). With several K splits
     # (SPLIT_K) each writes the raw sum of its split to SPLIT, and the last of a row group's splits to finish adds
@@ -184,32 +209,33 @@ def lowrank_proj_kernel(
     row_start = pid_m * ROWS_PER_PROGRAM
     row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, M)
     if SPLIT_K:
-        target, stride_tm, stride_tr, scale = SPLIT_ptr, R, 1, 1.0
+        target, stride_om_t, stride_or_t, scale = SPLIT_ptr, R, 1, 1.0
     else:
-        target, stride_tm, stride_tr, scale = OUT_ptr, stride_om, stride_or, out_scale
+        target, stride_om_t, stride_or_t, scale = OUT_ptr, stride_om, stride_or, out_scale
     if WRITE_PARTIAL:
         partial = PARTIAL_ptr + pid_m.to(tl.int64) * R * K + tl.arange(0, BLOCK_R)[:, None] * K
         for m0 in range(row_start, row_end, BLOCK_M):
             # orders the previous block's stores to the slice before this block's loads of it across the CTA's
             # threads (an element may be stored and loaded by different threads)
             tl.debug_barrier()
-            _proj_row_block(P_ptr, Q_ptr, target, L_ptr, partial, SEED_ptr, MASK_ptr,
+            _proj_row_block(P_ptr, Q_ptr, target, L_ptr, partial, SEED_ptr, MASK_ptr, TERM_ptr, F_ptr,
                             m0, row_end, m0 == row_start, k_start, k_end, K, R, pid_k,
-                            stride_pm, stride_pk, stride_qk, stride_qr, stride_tm, stride_tr, M * R,
-                            stride_lm, stride_lr, stride_mask, scale, dropout_p,
-                            BLOCK_M, BLOCK_K, BLOCK_R, HAS_DROPOUT, WRITE_MASK, WRITE_PARTIAL, DOT_DTYPE,
-                            INPUT_PRECISION)
+                            stride_pm, stride_pk, stride_qk, stride_qr, stride_om_t, stride_or_t, M * R,
+                            stride_lm, stride_lr, stride_mask, stride_tm, scale, dropout_p, term_scale,
+                            BLOCK_M, BLOCK_K, BLOCK_R, HAS_DROPOUT, WRITE_MASK, WRITE_PARTIAL,
+                            WRITE_TERM and not SPLIT_K, DOT_DTYPE, INPUT_PRECISION)
     else:
-        _proj_row_block(P_ptr, Q_ptr, target, L_ptr, PARTIAL_ptr, SEED_ptr, MASK_ptr,
+        _proj_row_block(P_ptr, Q_ptr, target, L_ptr, PARTIAL_ptr, SEED_ptr, MASK_ptr, TERM_ptr, F_ptr,
                         row_start, row_end, True, k_start, k_end, K, R, pid_k,
-                        stride_pm, stride_pk, stride_qk, stride_qr, stride_tm, stride_tr, M * R,
-                        stride_lm, stride_lr, stride_mask, scale, dropout_p,
-                        BLOCK_M, BLOCK_K, BLOCK_R, HAS_DROPOUT, WRITE_MASK, WRITE_PARTIAL, DOT_DTYPE,
-                        INPUT_PRECISION)
+                        stride_pm, stride_pk, stride_qk, stride_qr, stride_om_t, stride_or_t, M * R,
+                        stride_lm, stride_lr, stride_mask, stride_tm, scale, dropout_p, term_scale,
+                        BLOCK_M, BLOCK_K, BLOCK_R, HAS_DROPOUT, WRITE_MASK, WRITE_PARTIAL,
+                        WRITE_TERM and not SPLIT_K, DOT_DTYPE, INPUT_PRECISION)
     if SPLIT_K:
         if _last_ticket(COUNTER_ptr, pid_m, tl.num_programs(1)):
-            _finish_rows(SPLIT_ptr, OUT_ptr, row_start, row_end, M, R, tl.num_programs(1), stride_om, stride_or,
-                         out_scale, BLOCK_M, BLOCK_R)
+            _finish_rows(SPLIT_ptr, OUT_ptr, TERM_ptr, F_ptr, row_start, row_end, M, R, tl.num_programs(1),
+                         stride_om, stride_or, stride_tm, out_scale, term_scale, BLOCK_M, BLOCK_R, WRITE_TERM,
+                         DOT_DTYPE)
             tl.atomic_xchg(COUNTER_ptr + pid_m, 0)
     if WRITE_PARTIAL:
         column_counter = COUNTER_ptr

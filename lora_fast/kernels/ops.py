@@ -8,6 +8,7 @@ as PEFT applies it. Every tensor is passed with its strides; nothing is copied o
 
 import functools
 import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -154,7 +155,7 @@ def _tma_launcher(kind: str, block_r: int) -> "_Launcher":
     if launcher is None:
         launcher = _Launcher(gemm_lowrank_tma_kernel, functools.partial(configs.gemm_tma_configs,
                                                                         dropout=kind == "dropout", block_r=block_r),
-                             ["M_BUCKET", "N", "K", "R"], _TMA_INTERP, pointers=7, scalars=1)
+                             ["M_BUCKET", "N", "K", "R"], _TMA_INTERP, pointers=8, scalars=1)
         _tma_launchers[(kind, block_r)] = launcher
     return launcher
 
@@ -166,19 +167,19 @@ _term_dropout = _Launcher(gemm_lowrank_kernel, functools.partial(configs.gemm_co
                           ["M_BUCKET", "N", "K", "R"], dict(configs.INTERP_GEMM, num_warps=4, num_stages=1),
                           pointers=7, scalars=1)
 _proj = _Launcher(lowrank_proj_kernel, configs.proj_configs, ["M_BUCKET", "K", "R"],
-                  dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4, num_stages=1), pointers=10, scalars=3)
+                  dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4, num_stages=1), pointers=12, scalars=4)
 # x @ A with dropout: its own config list (configs.proj_configs(dropout=True): no spills)
 _proj_dropout = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, dropout=True),
                           ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
-                                                       num_stages=1), pointers=10, scalars=3)
+                                                       num_stages=1), pointers=12, scalars=4)
 # dS = dY B^T finishing dB: its own config list (configs.proj_configs(partials=True): no spills)
 _proj_partials = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, partials=True),
                            ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
-                                                        num_stages=1), pointers=10, scalars=3)
+                                                        num_stages=1), pointers=12, scalars=4)
 # the same with fp32 adapters on a 16-bit dY (Q = B^T fp32): configs.proj_configs(partials=True, q_fp32=True)
 _proj_partials_q32 = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, partials=True, q_fp32=True),
                                ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
-                                                            num_stages=1), pointers=10, scalars=3)
+                                                            num_stages=1), pointers=12, scalars=4)
 _reduce = _Launcher(reduce_m_kernel, configs.reduce_configs, ["M_BUCKET", "K", "R"], dict(num_warps=4, num_stages=1),
                     pointers=6, scalars=1)
 _finish = _Launcher(sum_partials_kernel, configs.finish_configs, [], dict(num_warps=4, num_stages=1),
@@ -279,7 +280,7 @@ COUNTERS = _Counters()
 
 
 def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0.0, seed=None, partial_of=None,
-                    grad=None, grad_scale=1.0, keep_out=None):
+                    grad=None, grad_scale=1.0, keep_out=None, term=None):
     """OUT (M, R) fp32 = out_scale * (keep ⊙ P) @ Q, Q given by (pointer tensor, strides) of shape (K, R), in one
     launch. Returns (OUT, ``grad`` or None).
 
@@ -291,6 +292,9 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
     per-row-group partials ((groups, R, K) fp32 scratch, ``_proj_layout`` sizes the groups) that the last
     program of each K split sums in group order. Split along K when the row groups do not fill the GPU: then one
     raw (M, R) fp32 sum per split, which the last split of each row group to finish adds up and scales.
+
+    ``term``: a ``Term`` (``term_for``) the launch also fills with OUT's copy that the TMA GEMM's low-rank term reads
+    by TMA (gemm_tma.py): term.scale * OUT rounded to the dot dtype as the GEMM rounds it.
     """
     M, K = P.shape
     device = P.device
@@ -314,13 +318,15 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
         launch = _proj
     write_mask = keep_out is not None and dropout_p > 0
     launch(grid, P, Q, out, L, partial, seed if seed is not None else out, split, target, counters,
-           keep_out if write_mask else out,
+           keep_out if write_mask else out, term.values if term is not None else out,
+           term.factors if term is not None and term.factors is not None else out,
            M, K, R, _m_bucket(M), rows_per_program, k_per_split,
            P.stride(0), P.stride(1), stride_qk, stride_qr, out.stride(0), out.stride(1), L.stride(0), L.stride(1),
            target.stride(0), target.stride(1), keep_out.stride(0) if write_mask else 0,
-           float(out_scale), float(grad_scale), float(dropout_p),
+           term.values.stride(0) if term is not None else 0,
+           float(out_scale), float(grad_scale), float(dropout_p), float(term.scale) if term is not None else 1.0,
            BLOCK_M=block_m, BLOCK_R=configs.block_r(R), HAS_DROPOUT=dropout_p > 0, WRITE_MASK=write_mask,
-           WRITE_PARTIAL=partial_of is not None, SPLIT_K=split_k,
+           WRITE_PARTIAL=partial_of is not None, SPLIT_K=split_k, WRITE_TERM=term is not None,
            DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
            device=device, dtype=P.dtype)
     return out, grad if partial_of is not None else None
@@ -370,7 +376,7 @@ def finish(partial, scale, out, *, transpose=False):
 
 
 def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, dropout_p=0.0, keep=None,
-                 out=None, backward=False):
+                 out=None, backward=False, term=None):
     """OUT (M, N) in P's dtype = P @ Q (+ bias) + lowrank_scale * (keep ⊙ (L @ RM)).
 
     Q (K, N) and RM (R, N) are given as (pointer tensor, strides) so transposed weights need no copy. With
@@ -378,7 +384,8 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
     ``philox.mask_row_bytes(N)``): ``lowrank_project(keep_out=)``, ``rng.packed_keep_mask``).
     ``out``: an optional (M, N) tensor to write into (a view of the caller's N-D output). ``backward``: the dX
     GEMM, tuned and chosen apart from the forward. The path (the fused Triton GEMM or cuBLAS after the low-rank
-    term) is measured per key and remembered (kernels/choice.py).
+    term) is measured per key and remembered (kernels/choice.py). ``term``: L's rounded copy (``term_for``, filled
+    by the pass that wrote L), which the TMA kernel then reads by TMA; the other paths ignore it.
     """
     M, K = P.shape
     R = L.shape[1]
@@ -388,7 +395,7 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
         bias = bias.contiguous()   # N elements; the kernel reads the bias with unit stride
     if dropout_p > 0 and keep is None:
         raise ValueError("gemm_lowrank: dropout_p > 0 needs keep, the bit-packed keep-mask")
-    args = (P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward)
+    args = (P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward, term)
     key = (P.device, P.dtype, _m_bucket(M), N, K, R, dropout_p > 0, backward)
     path = choice.GEMM.get(key)
     if path is None:
@@ -418,13 +425,84 @@ def tma_eligible(P, Q, q_strides, out) -> bool:
     interpreter); P and
     OUT with unit stride along their rows, Q with unit stride along K (the forward's W^T) or along N (dX's W);
     16-byte aligned bases and row strides (tensor descriptors' requirements)."""
+    return out.stride(1) == 1 and _tma_operands(P, Q, q_strides, out.stride(0), out.data_ptr())
+
+
+def _tma_operands(P, Q, q_strides, out_row: int, out_ptr: int) -> bool:
+    """tma_eligible for an output of row stride ``out_row`` at ``out_ptr`` (unit stride along its rows)."""
     if P.dtype == torch.float32 or (not _INTERPRETED and _capability(P.device)[0] < 9):
         return False
     elt = P.element_size()
     q_row = q_strides[1] if q_strides[0] == 1 else q_strides[0] if q_strides[1] == 1 else None
-    return (P.stride(1) == 1 and out.stride(1) == 1 and q_row is not None
-            and (P.stride(0) * elt) % 16 == 0 and (out.stride(0) * elt) % 16 == 0 and (q_row * elt) % 16 == 0
-            and P.data_ptr() % 16 == 0 and Q.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0)
+    return (P.stride(1) == 1 and q_row is not None
+            and (P.stride(0) * elt) % 16 == 0 and (out_row * elt) % 16 == 0 and (q_row * elt) % 16 == 0
+            and P.data_ptr() % 16 == 0 and Q.data_ptr() % 16 == 0 and out_ptr % 16 == 0)
+
+
+def _rm_layout(RM, rm_strides, dtype):
+    """How the TMA kernel reads RM (R, N) given as (tensor, strides) by a descriptor: "rows" (unit stride along N:
+    the forward's B), "rows_n" (unit stride along R: dX's A^T from A's (K, R) rows), or None (another dtype than
+    ``dtype``, the dot's, or a misaligned base or row: the pointer loads)."""
+    if RM.dtype != dtype or RM.data_ptr() % 16:
+        return None
+    elt = RM.element_size()
+    if rm_strides[1] == 1 and (rm_strides[0] * elt) % 16 == 0:
+        return "rows"
+    if rm_strides[0] == 1 and (rm_strides[1] * elt) % 16 == 0:
+        return "rows_n"
+    return None
+
+
+class Term(NamedTuple):
+    """The TMA GEMM's copy of its low-rank term's left operand (kernels/gemm_tma.py, LOWRANK_TMA), written by the pass
+    that computes L (S or dS; lowrank_project(term=)): ``values`` (M, R) in the dot dtype, rows padded to 16 bytes,
+    = scale * L rounded as gemm.lowrank_init_bits rounds it; fp16: divided by a power-of-two factor per row,
+    ``factors`` (M,) fp32 (fp16.py's range guard), else None. ``scale``: lowrank_scale without dropout, 1 with it
+    (then the scale is applied after the keep-mask, as before)."""
+    values: torch.Tensor
+    factors: Optional[torch.Tensor]
+    scale: float
+
+
+def _padded(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised (rows, cols) tensor whose rows are 16-byte multiples apart (a view of a wider buffer, which a
+    recording allocates and aliases)."""
+    unit = 16 // dtype.itemsize
+    buffer = _empty((rows, -(-cols // unit) * unit), dtype, device)
+    view = buffer[:, :cols]
+    if plan.RECORDING[0]:
+        rec = plan.recorder()
+        if rec is not None:
+            rec.alias(view, buffer)
+    return view
+
+
+_TORCH_DOT = {torch.float16: torch.float16,
+              torch.bfloat16: torch.float32 if _INTERPRETED else torch.bfloat16}   # configs.dot_dtype in torch
+
+
+def term_for(P, Q, q_strides, N, R, out, RM, rm_strides, lowrank_scale, *, dropout=False, backward=False):
+    """A ``Term`` for gemm_lowrank(P, Q, ..., out=out) when its path is known to be the TMA kernel on these operands
+    (resolved or forced; not on the first, measuring call) and RM has a descriptor layout (``_rm_layout``: in the
+    dot dtype with 16-byte rows), else None: the kernel then loads L (fp32) and RM by pointers and rounds L itself,
+    the same result. Not for fp32 adapters (PEFT's default) on a 16-bit base: L by TMA with RM by pointer loads
+    took 245,784 B of shared memory at 128 x 256 x 64, 3 stages, rank 64 (compile report, triton 3.9), past the
+    limit, and a rounded copy of RM per call cost host time (docs/_pending/issue-28.md)."""
+    M, K = P.shape
+    key = (P.device, P.dtype, _m_bucket(M), N, K, R, dropout, backward)
+    path = choice.GEMM.get(key)
+    if path is None:
+        path = choice.GEMM.forced() if choice.GEMM.forced is not None else choice.forced_path()
+    if path != "tma" or P.dtype not in _TORCH_DOT or _rm_layout(RM, rm_strides, _TORCH_DOT[P.dtype]) is None:
+        return None
+    out_ok = (out.stride(1) == 1 and _tma_operands(P, Q, q_strides, out.stride(0), out.data_ptr()) if out is not None
+              else _tma_operands(P, Q, q_strides, N, 0))
+    if not out_ok:
+        return None
+    dot = _TORCH_DOT[P.dtype]
+    values = _padded(M, R, dot, P.device)
+    factors = _empty((M,), torch.float32, P.device) if P.dtype == torch.float16 else None
+    return Term(values, factors, 1.0 if dropout else float(lowrank_scale))
 
 
 def ws_eligible(P, Q, q_strides, out, dropout_p) -> bool:
@@ -450,7 +528,8 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
-def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward):
+def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward,
+              term=None):
     """The persistent TMA kernel (kernels/gemm_tma.py) on operands ``tma_eligible`` accepts."""
     M, K = P.shape
     R = L.shape[1]
@@ -469,17 +548,30 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
     block_r = configs.block_r(R)
     launch = _tma_launcher("dropout" if dropout_p > 0 else "dx" if backward else "forward", block_r)
     dropout = dropout_p > 0
+    # the low-rank term by TMA when the pass that wrote L left its rounded copy (term_for) and RM has a descriptor
+    # layout; the copy's scale must be the one this launch would fold in
+    layout = None
+    if term is not None and term.scale == (1.0 if dropout else float(lowrank_scale)):
+        layout = _rm_layout(RM, rm_strides, _TORCH_DOT[P.dtype])
+    use_term = layout is not None
+    if use_term:
+        L = term.values
+    # the keep-mask's bytes by TMA: rows of 16-byte multiples (philox.mask_row_bytes pads them), an aligned base
+    mask_tma = use_term and dropout and keep.stride(0) % 16 == 0 and keep.data_ptr() % 16 == 0
     launch(grid, P, Q, bias if bias is not None else out, L, RM, out, keep if dropout else out,
+           term.factors if use_term and term.factors is not None else out,
            M, N, K, R, _m_bucket(M),
            P.stride(0), q_row, L.stride(0), L.stride(1), rm_strides[0], rm_strides[1], out.stride(0),
            keep.stride(0) if dropout else 0, float(lowrank_scale),
            BLOCK_R=block_r, NUM_SMS=num_sms, Q_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
            HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=configs.dot_dtype(P.dtype),
-           INPUT_PRECISION=configs.input_precision(P.dtype), device=P.device, dtype=P.dtype)
+           INPUT_PRECISION=configs.input_precision(P.dtype), LOWRANK_TMA=use_term,
+           RM_ROWS_N=layout == "rows_n", MASK_TMA=mask_tma,
+           BIAS_TMA=use_term and bias is not None and bias.data_ptr() % 16 == 0, device=P.device, dtype=P.dtype)
 
 
-def _fused_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward, *,
-                k_loop=True):
+def _fused_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward,
+                term=None, *, k_loop=True):
     """The fused kernel; ``k_loop=False`` runs it with K = 0: out = bias + the low-rank term, nothing else."""
     M, K = P.shape
     R = L.shape[1]
@@ -502,7 +594,8 @@ def _fused_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, drop
            device=P.device, dtype=P.dtype)
 
 
-def _cublas_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward):
+def _cublas_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward,
+                 term=None):
     """bias + the low-rank term into ``out`` (the fused kernel without its K loop), then cuBLAS accumulates
     P @ Q into it (addmm, beta = 1): the same result up to one rounding of the low-rank term to out's dtype."""
     _fused_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward,
@@ -518,7 +611,8 @@ def _cublas_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dro
 _ws_launchers = {}
 
 
-def _ws_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward):
+def _ws_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward,
+             term=None):
     """The warp-specialised Gluon kernel (kernels/gemm_ws.py) on operands ``ws_eligible`` accepts; imported on first
     use, so that a triton without Gluon costs nothing until LORA_FAST_GEMM=ws asks for it."""
     from .gemm_ws import gemm_lowrank_ws_kernel
@@ -551,15 +645,15 @@ def _ws_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout
 _GEMM_PATHS = {"triton": _fused_gemm, "cublas": _cublas_gemm, "tma": _tma_gemm, "ws": _ws_gemm}
 
 
-def project_input(x, A, dropout_p, seed, keep_out=None):
+def project_input(x, A, dropout_p, seed, keep_out=None, term=None):
     """The forward's first pass, shared by the 16-bit, 4-bit and DoRA ops: S = dropout(x) @ A (M, R) fp32 with the
     keep-mask of ``seed`` (stored bit-packed into ``keep_out`` when given: ``new_keep_mask``). Returns (S, p,
     keep_scale): p the drop probability the mask applies (philox.quantize, idempotent, so callers may pass it
-    quantised or not) and keep_scale = 1 / (1 - p)."""
+    quantised or not) and keep_scale = 1 / (1 - p). ``term``: also S's rounded copy for the TMA GEMM (``term_for``)."""
     p = philox.quantize(dropout_p)
     keep_scale = 1.0 / (1.0 - p)
     S, _ = lowrank_project(x, A, A.stride(0), A.stride(1), A.shape[1], out_scale=keep_scale, dropout_p=p, seed=seed,
-                           keep_out=keep_out)
+                           keep_out=keep_out, term=term)
     return S, p, keep_scale
 
 
@@ -580,14 +674,16 @@ def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=Non
     """
     N = weight.shape[0]
     x, weight = _along_k(x, 1), _along_k(weight, 1)
-    S, _, _ = project_input(x, A, dropout_p, seed, keep_out)
+    q_strides, rm_strides = (weight.stride(1), weight.stride(0)), (B.stride(0), B.stride(1))
+    # the TMA GEMM's copy of scale * S, written by the S pass (not with zero_rows: S is changed after the pass)
+    term = None if zero_rows is not None else term_for(x, weight, q_strides, N, A.shape[1], out, B, rm_strides, scale)
+    S, _, _ = project_input(x, A, dropout_p, seed, keep_out, term)
     if zero_rows is not None:
         S.masked_fill_(zero_rows, 0.0)
         if plan.recorder() is not None:
             plan.recorder().fail()
     # Q = W^T: element (k, n) of W^T is weight[n, k]
-    y = gemm_lowrank(x, weight, (weight.stride(1), weight.stride(0)), N, bias, S, B, (B.stride(0), B.stride(1)),
-                     scale, dropout_p=0.0, out=out)
+    y = gemm_lowrank(x, weight, q_strides, N, bias, S, B, rm_strides, scale, dropout_p=0.0, out=out, term=term)
     return y, S
 
 
@@ -615,15 +711,20 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
     # comment (the (groups, R, N) fp32 partials grow with R, a second read of dY does not) and the dS pass's
     # registers at BLOCK_R 64 (the compile report), not a GPU timing: unmeasured on a GPU as yet
     fused_dB = need_dB and 4 * R < _proj_block_m()
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    # the TMA GEMM's copy of dS (times the scale without dropout), written by the dS pass (not with zero_rows)
+    term = None
+    if need_dx and zero_rows is None:
+        term = term_for(dy, weight, (weight.stride(0), weight.stride(1)), K, R, dx_out, A, (A.stride(1), A.stride(0)),
+                        scale * keep_scale, dropout=dropout_p > 0, backward=True)
     dS, _ = lowrank_project(dy, B, B.stride(1), B.stride(0), R, partial_of=S if fused_dB else None,
-                            grad=dB if fused_dB else None, grad_scale=scale)
+                            grad=dB if fused_dB else None, grad_scale=scale, term=term)
     if zero_rows is not None:   # lora_forward's zero_rows: no gradient flows through those rows' LoRA term
         dS.masked_fill_(zero_rows, 0.0)
         if plan.recorder() is not None:
             plan.recorder().fail()
     if need_dB and not fused_dB:
         reduce_rows(dy, S, scale, dB, transpose=True)
-    keep_scale = 1.0 / (1.0 - dropout_p)
     if dropout_p > 0 and keep is None and (need_dx or need_dA):
         keep = packed_keep_mask(seed, x.shape[0], K, dropout_p)
         if plan.recorder() is not None:
@@ -632,7 +733,7 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
         # Q = W as (N, K); RM = A^T: element (r, k) is A[k, r]
         dx = gemm_lowrank(dy, weight, (weight.stride(0), weight.stride(1)), K, None, dS, A,
                           (A.stride(1), A.stride(0)), scale * keep_scale, dropout_p=dropout_p, keep=keep,
-                          out=dx_out, backward=True)
+                          out=dx_out, backward=True, term=term)
     if need_dA:
         dA = reduce_rows(x, dS, scale * keep_scale, _empty(A.shape, A.dtype, A.device),
                          dropout_p=dropout_p, keep=keep)
