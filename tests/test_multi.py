@@ -225,6 +225,27 @@ def test_second_order(n, monkeypatch, device):
         assert torch.equal(t1, t2), name
 
 
+@pytest.mark.parametrize("order", ["unsorted", "sorted"])
+def test_torch_compile_runs_the_reference(order, monkeypatch, device):
+    """Under torch.compile the op runs the reference path on either backend (as dora and the 4-bit ops do): with
+    LORA_FAST_MULTI=triton the compiled forward and backward are the reference backend's, bit for bit (the
+    kernels' autograd.Function was traced into and failed under the interpreter)."""
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", order)
+    inputs = multi_inputs((2, 9), 24, 16, (4, 2), torch.float32, device)
+    idx = adapter_index((2, 9), 2, device)
+    results = []
+    for backend, compiled in (("reference", False), ("triton", True)):
+        monkeypatch.setenv("LORA_FAST_MULTI", backend)
+        torch._dynamo.reset()
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        f = lambda *a: lora_linear_multi(*a, [1.5, 0.5], idx)  # noqa: E731
+        y = (torch.compile(f, backend="eager") if compiled else f)(*leaves)
+        y.backward(torch.ones_like(y))
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for name, t1, t2 in zip(("y", "x", "W", "bias", "A", "B"), *results):
+        assert torch.equal(t1, t2), name
+
+
 def test_mask_of_each_row_is_lora_linears(device):
     """Row m's keep-mask is the one lora_linear draws for that row under the same seed with its adapter's p."""
     x = torch.randn(50, 37, device=device)
