@@ -194,6 +194,25 @@ def test_sort_rows_segments():
     assert perm.tolist() == [1, 5, 2, 4, 0, 3, 6, 7]
     assert sorted_idx.tolist() == [-1, -1, 0, 0, 2, 2, 2, 3]
     assert seg.tolist() == [2, 4, 4, 7, 8, 8]   # adapter a at sorted positions seg[a] .. seg[a + 1]
+    for M, n in ((0, 2), (1, 3), (37, 4), (60, 1)):
+        idx = torch.randint(-1, n, (M,))
+        idx[: M // 3] = -1 if n > 1 else idx[: M // 3]
+        sorted_idx, perm, seg = multi.sort_rows(idx, n)
+        assert torch.equal(sorted_idx, idx[perm]) and seg.dtype == torch.int64
+        assert torch.equal(seg, torch.cumsum(torch.bincount(idx + 1, minlength=n + 1), 0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist on CUDA only")
+def test_sort_rows_does_not_sync():
+    """sort_rows runs without a host sync (the op's one sync is the index range check)."""
+    from lora_fast.kernels import multi
+
+    idx = torch.randint(-1, 3, (100,), device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        multi.sort_rows(idx, 3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_unknown_multi_order(backend, monkeypatch, device):
