@@ -481,7 +481,7 @@ def multi_order_costs(idx: Sequence[int], n: int, K: int, N: int, r: int, dtype:
     order "unsorted": tiles of consecutive rows; "sorted": tiles of the rows in adapter order (a stable sort),
     and each adapter's gradient programs walk its own segment only, in blocks from its start, instead of every
     row block; plus "sort": the sort's own pass (reads the index, writes the sorted index and the permutation,
-    three launches: sort, bincount, cumsum; a radix sort's passes over the keys are not modelled: a lower bound).
+    three launches: sort, arange, searchsorted; a radix sort's passes over the keys are not modelled: a lower bound).
 
     Passes: "S" (x A[idx], forward), "dS" (dY B[idx]^T), "y term" (S B[idx] in the forward GEMM), "dX term"
     (dS A[idx]^T in the dX GEMM), "dA dB" (the per-adapter reduction). Raises ValueError."""

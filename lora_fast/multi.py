@@ -190,8 +190,9 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     Backend: the reference path (torch ops) unless ``LORA_FAST_MULTI=triton`` (opt-in, see ``multi_backend``);
     there the rows are visited in adapter order through a stable sort of adapter_index (``multi_order``;
     ``LORA_FAST_MULTI_ORDER=unsorted``: in their own order).
-    The index range is checked on the host (one device sync per call). Under torch.func transforms the
-    reference path runs. With one adapter (n = 1) the result is bit for bit lora_linear's on either backend.
+    The index range is checked on the host (one device sync per call). Under torch.func transforms and
+    torch.compile the reference path runs. With one adapter (n = 1) the result is bit for bit lora_linear's on
+    either backend.
 
     Returns: (..., out_features) in x's dtype. Gradients flow to x, weight, bias, A (n, in, r) and B (n, r, out);
         an adapter with no rows gets zero gradients. Deterministic (no atomics).
@@ -211,7 +212,7 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     check_training(training)
     order = multi_order()   # checked on either backend: a wrong value is never ignored
     if multi_backend(x) == "reference" or x.numel() == 0 or weight.shape[0] == 0 \
-            or torch._C._are_functorch_transforms_active():
+            or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
         return reference.lora_linear_multi(x, weight, bias, A, B, scales, adapter_index, dropout_p=dropout_ps,
                                            training=training)
     ps = [p if training else 0.0 for p in dropout_ps]

@@ -194,6 +194,25 @@ def test_sort_rows_segments():
     assert perm.tolist() == [1, 5, 2, 4, 0, 3, 6, 7]
     assert sorted_idx.tolist() == [-1, -1, 0, 0, 2, 2, 2, 3]
     assert seg.tolist() == [2, 4, 4, 7, 8, 8]   # adapter a at sorted positions seg[a] .. seg[a + 1]
+    for M, n in ((0, 2), (1, 3), (37, 4), (60, 1)):
+        idx = torch.randint(-1, n, (M,))
+        idx[: M // 3] = -1 if n > 1 else idx[: M // 3]
+        sorted_idx, perm, seg = multi.sort_rows(idx, n)
+        assert torch.equal(sorted_idx, idx[perm]) and seg.dtype == torch.int64
+        assert torch.equal(seg, torch.cumsum(torch.bincount(idx + 1, minlength=n + 1), 0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist on CUDA only")
+def test_sort_rows_does_not_sync():
+    """sort_rows runs without a host sync (the op's one sync is the index range check)."""
+    from lora_fast.kernels import multi
+
+    idx = torch.randint(-1, 3, (100,), device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        multi.sort_rows(idx, 3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_unknown_multi_order(backend, monkeypatch, device):
@@ -222,6 +241,27 @@ def test_second_order(n, monkeypatch, device):
         (gx.square().sum() + gA.square().sum()).backward()
         results.append([t.grad for t in (x, A, B)])
     for name, t1, t2 in zip(("x", "A", "B"), *results):
+        assert torch.equal(t1, t2), name
+
+
+@pytest.mark.parametrize("order", ["unsorted", "sorted"])
+def test_torch_compile_runs_the_reference(order, monkeypatch, device):
+    """Under torch.compile the op runs the reference path on either backend (as dora and the 4-bit ops do): with
+    LORA_FAST_MULTI=triton the compiled forward and backward are the reference backend's, bit for bit (the
+    kernels' autograd.Function was traced into and failed under the interpreter)."""
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", order)
+    inputs = multi_inputs((2, 9), 24, 16, (4, 2), torch.float32, device)
+    idx = adapter_index((2, 9), 2, device)
+    results = []
+    for backend, compiled in (("reference", False), ("triton", True)):
+        monkeypatch.setenv("LORA_FAST_MULTI", backend)
+        torch._dynamo.reset()
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        f = lambda *a: lora_linear_multi(*a, [1.5, 0.5], idx)  # noqa: E731
+        y = (torch.compile(f, backend="eager") if compiled else f)(*leaves)
+        y.backward(torch.ones_like(y))
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for name, t1, t2 in zip(("y", "x", "W", "bias", "A", "B"), *results):
         assert torch.equal(t1, t2), name
 
 

@@ -360,9 +360,11 @@ def sort_rows(idx: torch.Tensor, n: int):
     torch on idx's device (no host sync) and reused by the backward. idx (M,) int64 in [-1, n); perm (M,) int64
     a stable sort of idx (rows of one adapter keep their order), sorted_idx = idx[perm]; seg (n + 1,) int64,
     adapter a's rows at sorted positions seg[a] .. seg[a + 1] (the rows of -1 come first, before seg[0]).
-    Three small torch launches (sort, bincount, cumsum)."""
+    Three small torch launches (sort, arange, searchsorted; not bincount, which reads idx's min and max to the
+    host on CUDA: two syncs)."""
     sorted_idx, perm = torch.sort(idx, stable=True)
-    seg = torch.cumsum(torch.bincount(idx + 1, minlength=n + 1), 0)
+    # seg[a] = the number of rows with idx < a: where a's segment starts in the sorted index
+    seg = torch.searchsorted(sorted_idx, torch.arange(n + 1, dtype=idx.dtype, device=idx.device))
     return sorted_idx, perm, seg
 
 
