@@ -316,6 +316,10 @@ def _cdiv(a: int, b: int) -> int:
 def _proj_config(dtype, *, gpu=None):
     if not (gpu if gpu is not None else not _interpreted()):
         return dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        # fp32 (IEEE, no tensor cores) at rank 64 with dropout: 64 x BK64 with 4 warps spilled 704 B on sm_80
+        # (compile report, triton 3.9)
+        return dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2)
 
 
@@ -323,7 +327,10 @@ def _gemm_config(dtype, dropout: bool = False, block_r: int = 16, *, gpu=None):
     if not (gpu if gpu is not None else not _interpreted()):
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+        # fp32 (IEEE, no tensor cores): 64x64 with 4 warps spilled 4-620 B at rank 64, and sorted at rank 16 (sm_80,
+        # sm_90; compile report, triton 3.9). 32x32x32, 3 stages: no spill on 3.9; on 3.6 4 B at sm_80 rank 64 sorted
+        # (the least of the tiles tried: 32x64, 64x32, BLOCK_K 16, 2 warps, 2 and 4 stages)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
     if dropout and block_r >= 64:
         # dX regenerating the keep-mask at rank 64: 128x128 with 8 warps spills 8-40 B (compile report, triton
         # 3.9, sm_80 bf16/fp16 and sm_90 fp16, fp32 adapters, both row orders); 64x128 with 8 warps does not
@@ -334,6 +341,10 @@ def _gemm_config(dtype, dropout: bool = False, block_r: int = 16, *, gpu=None):
 def _reduce_config(dtype, *, gpu=None):
     if not (gpu if gpu is not None else not _interpreted()):
         return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        # 64 x BLOCK_C 64 with 4 warps spilled at rank 64 with dropout (19 KB on sm_80, 16 B on sm_90; compile
+        # report, triton 3.9)
+        return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_C=64, num_warps=4, num_stages=2)
 
 
