@@ -35,7 +35,7 @@ from lora_fast import (
     save_peft_adapter,
     unmerge_lora,
 )
-from tests.utils import UNIT_ROUNDOFF, assert_close, linear_magnitude, make_inputs, tolerance
+from tests.utils import UNIT_ROUNDOFF, assert_close, linear_magnitude, make_inputs, saved_bits_and_grads, tolerance
 
 M, K, N = 37, 45, 29
 
@@ -941,29 +941,13 @@ def test_backward_reads_the_saved_bits(base):
     dy = torch.randn(M_, N_)
     m0, k0 = int(torch.randint(M_, ())), int(torch.randint(K_, ()))
 
+    def forward(x_, A_, B_, m_):
+        if base == "4-bit":
+            return dora_linear_4bit(x_, qweight, state, b, A_, B_, m_, s, dropout_p=p)
+        return dora_linear(x_, W, b, A_, B_, m_, s, dropout_p=p)
+
     def run(flip):
-        saved = []
-
-        def pack(t):
-            if t.dtype == torch.uint8:
-                saved.append(t)
-            return t
-
-        def unpack(t):
-            if flip and t.dtype == torch.uint8:
-                t = t.clone()
-                t[m0, k0 // 8] ^= 1 << (k0 % 8)
-            return t
-
-        leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, m)]
-        torch.manual_seed(5)
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            if base == "4-bit":
-                y = dora_linear_4bit(leaves[0], qweight, state, b, *leaves[1:], s, dropout_p=p)
-            else:
-                y = dora_linear(leaves[0], W, b, *leaves[1:], s, dropout_p=p)
-        y.backward(dy)
-        return saved, [t.grad for t in leaves]
+        return saved_bits_and_grads(forward, (x, A, B, m), dy, (m0, k0) if flip else None)
 
     (bits,), grads = run(False)
     _, flipped = run(True)

@@ -9,7 +9,7 @@ import torch.utils.checkpoint
 
 from lora_fast import LinearWithLoRA, lora_linear, philox, reference
 from lora_fast.kernels import dropout_keep_mask
-from tests.utils import assert_close, check_op, linear_magnitude, make_inputs, reference_grads
+from tests.utils import assert_close, check_op, linear_magnitude, make_inputs, reference_grads, saved_bits_and_grads
 
 
 def _seeded_op(p, seed_value):
@@ -236,25 +236,8 @@ def test_backward_reads_the_saved_bits(path, dtype, device, monkeypatch):
     m0, k0 = int(torch.randint(M, ())), int(torch.randint(K, ()))
 
     def run(flip):
-        saved = []
-
-        def pack(t):
-            if t.dtype == torch.uint8:
-                saved.append(t)
-            return t
-
-        def unpack(t):
-            if flip and t.dtype == torch.uint8:
-                t = t.clone()
-                t[m0, k0 // 8] ^= 1 << (k0 % 8)
-            return t
-
-        leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
-        torch.manual_seed(5)
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            y = lora_linear(leaves[0], w, b, *leaves[1:], scale, dropout_p=p)
-        y.backward(dy)
-        return saved, [t.grad for t in leaves]
+        return saved_bits_and_grads(lambda x_, A_, B_: lora_linear(x_, w, b, A_, B_, scale, dropout_p=p), (x, A, B),
+                                    dy, (m0, k0) if flip else None)
 
     try:
         (bits,), grads = run(False)

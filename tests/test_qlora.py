@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from lora_fast import LinearWithLoRA, merge_lora, reference, reference_4bit, replace_linear_with_lora, select_backend
-from tests.utils import assert_close, reference_grads
+from tests.utils import assert_close, reference_grads, saved_bits_and_grads
 
 bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit paths need bitsandbytes (extras: qlora, test)")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
@@ -528,25 +528,9 @@ def test_backward_reads_the_saved_bits(gemm, dtype, device, monkeypatch):
     m0, k0 = int(torch.randint(M, ())), int(torch.randint(K, ()))
 
     def run(flip):
-        saved = []
-
-        def pack(t):
-            if t.dtype == torch.uint8:
-                saved.append(t)
-            return t
-
-        def unpack(t):
-            if flip and t.dtype == torch.uint8:
-                t = t.clone()
-                t[m0, k0 // 8] ^= 1 << (k0 % 8)
-            return t
-
-        leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
-        torch.manual_seed(5)
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            y = lora_linear_4bit(leaves[0], qweight, state, None, *leaves[1:], scale, dropout_p=p)
-        y.backward(dy)
-        return saved, [t.grad for t in leaves]
+        return saved_bits_and_grads(
+            lambda x_, A_, B_: lora_linear_4bit(x_, qweight, state, None, A_, B_, scale, dropout_p=p), (x, A, B), dy,
+            (m0, k0) if flip else None)
 
     (bits,), grads = run(False)
     _, flipped = run(True)

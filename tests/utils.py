@@ -138,3 +138,30 @@ def end_gloo_rank():
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
+
+
+def saved_bits_and_grads(forward, inputs, dy, flip_at=None, seed=5):
+    """Run ``forward(*leaves)`` (leaves: fresh copies of ``inputs`` requiring grad) after ``torch.manual_seed(seed)``
+    and backward with ``dy``, under saved-tensor hooks that keep every uint8 tensor saved (the keep-mask's bits) and,
+    with ``flip_at = (m, k)``, flip bit k of row m in it when backward unpacks it. Returns (the saved uint8 tensors,
+    the leaves' gradients)."""
+    saved = []
+
+    def pack(t):
+        if t.dtype == torch.uint8:
+            saved.append(t)
+        return t
+
+    def unpack(t):
+        if flip_at is not None and t.dtype == torch.uint8:
+            m, k = flip_at
+            t = t.clone()
+            t[m, k // 8] ^= 1 << (k % 8)
+        return t
+
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    torch.manual_seed(seed)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        y = forward(*leaves)
+    y.backward(dy)
+    return saved, [t.grad for t in leaves]
