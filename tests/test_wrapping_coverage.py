@@ -45,7 +45,7 @@ def test_out_proj_left_unwrapped_is_reported(targets, backend):
     assert isinstance(model[0].linear1, LinearWithLoRA) and not isinstance(model[0].self_attn.out_proj, LinearWithLoRA)
     with torch.no_grad():
         after = model(x)
-    # B = 0: the same function (within fp32 rounding on the kernels, see docs/_pending/issue-25.md)
+    # B = 0: the same function (within fp32 rounding on the kernels, see docs/faithfulness.md)
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5 * before.abs().max().item())
 
 

@@ -9,7 +9,7 @@ Row m of x (M, K) uses adapter a = IDX[m] in [-1, n) (-1: the base layer alone),
               dA[a] = scale[a] keep_scale[a] * sum over rows of a of (keep ⊙ x)^T dS
               dB[a] = scale[a] * sum over rows of a of S^T dY          multi_reduce_kernel (one launch for both)
 
-Design (UNMEASURED on any GPU, see docs/_pending/issue-30.md). Rows are visited in one of two orders:
+Design (UNMEASURED on any GPU, see docs/multi-adapter.md). Rows are visited in one of two orders:
 "sorted" (the default, LORA_FAST_MULTI_ORDER): in adapter order through PERM, a stable sort of the index computed
 once per call on the host side with torch and reused by the backward; a tile of BLOCK_M sorted positions reads and
 writes the rows PERM[pos] in place (x, y, dx are never copied) and holds one adapter but at segment edges, and each

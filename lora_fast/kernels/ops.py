@@ -375,6 +375,12 @@ def finish(partial, scale, out, *, transpose=False):
     return out
 
 
+def _gemm_key(P, N: int, R: int, dropout: bool, backward: bool) -> tuple:
+    """The measured choice's key of a GEMM (kernels/choice.py): device, dtype, M bucket, N, K, rank, dropout, dX."""
+    M, K = P.shape
+    return (P.device, P.dtype, _m_bucket(M), N, K, R, dropout, backward)
+
+
 def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, dropout_p=0.0, keep=None,
                  out=None, backward=False, term=None):
     """OUT (M, N) in P's dtype = P @ Q (+ bias) + lowrank_scale * (keep ⊙ (L @ RM)).
@@ -396,7 +402,7 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
     if dropout_p > 0 and keep is None:
         raise ValueError("gemm_lowrank: dropout_p > 0 needs keep, the bit-packed keep-mask")
     args = (P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward, term)
-    key = (P.device, P.dtype, _m_bucket(M), N, K, R, dropout_p > 0, backward)
+    key = _gemm_key(P, N, R, dropout_p > 0, backward)
     path = choice.GEMM.get(key)
     if path is None:
         rec = plan.recorder()
@@ -487,10 +493,9 @@ def term_for(P, Q, q_strides, N, R, out, RM, rm_strides, lowrank_scale, *, dropo
     dot dtype with 16-byte rows), else None: the kernel then loads L (fp32) and RM by pointers and rounds L itself,
     the same result. Not for fp32 adapters (PEFT's default) on a 16-bit base: L by TMA with RM by pointer loads
     took 245,784 B of shared memory at 128 x 256 x 64, 3 stages, rank 64 (compile report, triton 3.9), past the
-    limit, and a rounded copy of RM per call cost host time (docs/_pending/issue-28.md)."""
-    M, K = P.shape
-    key = (P.device, P.dtype, _m_bucket(M), N, K, R, dropout, backward)
-    path = choice.GEMM.get(key)
+    limit, and a rounded copy of RM per call cost host time (docs/performance.md, "The low-rank term by TMA")."""
+    M = P.shape[0]
+    path = choice.GEMM.get(_gemm_key(P, N, R, dropout, backward))
     if path is None:
         path = choice.GEMM.forced() if choice.GEMM.forced is not None else choice.forced_path()
     if path != "tma" or P.dtype not in _TORCH_DOT or _rm_layout(RM, rm_strides, _TORCH_DOT[P.dtype]) is None:
