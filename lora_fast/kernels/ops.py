@@ -609,8 +609,7 @@ def _cublas_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dro
         out.addmm_(P, Q.as_strided((P.shape[1], N), q_strides))
         rec = plan.recorder()
         if rec is not None:
-            shape = (P.shape[1], N)
-            rec.call(lambda out_, P_, Q_: out_.addmm_(P_, Q_.as_strided(shape, q_strides)), out, P, Q)
+            rec.addmm_(out, P, Q, (P.shape[1], N), q_strides)
 
 
 _ws_launchers = {}

@@ -14,7 +14,7 @@ What a recording refuses (and the call keeps the launchers' path): a launch that
 of a kernel's key), a GEMM path not resolved yet (the measured choice times candidates), the interpreter (its
 launches are not compiled kernels), a tensor argument that is neither an input nor a buffer the launchers allocated
 (a copy made for alignment or strides, say), one tensor in two roles, launches on two streams or devices, a torch op
-on the launchers' path that the recording does not know (``Recorder.call`` records the ones it knows). A replay
+on the launchers' path that the recording does not know (``Recorder.addmm_`` records cuBLAS's GEMM). A replay
 returns None, and the caller takes the launchers' path, when the current stream is not the recorded one or a
 profiler's launch hook is installed (it wants launch metadata per launch).
 """
@@ -56,7 +56,7 @@ class Recorder:
         self._tensors = []        # every tensor seen (kept alive, so that ids stay unique while recording)
         self._count = 0           # roles so far: the inputs, then the allocations
         self._constants = set()   # ids of buffers the launchers own (the reduction counters)
-        self._views = {}          # id(alias) -> (shape, strides): what a torch op (``call``) must be given
+        self._views = {}          # id(alias) -> (shape, strides): what a torch op (``addmm_``) must be given
         self.allocs = []          # the launchers' allocations, in order
         self.steps = []
         self.stream = self.device_index = self.stream_fn = None
@@ -148,14 +148,23 @@ class Recorder:
         self.steps.append((compiled.run, grid[0], grid[1], grid[2], compiled.function, compiled.packed_metadata,
                            template, slots))
 
-    def call(self, fn, *tensors) -> None:
-        """A torch op on the launchers' path, replayed as ``fn(*tensors)`` on the replay's tensors."""
-        slots = self._slots(tensors)
-        if len(slots) != len(tensors):
+    def addmm_(self, out, P, Q, q_shape, q_strides) -> None:
+        """cuBLAS's ``out.addmm_(P, Q viewed as q_shape / q_strides)`` on the launchers' path (the "cublas" GEMM
+        path), replayed as that one method call on the replay's tensors. Unlike a kernel, a torch op reads shapes
+        and strides: an alias (the launchers' 2-D view of an N-D input) is rebuilt from the replay's tensor in
+        that role (same metadata, so the view is the same), and a view that is the tensor's own layout (Q as
+        stored) or its transpose is written as the tensor or ``.t()``, the least a view can cost."""
+        slots = self._slots((out, P, Q))
+        if len(slots) != 3:
             self.ok = False
-        # unlike a kernel, a torch op reads shapes and strides: an alias (the launchers' 2-D view of an N-D input)
-        # is rebuilt from the replay's tensor in that role (same metadata, so as_strided gives the same view)
-        self.steps.append((None, fn, tuple(role for _, role in slots), tuple(self._views.get(id(t)) for t in tensors)))
+            return
+        views = [self._views.get(id(out)), self._views.get(id(P))]
+        q_view = (tuple(q_shape), tuple(q_strides))
+        if q_view == (tuple(Q.shape), Q.stride()):
+            q_view = None
+        elif Q.dim() == 2 and q_view == (tuple(Q.shape)[::-1], Q.stride()[::-1]):
+            q_view = "t"
+        self.steps.append((None, "addmm_", tuple(role for _, role in slots), (*views, q_view)))
 
     def replay(self, outputs) -> Optional["Replay"]:
         """The replay of what was recorded, returning the tensors in the roles of ``outputs`` (None stays None),
@@ -221,16 +230,17 @@ class Replay:
             else:
                 lines.append(f"    t{role} = {fresh}")
         for i, step in enumerate(rec.steps):
-            if step[0] is None:   # a torch op (Recorder.call)
-                names[f"op{i}"] = step[1]
+            if step[0] is None:   # cuBLAS's addmm_ (Recorder.addmm_), a method call: a stand-in can patch it
                 args = []
                 for k, (role, view) in enumerate(zip(step[2], step[3])):
                     if view is None:
                         args.append(f"t{role}")
+                    elif view == "t":
+                        args.append(f"t{role}.t()")
                     else:
                         names[f"view{i}_{k}"] = view
                         args.append(f"t{role}.as_strided(*view{i}_{k})")
-                lines.append(f"    op{i}({', '.join(args)})")
+                lines.append(f"    {args[0]}.addmm_({args[1]}, {args[2]})")
                 continue
             run, g0, g1, g2, function, packed, template, slots = step
             names[f"run{i}"], names[f"function{i}"], names[f"packed{i}"] = run, function, packed
