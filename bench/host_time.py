@@ -21,15 +21,22 @@ per step (per layer for the decoder rows; those run in float32 on 8 tokens, see 
 CPU allocator's large allocations (no caching allocator on CPU: mmap and munmap per step) count in lora-fast's
 and patch_peft's rows; a GPU's caching allocator does not pay them. The numbers depend on the machine and its
 load (printed).
+
+``--instructions`` runs the same rows under valgrind's callgrind and reports thousands of instructions executed per
+step instead of times (the process counts its own instructions around each sample, instrumentation off elsewhere):
+a count that other jobs on a shared machine do not change, for comparing two versions of the code; an instruction's
+cost varies, so it is no time and its ratios differ from the time ratios (valgrind must be installed; ~10x slower).
 """
 
 import argparse
 import copy
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -144,6 +151,52 @@ def _time(fn, repeat: int, number: int, clear=()) -> dict:
                 wall_median=statistics.median(wall))
 
 
+# set (to the callgrind output folder) in the process that main() runs under valgrind for --instructions
+_CALLGRIND = "LORA_FAST_CALLGRIND"
+
+
+def _callgrind(*args) -> None:
+    subprocess.run(["callgrind_control", *args, str(os.getpid())], check=True, capture_output=True)
+
+
+def _callgrind_dump() -> int:
+    """Dump callgrind's counters (``callgrind_control -d``, which also zeroes them) and return the dump's total
+    instructions executed (its ``totals:`` line)."""
+    folder = os.environ[_CALLGRIND]
+    before = set(os.listdir(folder))
+    _callgrind("-d")
+    (name,) = set(os.listdir(folder)) - before
+    with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("totals:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no totals line in callgrind's dump {name}")
+
+
+def _instructions(fn, repeat: int, number: int, clear=()) -> dict:
+    """Per call of ``fn``: thousands of instructions executed in this process (callgrind's Ir), min and median over
+    ``repeat`` samples of ``number`` calls, as ``_time``'s cpu_min / cpu_median (wall: None). Independent of other
+    jobs on the machine, unlike time; not a time: an instruction's cost varies (cache misses, branches). Each sample
+    turns callgrind's instrumentation on and off around its calls (callgrind_control), and the same switching around
+    no calls is subtracted."""
+    def sample(calls):
+        _callgrind("-z")
+        _callgrind("-i", "on")
+        for _ in range(calls):
+            for t in clear:
+                t.grad = None
+            fn()
+        _callgrind("-i", "off")
+        return _callgrind_dump()
+
+    empty = sample(0)
+    counts = [(sample(number) - empty) / number / 1e3 for _ in range(repeat)]
+    return dict(cpu_min=min(counts), cpu_median=statistics.median(counts), wall_min=None, wall_median=None)
+
+
+_MEASURE = [_time]
+
+
 # per projection: Llama-3.2-1B's (bench/model_configs.py: hidden 2048, MLP 8192, 8 of 32 heads for k and v)
 def _llama_shapes() -> dict:
     from .model_configs import REAL
@@ -188,7 +241,7 @@ def _projection_rows(launcher, paths, M_big: int, rank: int, dtype, repeat: int,
             t.grad = None
         step()   # compiles and tunes (stand-in timer) outside the timing
         before = launcher.launches
-        timing = _time(step, repeat, number, clear=params + [x])
+        timing = _MEASURE[0](step, repeat, number, clear=params + [x])
         launches = (launcher.launches - before) / (repeat * number)
         rows.append(dict(what=what, shape=f"{K}->{N}", M=M, path=path, launches=launches, **timing))
 
@@ -232,7 +285,7 @@ def _layer_rows(launcher, paths, rank: int, dtype, tokens: int, repeat: int, num
 
         step()
         before = launcher.launches
-        timing = _time(step, repeat, number, clear=params)
+        timing = _MEASURE[0](step, repeat, number, clear=params)
         return timing, (launcher.launches - before) / (repeat * number), len(run.lora_layers)
 
     for setup in ("frozen", "peft", "lora-fast", "peft+patch"):
@@ -242,7 +295,7 @@ def _layer_rows(launcher, paths, rank: int, dtype, tokens: int, repeat: int, num
                 _FORCED[0] = path
             small, small_launches, small_lora = per_step(setup, 2)
             large, large_launches, large_lora = per_step(setup, 10)
-            timing = {k: (large[k] - small[k]) / 8 for k in large}
+            timing = {k: None if large[k] is None else (large[k] - small[k]) / 8 for k in large}
             lora_per_layer = (large_lora - small_lora) / 8
             launches = (large_launches - small_launches) / 8
             rows.append(dict(what=setup, shape=f"decoder layer ({lora_per_layer:.0f} LoRA projections)",
@@ -251,9 +304,10 @@ def _layer_rows(launcher, paths, rank: int, dtype, tokens: int, repeat: int, num
 
 
 def measure(M: int = 4096, rank: int = 16, dtype=torch.bfloat16, paths=("triton", "cublas", "tma"), repeat: int = 15,
-            number: int = 20, layer_tokens: int = 8, layers: bool = True) -> list:
+            number: int = 20, layer_tokens: int = 8, layers: bool = True, instructions: bool = False) -> list:
     """Rows of {"what", "shape", "M", "path", "launches", "cpu_min", "cpu_median", "wall_min", "wall_median"} (see the
-    module docstring). Needs TRITON_INTERPRET unset or 0."""
+    module docstring). Needs TRITON_INTERPRET unset or 0. ``instructions``: cpu_* hold thousands of instructions
+    executed instead of microseconds (``_instructions``; the process must run under callgrind, see main)."""
     patches = []
 
     def monkeypatch(obj, name, value):
@@ -269,12 +323,16 @@ def measure(M: int = 4096, rank: int = 16, dtype=torch.bfloat16, paths=("triton"
     # count OpenMP workers' spin-waits in this thread's CPU time, which a GPU run never has
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    _MEASURE[0] = _instructions if instructions else _time
     try:
         rows = _projection_rows(launcher, paths, M, rank, dtype, repeat, number)
         if layers:
-            rows += _layer_rows(launcher, paths, rank, torch.float32, layer_tokens, max(5, repeat // 2),
-                                max(3, number // 4))
+            # counts barely vary between samples: no more of them for the layers than for the projections
+            rows += _layer_rows(launcher, paths, rank, torch.float32, layer_tokens,
+                                repeat if instructions else max(5, repeat // 2), number if instructions
+                                else max(3, number // 4))
     finally:
+        _MEASURE[0] = _time
         torch.set_num_threads(threads)
         for obj, name, value in reversed(patches):
             setattr(obj, name, value)
@@ -306,33 +364,52 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=4096, help="M of the Llama-3.2-1B projections (default 4096)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--paths", nargs="+", default=["triton", "cublas", "tma"], choices=["triton", "cublas", "tma"])
-    p.add_argument("--repeat", type=int, default=15)
-    p.add_argument("--number", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=None, help="samples per row (default 15; 3 with --instructions)")
+    p.add_argument("--number", type=int, default=None, help="steps per sample (default 20; 3 with --instructions)")
     p.add_argument("--no-layers", action="store_true", help="skip the decoder-layer rows")
     p.add_argument("--autotune", choices=("0", "1"), default="1",
                    help="LORA_FAST_AUTOTUNE for the run (1: the autotuner's cache lookup is timed)")
+    p.add_argument("--instructions", action="store_true",
+                   help="count instructions executed (valgrind's callgrind, thousands per step) instead of timing: "
+                        "the same on a loaded machine, for comparing two versions of the code; not a time")
     args = p.parse_args(argv)
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if args.instructions and _CALLGRIND not in os.environ:
+        if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+            p.error("--instructions needs valgrind and callgrind_control on PATH")
+        with tempfile.TemporaryDirectory(prefix="lora-fast-callgrind-") as folder:
+            env = {**os.environ, "TRITON_INTERPRET": "0", "LORA_FAST_AUTOTUNE": args.autotune, _CALLGRIND: folder}
+            # instrumentation off until each sample turns it on: the imports and compilations run at full speed
+            return subprocess.call(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                                    f"--callgrind-out-file={folder}/callgrind.out", sys.executable, "-m",
+                                    "bench.host_time", *argv], env=env)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or os.environ.get("LORA_FAST_AUTOTUNE",
                                                                                  "1") != args.autotune:
         # the interpreter must be off before triton is imported: run again in a clean process
         env = {**os.environ, "TRITON_INTERPRET": "0", "LORA_FAST_AUTOTUNE": args.autotune}
-        return subprocess.call([sys.executable, "-m", "bench.host_time", *(argv if argv is not None else
-                                                                           sys.argv[1:])], env=env)
-    rows = measure(args.tokens, args.rank, paths=tuple(args.paths), repeat=args.repeat, number=args.number,
-                   layers=not args.no_layers)
+        return subprocess.call([sys.executable, "-m", "bench.host_time", *argv], env=env)
+    default = 3 if args.instructions else None
+    rows = measure(args.tokens, args.rank, paths=tuple(args.paths), repeat=args.repeat or default or 15,
+                   number=args.number or default or 20, layers=not args.no_layers, instructions=args.instructions)
     import triton
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(f"host time per forward+backward on {platform.machine()} ({os.cpu_count()} cores, load average "
-          f"{', '.join(f'{v:.2f}' for v in load) if load else 'n/a'}), torch {torch.__version__}, triton "
-          f"{triton.__version__}, LORA_FAST_AUTOTUNE={args.autotune}; rank {args.rank}, bf16 base, fp32 adapters; "
-          "only Triton's final launch stubbed; microseconds; ratio: median CPU time / PEFT's")
-    head = (f"  {'what':<20} {'shape':<36} {'M':>5} {'path':<7} {'cpu min':>8} {'cpu med':>8} {'wall min':>9} "
+    unit = "thousands of instructions executed (callgrind)" if args.instructions else "microseconds"
+    print(f"host {'instructions' if args.instructions else 'time'} per forward+backward on {platform.machine()} "
+          f"({os.cpu_count()} cores, load average {', '.join(f'{v:.2f}' for v in load) if load else 'n/a'}), torch "
+          f"{torch.__version__}, triton {triton.__version__}, LORA_FAST_AUTOTUNE={args.autotune}; rank {args.rank}, "
+          f"bf16 base, fp32 adapters; only Triton's final launch stubbed; {unit}; ratio: median / PEFT's")
+    cpu = "kinstr" if args.instructions else "cpu"
+    head = (f"  {'what':<20} {'shape':<36} {'M':>5} {'path':<7} {cpu + ' min':>11} {cpu + ' med':>11} {'wall min':>9} "
             f"{'wall med':>9} {'ratio':>6} {'launches':>9}")
     print(head)
+
+    def wall(v):
+        return "-" if v is None else f"{v:.1f}"
+
     for r, ratio in zip(rows, _ratios(rows)):
-        print(f"  {r['what']:<20} {r['shape']:<36} {r['M']:>5} {r['path']:<7} {r['cpu_min']:>8.1f} "
-              f"{r['cpu_median']:>8.1f} {r['wall_min']:>9.1f} {r['wall_median']:>9.1f} {ratio:>6} "
+        print(f"  {r['what']:<20} {r['shape']:<36} {r['M']:>5} {r['path']:<7} {r['cpu_min']:>11.1f} "
+              f"{r['cpu_median']:>11.1f} {wall(r['wall_min']):>9} {wall(r['wall_median']):>9} {ratio:>6} "
               f"{r['launches']:>9.1f}")
     return 0
 

@@ -367,3 +367,34 @@ def test_launch_profile_pairs_with_the_cost_model():
     assert rows == [] and "part at launch" in problem
     with pytest.raises(RuntimeError, match="different kernels"):
         launches.average_steps(names[:-1] + [cost_model.GEMM], times, repeats=2)
+
+
+def test_host_instructions_arithmetic(tmp_path, monkeypatch):
+    """bench.host_time --instructions: each sample's callgrind dump total, less the dump of the same switching
+    around no calls, per call, in thousands; callgrind itself is replaced by a counter of fn's calls (valgrind is
+    not on CI)."""
+    from bench import host_time
+
+    monkeypatch.setenv(host_time._CALLGRIND, str(tmp_path))
+    calls, dumps = [0], [0]
+    per_call, switching = 7_000, 1_234   # instructions of one call and of the on/off switching itself
+
+    def fake_callgrind(*args):
+        if args == ("-z",):
+            calls[0] = 0
+        elif args == ("-d",):
+            dumps[0] += 1
+            (tmp_path / f"callgrind.out.{dumps[0]}").write_text(
+                f"desc: Trigger: dump\nsummary: 0\ntotals: {switching + per_call * calls[0]}\n")
+
+    monkeypatch.setattr(host_time, "_callgrind", fake_callgrind)
+    cleared = torch.zeros(1, requires_grad=True)
+
+    def fn():
+        assert cleared.grad is None   # the gradients are cleared before each call
+        cleared.grad = torch.ones(1)
+        calls[0] += 1
+
+    out = host_time._instructions(fn, repeat=3, number=5, clear=(cleared,))
+    assert out["cpu_min"] == out["cpu_median"] == per_call / 1e3
+    assert out["wall_min"] is None and dumps[0] == 4   # one empty sample, three measured
