@@ -36,9 +36,29 @@ import types
 import torch
 
 
+def _tma_fill(*args):
+    """Stand-in of triton's C-side fill_tma_descriptor (3.6) / fill_tma_descriptor_tiled (3.9), which call
+    cuTensorMapEncodeTiled in libcuda: a 128-byte object in place of the encoded CUtensorMap."""
+    return bytes(128)
+
+
 def _stub_driver():
-    """A Triton driver for an sm_90 device whose launcher does nothing (see the module docstring)."""
+    """A Triton driver for an sm_90 device whose launcher does what Triton's CUDA launcher does on the host before
+    cuLaunchKernel, except the CUDA calls (see the module docstring): the global scratch of device-side tensor
+    descriptors from Triton's allocator (ops._scratch, on the CPU here), and each host-side tensor descriptor
+    argument expanded by Triton's own wrapper (make_tensordesc_arg), with the tensor map's encoding stubbed
+    (``_tma_fill``)."""
+    import inspect
+
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia import driver as nvidia
+    from triton.runtime import _allocation
+
+    # triton 3.9's launcher takes the kernel's arguments as one tuple after its own; 3.6's flat
+    tuple_args = "kernel_metadata" in inspect.signature(nvidia.CudaLauncher.__call__).parameters
+
+    def launched(*args):
+        return None
 
     class StubLauncher:
         launches = 0
@@ -46,11 +66,25 @@ def _stub_driver():
 
         def __init__(self, src, metadata):
             self.name = getattr(src, "name", "?")
+            signature = dict(getattr(src, "signature", None) or {})
+            self.expand = nvidia.wrap_handle_tensordesc(launched, signature, getattr(metadata, "tensordesc_meta", None))
+            self.scratch = (getattr(metadata, "global_scratch_size", 0), getattr(metadata, "global_scratch_align", 1))
 
         def __call__(self, *args, **kwargs):
             StubLauncher.launches += 1
             if StubLauncher.record is not None:
                 StubLauncher.record.append((self.name, torch.cuda.current_device(), args))
+            grid_x, grid_y, grid_z, stream, function, *rest = args
+            size, align = self.scratch
+            scratch = None
+            if size > 0:
+                scratch = _allocation._allocator.get()(grid_x * grid_y * grid_z * size, align, stream)
+            if self.expand is not launched:
+                if tuple_args:
+                    self.expand(grid_x, grid_y, grid_z, stream, function, False, False, *rest[:4], scratch, None,
+                                None, None, tuple(rest[4:]))
+                else:
+                    self.expand(grid_x, grid_y, grid_z, stream, function, False, False, scratch, None, *rest)
 
     class StubDriver:
         launcher_cls = StubLauncher
@@ -60,7 +94,8 @@ def _stub_driver():
                      "warpSize": 32, "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 6144}
             self.utils = types.SimpleNamespace(
                 load_binary=lambda name, kernel, shared, device: (None, None, 128, 0, 1024),
-                unload_module=lambda module: None, get_device_properties=lambda device: props)
+                unload_module=lambda module: None, get_device_properties=lambda device: props,
+                fill_tma_descriptor=_tma_fill, fill_tma_descriptor_tiled=_tma_fill)
 
         def is_active(self):
             return True
@@ -105,6 +140,10 @@ def _install(monkeypatch):
     monkeypatch(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch(torch.cuda, "get_device_properties", lambda device=None: props)
     monkeypatch(functional, "select_backend", lambda x: "triton")
+    # the device-side descriptors' global scratch (Triton's allocator protocol) from the CPU allocator
+    from lora_fast.kernels import ops
+
+    monkeypatch(ops, "_scratch", lambda size, alignment, stream: torch.empty(size, dtype=torch.int8))
     # the fused cp.async GEMM, as LORA_FAST_GEMM=triton: nothing can be timed to choose a path without a GPU
     from lora_fast.kernels import choice
 
