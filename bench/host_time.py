@@ -3,7 +3,11 @@
 What runs: forward and backward of real modules on CPU tensors through the whole Triton path (input checks,
 autograd, lora-fast's launchers, the autotuner's cache lookup, Triton's JIT dispatch), with only Triton's final
 launch stubbed: a stand-in Triton driver reports an sm_90 device (132 SMs), compiles every kernel for real
-(ptxas, as on a GPU), and its launcher counts the launch instead of making it. torch.cuda's capability and
+(ptxas, as on a GPU), and its launcher counts the launch instead of making it, after the host work Triton's CUDA
+launcher does before it: the global scratch of device-side tensor descriptors (the TMA GEMM's default) from
+Triton's allocator (here the CPU allocator), and each host-side descriptor argument (LORA_FAST_TMA_DESC=host)
+expanded by Triton's own wrapper, with only the tensor map's encoding (fill_tma_descriptor, cuTensorMapEncodeTiled
+in libcuda) stubbed by a 128-byte object. torch.cuda's capability and
 property queries are answered for that device; the autotuner gets a stand-in benchmark (the first config is
 kept: tuning is not timed, only its cache lookup); the "cublas" path's addmm_ runs on 1 x 1 tensors (torch's
 dispatch, no CPU BLAS). Not run: the CUDA driver's own launch call (cuLaunchKernel, a few microseconds per
@@ -17,7 +21,8 @@ tiny Llama (model_configs.two_layer of Llama-3.2-1B: GQA, SiLU MLP, 7 LoRA proje
 difference between a 10-layer and a 2-layer model. Every Triton row for each GEMM path (triton, cublas, tma,
 forced as LORA_FAST_GEMM does). Columns: thread CPU time (robust to other jobs on a shared machine) and wall
 time, min and median per step in microseconds; ratio: median CPU time over PEFT's of the same kind; launches
-per step (per layer for the decoder rows; those run in float32 on 8 tokens, see _layer_rows). At M = 4096 the
+per step (per layer for the decoder rows; those run in float32 on 8 tokens, see _layer_rows, or with
+--layer-dtype bfloat16, which the tma path needs: it takes 16-bit operands only). At M = 4096 the
 CPU allocator's large allocations (no caching allocator on CPU: mmap and munmap per step) count in lora-fast's
 and patch_peft's rows; a GPU's caching allocator does not pay them. The numbers depend on the machine and its
 load (printed).
@@ -290,9 +295,10 @@ def _layer_rows(launcher, paths, rank: int, dtype, tokens: int, repeat: int, num
 
 
 def measure(M: int = 4096, rank: int = 16, dtype=torch.bfloat16, paths=("triton", "cublas", "tma"), repeat: int = 15,
-            number: int = 20, layer_tokens: int = 8, layers: bool = True) -> list:
+            number: int = 20, layer_tokens: int = 8, layers: bool = True, layer_dtype=torch.float32) -> list:
     """Rows of {"what", "shape", "M", "path", "launches", "cpu_min", "cpu_median", "wall_min", "wall_median"} (see the
-    module docstring). Needs TRITON_INTERPRET unset or 0."""
+    module docstring). ``layer_dtype``: the decoder layers' (float32 by default; the TMA path takes 16-bit only).
+    Needs TRITON_INTERPRET unset or 0."""
     patches = []
 
     def monkeypatch(obj, name, value):
@@ -311,7 +317,7 @@ def measure(M: int = 4096, rank: int = 16, dtype=torch.bfloat16, paths=("triton"
     try:
         rows = _projection_rows(launcher, paths, M, rank, dtype, repeat, number)
         if layers:
-            rows += _layer_rows(launcher, paths, rank, torch.float32, layer_tokens, max(5, repeat // 2),
+            rows += _layer_rows(launcher, paths, rank, layer_dtype, layer_tokens, max(5, repeat // 2),
                                 max(3, number // 4))
     finally:
         torch.set_num_threads(threads)
@@ -348,6 +354,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--number", type=int, default=20)
     p.add_argument("--no-layers", action="store_true", help="skip the decoder-layer rows")
+    p.add_argument("--layer-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the decoder layers' dtype (default float32: torch's CPU kernels cost least; the tma path "
+                        "needs bfloat16, else it falls back to the cp.async kernel)")
     p.add_argument("--autotune", choices=("0", "1"), default="1",
                    help="LORA_FAST_AUTOTUNE for the run (1: the autotuner's cache lookup is timed)")
     args = p.parse_args(argv)
@@ -358,13 +367,15 @@ def main(argv=None) -> int:
         return subprocess.call([sys.executable, "-m", "bench.host_time", *(argv if argv is not None else
                                                                            sys.argv[1:])], env=env)
     rows = measure(args.tokens, args.rank, paths=tuple(args.paths), repeat=args.repeat, number=args.number,
-                   layers=not args.no_layers)
+                   layers=not args.no_layers, layer_dtype=getattr(torch, args.layer_dtype))
     import triton
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"host time per forward+backward on {platform.machine()} ({os.cpu_count()} cores, load average "
           f"{', '.join(f'{v:.2f}' for v in load) if load else 'n/a'}), torch {torch.__version__}, triton "
-          f"{triton.__version__}, LORA_FAST_AUTOTUNE={args.autotune}; rank {args.rank}, bf16 base, fp32 adapters; "
+          f"{triton.__version__}, LORA_FAST_AUTOTUNE={args.autotune}, LORA_FAST_TMA_DESC="
+          f"{os.environ.get('LORA_FAST_TMA_DESC', '')}; rank {args.rank}, bf16 base, fp32 adapters, decoder layers "
+          f"in {args.layer_dtype}; "
           "only Triton's final launch stubbed; microseconds; ratio: median CPU time / PEFT's")
     head = (f"  {'what':<20} {'shape':<36} {'M':>5} {'path':<7} {'cpu min':>8} {'cpu med':>8} {'wall min':>9} "
             f"{'wall med':>9} {'ratio':>6} {'launches':>9}")

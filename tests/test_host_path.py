@@ -34,6 +34,15 @@ def counting_scratch(size, alignment, stream):
     scratch_calls[0] += 1
     return cpu_scratch(size, alignment, stream)
 monkeypatch(ops, "_scratch", counting_scratch)
+# the tensor maps Triton's launcher encodes for host-side descriptors (stubbed: cuTensorMapEncodeTiled needs libcuda)
+import triton
+fills = [0]
+utils = triton.runtime.driver.active.utils
+for fill_name in ("fill_tma_descriptor", "fill_tma_descriptor_tiled"):
+    def counting_fill(*args, fill=getattr(utils, fill_name)):
+        fills[0] += 1
+        return fill(*args)
+    monkeypatch(utils, fill_name, counting_fill)
 
 def launches(fn):
     launcher.record = []
@@ -122,7 +131,7 @@ for path in ("triton", "cublas", "tma", "tma-16", "tma-host"):
     if path in ("tma-16", "tma-host"):
         A, B = A32.detach().half().requires_grad_(), B32.detach().half().requires_grad_()
     for p in (0.0, 0.25):
-        trace, replays[0], scratch_calls[0] = [], 0, 0
+        trace, replays[0], scratch_calls[0], fills[0] = [], 0, 0, 0
         for step in range(4):   # JIT and tuning, the recording, two replays
             xs3 = torch.randn(2, 5, K).half().requires_grad_()
             dys = torch.randn(2, 5, N).half()
@@ -146,7 +155,7 @@ for path in ("triton", "cublas", "tma", "tma-16", "tma-host"):
         # device-side descriptors' scratch allocations
         result[f"descriptors {path} p={p}"] = [[a[1] for _, args in t for a in args if isinstance(a, tuple)
                                                 and a[0] == "desc"] for t in trace]
-        result[f"scratch {path} p={p}"] = scratch_calls[0]
+        result[f"scratch {path} p={p}"] = [scratch_calls[0], fills[0]]
 os.environ.pop("LORA_FAST_TMA_DESC")
 A, B = A32, B32
 
@@ -233,9 +242,11 @@ def test_launch_plans_and_devices():
             # launch without: 2 GEMMs a step, 4 steps)
             descs = result[f"descriptors {path} p={p}"]
             if path != "tma-host":
-                assert descs == [[]] * 4 and result[f"scratch {path} p={p}"] == (8 if path.startswith("tma") else 0)
+                assert descs == [[]] * 4
+                assert result[f"scratch {path} p={p}"] == [8 if path.startswith("tma") else 0, 0]
                 continue
-            assert result[f"scratch {path} p={p}"] == 0
+            # each descriptor of the 4 steps encoded by the launch (the first step's by Triton's JIT launch)
+            assert result[f"scratch {path} p={p}"] == [0, sum(len(d) for d in descs)]
             # in argument order (P, Q, BIAS, L, RM, OUT, MASK, F): forward x, W, the bias, the term's L (the S pass's
             # copy: a fresh buffer), B, y, fp16's row factors; dX: dY, W, the term of dS, A, dX (fresh: autograd
             # hands it to x.grad afterwards), with dropout the keep-mask's bytes (the forward's, saved in the "seed"
