@@ -4,9 +4,10 @@
 
 The same maths and operands as gemm.py's cp.async kernel (forward y: P = x, Q = W^T read from W's (N, K) rows;
 dX: P = dY, Q = W read as its (N, K) rows), built after Triton's tutorial 09 (persistent matmul): one program per
-SM walks the output tiles in grouped order; P, Q and the output move through device-side tensor descriptors
-(TMA: bulk asynchronous copies, out-of-range rows and columns zero-filled on load and clipped on store, so the
-main loop has no masks).
+SM walks the output tiles in grouped order; P, Q and the output move through tensor descriptors (TMA: bulk
+asynchronous copies, out-of-range rows and columns zero-filled on load and clipped on store, so the main loop has no
+masks), built by each program on the device (the default) or, with HOST_DESC (opt-in LORA_FAST_TMA_DESC=host),
+by the launch on the host and passed as arguments (kernels/descriptors.py: no scratch, no tensor-map creation here).
 
 The tile loop is flattened with the K loop (``tl.range(..., flatten=True)``) where the low-rank term comes after
 the K loop (bf16 without dropout): the software pipeline runs across tile boundaries, so the next tile's first

@@ -8,7 +8,9 @@ issues the same launches, on the same compiled kernels, with only the tensors' d
 tensor) changed. ``Recorder`` watches one such call go through the launchers and keeps, per launch, the compiled
 kernel, its resolved grid and its argument tuple with the tensors' positions marked; ``Replay`` then allocates the
 same buffers and issues the same launches directly: no layout or path decision, no autotuner or launch-plan key, no
-argument tuple built from names.
+argument tuple built from names. A host-side tensor descriptor argument (the TMA GEMM with LORA_FAST_TMA_DESC=host,
+kernels/descriptors.py) is recorded as its layout and its base tensor's role, never as the object: each replay
+builds a fresh descriptor around its own call's tensor.
 
 What a recording refuses (and the call keeps the launchers' path): a launch that tuned or compiled (the first call
 of a kernel's key), a GEMM path not resolved yet (the measured choice times candidates), the interpreter (its
