@@ -136,7 +136,7 @@ class Recorder:
             desc = None
             if isinstance(a, TensorDescriptor):
                 desc = (list(a.shape), list(a.strides), list(a.block_shape))
-                if a.padding != "zero" or a.round_f32_to_tf32:
+                if a.padding != "zero" or getattr(a, "round_f32_to_tf32", False):   # (not in triton 3.6)
                     self.ok = False   # not what descriptors.make builds
                 a = a.base
             if isinstance(a, torch.Tensor):
