@@ -25,8 +25,9 @@ cat "$OUT/env.txt"
 # priority, so that a timeout loses the least: the GEMM paths against torch.mm (45 s), the layer bench with the
 # per-launch profile (120 s; rows appended per shape, so a timeout keeps what finished), the tests (85 s, each
 # kernel's first config: autotuning every test shape would take longer), the TMA GEMM's tests again with host-side
-# tensor descriptors (LORA_FAST_TMA_DESC=host, opt-in until a GPU has run them: 30 s), the whole-model step (85 s), a captured
-# training step after lora_fast.warmup (40 s), host time on this machine's CPU (40 s), then the multi-adapter rows
+# tensor descriptors (30 s: LORA_FAST_TMA_DESC=host, opt-in until a GPU has run them; issue 28), the whole-model
+# step (85 s), a captured training step after lora_fast.warmup (40 s), host time on this machine's CPU (40 s), then
+# the multi-adapter rows
 # (up to 45 s, cut to what is left of 470 s since the start, so that the script ends within 8 minutes whatever the
 # steps before it took: 445 s of their timeouts plus start-up)
 timeout -k 5 45 python -m bench.gemm --out "$OUT" 2>&1 | tee "$OUT/gemm.log"
