@@ -3,7 +3,11 @@
 What runs: forward and backward of real modules on CPU tensors through the whole Triton path (input checks,
 autograd, lora-fast's launchers, the autotuner's cache lookup, Triton's JIT dispatch), with only Triton's final
 launch stubbed: a stand-in Triton driver reports an sm_90 device (132 SMs), compiles every kernel for real
-(ptxas, as on a GPU), and its launcher counts the launch instead of making it. torch.cuda's capability and
+(ptxas, as on a GPU), and its launcher counts the launch instead of making it, after the host work Triton's CUDA
+launcher does before it: the global scratch of device-side tensor descriptors (the TMA GEMM's default) from
+Triton's allocator (here the CPU allocator), and each host-side descriptor argument (LORA_FAST_TMA_DESC=host)
+expanded by Triton's own wrapper, with only the tensor map's encoding (fill_tma_descriptor, cuTensorMapEncodeTiled
+in libcuda) stubbed by a 128-byte object. torch.cuda's capability and
 property queries are answered for that device; the autotuner gets a stand-in benchmark (the first config is
 kept: tuning is not timed, only its cache lookup); the "cublas" path's addmm_ runs on 1 x 1 tensors (torch's
 dispatch, no CPU BLAS). Not run: the CUDA driver's own launch call (cuLaunchKernel, a few microseconds per
@@ -17,7 +21,8 @@ tiny Llama (model_configs.two_layer of Llama-3.2-1B: GQA, SiLU MLP, 7 LoRA proje
 difference between a 10-layer and a 2-layer model. Every Triton row for each GEMM path (triton, cublas, tma,
 forced as LORA_FAST_GEMM does). Columns: thread CPU time (robust to other jobs on a shared machine) and wall
 time, min and median per step in microseconds; ratio: median CPU time over PEFT's of the same kind; launches
-per step (per layer for the decoder rows; those run in float32 on 8 tokens, see _layer_rows). At M = 4096 the
+per step (per layer for the decoder rows; those run in float32 on 8 tokens, see _layer_rows, or with
+--layer-dtype bfloat16, which the tma path needs: it takes 16-bit operands only). At M = 4096 the
 CPU allocator's large allocations (no caching allocator on CPU: mmap and munmap per step) count in lora-fast's
 and patch_peft's rows; a GPU's caching allocator does not pay them. The numbers depend on the machine and its
 load (printed).
@@ -43,9 +48,29 @@ import types
 import torch
 
 
+def _tma_fill(*args):
+    """Stand-in of triton's C-side fill_tma_descriptor (3.6) / fill_tma_descriptor_tiled (3.9), which call
+    cuTensorMapEncodeTiled in libcuda: a 128-byte object in place of the encoded CUtensorMap."""
+    return bytes(128)
+
+
 def _stub_driver():
-    """A Triton driver for an sm_90 device whose launcher does nothing (see the module docstring)."""
+    """A Triton driver for an sm_90 device whose launcher does what Triton's CUDA launcher does on the host before
+    cuLaunchKernel, except the CUDA calls (see the module docstring): the global scratch of device-side tensor
+    descriptors from Triton's allocator (ops._scratch, on the CPU here), and each host-side tensor descriptor
+    argument expanded by Triton's own wrapper (make_tensordesc_arg), with the tensor map's encoding stubbed
+    (``_tma_fill``)."""
+    import inspect
+
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia import driver as nvidia
+    from triton.runtime import _allocation
+
+    # triton 3.9's launcher takes the kernel's arguments as one tuple after its own; 3.6's flat
+    tuple_args = "kernel_metadata" in inspect.signature(nvidia.CudaLauncher.__call__).parameters
+
+    def launched(*args):
+        return None
 
     class StubLauncher:
         launches = 0
@@ -53,11 +78,25 @@ def _stub_driver():
 
         def __init__(self, src, metadata):
             self.name = getattr(src, "name", "?")
+            signature = dict(getattr(src, "signature", None) or {})
+            self.expand = nvidia.wrap_handle_tensordesc(launched, signature, getattr(metadata, "tensordesc_meta", None))
+            self.scratch = (getattr(metadata, "global_scratch_size", 0), getattr(metadata, "global_scratch_align", 1))
 
         def __call__(self, *args, **kwargs):
             StubLauncher.launches += 1
             if StubLauncher.record is not None:
                 StubLauncher.record.append((self.name, torch.cuda.current_device(), args))
+            grid_x, grid_y, grid_z, stream, function, *rest = args
+            size, align = self.scratch
+            scratch = None
+            if size > 0:
+                scratch = _allocation._allocator.get()(grid_x * grid_y * grid_z * size, align, stream)
+            if self.expand is not launched:
+                if tuple_args:
+                    self.expand(grid_x, grid_y, grid_z, stream, function, False, False, *rest[:4], scratch, None,
+                                None, None, tuple(rest[4:]))
+                else:
+                    self.expand(grid_x, grid_y, grid_z, stream, function, False, False, scratch, None, *rest)
 
     class StubDriver:
         launcher_cls = StubLauncher
@@ -67,7 +106,8 @@ def _stub_driver():
                      "warpSize": 32, "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 6144}
             self.utils = types.SimpleNamespace(
                 load_binary=lambda name, kernel, shared, device: (None, None, 128, 0, 1024),
-                unload_module=lambda module: None, get_device_properties=lambda device: props)
+                unload_module=lambda module: None, get_device_properties=lambda device: props,
+                fill_tma_descriptor=_tma_fill, fill_tma_descriptor_tiled=_tma_fill)
 
         def is_active(self):
             return True
@@ -112,6 +152,10 @@ def _install(monkeypatch):
     monkeypatch(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch(torch.cuda, "get_device_properties", lambda device=None: props)
     monkeypatch(functional, "select_backend", lambda x: "triton")
+    # the device-side descriptors' global scratch (Triton's allocator protocol) from the CPU allocator
+    from lora_fast.kernels import ops
+
+    monkeypatch(ops, "_scratch", lambda size, alignment, stream: torch.empty(size, dtype=torch.int8))
     # the fused cp.async GEMM, as LORA_FAST_GEMM=triton: nothing can be timed to choose a path without a GPU
     from lora_fast.kernels import choice
 
@@ -304,10 +348,12 @@ def _layer_rows(launcher, paths, rank: int, dtype, tokens: int, repeat: int, num
 
 
 def measure(M: int = 4096, rank: int = 16, dtype=torch.bfloat16, paths=("triton", "cublas", "tma"), repeat: int = 15,
-            number: int = 20, layer_tokens: int = 8, layers: bool = True, instructions: bool = False) -> list:
+            number: int = 20, layer_tokens: int = 8, layers: bool = True, layer_dtype=torch.float32,
+            instructions: bool = False) -> list:
     """Rows of {"what", "shape", "M", "path", "launches", "cpu_min", "cpu_median", "wall_min", "wall_median"} (see the
-    module docstring). Needs TRITON_INTERPRET unset or 0. ``instructions``: cpu_* hold thousands of instructions
-    executed instead of microseconds (``_instructions``; the process must run under callgrind, see main)."""
+    module docstring). ``layer_dtype``: the decoder layers' (float32 by default; the TMA path takes 16-bit only).
+    ``instructions``: cpu_* hold thousands of instructions executed instead of microseconds (``_instructions``; the
+    process must run under callgrind, see main). Needs TRITON_INTERPRET unset or 0."""
     patches = []
 
     def monkeypatch(obj, name, value):
@@ -328,7 +374,7 @@ def measure(M: int = 4096, rank: int = 16, dtype=torch.bfloat16, paths=("triton"
         rows = _projection_rows(launcher, paths, M, rank, dtype, repeat, number)
         if layers:
             # counts barely vary between samples: no more of them for the layers than for the projections
-            rows += _layer_rows(launcher, paths, rank, torch.float32, layer_tokens,
+            rows += _layer_rows(launcher, paths, rank, layer_dtype, layer_tokens,
                                 repeat if instructions else max(5, repeat // 2), number if instructions
                                 else max(3, number // 4))
     finally:
@@ -367,6 +413,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=None, help="samples per row (default 15; 3 with --instructions)")
     p.add_argument("--number", type=int, default=None, help="steps per sample (default 20; 3 with --instructions)")
     p.add_argument("--no-layers", action="store_true", help="skip the decoder-layer rows")
+    p.add_argument("--layer-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the decoder layers' dtype (default float32: torch's CPU kernels cost least; the tma path "
+                        "needs bfloat16, else it falls back to the cp.async kernel)")
     p.add_argument("--autotune", choices=("0", "1"), default="1",
                    help="LORA_FAST_AUTOTUNE for the run (1: the autotuner's cache lookup is timed)")
     p.add_argument("--instructions", action="store_true",
@@ -390,15 +439,17 @@ def main(argv=None) -> int:
         return subprocess.call([sys.executable, "-m", "bench.host_time", *argv], env=env)
     default = 3 if args.instructions else None
     rows = measure(args.tokens, args.rank, paths=tuple(args.paths), repeat=args.repeat or default or 15,
-                   number=args.number or default or 20, layers=not args.no_layers, instructions=args.instructions)
+                   number=args.number or default or 20, layers=not args.no_layers,
+                   layer_dtype=getattr(torch, args.layer_dtype), instructions=args.instructions)
     import triton
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     unit = "thousands of instructions executed (callgrind)" if args.instructions else "microseconds"
     print(f"host {'instructions' if args.instructions else 'time'} per forward+backward on {platform.machine()} "
           f"({os.cpu_count()} cores, load average {', '.join(f'{v:.2f}' for v in load) if load else 'n/a'}), torch "
-          f"{torch.__version__}, triton {triton.__version__}, LORA_FAST_AUTOTUNE={args.autotune}; rank {args.rank}, "
-          f"bf16 base, fp32 adapters; only Triton's final launch stubbed; {unit}; ratio: median / PEFT's")
+          f"{torch.__version__}, triton {triton.__version__}, LORA_FAST_AUTOTUNE={args.autotune}, LORA_FAST_TMA_DESC="
+          f"{os.environ.get('LORA_FAST_TMA_DESC', '')}; rank {args.rank}, bf16 base, fp32 adapters, decoder layers "
+          f"in {args.layer_dtype}; only Triton's final launch stubbed; {unit}; ratio: median / PEFT's")
     cpu = "kinstr" if args.instructions else "cpu"
     head = (f"  {'what':<20} {'shape':<36} {'M':>5} {'path':<7} {cpu + ' min':>11} {cpu + ' med':>11} {'wall min':>9} "
             f"{'wall med':>9} {'ratio':>6} {'launches':>9}")

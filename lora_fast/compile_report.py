@@ -122,6 +122,9 @@ class Row:
     global_loads: Optional[int] = None  # LDG instructions (plain global loads: what TMA does not carry)
     setmaxnreg: Optional[int] = None    # USETMAXREG instructions (warp-specialised register budgets)
     instructions: Optional[int] = None  # SASS instructions in the kernel (the static count, loops once)
+    tensormaps: Optional[int] = None    # PTX instructions that create device-side tensor maps (tensormap.replace,
+    #                                     tensormap.cp_fenceproxy, fence.proxy.tensormap)
+    scratch: Optional[int] = None       # global scratch per program (bytes; the device-side descriptors' tensor maps)
     compile_s: float = 0.0
     error: str = ""
     failures: list = field(default_factory=list)
@@ -141,13 +144,20 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
     # the TMA GEMM: LOWRANK_TMA, the low-rank term's operands by TMA (the S pass's rounded copy of S or dS, B or
     # A's rows), what ops.lora_forward / lora_backward launch once the path is known; without it (the first,
     # measuring call, fp32 adapters, DoRA's and other callers without the S pass's copy) by pointer loads
+    # HOST_DESC (LORA_FAST_TMA_DESC=host, kernels/descriptors.py): the same launches with host-side descriptors; before
+    # the last (heaviest) set, which stays the one ``variants="heaviest"`` keeps
     if kernel == "fwd_gemm_tma":   # Q = W^T from W's rows; RM = B (R, N)
         return [dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=False),
                 dict(Q_TRANSPOSED=True, HAS_BIAS=False, HAS_DROPOUT=False, LOWRANK_TMA=True),
+                dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=False, HOST_DESC=True),
+                dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=True, HOST_DESC=True),
                 dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=True)]
     if kernel == "dx_gemm_tma":    # Q = W as stored; RM = A^T read from A's (K, R) rows (RM_ROWS_N)
         return [dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True, LOWRANK_TMA=False),
                 dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=False, LOWRANK_TMA=True, RM_ROWS_N=True),
+                dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True, LOWRANK_TMA=False, HOST_DESC=True),
+                dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True, LOWRANK_TMA=True, RM_ROWS_N=True,
+                     MASK_TMA=True, HOST_DESC=True),
                 dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True, LOWRANK_TMA=True, RM_ROWS_N=True,
                      MASK_TMA=True)]
     if kernel == "fwd_gemm_ws":
@@ -229,7 +239,8 @@ def _variant_label(flags: dict) -> str:
              "SPLIT_M": "split", "HAS_BASE": "base", "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G": "g",
              "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V", "Q_FP32": "fp32-Q", "ABSMAX_BOX": "absmax-tma",
              "WRITE_MASK": "bits", "SORTED": "sorted", "MULTI_FWD": "fwd", "LOWRANK_TMA": "term-tma",
-             "WRITE_TERM": "term", "MASK_TMA": "bits-tma"}
+             "WRITE_TERM": "term", "MASK_TMA": "bits-tma",
+             "HOST_DESC": "host-desc"}
     label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 
@@ -334,6 +345,13 @@ class _Ptr:
         self.dtype = dtype
 
 
+class _Desc:
+    """A host-side tensor descriptor argument (kernels/descriptors.py) of element type ``dtype`` and ``block`` shape."""
+
+    def __init__(self, dtype: str, block):
+        self.dtype, self.block = dtype, list(block)
+
+
 def launch_args(job: Job) -> tuple:
     """(kernel function, {argument: value}) as ops.py would launch ``job`` on aligned (M, K) x (K, N) shapes.
 
@@ -402,8 +420,14 @@ def launch_args(job: Job) -> tuple:
                     stride_rn=1 if fwd else R, stride_om=N if fwd else K,
                     stride_mask=K // 8 if dropout else 0, lowrank_scale=0.5, NUM_SMS=132)
         term = meta.get("LOWRANK_TMA", False)   # with it, the bias by a descriptor too
-        flags = {"RM_ROWS_N": False, "MASK_TMA": False, "BIAS_TMA": term, **meta}
-        return gemm_lowrank_tma_kernel, dict(args, **common, **flags)
+        flags = {"RM_ROWS_N": False, "MASK_TMA": False, "BIAS_TMA": term, "HOST_DESC": False, **meta}
+        values = dict(args, **common, **flags)
+        # with HOST_DESC the operands read or written by TMA are descriptors of the config's block shapes
+        from .kernels.descriptors import tma_gemm_specs
+
+        for name, (_, _, block) in tma_gemm_specs(values).items():
+            values[name] = _Desc(values[name].dtype, block)
+        return gemm_lowrank_tma_kernel, values
     if job.kernel in ("xa_proj", "dyb_proj"):
         if job.kernel == "xa_proj":   # P = x (M, K), Q = A (K, R)
             strides = dict(stride_pm=K, stride_pk=1, stride_qk=R, stride_qr=1)
@@ -612,6 +636,8 @@ def specialise(fn, args: dict, constexpr_names: set, backend) -> tuple:
         elif isinstance(value, _Ptr):
             signature[name] = "*" + value.dtype
             attrs[(i,)] = aligned
+        elif isinstance(value, _Desc):   # as Triton's JIT types a TensorDescriptor (no attributes)
+            signature[name] = f"tensordesc<{value.dtype}[{','.join(map(str, value.block))}]>"
         elif isinstance(value, int):
             signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
             if value % 16 == 0:
@@ -700,6 +726,9 @@ def compile_job(job: Job) -> Row:
         return row
     row.compile_s = round(time.perf_counter() - start, 2)
     row.shared = int(compiled.metadata.shared)
+    row.scratch = int(getattr(compiled.metadata, "global_scratch_size", 0))
+    row.tensormaps = len(re.findall(r"\btensormap\.(?:replace|cp_fenceproxy)|\bfence\.proxy\.tensormap",
+                                    compiled.asm["ptx"]))
     ptxas_log = log.getvalue()
     regs = re.search(r"Used (\d+) registers", ptxas_log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
@@ -742,6 +771,9 @@ def check(row: Row, job: Job) -> list:
         failures.append("no USETMAXREG in the warp-specialised GEMM")
     if job.kernel in (TMA_KERNELS + WS_KERNELS + QLORA_TMA_KERNELS) and not row.tma_loads:
         failures.append("no TMA load (UTMALDG) in the TMA GEMM")
+    if job.config.get("HOST_DESC") and (row.tensormaps or row.scratch):
+        failures.append(f"host-side descriptors, yet {row.tensormaps} tensor-map instructions and {row.scratch} B "
+                        "of scratch")
     return failures
 
 
@@ -785,7 +817,7 @@ def run_jobs(jobs: Sequence[Job], workers: int = 0, progress=None) -> list:
 
 # ---------------------------------------------------------------------------------------------- output
 _COLUMNS = ("kernel", "variant", "target", "dtype", "R", "config", "warps", "stages", "regs", "spill st/ld",
-            "smem B", "MMA", "TMA", "LDG", "SASS", "check")
+            "smem B", "MMA", "TMA", "LDG", "SASS", "tmap", "check")
 
 
 def _cells(row: Row) -> list:
@@ -795,7 +827,7 @@ def _cells(row: Row) -> list:
     return [row.kernel, row.variant, row.target, row.dtype, str(row.block_r), row.config, str(row.num_warps),
             str(row.num_stages), num(row.registers), f"{num(row.spill_stores)}/{num(row.spill_loads)}",
             num(row.shared), mma, num(row.tma_loads), num(row.global_loads), num(row.instructions),
-            "; ".join(row.failures) or "ok"]
+            num(row.tensormaps), "; ".join(row.failures) or "ok"]
 
 
 def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
@@ -892,8 +924,9 @@ config (BLOCK_M x BLOCK_N x BLOCK_K, or BLOCK_K of the narrow kernels), warps, s
 thread), spill st/ld (spill bytes stored / loaded, from ptxas), smem B (shared memory per block), MMA
 (tensor-core instructions in the SASS: HGMMA on sm_90, HMMA on sm_80; counted in the code, not executed),
 TMA (UTMALDG bulk tensor loads), SASS (instructions in the kernel's code, each loop body counted once: how
-kernel variants compare without a GPU), check (ok, or why the row fails). Compiled with the installed triton: the
-GPU image may run another version, whose numbers differ."""
+kernel variants compare without a GPU), tmap (PTX instructions creating device-side tensor maps: tensormap.replace,
+tensormap.cp_fenceproxy, fence.proxy.tensormap; 0 with host-side descriptors), check (ok, or why the row fails).
+Compiled with the installed triton: the GPU image may run another version, whose numbers differ."""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

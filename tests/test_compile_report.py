@@ -233,3 +233,33 @@ def test_fp32_adapter_ds_pass_with_db_on_sm80_fp16_does_not_spill():
     assert (4, 4) not in [(j.num_warps, j.num_stages) for j in jobs]
     for row in cr.run_jobs(jobs, workers=1):
         assert row.failures == [] and row.spill_stores == 0 and row.spill_loads == 0, row
+
+
+def test_tma_host_descriptor_rows():
+    """The TMA GEMM's host-descriptor variants (LORA_FAST_TMA_DESC=host) are in the report, typed as Triton's JIT types
+    a TensorDescriptor argument (the config's block shapes), and a row of them fails with any tensor-map instruction
+    or global scratch left (what host-side descriptors remove)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    jobs = [j for j in cr.make_jobs(targets=("sm_90",), kernels=cr.TMA_KERNELS, dtypes=("fp16",), ranks=(16,),
+                                    first_config=True) if j.config.get("HOST_DESC")]
+    assert sorted(j.variant for j in jobs) == ["W^T+bias+host-desc", "W^T+bias+term-tma+host-desc",
+                                               "dropout+host-desc", "dropout+term-tma+bits-tma+host-desc"]
+    job = next(j for j in jobs if j.variant == "dropout+term-tma+bits-tma+host-desc")
+    fn, args = cr.launch_args(job)
+    signature, _, attrs = cr.specialise(fn, args, cr.constexpr_names(fn), make_backend(GPUTarget("cuda", 90, 32)))
+    bm, bn, bk, sub = (job.config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SUBTILE"))
+    expected = {"P_ptr": f"fp16[{bm},{bk}]", "Q_ptr": f"fp16[{bk},{bn}]", "OUT_ptr": f"fp16[{bm},{bn // sub}]",
+                "L_ptr": f"fp16[{bm},16]", "RM_ptr": f"fp16[{bn},16]", "MASK_ptr": f"u8[{bm},{bn // 8}]",
+                "F_ptr": f"fp32[{bm}]"}
+    for name, desc in expected.items():
+        assert signature[name] == f"tensordesc<{desc}>", (name, signature[name])
+        assert (fn.arg_names.index(name),) not in attrs
+    assert signature["BIAS_ptr"] == "*fp16"   # dX has no bias: the output's pointer in its place
+    row = cr.Row(job.kernel, job.variant, "fp16", "sm_90", 16, 16, "-", job.num_warps, job.num_stages, registers=160,
+                 spill_stores=0, spill_loads=0, shared=1024, mma=5, mma_name="HGMMA", tma_loads=11, tensormaps=0,
+                 scratch=0)
+    assert cr.check(row, job) == []
+    for change in (dict(tensormaps=3), dict(scratch=128)):
+        assert "host-side descriptors" in cr.check(cr.Row(**{**row.__dict__, **change}), job)[0], change

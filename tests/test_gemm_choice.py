@@ -302,3 +302,55 @@ def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, R, p, bias, block_n, de
     ops._tma_gemm(dy, weight, q, K, None, dS, A, rm, scale * keep_scale, philox.quantize(p), keep, old, True)
     assert flags == [(True, True, p > 0), (False, False, False)]
     assert torch.isfinite(old).all() and torch.equal(new, old)
+
+
+@pytest.mark.parametrize("dtype,term,p,bias,block_n", [(torch.bfloat16, True, 0.0, True, 32),
+                                                       (torch.float16, False, 0.3, True, 32),
+                                                       (torch.float16, True, 0.3, False, 128),
+                                                       (torch.bfloat16, True, 0.3, True, 128)], ids=str)
+def test_tma_host_descriptors_are_bit_identical(dtype, term, p, bias, block_n, device, forced, monkeypatch):
+    """LORA_FAST_TMA_DESC=host (kernels/descriptors.py: the TMA kernel's descriptors built by the launch and passed
+    as arguments) gives the forward's y and the backward's dX, dA, dB of the device-side descriptors bit for bit: every
+    descriptor the kernel reads (P, Q, OUT; the bias, the term's L and RM, fp16's row factors with the term by TMA;
+    the keep-mask's bytes at BLOCK_N 128 with dropout) or the pointer loads (fp32 adapters on fp16). A bad value of
+    the switch is a ValueError that names it."""
+    from lora_fast.kernels import descriptors, ops
+    from lora_fast.kernels.gemm_tma import gemm_lowrank_tma_kernel
+
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("the TMA kernel needs sm_90 or newer")
+    forced("tma")
+    monkeypatch.setitem(ops._TMA_INTERP, "BLOCK_N", block_n)
+    seen = []
+    real_call = ops._Launcher.__call__
+
+    def spy(self, grid, *args, **kwargs):
+        if self.kernel is gemm_lowrank_tma_kernel:
+            seen.append((kwargs["HOST_DESC"], kwargs["LOWRANK_TMA"], kwargs["MASK_TMA"]))
+        return real_call(self, grid, *args, **kwargs)
+    monkeypatch.setattr(ops._Launcher, "__call__", spy)
+    M, K, N, R, scale = 70, 64, 72, 5, 1.5
+    x = torch.randn(M, K, device=device).to(dtype)
+    weight = torch.randn(N, K, device=device).to(dtype)
+    b = torch.randn(N, device=device).to(dtype) if bias else None
+    adapters = ops._TORCH_DOT[dtype] if term else torch.float32   # the term by TMA needs them in the dot dtype
+    A = torch.empty(K, 8, device=device, dtype=adapters)[:, :R]   # rows of 16 bytes: A's rows by TMA in dX
+    A.copy_(torch.randn(K, R, device=device) / K ** 0.5)
+    B = (torch.randn(R, N, device=device) / R ** 0.5).to(adapters)
+    dy = torch.randn(M, N, device=device).to(dtype)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+    results = {}
+    for mode in ("device", "host"):
+        monkeypatch.setenv(descriptors.ENV, mode)
+        keep = ops.new_keep_mask(M, K, device) if p else None
+        y, S = ops.lora_forward(x, weight, b, A, B, scale, p, seed, keep_out=keep)
+        grads = ops.lora_backward(dy, x, weight, A, B, S, scale, p, seed, keep=keep)
+        results[mode] = (y, *grads)
+    host = descriptors.mode() == "host"
+    assert host and seen == [(False, term, False), (False, term, term and p > 0 and block_n >= 128)] + [
+        (True, term, False), (True, term, term and p > 0 and block_n >= 128)], seen
+    for name, old, new in zip(("y", "dx", "dA", "dB"), results["device"], results["host"]):
+        assert torch.isfinite(old).all() and torch.equal(old, new), name
+    monkeypatch.setenv(descriptors.ENV, "hots")
+    with pytest.raises(ValueError, match="LORA_FAST_TMA_DESC.*device, host.*'hots'"):
+        ops.lora_forward(x, weight, b, A, B, scale, p, seed, keep_out=ops.new_keep_mask(M, K, device) if p else None)

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r'''
-import json, torch
+import json, os, torch
 import bench.host_time as host
 
 patches = []
@@ -26,6 +26,23 @@ def monkeypatch(obj, name, value):
 launcher = host._install(monkeypatch)
 from lora_fast import lora_linear
 from lora_fast.kernels import ops
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+scratch_calls = [0]   # the device-side descriptors' global scratch (Triton's allocator, per launch)
+cpu_scratch = ops._scratch
+def counting_scratch(size, alignment, stream):
+    scratch_calls[0] += 1
+    return cpu_scratch(size, alignment, stream)
+monkeypatch(ops, "_scratch", counting_scratch)
+# the tensor maps Triton's launcher encodes for host-side descriptors (stubbed: cuTensorMapEncodeTiled needs libcuda)
+import triton
+fills = [0]
+utils = triton.runtime.driver.active.utils
+for fill_name in ("fill_tma_descriptor", "fill_tma_descriptor_tiled"):
+    def counting_fill(*args, fill=getattr(utils, fill_name)):
+        fills[0] += 1
+        return fill(*args)
+    monkeypatch(utils, fill_name, counting_fill)
 
 def launches(fn):
     launcher.record = []
@@ -90,6 +107,8 @@ def roles(calls, named):
     """Each launch as (kernel, grid, arguments) with a tensor argument named by the input whose data pointer it
     holds, else by its layout (a fresh buffer)."""
     def name(a):
+        if isinstance(a, TensorDescriptor):   # a host-side descriptor: of which tensor, with which layout
+            return ("desc", name(a.base), list(a.shape), list(a.strides), list(a.block_shape))
         if isinstance(a, torch.Tensor):
             for n, t in named.items():
                 if t is not None and a.data_ptr() == t.data_ptr() and a.dtype == t.dtype:
@@ -100,16 +119,19 @@ def roles(calls, named):
     return [(kname, [name(a) for i, a in enumerate(args) if not 4 <= i <= 6]) for kname, _, args in calls]
 
 A32, B32 = A, B
+alive = []   # every step's tensors stay alive: no address is reused, so a stale one would be named wrongly
 # "tma-16": fp16 adapters, whose low-rank term the TMA kernel reads by TMA (the S and dS passes write its rounded
-# copy into padded buffers, views that the recording aliases: ops.term_for)
-for path in ("triton", "cublas", "tma", "tma-16"):
+# copy into padded buffers, views that the recording aliases: ops.term_for); "tma-host": the same with host-side
+# descriptors (LORA_FAST_TMA_DESC=host), which each replay must build around its own call's tensors
+for path in ("triton", "cublas", "tma", "tma-16", "tma-host"):
     choice.clear()
     monkeypatch(choice, "forced_path", lambda path=path: path.split("-")[0])
+    os.environ["LORA_FAST_TMA_DESC"] = "host" if path == "tma-host" else "device"
     A, B = A32, B32
-    if path == "tma-16":
+    if path in ("tma-16", "tma-host"):
         A, B = A32.detach().half().requires_grad_(), B32.detach().half().requires_grad_()
     for p in (0.0, 0.25):
-        trace, replays[0] = [], 0
+        trace, replays[0], scratch_calls[0], fills[0] = [], 0, 0, 0
         for step in range(4):   # JIT and tuning, the recording, two replays
             xs3 = torch.randn(2, 5, K).half().requires_grad_()
             dys = torch.randn(2, 5, N).half()
@@ -123,17 +145,24 @@ for path in ("triton", "cublas", "tma", "tma-16"):
             launcher.record = None
             named = dict(x=xs3, w=w, b=b, A=A, B=B, y=ys, dy=dys, dx=xs3.grad, dA=A.grad, dB=B.grad, S=S_saved,
                          seed=seed_saved)
+            alive.append((named, fwd, bwd))
             trace.append(roles(fwd, named) + roles(bwd, named))
             A.grad = B.grad = None
         # the second call went through the launchers (and was recorded), the third and fourth replayed
         result[f"planned {path} p={p}"] = [replays[0] >= 4, trace[3] == trace[1] and trace[2] == trace[1],
                                           sum(1 for k, _ in trace[0] if k != "addmm")]
+        # per step: the host descriptors' tensors by name (the GEMMs' P, Q, OUT, bias, L, RM, F, mask), and the
+        # device-side descriptors' scratch allocations
+        result[f"descriptors {path} p={p}"] = [[a[1] for _, args in t for a in args if isinstance(a, tuple)
+                                                and a[0] == "desc"] for t in trace]
+        result[f"scratch {path} p={p}"] = [scratch_calls[0], fills[0]]
+os.environ.pop("LORA_FAST_TMA_DESC")
 A, B = A32, B32
 
 # saved-tensor hooks (save_on_cpu with pinned memory packs a contiguous copy): what backward unpacks then has other
 # strides than the call's x, and those strides are arguments of the dA pass. Steps 0-1 without hooks, 2-4 with, 5
 # without: the replays (steps 2-5) must launch what the launchers launch for the same steps
-import contextlib, os
+import contextlib
 monkeypatch(choice, "forced_path", lambda: "triton")
 strided = torch.randn(6, 2, 5, K + 8).half()
 def hooked_steps():
@@ -206,9 +235,27 @@ def test_launch_plans_and_devices():
     assert result["decode M=1 R=1"] == 3 and result["decode M=2 R=16"] == 3
     # planned calls: the third and fourth call of each layout replay forward and backward (4 replays or more), with
     # the launchers' launches, arguments and tensor roles exactly; five launches on every GEMM path
-    for path in ("triton", "cublas", "tma", "tma-16"):
+    for path in ("triton", "cublas", "tma", "tma-16", "tma-host"):
         for p in (0.0, 0.25):
             assert result[f"planned {path} p={p}"] == [True, True, 5], (path, p, result[f"planned {path} p={p}"])
+            # host descriptors: none on the other paths; with them no scratch for the device-side ones (one per TMA
+            # launch without: 2 GEMMs a step, 4 steps)
+            descs = result[f"descriptors {path} p={p}"]
+            if path != "tma-host":
+                assert descs == [[]] * 4
+                assert result[f"scratch {path} p={p}"] == [8 if path.startswith("tma") else 0, 0]
+                continue
+            # each descriptor of the 4 steps encoded by the launch (the first step's by Triton's JIT launch)
+            assert result[f"scratch {path} p={p}"] == [0, sum(len(d) for d in descs)]
+            # in argument order (P, Q, BIAS, L, RM, OUT, MASK, F): forward x, W, the bias, the term's L (the S pass's
+            # copy: a fresh buffer), B, y, fp16's row factors; dX: dY, W, the term of dS, A, dX (fresh: autograd
+            # hands it to x.grad afterwards), with dropout the keep-mask's bytes (the forward's, saved in the "seed"
+            # slot), the row factors -- every step the same roles, replays included (each with its own call's
+            # tensors: no stale address)
+            names = [n if isinstance(n, str) else n[0] for n in descs[0]]
+            assert names == (["x", "w", "b", "fresh", "B", "y", "fresh", "dy", "w", "fresh", "A", "fresh"]
+                             + (["seed"] if p else []) + ["fresh"]), names
+            assert descs[1] == descs[2] == descs[3] == descs[0], descs
     # a backward replay is keyed on the saved tensors' layout when saved-tensor hooks were active in forward
     assert result["saved-tensor hooks"] == [True, 0, True], result["saved-tensor hooks"]
     (held, used), (_, used_capturing) = result["scratch reuse"]

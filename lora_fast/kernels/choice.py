@@ -284,6 +284,8 @@ class Tuning:
                     compiled = outcome["compiled"]   # launched with the agreed config already
             self._memory[(index, text)] = config
         if compiled is None:
+            if config.pre_hook is not None:   # as the autotuner does (host descriptors' block shapes: descriptors.py)
+                config.pre_hook({**nargs, **kwargs, **config.all_kwargs()})
             compiled = launcher.kernel[grid](*args, **kwargs, **config.all_kwargs())
         return compiled, config
 

@@ -4,9 +4,10 @@
 
 The same maths and operands as gemm.py's cp.async kernel (forward y: P = x, Q = W^T read from W's (N, K) rows;
 dX: P = dY, Q = W read as its (N, K) rows), built after Triton's tutorial 09 (persistent matmul): one program per
-SM walks the output tiles in grouped order; P, Q and the output move through device-side tensor descriptors
-(TMA: bulk asynchronous copies, out-of-range rows and columns zero-filled on load and clipped on store, so the
-main loop has no masks).
+SM walks the output tiles in grouped order; P, Q and the output move through tensor descriptors (TMA: bulk
+asynchronous copies, out-of-range rows and columns zero-filled on load and clipped on store, so the main loop has no
+masks), built by each program on the device (the default) or, with HOST_DESC (opt-in LORA_FAST_TMA_DESC=host),
+by the launch on the host and passed as arguments (kernels/descriptors.py: no scratch, no tensor-map creation here).
 
 The tile loop is flattened with the K loop (``tl.range(..., flatten=True)``) where the low-rank term comes after
 the K loop (bf16 without dropout): the software pipeline runs across tile boundaries, so the next tile's first
@@ -143,42 +144,66 @@ def gemm_lowrank_tma_kernel(
     # column slices of the epilogue's store; LOWRANK_TMA: the term's operands by TMA (L the S pass's rounded copy,
     # RM by a descriptor: RM_ROWS_N when it is stored as (N, R) rows), else by pointer loads (L fp32, the scale and
     # rounding here); MASK_TMA: the keep-mask's bytes by TMA where a tile row's bytes (BLOCK_N / 8) reach the 16 a
-    # descriptor's box needs; BIAS_TMA: the bias by a 1-D descriptor (an aligned base))
+    # descriptor's box needs; BIAS_TMA: the bias by a 1-D descriptor (an aligned base); HOST_DESC: every operand
+    # read or written by TMA is given as a host-side tensor descriptor (kernels/descriptors.py) in its pointer's
+    # place, else the descriptors are built here, in global scratch from Triton's allocator)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, SUBTILE: tl.constexpr, NUM_SMS: tl.constexpr, Q_TRANSPOSED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     LOWRANK_TMA: tl.constexpr, RM_ROWS_N: tl.constexpr, MASK_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
+    HOST_DESC: tl.constexpr,
 ):
-    p_desc = tl.make_tensor_descriptor(P_ptr, shape=[M, K], strides=[stride_pm, 1], block_shape=[BLOCK_M, BLOCK_K])
-    if Q_TRANSPOSED:
-        q_desc = tl.make_tensor_descriptor(Q_ptr, shape=[N, K], strides=[stride_qrow, 1],
-                                           block_shape=[BLOCK_N, BLOCK_K])
+    if HOST_DESC:
+        # the launch's host-side descriptors in the arguments' places (kernels/descriptors.py: the same shapes,
+        # strides and block shapes as below), passed by value: no tensor map is created or fenced here
+        p_desc = P_ptr
+        q_desc = Q_ptr
+        out_desc = OUT_ptr
+        bias_desc = None
+        if HAS_BIAS and BIAS_TMA:
+            bias_desc = BIAS_ptr
+        l_desc = None
+        rm_desc = None
+        f_desc = None
+        mask_desc = None
+        if LOWRANK_TMA:
+            l_desc = L_ptr
+            rm_desc = RM_ptr
+            if DOT_DTYPE == tl.float16:
+                f_desc = F_ptr
+            if MASK_TMA and BLOCK_N >= 128:
+                mask_desc = MASK_ptr
     else:
-        q_desc = tl.make_tensor_descriptor(Q_ptr, shape=[K, N], strides=[stride_qrow, 1],
-                                           block_shape=[BLOCK_K, BLOCK_N])
-    out_desc = tl.make_tensor_descriptor(OUT_ptr, shape=[M, N], strides=[stride_om, 1],
-                                         block_shape=[BLOCK_M, BLOCK_N // SUBTILE])
-    bias_desc = None
-    if HAS_BIAS and BIAS_TMA:
-        bias_desc = tl.make_tensor_descriptor(BIAS_ptr, shape=[N], strides=[1], block_shape=[BLOCK_N])
-    l_desc = None
-    rm_desc = None
-    f_desc = None
-    mask_desc = None
-    if LOWRANK_TMA:
-        l_desc = tl.make_tensor_descriptor(L_ptr, shape=[M, R], strides=[stride_lm, 1],
-                                           block_shape=[BLOCK_M, BLOCK_R])
-        if RM_ROWS_N:
-            rm_desc = tl.make_tensor_descriptor(RM_ptr, shape=[N, R], strides=[stride_rn, 1],
-                                                block_shape=[BLOCK_N, BLOCK_R])
+        p_desc = tl.make_tensor_descriptor(P_ptr, shape=[M, K], strides=[stride_pm, 1], block_shape=[BLOCK_M, BLOCK_K])
+        if Q_TRANSPOSED:
+            q_desc = tl.make_tensor_descriptor(Q_ptr, shape=[N, K], strides=[stride_qrow, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
         else:
-            rm_desc = tl.make_tensor_descriptor(RM_ptr, shape=[R, N], strides=[stride_rr, 1],
-                                                block_shape=[BLOCK_R, BLOCK_N])
-        if DOT_DTYPE == tl.float16:
-            f_desc = tl.make_tensor_descriptor(F_ptr, shape=[M], strides=[1], block_shape=[BLOCK_M])
-        if MASK_TMA and BLOCK_N >= 128:
-            mask_desc = tl.make_tensor_descriptor(MASK_ptr, shape=[M, tl.cdiv(N, 8)], strides=[stride_mask, 1],
-                                                  block_shape=[BLOCK_M, BLOCK_N // 8])
+            q_desc = tl.make_tensor_descriptor(Q_ptr, shape=[K, N], strides=[stride_qrow, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+        out_desc = tl.make_tensor_descriptor(OUT_ptr, shape=[M, N], strides=[stride_om, 1],
+                                             block_shape=[BLOCK_M, BLOCK_N // SUBTILE])
+        bias_desc = None
+        if HAS_BIAS and BIAS_TMA:
+            bias_desc = tl.make_tensor_descriptor(BIAS_ptr, shape=[N], strides=[1], block_shape=[BLOCK_N])
+        l_desc = None
+        rm_desc = None
+        f_desc = None
+        mask_desc = None
+        if LOWRANK_TMA:
+            l_desc = tl.make_tensor_descriptor(L_ptr, shape=[M, R], strides=[stride_lm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_R])
+            if RM_ROWS_N:
+                rm_desc = tl.make_tensor_descriptor(RM_ptr, shape=[N, R], strides=[stride_rn, 1],
+                                                    block_shape=[BLOCK_N, BLOCK_R])
+            else:
+                rm_desc = tl.make_tensor_descriptor(RM_ptr, shape=[R, N], strides=[stride_rr, 1],
+                                                    block_shape=[BLOCK_R, BLOCK_N])
+            if DOT_DTYPE == tl.float16:
+                f_desc = tl.make_tensor_descriptor(F_ptr, shape=[M], strides=[1], block_shape=[BLOCK_M])
+            if MASK_TMA and BLOCK_N >= 128:
+                mask_desc = tl.make_tensor_descriptor(MASK_ptr, shape=[M, tl.cdiv(N, 8)], strides=[stride_mask, 1],
+                                                      block_shape=[BLOCK_M, BLOCK_N // 8])
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     # the low-rank term starts the accumulator when it needs a tile of its own (dX's keep-mask; fp16's range guard,

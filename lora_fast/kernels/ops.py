@@ -16,7 +16,7 @@ from triton import knobs
 from triton.runtime import driver
 
 from .. import philox
-from . import choice, configs, plan
+from . import choice, configs, descriptors, plan
 from .gemm import gemm_lowrank_kernel
 from .gemm_tma import gemm_lowrank_tma_kernel
 from .lowrank import lowrank_proj_kernel, reduce_m_kernel, sum_partials_kernel
@@ -62,8 +62,11 @@ class _Launcher:
     device and its current stream: no autotuner key, no JIT binding, no capability query, no environment read.
     """
 
-    def __init__(self, kernel, configs_fn, key, interp_config, *, pointers: int, scalars: int):
+    def __init__(self, kernel, configs_fn, key, interp_config, *, pointers: int, scalars: int,
+                 host_descriptors: bool = False):
         self.kernel = kernel
+        # the TMA GEMM's host-side descriptors (kernels/descriptors.py): tensors wrapped once the config is known
+        self.host_descriptors = host_descriptors
         self.configs_fn = configs_fn
         self.key = key
         self.interp_config = interp_config
@@ -76,6 +79,9 @@ class _Launcher:
             rec = plan.recorder()
             if rec is not None:
                 rec.fail()   # interpreted launches are not compiled kernels: nothing to replay
+            if self.host_descriptors:
+                args = descriptors.wrap(self.kernel.arg_names, args, {**dict(zip(self.kernel.arg_names, args)),
+                                                                      **kwargs, **self.interp_config})
             return self.kernel[grid](*args, **kwargs, **self.interp_config)
         index = device.index if device.index is not None else torch.cuda.current_device()
         # what Triton specialises on: each pointer's dtype and 16-byte alignment, each integer's value (== 1,
@@ -94,7 +100,11 @@ class _Launcher:
             if rec is not None:
                 rec.fail()   # this call compiled or tuned: the next call with this metadata is recorded instead
             return   # the planning call launched the kernel
-        compiled, g0, g1, g2, tail, current_stream = launch_plan
+        compiled, g0, g1, g2, tail, current_stream, specs = launch_plan
+        if specs:   # host descriptors of this call's tensors (the plan fixes their shapes, strides, block shapes)
+            args = list(args)
+            for pos, shape, strides, block in specs:
+                args[pos] = descriptors.make(args[pos], shape, strides, block)
         bound = (*args, *tail)
         runtime = knobs.runtime
         enter_hook, exit_hook = runtime.launch_enter_hook, runtime.launch_exit_hook
@@ -120,18 +130,25 @@ class _Launcher:
     def _plan(self, grid, args, kwargs, device, dtype):
         """Launch through Triton's autotuner / JIT once and return the launch plan of this call."""
         capability = torch.cuda.get_device_capability(device)
+        names = self.kernel.arg_names
+        tensors = args
         if not _autotuning():
             config = self.configs_fn(capability, dtype)[0]
+            if self.host_descriptors:
+                args = descriptors.wrap(names, args, {**dict(zip(names, args)), **kwargs, **config.all_kwargs()})
             compiled = self.kernel[grid](*args, **kwargs, **config.all_kwargs())
         else:
+            if self.host_descriptors:   # the first config's block shapes; each config's pre-hook sets its own
+                first = self.configs_fn(capability, dtype)[0]
+                args = descriptors.wrap(names, args, {**dict(zip(names, args)), **kwargs, **first.all_kwargs()})
             # the config measured once per machine and agreed across ranks (kernels/choice.py's Tuning)
             compiled, config = choice.TUNING.launch(self, grid, args, kwargs, device, capability, dtype)
-        names = self.kernel.arg_names
-        values = {**dict(zip(names, args)), **kwargs, **config.kwargs}
+        values = {**dict(zip(names, tensors)), **kwargs, **config.kwargs}
         tail = tuple(values[name] for name in names[len(args):])
         resolved = tuple(grid(values) if callable(grid) else grid) + (1, 1)
+        specs = descriptors.plan_specs(names, tensors, values) if self.host_descriptors else ()
         # the active driver's stream query, bound once (driver.active is a lazy proxy: slow to go through per launch)
-        return compiled, resolved[0], resolved[1], resolved[2], tail, driver.active.get_current_stream
+        return compiled, resolved[0], resolved[1], resolved[2], tail, driver.active.get_current_stream, specs
 
 
 _gemm = _Launcher(gemm_lowrank_kernel, configs.gemm_configs, ["M_BUCKET", "N", "K", "R"],
@@ -150,13 +167,18 @@ _TMA_INTERP = dict(configs.INTERP_GEMM, SUBTILE=2, num_warps=4, num_stages=1)
 _tma_launchers = {}
 
 
-def _tma_launcher(kind: str, block_r: int) -> "_Launcher":
-    launcher = _tma_launchers.get((kind, block_r))
+def _tma_launcher(kind: str, block_r: int, host: bool) -> "_Launcher":
+    """``host``: the kernel with host-side descriptors (kernels/descriptors.py), whose configs set the descriptors'
+    block shapes before each launch of the autotuner (their pre-hook)."""
+    launcher = _tma_launchers.get((kind, block_r, host))
     if launcher is None:
-        launcher = _Launcher(gemm_lowrank_tma_kernel, functools.partial(configs.gemm_tma_configs,
-                                                                        dropout=kind == "dropout", block_r=block_r),
-                             ["M_BUCKET", "N", "K", "R"], _TMA_INTERP, pointers=8, scalars=1)
-        _tma_launchers[(kind, block_r)] = launcher
+        configs_fn = functools.partial(configs.gemm_tma_configs, dropout=kind == "dropout", block_r=block_r)
+        if host:
+            def configs_fn(capability, dtype, plain=configs_fn):
+                return descriptors.with_pre_hook(plain(capability, dtype))
+        launcher = _Launcher(gemm_lowrank_tma_kernel, configs_fn, ["M_BUCKET", "N", "K", "R"], _TMA_INTERP,
+                             pointers=8, scalars=1, host_descriptors=host)
+        _tma_launchers[(kind, block_r, host)] = launcher
     return launcher
 
 
@@ -545,13 +567,16 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
     def grid(meta):
         return (min(num_sms, _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])),)
 
-    if not _INTERPRETED:
+    # LORA_FAST_TMA_DESC=host: the descriptors built by the launch (kernels/descriptors.py; their shapes must be
+    # positive, as cuTensorMapEncodeTiled asks), else by each program in scratch from Triton's allocator
+    host = descriptors.mode() == "host" and M > 0 and N > 0 and K > 0 and R > 0
+    if not _INTERPRETED and not host:
         _ensure_allocator()
         rec = plan.recorder()
         if rec is not None:
             rec.allocator = True
     block_r = configs.block_r(R)
-    launch = _tma_launcher("dropout" if dropout_p > 0 else "dx" if backward else "forward", block_r)
+    launch = _tma_launcher("dropout" if dropout_p > 0 else "dx" if backward else "forward", block_r, host)
     dropout = dropout_p > 0
     # the low-rank term by TMA when the pass that wrote L left its rounded copy (term_for) and RM has a descriptor
     # layout; the copy's scale must be the one this launch would fold in
@@ -572,7 +597,8 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
            HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=configs.dot_dtype(P.dtype),
            INPUT_PRECISION=configs.input_precision(P.dtype), LOWRANK_TMA=use_term,
            RM_ROWS_N=layout == "rows_n", MASK_TMA=mask_tma,
-           BIAS_TMA=use_term and bias is not None and bias.data_ptr() % 16 == 0, device=P.device, dtype=P.dtype)
+           BIAS_TMA=use_term and bias is not None and bias.data_ptr() % 16 == 0, HOST_DESC=host, device=P.device,
+           dtype=P.dtype)
 
 
 def _fused_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropout_p, keep, out, backward,

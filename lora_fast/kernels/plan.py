@@ -8,7 +8,9 @@ issues the same launches, on the same compiled kernels, with only the tensors' d
 tensor) changed. ``Recorder`` watches one such call go through the launchers and keeps, per launch, the compiled
 kernel, its resolved grid and its argument tuple with the tensors' positions marked; ``Replay`` then allocates the
 same buffers and issues the same launches directly: no layout or path decision, no autotuner or launch-plan key, no
-argument tuple built from names.
+argument tuple built from names. A host-side tensor descriptor argument (the TMA GEMM with LORA_FAST_TMA_DESC=host,
+kernels/descriptors.py) is recorded as its layout and its base tensor's role, never as the object: each replay
+builds a fresh descriptor around its own call's tensor.
 
 What a recording refuses (and the call keeps the launchers' path): a launch that tuned or compiled (the first call
 of a kernel's key), a GEMM path not resolved yet (the measured choice times candidates), the interpreter (its
@@ -24,6 +26,9 @@ from typing import Optional
 
 import torch
 from triton import knobs
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .descriptors import make as make_descriptor
 
 _local = threading.local()
 # calls being recorded in any thread: the launchers look for a recorder only while this is non-zero
@@ -122,15 +127,25 @@ class Recorder:
         self._tensors.append(t)
 
     def _slots(self, args):
+        """(position, role, descriptor) of each tensor argument and of each host-side tensor descriptor (the TMA
+        GEMM's, kernels/descriptors.py): descriptor is (shape, strides, block shape), rebuilt by each replay around
+        the replay's tensor in its base's role (never this call's descriptor: it holds this call's tensor), else
+        None."""
         slots = []
         for pos, a in enumerate(args):
+            desc = None
+            if isinstance(a, TensorDescriptor):
+                desc = (list(a.shape), list(a.strides), list(a.block_shape))
+                if a.padding != "zero" or getattr(a, "round_f32_to_tf32", False):   # (not in triton 3.6)
+                    self.ok = False   # not what descriptors.make builds
+                a = a.base
             if isinstance(a, torch.Tensor):
                 role = self._roles.get(id(a))
                 if role is None:
-                    if id(a) not in self._constants:
+                    if id(a) not in self._constants or desc is not None:
                         self.ok = False
                     continue
-                slots.append((pos, role))
+                slots.append((pos, role, desc))
         return tuple(slots)
 
     def launch(self, compiled, grid, args, tail, index, stream_fn) -> None:
@@ -143,7 +158,7 @@ class Recorder:
             self.ok = False
         slots = self._slots(args)
         template = list(args) + list(tail)
-        for pos, _ in slots:
+        for pos, _, _ in slots:
             template[pos] = None   # filled per replay; no reference to this call's tensors is kept
         self.steps.append((compiled.run, grid[0], grid[1], grid[2], compiled.function, compiled.packed_metadata,
                            template, slots))
@@ -164,7 +179,7 @@ class Recorder:
             q_view = None
         elif Q.dim() == 2 and q_view == (tuple(Q.shape)[::-1], Q.stride()[::-1]):
             q_view = "t"
-        self.steps.append((None, "addmm_", tuple(role for _, role in slots), (*views, q_view)))
+        self.steps.append((None, "addmm_", tuple(role for _, role, _ in slots), (*views, q_view)))
 
     def replay(self, outputs) -> Optional["Replay"]:
         """The replay of what was recorded, returning the tensors in the roles of ``outputs`` (None stays None),
@@ -214,7 +229,7 @@ class Replay:
         # on whatever stream they run, beside this replay's eager calls and other graphs captured from it; a
         # capture allocates afresh (from the graph's pool)
         self.capturing = torch.cuda.is_current_stream_capturing if torch.cuda.is_available() else None
-        names = {"empty": torch.empty}
+        names = {"empty": torch.empty, "descriptor": make_descriptor}
         params = [f"t{i}" for i in range(rec.inputs)]
         lines = [f"def replay({', '.join(params + ['stream', 'enter_hook', 'exit_hook', 'own'])}):"]
         keep = set(outputs)
@@ -244,11 +259,17 @@ class Replay:
                 continue
             run, g0, g1, g2, function, packed, template, slots = step
             names[f"run{i}"], names[f"function{i}"], names[f"packed{i}"] = run, function, packed
-            tensor_at = dict(slots)
+            tensor_at = {pos: (role, desc) for pos, role, desc in slots}
             args = []
             for pos, value in enumerate(template):
                 if pos in tensor_at:
-                    args.append(f"t{tensor_at[pos]}")
+                    role, desc = tensor_at[pos]
+                    if desc is None:
+                        args.append(f"t{role}")
+                    else:   # a host descriptor of this replay's tensor, its layout fixed by the recording
+                        for part, v in zip(("shape", "strides", "block"), desc):
+                            names[f"d{part}{i}_{pos}"] = v
+                        args.append(f"descriptor(t{role}, dshape{i}_{pos}, dstrides{i}_{pos}, dblock{i}_{pos})")
                 else:
                     names[f"arg{i}_{pos}"] = value
                     args.append(f"arg{i}_{pos}")
