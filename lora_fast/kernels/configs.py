@@ -66,6 +66,10 @@ _PROJ_PARTIALS_Q32_SM80_DROPS = {torch.float16: [(64, 4, 4)], torch.bfloat16: [(
 # fp32 on sm_80: BLOCK_K 64 w4 s2 spilled up to 2.7 KB, BLOCK_K 32 w4 8 B at rank 64, BLOCK_K 32 w8 4 B (s2,
 # triton 3.9) or 8 B (s3, triton 3.6) in the dS pass at rank 64; BLOCK_K 16 with 8 warps is clean on both
 _PROJ_FP32 = [(16, 8, 3)]
+# elements of RM per copy program of the S / dS pass (lowrank.py's COPY_RM, fp32 adapters on the TMA GEMM's path):
+# a 16 KB fp32 tile, 32 elements per thread at 4 warps (16 at 8), two 16-byte loads per 8 elements; RM is R x N
+# (rank 16 at N = 4096: 16 programs beside the pass's hundreds). A size, not a measurement: unmeasured on a GPU
+COPY_RM_ELEMENTS = 4096
 _REDUCE = [(4, 3), (4, 4), (8, 3)]                                    # (num_warps, num_stages)
 # fp32 (CUDA-core dots): 4 warps spilled 8 B with dropout (the saved bits) at rank 64 on sm_90 under triton 3.6, and
 # 8 warps with 3 stages 4 B without dropout at rank 64 on sm_90 under triton 3.9 (compile report); 8 warps, 2
