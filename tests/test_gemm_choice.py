@@ -320,3 +320,40 @@ def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, adapters, R, p, bias, b
     ops._tma_gemm(dy, weight, q, K, None, dS, A, rm, scale * keep_scale, philox.quantize(p), keep, old, True)
     assert flags == [(True, R > 1 or adapters == "dot", p > 0), (False, False, False)]
     assert torch.isfinite(old).all() and torch.equal(new, old)
+
+
+@pytest.mark.parametrize("dtype,R,p", [(torch.float16, 5, 0.25), (torch.bfloat16, 3, 0.0)], ids=str)
+def test_fp32_adapters_on_the_tma_term_path_change_nothing(dtype, R, p, device, forced, monkeypatch):
+    """lora_linear with fp32 adapters (PEFT's default) on a 16-bit base, forced onto the TMA kernel: the output and
+    every gradient bit for bit those of the same calls with the pointer-load term (ops.term_for returning None), and
+    the S / dS passes did write RM's copy (Term.rm: fp16's B and A's rows; bf16 interpreted, fp32 dots: A's rows of
+    R * 4 bytes, not 16-byte multiples)."""
+    from lora_fast.kernels import ops
+
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("the TMA kernel needs sm_90 or newer")
+    forced("tma")
+    x, w, b, A, B = make_inputs((2, 19), 64, 40, R, dtype, device, adapter_dtype=torch.float32)
+    dy = torch.randn(2, 19, 40, device=device).to(dtype)
+    copies = []
+    real_term_for = ops.term_for
+
+    def spy(*args, **kwargs):
+        term = real_term_for(*args, **kwargs)
+        copies.append(term is not None and term.rm is not None)
+        return term
+
+    def run():
+        torch.manual_seed(3)   # the same dropout seed in both runs
+        leaves = [t.detach().requires_grad_() for t in (x, A, B)]
+        y = lora_linear(leaves[0], w, b, leaves[1], leaves[2], 1.5, dropout_p=p)
+        y.backward(dy)
+        return [y] + [t.grad for t in leaves]
+
+    monkeypatch.setattr(ops, "term_for", spy)
+    with_term = run()
+    monkeypatch.setattr(ops, "term_for", lambda *args, **kwargs: None)
+    pointer_loads = run()
+    assert copies == ([True, True] if dtype == torch.float16 else [False, True])
+    for new, old in zip(with_term, pointer_loads):
+        assert torch.isfinite(old).all() and torch.equal(new, old)

@@ -7,6 +7,9 @@ GRAD = grad_scale * sum over groups of PARTIAL (R, K).
   forward:  S = dropout(x) @ A                         (P = x, Q = A, out_scale = 1 / (1 - p)); with WRITE_MASK
             it also stores the keep-mask it drew, bit-packed (rng.store_keep_bits), for the backward
   backward: dS = dY @ B^T and dB = scale S^T dY        (P = dY, Q = B^T, L = S), one pass over dY.
+  On the TMA GEMM's path (WRITE_TERM) it also writes the GEMM's rounded copy of OUT, and with fp32 adapters on a
+  16-bit base (COPY_RM) its programs past the row groups cast the GEMM's other operand, B or A's rows, to the dot
+  dtype: the GEMM then loads the whole low-rank term by TMA, with no launch or torch op added (issue 28).
 ``reduce_m_kernel``: OUT = scale * (keep? ⊙ P)^T @ L (K, R), its programs over blocks of K and splits of M.
   backward: dA = scale / (1 - p) * (keep ⊙ x)^T dS      (P = x, L = dS); dB of a large rank (P = dY, L = S).
   The keep-mask is read from the bits the forward's S pass stored (every op: LoRA, DoRA, 4-bit; issue 28).
