@@ -251,7 +251,7 @@ def launch_configs(kernel: str, flags: dict, capability, dtype, rank: int = 16) 
         return cfg.gemm_ws_configs(capability, dtype, block_r=cfg.block_r(rank))
     if kernel in TMA_KERNELS:
         return cfg.gemm_tma_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False),
-                                    block_r=cfg.block_r(rank))
+                                    block_r=cfg.block_r(rank), rm_fp32=flags.get("RM_FP32", False))
     if kernel in ("fwd_gemm_4bit", "dx_gemm_4bit"):   # the any-shape path has its own (small) tile
         if flags.get("ALIGNED", True):
             return ops_4bit.gemm_4bit_configs(capability, dtype)

@@ -150,13 +150,16 @@ _TMA_INTERP = dict(configs.INTERP_GEMM, SUBTILE=2, num_warps=4, num_stages=1)
 _tma_launchers = {}
 
 
-def _tma_launcher(kind: str, block_r: int) -> "_Launcher":
-    launcher = _tma_launchers.get((kind, block_r))
+def _tma_launcher(kind: str, block_r: int, rm_fp32: bool = False) -> "_Launcher":
+    """``rm_fp32``: the term by pointer loads of fp32 RM (fp32 adapters without the pass's copy), whose fp32 tiles take
+    shared memory of their own (configs.tma_shared_bytes): its own, smaller config list."""
+    launcher = _tma_launchers.get((kind, block_r, rm_fp32))
     if launcher is None:
         launcher = _Launcher(gemm_lowrank_tma_kernel, functools.partial(configs.gemm_tma_configs,
-                                                                        dropout=kind == "dropout", block_r=block_r),
+                                                                        dropout=kind == "dropout", block_r=block_r,
+                                                                        rm_fp32=rm_fp32),
                              ["M_BUCKET", "N", "K", "R"], _TMA_INTERP, pointers=8, scalars=1)
-        _tma_launchers[(kind, block_r)] = launcher
+        _tma_launchers[(kind, block_r, rm_fp32)] = launcher
     return launcher
 
 
@@ -590,7 +593,6 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
         if rec is not None:
             rec.allocator = True
     block_r = configs.block_r(R)
-    launch = _tma_launcher("dropout" if dropout_p > 0 else "dx" if backward else "forward", block_r)
     dropout = dropout_p > 0
     # the low-rank term by TMA when the pass that wrote L left its rounded copy (term_for) and RM has a descriptor
     # layout; the copy's scale must be the one this launch would fold in
@@ -602,6 +604,8 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
     use_term = layout is not None
     if use_term:
         L = term.values
+    launch = _tma_launcher("dropout" if dropout else "dx" if backward else "forward", block_r,
+                           not use_term and RM.dtype == torch.float32 and P.dtype != torch.float32)
     # the keep-mask's bytes by TMA: rows of 16-byte multiples (philox.mask_row_bytes pads them), an aligned base
     mask_tma = use_term and dropout and keep.stride(0) % 16 == 0 and keep.data_ptr() % 16 == 0
     launch(grid, P, Q, bias if bias is not None else out, L, RM, out, keep if dropout else out,
