@@ -303,7 +303,8 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
     raw (M, R) fp32 sum per split, which the last split of each row group to finish adds up and scales.
 
     ``term``: a ``Term`` (``term_for``) the launch also fills with OUT's copy that the TMA GEMM's low-rank term reads
-    by TMA (gemm_tma.py): term.scale * OUT rounded to the dot dtype as the GEMM rounds it.
+    by TMA (gemm_tma.py): term.scale * OUT rounded to the dot dtype as the GEMM rounds it; with ``term.rm`` (fp32
+    adapters) also RM's copy, term.rm_from cast to the dot dtype, by extra programs of the same launch.
     """
     M, K = P.shape
     device = P.device
