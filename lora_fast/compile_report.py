@@ -144,16 +144,21 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
     # the TMA GEMM: LOWRANK_TMA, the low-rank term's operands by TMA (the S pass's rounded copy of S or dS, B or
     # A's rows), what ops.lora_forward / lora_backward launch once the path is known; without it (the first,
     # measuring call, fp32 adapters, DoRA's and other callers without the S pass's copy) by pointer loads
+    # RM_FP32 (not a kernel flag: RM's pointer type): fp32 adapters by pointer loads (the first, measuring call;
+    # other callers); with the S / dS pass's copy of RM (COPY_RM) fp32 adapters launch the LOWRANK_TMA rows
     # HOST_DESC (LORA_FAST_TMA_DESC=host, kernels/descriptors.py): the same launches with host-side descriptors; before
     # the last (heaviest) set, which stays the one ``variants="heaviest"`` keeps
     if kernel == "fwd_gemm_tma":   # Q = W^T from W's rows; RM = B (R, N)
         return [dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=False),
+                dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=False, RM_FP32=True),
                 dict(Q_TRANSPOSED=True, HAS_BIAS=False, HAS_DROPOUT=False, LOWRANK_TMA=True),
                 dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=False, HOST_DESC=True),
                 dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=True, HOST_DESC=True),
                 dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=True)]
     if kernel == "dx_gemm_tma":    # Q = W as stored; RM = A^T read from A's (K, R) rows (RM_ROWS_N)
         return [dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True, LOWRANK_TMA=False),
+                dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=False, LOWRANK_TMA=False, RM_FP32=True),
+                dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True, LOWRANK_TMA=False, RM_FP32=True),
                 dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=False, LOWRANK_TMA=True, RM_ROWS_N=True),
                 dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True, LOWRANK_TMA=False, HOST_DESC=True),
                 dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True, LOWRANK_TMA=True, RM_ROWS_N=True,
@@ -169,19 +174,22 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
     # Q_FP32 (not a kernel flag: Q's pointer type): fp32 adapters on a 16-bit base (PEFT's default), whose Q tile
     # takes the fp16 range guard (a power-of-two factor per rank column) before its cast; not for fp32 inputs
     # WRITE_MASK (the 16-bit op's S pass stores the keep-mask's bits; DoRA's and the 4-bit op's do not: a subset)
-    # WRITE_TERM (the 16-bit op's S and dS passes on the TMA GEMM's path: the term's rounded copy, gemm_tma.py)
+    # WRITE_TERM (the 16-bit op's S and dS passes on the TMA GEMM's path: the term's rounded copy, gemm_tma.py), with
+    # COPY_RM for fp32 adapters (then the programs past the row groups also cast B or A's rows to the dot dtype)
     if kernel == "xa_proj":
         return [dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=False, SPLIT_K=False),
                 dict(HAS_DROPOUT=True, WRITE_MASK=True, WRITE_PARTIAL=False, SPLIT_K=True),
+                dict(HAS_DROPOUT=True, WRITE_MASK=True, WRITE_PARTIAL=False, SPLIT_K=True, WRITE_TERM=True),
                 dict(HAS_DROPOUT=True, WRITE_MASK=True, WRITE_PARTIAL=False, SPLIT_K=True, Q_FP32=True),
                 dict(HAS_DROPOUT=True, WRITE_MASK=True, WRITE_PARTIAL=False, SPLIT_K=True, Q_FP32=True,
-                     WRITE_TERM=True)]
+                     WRITE_TERM=True, COPY_RM=True)]
     if kernel == "dyb_proj":   # ops.lora_backward fuses dB (its partials) when 4 * R < PROJ_BLOCK_M
         partials = 4 * rank < configs_mod.PROJ_BLOCK_M
         return [dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True),
+                dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True, WRITE_TERM=True),
                 dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True, Q_FP32=True),
                 dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True, Q_FP32=True,
-                     WRITE_TERM=True)]
+                     WRITE_TERM=True, COPY_RM=True)]
     if kernel == "da_reduce":   # with dropout every op (LoRA, DoRA, 4-bit) reads the forward's bits
         return [dict(HAS_DROPOUT=False, SPLIT_M=True), dict(HAS_DROPOUT=True, SPLIT_M=True)]
     if kernel in ("grad_finish", "dora_norm"):
@@ -239,7 +247,7 @@ def _variant_label(flags: dict) -> str:
              "SPLIT_M": "split", "HAS_BASE": "base", "Q_TRANSPOSED": "W^T", "HAS_DM": "dm", "WRITE_G": "g",
              "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V", "Q_FP32": "fp32-Q", "ABSMAX_BOX": "absmax-tma",
              "WRITE_MASK": "bits", "SORTED": "sorted", "MULTI_FWD": "fwd", "LOWRANK_TMA": "term-tma",
-             "WRITE_TERM": "term", "MASK_TMA": "bits-tma",
+             "WRITE_TERM": "term", "MASK_TMA": "bits-tma", "RM_FP32": "fp32-RM", "COPY_RM": "rm-copy",
              "HOST_DESC": "host-desc"}
     label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
@@ -254,7 +262,7 @@ def launch_configs(kernel: str, flags: dict, capability, dtype, rank: int = 16) 
         return cfg.gemm_ws_configs(capability, dtype, block_r=cfg.block_r(rank))
     if kernel in TMA_KERNELS:
         return cfg.gemm_tma_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False),
-                                    block_r=cfg.block_r(rank))
+                                    block_r=cfg.block_r(rank), rm_fp32=flags.get("RM_FP32", False))
     if kernel in ("fwd_gemm_4bit", "dx_gemm_4bit"):   # the any-shape path has its own (small) tile
         if flags.get("ALIGNED", True):
             return ops_4bit.gemm_4bit_configs(capability, dtype)
@@ -412,8 +420,10 @@ def launch_args(job: Job) -> tuple:
         fwd = job.kernel == "fwd_gemm_tma"
         # with LOWRANK_TMA, L is the S pass's copy in the dot dtype, rows padded to 16 bytes, and F fp32 (fp16 only)
         term = meta.get("LOWRANK_TMA", False)
+        meta = dict(meta)
+        rm = "fp32" if meta.pop("RM_FP32", False) else x   # fp32 adapters by pointer loads
         args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), BIAS_ptr=_Ptr(x), L_ptr=_Ptr(x if term else "fp32"),
-                    RM_ptr=_Ptr(x), OUT_ptr=_Ptr(x), MASK_ptr=_Ptr("u8" if dropout else x),
+                    RM_ptr=_Ptr(rm), OUT_ptr=_Ptr(x), MASK_ptr=_Ptr("u8" if dropout else x),
                     F_ptr=_Ptr("fp32" if term and x == "fp16" else x), M=M, N=N if fwd else K,
                     K=K if fwd else N, R=R, M_BUCKET=M, stride_pm=K if fwd else N, stride_qrow=K,
                     stride_lm=-(-R // 8) * 8 if term else R, stride_lr=1, stride_rr=N if fwd else 1,
@@ -443,10 +453,22 @@ def launch_args(job: Job) -> tuple:
         # fp32 row factors (fp16), with WRITE_TERM; else the output (ops.py)
         meta.setdefault("WRITE_TERM", False)
         term = meta["WRITE_TERM"]
+        # COPY_RM: RMS = B (R, N) fp32 (forward) or A's (K, R) fp32 rows (dS pass), RMC its copy in x's dtype with
+        # rows padded to 16 bytes; else both the output (ops.py)
+        meta.setdefault("COPY_RM", False)
+        copy = meta["COPY_RM"]
+        if not copy:
+            copy_strides = dict(stride_sr=0, stride_sn=0, stride_cr=0, stride_cn=0)
+        elif job.kernel == "xa_proj":
+            copy_strides = dict(stride_sr=N, stride_sn=1, stride_cr=N, stride_cn=1)
+        else:
+            copy_strides = dict(stride_sr=1, stride_sn=R, stride_cr=1, stride_cn=-(-R // 8) * 8)
         args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(adapters), OUT_ptr=_Ptr("fp32"), L_ptr=_Ptr("fp32"),
                     PARTIAL_ptr=_Ptr("fp32"), SEED_ptr=_Ptr("i64" if dropout else "fp32"), SPLIT_ptr=_Ptr("fp32"),
                     GRAD_ptr=_Ptr(adapters), COUNTER_ptr=_Ptr("i32"), MASK_ptr=_Ptr("u8" if write_mask else "fp32"),
                     TERM_ptr=_Ptr(x if term else "fp32"), F_ptr=_Ptr("fp32"),
+                    RMS_ptr=_Ptr("fp32"), RMC_ptr=_Ptr(x if copy else "fp32"), N_RM=N if copy else 0,
+                    **copy_strides, COPY_N=max(16, cfg.COPY_RM_ELEMENTS // cfg.block_r(R)) if copy else 0,
                     M=M, K=K, R=R, M_BUCKET=M, ROWS_PER_PROGRAM=2 * cfg.PROJ_BLOCK_M, K_PER_SPLIT=K // 4, **strides,
                     stride_om=R, stride_or=1, stride_lm=R, stride_lr=1, stride_gr=K, stride_gk=1,
                     stride_mask=K // 8 if write_mask else 0, stride_tm=-(-R // 8) * 8 if term else 0,

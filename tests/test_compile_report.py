@@ -263,3 +263,19 @@ def test_tma_host_descriptor_rows():
     assert cr.check(row, job) == []
     for change in (dict(tensormaps=3), dict(scratch=128)):
         assert "host-side descriptors" in cr.check(cr.Row(**{**row.__dict__, **change}), job)[0], change
+
+
+def test_tma_gemm_term_by_pointer_loads_of_fp32_adapters_fits_its_model():
+    """The TMA GEMM's term by pointer loads of fp32 B (fp32 adapters without the S pass's copy: the measuring call,
+    DoRA) at bf16 rank 64: its fp32 tiles pass through shared memory beside the 16-bit ones, and the 16-bit model let
+    configs of 245-303 KB through (compile report, triton 3.9); its own list (configs.tma_shared_bytes(rm_fp32=True))
+    compiles within the limit, without spills, under the model."""
+    jobs = [j for j in cr.make_jobs(targets=("sm_90",), kernels=("fwd_gemm_tma",), dtypes=("bf16",), ranks=(64,))
+            if j.variant == "W^T+bias+fp32-RM"]
+    expected = configs.gemm_tma_configs((9, 0), torch.bfloat16, block_r=64, rm_fp32=True)
+    assert jobs and len(jobs) == len(expected) < len(configs.gemm_tma_configs((9, 0), torch.bfloat16, block_r=64))
+    for job, row in zip(jobs, cr.run_jobs(jobs, workers=1)):
+        c = job.config
+        model = configs.tma_shared_bytes(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], job.num_stages, c["SUBTILE"], 64, 2,
+                                         rm_fp32=True)
+        assert row.failures == [] and row.shared <= model, (row, model)

@@ -227,18 +227,23 @@ def test_the_4bit_choice_has_its_own_paths_file_and_switch(tmp_path, monkeypatch
     assert choice.GEMM_4BIT.paths == ("fused", "dequant") and choice.GEMM_4BIT.default == "fused"
 
 
-@pytest.mark.parametrize("dtype,R,p,bias,block_n", [(torch.bfloat16, 5, 0.0, True, 32),
-                                                    (torch.float16, 5, 0.0, False, 32),
-                                                    (torch.bfloat16, 16, 0.3, False, 128),
-                                                    (torch.float16, 12, 0.3, True, 128)], ids=str)
-def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, R, p, bias, block_n, device, forced, monkeypatch):
+@pytest.mark.parametrize("dtype,adapters,R,p,bias,block_n", [
+    (torch.bfloat16, "dot", 5, 0.0, True, 32), (torch.float16, "dot", 5, 0.0, False, 32),
+    (torch.bfloat16, "dot", 16, 0.3, False, 128), (torch.float16, "dot", 12, 0.3, True, 128),
+    # fp32 adapters (PEFT's default): B and A's rows cast to the dot dtype by the S and dS passes' extra programs
+    (torch.float16, "fp32", 5, 0.0, True, 32), (torch.float16, "fp32", 3, 0.3, False, 128),
+    (torch.float16, "fp32", 16, 0.3, True, 32), (torch.bfloat16, "fp32", 7, 0.3, True, 128),
+    (torch.bfloat16, "fp32", 1, 0.0, False, 32)], ids=str)
+def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, adapters, R, p, bias, block_n, device, forced, monkeypatch):
     """The TMA kernel's low-rank term by TMA (LOWRANK_TMA: the S and dS passes' rounded copy of scale * S or dS, B
     and A's rows by descriptors; with dropout the keep-mask's bytes, the bias by TMA too) gives the output of the
     same kernel with the pointer loads bit for bit: forward and dX, M and N not multiples of the 32 x 32 tile, R not
     a multiple of 8 (A's rows padded to 16 bytes in storage), with and without bias and the dX keep-mask; fp16 with
     rows of S far beyond fp16's range (its power-of-two row factors, fp16.py). BLOCK_N 128: the keep-mask's 16 bytes
     per tile row by TMA, the tile wider than the 64 or 72 columns. Adapters in the dot dtype (fp32 for bf16 under the
-    interpreter); fp32 adapters (PEFT's default) on a 16-bit dot get no term (the pointer loads)."""
+    interpreter), or fp32 (PEFT's default) with A's rows of R * 4 bytes (not 16-byte multiples): then the passes
+    also write RM's copy in the dot dtype (Term.rm, bit for bit RM's cast; fp32 for bf16 interpreted, where the
+    interpreter computes bf16 wrongly, TRITON_NOTES), and the pointer-load kernel reads fp32 B and A."""
     from lora_fast import philox
     from lora_fast.kernels import ops
     from lora_fast.kernels.gemm_tma import gemm_lowrank_tma_kernel
@@ -260,24 +265,30 @@ def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, R, p, bias, block_n, de
     x = torch.randn(M, K, device=device).to(dtype)
     weight = torch.randn(N, K, device=device).to(dtype)
     b = torch.randn(N, device=device).to(dtype) if bias else None
-    adapters = ops._TORCH_DOT[dtype]   # the term's path needs RM in the dot dtype (fp32 for bf16 interpreted)
-    A = torch.empty(K, 8 * -(-R // 8), device=device, dtype=adapters)[:, :R]   # rows of 16 bytes, R columns
+    dot = ops._TORCH_DOT[dtype]   # the term's path without a copy needs RM in the dot dtype (fp32 for bf16 interpreted)
+    if adapters == "dot":
+        A = torch.empty(K, 8 * -(-R // 8), device=device, dtype=dot)[:, :R]   # rows of 16 bytes, R columns
+    else:
+        A = torch.empty(K, R, device=device, dtype=torch.float32)
     A.copy_(torch.randn(K, R, device=device) / K ** 0.5)
-    B = (torch.randn(R, N, device=device) / R ** 0.5).to(adapters)
+    B = (torch.randn(R, N, device=device) / R ** 0.5).to(dot if adapters == "dot" else torch.float32)
     if dtype == torch.float16:   # |scale * S| ~ 1e5 (past fp16's 65504 before the row factors), the term ~ 10
         A.mul_(3e4)
-        B = (B.float() * 1e-4).to(adapters)
+        B = (B.float() * 1e-4).to(B.dtype)
     dy = torch.randn(M, N, device=device).to(dtype)
 
     # forward: y = x W^T + b + scale * S B
     q, rm = (weight.stride(1), weight.stride(0)), (B.stride(0), B.stride(1))
-    if dtype == torch.float16:   # fp32 adapters on a 16-bit dot: the pointer loads (ops.term_for)
-        assert ops.term_for(x, weight, q, N, R, None, B.float(), rm, scale) is None
     term = ops.term_for(x, weight, q, N, R, None, B, rm, scale)
     assert term is not None and term.values.stride(0) * term.values.element_size() % 16 == 0
+    # a copy of B exactly when it is not in the dot dtype with 16-byte rows (fp32 B: N * 4 = 288 bytes are)
+    assert (term.rm is not None) == (B.dtype != dot)
     S, _ = ops.lowrank_project(x, A, A.stride(0), A.stride(1), R, term=term)
     S_plain, _ = ops.lowrank_project(x, A, A.stride(0), A.stride(1), R)
     assert torch.equal(S, S_plain), "writing the term changed S"
+    if term.rm is not None:
+        assert term.rm.stride(0) * term.rm.element_size() % 16 == 0 and term.rm_strides == (term.rm.stride(0), 1)
+        assert torch.equal(term.rm, B.to(dot)), "B's copy is not B cast to the dot dtype"
     if dtype == torch.float16:
         assert (S.abs().amax(1) * scale > 65504).any() and term.factors.max() > 1, "no row beyond fp16's range"
     new, old = torch.empty(M, N, dtype=dtype, device=device), torch.empty(M, N, dtype=dtype, device=device)
@@ -291,16 +302,23 @@ def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, R, p, bias, block_n, de
     keep_scale = 1.0 / (1.0 - philox.quantize(p))
     keep = None
     if p:
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+        seed = torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
         keep = ops.packed_keep_mask(seed, M, K, p)
     q, rm = (weight.stride(0), weight.stride(1)), (A.stride(1), A.stride(0))
     term = ops.term_for(dy, weight, q, K, R, None, A, rm, scale * keep_scale, dropout=p > 0, backward=True)
     assert term is not None
+    # A's rows (K, R): R * 4 bytes for fp32 A, never 16-byte multiples at these ranks: always a copy then
+    assert (term.rm is not None) == (adapters == "fp32")
     dS, _ = ops.lowrank_project(dy, B, B.stride(1), B.stride(0), R, term=term)
+    assert torch.equal(dS, ops.lowrank_project(dy, B, B.stride(1), B.stride(0), R)[0]), "writing the term changed dS"
+    if term.rm is not None:   # A's rows (K, R) (R = 1: the (1, K) row of A^T), rows padded to 16 bytes
+        rows_n = R > 1
+        assert term.rm_strides == ((1, term.rm.stride(0)) if rows_n else (term.rm.stride(0), 1))
+        assert torch.equal(term.rm, (A if rows_n else A.t()).to(dot)), "A's copy is not A cast to the dot dtype"
     new, old = torch.empty(M, K, dtype=dtype, device=device), torch.empty(M, K, dtype=dtype, device=device)
     ops._tma_gemm(dy, weight, q, K, None, dS, A, rm, scale * keep_scale, philox.quantize(p), keep, new, True, term)
     ops._tma_gemm(dy, weight, q, K, None, dS, A, rm, scale * keep_scale, philox.quantize(p), keep, old, True)
-    assert flags == [(True, True, p > 0), (False, False, False)]
+    assert flags == [(True, R > 1 or adapters == "dot", p > 0), (False, False, False)]
     assert torch.isfinite(old).all() and torch.equal(new, old)
 
 
@@ -333,7 +351,9 @@ def test_tma_host_descriptors_are_bit_identical(dtype, term, p, bias, block_n, d
     x = torch.randn(M, K, device=device).to(dtype)
     weight = torch.randn(N, K, device=device).to(dtype)
     b = torch.randn(N, device=device).to(dtype) if bias else None
-    adapters = ops._TORCH_DOT[dtype] if term else torch.float32   # the term by TMA needs them in the dot dtype
+    adapters = ops._TORCH_DOT[dtype] if term else torch.float32
+    if not term:   # the pointer loads of the term (fp32 adapters take it by TMA too since the passes copy RM)
+        monkeypatch.setattr(ops, "term_for", lambda *args, **kwargs: None)
     A = torch.empty(K, 8, device=device, dtype=adapters)[:, :R]   # rows of 16 bytes: A's rows by TMA in dX
     A.copy_(torch.randn(K, R, device=device) / K ** 0.5)
     B = (torch.randn(R, N, device=device) / R ** 0.5).to(adapters)
@@ -354,3 +374,40 @@ def test_tma_host_descriptors_are_bit_identical(dtype, term, p, bias, block_n, d
     monkeypatch.setenv(descriptors.ENV, "hots")
     with pytest.raises(ValueError, match="LORA_FAST_TMA_DESC.*device, host.*'hots'"):
         ops.lora_forward(x, weight, b, A, B, scale, p, seed, keep_out=ops.new_keep_mask(M, K, device) if p else None)
+
+
+@pytest.mark.parametrize("dtype,R,p", [(torch.float16, 5, 0.25), (torch.bfloat16, 3, 0.0)], ids=str)
+def test_fp32_adapters_on_the_tma_term_path_change_nothing(dtype, R, p, device, forced, monkeypatch):
+    """lora_linear with fp32 adapters (PEFT's default) on a 16-bit base, forced onto the TMA kernel: the output and
+    every gradient bit for bit those of the same calls with the pointer-load term (ops.term_for returning None), and
+    the S / dS passes did write RM's copy (Term.rm: fp16's B and A's rows; bf16 interpreted, fp32 dots: A's rows of
+    R * 4 bytes, not 16-byte multiples)."""
+    from lora_fast.kernels import ops
+
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("the TMA kernel needs sm_90 or newer")
+    forced("tma")
+    x, w, b, A, B = make_inputs((2, 19), 64, 40, R, dtype, device, adapter_dtype=torch.float32)
+    dy = torch.randn(2, 19, 40, device=device).to(dtype)
+    copies = []
+    real_term_for = ops.term_for
+
+    def spy(*args, **kwargs):
+        term = real_term_for(*args, **kwargs)
+        copies.append(term is not None and term.rm is not None)
+        return term
+
+    def run():
+        torch.manual_seed(3)   # the same dropout seed in both runs
+        leaves = [t.detach().requires_grad_() for t in (x, A, B)]
+        y = lora_linear(leaves[0], w, b, leaves[1], leaves[2], 1.5, dropout_p=p)
+        y.backward(dy)
+        return [y] + [t.grad for t in leaves]
+
+    monkeypatch.setattr(ops, "term_for", spy)
+    with_term = run()
+    monkeypatch.setattr(ops, "term_for", lambda *args, **kwargs: None)
+    pointer_loads = run()
+    assert copies == ([True, True] if dtype == torch.float16 else [False, True])
+    for new, old in zip(with_term, pointer_loads):
+        assert torch.isfinite(old).all() and torch.equal(new, old)

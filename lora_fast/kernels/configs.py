@@ -66,6 +66,10 @@ _PROJ_PARTIALS_Q32_SM80_DROPS = {torch.float16: [(64, 4, 4)], torch.bfloat16: [(
 # fp32 on sm_80: BLOCK_K 64 w4 s2 spilled up to 2.7 KB, BLOCK_K 32 w4 8 B at rank 64, BLOCK_K 32 w8 4 B (s2,
 # triton 3.9) or 8 B (s3, triton 3.6) in the dS pass at rank 64; BLOCK_K 16 with 8 warps is clean on both
 _PROJ_FP32 = [(16, 8, 3)]
+# elements of RM per copy program of the S / dS pass (lowrank.py's COPY_RM, fp32 adapters on the TMA GEMM's path):
+# a 16 KB fp32 tile, 32 elements per thread at 4 warps (16 at 8), two 16-byte loads per 8 elements; RM is R x N
+# (rank 16 at N = 4096: 16 programs beside the pass's hundreds). A size, not a measurement: unmeasured on a GPU
+COPY_RM_ELEMENTS = 4096
 _REDUCE = [(4, 3), (4, 4), (8, 3)]                                    # (num_warps, num_stages)
 # fp32 (CUDA-core dots): 4 warps spilled 8 B with dropout (the saved bits) at rank 64 on sm_90 under triton 3.6, and
 # 8 warps with 3 stages 4 B without dropout at rank 64 on sm_90 under triton 3.9 (compile report); 8 warps, 2
@@ -235,7 +239,8 @@ _GEMM_TMA_16BIT_DROPOUT = _GEMM_TMA_16BIT
 _TMA_SMEM_RESERVE = 1024
 
 
-def tma_shared_bytes(bm: int, bn: int, bk: int, stages: int, subtile: int, block_r: int, elt: int) -> int:
+def tma_shared_bytes(bm: int, bn: int, bk: int, stages: int, subtile: int, block_r: int, elt: int,
+                     rm_fp32: bool = False) -> int:
     """Shared memory of one program of ``gemm_lowrank_tma_kernel``: the pipeline's P and Q tiles per stage, the
     epilogue's slice, and the low-rank term's (BLOCK_M, BLOCK_R) and (BLOCK_R, BLOCK_N) operands (warpgroup MMA
     reads them from shared memory; with the loop flattened across tiles they no longer alias the pipeline's
@@ -243,20 +248,30 @@ def tma_shared_bytes(bm: int, bn: int, bk: int, stages: int, subtile: int, block
     keep-mask's (BLOCK_M, BLOCK_N / 8) bytes, by TMA, add nothing: they are loaded before the K loop (the term
     first), where the pipeline's buffers are free (compile report, sm_90, triton 3.9: 225,312 B at 128 x 256 x 64
     with 4 stages, rank 16, with and without them; 229,400 B at 3 stages, rank 64). Matches the compiled kernels'
-    metadata within _TMA_SMEM_RESERVE (compile report, sm_90)."""
-    return (stages * (bm * bk + bk * bn) + bm * (bn // subtile) + block_r * (bm + bn)) * elt + _TMA_SMEM_RESERVE
+    metadata within _TMA_SMEM_RESERVE (compile report, sm_90).
+
+    ``rm_fp32``: the term's operands by pointer loads from fp32 L and an fp32 RM (fp32 adapters without the S / dS
+    pass's copy, ops.term_for: the first, measuring call of a key, other ops' callers): their fp32 tiles pass through
+    shared memory beside the 16-bit ones, 4 more bytes per element. Compile report, sm_90, triton 3.9, bf16 rank 64:
+    exactly the model at 128 x 128 x 64 (245,760 B, w8 s4; 262,144 B, w4 s4), 64 x 256 x 64 (303,104 B) and 64 x 128
+    x 64 (188,416 B), below it elsewhere (278,528 B at 128 x 256 x 64 s3); the 16-bit model let those four past the
+    limit, and two of them spilled."""
+    term = block_r * (bm + bn) * (elt + (4 if rm_fp32 else 0))
+    return (stages * (bm * bk + bk * bn) + bm * (bn // subtile)) * elt + term + _TMA_SMEM_RESERVE
 
 
-def gemm_tma_configs(capability, dtype: torch.dtype, dropout: bool = False, block_r: int = 16) -> list:
+def gemm_tma_configs(capability, dtype: torch.dtype, dropout: bool = False, block_r: int = 16,
+                     rm_fp32: bool = False) -> list:
     """Autotune configs of ``gemm_lowrank_tma_kernel`` (16-bit inputs: ops.tma_eligible); with ``dropout`` those
-    of dX with the mask. ``block_r``: the padded rank (``block_r(rank)``), whose operands take shared memory too.
-    Under the interpreter fp32 runs it too (the tests' exact dtype)."""
+    of dX with the mask. ``block_r``: the padded rank (``block_r(rank)``), whose operands take shared memory too;
+    ``rm_fp32``: the term by pointer loads of an fp32 RM (``tma_shared_bytes``). Under the interpreter fp32 runs it
+    too (the tests' exact dtype)."""
     table = _GEMM_TMA_16BIT_DROPOUT if dropout else _GEMM_TMA_16BIT
     limit, elt = smem_limit(capability), _elt(dtype)
     return [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, SUBTILE=st), num_warps=w, num_stages=s)
         for bm, bn, bk, w, s, st, gm in table
-        if tma_shared_bytes(bm, bn, bk, s, st, block_r, elt) <= limit
+        if tma_shared_bytes(bm, bn, bk, s, st, block_r, elt, rm_fp32) <= limit
     ]
 
 

@@ -7,6 +7,9 @@ GRAD = grad_scale * sum over groups of PARTIAL (R, K).
   forward:  S = dropout(x) @ A                         (P = x, Q = A, out_scale = 1 / (1 - p)); with WRITE_MASK
             it also stores the keep-mask it drew, bit-packed (rng.store_keep_bits), for the backward
   backward: dS = dY @ B^T and dB = scale S^T dY        (P = dY, Q = B^T, L = S), one pass over dY.
+  On the TMA GEMM's path (WRITE_TERM) it also writes the GEMM's rounded copy of OUT, and with fp32 adapters on a
+  16-bit base (COPY_RM) its programs past the row groups cast the GEMM's other operand, B or A's rows, to the dot
+  dtype: the GEMM then loads the whole low-rank term by TMA, with no launch or torch op added (issue 28).
 ``reduce_m_kernel``: OUT = scale * (keep? ⊙ P)^T @ L (K, R), its programs over blocks of K and splits of M.
   backward: dA = scale / (1 - p) * (keep ⊙ x)^T dS      (P = x, L = dS); dB of a large rank (P = dY, L = S).
   The keep-mask is read from the bits the forward's S pass stored (every op: LoRA, DoRA, 4-bit; issue 28).
@@ -37,6 +40,21 @@ def _store_term(TERM_ptr, F_ptr, s, offs_m, mask_m, offs_r, mask_r, stride_tm, t
         tl.store(F_ptr + offs_m[:, None], f, mask=mask_m[:, None])
     tl.store(TERM_ptr + offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :], t.to(DOT_DTYPE),
              mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _copy_rm(SRC_ptr, DST_ptr, chunk, N, R, stride_sr, stride_sn, stride_dr, stride_dn, BLOCK_R: tl.constexpr,
+             COPY_N: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Columns chunk * COPY_N .. + COPY_N of the TMA GEMM's copy of RM (R, N): fp32 RM (B, or A's rows as A^T) cast to
+    the dot dtype, the cast gemm.lowrank_init_bits applies to its RM tile (round to nearest even), so that the GEMM
+    reading the copy by TMA computes what it computes from fp32 RM by pointer loads, bit for bit."""
+    offs_n = chunk * COPY_N + tl.arange(0, COPY_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask = (offs_r < R)[:, None] & (offs_n < N)[None, :]
+    rm = tl.load(SRC_ptr + offs_r[:, None] * stride_sr + offs_n[None, :].to(tl.int64) * stride_sn, mask=mask,
+                 other=0.0)
+    tl.store(DST_ptr + offs_r[:, None] * stride_dr + offs_n[None, :].to(tl.int64) * stride_dn, rm.to(DOT_DTYPE),
+             mask=mask)
 
 
 @triton.jit
@@ -180,20 +198,24 @@ def lowrank_proj_kernel(
     # int32, zero on entry and on exit: one per row group (SPLIT_K), then one per K split (WRITE_PARTIAL); MASK:
     # the bit-packed keep-mask written with WRITE_MASK, uint8 rows of stride_mask bytes)
     P_ptr, Q_ptr, OUT_ptr, L_ptr, PARTIAL_ptr, SEED_ptr, SPLIT_ptr, GRAD_ptr, COUNTER_ptr, MASK_ptr, TERM_ptr, F_ptr,
+    RMS_ptr, RMC_ptr,
     # sizes (M_BUCKET only keys the autotuner; ROWS_PER_PROGRAM: a multiple of BLOCK_M, BLOCK_M itself without
-    # WRITE_PARTIAL; K_PER_SPLIT: the K range of one program, a multiple of BLOCK_K)
-    M, K, R, M_BUCKET, ROWS_PER_PROGRAM, K_PER_SPLIT,
-    # strides
+    # WRITE_PARTIAL; K_PER_SPLIT: the K range of one program, a multiple of BLOCK_K; N_RM: RM's columns, COPY_RM)
+    M, K, R, M_BUCKET, ROWS_PER_PROGRAM, K_PER_SPLIT, N_RM,
+    # strides (stride_s*: RMS (R, N_RM), stride_c*: RMC (R, N_RM), element (r, n) at r * stride_*r + n * stride_*n)
     stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_lm, stride_lr, stride_gr, stride_gk,
-    stride_mask, stride_tm,
+    stride_mask, stride_tm, stride_sr, stride_sn, stride_cr, stride_cn,
     # scalars
     out_scale, grad_scale, dropout_p, term_scale,
     # meta-parameters (WRITE_MASK: with HAS_DROPOUT, also store the keep-mask drawn; WRITE_TERM: also store
     # TERM (M, R) in the dot dtype, rows of stride_tm, = term_scale * OUT rounded as the GEMM's low-rank term rounds
-    # it, fp16 divided by its power-of-two row factor F (M,) fp32: the TMA GEMM's operand, gemm_tma.py)
+    # it, fp16 divided by its power-of-two row factor F (M,) fp32: the TMA GEMM's operand, gemm_tma.py; COPY_RM:
+    # the programs past the row groups along axis 0 write RMC = RMS (fp32 adapters: B, or A's rows) cast to the dot
+    # dtype, COPY_N columns each, the TMA GEMM's other operand of the term)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_PARTIAL: tl.constexpr, SPLIT_K: tl.constexpr,
-    WRITE_TERM: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WRITE_TERM: tl.constexpr, COPY_RM: tl.constexpr, COPY_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     # a program covers ROWS_PER_PROGRAM rows and K_PER_SPLIT columns (program_id 1). With several K splits
     # (SPLIT_K) each writes the raw sum of its split to SPLIT, and the last of a row group's splits to finish adds
@@ -204,6 +226,13 @@ def lowrank_proj_kernel(
     # around it (fewer registers)
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
+    # the row groups' programs; with COPY_RM the programs past them copy RM (a chunk of columns each) and stop
+    row_programs = tl.cdiv(M, ROWS_PER_PROGRAM)
+    if COPY_RM:
+        if pid_m >= row_programs:
+            _copy_rm(RMS_ptr, RMC_ptr, (pid_m - row_programs) * tl.num_programs(1) + pid_k, N_RM, R, stride_sr,
+                     stride_sn, stride_cr, stride_cn, BLOCK_R, COPY_N, DOT_DTYPE)
+            return
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     row_start = pid_m * ROWS_PER_PROGRAM
@@ -240,9 +269,9 @@ def lowrank_proj_kernel(
     if WRITE_PARTIAL:
         column_counter = COUNTER_ptr
         if SPLIT_K:
-            column_counter += tl.num_programs(0)
-        if _last_ticket(column_counter, pid_k, tl.num_programs(0)):
-            _finish_columns(PARTIAL_ptr, GRAD_ptr, k_start, k_end, K, R, tl.num_programs(0), stride_gr, stride_gk,
+            column_counter += row_programs
+        if _last_ticket(column_counter, pid_k, row_programs):
+            _finish_columns(PARTIAL_ptr, GRAD_ptr, k_start, k_end, K, R, row_programs, stride_gr, stride_gk,
                             grad_scale, BLOCK_K, BLOCK_R)
             tl.atomic_xchg(column_counter + pid_k, 0)
 

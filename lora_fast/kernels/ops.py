@@ -167,18 +167,22 @@ _TMA_INTERP = dict(configs.INTERP_GEMM, SUBTILE=2, num_warps=4, num_stages=1)
 _tma_launchers = {}
 
 
-def _tma_launcher(kind: str, block_r: int, host: bool) -> "_Launcher":
+def _tma_launcher(kind: str, block_r: int, host: bool, rm_fp32: bool = False) -> "_Launcher":
     """``host``: the kernel with host-side descriptors (kernels/descriptors.py), whose configs set the descriptors'
-    block shapes before each launch of the autotuner (their pre-hook)."""
-    launcher = _tma_launchers.get((kind, block_r, host))
+    block shapes before each launch of the autotuner (their pre-hook). ``rm_fp32``: the term by pointer loads of
+    fp32 RM (fp32 adapters without the pass's copy), whose fp32 tiles take shared memory of their own
+    (configs.tma_shared_bytes): its own, smaller config list."""
+    key = (kind, block_r, host, rm_fp32)
+    launcher = _tma_launchers.get(key)
     if launcher is None:
-        configs_fn = functools.partial(configs.gemm_tma_configs, dropout=kind == "dropout", block_r=block_r)
+        configs_fn = functools.partial(configs.gemm_tma_configs, dropout=kind == "dropout", block_r=block_r,
+                                       rm_fp32=rm_fp32)
         if host:
             def configs_fn(capability, dtype, plain=configs_fn):
                 return descriptors.with_pre_hook(plain(capability, dtype))
         launcher = _Launcher(gemm_lowrank_tma_kernel, configs_fn, ["M_BUCKET", "N", "K", "R"], _TMA_INTERP,
                              pointers=8, scalars=1, host_descriptors=host)
-        _tma_launchers[(kind, block_r, host)] = launcher
+        _tma_launchers[key] = launcher
     return launcher
 
 
@@ -189,19 +193,19 @@ _term_dropout = _Launcher(gemm_lowrank_kernel, functools.partial(configs.gemm_co
                           ["M_BUCKET", "N", "K", "R"], dict(configs.INTERP_GEMM, num_warps=4, num_stages=1),
                           pointers=7, scalars=1)
 _proj = _Launcher(lowrank_proj_kernel, configs.proj_configs, ["M_BUCKET", "K", "R"],
-                  dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4, num_stages=1), pointers=12, scalars=4)
+                  dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4, num_stages=1), pointers=14, scalars=4)
 # x @ A with dropout: its own config list (configs.proj_configs(dropout=True): no spills)
 _proj_dropout = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, dropout=True),
                           ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
-                                                       num_stages=1), pointers=12, scalars=4)
+                                                       num_stages=1), pointers=14, scalars=4)
 # dS = dY B^T finishing dB: its own config list (configs.proj_configs(partials=True): no spills)
 _proj_partials = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, partials=True),
                            ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
-                                                        num_stages=1), pointers=12, scalars=4)
+                                                        num_stages=1), pointers=14, scalars=4)
 # the same with fp32 adapters on a 16-bit dY (Q = B^T fp32): configs.proj_configs(partials=True, q_fp32=True)
 _proj_partials_q32 = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, partials=True, q_fp32=True),
                                ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
-                                                            num_stages=1), pointers=12, scalars=4)
+                                                            num_stages=1), pointers=14, scalars=4)
 _reduce = _Launcher(reduce_m_kernel, configs.reduce_configs, ["M_BUCKET", "K", "R"], dict(num_warps=4, num_stages=1),
                     pointers=6, scalars=1)
 _finish = _Launcher(sum_partials_kernel, configs.finish_configs, [], dict(num_warps=4, num_stages=1),
@@ -238,6 +242,12 @@ def _m_bucket(M: int) -> int:
 
 def _proj_block_m() -> int:
     return configs.INTERP_PROJ_BLOCK["BLOCK_M"] if _INTERPRETED else configs.PROJ_BLOCK_M
+
+
+def _copy_n(block_r: int) -> int:
+    """Columns of RM per copy program (lowrank.py's COPY_RM): configs.COPY_RM_ELEMENTS per program on a GPU, 16
+    interpreted (several programs on the tests' small shapes)."""
+    return 16 if _INTERPRETED else max(16, configs.COPY_RM_ELEMENTS // block_r)
 
 
 def _reduce_blocks(dtype):
@@ -316,7 +326,8 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
     raw (M, R) fp32 sum per split, which the last split of each row group to finish adds up and scales.
 
     ``term``: a ``Term`` (``term_for``) the launch also fills with OUT's copy that the TMA GEMM's low-rank term reads
-    by TMA (gemm_tma.py): term.scale * OUT rounded to the dot dtype as the GEMM rounds it.
+    by TMA (gemm_tma.py): term.scale * OUT rounded to the dot dtype as the GEMM rounds it; with ``term.rm`` (fp32
+    adapters) also RM's copy, term.rm_from cast to the dot dtype, by extra programs of the same launch.
     """
     M, K = P.shape
     device = P.device
@@ -332,6 +343,14 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
         partial = _empty((grid[0], R, K), torch.float32, device)
         target = grad
     counters = COUNTERS.get(device, grid[0] + grid[1]) if split_k or partial_of is not None else out
+    # fp32 RM's copy for the TMA GEMM (Term.rm): extra programs along axis 0, a chunk of COPY_N columns each
+    copy_rm = term is not None and term.rm is not None
+    rm_n = copy_n = 0
+    if copy_rm:
+        block_r = configs.block_r(R)
+        rm_n = term.rm.shape[1] if term.rm_strides[1] == 1 else term.rm.shape[0]
+        copy_n = _copy_n(block_r)
+        grid = (grid[0] + _cdiv(_cdiv(rm_n, copy_n), grid[1]), grid[1])
     if dropout_p > 0:
         launch = _proj_dropout
     elif partial_of is not None:
@@ -342,14 +361,16 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
     launch(grid, P, Q, out, L, partial, seed if seed is not None else out, split, target, counters,
            keep_out if write_mask else out, term.values if term is not None else out,
            term.factors if term is not None and term.factors is not None else out,
-           M, K, R, _m_bucket(M), rows_per_program, k_per_split,
+           term.rm_from if copy_rm else out, term.rm if copy_rm else out,
+           M, K, R, _m_bucket(M), rows_per_program, k_per_split, rm_n,
            P.stride(0), P.stride(1), stride_qk, stride_qr, out.stride(0), out.stride(1), L.stride(0), L.stride(1),
            target.stride(0), target.stride(1), keep_out.stride(0) if write_mask else 0,
            term.values.stride(0) if term is not None else 0,
+           *(term.rm_from_strides + term.rm_strides if copy_rm else (0, 0, 0, 0)),
            float(out_scale), float(grad_scale), float(dropout_p), float(term.scale) if term is not None else 1.0,
            BLOCK_M=block_m, BLOCK_R=configs.block_r(R), HAS_DROPOUT=dropout_p > 0, WRITE_MASK=write_mask,
-           WRITE_PARTIAL=partial_of is not None, SPLIT_K=split_k, WRITE_TERM=term is not None,
-           DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
+           WRITE_PARTIAL=partial_of is not None, SPLIT_K=split_k, WRITE_TERM=term is not None, COPY_RM=copy_rm,
+           COPY_N=copy_n, DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
            device=device, dtype=P.dtype)
     return out, grad if partial_of is not None else None
 
@@ -486,10 +507,20 @@ class Term(NamedTuple):
     that computes L (S or dS; lowrank_project(term=)): ``values`` (M, R) in the dot dtype, rows padded to 16 bytes,
     = scale * L rounded as gemm.lowrank_init_bits rounds it; fp16: divided by a power-of-two factor per row,
     ``factors`` (M,) fp32 (fp16.py's range guard), else None. ``scale``: lowrank_scale without dropout, 1 with it
-    (then the scale is applied after the keep-mask, as before)."""
+    (then the scale is applied after the keep-mask, as before).
+
+    For fp32 adapters (PEFT's default) on a 16-bit base also the right operand: ``rm``, RM (R, N) cast to the dot
+    dtype as gemm.lowrank_init_bits casts its RM tile, a view with 16-byte rows (R, N) or (N, R) (``rm_strides``:
+    element (r, n) at r * rm_strides[0] + n * rm_strides[1]), written by the same pass's extra programs
+    (lowrank.py's COPY_RM) from ``rm_from`` (the fp32 RM, with ``rm_from_strides``); None when RM is already in
+    the dot dtype with a descriptor layout."""
     values: torch.Tensor
     factors: Optional[torch.Tensor]
     scale: float
+    rm: Optional[torch.Tensor] = None
+    rm_strides: Optional[tuple] = None
+    rm_from: Optional[torch.Tensor] = None
+    rm_from_strides: Optional[tuple] = None
 
 
 def _padded(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -512,24 +543,37 @@ _TORCH_DOT = {torch.float16: torch.float16,
 def term_for(P, Q, q_strides, N, R, out, RM, rm_strides, lowrank_scale, *, dropout=False, backward=False):
     """A ``Term`` for gemm_lowrank(P, Q, ..., out=out) when its path is known to be the TMA kernel on these operands
     (resolved or forced; not on the first, measuring call) and RM has a descriptor layout (``_rm_layout``: in the
-    dot dtype with 16-byte rows), else None: the kernel then loads L (fp32) and RM by pointers and rounds L itself,
-    the same result. Not for fp32 adapters (PEFT's default) on a 16-bit base: L by TMA with RM by pointer loads
-    took 245,784 B of shared memory at 128 x 256 x 64, 3 stages, rank 64 (compile report, triton 3.9), past the
-    limit, and a rounded copy of RM per call cost host time (docs/performance.md, "The low-rank term by TMA")."""
+    dot dtype with 16-byte rows) or is fp32 (adapters kept in fp32 on a 16-bit base, PEFT's default: then the pass
+    that writes L also writes RM's copy in the dot dtype, ``Term.rm``), else None: the kernel then loads L (fp32)
+    and RM by pointers and rounds both itself, the same result. RM (R, N) is B (R, N) in forward, A^T from A's
+    (K, R) rows in dX; its copy keeps the orientation whose stride is 1 (B's rows or A's rows), rows padded to 16
+    bytes: no torch op, one planned scratch buffer (docs/performance.md, "The low-rank term by TMA")."""
     M = P.shape[0]
     path = choice.GEMM.get(_gemm_key(P, N, R, dropout, backward))
     if path is None:
         path = choice.GEMM.forced() if choice.GEMM.forced is not None else choice.forced_path()
-    if path != "tma" or P.dtype not in _TORCH_DOT or _rm_layout(RM, rm_strides, _TORCH_DOT[P.dtype]) is None:
+    if path != "tma" or P.dtype not in _TORCH_DOT:
+        return None
+    dot = _TORCH_DOT[P.dtype]
+    copy_rm = _rm_layout(RM, rm_strides, dot) is None
+    if copy_rm and RM.dtype != torch.float32:
         return None
     out_ok = (out.stride(1) == 1 and _tma_operands(P, Q, q_strides, out.stride(0), out.data_ptr()) if out is not None
               else _tma_operands(P, Q, q_strides, N, 0))
     if not out_ok:
         return None
-    dot = _TORCH_DOT[P.dtype]
     values = _padded(M, R, dot, P.device)
     factors = _empty((M,), torch.float32, P.device) if P.dtype == torch.float16 else None
-    return Term(values, factors, 1.0 if dropout else float(lowrank_scale))
+    scale = 1.0 if dropout else float(lowrank_scale)
+    if not copy_rm:
+        return Term(values, factors, scale)
+    if rm_strides[1] <= rm_strides[0]:   # B's (R, N) rows: the copy (R, N), "rows"
+        rm = _padded(R, N, dot, P.device)
+        strides = (rm.stride(0), 1)
+    else:                                # A's (K, R) rows, RM = A^T: the copy (N, R), "rows_n"
+        rm = _padded(N, R, dot, P.device)
+        strides = (1, rm.stride(0))
+    return Term(values, factors, scale, rm, strides, RM, tuple(rm_strides))
 
 
 def ws_eligible(P, Q, q_strides, out, dropout_p) -> bool:
@@ -576,16 +620,19 @@ def _tma_gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, dropou
         if rec is not None:
             rec.allocator = True
     block_r = configs.block_r(R)
-    launch = _tma_launcher("dropout" if dropout_p > 0 else "dx" if backward else "forward", block_r, host)
     dropout = dropout_p > 0
     # the low-rank term by TMA when the pass that wrote L left its rounded copy (term_for) and RM has a descriptor
     # layout; the copy's scale must be the one this launch would fold in
     layout = None
     if term is not None and term.scale == (1.0 if dropout else float(lowrank_scale)):
+        if term.rm is not None:   # fp32 RM: the same pass's copy in the dot dtype (Term.rm)
+            RM, rm_strides = term.rm, term.rm_strides
         layout = _rm_layout(RM, rm_strides, _TORCH_DOT[P.dtype])
     use_term = layout is not None
     if use_term:
         L = term.values
+    launch = _tma_launcher("dropout" if dropout else "dx" if backward else "forward", block_r, host,
+                           not use_term and RM.dtype == torch.float32 and P.dtype != torch.float32)
     # the keep-mask's bytes by TMA: rows of 16-byte multiples (philox.mask_row_bytes pads them), an aligned base
     mask_tma = use_term and dropout and keep.stride(0) % 16 == 0 and keep.data_ptr() % 16 == 0
     launch(grid, P, Q, bias if bias is not None else out, L, RM, out, keep if dropout else out,
