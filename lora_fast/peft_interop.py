@@ -43,7 +43,7 @@ from .layers import (
     is_linear4bit,
     lora_scale,
 )
-from .multi import lora_linear_multi
+from .multi import close_rows_scope, lora_linear_multi, open_rows_scope, sample_rows
 from .patching import _inside_attention, module_places
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -284,8 +284,9 @@ def _summed_adapters(module: nn.Module, x, args, kwargs) -> Optional[tuple]:
 
 
 def _mixed_batch_operands(module: nn.Module, x, args, kwargs):
-    """(A (n, in, r), B (n, r, out), scales, dropout ps, adapter index) for a call with PEFT's ``adapter_names``
-    (one adapter per sample) that ``lora_linear_multi`` computes as PEFT's ``_mixed_batch_forward`` does, or
+    """(A (n, in, r), B (n, r, out), scales, dropout ps, adapter rows) for a call with PEFT's ``adapter_names``
+    (one adapter per sample) that ``lora_linear_multi`` computes as PEFT's ``_mixed_batch_forward`` does (the
+    rows an ``AdapterRows``, shared by the layers of one forward of the patched model), or
     None for PEFT's own forward. Only while the opt-in multi-adapter kernels are on (LORA_FAST_MULTI=triton):
     otherwise PEFT's loop stays (the reference path would compute the same loop, rounded otherwise)."""
     if os.environ.get("LORA_FAST_MULTI", "").strip().lower() != "triton":
@@ -333,8 +334,7 @@ def _mixed_batch_operands(module: nn.Module, x, args, kwargs):
     dropouts = [module.lora_dropout[a] for a in used]
     ps = [d.p if isinstance(d, nn.Dropout) and d.training else 0.0 for d in dropouts]
     position = {a: i for i, a in enumerate(used)}
-    index = torch.tensor([position.get(n, -1) for n in names], dtype=torch.int64, device=x.device)
-    return A, B, scales, ps, index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+    return A, B, scales, ps, sample_rows([position.get(n, -1) for n in names], x.shape[:-1], len(used), x.device)
 
 
 def _fused_forward(module: nn.Module, x, *args, **kwargs):
@@ -343,10 +343,10 @@ def _fused_forward(module: nn.Module, x, *args, **kwargs):
         mixed = _mixed_batch_operands(module, x, args, kwargs)
         if mixed is None:
             return type(module).forward(module, x, *args, **kwargs)
-        A, B, scales, ps, index = mixed
+        A, B, scales, ps, rows = mixed
         base = module.base_layer
         weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
-        return lora_linear_multi(x, weight, base.bias, A, B, scales, index, dropout_p=ps, training=True)
+        return lora_linear_multi(x, weight, base.bias, A, B, scales, rows, dropout_p=ps, training=True)
     plan = _fused_adapter(module, x, args, kwargs)
     if plan is None:
         summed = _summed_adapters(module, x, args, kwargs)
@@ -423,7 +423,9 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
     masks come from lora-fast's generator, with PEFT's probability and the dropout module's train/eval mode).
     bias "none"/"all"/"lora_only", rsLoRA and fp32 adapters on fp16/bf16 bases are supported. PEFT's own API
     (save_pretrained, set_adapter, merge_and_unload, disable_adapter) keeps working: the patch only adds an
-    instance ``forward``; parameters and state-dict keys are PEFT's. Calling twice equals calling once.
+    instance ``forward`` per layer, and on ``model`` (and a PeftModel's wrapped model) a forward pre-hook and hook
+    that let the layers of one forward share one ``adapter_names`` selection (its index and sort built once);
+    parameters and state-dict keys are PEFT's. Calling twice equals calling once.
 
     PEFT's plain lora.Linear around a bitsandbytes Linear4bit (what PEFT builds for a hand-built model without a
     quantization config) is fused as its 4-bit class is, on ``lora_linear_4bit``. Layers of other PEFT classes
@@ -460,6 +462,7 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
             report.patched.append(name)
         else:
             report.skipped[name] = reason
+    _add_rows_scope(model)
     if warn and report.skipped:
         kinds = ", ".join(f"{kind} ({n})" for kind, n in sorted(report.skipped_kinds().items()))
         warnings.warn(f"patch_peft: {len(report.skipped)} LoRA layers stay on PEFT's own path: {kinds}",
@@ -468,8 +471,9 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
 
 
 def unpatch_peft(model: nn.Module) -> int:
-    """Undo patch_peft: every patched PEFT LoRA layer in ``model`` gets PEFT's own forward back. Returns the number
-    of layers restored. Raises TypeError if ``model`` is not an nn.Module."""
+    """Undo patch_peft: every patched PEFT LoRA layer in ``model`` gets PEFT's own forward back (and the model's
+    selection-scope hooks are removed). Returns the number of layers restored. Raises TypeError if ``model`` is
+    not an nn.Module."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     restored = 0
@@ -477,7 +481,37 @@ def unpatch_peft(model: nn.Module) -> int:
         if _is_patched(module):
             del module.forward
             restored += 1
+    _remove_rows_scope(model)
     return restored
+
+
+def _scope_modules(model: nn.Module) -> list:
+    """The patched model and, for a PeftModel, the model it wraps (``generate`` calls that one directly)."""
+    inner = getattr(model, "get_base_model", None)
+    inner = inner() if callable(inner) else None
+    return [model] + ([inner] if isinstance(inner, nn.Module) and inner is not model else [])
+
+
+def _add_rows_scope(model: nn.Module) -> None:
+    """Hooks on the patched model that make each of its forwards one scope of shared adapter selections
+    (multi.open_rows_scope / close_rows_scope): PEFT's ``adapter_names`` batches build the index and its sort
+    once per forward, not once per layer. Added once (found again in a copied model too)."""
+    for module in _scope_modules(model):
+        if any(h is open_rows_scope for h in module._forward_pre_hooks.values()):
+            continue
+        module.register_forward_pre_hook(open_rows_scope)
+        module.register_forward_hook(close_rows_scope, always_call=True)
+
+
+def _remove_rows_scope(model: nn.Module) -> None:
+    for module in _scope_modules(model):
+        for hooks, extras in ((module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+                              (module._forward_hooks, (module._forward_hooks_with_kwargs,
+                                                       module._forward_hooks_always_called))):
+            for key in [k for k, h in hooks.items() if h is open_rows_scope or h is close_rows_scope]:
+                del hooks[key]
+                for extra in extras:
+                    extra.pop(key, None)
 
 
 def _lora_modules(model: nn.Module) -> dict:
