@@ -212,6 +212,15 @@ def forward_dora_4bit(linear: nn.Module, x: torch.Tensor, A: torch.Tensor, B: to
     return y.to(x.dtype)
 
 
+def _pad_rank(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """An adapter factor padded with zeros along its rank dim ``dim`` (A (in, r): 1; B (r, out): 0) to ``rank``
+    (exact: the padding adds zero products); ``t`` itself when its rank is ``rank``."""
+    missing = rank - t.shape[dim]
+    if not missing:
+        return t
+    return nn.functional.pad(t, (0, missing) if dim == 1 else (0, 0, 0, missing))
+
+
 class LinearWithLoRA(nn.Module):
     """nn.Linear plus a LoRA update, fused: forward(x) = linear(x) + lora(dropout(x)) via ``lora_linear``.
 
@@ -422,8 +431,10 @@ class LinearWithLoRA(nn.Module):
         rows = sample_rows([position.get(n, -1) for n in adapter_names], x.shape[:-1], len(used), x.device)
         layers = [self._adapter(n) for n in used]
         rank = max(layer.rank for layer in layers)
-        A = torch.stack([nn.functional.pad(layer.A, (0, rank - layer.rank)) for layer in layers])
-        B = torch.stack([nn.functional.pad(layer.B, (0, 0, 0, rank - layer.rank)) for layer in layers])
+        # padded only where the rank is smaller (a pad is a copy, one launch each way): adapters of one rank cost
+        # one stack of A and one of B
+        A = torch.stack([_pad_rank(layer.A, rank, 1) for layer in layers])
+        B = torch.stack([_pad_rank(layer.B, rank, 0) for layer in layers])
         scales = [layer.scale for layer in layers]
         dropouts = [self._adapter_dropout(n) for n in used]
         if not self.fused() or has_4bit_forward(self.linear) or is_linear4bit(self.linear):

@@ -164,7 +164,9 @@ class _Scope:
 
 def open_rows_scope(module=None, args=None) -> None:
     """Forward pre-hook: the selections built from here to the matching ``close_rows_scope`` are shared (a
-    nested model forward joins the scope open)."""
+    nested model forward joins the scope open). Nothing under torch.compile (the op runs its reference there)."""
+    if torch.compiler.is_compiling():
+        return
     scope = _SCOPE.get()
     if scope is None:
         scope = _Scope()
@@ -175,6 +177,8 @@ def open_rows_scope(module=None, args=None) -> None:
 def close_rows_scope(module=None, args=None, output=None) -> None:
     """Forward hook (always called): ends the scope opened by ``open_rows_scope``; its selections are dropped
     (the autograd graph keeps what each call's backward needs)."""
+    if torch.compiler.is_compiling():
+        return
     scope = _SCOPE.get()
     if scope is None:
         return

@@ -35,6 +35,7 @@ from .layers import (
     DEFAULT_ADAPTER,
     LinearWithDoRA,
     LinearWithLoRA,
+    _pad_rank,
     forward_4bit,
     forward_dora_4bit,
     has_4bit_forward,
@@ -326,10 +327,8 @@ def _mixed_batch_operands(module: nn.Module, x, args, kwargs):
             return None
     rank = max(module.lora_A[a].weight.shape[0] for a in used)
     # PEFT's lora_A.weight is (r, in) and lora_B.weight (out, r): transposed views, padded to the largest rank
-    A = torch.stack([nn.functional.pad(module.lora_A[a].weight.t(), (0, rank - module.lora_A[a].weight.shape[0]))
-                     for a in used])
-    B = torch.stack([nn.functional.pad(module.lora_B[a].weight.t(), (0, 0, 0, rank - module.lora_A[a].weight.shape[0]))
-                     for a in used])
+    A = torch.stack([_pad_rank(module.lora_A[a].weight.t(), rank, 1) for a in used])
+    B = torch.stack([_pad_rank(module.lora_B[a].weight.t(), rank, 0) for a in used])
     scales = [module.scaling[a] for a in used]
     dropouts = [module.lora_dropout[a] for a in used]
     ps = [d.p if isinstance(d, nn.Dropout) and d.training else 0.0 for d in dropouts]
@@ -344,6 +343,8 @@ def _fused_forward(module: nn.Module, x, *args, **kwargs):
         if mixed is None:
             return type(module).forward(module, x, *args, **kwargs)
         A, B, scales, ps, rows = mixed
+        if A.shape[0] > 1:
+            _ensure_rows_scope(module)   # a model patched before it held several adapters: share from now on
         base = module.base_layer
         weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
         return lora_linear_multi(x, weight, base.bias, A, B, scales, rows, dropout_p=ps, training=True)
@@ -423,9 +424,10 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
     masks come from lora-fast's generator, with PEFT's probability and the dropout module's train/eval mode).
     bias "none"/"all"/"lora_only", rsLoRA and fp32 adapters on fp16/bf16 bases are supported. PEFT's own API
     (save_pretrained, set_adapter, merge_and_unload, disable_adapter) keeps working: the patch only adds an
-    instance ``forward`` per layer, and on ``model`` (and a PeftModel's wrapped model) a forward pre-hook and hook
-    that let the layers of one forward share one ``adapter_names`` selection (its index and sort built once);
-    parameters and state-dict keys are PEFT's. Calling twice equals calling once.
+    instance ``forward`` per layer and, once some layer holds several adapters (at the patch, or at the first
+    ``adapter_names`` batch that uses several), a forward pre-hook and hook on ``model`` (and a PeftModel's
+    wrapped model) that let the layers of one forward share one ``adapter_names`` selection (its index and sort
+    built once); parameters and state-dict keys are PEFT's. Calling twice equals calling once.
 
     PEFT's plain lora.Linear around a bitsandbytes Linear4bit (what PEFT builds for a hand-built model without a
     quantization config) is fused as its 4-bit class is, on ``lora_linear_4bit``. Layers of other PEFT classes
@@ -462,7 +464,7 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
             report.patched.append(name)
         else:
             report.skipped[name] = reason
-    _add_rows_scope(model)
+    _track_rows_scope(model)
     if warn and report.skipped:
         kinds = ", ".join(f"{kind} ({n})" for kind, n in sorted(report.skipped_kinds().items()))
         warnings.warn(f"patch_peft: {len(report.skipped)} LoRA layers stay on PEFT's own path: {kinds}",
@@ -480,6 +482,7 @@ def unpatch_peft(model: nn.Module) -> int:
     for module in model.modules():
         if _is_patched(module):
             del module.forward
+            _PATCHED_ROOTS.pop(module, None)
             restored += 1
     _remove_rows_scope(model)
     return restored
@@ -490,6 +493,31 @@ def _scope_modules(model: nn.Module) -> list:
     inner = getattr(model, "get_base_model", None)
     inner = inner() if callable(inner) else None
     return [model] + ([inner] if isinstance(inner, nn.Module) and inner is not model else [])
+
+
+# patched layer -> the model patch_peft was called on (weakly: a patched model is freed by reference counting)
+_PATCHED_ROOTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _track_rows_scope(model: nn.Module) -> None:
+    """Remember the model of each patched layer, and give it the selection-scope hooks now when some layer
+    holds several adapters (an adapter_names batch may then sort); a model of one adapter per layer gets them
+    at its first mixed batch with several (``_ensure_rows_scope``), so that plain forwards pay no hook."""
+    root = weakref.ref(model)
+    several = False
+    for module in model.modules():
+        if _is_patched(module):
+            _PATCHED_ROOTS[module] = root
+            several = several or len(getattr(module, "lora_A", ())) > 1
+    if several:
+        _add_rows_scope(model)
+
+
+def _ensure_rows_scope(layer: nn.Module) -> None:
+    root = _PATCHED_ROOTS.get(layer)
+    model = root() if root is not None else None
+    if model is not None:
+        _add_rows_scope(model)
 
 
 def _add_rows_scope(model: nn.Module) -> None:
