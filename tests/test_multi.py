@@ -1026,20 +1026,20 @@ def test_gpu_check_runs_the_multi_adapter_bench_with_valid_arguments():
 
 
 @pytest.mark.parametrize("order", ["sorted", "unsorted"])
-@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_adapter_rows_bit_for_bit_as_the_raw_index(order, dropout_p, monkeypatch, device):
+def test_adapter_rows_bit_for_bit_as_the_raw_index(order, monkeypatch, device):
     """lora_linear_multi with an AdapterRows gives bit for bit the result and every gradient of the raw index,
-    on the kernels in both row orders (a non-contiguous 2-D index, rows of -1, n = 3) and on the reference; one
-    AdapterRows serves several calls and their backward (sorted once)."""
+    with dropout per adapter, on the kernels in both row orders (a non-contiguous 2-D index, rows of -1, n = 3)
+    and on the reference; one AdapterRows serves several calls and their backward (sorted once)."""
     from lora_fast import adapter_rows
     from lora_fast.kernels import multi
 
-    inputs = multi_inputs((2, 23), 40, 24, (2, 4, 3), torch.float32, device)
-    idx = adapter_index((2, 46), 3, device)[:, ::2]   # non-contiguous: the kernels get a unit-stride copy
+    inputs = multi_inputs((2, 13), 24, 16, (2, 4, 3), torch.float32, device)
+    idx = adapter_index((2, 26), 3, device)[:, ::2]   # non-contiguous: the kernels get a unit-stride copy
+    dropout_p = [0.3, 0.0, 0.5]
     sorts = []
     monkeypatch.setattr(multi, "sort_rows", lambda i, n, f=multi.sort_rows: sorts.append(n) or f(i, n))
     monkeypatch.setenv("LORA_FAST_MULTI_ORDER", order)
-    for backend in BACKENDS:
+    for backend in ("triton", "reference") if order == "sorted" else ("triton",):
         monkeypatch.setenv("LORA_FAST_MULTI", backend)
         rows = adapter_rows(idx, 3)
         raw, raw_grads, dy = _run(inputs, [0.5, -1.25, 2.0], idx, dropout_p, 7, op=lora_linear_multi)
