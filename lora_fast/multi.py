@@ -210,6 +210,22 @@ def sample_rows(slots: Sequence[int], leading_shape, n: int, device) -> AdapterR
     return rows
 
 
+def _adapter_params(scales, dropout_ps, device) -> torch.Tensor:
+    """``kernels.multi.adapter_params``' (5, n) fp32 table (one host-to-device copy); within a model forward's
+    scope, one per distinct (scales, dropout ps, device), shared by the layers (read-only: saved for backward
+    and read by the kernels, never written)."""
+    from .kernels import multi
+
+    scope = _SCOPE.get()
+    if scope is None:
+        return multi.adapter_params(scales, dropout_ps, device)
+    key = ("params", tuple(scales), tuple(dropout_ps), device)
+    table = scope.cache.get(key)
+    if table is None:
+        table = scope.cache[key] = multi.adapter_params(scales, dropout_ps, device)
+    return table
+
+
 def multi_backend(x: torch.Tensor) -> str:
     """The backend of lora_linear_multi for ``x``: "reference" unless ``LORA_FAST_MULTI=triton`` (opt-in: the
     multi-adapter kernels are unmeasured on a GPU) and then "triton".
@@ -308,7 +324,7 @@ class _MultiFunction(torch.autograd.Function):
         from .kernels import multi
 
         x2d, y, y2d = _output(x, weight.shape[0])
-        params = multi.adapter_params(scales, dropout_ps, x.device)
+        params = _adapter_params(scales, dropout_ps, x.device)
         has_dropout = any(p > 0 for p in dropout_ps)
         if prepared is not None:
             # an AdapterRows: its unit-stride index and sort, made once for every call that shares it

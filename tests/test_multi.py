@@ -1106,17 +1106,19 @@ def _three_layer_model(device):
 
 def test_model_forward_sorts_once_and_reads_no_range(monkeypatch, device):
     """Under use_adapter_names on the sorted kernels, a training step of a model with three wrapped layers sorts
-    the rows once (not once per layer), reads no index range from the device (the names are checked on the host)
-    and gives bit for bit the result and gradients of each layer called with the names alone (one selection
-    each); nothing outlives the forward."""
+    the rows once (not once per layer), reads no index range from the device (the names are checked on the host),
+    uploads one table of per-adapter constants for layers whose adapters have the same scales, and gives bit for
+    bit the result and gradients of each layer called with the names alone (one selection each); nothing
+    outlives the forward."""
     from lora_fast import multi as multi_mod
     from lora_fast import use_adapter_names
     from lora_fast.kernels import multi
 
     monkeypatch.setenv("LORA_FAST_MULTI", "triton")
     monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "sorted")
-    sorts, ranges = [], []
+    sorts, ranges, tables = [], [], []
     monkeypatch.setattr(multi, "sort_rows", lambda i, n, f=multi.sort_rows: sorts.append(n) or f(i, n))
+    monkeypatch.setattr(multi, "adapter_params", lambda *a, f=multi.adapter_params: tables.append(1) or f(*a))
     monkeypatch.setattr("lora_fast._checks.check_index_range", lambda *a: ranges.append(1))
     model = _three_layer_model(device)
     x = torch.randn(5, 3, 16, device=device)
@@ -1126,6 +1128,7 @@ def test_model_forward_sorts_once_and_reads_no_range(monkeypatch, device):
         for p in model.parameters():
             p.grad = None
         sorts.clear()
+        tables.clear()
         torch.manual_seed(11)   # the same dropout seeds, drawn in the same order
         if shared:
             with use_adapter_names(model, names):
@@ -1137,6 +1140,7 @@ def test_model_forward_sorts_once_and_reads_no_range(monkeypatch, device):
                 h = m(h, adapter_names=names) if i % 2 == 0 else m(h)
             y = h
         assert len(sorts) == (1 if shared else 3)
+        assert len(tables) == (1 if shared else 3)   # the layers' adapters have the same scales and dropouts
         y.square().sum().backward()
         assert len(sorts) == (1 if shared else 3)   # the backward reuses the forward's sort
         results.append((y.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
