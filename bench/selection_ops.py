@@ -7,7 +7,8 @@ and torch.profiler's CPU events count the aten ops of one forward and one backwa
 not those another aten op calls inside it): the sort's (``aten::sort``, ``aten::arange``,
 ``aten::searchsorted``), the index range check's (``aten::aminmax``) and every host read of a device scalar
 (``aten::item``: ``.item()``, ``int(t)``; a device sync each on CUDA; ``.tolist()`` of a device tensor would
-show as a copy instead, and this path calls none). The same counts for bare ``lora_linear_multi`` calls with a
+show as a copy instead, and this path calls none), the stacking of each layer's adapters (``aten::stack``) and
+the per-adapter constant tables uploaded (``tables``). The same counts for bare ``lora_linear_multi`` calls with a
 raw index and with an ``AdapterRows`` (``op_calls``) show what stays per call.
 """
 
@@ -18,20 +19,28 @@ from typing import Dict
 
 import torch
 
-COUNTED = ("aten::sort", "aten::arange", "aten::searchsorted", "aten::aminmax", "aten::item")
+COUNTED = ("aten::sort", "aten::arange", "aten::searchsorted", "aten::aminmax", "aten::item", "aten::stack")
 
 
 def _count(fn) -> Dict[str, int]:
-    """{counted aten op: calls} while ``fn()`` runs (torch.profiler, CPU events)."""
+    """{counted aten op: calls} while ``fn()`` runs (torch.profiler, CPU events), and "tables": the calls of
+    kernels.multi.adapter_params (the (5, n) per-adapter constant table: one host-to-device copy each)."""
+    from unittest import mock
+
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    from lora_fast.kernels import multi
+
+    tables = []
+    real = multi.adapter_params
+    with mock.patch.object(multi, "adapter_params", lambda *a: tables.append(1) or real(*a)), \
+            profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     # the ops called from Python (or from a non-aten region such as an autograd Function), not those an aten op
     # calls inside (aten::sort on a CPU builds its indices with aten::arange)
     calls = collections.Counter(e.name for e in prof.events()
                                 if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
-    return {name: calls.get(name, 0) for name in COUNTED}
+    return dict({name: calls.get(name, 0) for name in COUNTED}, tables=len(tables))
 
 
 def model_step(layers: int = 4, batch: int = 6, seq: int = 5, width: int = 32, seed: int = 0) -> Dict[str, dict]:
@@ -95,7 +104,7 @@ def main(argv=None) -> None:
     counts = model_step(args.layers)
     print(f"model step, {counts['layers']} wrapped layers, use_adapter_names, sorted, LORA_FAST_MULTI=triton:")
     for mode in ("forward", "backward"):
-        print(f"  {mode:9s} " + "  ".join(f"{k.split('::')[1]}={v}" for k, v in counts[mode].items()))
+        print(f"  {mode:9s} " + "  ".join(f"{k.split('::')[-1]}={v}" for k, v in counts[mode].items()))
     try:
         ops = op_calls()
     except ImportError as e:   # a lora_fast without adapter_rows (before issue 30's shared selection)
@@ -103,7 +112,7 @@ def main(argv=None) -> None:
         return
     print(f"bare lora_linear_multi, {ops['calls']} forward calls on one index:")
     for mode in ("raw", "adapter_rows build", "AdapterRows"):
-        print(f"  {mode:18s} " + "  ".join(f"{k.split('::')[1]}={v}" for k, v in ops[mode].items()))
+        print(f"  {mode:18s} " + "  ".join(f"{k.split('::')[-1]}={v}" for k, v in ops[mode].items()))
 
 
 if __name__ == "__main__":
