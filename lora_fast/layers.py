@@ -15,7 +15,14 @@ from torch.nn.modules import module as module_mod
 from ._checks import check_dropout, check_rank, check_scale
 from .dora import dequantize_4bit_weight, dora_linear, dora_linear_4bit, dora_unfused
 from .functional import lora_delta, lora_linear
-from .multi import close_rows_scope, lora_linear_multi, open_rows_scope, sample_rows
+from .multi import (
+    close_rows_scope,
+    current_rows_scope,
+    lora_linear_multi,
+    open_rows_scope,
+    restore_rows_scope,
+    sample_rows,
+)
 from .qlora import lora_linear_4bit
 from .reference import _multi_delta, dora_weight_norm
 
@@ -542,11 +549,13 @@ def use_adapter_names(model: nn.Module, adapter_names):
     # one shared selection per forward of the model: a scope from its pre-hook to its (always called) hook
     handles += [model.register_forward_pre_hook(open_rows_scope),
                 model.register_forward_hook(close_rows_scope, always_call=True)]
+    scope = current_rows_scope()
     try:
         yield model
     finally:
         for handle in handles:
             handle.remove()
+        restore_rows_scope(scope)   # a forward interrupted past its closing hook leaves nothing behind
 
 
 class LinearWithDoRA(LinearWithLoRA):

@@ -155,11 +155,36 @@ def adapter_rows(adapter_index: torch.Tensor, n: int) -> AdapterRows:
 _SCOPE: contextvars.ContextVar = contextvars.ContextVar("lora_fast_adapter_rows", default=None)
 
 
+# entries of one scope at most: a forward needs one per distinct slot mapping and per distinct scales; a scope
+# left open (a BaseException such as KeyboardInterrupt skips the closing hook) is emptied past it, never grows
+_SCOPE_ENTRIES = 256
+
+
 class _Scope:
     __slots__ = ("cache", "depth")
 
     def __init__(self):
         self.cache, self.depth = {}, 0
+
+    def put(self, key, value):
+        if len(self.cache) >= _SCOPE_ENTRIES:
+            self.cache.clear()
+        self.cache[key] = value
+        return value
+
+
+def current_rows_scope():
+    """The scope in force (an opaque object), or None: ``use_adapter_names`` restores it on leaving its block."""
+    return _SCOPE.get()
+
+
+def restore_rows_scope(scope) -> None:
+    """Make ``scope`` (from ``current_rows_scope``) the one in force again, emptying one left open since."""
+    left = _SCOPE.get()
+    if left is not scope:
+        if left is not None:
+            left.cache.clear()
+        _SCOPE.set(scope)
 
 
 def open_rows_scope(module=None, args=None) -> None:
@@ -206,7 +231,7 @@ def sample_rows(slots: Sequence[int], leading_shape, n: int, device) -> AdapterR
     index = index.view(-1, *([1] * (len(leading_shape) - 1))).expand(leading_shape)
     rows = AdapterRows(index, n, _checked=True)
     if scope is not None and not torch.compiler.is_compiling():
-        scope.cache[key] = rows
+        scope.put(key, rows)
     return rows
 
 
@@ -222,7 +247,7 @@ def _adapter_params(scales, dropout_ps, device) -> torch.Tensor:
     key = ("params", tuple(scales), tuple(dropout_ps), device)
     table = scope.cache.get(key)
     if table is None:
-        table = scope.cache[key] = multi.adapter_params(scales, dropout_ps, device)
+        table = scope.put(key, multi.adapter_params(scales, dropout_ps, device))
     return table
 
 

@@ -1145,13 +1145,17 @@ def test_model_forward_sorts_once_and_reads_no_range(monkeypatch, device):
         assert len(sorts) == (1 if shared else 3)   # the backward reuses the forward's sort
         results.append((y.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     assert not ranges
+    with use_adapter_names(model, names[:2]):   # a forward that raises closes its scope too
+        with pytest.raises(ValueError, match="one name per sample"):
+            model(x)
+        assert multi_mod._SCOPE.get() is None
     (y1, g1), (y2, g2) = results
     assert torch.equal(y1, y2) and len(g1) == len(g2) >= 3 * 6   # every adapter of every layer
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
 
 
-def test_sample_rows_shared_by_slot_mapping_within_a_scope():
+def test_sample_rows_shared_by_slot_mapping_within_a_scope(monkeypatch):
     """sample_rows: within a scope (a model forward) one object per (slots, shape, n, device); another slot
     mapping (a layer without an adapter, adapters in another order) or shape gets its own; outside a scope, and
     after it closes, nothing is kept."""
@@ -1175,6 +1179,16 @@ def test_sample_rows_shared_by_slot_mapping_within_a_scope():
     finally:
         multi.close_rows_scope()
     assert multi._SCOPE.get() is None
+    # a scope left open (its closing hook skipped) is emptied past _SCOPE_ENTRIES, and by use_adapter_names' exit
+    monkeypatch.setattr(multi, "_SCOPE_ENTRIES", 3)
+    before = multi.current_rows_scope()
+    multi.open_rows_scope()
+    left = multi.current_rows_scope()
+    for b in range(5):
+        multi.sample_rows([0] * (b + 1), (b + 1,), 1, torch.device("cpu"))
+        assert len(left.cache) <= 3
+    multi.restore_rows_scope(before)
+    assert multi.current_rows_scope() is None and not left.cache
 
 
 def test_patch_peft_adapter_names_share_one_selection_per_slot_mapping(monkeypatch, device):
