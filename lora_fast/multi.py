@@ -244,7 +244,8 @@ def _adapter_params(scales, dropout_ps, device) -> torch.Tensor:
     scope = _SCOPE.get()
     if scope is None:
         return multi.adapter_params(scales, dropout_ps, device)
-    key = ("params", tuple(scales), tuple(dropout_ps), device)
+    # by the floats' bits (0.0 == -0.0, but a -0.0 scale's table must stay its own)
+    key = ("params", tuple(float(v).hex() for v in scales), tuple(float(v).hex() for v in dropout_ps), device)
     table = scope.cache.get(key)
     if table is None:
         table = scope.put(key, multi.adapter_params(scales, dropout_ps, device))
