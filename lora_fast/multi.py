@@ -216,8 +216,8 @@ def close_rows_scope(module=None, args=None, output=None) -> None:
 def sample_rows(slots: Sequence[int], leading_shape, n: int, device) -> AdapterRows:
     """The selection of a per-sample adapter choice (``adapter_names`` mapped to a layer's adapter slots):
     slots[i] in [-1, n) for sample i (x's first dim), the same for every row of that sample. Checked on the host
-    (no device sync). Within a model forward (``open_rows_scope``) layers with the same slots, shape, n and
-    device share one object (one index upload, one sort); another slot mapping gets its own."""
+    and uploaded without a device sync. Within a model forward (``open_rows_scope``) layers with the same slots,
+    shape, n and device share one object (one index upload, one sort); another slot mapping gets its own."""
     slots = tuple(slots)
     if any(not -1 <= s < n for s in slots):
         raise ValueError(f"adapter_names: slots {slots} outside [-1, {n})")   # the layers' own mapping: a bug
@@ -227,7 +227,8 @@ def sample_rows(slots: Sequence[int], leading_shape, n: int, device) -> AdapterR
         rows = scope.cache.get(key)
         if rows is not None:
             return rows
-    index = torch.tensor(slots, dtype=torch.int64, device=device)
+    # uploaded without waiting for the device (torch.tensor(..., device="cuda") would synchronize the stream)
+    index = torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True)
     index = index.view(-1, *([1] * (len(leading_shape) - 1))).expand(leading_shape)
     rows = AdapterRows(index, n, _checked=True)
     if scope is not None and not torch.compiler.is_compiling():

@@ -1155,6 +1155,27 @@ def test_model_forward_sorts_once_and_reads_no_range(monkeypatch, device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist on CUDA only")
+def test_model_forward_on_the_kernels_does_not_sync(monkeypatch):
+    """A model forward under use_adapter_names on the sorted kernels makes no host sync: the names are checked
+    on the host, the index uploaded without waiting, sorted on the device (before issue 30's sharing: three per
+    layer, the index upload and the range check's two reads)."""
+    from lora_fast import use_adapter_names
+
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "sorted")
+    model = _three_layer_model("cuda").eval()
+    x = torch.randn(5, 3, 16, device="cuda")
+    with torch.no_grad(), use_adapter_names(model, ["c", "__base__", "b", "default", "c"]):
+        model(x)   # compiles the kernels outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def test_sample_rows_shared_by_slot_mapping_within_a_scope(monkeypatch):
     """sample_rows: within a scope (a model forward) one object per (slots, shape, n, device); another slot
     mapping (a layer without an adapter, adapters in another order) or shape gets its own; outside a scope, and
