@@ -1155,6 +1155,24 @@ def test_model_forward_sorts_once_and_reads_no_range(monkeypatch, device):
         assert torch.equal(a, b)
 
 
+def test_selection_ops_bench_counts_one_sort_per_forward(monkeypatch):
+    """bench.selection_ops (torch.profiler's aten events): a training step of a 2-layer model under
+    use_adapter_names on the sorted kernels sorts once in its forward, reads no index range, uploads one table,
+    and its backward none of these; bare calls with a raw index sort and check per call, with an AdapterRows once."""
+    from bench import selection_ops
+
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "sorted")
+    step = selection_ops.model_step(layers=2, batch=4, seq=2, width=16)
+    assert step["forward"] == {"aten::sort": 1, "aten::arange": 1, "aten::searchsorted": 1, "aten::aminmax": 0,
+                               "aten::item": 0, "aten::stack": 4, "tables": 1}
+    assert not any(step["backward"].values())
+    ops = selection_ops.op_calls(calls=2, M=12, K=16, N=8)
+    assert ops["raw"]["aten::sort"] == ops["raw"]["aten::aminmax"] == 2
+    assert ops["adapter_rows build"]["aten::aminmax"] == 1 and ops["adapter_rows build"]["aten::sort"] == 0
+    assert ops["AdapterRows"]["aten::sort"] == 1 and ops["AdapterRows"]["aten::aminmax"] == 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist on CUDA only")
 def test_model_forward_on_the_kernels_does_not_sync(monkeypatch):
     """A model forward under use_adapter_names on the sorted kernels makes no host sync: the names are checked
