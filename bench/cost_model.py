@@ -482,6 +482,9 @@ def multi_order_costs(idx: Sequence[int], n: int, K: int, N: int, r: int, dtype:
     and each adapter's gradient programs walk its own segment only, in blocks from its start, instead of every
     row block; plus "sort": the sort's own pass (reads the index, writes the sorted index and the permutation,
     three launches: sort, arange, searchsorted; a radix sort's passes over the keys are not modelled: a lower bound).
+    The sort is counted once, as one call with a raw index pays it; layers that share one selection
+    (``lora_fast.AdapterRows``: every wrapped layer of a forward under ``use_adapter_names``, or patch_peft's
+    ``adapter_names`` batches) pay it once per forward in all, not once each.
 
     Passes: "S" (x A[idx], forward), "dS" (dY B[idx]^T), "y term" (S B[idx] in the forward GEMM), "dX term"
     (dS A[idx]^T in the dX GEMM), "dA dB" (the per-adapter reduction). Raises ValueError."""
@@ -622,6 +625,8 @@ def order_table(ns: Sequence[int], M: int, K: int, N: int, r: int, dtype: str, g
                     f"{sum(v['adapter_bytes'] for v in c.values()) / 1e6:10.2f} "
                     f"{sum(v['index_bytes'] for v in c.values()) / 1e6:9.2f} "
                     f"{5 + sum(v.get('launches', 0) for v in c.values()):8d}")
+    lines.append("  launches: one call with a raw index; layers sharing one AdapterRows (use_adapter_names, "
+                 "patch_peft's adapter_names) launch 5 each, plus the sort's 3 once per forward")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ from .adapters import load_lora, load_lora_state_dict, lora_state_dict, save_lor
 from .dora import dora_linear, dora_linear_4bit
 from .functional import lora_delta, lora_linear, select_backend
 from .layers import LinearWithDoRA, LinearWithLoRA, LoRALayer, lora_scale, use_adapter_names
-from .multi import lora_linear_multi
+from .multi import AdapterRows, adapter_rows, lora_linear_multi
 from .patching import (
     count_parameters,
     initialize_dora_magnitudes,
@@ -24,7 +24,7 @@ __all__ = [
     # the layers and the op
     "LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "lora_linear", "lora_delta", "lora_scale",
     "select_backend", "lora_linear_4bit", "warmup", "lora_linear_multi",
-    "use_adapter_names",
+    "use_adapter_names", "AdapterRows", "adapter_rows",
     # DoRA
     "LinearWithDoRA", "dora_linear", "dora_linear_4bit", "initialize_dora_magnitudes",
     # merge, adapter files, trainable parameters

@@ -167,10 +167,21 @@ def _per_adapter(value, n: int, name: str, check) -> list:
     return [check(v, f"{name}[{i}]") for i, v in enumerate(value)]
 
 
-def check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout_p):
+def check_index_range(adapter_index: torch.Tensor, n: int) -> None:
+    """Raise ValueError unless every value of the int64 ``adapter_index`` lies in [-1, n): its minimum and
+    maximum read to the host (one device sync; none for an empty index)."""
+    if adapter_index.numel():
+        low, high = (int(v) for v in torch.aminmax(adapter_index.detach()))
+        if low < -1 or high >= n:
+            raise ValueError(f"adapter_index: expected values in [-1, {n}) (-1: no adapter), got values in "
+                             f"[{low}, {high}]")
+
+
+def check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout_p, *, check_range: bool = True):
     """Validate the arguments of lora_linear_multi: x (..., in), weight (out, in), bias (out,) or None, A (n, in,
     r), B (n, r, out), scale and dropout_p one number or one per adapter, adapter_index int64 of x.shape[:-1]
-    with values in [-1, n) (read on the host: one device sync). Returns (scales, dropout_ps) as lists of n
+    with values in [-1, n) (read on the host: one device sync; skipped when ``check_range`` is False, for an
+    index whose range was checked already, ``multi.AdapterRows``). Returns (scales, dropout_ps) as lists of n
     floats. Raises TypeError/ValueError naming the argument."""
     _tensor("x", x)
     if x.dim() < 1:
@@ -199,9 +210,6 @@ def check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout
                          f"{tuple(adapter_index.shape)}")
     if adapter_index.device != x.device:
         raise ValueError(f"adapter_index: expected a tensor on x's device {x.device}, got {adapter_index.device}")
-    if adapter_index.numel():
-        low, high = (int(v) for v in torch.aminmax(adapter_index.detach()))
-        if low < -1 or high >= n:
-            raise ValueError(f"adapter_index: expected values in [-1, {n}) (-1: no adapter), got values in "
-                             f"[{low}, {high}]")
+    if check_range:
+        check_index_range(adapter_index, n)
     return _per_adapter(scale, n, "scale", check_scale), _per_adapter(dropout_p, n, "dropout_p", check_dropout)

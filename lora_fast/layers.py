@@ -15,7 +15,14 @@ from torch.nn.modules import module as module_mod
 from ._checks import check_dropout, check_rank, check_scale
 from .dora import dequantize_4bit_weight, dora_linear, dora_linear_4bit, dora_unfused
 from .functional import lora_delta, lora_linear
-from .multi import lora_linear_multi
+from .multi import (
+    close_rows_scope,
+    current_rows_scope,
+    lora_linear_multi,
+    open_rows_scope,
+    restore_rows_scope,
+    sample_rows,
+)
 from .qlora import lora_linear_4bit
 from .reference import _multi_delta, dora_weight_norm
 
@@ -210,6 +217,15 @@ def forward_dora_4bit(linear: nn.Module, x: torch.Tensor, A: torch.Tensor, B: to
     y = dora_linear_4bit(x.to(compute), weight, weight.quant_state, bias, A, B, magnitude, scale,
                          dropout_p=dropout_p, training=training)
     return y.to(x.dtype)
+
+
+def _pad_rank(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """An adapter factor padded with zeros along its rank dim ``dim`` (A (in, r): 1; B (r, out): 0) to ``rank``
+    (exact: the padding adds zero products); ``t`` itself when its rank is ``rank``."""
+    missing = rank - t.shape[dim]
+    if not missing:
+        return t
+    return nn.functional.pad(t, (0, missing) if dim == 1 else (0, 0, 0, missing))
 
 
 class LinearWithLoRA(nn.Module):
@@ -417,21 +433,24 @@ class LinearWithLoRA(nn.Module):
         position = {name: i for i, name in enumerate(used)}
         if not used:
             used = [DEFAULT_ADAPTER]   # every sample on the base layer: one adapter, no row uses it
-        index = torch.tensor([position.get(n, -1) for n in adapter_names], dtype=torch.int64, device=x.device)
-        index = index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        # checked on the host, shared by the layers of a model forward that map the names to the same slots
+        # (use_adapter_names: one index upload and one sort per forward, not one per layer)
+        rows = sample_rows([position.get(n, -1) for n in adapter_names], x.shape[:-1], len(used), x.device)
         layers = [self._adapter(n) for n in used]
         rank = max(layer.rank for layer in layers)
-        A = torch.stack([nn.functional.pad(layer.A, (0, rank - layer.rank)) for layer in layers])
-        B = torch.stack([nn.functional.pad(layer.B, (0, 0, 0, rank - layer.rank)) for layer in layers])
+        # padded only where the rank is smaller (a pad is a copy, one launch each way): adapters of one rank cost
+        # one stack of A and one of B
+        A = torch.stack([_pad_rank(layer.A, rank, 1) for layer in layers])
+        B = torch.stack([_pad_rank(layer.B, rank, 0) for layer in layers])
         scales = [layer.scale for layer in layers]
         dropouts = [self._adapter_dropout(n) for n in used]
         if not self.fused() or has_4bit_forward(self.linear) or is_linear4bit(self.linear):
             # the wrapped layer's own call, then each row's adapter term (PEFT's loop; a 4-bit base's too: no fused
             # multi-adapter kernel reads 4-bit weights)
             y = self.linear(x)
-            return (y + _multi_delta(x, A, B, scales, index, dropouts, self.training, None)).to(y.dtype)
+            return (y + _multi_delta(x, A, B, scales, rows.index, dropouts, self.training, None)).to(y.dtype)
         weight = self.linear.weight.t() if self.fan_in_fan_out else self.linear.weight
-        return lora_linear_multi(x, weight, self.linear.bias, A, B, scales, index, dropout_p=dropouts,
+        return lora_linear_multi(x, weight, self.linear.bias, A, B, scales, rows, dropout_p=dropouts,
                                  training=self.training)
 
     def _forward_one(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -504,6 +523,10 @@ def use_adapter_names(model: nn.Module, adapter_names):
     sample of the batch, "__base__" for the base model alone), as PEFT's ``model(..., adapter_names=...)``
     passes them with forward pre-hooks: ``with use_adapter_names(model, ["a", "b", "__base__"]): model(x)``.
     The hooks are removed on leaving the block, also after an exception.
+    Each forward of ``model`` builds the per-row selection once (``lora_fast.multi.AdapterRows``: the index
+    uploaded once, checked on the host, sorted once for the sorted row order) and every layer that maps the names
+    to the same adapter slots shares it; a layer with another mapping (an adapter it lacks, adapters added in
+    another order) gets its own. Nothing is kept past the forward.
     Raises: TypeError for a non-Module or a non-list of names; ValueError (at the forward) for unknown names or
     a batch of another size."""
     if not isinstance(model, nn.Module):
@@ -523,11 +546,16 @@ def use_adapter_names(model: nn.Module, adapter_names):
                                   "adapter per sample")
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
                if isinstance(m, LinearWithLoRA)]
+    # one shared selection per forward of the model: a scope from its pre-hook to its (always called) hook
+    handles += [model.register_forward_pre_hook(open_rows_scope),
+                model.register_forward_hook(close_rows_scope, always_call=True)]
+    scope = current_rows_scope()
     try:
         yield model
     finally:
         for handle in handles:
             handle.remove()
+        restore_rows_scope(scope)   # a forward interrupted past its closing hook leaves nothing behind
 
 
 class LinearWithDoRA(LinearWithLoRA):

@@ -8,13 +8,15 @@ interpreter on CPU), and raises where it cannot. With one adapter the Triton pat
 kernels, so a batch of one adapter gives bit for bit what ``lora_linear`` gives on either backend.
 """
 
+import contextvars
+import numbers
 import os
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
 from . import philox, reference
-from ._checks import check_lora_linear_multi, check_training
+from ._checks import check_index_range, check_lora_linear_multi, check_training
 from .functional import _autocast_enabled, _autocast_inputs, graph_gradients, select_backend
 
 MULTI_BACKENDS = ("reference", "triton")
@@ -22,14 +24,16 @@ MULTI_BACKENDS = ("reference", "triton")
 # adapters present in it; "sorted" in adapter order through a permutation (issue 30, docs/multi-adapter.md). The
 # default is "sorted": by bench/cost_model.py --adapters ... --order it never issues more low-rank dots than
 # unsorted and issues n times fewer on randomly interleaved batches (the bench's "mixed" rows), reads fewer index
-# bytes for n >= 2, and costs three small torch launches (the sort); no GPU has timed either (issue 30 item 1)
+# bytes for n >= 2, and costs three small torch launches (the sort: per call with a raw index, once per
+# AdapterRows, so once per model forward through the layers); no GPU has timed either (issue 30 item 1)
 MULTI_ORDERS = ("unsorted", "sorted")
 DEFAULT_ORDER = "sorted"
 
 
 def multi_order() -> str:
     """How the multi-adapter kernels visit the rows: ``LORA_FAST_MULTI_ORDER``, "sorted" (the default: a stable
-    sort of adapter_index per call, three small torch launches, reused by the backward; a tile then holds one
+    sort of adapter_index, three small torch launches per call with a raw index, once per ``AdapterRows``,
+    reused by the backward; a tile then holds one
     adapter but at segment edges, and each adapter's gradient programs read its own rows only) or "unsorted"
     (rows in their order, a tile looping over every adapter present in it).
     Both give each row exactly its own adapter's products; y, dx and S are bit for bit the same, dA and dB
@@ -38,6 +42,215 @@ def multi_order() -> str:
     if wanted not in MULTI_ORDERS:
         raise ValueError(f"LORA_FAST_MULTI_ORDER: expected one of {MULTI_ORDERS}, got {wanted!r}")
     return wanted
+
+
+class AdapterRows:
+    """A prepared per-row adapter selection for ``lora_linear_multi`` (issue 30): the validated index and, for
+    the sorted row order, its stable sort, computed once and shared by every call that passes this object (the
+    layers of one model forward, and each call's backward) instead of once per call. Build it with
+    ``adapter_rows(adapter_index, n)``; it is immutable (read-only attributes; what it computes lazily is a pure
+    function of the index and is kept).
+
+    Attributes:
+        index: the int64 index it was built from (detached, its shape: x.shape[:-1] of the calls that take it),
+            values in [-1, n) (checked once when built).
+        n: the number of adapters it was checked against (A.shape[0] of the calls that take it).
+        shape: ``tuple(index.shape)``.
+
+    The sorted order's tensors (``sorted_rows()``: sorted index and permutation (M,) int64, segment starts
+    (n + 1,) int64, ``kernels.multi.sort_rows``) are computed on the index's device at the first call that
+    needs them (three small torch launches, no host sync) and kept. An index modified in place after the object
+    was built makes every later use raise ValueError (its version counter is compared), never a stale sort."""
+
+    __slots__ = ("_index", "_n", "_version", "_flat", "_sorted")
+
+    def __init__(self, index: torch.Tensor, n: int, *, _checked: bool = False):
+        if not _checked:
+            raise TypeError("AdapterRows: build it with lora_fast.adapter_rows(adapter_index, n)")
+        object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "_n", n)
+        object.__setattr__(self, "_version", index._version)
+        object.__setattr__(self, "_flat", None)
+        object.__setattr__(self, "_sorted", None)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("AdapterRows is immutable: build another with adapter_rows(...)")
+
+    @property
+    def index(self) -> torch.Tensor:
+        return self._index
+
+    @property
+    def n(self) -> int:
+        return self._n
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self._index.shape)
+
+    def __repr__(self) -> str:
+        return f"AdapterRows(shape={self.shape}, n={self._n}, device={self._index.device})"
+
+    def check(self, leading_shape, n: int, device) -> None:
+        """Raise ValueError unless this selection serves a call with x.shape[:-1] == ``leading_shape``, ``n``
+        adapters and x on ``device``, and its index was not modified in place since it was built."""
+        if self._index._version != self._version:
+            raise ValueError("adapter_index: the AdapterRows' index was modified in place after adapter_rows() "
+                             "checked and sorted it; build the selection again with adapter_rows()")
+        if self._n != n:
+            raise ValueError(f"adapter_index: an AdapterRows built for n={self._n} adapters, but A holds {n}; "
+                             "build it with adapter_rows(adapter_index, A.shape[0])")
+        if self.shape != tuple(leading_shape):
+            raise ValueError(f"adapter_index: expected x's leading shape {tuple(leading_shape)}, got an "
+                             f"AdapterRows of shape {self.shape}")
+        if self._index.device != device:
+            raise ValueError(f"adapter_index: expected a selection on x's device {device}, got "
+                             f"{self._index.device}")
+
+    def flat(self) -> torch.Tensor:
+        """The index as (M,) int64 with unit stride (the kernels read it so): a view when the index is
+        contiguous, else one copy, made once."""
+        if self._flat is None:
+            object.__setattr__(self, "_flat", self._index.reshape(-1).contiguous())
+        return self._flat
+
+    def sorted_rows(self) -> tuple:
+        """``kernels.multi.sort_rows(flat, n)``: (sorted index, permutation, segment starts), computed once."""
+        if self._sorted is None:
+            from .kernels import multi
+
+            object.__setattr__(self, "_sorted", multi.sort_rows(self.flat(), self._n))
+        return self._sorted
+
+
+def adapter_rows(adapter_index: torch.Tensor, n: int) -> AdapterRows:
+    """Prepare a per-row adapter selection once, to pass as ``lora_linear_multi``'s ``adapter_index`` to many
+    calls (every layer of a model sees the same rows): the range check (one device sync) happens here instead
+    of in every call, and the sorted row order's sort once, at the first call that needs it.
+
+    Args:
+        adapter_index: int64 tensor, the leading shape of the calls' x, values in [-1, n) (-1: no adapter).
+        n: the number of adapters of the calls (A.shape[0]), >= 1.
+
+    Returns: an immutable ``AdapterRows``. The calls give bit for bit what they give with the raw index.
+    Raises: TypeError for a non-tensor, another dtype or a non-integer n; ValueError for n < 1 or values
+        outside [-1, n). A call that gets it raises ValueError for another leading shape, n or device, or an
+        index modified in place since."""
+    if not isinstance(adapter_index, torch.Tensor):
+        raise TypeError(f"adapter_index: expected a torch.Tensor, got {type(adapter_index).__name__}")
+    if adapter_index.dtype != torch.int64:
+        raise TypeError(f"adapter_index: expected dtype torch.int64, got {adapter_index.dtype}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n: expected an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n: expected at least one adapter, got {n}")
+    index = adapter_index.detach()   # shares the version counter: an in-place change is seen
+    check_index_range(index, int(n))
+    return AdapterRows(index, int(n), _checked=True)
+
+
+# --- one selection per model forward (use_adapter_names, patch_peft's adapter_names) -------------------------------
+# The cache of the forward in progress: opened by a forward pre-hook on the model, closed by its forward hook
+# (also on an exception); None outside a model forward, where each layer builds its own selection.
+_SCOPE: contextvars.ContextVar = contextvars.ContextVar("lora_fast_adapter_rows", default=None)
+
+
+# entries of one scope at most: a forward needs one per distinct slot mapping and per distinct scales; a scope
+# left open (a BaseException such as KeyboardInterrupt skips the closing hook) is emptied past it, never grows
+_SCOPE_ENTRIES = 256
+
+
+class _Scope:
+    __slots__ = ("cache", "depth")
+
+    def __init__(self):
+        self.cache, self.depth = {}, 0
+
+    def put(self, key, value):
+        if len(self.cache) >= _SCOPE_ENTRIES:
+            self.cache.clear()
+        self.cache[key] = value
+        return value
+
+
+def current_rows_scope():
+    """The scope in force (an opaque object), or None: ``use_adapter_names`` restores it on leaving its block."""
+    return _SCOPE.get()
+
+
+def restore_rows_scope(scope) -> None:
+    """Make ``scope`` (from ``current_rows_scope``) the one in force again, emptying one left open since."""
+    left = _SCOPE.get()
+    if left is not scope:
+        if left is not None:
+            left.cache.clear()
+        _SCOPE.set(scope)
+
+
+def open_rows_scope(module=None, args=None) -> None:
+    """Forward pre-hook: the selections built from here to the matching ``close_rows_scope`` are shared (a
+    nested model forward joins the scope open). Nothing under torch.compile (the op runs its reference there)."""
+    if torch.compiler.is_compiling():
+        return
+    scope = _SCOPE.get()
+    if scope is None:
+        scope = _Scope()
+        _SCOPE.set(scope)
+    scope.depth += 1
+
+
+def close_rows_scope(module=None, args=None, output=None) -> None:
+    """Forward hook (always called): ends the scope opened by ``open_rows_scope``; its selections are dropped
+    (the autograd graph keeps what each call's backward needs)."""
+    if torch.compiler.is_compiling():
+        return
+    scope = _SCOPE.get()
+    if scope is None:
+        return
+    scope.depth -= 1
+    if scope.depth <= 0:
+        scope.cache.clear()
+        _SCOPE.set(None)
+
+
+def sample_rows(slots: Sequence[int], leading_shape, n: int, device) -> AdapterRows:
+    """The selection of a per-sample adapter choice (``adapter_names`` mapped to a layer's adapter slots):
+    slots[i] in [-1, n) for sample i (x's first dim), the same for every row of that sample. Checked on the host
+    and uploaded without a device sync. Within a model forward (``open_rows_scope``) layers with the same slots,
+    shape, n and device share one object (one index upload, one sort); another slot mapping gets its own."""
+    slots = tuple(slots)
+    if any(not -1 <= s < n for s in slots):
+        raise ValueError(f"adapter_names: slots {slots} outside [-1, {n})")   # the layers' own mapping: a bug
+    scope = _SCOPE.get()
+    key = (slots, tuple(leading_shape), n, device)
+    if scope is not None and not torch.compiler.is_compiling():
+        rows = scope.cache.get(key)
+        if rows is not None:
+            return rows
+    # uploaded without waiting for the device (torch.tensor(..., device="cuda") would synchronize the stream)
+    index = torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True)
+    index = index.view(-1, *([1] * (len(leading_shape) - 1))).expand(leading_shape)
+    rows = AdapterRows(index, n, _checked=True)
+    if scope is not None and not torch.compiler.is_compiling():
+        scope.put(key, rows)
+    return rows
+
+
+def _adapter_params(scales, dropout_ps, device) -> torch.Tensor:
+    """``kernels.multi.adapter_params``' (5, n) fp32 table (one host-to-device copy); within a model forward's
+    scope, one per distinct (scales, dropout ps, device), shared by the layers (read-only: saved for backward
+    and read by the kernels, never written)."""
+    from .kernels import multi
+
+    scope = _SCOPE.get()
+    if scope is None:
+        return multi.adapter_params(scales, dropout_ps, device)
+    # by the floats' bits (0.0 == -0.0, but a -0.0 scale's table must stay its own)
+    key = ("params", tuple(float(v).hex() for v in scales), tuple(float(v).hex() for v in dropout_ps), device)
+    table = scope.cache.get(key)
+    if table is None:
+        table = scope.put(key, multi.adapter_params(scales, dropout_ps, device))
+    return table
 
 
 def multi_backend(x: torch.Tensor) -> str:
@@ -126,21 +339,27 @@ class _OneAdapterFunction(torch.autograd.Function):
 
 
 class _MultiFunction(torch.autograd.Function):
-    """n >= 1 adapters on the Triton path (kernels/multi.py): 2 launches forward, 3 backward, whatever n (plus
-    the sort's three small torch launches in forward when ``order`` is "sorted"). Saves x, weight, A, B
+    """n >= 1 adapters on the Triton path (kernels/multi.py): 2 launches forward, 3 backward, whatever n (plus,
+    when ``order`` is "sorted", the sort's three small torch launches in forward: per call for a raw index,
+    none for a ``prepared`` AdapterRows sorted by an earlier call). Saves x, weight, A, B
     (parameters: no new memory), S (M, R) fp32, idx (M,) int64, the (5, n) fp32 table of per-adapter constants
     and the seed; sorted, also the sorted index and the permutation (M,) int64 each and the (n + 1,) segment
     starts: nothing of size M x out_features, nothing that grows with n but the table and the segments."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, idx, scales, dropout_ps, seed, order=DEFAULT_ORDER):
+    def forward(ctx, x, weight, bias, A, B, idx, scales, dropout_ps, seed, order=DEFAULT_ORDER, prepared=None):
         from .kernels import multi
 
         x2d, y, y2d = _output(x, weight.shape[0])
-        idx1d = idx.reshape(-1).contiguous()   # the kernels read it with unit stride
-        params = multi.adapter_params(scales, dropout_ps, x.device)
+        params = _adapter_params(scales, dropout_ps, x.device)
         has_dropout = any(p > 0 for p in dropout_ps)
-        rows = multi.sort_rows(idx1d, A.shape[0]) if order == "sorted" else None
+        if prepared is not None:
+            # an AdapterRows: its unit-stride index and sort, made once for every call that shares it
+            idx1d = prepared.flat()
+            rows = prepared.sorted_rows() if order == "sorted" else None
+        else:
+            idx1d = idx.reshape(-1).contiguous()   # the kernels read it with unit stride
+            rows = multi.sort_rows(idx1d, A.shape[0]) if order == "sorted" else None
         S = multi.multi_forward(x2d, weight, bias, A, B, idx1d, params, has_dropout, seed, y2d, rows)
         ctx.save_for_backward(x, weight, A, B, S, idx1d, params, seed, *(rows or ()))
         ctx.scales, ctx.dropout_ps, ctx.has_bias = tuple(scales), tuple(dropout_ps), bias is not None
@@ -161,11 +380,11 @@ class _MultiFunction(torch.autograd.Function):
                                               need_dx=need_dx, need_dA=need_dA, need_dB=need_dB,
                                               order=tuple(rows) or None)
             dx = dx.view(x.shape) if dx is not None else None
-        return (dx, *_frozen_gradients(ctx, dy, x, weight), dA, dB, None, None, None, None, None)
+        return (dx, *_frozen_gradients(ctx, dy, x, weight), dA, dB, None, None, None, None, None, None)
 
 
 def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
-                      B: torch.Tensor, scale, adapter_index: torch.Tensor, *, dropout_p=0.0,
+                      B: torch.Tensor, scale, adapter_index: Union[torch.Tensor, AdapterRows], *, dropout_p=0.0,
                       training: bool = True) -> torch.Tensor:
     """Several LoRA adapters in one batch, with autograd: row m of x gets
     y_m = x_m W^T + b + scale[a] * (dropout_a(x_m) @ A[a]) @ B[a], a = adapter_index[m], and the base layer alone
@@ -180,7 +399,9 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             Adapters of different ranks are padded with zero columns of A / rows of B to the largest rank (exact:
             the padding adds zero products; LinearWithLoRA pads its own adapters).
         scale: the LoRA scale of every adapter: one finite number, or n of them (a sequence or a (n,) tensor).
-        adapter_index: int64 tensor of shape x.shape[:-1], values in [-1, n); -1: no adapter on that row.
+        adapter_index: int64 tensor of shape x.shape[:-1], values in [-1, n); -1: no adapter on that row. Or
+            an ``AdapterRows`` (``adapter_rows(adapter_index, n)``): the same rows, checked and (sorted order)
+            sorted once for all the calls that share it; bit for bit the same result and gradients.
         dropout_p: drop probability in [0, 1] of the LoRA input, one for all adapters or one per adapter; active
             when ``training``. One seed per call, drawn as lora_linear draws it; row m's mask is the element
             mask lora_linear would draw for that row under that seed with p = dropout_p[a], quantised to a
@@ -190,7 +411,9 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     Backend: the reference path (torch ops) unless ``LORA_FAST_MULTI=triton`` (opt-in, see ``multi_backend``);
     there the rows are visited in adapter order through a stable sort of adapter_index (``multi_order``;
     ``LORA_FAST_MULTI_ORDER=unsorted``: in their own order).
-    The index range is checked on the host (one device sync per call). Under torch.func transforms and
+    A raw index's range is checked on the host (one device sync per call) and, sorted, the index is sorted per
+    call (three small torch launches); an ``AdapterRows`` does both once, where it is built. Under torch.func
+    transforms and
     torch.compile the reference path runs. With one adapter (n = 1) the result is bit for bit lora_linear's on
     either backend.
 
@@ -203,12 +426,19 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         ValueError: mismatched shapes (A not 3-D, B not (n, rank, out), adapter_index not x.shape[:-1]), tensors
             on another device than x, index values outside [-1, n), a non-finite scale, dropout_p outside
             [0, 1], a per-adapter sequence of another length than n, an unknown LORA_FAST_MULTI or
-            LORA_FAST_MULTI_ORDER.
+            LORA_FAST_MULTI_ORDER; an AdapterRows built for another n, leading shape or device, or whose index
+            was modified in place since it was built.
         RuntimeError: LORA_FAST_MULTI=triton with inputs the kernels cannot serve.
     """
     if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
         x, weight, bias, A, B = _autocast_inputs(x, weight, bias, A, B)
-    scales, dropout_ps = check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout_p)
+    prepared = None
+    if isinstance(adapter_index, AdapterRows):
+        prepared, adapter_index = adapter_index, adapter_index.index
+    scales, dropout_ps = check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout_p,
+                                                 check_range=prepared is None)
+    if prepared is not None:
+        prepared.check(x.shape[:-1], A.shape[0], x.device)
     check_training(training)
     order = multi_order()   # checked on either backend: a wrong value is never ignored
     if multi_backend(x) == "reference" or x.numel() == 0 or weight.shape[0] == 0 \
@@ -225,4 +455,4 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if A.shape[0] == 1:
         return _OneAdapterFunction.apply(x, weight, bias, A, B, adapter_index, scales[0], ps[0],
                                          seed if ps[0] > 0 else None)
-    return _MultiFunction.apply(x, weight, bias, A, B, adapter_index, scales, ps, seed, order)
+    return _MultiFunction.apply(x, weight, bias, A, B, adapter_index, scales, ps, seed, order, prepared)

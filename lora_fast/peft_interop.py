@@ -35,6 +35,7 @@ from .layers import (
     DEFAULT_ADAPTER,
     LinearWithDoRA,
     LinearWithLoRA,
+    _pad_rank,
     forward_4bit,
     forward_dora_4bit,
     has_4bit_forward,
@@ -43,7 +44,7 @@ from .layers import (
     is_linear4bit,
     lora_scale,
 )
-from .multi import lora_linear_multi
+from .multi import close_rows_scope, lora_linear_multi, open_rows_scope, sample_rows
 from .patching import _inside_attention, module_places
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -284,8 +285,9 @@ def _summed_adapters(module: nn.Module, x, args, kwargs) -> Optional[tuple]:
 
 
 def _mixed_batch_operands(module: nn.Module, x, args, kwargs):
-    """(A (n, in, r), B (n, r, out), scales, dropout ps, adapter index) for a call with PEFT's ``adapter_names``
-    (one adapter per sample) that ``lora_linear_multi`` computes as PEFT's ``_mixed_batch_forward`` does, or
+    """(A (n, in, r), B (n, r, out), scales, dropout ps, adapter rows) for a call with PEFT's ``adapter_names``
+    (one adapter per sample) that ``lora_linear_multi`` computes as PEFT's ``_mixed_batch_forward`` does (the
+    rows an ``AdapterRows``, shared by the layers of one forward of the patched model), or
     None for PEFT's own forward. Only while the opt-in multi-adapter kernels are on (LORA_FAST_MULTI=triton):
     otherwise PEFT's loop stays (the reference path would compute the same loop, rounded otherwise)."""
     if os.environ.get("LORA_FAST_MULTI", "").strip().lower() != "triton":
@@ -325,16 +327,13 @@ def _mixed_batch_operands(module: nn.Module, x, args, kwargs):
             return None
     rank = max(module.lora_A[a].weight.shape[0] for a in used)
     # PEFT's lora_A.weight is (r, in) and lora_B.weight (out, r): transposed views, padded to the largest rank
-    A = torch.stack([nn.functional.pad(module.lora_A[a].weight.t(), (0, rank - module.lora_A[a].weight.shape[0]))
-                     for a in used])
-    B = torch.stack([nn.functional.pad(module.lora_B[a].weight.t(), (0, 0, 0, rank - module.lora_A[a].weight.shape[0]))
-                     for a in used])
+    A = torch.stack([_pad_rank(module.lora_A[a].weight.t(), rank, 1) for a in used])
+    B = torch.stack([_pad_rank(module.lora_B[a].weight.t(), rank, 0) for a in used])
     scales = [module.scaling[a] for a in used]
     dropouts = [module.lora_dropout[a] for a in used]
     ps = [d.p if isinstance(d, nn.Dropout) and d.training else 0.0 for d in dropouts]
     position = {a: i for i, a in enumerate(used)}
-    index = torch.tensor([position.get(n, -1) for n in names], dtype=torch.int64, device=x.device)
-    return A, B, scales, ps, index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+    return A, B, scales, ps, sample_rows([position.get(n, -1) for n in names], x.shape[:-1], len(used), x.device)
 
 
 def _fused_forward(module: nn.Module, x, *args, **kwargs):
@@ -343,10 +342,12 @@ def _fused_forward(module: nn.Module, x, *args, **kwargs):
         mixed = _mixed_batch_operands(module, x, args, kwargs)
         if mixed is None:
             return type(module).forward(module, x, *args, **kwargs)
-        A, B, scales, ps, index = mixed
+        A, B, scales, ps, rows = mixed
+        if A.shape[0] > 1:
+            _ensure_rows_scope(module)   # a model patched before it held several adapters: share from now on
         base = module.base_layer
         weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
-        return lora_linear_multi(x, weight, base.bias, A, B, scales, index, dropout_p=ps, training=True)
+        return lora_linear_multi(x, weight, base.bias, A, B, scales, rows, dropout_p=ps, training=True)
     plan = _fused_adapter(module, x, args, kwargs)
     if plan is None:
         summed = _summed_adapters(module, x, args, kwargs)
@@ -423,7 +424,10 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
     masks come from lora-fast's generator, with PEFT's probability and the dropout module's train/eval mode).
     bias "none"/"all"/"lora_only", rsLoRA and fp32 adapters on fp16/bf16 bases are supported. PEFT's own API
     (save_pretrained, set_adapter, merge_and_unload, disable_adapter) keeps working: the patch only adds an
-    instance ``forward``; parameters and state-dict keys are PEFT's. Calling twice equals calling once.
+    instance ``forward`` per layer and, once some layer holds several adapters (at the patch, or at the first
+    ``adapter_names`` batch that uses several), a forward pre-hook and hook on ``model`` (and a PeftModel's
+    wrapped model) that let the layers of one forward share one ``adapter_names`` selection (its index and sort
+    built once); parameters and state-dict keys are PEFT's. Calling twice equals calling once.
 
     PEFT's plain lora.Linear around a bitsandbytes Linear4bit (what PEFT builds for a hand-built model without a
     quantization config) is fused as its 4-bit class is, on ``lora_linear_4bit``. Layers of other PEFT classes
@@ -460,6 +464,7 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
             report.patched.append(name)
         else:
             report.skipped[name] = reason
+    _track_rows_scope(model)
     if warn and report.skipped:
         kinds = ", ".join(f"{kind} ({n})" for kind, n in sorted(report.skipped_kinds().items()))
         warnings.warn(f"patch_peft: {len(report.skipped)} LoRA layers stay on PEFT's own path: {kinds}",
@@ -468,16 +473,73 @@ def patch_peft(model: nn.Module, *, warn: bool = True) -> PatchReport:
 
 
 def unpatch_peft(model: nn.Module) -> int:
-    """Undo patch_peft: every patched PEFT LoRA layer in ``model`` gets PEFT's own forward back. Returns the number
-    of layers restored. Raises TypeError if ``model`` is not an nn.Module."""
+    """Undo patch_peft: every patched PEFT LoRA layer in ``model`` gets PEFT's own forward back (and the model's
+    selection-scope hooks are removed). Returns the number of layers restored. Raises TypeError if ``model`` is
+    not an nn.Module."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     restored = 0
     for module in model.modules():
         if _is_patched(module):
             del module.forward
+            _PATCHED_ROOTS.pop(module, None)
             restored += 1
+    _remove_rows_scope(model)
     return restored
+
+
+def _scope_modules(model: nn.Module) -> list:
+    """The patched model and, for a PeftModel, the model it wraps (``generate`` calls that one directly)."""
+    inner = getattr(model, "get_base_model", None)
+    inner = inner() if callable(inner) else None
+    return [model] + ([inner] if isinstance(inner, nn.Module) and inner is not model else [])
+
+
+# patched layer -> the model patch_peft was called on (weakly: a patched model is freed by reference counting)
+_PATCHED_ROOTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _track_rows_scope(model: nn.Module) -> None:
+    """Remember the model of each patched layer, and give it the selection-scope hooks now when some layer
+    holds several adapters (an adapter_names batch may then sort); a model of one adapter per layer gets them
+    at its first mixed batch with several (``_ensure_rows_scope``), so that plain forwards pay no hook."""
+    root = weakref.ref(model)
+    several = False
+    for module in model.modules():
+        if _is_patched(module):
+            _PATCHED_ROOTS[module] = root
+            several = several or len(getattr(module, "lora_A", ())) > 1
+    if several:
+        _add_rows_scope(model)
+
+
+def _ensure_rows_scope(layer: nn.Module) -> None:
+    root = _PATCHED_ROOTS.get(layer)
+    model = root() if root is not None else None
+    if model is not None:
+        _add_rows_scope(model)
+
+
+def _add_rows_scope(model: nn.Module) -> None:
+    """Hooks on the patched model that make each of its forwards one scope of shared adapter selections
+    (multi.open_rows_scope / close_rows_scope): PEFT's ``adapter_names`` batches build the index and its sort
+    once per forward, not once per layer. Added once (found again in a copied model too)."""
+    for module in _scope_modules(model):
+        if any(h is open_rows_scope for h in module._forward_pre_hooks.values()):
+            continue
+        module.register_forward_pre_hook(open_rows_scope)
+        module.register_forward_hook(close_rows_scope, always_call=True)
+
+
+def _remove_rows_scope(model: nn.Module) -> None:
+    for module in _scope_modules(model):
+        for hooks, extras in ((module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+                              (module._forward_hooks, (module._forward_hooks_with_kwargs,
+                                                       module._forward_hooks_always_called))):
+            for key in [k for k, h in hooks.items() if h is open_rows_scope or h is close_rows_scope]:
+                del hooks[key]
+                for extra in extras:
+                    extra.pop(key, None)
 
 
 def _lora_modules(model: nn.Module) -> dict:

@@ -1020,3 +1020,272 @@ def test_gpu_check_runs_the_multi_adapter_bench_with_valid_arguments():
     words = shlex.split(lines[0].split("python -m bench.multi_adapter", 1)[1].split("2>&1")[0])
     args = multi_adapter.parser().parse_args([w.replace("$OUT", "/tmp/out") for w in words])
     assert args.short and not args.dry_run and args.out == "/tmp/out"
+
+
+# --- a prepared selection, shared by the layers of one forward (issue 30: the sort once per selection) ----------
+
+
+@pytest.mark.parametrize("order", ["sorted", "unsorted"])
+def test_adapter_rows_bit_for_bit_as_the_raw_index(order, monkeypatch, device):
+    """lora_linear_multi with an AdapterRows gives bit for bit the result and every gradient of the raw index,
+    with dropout per adapter, on the kernels in both row orders (a non-contiguous 2-D index, rows of -1, n = 3)
+    and on the reference; one AdapterRows serves several calls and their backward (sorted once)."""
+    from lora_fast import adapter_rows
+    from lora_fast.kernels import multi
+
+    inputs = multi_inputs((2, 13), 24, 16, (2, 4, 3), torch.float32, device)
+    idx = adapter_index((2, 26), 3, device)[:, ::2]   # non-contiguous: the kernels get a unit-stride copy
+    dropout_p = [0.3, 0.0, 0.5]
+    sorts = []
+    monkeypatch.setattr(multi, "sort_rows", lambda i, n, f=multi.sort_rows: sorts.append(n) or f(i, n))
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", order)
+    for backend in ("triton", "reference") if order == "sorted" else ("triton",):
+        monkeypatch.setenv("LORA_FAST_MULTI", backend)
+        rows = adapter_rows(idx, 3)
+        raw, raw_grads, dy = _run(inputs, [0.5, -1.25, 2.0], idx, dropout_p, 7, op=lora_linear_multi)
+        sorts.clear()
+        for _ in range(2):
+            got, grads, _ = _run(inputs, [0.5, -1.25, 2.0], rows, dropout_p, 7, dy, op=lora_linear_multi)
+            assert torch.equal(got, raw), backend
+            for g, r in zip(grads, raw_grads):
+                assert torch.equal(g, r), backend
+        assert len(sorts) == (1 if backend == "triton" and order == "sorted" else 0), backend
+
+
+def test_adapter_rows_errors(device):
+    """adapter_rows checks its index once (dtype, range, n); a call refuses an AdapterRows built for another n,
+    shape or device, and one whose index was modified in place since (never a stale sort); it is immutable."""
+    from lora_fast import AdapterRows, adapter_rows
+
+    x, weight, b, A, B = multi_inputs((6,), 8, 5, (2, 2), torch.float32, device)
+    idx = torch.tensor([0, 1, -1, 1, 0, 0], device=device)
+    with pytest.raises(TypeError, match="int64"):
+        adapter_rows(idx.int(), 2)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        adapter_rows([0, 1], 2)
+    with pytest.raises(TypeError, match="n: expected an int"):
+        adapter_rows(idx, 2.0)
+    with pytest.raises(ValueError, match="at least one adapter"):
+        adapter_rows(idx, 0)
+    with pytest.raises(ValueError, match=r"values in \[-1, 1\)"):
+        adapter_rows(idx, 1)
+    with pytest.raises(TypeError, match="adapter_rows"):
+        AdapterRows(idx, 2)
+    rows = adapter_rows(idx, 2)
+    with pytest.raises(AttributeError, match="immutable"):
+        rows.n = 3
+    assert rows.shape == (6,) and rows.n == 2 and torch.equal(rows.index, idx)
+    y = lora_linear_multi(x, weight, b, A, B, 0.5, rows)
+    assert torch.equal(y, lora_linear_multi(x, weight, b, A, B, 0.5, idx))
+    with pytest.raises(ValueError, match="n=2 adapters, but A holds 3"):
+        lora_linear_multi(x, weight, b, torch.cat([A, A[:1]]), torch.cat([B, B[:1]]), 0.5, rows)
+    with pytest.raises(ValueError, match=r"leading shape \(3,\)"):
+        lora_linear_multi(x[:3], weight, b, A, B, 0.5, adapter_rows(idx[:4], 2))
+    idx[2] = 1   # in place: the selection built before is stale
+    with pytest.raises(ValueError, match="modified in place"):
+        lora_linear_multi(x, weight, b, A, B, 0.5, rows)
+    if torch.device(device).type != "cpu":
+        with pytest.raises(ValueError, match="device"):
+            lora_linear_multi(x, weight, b, A, B, 0.5, adapter_rows(idx.cpu(), 2))
+
+
+def _three_layer_model(device):
+    from lora_fast import replace_linear_with_lora
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 20), torch.nn.Tanh(), torch.nn.Linear(20, 20), torch.nn.Tanh(),
+                                torch.nn.Linear(20, 6)).to(device)
+    replace_linear_with_lora(model, 4, 2.0)
+    for layer in model[::2]:
+        layer.add_adapter("b", 2, 3.0)
+        layer.add_adapter("c", 4, 1.0, dropout=0.25)
+        with torch.no_grad():
+            for p in layer.adapter_parameters():
+                p.normal_(0, 0.3)
+    return model
+
+
+def test_model_forward_sorts_once_and_reads_no_range(monkeypatch, device):
+    """Under use_adapter_names on the sorted kernels, a training step of a model with three wrapped layers sorts
+    the rows once (not once per layer), reads no index range from the device (the names are checked on the host),
+    uploads one table of per-adapter constants for layers whose adapters have the same scales, and gives bit for
+    bit the result and gradients of each layer called with the names alone (one selection each); nothing
+    outlives the forward."""
+    from lora_fast import multi as multi_mod
+    from lora_fast import use_adapter_names
+    from lora_fast.kernels import multi
+
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "sorted")
+    sorts, ranges, tables = [], [], []
+    monkeypatch.setattr(multi, "sort_rows", lambda i, n, f=multi.sort_rows: sorts.append(n) or f(i, n))
+    monkeypatch.setattr(multi, "adapter_params", lambda *a, f=multi.adapter_params: tables.append(1) or f(*a))
+    monkeypatch.setattr("lora_fast._checks.check_index_range", lambda *a: ranges.append(1))
+    model = _three_layer_model(device)
+    x = torch.randn(5, 3, 16, device=device)
+    names = ["c", "__base__", "b", "default", "c"]
+    results = []
+    for shared in (True, False):
+        for p in model.parameters():
+            p.grad = None
+        sorts.clear()
+        tables.clear()
+        torch.manual_seed(11)   # the same dropout seeds, drawn in the same order
+        if shared:
+            with use_adapter_names(model, names):
+                y = model(x)
+                assert multi_mod._SCOPE.get() is None   # closed with the forward
+        else:
+            h = x
+            for i, m in enumerate(model):
+                h = m(h, adapter_names=names) if i % 2 == 0 else m(h)
+            y = h
+        assert len(sorts) == (1 if shared else 3)
+        assert len(tables) == (1 if shared else 3)   # the layers' adapters have the same scales and dropouts
+        y.square().sum().backward()
+        assert len(sorts) == (1 if shared else 3)   # the backward reuses the forward's sort
+        results.append((y.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert not ranges
+    with use_adapter_names(model, names[:2]):   # a forward that raises closes its scope too
+        with pytest.raises(ValueError, match="one name per sample"):
+            model(x)
+        assert multi_mod._SCOPE.get() is None
+    (y1, g1), (y2, g2) = results
+    assert torch.equal(y1, y2) and len(g1) == len(g2) >= 3 * 6   # every adapter of every layer
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_selection_ops_bench_counts_one_sort_per_forward(monkeypatch):
+    """bench.selection_ops (torch.profiler's aten events): a training step of a 2-layer model under
+    use_adapter_names on the sorted kernels sorts once in its forward, reads no index range, uploads one table,
+    and its backward none of these; bare calls with a raw index sort and check per call, with an AdapterRows once."""
+    from bench import selection_ops
+
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "sorted")
+    step = selection_ops.model_step(layers=2, batch=4, seq=2, width=16)
+    assert step["forward"] == {"aten::sort": 1, "aten::arange": 1, "aten::searchsorted": 1, "aten::aminmax": 0,
+                               "aten::item": 0, "aten::stack": 4, "tables": 1}
+    assert not any(step["backward"].values())
+    ops = selection_ops.op_calls(calls=2, M=12, K=16, N=8)
+    assert ops["raw"]["aten::sort"] == ops["raw"]["aten::aminmax"] == 2
+    assert ops["adapter_rows build"]["aten::aminmax"] == 1 and ops["adapter_rows build"]["aten::sort"] == 0
+    assert ops["AdapterRows"]["aten::sort"] == 1 and ops["AdapterRows"]["aten::aminmax"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist on CUDA only")
+def test_model_forward_on_the_kernels_does_not_sync(monkeypatch):
+    """A model forward under use_adapter_names on the sorted kernels makes no host sync: the names are checked
+    on the host, the index uploaded without waiting, sorted on the device (before issue 30's sharing: three per
+    layer, the index upload and the range check's two reads)."""
+    from lora_fast import use_adapter_names
+
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "sorted")
+    model = _three_layer_model("cuda").eval()
+    x = torch.randn(5, 3, 16, device="cuda")
+    with torch.no_grad(), use_adapter_names(model, ["c", "__base__", "b", "default", "c"]):
+        model(x)   # compiles the kernels outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_sample_rows_shared_by_slot_mapping_within_a_scope(monkeypatch):
+    """sample_rows: within a scope (a model forward) one object per (slots, shape, n, device); another slot
+    mapping (a layer without an adapter, adapters in another order) or shape gets its own; outside a scope, and
+    after it closes, nothing is kept."""
+    from lora_fast import multi
+
+    assert multi._SCOPE.get() is None
+    outside = multi.sample_rows([0, -1, 1], (3, 4), 2, torch.device("cpu"))
+    assert multi.sample_rows([0, -1, 1], (3, 4), 2, torch.device("cpu")) is not outside
+    assert torch.equal(outside.index, torch.tensor([[0] * 4, [-1] * 4, [1] * 4]))
+    multi.open_rows_scope()
+    try:
+        first = multi.sample_rows([0, -1, 1], (3, 4), 2, torch.device("cpu"))
+        multi.open_rows_scope()   # a nested model forward joins the scope
+        assert multi.sample_rows((0, -1, 1), torch.Size([3, 4]), 2, torch.device("cpu")) is first
+        multi.close_rows_scope()
+        assert multi.sample_rows([1, -1, 0], (3, 4), 2, torch.device("cpu")) is not first
+        assert multi.sample_rows([0, -1, 1], (3,), 2, torch.device("cpu")) is not first
+        assert multi.sample_rows([0, -1, 1], (3, 4), 3, torch.device("cpu")) is not first
+        with pytest.raises(ValueError, match="outside"):
+            multi.sample_rows([0, 2], (2,), 2, torch.device("cpu"))
+    finally:
+        multi.close_rows_scope()
+    assert multi._SCOPE.get() is None
+    # a scope left open (its closing hook skipped) is emptied past _SCOPE_ENTRIES, and by use_adapter_names' exit
+    monkeypatch.setattr(multi, "_SCOPE_ENTRIES", 3)
+    before = multi.current_rows_scope()
+    multi.open_rows_scope()
+    left = multi.current_rows_scope()
+    for b in range(5):
+        multi.sample_rows([0] * (b + 1), (b + 1,), 1, torch.device("cpu"))
+        assert len(left.cache) <= 3
+    multi.restore_rows_scope(before)
+    assert multi.current_rows_scope() is None and not left.cache
+
+
+def test_patch_peft_adapter_names_share_one_selection_per_slot_mapping(monkeypatch, device):
+    """patch_peft's adapter_names batches: one sort per forward for the layers that map the names alike, one more
+    for a layer that lacks an adapter (PEFT runs its samples on the base layer); bit for bit what each layer
+    computes with a selection of its own (the scope hooks removed), and unpatch_peft removes the hooks."""
+    peft = pytest.importorskip("peft")
+    from lora_fast import patch_peft, unpatch_peft
+    from lora_fast.kernels import multi
+    from lora_fast.peft_interop import _remove_rows_scope
+
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "sorted")
+    base = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8)).to(device)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2", "4", "6"]))
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2", "4"]))
+    model.add_adapter("third", peft.LoraConfig(r=3, lora_alpha=6, target_modules=["4", "6"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.eval()
+    sorts = []
+    monkeypatch.setattr(multi, "sort_rows", lambda i, n, f=multi.sort_rows: sorts.append(n) or f(i, n))
+    x = torch.randn(5, 3, 12, device=device)
+    names = ["other", "__base__", "default", "third", "other"]
+    patch_peft(model, warn=False)
+    with torch.no_grad():
+        y = model(x, adapter_names=names)
+        # layers 0 and 2 map (other, default) to slots (0, 1) alike: one sort; layer 4 (other, default, third) and
+        # layer 6 (default, third; "other" runs on its base layer) one each
+        assert sorted(sorts) == [2, 2, 3]
+        _remove_rows_scope(model)
+        sorts.clear()
+        alone = model(x, adapter_names=names)
+        assert sorted(sorts) == [2, 2, 2, 3]
+    assert torch.equal(y, alone)
+    patch_peft(model, warn=False)
+    patch_peft(model, warn=False)   # the hooks are added once
+    from lora_fast import multi as multi_mod
+
+    def hooked(m):
+        return sum(h is multi_mod.open_rows_scope for h in m._forward_pre_hooks.values()) \
+            + sum(h is multi_mod.close_rows_scope for h in m._forward_hooks.values())
+
+    assert hooked(model) == hooked(model.get_base_model()) == 2
+    unpatch_peft(model)
+    assert hooked(model) == hooked(model.get_base_model()) == 0
+    # one adapter per layer: no hook (plain forwards pay none) until a mixed batch uses several
+    single = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(12, 8)).to(device),
+                                 peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
+    patch_peft(single, warn=False)
+    assert hooked(single) == 0
+    single.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
+    single.eval()   # PEFT takes adapter_names in eval mode only
+    with torch.no_grad():
+        single(x[:2, :, :], adapter_names=["default", "__base__"])
+        assert hooked(single) == 0   # one adapter in the batch: nothing to sort
+        single(x[:2, :, :], adapter_names=["default", "other"])
+    assert hooked(single) == 2

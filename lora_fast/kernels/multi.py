@@ -11,12 +11,12 @@ Row m of x (M, K) uses adapter a = IDX[m] in [-1, n) (-1: the base layer alone),
 
 Design (UNMEASURED on any GPU, see docs/multi-adapter.md). Rows are visited in one of two orders:
 "sorted" (the default, LORA_FAST_MULTI_ORDER): in adapter order through PERM, a stable sort of the index computed
-once per call on the host side with torch and reused by the backward; a tile of BLOCK_M sorted positions reads and
-writes the rows PERM[pos] in place (x, y, dx are never copied) and holds one adapter but at segment edges, and each
-adapter's gradient programs walk its own segment only. "unsorted": rows in their own order. Either way a tile of
-rows reads each adapter present in it once: the kernels loop
-over the adapters from the tile's smallest to its largest index, skip those with no row in the tile, and add
-``dot(rows of a, operand of a)`` into one fp32 accumulator with the other rows zeroed, so each row receives
+with torch (``sort_rows``) once per call, or once per ``AdapterRows`` shared by many calls, reused by the
+backward; a tile of BLOCK_M sorted positions reads and writes the rows PERM[pos] in place (x, y, dx are never
+copied) and holds one adapter but at segment edges, and each adapter's gradient programs walk its own segment
+only. "unsorted": rows in their own order. Either way a tile of rows reads each adapter present in it once: the
+kernels loop over the adapters from the tile's smallest to its largest index, skip those with no row in the tile,
+and add ``dot(rows of a, operand of a)`` into one fp32 accumulator with the other rows zeroed, so each row receives
 exactly its own adapter's products (the others add exact zeros). A batch grouped by adapter (PEFT's
 ``adapter_names`` batches usually are) costs about one dot per tile like lora_linear; a fully mixed tile costs
 one narrow dot per adapter present. The per-adapter gradients are reduced by one program per (block of columns,
@@ -367,8 +367,9 @@ def _dot(dtype):
 
 
 def sort_rows(idx: torch.Tensor, n: int):
-    """The rows in adapter order, for the sorted variant: (sorted_idx, perm, seg), computed once per call with
-    torch on idx's device (no host sync) and reused by the backward. idx (M,) int64 in [-1, n); perm (M,) int64
+    """The rows in adapter order, for the sorted variant: (sorted_idx, perm, seg), computed with torch on idx's
+    device (no host sync): once per call for a raw index, once per ``multi.AdapterRows`` (shared by the layers
+    of a model forward); reused by the backward. idx (M,) int64 in [-1, n); perm (M,) int64
     a stable sort of idx (rows of one adapter keep their order), sorted_idx = idx[perm]; seg (n + 1,) int64,
     adapter a's rows at sorted positions seg[a] .. seg[a + 1] (the rows of -1 come first, before seg[0]).
     Three small torch launches (sort, arange, searchsorted; not bincount, which reads idx's min and max to the
