@@ -97,15 +97,21 @@ class MultiAdapterClassifier(nn.Module):
     @torch.no_grad()
     def initialize(self, name: str, generator: torch.Generator) -> None:
         """Adapter ``name``'s initial values from ``generator`` alone, in a fixed order: every layer's A
-        (kaiming-uniform, a = sqrt(5), as LoRALayer), B zero, then the head (nn.Linear's own initialisation)."""
+        (kaiming-uniform, a = sqrt(5), as LoRALayer), B zero, then the head (nn.Linear's own initialisation), drawn
+        in float32 and cast to the model's dtype."""
+        def draw(target, init):  # drawn in float32 whatever the dtype: the same values in a float64 run
+            value = torch.empty(target.shape, dtype=torch.float32)
+            init(value)
+            target.copy_(value)
+
         for layer in self.layers:
             lora = layer.adapter(self.slots[name])
-            nn.init.kaiming_uniform_(lora.A, a=math.sqrt(5), generator=generator)
+            draw(lora.A, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator))
             lora.B.zero_()
         head = self.heads[name]
-        nn.init.kaiming_uniform_(head.weight, a=math.sqrt(5), generator=generator)
+        draw(head.weight, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator))
         bound = 1.0 / math.sqrt(head.in_features)
-        head.bias.uniform_(-bound, bound, generator=generator)
+        draw(head.bias, lambda t: t.uniform_(-bound, bound, generator=generator))
 
     def adapter_parameters(self, name: str) -> list:
         return [p for layer in self.layers for p in (layer.adapter(self.slots[name]).A,
@@ -176,18 +182,21 @@ def joint_step(model, optimizer, tokenizer, chunks: dict, max_length: int, devic
 def train(adapters, train_rows, test_rows, *, seed: int, epochs: int = 1, batch_size: int = 8, max_length: int = 128,
           weight_decay: float = 0.1, encoder_dropout: float = 0.0, lora_dropout: float = 0.0, device="cpu",
           num_hidden_layers=None, dtype=torch.float32, optimizer: str = "adamw", max_steps=None,
-          init_from=None, order_from=None) -> dict:
+          init_from=None, order_from=None, keep_initial: bool = False) -> dict:
     """Train ``adapters`` ((name, rank, alpha, lr) tuples) together, one batch of ``batch_size`` messages of
     each per step. Every adapter's initial values and batch order come from its own generators
     (``adapter_generator(seed, name, ...)``), so training one adapter alone gives it exactly what it gets here
     (up to rounding). ``optimizer``: "adamw" (the example) or "sgd" (tests: linear in the gradients).
     ``max_steps``: stop after that many steps (tests). ``init_from`` / ``order_from``: {name: whose generator}
     (tests: a deliberately different draw). Returns {"seconds", "losses": {name: [loss per step]},
-    "test_accuracy": {name: fraction} (when ``test_rows``), "model", "tokenizer"}."""
+    "test_accuracy": {name: fraction} (when ``test_rows``), "model", "tokenizer"}, and with ``keep_initial``
+    "initial": {name: {key: a copy of the initial value}} (keys of ``named_adapter_parameters``)."""
     device = torch.device(device)
     torch.manual_seed(seed)  # only dropout (when on) draws from the global stream
     encoder, tokenizer = load_minilm(num_hidden_layers=num_hidden_layers, dropout=encoder_dropout, dtype=dtype)
     model = MultiAdapterClassifier(encoder, adapters, lora_dropout, seed, init_from).to(device)
+    initial = {name: {key: p.detach().clone() for key, p in model.named_adapter_parameters(name).items()}
+               for name in model.names} if keep_initial else None
     groups = [{"params": model.adapter_parameters(name), "lr": lr} for name, _, _, lr in adapters]
     if optimizer == "adamw":
         opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
@@ -216,6 +225,8 @@ def train(adapters, train_rows, test_rows, *, seed: int, epochs: int = 1, batch_
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - start
     result = {"seconds": seconds, "losses": losses, "model": model, "tokenizer": tokenizer}
+    if keep_initial:
+        result["initial"] = initial
     if test_rows:
         result["test_accuracy"] = {name: accuracy(model, test_rows, name, tokenizer, max_length, device)
                                    for name, *_ in adapters}
