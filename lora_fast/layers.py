@@ -6,6 +6,7 @@ import math
 import numbers
 import sys
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -217,6 +218,42 @@ def forward_dora_4bit(linear: nn.Module, x: torch.Tensor, A: torch.Tensor, B: to
     y = dora_linear_4bit(x.to(compute), weight, weight.quant_state, bias, A, B, magnitude, scale,
                          dropout_p=dropout_p, training=training)
     return y.to(x.dtype)
+
+
+# per LinearWithLoRA, its stacked adapters kept for calls without autograd (``_stacked_adapters``); weak on the layer,
+# so a deleted layer takes its stacks with it, and outside the module (deepcopy and pickle do not copy them)
+_STACKS = weakref.WeakKeyDictionary()
+_STACKS_PER_LAYER = 4   # adapter selections kept per layer (a serving loop's usual batch compositions)
+
+
+def _stacked_adapters(layer: nn.Module, adapters, rank: int):
+    """(A (n, in, rank), B (n, rank, out)): the adapters' factors (their ``A``, ``B``), padded with zeros to ``rank``
+    (``_pad_rank``) and stacked, as ``lora_linear_multi`` takes them. With autograd (grad mode on and some factor
+    requiring grad) a fresh stack each call, part of the graph. Without (inference, ``torch.no_grad``, frozen
+    adapters) the stack is kept for the layer and reused while every factor is the same tensor with the same data
+    pointer, shape, strides, dtype, device and version counter (any in-place write, an optimizer step or
+    ``load_state_dict``, bumps the version; ``.data = ...`` moves the pointer): a serving loop stacks once per batch
+    composition, not once per forward and layer. The kept entry holds its factors, so no new tensor can take their
+    identity; at most ``_STACKS_PER_LAYER`` selections per layer, the oldest dropped."""
+    factors = [t for a in adapters for t in (a.A, a.B)]
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in factors)) or any(t.is_inference() for t in factors):
+        # (an inference tensor keeps no version counter to check)
+        return (torch.stack([_pad_rank(a.A, rank, 1) for a in adapters]),
+                torch.stack([_pad_rank(a.B, rank, 0) for a in adapters]))
+    # made in inference mode, a stack could not be saved for a backward outside it: kept per mode
+    state = (torch.is_inference_mode_enabled(),
+             *((t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in factors))
+    kept = _STACKS.setdefault(layer, [])
+    for old_factors, old_state, old_rank, stacked in kept:
+        if old_rank == rank and len(old_factors) == len(factors) and old_state == state \
+                and all(a is b for a, b in zip(old_factors, factors)):
+            return stacked
+    with torch.no_grad():
+        stacked = (torch.stack([_pad_rank(a.A, rank, 1) for a in adapters]),
+                   torch.stack([_pad_rank(a.B, rank, 0) for a in adapters]))
+    kept.append((factors, state, rank, stacked))
+    del kept[:-_STACKS_PER_LAYER]
+    return stacked
 
 
 def _pad_rank(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
@@ -439,9 +476,8 @@ class LinearWithLoRA(nn.Module):
         layers = [self._adapter(n) for n in used]
         rank = max(layer.rank for layer in layers)
         # padded only where the rank is smaller (a pad is a copy, one launch each way): adapters of one rank cost
-        # one stack of A and one of B
-        A = torch.stack([_pad_rank(layer.A, rank, 1) for layer in layers])
-        B = torch.stack([_pad_rank(layer.B, rank, 0) for layer in layers])
+        # one stack of A and one of B per call with autograd, none on a repeated call without it
+        A, B = _stacked_adapters(self, layers, rank)
         scales = [layer.scale for layer in layers]
         dropouts = [self._adapter_dropout(n) for n in used]
         if not self.fused() or has_4bit_forward(self.linear) or is_linear4bit(self.linear):

@@ -1289,3 +1289,48 @@ def test_patch_peft_adapter_names_share_one_selection_per_slot_mapping(monkeypat
         assert hooked(single) == 0   # one adapter in the batch: nothing to sort
         single(x[:2, :, :], adapter_names=["default", "other"])
     assert hooked(single) == 2
+
+
+def test_stacked_adapters_kept_without_autograd(monkeypatch, device):
+    """A mixed batch without autograd (torch.no_grad: serving) stacks a layer's adapters once per batch composition
+    and reuses the stack (layers._stacked_adapters); an in-place write to a factor (an optimizer step, a load), a
+    factor replaced through .data, or autograd makes a fresh stack, and every output equals a fresh computation
+    bit for bit (the same stacked values)."""
+    from lora_fast import layers, use_adapter_names
+
+    _, model = _model_with_adapters()
+    model.to(device)
+    x = torch.randn(3, 5, 16, device=device)
+    names = ["b", "__base__", "default"]
+    stacks = []
+    real_stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or real_stack(*a, **k))
+
+    def run():
+        with use_adapter_names(model, names):
+            return model(x)
+
+    def fresh():   # the same call with nothing kept
+        layers._STACKS.clear()
+        return run()
+
+    with torch.no_grad():
+        y1 = run()
+        first = len(stacks)
+        y2 = run()
+        assert first == 4 and len(stacks) == first   # A and B of both layers, then nothing
+        assert torch.equal(y1, y2)
+        model[0].adapter("b").A.add_(0.5)            # an in-place write bumps the version: a new stack
+        y3 = run()
+        assert len(stacks) == first + 2 and not torch.equal(y3, y1) and torch.equal(y3, fresh())
+        B = model[2].adapter("b").B
+        B.data = B.data * 2                            # replaced storage: a new pointer
+        stacks.clear()
+        y4 = run()
+        assert len(stacks) == 2 and torch.equal(y4, fresh())
+    stacks.clear()
+    y5 = run()   # autograd on: fresh stacks in the graph, gradients reach each adapter
+    y5.sum().backward()
+    assert len(stacks) == 4 and model[0].adapter("b").A.grad is not None
+    with torch.no_grad():
+        assert torch.equal(y5, fresh())
