@@ -227,6 +227,28 @@ def test_the_4bit_choice_has_its_own_paths_file_and_switch(tmp_path, monkeypatch
     assert choice.GEMM_4BIT.paths == ("fused", "dequant") and choice.GEMM_4BIT.default == "fused"
 
 
+def _tma_launches(device, forced, monkeypatch, block_n, record):
+    """Force the TMA GEMM path (skipped below sm_90), with the interpreted BLOCK_N ``block_n``; returns the list that
+    gets ``record(kwargs)`` of every TMA GEMM launch from then on."""
+    from lora_fast.kernels import ops
+    from lora_fast.kernels.gemm_tma import gemm_lowrank_tma_kernel
+
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("the TMA kernel needs sm_90 or newer")
+    forced("tma")
+    monkeypatch.setitem(ops._TMA_INTERP, "BLOCK_N", block_n)
+    seen = []
+    real_call = ops._Launcher.__call__
+
+    def spy(self, grid, *args, **kwargs):
+        if self.kernel is gemm_lowrank_tma_kernel:
+            seen.append(record(kwargs))
+        return real_call(self, grid, *args, **kwargs)
+
+    monkeypatch.setattr(ops._Launcher, "__call__", spy)
+    return seen
+
+
 @pytest.mark.parametrize("dtype,adapters,R,p,bias,block_n", [
     (torch.bfloat16, "dot", 5, 0.0, True, 32), (torch.float16, "dot", 5, 0.0, False, 32),
     (torch.bfloat16, "dot", 16, 0.3, False, 128), (torch.float16, "dot", 12, 0.3, True, 128),
@@ -246,21 +268,12 @@ def test_tma_lowrank_term_by_tma_is_bit_identical(dtype, adapters, R, p, bias, b
     interpreter computes bf16 wrongly, TRITON_NOTES), and the pointer-load kernel reads fp32 B and A."""
     from lora_fast import philox
     from lora_fast.kernels import ops
-    from lora_fast.kernels.gemm_tma import gemm_lowrank_tma_kernel
 
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
-        pytest.skip("the TMA kernel needs sm_90 or newer")
-    forced("tma")
-    monkeypatch.setitem(ops._TMA_INTERP, "BLOCK_N", block_n)
-    flags = []
-    real_call = ops._Launcher.__call__
+    def flag(kwargs):
+        assert kwargs["BIAS_TMA"] == (kwargs["LOWRANK_TMA"] and kwargs["HAS_BIAS"])
+        return kwargs["LOWRANK_TMA"], kwargs["RM_ROWS_N"], kwargs["MASK_TMA"]
 
-    def spy(self, grid, *args, **kwargs):
-        if self.kernel is gemm_lowrank_tma_kernel:
-            flags.append((kwargs["LOWRANK_TMA"], kwargs["RM_ROWS_N"], kwargs["MASK_TMA"]))
-            assert kwargs["BIAS_TMA"] == (kwargs["LOWRANK_TMA"] and kwargs["HAS_BIAS"])
-        return real_call(self, grid, *args, **kwargs)
-    monkeypatch.setattr(ops._Launcher, "__call__", spy)
+    flags = _tma_launches(device, forced, monkeypatch, block_n, flag)
     M, K, N, scale = 70, 64, 72, 1.5
     x = torch.randn(M, K, device=device).to(dtype)
     weight = torch.randn(N, K, device=device).to(dtype)
@@ -333,20 +346,9 @@ def test_tma_host_descriptors_are_bit_identical(dtype, term, p, bias, block_n, d
     the keep-mask's bytes at BLOCK_N 128 with dropout) or the pointer loads (fp32 adapters on fp16). A bad value of
     the switch is a ValueError that names it."""
     from lora_fast.kernels import descriptors, ops
-    from lora_fast.kernels.gemm_tma import gemm_lowrank_tma_kernel
 
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
-        pytest.skip("the TMA kernel needs sm_90 or newer")
-    forced("tma")
-    monkeypatch.setitem(ops._TMA_INTERP, "BLOCK_N", block_n)
-    seen = []
-    real_call = ops._Launcher.__call__
-
-    def spy(self, grid, *args, **kwargs):
-        if self.kernel is gemm_lowrank_tma_kernel:
-            seen.append((kwargs["HOST_DESC"], kwargs["LOWRANK_TMA"], kwargs["MASK_TMA"]))
-        return real_call(self, grid, *args, **kwargs)
-    monkeypatch.setattr(ops._Launcher, "__call__", spy)
+    seen = _tma_launches(device, forced, monkeypatch, block_n,
+                         lambda kwargs: (kwargs["HOST_DESC"], kwargs["LOWRANK_TMA"], kwargs["MASK_TMA"]))
     M, K, N, R, scale = 70, 64, 72, 5, 1.5
     x = torch.randn(M, K, device=device).to(dtype)
     weight = torch.randn(N, K, device=device).to(dtype)
