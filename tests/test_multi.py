@@ -1295,9 +1295,10 @@ def test_stacked_adapters_kept_without_autograd(monkeypatch, device):
     """A mixed batch without autograd (torch.no_grad: serving) stacks a layer's adapters once per batch composition
     and reuses the stack (layers._stacked_adapters); an in-place write to a factor (an optimizer step, a load), a
     factor replaced through .data, or autograd makes a fresh stack, and every output equals a fresh computation
-    bit for bit (the same stacked values)."""
+    bit for bit (the same stacked values). Opt-in (LORA_FAST_KEEP_STACKS=1): see the next test for the default."""
     from lora_fast import layers, use_adapter_names
 
+    monkeypatch.setenv("LORA_FAST_KEEP_STACKS", "1")
     _, model = _model_with_adapters()
     model.to(device)
     x = torch.randn(3, 5, 16, device=device)
@@ -1334,3 +1335,33 @@ def test_stacked_adapters_kept_without_autograd(monkeypatch, device):
     assert len(stacks) == 4 and model[0].adapter("b").A.grad is not None
     with torch.no_grad():
         assert torch.equal(y5, fresh())
+
+
+def test_stacked_adapters_default_sees_writes_through_data(monkeypatch, device):
+    """By default (LORA_FAST_KEEP_STACKS unset) a mixed batch without autograd stacks its adapters per call: a write
+    through ``.data`` (no version bump, which a kept stack's check cannot see) changes the next output as a fresh
+    model computes it. A kept stack (=1) served the old values (the reason it is opt-in); another value raises."""
+    from lora_fast import layers, use_adapter_names
+
+    monkeypatch.delenv("LORA_FAST_KEEP_STACKS", raising=False)
+    _, model = _model_with_adapters()
+    model.to(device)
+    x = torch.randn(3, 5, 16, device=device)
+
+    def run():
+        with use_adapter_names(model, ["b", "__base__", "default"]):
+            return model(x)
+
+    with torch.no_grad():
+        y1 = run()
+        A = model[0].adapter("b").A
+        version = A._version
+        A.data.copy_(torch.randn_like(A))   # invisible to the version counter
+        assert A._version == version
+        y2 = run()
+        layers._STACKS.clear()
+        assert not torch.equal(y2, y1) and torch.equal(y2, run())
+        assert not layers._STACKS.get(model[0])   # nothing kept
+        monkeypatch.setenv("LORA_FAST_KEEP_STACKS", "yes")
+        with pytest.raises(ValueError, match="LORA_FAST_KEEP_STACKS"):
+            run()
