@@ -1052,6 +1052,38 @@ def test_adapter_rows_bit_for_bit_as_the_raw_index(order, monkeypatch, device):
         assert len(sorts) == (1 if backend == "triton" and order == "sorted" else 0), backend
 
 
+def test_adapter_rows_across_inference_mode(monkeypatch, device):
+    """torch.inference_mode: a use_adapter_names forward runs (its per-forward selection's index keeps a version
+    counter) and equals the torch.no_grad one bit for bit; an AdapterRows first used under inference mode (its
+    lazy copy and sort made there) then serves a call with autograd, bit for bit the raw index's result and
+    gradients; adapter_rows of an inference tensor works inside inference mode (on a copy of its values)."""
+    from lora_fast import adapter_rows, use_adapter_names
+
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    _, model = _model_with_adapters()
+    model.to(device)
+    x = torch.randn(3, 5, 16, device=device)
+    with use_adapter_names(model, ["b", "__base__", "default"]):
+        with torch.no_grad():
+            want = model(x)
+        with torch.inference_mode():
+            got = model(x)
+    assert torch.equal(got, want)
+    inputs = multi_inputs((2, 3), 8, 5, (2, 2), torch.float32, device)
+    idx = adapter_index((3, 2), 2, device).t()   # non-contiguous: flat() copies
+    scales = [0.5, -1.5]
+    raw, raw_grads, dy = _run(inputs, scales, idx, [0.0, 0.0], 7, op=lora_linear_multi)
+    rows = adapter_rows(idx, 2)
+    with torch.inference_mode():
+        lora_linear_multi(*inputs, scales, rows)
+    got, grads, _ = _run(inputs, scales, rows, [0.0, 0.0], 7, dy, op=lora_linear_multi)
+    assert torch.equal(got, raw) and all(torch.equal(g, r) for g, r in zip(grads, raw_grads))
+    with torch.inference_mode():
+        frozen = idx.clone()
+        rows = adapter_rows(frozen, 2)
+        assert torch.equal(lora_linear_multi(*inputs, scales, rows), lora_linear_multi(*inputs, scales, idx))
+
+
 def test_adapter_rows_errors(device):
     """adapter_rows checks its index once (dtype, range, n); a call refuses an AdapterRows built for another n,
     shape or device, and one whose index was modified in place since (never a stale sort); it is immutable."""
