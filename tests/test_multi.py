@@ -1323,6 +1323,29 @@ def test_patch_peft_adapter_names_share_one_selection_per_slot_mapping(monkeypat
     assert hooked(single) == 2
 
 
+def test_unpatch_peft_leaves_no_scope_hook(device):
+    """unpatch_peft removes the selection-scope hooks wherever patch_peft put them: a patch of the PeftModel and
+    one of its inner LoraModel, undone on the PeftModel (or on the inner model alone); a deep copy likewise."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from lora_fast import multi, patch_peft, unpatch_peft
+
+    def hooked(m):
+        return sum(h in (multi.open_rows_scope, multi.close_rows_scope) for mod in m.modules()
+                   for h in (*mod._forward_pre_hooks.values(), *mod._forward_hooks.values()))
+
+    base = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).to(device)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2"]))
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2"]))
+    patch_peft(model, warn=False)
+    patch_peft(model.base_model, warn=False)   # the LoraModel itself: hooks there too
+    assert hooked(model) == 6
+    copied = copy.deepcopy(model)
+    assert unpatch_peft(copied) == 2 and hooked(copied) == 0
+    assert unpatch_peft(model.base_model) == 2 and hooked(model) == 0   # the PeftModel holds no patched layer
+
+
 def test_stacked_adapters_kept_without_autograd(monkeypatch, device):
     """A mixed batch without autograd (torch.no_grad: serving) stacks a layer's adapters once per batch composition
     and reuses the stack (layers._stacked_adapters); an in-place write to a factor (an optimizer step, a load), a
