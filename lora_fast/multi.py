@@ -267,7 +267,10 @@ def _adapter_params(scales, dropout_ps, device) -> torch.Tensor:
     key = ("params", tuple(float(v).hex() for v in scales), tuple(float(v).hex() for v in dropout_ps), device)
     table = scope.cache.get(key)
     if table is None:
-        table = scope.put(key, multi.adapter_params(scales, dropout_ps, device))
+        # a normal tensor: a scope may outlive a forward under torch.inference_mode (a forward interrupted by a
+        # KeyboardInterrupt never runs its closing hook), and a later call with autograd saves the table
+        with _normal_tensors():
+            table = scope.put(key, multi.adapter_params(scales, dropout_ps, device))
     return table
 
 

@@ -1056,7 +1056,8 @@ def test_adapter_rows_across_inference_mode(monkeypatch, device):
     """torch.inference_mode: a use_adapter_names forward runs (its per-forward selection's index keeps a version
     counter) and equals the torch.no_grad one bit for bit; an AdapterRows first used under inference mode (its
     lazy copy and sort made there) then serves a call with autograd, bit for bit the raw index's result and
-    gradients; adapter_rows of an inference tensor works inside inference mode (on a copy of its values)."""
+    gradients; adapter_rows of an inference tensor works inside inference mode (on a copy of its values); a
+    scope's per-adapter table made under inference mode serves a later call with autograd."""
     from lora_fast import adapter_rows, use_adapter_names
 
     monkeypatch.setenv("LORA_FAST_MULTI", "triton")
@@ -1082,6 +1083,19 @@ def test_adapter_rows_across_inference_mode(monkeypatch, device):
         frozen = idx.clone()
         rows = adapter_rows(frozen, 2)
         assert torch.equal(lora_linear_multi(*inputs, scales, rows), lora_linear_multi(*inputs, scales, idx))
+    # a scope left open (a forward interrupted by KeyboardInterrupt skips its closing hook) keeps the per-adapter
+    # table made under inference mode: a later call with autograd saves it for its backward
+    from lora_fast import multi
+
+    before = multi.current_rows_scope()
+    multi.open_rows_scope()
+    try:
+        with torch.inference_mode():
+            lora_linear_multi(*inputs, scales, idx)
+        got, grads, _ = _run(inputs, scales, idx, [0.0, 0.0], 7, dy, op=lora_linear_multi)
+        assert torch.equal(got, raw) and all(torch.equal(g, r) for g, r in zip(grads, raw_grads))
+    finally:
+        multi.restore_rows_scope(before)
 
 
 def test_adapter_rows_errors(device):
