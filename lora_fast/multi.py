@@ -178,10 +178,11 @@ _SCOPE_ENTRIES = 256
 
 
 class _Scope:
-    __slots__ = ("cache", "depth")
+    __slots__ = ("cache", "depth", "opened")
 
     def __init__(self):
         self.cache, self.depth = {}, 0
+        self.opened = []   # id() of the modules whose forward opened it, outermost first
 
     def put(self, key, value):
         if len(self.cache) >= _SCOPE_ENTRIES:
@@ -210,10 +211,17 @@ def open_rows_scope(module=None, args=None) -> None:
     if torch.compiler.is_compiling():
         return
     scope = _SCOPE.get()
+    if scope is not None and module is not None and id(module) in scope.opened:
+        # this module's forward opened the scope and did not close it: that forward was interrupted past its
+        # closing hook (a BaseException such as KeyboardInterrupt), so nothing of it is in progress; a new scope
+        scope.cache.clear()
+        scope = None
     if scope is None:
         scope = _Scope()
         _SCOPE.set(scope)
     scope.depth += 1
+    if module is not None:
+        scope.opened.append(id(module))
 
 
 def close_rows_scope(module=None, args=None, output=None) -> None:
@@ -225,6 +233,8 @@ def close_rows_scope(module=None, args=None, output=None) -> None:
     if scope is None:
         return
     scope.depth -= 1
+    if module is not None and id(module) in scope.opened:
+        del scope.opened[len(scope.opened) - 1 - scope.opened[::-1].index(id(module))]
     if scope.depth <= 0:
         scope.cache.clear()
         _SCOPE.set(None)

@@ -1276,6 +1276,38 @@ def test_sample_rows_shared_by_slot_mapping_within_a_scope(monkeypatch):
     assert multi.current_rows_scope() is None and not left.cache
 
 
+def test_rows_scope_after_an_interrupted_forward():
+    """A model forward interrupted past its closing hook (KeyboardInterrupt: torch runs always-called hooks on an
+    Exception only) leaves its scope open; the model's next forward starts a new one, closed at its end, instead
+    of sharing the left one with every later forward. A nested model's forward still joins the scope open."""
+    from lora_fast import multi
+
+    inner = torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(inner)
+    for m in (model, inner):
+        m.register_forward_pre_hook(multi.open_rows_scope)
+        m.register_forward_hook(multi.close_rows_scope, always_call=True)
+    seen = []
+    inner.register_forward_pre_hook(lambda m, a: seen.append((multi.current_rows_scope(),
+                                                                 multi.current_rows_scope().depth)))
+    x = torch.randn(2, 4)
+    model(x)
+    assert multi.current_rows_scope() is None and seen[0][1] == 2
+    handle = inner.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model(x)
+        left = multi.current_rows_scope()
+        assert left is not None   # what torch leaves: the closing hooks did not run
+        left.put("stale", 1)
+        handle.remove()
+        model(x)
+        assert seen[-1][0] is not left and seen[-1][1] == 2
+        assert multi.current_rows_scope() is None and not left.cache and not seen[-1][0].cache
+    finally:
+        multi.restore_rows_scope(None)
+
+
 def test_patch_peft_adapter_names_share_one_selection_per_slot_mapping(monkeypatch, device):
     """patch_peft's adapter_names batches: one sort per forward for the layers that map the names alike, one more
     for a layer that lacks an adapter (PEFT runs its samples on the base layer); bit for bit what each layer
