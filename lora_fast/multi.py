@@ -79,6 +79,10 @@ class AdapterRows:
     def __setattr__(self, name, value):
         raise AttributeError("AdapterRows is immutable: build another with adapter_rows(...)")
 
+    def __reduce__(self):
+        # copy, deepcopy and pickle build it again through adapter_rows (its checks; nothing computed is carried)
+        return adapter_rows, (self._index, self._n)
+
     @property
     def index(self) -> torch.Tensor:
         return self._index

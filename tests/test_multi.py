@@ -1100,7 +1100,11 @@ def test_adapter_rows_across_inference_mode(monkeypatch, device):
 
 def test_adapter_rows_errors(device):
     """adapter_rows checks its index once (dtype, range, n); a call refuses an AdapterRows built for another n,
-    shape or device, and one whose index was modified in place since (never a stale sort); it is immutable."""
+    shape or device, and one whose index was modified in place since (never a stale sort); it is immutable, and
+    copy, deepcopy and pickle build it again through adapter_rows."""
+    import copy
+    import pickle
+
     from lora_fast import AdapterRows, adapter_rows
 
     x, weight, b, A, B = multi_inputs((6,), 8, 5, (2, 2), torch.float32, device)
@@ -1120,6 +1124,8 @@ def test_adapter_rows_errors(device):
     rows = adapter_rows(idx, 2)
     with pytest.raises(AttributeError, match="immutable"):
         rows.n = 3
+    for copied in (copy.copy(rows), copy.deepcopy(rows), pickle.loads(pickle.dumps(rows))):   # built again
+        assert type(copied) is AdapterRows and copied.n == 2 and torch.equal(copied.index, idx)
     assert rows.shape == (6,) and rows.n == 2 and torch.equal(rows.index, idx)
     y = lora_linear_multi(x, weight, b, A, B, 0.5, rows)
     assert torch.equal(y, lora_linear_multi(x, weight, b, A, B, 0.5, idx))
