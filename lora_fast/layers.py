@@ -4,6 +4,7 @@ with the same attribute names, parameter shapes, initialisation and state-dict k
 import contextlib
 import math
 import numbers
+import os
 import sys
 import warnings
 import weakref
@@ -224,19 +225,38 @@ def forward_dora_4bit(linear: nn.Module, x: torch.Tensor, A: torch.Tensor, B: to
 # so a deleted layer takes its stacks with it, and outside the module (deepcopy and pickle do not copy them)
 _STACKS = weakref.WeakKeyDictionary()
 _STACKS_PER_LAYER = 4   # adapter selections kept per layer (a serving loop's usual batch compositions)
+# opt-in: a write that bypasses the version counter (``p.data.copy_(...)``, ``p.data.normal_()``, an optimizer or
+# loader writing through a raw pointer) is invisible to the kept stacks' check, which then serve the old values
+KEEP_STACKS_ENV = "LORA_FAST_KEEP_STACKS"
+
+
+def keep_stacks() -> bool:
+    """Whether ``_stacked_adapters`` keeps stacks across calls without autograd: LORA_FAST_KEEP_STACKS "1" (opt-in)
+    or unset / empty / "0" (the default: a fresh stack per call). Raises ValueError for another value."""
+    value = os.environ.get(KEEP_STACKS_ENV, "").strip()
+    if value in ("", "0"):
+        return False
+    if value != "1":
+        raise ValueError(f"{KEEP_STACKS_ENV}: expected 0 (stack the adapters per call, the default) or 1 (keep the "
+                         f"stacks while the factors' identity, pointer and version are unchanged); got {value!r}")
+    return True
 
 
 def _stacked_adapters(layer: nn.Module, adapters, rank: int):
     """(A (n, in, rank), B (n, rank, out)): the adapters' factors (their ``A``, ``B``), padded with zeros to ``rank``
     (``_pad_rank``) and stacked, as ``lora_linear_multi`` takes them. With autograd (grad mode on and some factor
-    requiring grad) a fresh stack each call, part of the graph. Without (inference, ``torch.no_grad``, frozen
-    adapters) the stack is kept for the layer and reused while every factor is the same tensor with the same data
-    pointer, shape, strides, dtype, device and version counter (any in-place write, an optimizer step or
-    ``load_state_dict``, bumps the version; ``.data = ...`` moves the pointer): a serving loop stacks once per batch
-    composition, not once per forward and layer. The kept entry holds its factors, so no new tensor can take their
-    identity; at most ``_STACKS_PER_LAYER`` selections per layer, the oldest dropped."""
+    requiring grad) a fresh stack each call, part of the graph. Without autograd, also a fresh stack by default;
+    with ``LORA_FAST_KEEP_STACKS=1`` (opt-in, ``keep_stacks``) the stack is kept for the layer and reused while
+    every factor is the same tensor with the same data pointer, shape, strides, dtype, device and version counter
+    (an in-place write through the factor itself, an optimizer step or ``load_state_dict``, bumps the version;
+    ``.data = ...`` moves the pointer): a serving loop stacks once per batch composition, not once per forward and
+    layer. A write that bypasses the version counter (``A.data.copy_(...)``, a raw-pointer kernel) is not seen
+    there: the kept stack keeps the old values, hence opt-in. The kept entry holds its factors, so no new tensor
+    can take their identity; at most ``_STACKS_PER_LAYER`` selections per layer, the oldest dropped.
+    Raises ValueError for an unknown LORA_FAST_KEEP_STACKS."""
     factors = [t for a in adapters for t in (a.A, a.B)]
-    if (torch.is_grad_enabled() and any(t.requires_grad for t in factors)) or any(t.is_inference() for t in factors):
+    if not keep_stacks() or (torch.is_grad_enabled() and any(t.requires_grad for t in factors)) \
+            or any(t.is_inference() for t in factors):
         # (an inference tensor keeps no version counter to check)
         return (torch.stack([_pad_rank(a.A, rank, 1) for a in adapters]),
                 torch.stack([_pad_rank(a.B, rank, 0) for a in adapters]))

@@ -8,6 +8,7 @@ interpreter on CPU), and raises where it cannot. With one adapter the Triton pat
 kernels, so a batch of one adapter gives bit for bit what ``lora_linear`` gives on either backend.
 """
 
+import contextlib
 import contextvars
 import numbers
 import os
@@ -60,7 +61,9 @@ class AdapterRows:
     The sorted order's tensors (``sorted_rows()``: sorted index and permutation (M,) int64, segment starts
     (n + 1,) int64, ``kernels.multi.sort_rows``) are computed on the index's device at the first call that
     needs them (three small torch launches, no host sync) and kept. An index modified in place after the object
-    was built makes every later use raise ValueError (its version counter is compared), never a stale sort."""
+    was built makes every later use raise ValueError (its version counter is compared), never a stale sort.
+    Its tensors are never inference tensors (made with inference mode off, ``_normal_tensors``): a selection first
+    used under ``torch.inference_mode`` serves a later call with autograd, whose backward saves them."""
 
     __slots__ = ("_index", "_n", "_version", "_flat", "_sorted")
 
@@ -75,6 +78,10 @@ class AdapterRows:
 
     def __setattr__(self, name, value):
         raise AttributeError("AdapterRows is immutable: build another with adapter_rows(...)")
+
+    def __reduce__(self):
+        # copy, deepcopy and pickle build it again through adapter_rows (its checks; nothing computed is carried)
+        return adapter_rows, (self._index, self._n)
 
     @property
     def index(self) -> torch.Tensor:
@@ -111,7 +118,8 @@ class AdapterRows:
         """The index as (M,) int64 with unit stride (the kernels read it so): a view when the index is
         contiguous, else one copy, made once."""
         if self._flat is None:
-            object.__setattr__(self, "_flat", self._index.reshape(-1).contiguous())
+            with _normal_tensors():
+                object.__setattr__(self, "_flat", self._index.reshape(-1).contiguous())
         return self._flat
 
     def sorted_rows(self) -> tuple:
@@ -119,8 +127,16 @@ class AdapterRows:
         if self._sorted is None:
             from .kernels import multi
 
-            object.__setattr__(self, "_sorted", multi.sort_rows(self.flat(), self._n))
+            flat = self.flat()
+            with _normal_tensors():
+                object.__setattr__(self, "_sorted", multi.sort_rows(flat, self._n))
         return self._sorted
+
+
+def _normal_tensors():
+    """A context in which new tensors are normal ones (not inference tensors, which keep no version counter and
+    cannot be saved for a backward): inference mode off inside ``torch.inference_mode``, else nothing."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
 
 
 def adapter_rows(adapter_index: torch.Tensor, n: int) -> AdapterRows:
@@ -144,7 +160,12 @@ def adapter_rows(adapter_index: torch.Tensor, n: int) -> AdapterRows:
         raise TypeError(f"n: expected an int, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"n: expected at least one adapter, got {n}")
-    index = adapter_index.detach()   # shares the version counter: an in-place change is seen
+    if adapter_index.is_inference():
+        # no version counter to watch: a copy of its values (a normal tensor) that no later write can reach
+        with _normal_tensors():
+            index = adapter_index.clone()
+    else:
+        index = adapter_index.detach()   # shares the version counter: an in-place change is seen
     check_index_range(index, int(n))
     return AdapterRows(index, int(n), _checked=True)
 
@@ -161,10 +182,11 @@ _SCOPE_ENTRIES = 256
 
 
 class _Scope:
-    __slots__ = ("cache", "depth")
+    __slots__ = ("cache", "depth", "opened")
 
     def __init__(self):
         self.cache, self.depth = {}, 0
+        self.opened = []   # id() of the modules whose forward opened it, outermost first
 
     def put(self, key, value):
         if len(self.cache) >= _SCOPE_ENTRIES:
@@ -193,10 +215,17 @@ def open_rows_scope(module=None, args=None) -> None:
     if torch.compiler.is_compiling():
         return
     scope = _SCOPE.get()
+    if scope is not None and module is not None and id(module) in scope.opened:
+        # this module's forward opened the scope and did not close it: that forward was interrupted past its
+        # closing hook (a BaseException such as KeyboardInterrupt), so nothing of it is in progress; a new scope
+        scope.cache.clear()
+        scope = None
     if scope is None:
         scope = _Scope()
         _SCOPE.set(scope)
     scope.depth += 1
+    if module is not None:
+        scope.opened.append(id(module))
 
 
 def close_rows_scope(module=None, args=None, output=None) -> None:
@@ -208,6 +237,8 @@ def close_rows_scope(module=None, args=None, output=None) -> None:
     if scope is None:
         return
     scope.depth -= 1
+    if module is not None and id(module) in scope.opened:
+        del scope.opened[len(scope.opened) - 1 - scope.opened[::-1].index(id(module))]
     if scope.depth <= 0:
         scope.cache.clear()
         _SCOPE.set(None)
@@ -228,8 +259,9 @@ def sample_rows(slots: Sequence[int], leading_shape, n: int, device) -> AdapterR
         if rows is not None:
             return rows
     # uploaded without waiting for the device (torch.tensor(..., device="cuda") would synchronize the stream)
-    index = torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True)
-    index = index.view(-1, *([1] * (len(leading_shape) - 1))).expand(leading_shape)
+    with _normal_tensors():   # within torch.inference_mode too: AdapterRows watches the index's version counter
+        index = torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True)
+        index = index.view(-1, *([1] * (len(leading_shape) - 1))).expand(leading_shape)
     rows = AdapterRows(index, n, _checked=True)
     if scope is not None and not torch.compiler.is_compiling():
         scope.put(key, rows)
@@ -249,7 +281,10 @@ def _adapter_params(scales, dropout_ps, device) -> torch.Tensor:
     key = ("params", tuple(float(v).hex() for v in scales), tuple(float(v).hex() for v in dropout_ps), device)
     table = scope.cache.get(key)
     if table is None:
-        table = scope.put(key, multi.adapter_params(scales, dropout_ps, device))
+        # a normal tensor: a scope may outlive a forward under torch.inference_mode (a forward interrupted by a
+        # KeyboardInterrupt never runs its closing hook), and a later call with autograd saves the table
+        with _normal_tensors():
+            table = scope.put(key, multi.adapter_params(scales, dropout_ps, device))
     return table
 
 

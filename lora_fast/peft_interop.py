@@ -479,12 +479,19 @@ def unpatch_peft(model: nn.Module) -> int:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     restored = 0
+    roots = []
     for module in model.modules():
         if _is_patched(module):
             del module.forward
-            _PATCHED_ROOTS.pop(module, None)
+            roots += [r() for r in _PATCHED_ROOTS.pop(module, ()) if r() is not None]
             restored += 1
-    _remove_rows_scope(model)
+    # the hooks of every module of ``model`` (a patch of an inner module, such as a PeftModel's LoraModel, put them
+    # there) and of each restored layer's patched model that holds no patched layer any more
+    for module in [*model.modules(), *_scope_modules(model)[1:]]:
+        _remove_rows_scope(module)
+    for root in roots:
+        if not any(_is_patched(m) for m in root.modules()):
+            _remove_rows_scope(root)
     return restored
 
 
@@ -495,7 +502,8 @@ def _scope_modules(model: nn.Module) -> list:
     return [model] + ([inner] if isinstance(inner, nn.Module) and inner is not model else [])
 
 
-# patched layer -> the model patch_peft was called on (weakly: a patched model is freed by reference counting)
+# patched layer -> the models patch_peft was called on with it (weakly: a patched model is freed by reference
+# counting; a PeftModel and its inner LoraModel may both have been patched)
 _PATCHED_ROOTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -507,17 +515,20 @@ def _track_rows_scope(model: nn.Module) -> None:
     several = False
     for module in model.modules():
         if _is_patched(module):
-            _PATCHED_ROOTS[module] = root
+            roots = _PATCHED_ROOTS.setdefault(module, [])
+            roots[:] = [r for r in roots if r() is not None]
+            if root not in roots:   # weak references to one live object compare equal
+                roots.append(root)
             several = several or len(getattr(module, "lora_A", ())) > 1
     if several:
         _add_rows_scope(model)
 
 
 def _ensure_rows_scope(layer: nn.Module) -> None:
-    root = _PATCHED_ROOTS.get(layer)
-    model = root() if root is not None else None
-    if model is not None:
-        _add_rows_scope(model)
+    for root in _PATCHED_ROOTS.get(layer, ()):
+        model = root()
+        if model is not None:
+            _add_rows_scope(model)
 
 
 def _add_rows_scope(model: nn.Module) -> None:

@@ -1052,9 +1052,59 @@ def test_adapter_rows_bit_for_bit_as_the_raw_index(order, monkeypatch, device):
         assert len(sorts) == (1 if backend == "triton" and order == "sorted" else 0), backend
 
 
+def test_adapter_rows_across_inference_mode(monkeypatch, device):
+    """torch.inference_mode: a use_adapter_names forward runs (its per-forward selection's index keeps a version
+    counter) and equals the torch.no_grad one bit for bit; an AdapterRows first used under inference mode (its
+    lazy copy and sort made there) then serves a call with autograd, bit for bit the raw index's result and
+    gradients; adapter_rows of an inference tensor works inside inference mode (on a copy of its values); a
+    scope's per-adapter table made under inference mode serves a later call with autograd."""
+    from lora_fast import adapter_rows, use_adapter_names
+
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    _, model = _model_with_adapters()
+    model.to(device)
+    x = torch.randn(3, 5, 16, device=device)
+    with use_adapter_names(model, ["b", "__base__", "default"]):
+        with torch.no_grad():
+            want = model(x)
+        with torch.inference_mode():
+            got = model(x)
+    assert torch.equal(got, want)
+    inputs = multi_inputs((2, 3), 8, 5, (2, 2), torch.float32, device)
+    idx = adapter_index((3, 2), 2, device).t()   # non-contiguous: flat() copies
+    scales = [0.5, -1.5]
+    raw, raw_grads, dy = _run(inputs, scales, idx, [0.0, 0.0], 7, op=lora_linear_multi)
+    rows = adapter_rows(idx, 2)
+    with torch.inference_mode():
+        lora_linear_multi(*inputs, scales, rows)
+    got, grads, _ = _run(inputs, scales, rows, [0.0, 0.0], 7, dy, op=lora_linear_multi)
+    assert torch.equal(got, raw) and all(torch.equal(g, r) for g, r in zip(grads, raw_grads))
+    with torch.inference_mode():
+        frozen = idx.clone()
+        rows = adapter_rows(frozen, 2)
+        assert torch.equal(lora_linear_multi(*inputs, scales, rows), lora_linear_multi(*inputs, scales, idx))
+    # a scope left open (a forward interrupted by KeyboardInterrupt skips its closing hook) keeps the per-adapter
+    # table made under inference mode: a later call with autograd saves it for its backward
+    from lora_fast import multi
+
+    before = multi.current_rows_scope()
+    multi.open_rows_scope()
+    try:
+        with torch.inference_mode():
+            lora_linear_multi(*inputs, scales, idx)
+        got, grads, _ = _run(inputs, scales, idx, [0.0, 0.0], 7, dy, op=lora_linear_multi)
+        assert torch.equal(got, raw) and all(torch.equal(g, r) for g, r in zip(grads, raw_grads))
+    finally:
+        multi.restore_rows_scope(before)
+
+
 def test_adapter_rows_errors(device):
     """adapter_rows checks its index once (dtype, range, n); a call refuses an AdapterRows built for another n,
-    shape or device, and one whose index was modified in place since (never a stale sort); it is immutable."""
+    shape or device, and one whose index was modified in place since (never a stale sort); it is immutable, and
+    copy, deepcopy and pickle build it again through adapter_rows."""
+    import copy
+    import pickle
+
     from lora_fast import AdapterRows, adapter_rows
 
     x, weight, b, A, B = multi_inputs((6,), 8, 5, (2, 2), torch.float32, device)
@@ -1074,6 +1124,8 @@ def test_adapter_rows_errors(device):
     rows = adapter_rows(idx, 2)
     with pytest.raises(AttributeError, match="immutable"):
         rows.n = 3
+    for copied in (copy.copy(rows), copy.deepcopy(rows), pickle.loads(pickle.dumps(rows))):   # built again
+        assert type(copied) is AdapterRows and copied.n == 2 and torch.equal(copied.index, idx)
     assert rows.shape == (6,) and rows.n == 2 and torch.equal(rows.index, idx)
     y = lora_linear_multi(x, weight, b, A, B, 0.5, rows)
     assert torch.equal(y, lora_linear_multi(x, weight, b, A, B, 0.5, idx))
@@ -1230,6 +1282,38 @@ def test_sample_rows_shared_by_slot_mapping_within_a_scope(monkeypatch):
     assert multi.current_rows_scope() is None and not left.cache
 
 
+def test_rows_scope_after_an_interrupted_forward():
+    """A model forward interrupted past its closing hook (KeyboardInterrupt: torch runs always-called hooks on an
+    Exception only) leaves its scope open; the model's next forward starts a new one, closed at its end, instead
+    of sharing the left one with every later forward. A nested model's forward still joins the scope open."""
+    from lora_fast import multi
+
+    inner = torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(inner)
+    for m in (model, inner):
+        m.register_forward_pre_hook(multi.open_rows_scope)
+        m.register_forward_hook(multi.close_rows_scope, always_call=True)
+    seen = []
+    inner.register_forward_pre_hook(lambda m, a: seen.append((multi.current_rows_scope(),
+                                                                 multi.current_rows_scope().depth)))
+    x = torch.randn(2, 4)
+    model(x)
+    assert multi.current_rows_scope() is None and seen[0][1] == 2
+    handle = inner.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model(x)
+        left = multi.current_rows_scope()
+        assert left is not None   # what torch leaves: the closing hooks did not run
+        left.put("stale", 1)
+        handle.remove()
+        model(x)
+        assert seen[-1][0] is not left and seen[-1][1] == 2
+        assert multi.current_rows_scope() is None and not left.cache and not seen[-1][0].cache
+    finally:
+        multi.restore_rows_scope(None)
+
+
 def test_patch_peft_adapter_names_share_one_selection_per_slot_mapping(monkeypatch, device):
     """patch_peft's adapter_names batches: one sort per forward for the layers that map the names alike, one more
     for a layer that lacks an adapter (PEFT runs its samples on the base layer); bit for bit what each layer
@@ -1291,13 +1375,37 @@ def test_patch_peft_adapter_names_share_one_selection_per_slot_mapping(monkeypat
     assert hooked(single) == 2
 
 
+def test_unpatch_peft_leaves_no_scope_hook(device):
+    """unpatch_peft removes the selection-scope hooks wherever patch_peft put them: a patch of the PeftModel and
+    one of its inner LoraModel, undone on the PeftModel (or on the inner model alone); a deep copy likewise."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from lora_fast import multi, patch_peft, unpatch_peft
+
+    def hooked(m):
+        return sum(h in (multi.open_rows_scope, multi.close_rows_scope) for mod in m.modules()
+                   for h in (*mod._forward_pre_hooks.values(), *mod._forward_hooks.values()))
+
+    base = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).to(device)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2"]))
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2"]))
+    patch_peft(model, warn=False)
+    patch_peft(model.base_model, warn=False)   # the LoraModel itself: hooks there too
+    assert hooked(model) == 6
+    copied = copy.deepcopy(model)
+    assert unpatch_peft(copied) == 2 and hooked(copied) == 0
+    assert unpatch_peft(model.base_model) == 2 and hooked(model) == 0   # the PeftModel holds no patched layer
+
+
 def test_stacked_adapters_kept_without_autograd(monkeypatch, device):
     """A mixed batch without autograd (torch.no_grad: serving) stacks a layer's adapters once per batch composition
     and reuses the stack (layers._stacked_adapters); an in-place write to a factor (an optimizer step, a load), a
     factor replaced through .data, or autograd makes a fresh stack, and every output equals a fresh computation
-    bit for bit (the same stacked values)."""
+    bit for bit (the same stacked values). Opt-in (LORA_FAST_KEEP_STACKS=1): see the next test for the default."""
     from lora_fast import layers, use_adapter_names
 
+    monkeypatch.setenv("LORA_FAST_KEEP_STACKS", "1")
     _, model = _model_with_adapters()
     model.to(device)
     x = torch.randn(3, 5, 16, device=device)
@@ -1334,3 +1442,33 @@ def test_stacked_adapters_kept_without_autograd(monkeypatch, device):
     assert len(stacks) == 4 and model[0].adapter("b").A.grad is not None
     with torch.no_grad():
         assert torch.equal(y5, fresh())
+
+
+def test_stacked_adapters_default_sees_writes_through_data(monkeypatch, device):
+    """By default (LORA_FAST_KEEP_STACKS unset) a mixed batch without autograd stacks its adapters per call: a write
+    through ``.data`` (no version bump, which a kept stack's check cannot see) changes the next output as a fresh
+    model computes it. A kept stack (=1) served the old values (the reason it is opt-in); another value raises."""
+    from lora_fast import layers, use_adapter_names
+
+    monkeypatch.delenv("LORA_FAST_KEEP_STACKS", raising=False)
+    _, model = _model_with_adapters()
+    model.to(device)
+    x = torch.randn(3, 5, 16, device=device)
+
+    def run():
+        with use_adapter_names(model, ["b", "__base__", "default"]):
+            return model(x)
+
+    with torch.no_grad():
+        y1 = run()
+        A = model[0].adapter("b").A
+        version = A._version
+        A.data.copy_(torch.randn_like(A))   # invisible to the version counter
+        assert A._version == version
+        y2 = run()
+        layers._STACKS.clear()
+        assert not torch.equal(y2, y1) and torch.equal(y2, run())
+        assert not layers._STACKS.get(model[0])   # nothing kept
+        monkeypatch.setenv("LORA_FAST_KEEP_STACKS", "yes")
+        with pytest.raises(ValueError, match="LORA_FAST_KEEP_STACKS"):
+            run()
