@@ -730,6 +730,17 @@ def _model_with_adapters():
     return base, model.eval()
 
 
+def _saved_adapter_b(tmp_path):
+    """``_model_with_adapters()``'s (base, model), with its adapter "b" saved as tmp_path/b.safetensors (save_lora)
+    and as PEFT's folder tmp_path/peft/b (save_peft_adapter)."""
+    from lora_fast import save_lora, save_peft_adapter
+
+    base, ours = _model_with_adapters()
+    save_lora(ours, tmp_path / "b.safetensors", adapter_name="b")
+    save_peft_adapter(ours, tmp_path / "peft", selected_adapters=["b"])
+    return base, ours
+
+
 def _same_adapters(ours, theirs, x, *, peft=False):
     """Each adapter of ``ours`` (rank, alpha, scaling, scale, dropout) is in ``theirs`` with the same settings (through
     PEFT's format: the same rank and scale, "alpha" scaling written as PEFT's alpha/rank), and the two models'
@@ -890,9 +901,7 @@ def test_named_adapter_load_wraps_plain_layers(tmp_path):
         save_peft_adapter,
     )
 
-    base, ours = _model_with_adapters()
-    save_lora(ours, tmp_path / "b.safetensors", adapter_name="b")
-    save_peft_adapter(ours, tmp_path / "peft", selected_adapters=["b"])
+    base, ours = _saved_adapter_b(tmp_path)
     x = torch.randn(5, 16)
     for load in (lambda m: load_lora(m, tmp_path / "b.safetensors", adapter_name="b"),
                  lambda m: load_peft_adapter(m, tmp_path / "peft" / "b", adapter_name="b")):
@@ -971,13 +980,9 @@ def test_failed_adapter_load_leaves_the_model_as_it_was(tmp_path):
         load_peft_adapter,
         lora_state_dict,
         replace_linear_with_lora,
-        save_lora,
-        save_peft_adapter,
     )
 
-    base, ours = _model_with_adapters()
-    save_lora(ours, tmp_path / "b.safetensors", adapter_name="b")
-    save_peft_adapter(ours, tmp_path / "peft", selected_adapters=["b"])
+    base, ours = _saved_adapter_b(tmp_path)
     # the target holds the default adapter only, so "b" would be created by the load
     target = replace_linear_with_lora(copy.deepcopy(base), 4, 2.0)
     from safetensors import safe_open
