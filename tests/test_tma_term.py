@@ -111,3 +111,53 @@ def test_the_measuring_call_times_what_later_calls_run(dtype, adapters, R, p, wi
         assert first_runs == launches == []
     for name, old, new in zip(("y", "dx", "dA", "dB"), first, second):
         assert torch.isfinite(old).all() and torch.equal(old, new), name
+
+
+@pytest.mark.parametrize("dtype,adapters,R,p,bias", [
+    (torch.bfloat16, torch.float32, 5, 0.0, True),    # PEFT's default: fp32 adapters (A's rows of 20 bytes: a copy)
+    (torch.float16, torch.float32, 3, 0.3, True),     # dropout: the forward's (x - x_d) W^T + b and dX's two GEMMs
+    (torch.bfloat16, torch.float32, 7, 0.3, False),
+    (torch.float16, torch.float16, 8, 0.0, False)], ids=str)   # adapters in the dot dtype, A's rows 16 bytes
+def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, p, bias, device, monkeypatch):
+    """DoRA on the TMA GEMM (forced): its GEMMs into x's dtype read the low-rank term by TMA as lora_linear's (the S /
+    dS pass's rounded copy of the term, fp32 A's and B's copies in the dot dtype: ops.term_for): the forward's
+    (x - x_d) W^T + b (scale 0) with dropout, and dX's GEMM of the scaled term; dY W with dropout (scale 0) keeps the
+    pointer loads. y and every gradient (x, A, B, magnitude) are bit for bit those of the pointer-load term
+    (kernels/dora.py's term_for returning None)."""
+    from lora_fast import dora_linear, reference
+    from lora_fast.kernels import dora as dora_kernels
+
+    _needs_hopper(device)
+    monkeypatch.setenv(choice.ENV, "tma")
+    choice.clear()
+    launches = _spy_tma_launches(monkeypatch, 32)
+    x, w, b, A, B = make_inputs((2, 19), 64, 40, R, dtype, device, bias=bias, adapter_dtype=adapters)
+    m = (reference.dora_weight_norm(w.float(), A.float(), B.float(), 1.5)
+         * (1.0 + 0.3 * torch.randn(40, device=device))).to(adapters)
+    dy = torch.randn(2, 19, 40, device=device).to(dtype)
+
+    def run():
+        torch.manual_seed(5)   # the same dropout seed in both runs
+        leaves = [t.detach().requires_grad_() for t in (x, A, B, m)]
+        y = dora_linear(leaves[0], w, b, *leaves[1:], 1.5, dropout_p=p)
+        y.backward(dy)
+        return [y] + [t.grad for t in leaves]
+
+    try:
+        with_term = run()
+        by_tma = [t[1:] for t in launches]
+        launches.clear()
+        monkeypatch.setattr(dora_kernels, "term_for", lambda *args, **kwargs: None)
+        pointer_loads = run()
+    finally:
+        choice.clear()
+    dot = ops._TORCH_DOT[dtype]
+    dx_term = (True, R > 1, False, False, dot, dot)
+    if p == 0:   # the forward's GEMM writes DoRA's fp32 sum (the cp.async kernel): dX's is the one TMA GEMM
+        assert by_tma == [dx_term], by_tma
+    else:        # forward (x - x_d) W^T + b; dX: the scaled term's GEMM, then dY W (scale 0, pointer loads)
+        assert by_tma == [(True, False, False, bias, dot, dot), dx_term,
+                          (False, False, False, False, torch.float32, adapters)], by_tma
+    assert all(not t[1] for t in launches)
+    for name, old, new in zip(("y", "dx", "dA", "dB", "dm"), pointer_loads, with_term):
+        assert torch.isfinite(old).all() and torch.equal(old, new), name
