@@ -142,10 +142,11 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
     if kernel == "dx_gemm":    # ops.lora_backward: no bias term in dX
         return [dict(HAS_BIAS=False, HAS_DROPOUT=False), dict(HAS_BIAS=False, HAS_DROPOUT=True)]
     # the TMA GEMM: LOWRANK_TMA, the low-rank term's operands by TMA (the S pass's rounded copy of S or dS, B or
-    # A's rows), what ops.lora_forward / lora_backward launch once the path is known; without it (the first,
-    # measuring call, fp32 adapters, DoRA's and other callers without the S pass's copy) by pointer loads
-    # RM_FP32 (not a kernel flag: RM's pointer type): fp32 adapters by pointer loads (the first, measuring call;
-    # other callers); with the S / dS pass's copy of RM (COPY_RM) fp32 adapters launch the LOWRANK_TMA rows
+    # A's rows), what ops.lora_forward / lora_backward and DoRA's GEMMs into x's dtype launch on the TMA path (the
+    # first, measuring call of a key included); without it (lora_forward's zero_rows, DoRA's dY W of scale 0 with
+    # dropout) by pointer loads
+    # RM_FP32 (not a kernel flag: RM's pointer type): fp32 adapters by pointer loads (those callers); with the S /
+    # dS pass's copy of RM (COPY_RM) fp32 adapters launch the LOWRANK_TMA rows
     # HOST_DESC (LORA_FAST_TMA_DESC=host, kernels/descriptors.py): the same launches with host-side descriptors; before
     # the last (heaviest) set, which stays the one ``variants="heaviest"`` keeps
     if kernel == "fwd_gemm_tma":   # Q = W^T from W's rows; RM = B (R, N)

@@ -122,8 +122,8 @@ def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, 
     """DoRA on the TMA GEMM (forced): its GEMMs into x's dtype read the low-rank term by TMA as lora_linear's (the S /
     dS pass's rounded copy of the term, fp32 A's and B's copies in the dot dtype: ops.term_for): the forward's
     (x - x_d) W^T + b (scale 0) with dropout, and dX's GEMM of the scaled term; dY W with dropout (scale 0) keeps the
-    pointer loads. y and every gradient (x, A, B, magnitude) are bit for bit those of the pointer-load term
-    (kernels/dora.py's term_for returning None)."""
+    pointer loads of dS, with RM from fp32 A's copy in the dot dtype (the 16-bit configs). y and every gradient (x,
+    A, B, magnitude) are bit for bit those of the pointer-load term (kernels/dora.py's term_for returning None)."""
     from lora_fast import dora_linear, reference
     from lora_fast.kernels import dora as dora_kernels
 
@@ -157,7 +157,42 @@ def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, 
         assert by_tma == [dx_term], by_tma
     else:        # forward (x - x_d) W^T + b; dX: the scaled term's GEMM, then dY W (scale 0, pointer loads)
         assert by_tma == [(True, False, False, bias, dot, dot), dx_term,
-                          (False, False, False, False, torch.float32, adapters)], by_tma
+                          (False, False, False, False, torch.float32, dot)], by_tma
     assert all(not t[1] for t in launches)
     for name, old, new in zip(("y", "dx", "dA", "dB", "dm"), pointer_loads, with_term):
+        assert torch.isfinite(old).all() and torch.equal(old, new), name
+
+
+@pytest.mark.parametrize("winner", ["tma", "cublas"])
+def test_dora_measuring_call_matches_later_calls(winner, measured, monkeypatch, device):
+    """DoRA with dropout and fp32 adapters on an fp16 base, its keys measured (stand-in timer): the first call times
+    the TMA candidate on the term by TMA (dX's scaled-term GEMM is the one of its key that is timed), and its dY W
+    reads A's copy in the dot dtype on whichever path won (the cuBLAS path's term kernel too); y and every gradient
+    are bit for bit a later call's, which takes the resolved path without timing (and, on cuBLAS, without a copy)."""
+    from lora_fast import dora_linear, reference
+
+    _needs_hopper(device)
+    ms, timed = measured
+    ms.update(_tma_gemm=1.0 if winner == "tma" else 3.0, _cublas_gemm=2.0)
+    launches = _spy_tma_launches(monkeypatch, 32)
+    x, w, b, A, B = make_inputs((23,), 64, 40, 3, torch.float16, device, adapter_dtype=torch.float32)
+    m = reference.dora_weight_norm(w.float(), A, B, 1.5) * (1.0 + 0.3 * torch.randn(40, device=device))
+    dy = torch.randn(23, 40, device=device).to(torch.float16)
+
+    def run():
+        torch.manual_seed(5)
+        leaves = [t.detach().requires_grad_() for t in (x, A, B, m)]
+        y = dora_linear(leaves[0], w, b, *leaves[1:], 1.5, dropout_p=0.3)
+        y.backward(dy)
+        return [y] + [t.grad for t in leaves]
+
+    first = run()
+    assert [name for name, _ in timed] == ["_tma_gemm", "_cublas_gemm"] * 2   # the forward's key, then dX's
+    # the TMA launches, LOWRANK_TMA: the forward's (x - x_d) W^T + b timed (then run again if TMA won), dX's
+    # scaled-term GEMM timed (then run again), dY W (pointer loads of dS) on the TMA path if it won
+    assert [t[1] for t in launches] == ([True] * 4 + [False] if winner == "tma" else [True] * 2), launches
+    timed.clear()
+    second = run()
+    assert timed == []
+    for name, old, new in zip(("y", "dx", "dA", "dB", "dm"), first, second):
         assert torch.isfinite(old).all() and torch.equal(old, new), name

@@ -541,8 +541,9 @@ def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: fl
         w = (weight.stride(0), weight.stride(1))
         a_t = (A.stride(1), A.stride(0))   # RM = A^T: element (r, k) is A[k, r]
 
-        def dx_gemm(P, L, lowrank_scale, term=None):
-            return gemm_lowrank(P, weight, w, K, None, L, A, a_t, lowrank_scale, backward=True, term=term)
+        def dx_gemm(P, L, lowrank_scale, term=None, rm=None):
+            RM, rm_strides = rm if rm is not None else (A, a_t)
+            return gemm_lowrank(P, weight, w, K, None, L, RM, rm_strides, lowrank_scale, backward=True, term=term)
 
     dropout_p = philox.quantize(dropout_p)
     dx = dA = dB = dm = dyg = dyg1 = None
@@ -579,7 +580,7 @@ def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: fl
     fused_dB = need_dB and 4 * R < _proj_block_m()   # as ops.lora_backward
     # the TMA dX GEMM's term of scale dS A^T by TMA, as lora_linear's: its rounded copy of dS (and fp32 A's copy in
     # the dot dtype) written by the dS pass (ops.term_for), for the GEMM of the scaled term (dyg's, or dyg1's with
-    # dropout: the GEMM of dY alone has scale 0 and keeps the pointer loads)
+    # dropout: the GEMM of dY alone has scale 0 and keeps the pointer loads of dS, RM from A's copy)
     term = None
     term_p = dyg if dropout_p == 0 else dyg1
     if own_gemm and need_dx and term_p is not None:
@@ -597,7 +598,9 @@ def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: fl
     elif need_dx:
         # the GEMM with the term first: on a key's first call it is the one whose paths are timed (ops.gemm_lowrank)
         inner = dx_gemm(dyg1, dS, scale, **term_arg)
-        dx = dx_gemm(dy, dS, 0.0)
+        # dY W: RM read from fp32 A's copy in the dot dtype when the dS pass wrote one (every path casts its RM tile
+        # to the dot dtype, round to nearest even, as the copy was made: the same result, on the 16-bit configs)
+        dx = dx_gemm(dy, dS, 0.0, **({} if term is None or term.rm is None else {"rm": (term.rm, term.rm_strides)}))
         dropout_combine(inner, keep_scale, keep, base=dx, out=dx)
     if need_dA:
         dA = reduce_rows(x, dS, scale * keep_scale, torch.empty(A.shape, dtype=A.dtype, device=A.device),
