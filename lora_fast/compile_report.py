@@ -142,10 +142,11 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
     if kernel == "dx_gemm":    # ops.lora_backward: no bias term in dX
         return [dict(HAS_BIAS=False, HAS_DROPOUT=False), dict(HAS_BIAS=False, HAS_DROPOUT=True)]
     # the TMA GEMM: LOWRANK_TMA, the low-rank term's operands by TMA (the S pass's rounded copy of S or dS, B or
-    # A's rows), what ops.lora_forward / lora_backward launch once the path is known; without it (the first,
-    # measuring call, fp32 adapters, DoRA's and other callers without the S pass's copy) by pointer loads
-    # RM_FP32 (not a kernel flag: RM's pointer type): fp32 adapters by pointer loads (the first, measuring call;
-    # other callers); with the S / dS pass's copy of RM (COPY_RM) fp32 adapters launch the LOWRANK_TMA rows
+    # A's rows), what ops.lora_forward / lora_backward and DoRA's GEMMs into x's dtype launch on the TMA path (the
+    # first, measuring call of a key included); without it (lora_forward's zero_rows, DoRA's dY W of scale 0 with
+    # dropout) by pointer loads
+    # RM_FP32 (not a kernel flag: RM's pointer type): fp32 adapters by pointer loads (those callers); with the S /
+    # dS pass's copy of RM (COPY_RM) fp32 adapters launch the LOWRANK_TMA rows
     # HOST_DESC (LORA_FAST_TMA_DESC=host, kernels/descriptors.py): the same launches with host-side descriptors; before
     # the last (heaviest) set, which stays the one ``variants="heaviest"`` keeps
     if kernel == "fwd_gemm_tma":   # Q = W^T from W's rows; RM = B (R, N)
@@ -156,7 +157,9 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
                 dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=True, HOST_DESC=True),
                 dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=True)]
     if kernel == "dx_gemm_tma":    # Q = W as stored; RM = A^T read from A's (K, R) rows (RM_ROWS_N)
-        return [dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True, LOWRANK_TMA=False),
+        # the first: DoRA's dY W with dropout (scale 0: dS by pointer loads, RM from fp32 A's copy in the dot dtype)
+        return [dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=False, LOWRANK_TMA=False),
+                dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True, LOWRANK_TMA=False),
                 dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=False, LOWRANK_TMA=False, RM_FP32=True),
                 dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True, LOWRANK_TMA=False, RM_FP32=True),
                 dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=False, LOWRANK_TMA=True, RM_ROWS_N=True),

@@ -266,10 +266,10 @@ def test_tma_host_descriptor_rows():
 
 
 def test_tma_gemm_term_by_pointer_loads_of_fp32_adapters_fits_its_model():
-    """The TMA GEMM's term by pointer loads of fp32 B (fp32 adapters without the S pass's copy: the measuring call,
-    DoRA) at bf16 rank 64: its fp32 tiles pass through shared memory beside the 16-bit ones, and the 16-bit model let
-    configs of 245-303 KB through (compile report, triton 3.9); its own list (configs.tma_shared_bytes(rm_fp32=True))
-    compiles within the limit, without spills, under the model."""
+    """The TMA GEMM's term by pointer loads of fp32 B (fp32 adapters without the S pass's copy: calls with
+    lora_forward's zero_rows) at bf16 rank 64: its fp32 tiles pass through shared memory beside the 16-bit ones, and
+    the 16-bit model let configs of 245-303 KB through (compile report, triton 3.9); its own list
+    (configs.tma_shared_bytes(rm_fp32=True)) compiles within the limit, without spills, under the model."""
     jobs = [j for j in cr.make_jobs(targets=("sm_90",), kernels=("fwd_gemm_tma",), dtypes=("bf16",), ranks=(64,))
             if j.variant == "W^T+bias+fp32-RM"]
     expected = configs.gemm_tma_configs((9, 0), torch.bfloat16, block_r=64, rm_fp32=True)

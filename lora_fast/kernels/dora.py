@@ -38,6 +38,7 @@ from .ops import (
     lowrank_project,
     project_input,
     reduce_rows,
+    term_for,
 )
 from .rng import load_keep_bits
 
@@ -424,13 +425,15 @@ def _wide(x, N):
     return torch.empty((x.shape[0], N), dtype=torch.float32, device=x.device)
 
 
-def _gemm_wide(P, weight, N, bias, S, B, scale, out):
-    """P W^T (+ bias) + scale S B into ``out``. When out's dtype is P's: ops.gemm_lowrank (its measured path);
-    an fp32 ``out`` for 16-bit P (DoRA's unscaled sum): the fused Triton GEMM, which stores its fp32 accumulator
-    in out's dtype (cuBLAS's addmm and the TMA kernel write P's dtype), on its own configs (wide_gemm_configs)."""
+def _gemm_wide(P, weight, N, bias, S, B, scale, out, term=None):
+    """P W^T (+ bias) + scale S B into ``out``. When out's dtype is P's: ops.gemm_lowrank (its measured path;
+    ``term``: S's rounded copy for the TMA kernel, ops.term_for); an fp32 ``out`` for 16-bit P (DoRA's unscaled
+    sum): the fused Triton GEMM, which stores its fp32 accumulator in out's dtype (cuBLAS's addmm and the TMA kernel
+    write P's dtype), on its own configs (wide_gemm_configs)."""
     q_strides = (weight.stride(1), weight.stride(0))
     if out.dtype == P.dtype:
-        return gemm_lowrank(P, weight, q_strides, N, bias, S, B, (B.stride(0), B.stride(1)), scale, out=out)
+        return gemm_lowrank(P, weight, q_strides, N, bias, S, B, (B.stride(0), B.stride(1)), scale, out=out,
+                            term=term)
     M, K = P.shape
     R = S.shape[1]
 
@@ -465,20 +468,28 @@ def dora_forward(x, weight, bias, A, B, gscale, norm, scale: float, dropout_p: f
     x - x_d read those bits, as dora_backward does (no Philox after the S pass).
     Raises ValueError for dropout without ``keep_out``.
     """
-    M, _ = x.shape
+    M, K = x.shape
     N = B.shape[1]
     x = _along_k(x, 1)
+    if dropout_p > 0 and keep_out is None:
+        raise ValueError("dora_forward: dropout_p > 0 needs keep_out, the bit-packed keep-mask to fill")
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    rest = term = None
     if base_gemm is None:
         weight = _along_k(weight, 1)
 
-        def base_gemm(P, bias_, L, lowrank_scale, out_):
-            return _gemm_wide(P, weight, N, bias_, L, B, lowrank_scale, out_)
+        def base_gemm(P, bias_, L, lowrank_scale, out_, term_=None):
+            return _gemm_wide(P, weight, N, bias_, L, B, lowrank_scale, out_, term_)
 
-    if dropout_p > 0 and keep_out is None:
-        raise ValueError("dora_forward: dropout_p > 0 needs keep_out, the bit-packed keep-mask to fill")
-    S, dropout_p, keep_scale = project_input(x, A, dropout_p, seed, keep_out)
-    if out is None:
-        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        if philox.quantize(dropout_p) > 0:
+            # (x - x_d) W^T + b: the one GEMM of the two into x's dtype (ops.gemm_lowrank's paths, TMA included);
+            # its low-rank term (scale 0) by TMA as lora_linear's (the S pass writes 0 * S rounded, as the pointer
+            # loads round it: the same result), so its buffer is made before the S pass
+            rest = torch.empty((M, K), dtype=x.dtype, device=x.device)
+            term = term_for(rest, weight, (weight.stride(1), weight.stride(0)), N, A.shape[1], out, B,
+                            (B.stride(0), B.stride(1)), 0.0)
+    S, dropout_p, keep_scale = project_input(x, A, dropout_p, seed, keep_out, term)
     v_dtype = x.dtype if keep_v else None
     wide = out if x.dtype == torch.float32 and dropout_p == 0 else _wide(x, N)
     if dropout_p == 0:
@@ -486,8 +497,11 @@ def dora_forward(x, weight, bias, A, B, gscale, norm, scale: float, dropout_p: f
         _, V = column_scale(wide, gscale, norm, bias=bias, out=out, v_dtype=v_dtype)
         return out, S, V
     x_d = dropout_combine(x, keep_scale, keep_out)
-    rest = dropout_combine(x, -keep_scale, keep_out, base=x)   # x - x_d
-    base_gemm(rest, bias, S, 0.0, out)
+    rest = dropout_combine(x, -keep_scale, keep_out, base=x, out=rest)   # x - x_d
+    if term is not None:
+        base_gemm(rest, bias, S, 0.0, out, term)
+    else:
+        base_gemm(rest, bias, S, 0.0, out)
     del rest
     base_gemm(x_d, None, S, scale, wide)
     del x_d
@@ -521,13 +535,15 @@ def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: fl
     R = A.shape[1]
     K = x.shape[1]
     dy, x = _along_k(dy, 1), _along_k(x, 1)
-    if dx_gemm is None:
+    own_gemm = dx_gemm is None
+    if own_gemm:
         weight = _along_k(weight, 0)
         w = (weight.stride(0), weight.stride(1))
         a_t = (A.stride(1), A.stride(0))   # RM = A^T: element (r, k) is A[k, r]
 
-        def dx_gemm(P, L, lowrank_scale):
-            return gemm_lowrank(P, weight, w, K, None, L, A, a_t, lowrank_scale, backward=True)
+        def dx_gemm(P, L, lowrank_scale, term=None, rm=None):
+            RM, rm_strides = rm if rm is not None else (A, a_t)
+            return gemm_lowrank(P, weight, w, K, None, L, RM, rm_strides, lowrank_scale, backward=True, term=term)
 
     dropout_p = philox.quantize(dropout_p)
     dx = dA = dB = dm = dyg = dyg1 = None
@@ -562,18 +578,29 @@ def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: fl
         dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
         grad = dB if B.dtype == torch.float32 else torch.empty(B.shape, dtype=torch.float32, device=B.device)
     fused_dB = need_dB and 4 * R < _proj_block_m()   # as ops.lora_backward
+    # the TMA dX GEMM's term of scale dS A^T by TMA, as lora_linear's: its rounded copy of dS (and fp32 A's copy in
+    # the dot dtype) written by the dS pass (ops.term_for), for the GEMM of the scaled term (dyg's, or dyg1's with
+    # dropout: the GEMM of dY alone has scale 0 and keeps the pointer loads of dS, RM from A's copy)
+    term = None
+    term_p = dyg if dropout_p == 0 else dyg1
+    if own_gemm and need_dx and term_p is not None:
+        term = term_for(term_p, weight, w, K, R, None, A, a_t, scale, backward=True)
     dS, _ = lowrank_project(dy, Bg, Bg.stride(1), Bg.stride(0), R, partial_of=S if fused_dB else None,
-                            grad=grad if fused_dB else None, grad_scale=scale)
+                            grad=grad if fused_dB else None, grad_scale=scale, term=term)
     if need_dB:
         if not fused_dB:
             reduce_rows(dy, S, scale, grad, transpose=True)
         torch.mul(grad, gscale, out=dB)   # dB = g ⊙ (scale S^T dY): g in fp32, one rounding to B's dtype
     keep_scale = 1.0 / (1.0 - dropout_p)
+    term_arg = {} if term is None else {"term": term}
     if need_dx and dropout_p == 0:
-        dx = dx_gemm(dyg, dS, scale)
+        dx = dx_gemm(dyg, dS, scale, **term_arg)
     elif need_dx:
-        dx = dx_gemm(dy, dS, 0.0)
-        inner = dx_gemm(dyg1, dS, scale)
+        # the GEMM with the term first: on a key's first call it is the one whose paths are timed (ops.gemm_lowrank)
+        inner = dx_gemm(dyg1, dS, scale, **term_arg)
+        # dY W: RM read from fp32 A's copy in the dot dtype when the dS pass wrote one (every path casts its RM tile
+        # to the dot dtype, round to nearest even, as the copy was made: the same result, on the 16-bit configs)
+        dx = dx_gemm(dy, dS, 0.0, **({} if term is None or term.rm is None else {"rm": (term.rm, term.rm_strides)}))
         dropout_combine(inner, keep_scale, keep, base=dx, out=dx)
     if need_dA:
         dA = reduce_rows(x, dS, scale * keep_scale, torch.empty(A.shape, dtype=A.dtype, device=A.device),

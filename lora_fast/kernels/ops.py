@@ -418,6 +418,12 @@ def finish(partial, scale, out, *, transpose=False):
     return out
 
 
+def _measures() -> bool:
+    """Whether the first call of a GEMM key times its candidate paths (choice.GEMM.resolve): on a GPU; under the
+    interpreter nothing is timed (the fused kernel unless a path is forced)."""
+    return not _INTERPRETED
+
+
 def _gemm_key(P, N: int, R: int, dropout: bool, backward: bool) -> tuple:
     """The measured choice's key of a GEMM (kernels/choice.py): device, dtype, M bucket, N, K, rank, dropout, dX."""
     M, K = P.shape
@@ -455,7 +461,7 @@ def gemm_lowrank(P, Q, q_strides, N, bias, L, RM, rm_strides, lowrank_scale, *, 
             return torch.cuda.get_device_name(P.device)
         candidates = {p: functools.partial(_GEMM_PATHS[p], *args)
                       for p in choice.candidate_paths(tma_eligible(P, Q, q_strides, out))}
-        path = choice.GEMM.resolve(key, name, candidates, measure=not _INTERPRETED)
+        path = choice.GEMM.resolve(key, name, candidates, measure=_measures())
     if path == "ws" and not ws_eligible(P, Q, q_strides, out, dropout_p):
         path = "tma"      # the opt-in Gluon kernel's limits (bf16, sm_90, no dropout): the TMA kernel instead
     if path == "tma" and not tma_eligible(P, Q, q_strides, out):
@@ -541,17 +547,23 @@ _TORCH_DOT = {torch.float16: torch.float16,
 
 
 def term_for(P, Q, q_strides, N, R, out, RM, rm_strides, lowrank_scale, *, dropout=False, backward=False):
-    """A ``Term`` for gemm_lowrank(P, Q, ..., out=out) when its path is known to be the TMA kernel on these operands
-    (resolved or forced; not on the first, measuring call) and RM has a descriptor layout (``_rm_layout``: in the
-    dot dtype with 16-byte rows) or is fp32 (adapters kept in fp32 on a 16-bit base, PEFT's default: then the pass
-    that writes L also writes RM's copy in the dot dtype, ``Term.rm``), else None: the kernel then loads L (fp32)
-    and RM by pointers and rounds both itself, the same result. RM (R, N) is B (R, N) in forward, A^T from A's
-    (K, R) rows in dX; its copy keeps the orientation whose stride is 1 (B's rows or A's rows), rows padded to 16
-    bytes: no torch op, one planned scratch buffer (docs/performance.md, "The low-rank term by TMA")."""
+    """A ``Term`` for gemm_lowrank(P, Q, ..., out=out) when its path is the TMA kernel on these operands (resolved or
+    forced) or may be (the first call of a key, which times the TMA candidate where ``tma_eligible``: that candidate
+    then runs with the Term, as every later call on the TMA path does) and RM has a descriptor layout
+    (``_rm_layout``: in the dot dtype with 16-byte rows) or is fp32 (adapters kept in fp32 on a 16-bit base, PEFT's
+    default: then the pass that writes L also writes RM's copy in the dot dtype, ``Term.rm``), else None: the kernel
+    then loads L (fp32) and RM by pointers and rounds both itself, the same result. RM (R, N) is B (R, N) in
+    forward, A^T from A's (K, R) rows in dX; its copy keeps the orientation whose stride is 1 (B's rows or A's
+    rows), rows padded to 16 bytes: no torch op, one planned scratch buffer (docs/performance.md, "The low-rank
+    term by TMA")."""
     M = P.shape[0]
     path = choice.GEMM.get(_gemm_key(P, N, R, dropout, backward))
     if path is None:
         path = choice.GEMM.forced() if choice.GEMM.forced is not None else choice.forced_path()
+        if path is None and _measures():
+            # the measuring call: its TMA candidate (timed where the operand checks below pass, as gemm_lowrank's
+            # tma_eligible) reads the Term; if cuBLAS wins, the copy was written once for nothing
+            path = "tma"
     if path != "tma" or P.dtype not in _TORCH_DOT:
         return None
     dot = _TORCH_DOT[P.dtype]

@@ -1,0 +1,198 @@
+"""The TMA GEMM's low-rank term by TMA (ops.term_for, issue 28) where the earlier code still read it by pointer loads:
+the first, measuring call of a GEMM key, and DoRA's GEMMs. Runs under the interpreter on the CPU; the measured
+choice with a stand-in timer (as tests/test_gemm_choice.py tests the choice without a GPU)."""
+
+import functools
+
+import pytest
+import torch
+
+from lora_fast import lora_linear
+from lora_fast.kernels import choice, ops
+from lora_fast.kernels.gemm_tma import gemm_lowrank_tma_kernel
+from tests.utils import make_inputs
+
+
+def _spy_tma_launches(monkeypatch, block_n):
+    """Every TMA GEMM launch from now on, as (launcher, LOWRANK_TMA, RM_ROWS_N, MASK_TMA, BIAS_TMA, L's dtype, RM's
+    dtype), appended to the returned list; the interpreted BLOCK_N ``block_n``."""
+    monkeypatch.setitem(ops._TMA_INTERP, "BLOCK_N", block_n)
+    seen = []
+    real_call = ops._Launcher.__call__
+
+    def spy(self, grid, *args, **kwargs):
+        if self.kernel is gemm_lowrank_tma_kernel:
+            seen.append((self, kwargs["LOWRANK_TMA"], kwargs["RM_ROWS_N"], kwargs["MASK_TMA"], kwargs["BIAS_TMA"],
+                         args[3].dtype, args[4].dtype))
+        return real_call(self, grid, *args, **kwargs)
+
+    monkeypatch.setattr(ops._Launcher, "__call__", spy)
+    return seen
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+    """The measured path choice on the CPU: keys are timed (ops._measures) by a stand-in timer that runs each candidate
+    once and returns ``ms[name]`` (name: the path function, "_tma_gemm" or "_cublas_gemm"); returns (ms, the list of
+    (candidate name, TMA launches it made)). Resolved keys are forgotten before and after."""
+    monkeypatch.setenv("LORA_FAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(choice.ENV, raising=False)
+    monkeypatch.setattr(ops, "_measures", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in GPU")
+    choice.clear()
+    ms, timed = {}, []
+
+    def timer(fn):
+        name = fn.func.__name__ if isinstance(fn, functools.partial) else fn.__name__
+        timed.append((name, fn))
+        fn()
+        return ms[name]
+
+    monkeypatch.setattr(choice.GEMM, "timer", timer)
+    yield ms, timed
+    choice.clear()
+
+
+def _needs_hopper(device):
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("the TMA kernel needs sm_90 or newer")
+
+
+@pytest.mark.parametrize("dtype,adapters,R,p,winner", [
+    (torch.bfloat16, torch.float32, 5, 0.0, "tma"),    # PEFT's default: fp32 adapters on a bf16 base
+    (torch.float16, torch.float32, 3, 0.25, "tma"),    # fp16's row factors, dX's keep-mask
+    (torch.float16, torch.float16, 8, 0.0, "tma"),     # adapters in the dot dtype (A's rows 16 bytes): no copy of RM
+    (torch.bfloat16, torch.float32, 5, 0.25, "cublas")], ids=str)
+def test_the_measuring_call_times_what_later_calls_run(dtype, adapters, R, p, winner, measured, monkeypatch, device):
+    """The first call of a key times the TMA candidate with the low-rank term by TMA (the S / dS pass's rounded copy of
+    the term and, for fp32 adapters, of RM), the same launcher, flags and operand dtypes as a later call on the TMA
+    path; before issue 28's leftover (a) it timed the pointer-load term (with fp32 adapters: their own, smaller
+    config list). The first call's y, dx, dA, dB are bit for bit a later call's, whichever path wins (with cuBLAS
+    winning the copy written for the timing changes nothing)."""
+    _needs_hopper(device)
+    ms, timed = measured
+    ms.update(_tma_gemm=1.0 if winner == "tma" else 3.0, _cublas_gemm=2.0)
+    launches = _spy_tma_launches(monkeypatch, 32)
+    x, w, b, A, B = make_inputs((2, 19), 64, 40, R, dtype, device, adapter_dtype=adapters)
+    dy = torch.randn(2, 19, 40, device=device).to(dtype)
+
+    def step():
+        torch.manual_seed(7)   # the same dropout seed in every call
+        leaves = [t.detach().requires_grad_() for t in (x, A, B)]
+        y = lora_linear(leaves[0], w, b, leaves[1], leaves[2], 1.5, dropout_p=p)
+        y.backward(dy)
+        return [y] + [t.grad for t in leaves]
+
+    measuring = {}
+    real_timer = choice.GEMM.timer
+
+    def timer(fn):   # the TMA launches each timed candidate makes
+        start = len(launches)
+        result = real_timer(fn)
+        measuring.setdefault(timed[-1][0], []).extend(launches[start:])
+        del launches[start:]
+        return result
+
+    monkeypatch.setattr(choice.GEMM, "timer", timer)
+    first = step()
+    first_runs = list(launches)   # the launches of the resolved path, after the timing
+    launches.clear()
+    second = step()
+    assert [name for name, _ in timed] == ["_tma_gemm", "_cublas_gemm"] * 2   # forward's key, then dX's
+    assert measuring["_cublas_gemm"] == []
+    timed_tma = measuring["_tma_gemm"]
+    # the term by TMA (the 16-bit config list: not the fp32-RM launcher), L in the dot dtype, RM in it too
+    dot = ops._TORCH_DOT[dtype]
+    assert [t[1:] for t in timed_tma] == [(True, False, False, b is not None, dot, dot),
+                                          (True, R > 1, p > 0, False, dot, dot)], timed_tma
+    if winner == "tma":
+        assert timed_tma == first_runs == launches, (timed_tma, first_runs, launches)
+    else:
+        assert first_runs == launches == []
+    for name, old, new in zip(("y", "dx", "dA", "dB"), first, second):
+        assert torch.isfinite(old).all() and torch.equal(old, new), name
+
+
+@pytest.mark.parametrize("dtype,adapters,R,p,bias", [
+    (torch.bfloat16, torch.float32, 5, 0.0, True),    # PEFT's default: fp32 adapters (A's rows of 20 bytes: a copy)
+    (torch.float16, torch.float32, 3, 0.3, True),     # dropout: the forward's (x - x_d) W^T + b and dX's two GEMMs
+    (torch.bfloat16, torch.float32, 7, 0.3, False),
+    (torch.float16, torch.float16, 8, 0.0, False)], ids=str)   # adapters in the dot dtype, A's rows 16 bytes
+def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, p, bias, device, monkeypatch):
+    """DoRA on the TMA GEMM (forced): its GEMMs into x's dtype read the low-rank term by TMA as lora_linear's (the S /
+    dS pass's rounded copy of the term, fp32 A's and B's copies in the dot dtype: ops.term_for): the forward's
+    (x - x_d) W^T + b (scale 0) with dropout, and dX's GEMM of the scaled term; dY W with dropout (scale 0) keeps the
+    pointer loads of dS, with RM from fp32 A's copy in the dot dtype (the 16-bit configs). y and every gradient (x,
+    A, B, magnitude) are bit for bit those of the pointer-load term (kernels/dora.py's term_for returning None)."""
+    from lora_fast import dora_linear, reference
+    from lora_fast.kernels import dora as dora_kernels
+
+    _needs_hopper(device)
+    monkeypatch.setenv(choice.ENV, "tma")
+    choice.clear()
+    launches = _spy_tma_launches(monkeypatch, 32)
+    x, w, b, A, B = make_inputs((2, 19), 64, 40, R, dtype, device, bias=bias, adapter_dtype=adapters)
+    m = (reference.dora_weight_norm(w.float(), A.float(), B.float(), 1.5)
+         * (1.0 + 0.3 * torch.randn(40, device=device))).to(adapters)
+    dy = torch.randn(2, 19, 40, device=device).to(dtype)
+
+    def run():
+        torch.manual_seed(5)   # the same dropout seed in both runs
+        leaves = [t.detach().requires_grad_() for t in (x, A, B, m)]
+        y = dora_linear(leaves[0], w, b, *leaves[1:], 1.5, dropout_p=p)
+        y.backward(dy)
+        return [y] + [t.grad for t in leaves]
+
+    try:
+        with_term = run()
+        by_tma = [t[1:] for t in launches]
+        launches.clear()
+        monkeypatch.setattr(dora_kernels, "term_for", lambda *args, **kwargs: None)
+        pointer_loads = run()
+    finally:
+        choice.clear()
+    dot = ops._TORCH_DOT[dtype]
+    dx_term = (True, R > 1, False, False, dot, dot)
+    if p == 0:   # the forward's GEMM writes DoRA's fp32 sum (the cp.async kernel): dX's is the one TMA GEMM
+        assert by_tma == [dx_term], by_tma
+    else:        # forward (x - x_d) W^T + b; dX: the scaled term's GEMM, then dY W (scale 0, pointer loads)
+        assert by_tma == [(True, False, False, bias, dot, dot), dx_term,
+                          (False, False, False, False, torch.float32, dot)], by_tma
+    assert all(not t[1] for t in launches)
+    for name, old, new in zip(("y", "dx", "dA", "dB", "dm"), pointer_loads, with_term):
+        assert torch.isfinite(old).all() and torch.equal(old, new), name
+
+
+@pytest.mark.parametrize("winner", ["tma", "cublas"])
+def test_dora_measuring_call_matches_later_calls(winner, measured, monkeypatch, device):
+    """DoRA with dropout and fp32 adapters on an fp16 base, its keys measured (stand-in timer): the first call times
+    the TMA candidate on the term by TMA (dX's scaled-term GEMM is the one of its key that is timed), and its dY W
+    reads A's copy in the dot dtype on whichever path won (the cuBLAS path's term kernel too); y and every gradient
+    are bit for bit a later call's, which takes the resolved path without timing (and, on cuBLAS, without a copy)."""
+    from lora_fast import dora_linear, reference
+
+    _needs_hopper(device)
+    ms, timed = measured
+    ms.update(_tma_gemm=1.0 if winner == "tma" else 3.0, _cublas_gemm=2.0)
+    launches = _spy_tma_launches(monkeypatch, 32)
+    x, w, b, A, B = make_inputs((23,), 64, 40, 3, torch.float16, device, adapter_dtype=torch.float32)
+    m = reference.dora_weight_norm(w.float(), A, B, 1.5) * (1.0 + 0.3 * torch.randn(40, device=device))
+    dy = torch.randn(23, 40, device=device).to(torch.float16)
+
+    def run():
+        torch.manual_seed(5)
+        leaves = [t.detach().requires_grad_() for t in (x, A, B, m)]
+        y = dora_linear(leaves[0], w, b, *leaves[1:], 1.5, dropout_p=0.3)
+        y.backward(dy)
+        return [y] + [t.grad for t in leaves]
+
+    first = run()
+    assert [name for name, _ in timed] == ["_tma_gemm", "_cublas_gemm"] * 2   # the forward's key, then dX's
+    # the TMA launches, LOWRANK_TMA: the forward's (x - x_d) W^T + b timed (then run again if TMA won), dX's
+    # scaled-term GEMM timed (then run again), dY W (pointer loads of dS) on the TMA path if it won
+    assert [t[1] for t in launches] == ([True] * 4 + [False] if winner == "tma" else [True] * 2), launches
+    timed.clear()
+    second = run()
+    assert timed == []
+    for name, old, new in zip(("y", "dx", "dA", "dB", "dm"), first, second):
+        assert torch.isfinite(old).all() and torch.equal(old, new), name
