@@ -281,8 +281,9 @@ class _OpPlan:
         """(y, S, keep) as _forward, by the recorded launches when there are."""
         rep = self.fwd
         if rep is not None:
-            y = x.new_empty(self.y_shape)
-            keep = None if self.keep_shape is None else x.new_empty(self.keep_shape, dtype=torch.uint8)
+            # shapes as separate ints: torch's argument parser reads a tuple (~1/3 more) or a torch.Size (~twice) slower
+            y = x.new_empty(*self.y_shape)
+            keep = None if self.keep_shape is None else x.new_empty(*self.keep_shape, dtype=torch.uint8)
             out = rep(x, weight, bias, A, B, seed, y, keep)
             if out is not None:
                 return y, out[0], keep
@@ -323,7 +324,7 @@ class _OpPlan:
             rep = self.bwd.get(key)
             out = None
             if rep is not None:
-                dx = x.new_empty(x.shape) if need_dx else None
+                dx = x.new_empty(*x.shape) if need_dx else None
                 out = rep(dy, x, weight, A, B, S, keep, dx)
             if out is not None:
                 dA, dB = out

@@ -61,7 +61,8 @@ class Recorder:
         self._tensors = []        # every tensor seen (kept alive, so that ids stay unique while recording)
         self._count = 0           # roles so far: the inputs, then the allocations
         self._constants = set()   # ids of buffers the launchers own (the reduction counters)
-        self._views = {}          # id(alias) -> (shape, strides): what a torch op (``addmm_``) must be given
+        self._views = {}          # id(alias) -> (shape, strides, view() gives it): what a torch op (``addmm_``)
+        #                           must be given
         self.allocs = []          # the launchers' allocations, in order
         self.steps = []
         self.stream = self.device_index = self.stream_fn = None
@@ -111,7 +112,12 @@ class Recorder:
             self.ok = False
             return
         self._roles[id(view)] = self._roles[id(of)]
-        self._views[id(view)] = (tuple(view.shape), view.stride())
+        # whether ``of.view(shape)`` is this very view (same strides): a replay then calls view(), not as_strided()
+        try:
+            same = of.view(view.shape).stride() == view.stride() and view.storage_offset() == of.storage_offset()
+        except RuntimeError:   # not viewable with that shape: as_strided
+            same = False
+        self._views[id(view)] = (tuple(view.shape), view.stride(), same)
         self._tensors.append(view)
 
     def alloc(self, t: torch.Tensor) -> torch.Tensor:
@@ -174,10 +180,10 @@ class Recorder:
             self.ok = False
             return
         views = [self._views.get(id(out)), self._views.get(id(P))]
-        q_view = (tuple(q_shape), tuple(q_strides))
-        if q_view == (tuple(Q.shape), Q.stride()):
+        q_view = (tuple(q_shape), tuple(q_strides), False)
+        if q_view[:2] == (tuple(Q.shape), Q.stride()):
             q_view = None
-        elif Q.dim() == 2 and q_view == (tuple(Q.shape)[::-1], Q.stride()[::-1]):
+        elif Q.dim() == 2 and q_view[:2] == (tuple(Q.shape)[::-1], Q.stride()[::-1]):
             q_view = "t"
         self.steps.append((None, "addmm_", tuple(role for _, role, _ in slots), (*views, q_view)))
 
@@ -233,10 +239,17 @@ class Replay:
         params = [f"t{i}" for i in range(rec.inputs)]
         lines = [f"def replay({', '.join(params + ['stream', 'enter_hook', 'exit_hook', 'own'])}):"]
         keep = set(outputs)
+        templates = {}   # (dtype, device) -> the name of an empty tensor of that kind
         for j, t in enumerate(rec.allocs):
             role = rec.inputs + j
-            names[f"shape{j}"], names[f"dtype{j}"], names[f"device{j}"] = tuple(t.shape), t.dtype, t.device
-            fresh = f"empty(shape{j}, dtype=dtype{j}, device=device{j})"
+            kind = (t.dtype, t.device)
+            if kind not in templates:
+                templates[kind] = f"like{len(templates)}"
+                names[templates[kind]] = torch.empty(0, dtype=t.dtype, device=t.device)
+            # the template's new_empty with the shape as literal ints: torch.empty(shape, dtype=, device=) parses
+            # a tuple and two keywords, ~1.7x the host instructions (callgrind)
+            fresh = f"{templates[kind]}.new_empty({', '.join(str(int(d)) for d in t.shape)})" if t.dim() else \
+                f"{templates[kind]}.new_empty(())"
             size = t.numel() * t.element_size()
             if role not in keep and size <= SCRATCH_BYTES and _scratch_held[0] + size <= SCRATCH_BUDGET:
                 _scratch_held[0] += size
@@ -252,8 +265,10 @@ class Replay:
                         args.append(f"t{role}")
                     elif view == "t":
                         args.append(f"t{role}.t()")
+                    elif view[2]:   # what view() of the tensor in that role gives: the cheaper call, ints literal
+                        args.append(f"t{role}.view({', '.join(str(int(d)) for d in view[0])})")
                     else:
-                        names[f"view{i}_{k}"] = view
+                        names[f"view{i}_{k}"] = view[:2]
                         args.append(f"t{role}.as_strided(*view{i}_{k})")
                 lines.append(f"    {args[0]}.addmm_({args[1]}, {args[2]})")
                 continue
