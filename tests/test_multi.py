@@ -358,8 +358,8 @@ class _CountLaunches:
 @pytest.mark.parametrize("order", ["unsorted", "sorted"])
 def test_launches_and_saved_bytes_do_not_grow_with_n(order, monkeypatch, device):
     """Kernels: 2 launches forward, 3 backward whatever n; saved for backward beyond the inputs: S (M, R) fp32,
-    the index, the (5, n) fp32 table of per-adapter constants (sorted: also the sorted index, the permutation and
-    the (n + 1,) segment starts, int64); gradients deterministic."""
+    the index, the (5, n) fp32 table of per-adapter constants, the keep-mask's bits (sorted: also the sorted index,
+    the permutation and the (n + 1,) segment starts, int64); gradients deterministic."""
     monkeypatch.setenv("LORA_FAST_MULTI", "triton")
     monkeypatch.setenv("LORA_FAST_MULTI_ORDER", order)
     from lora_fast.kernels import multi
@@ -390,7 +390,8 @@ def test_launches_and_saved_bytes_do_not_grow_with_n(order, monkeypatch, device)
             y.square().sum().backward()
             assert len(launches) == 5, n
             rows = 2 * M * 8 + (n + 1) * 8 if order == "sorted" else 0
-            assert sum(saved) == M * R * 4 + idx.numel() * 8 + 5 * n * 4 + 8 + rows   # S, index, table, seed
+            # S, index, table, the keep-mask's bits (M x 16 bytes: K = 32 bits a row, rows padded to 16 bytes)
+            assert sum(saved) == M * R * 4 + idx.numel() * 8 + 5 * n * 4 + M * philox.mask_row_bytes(K) + rows
             results.append([t.grad for t in leaves])
         for g1, g2 in zip(*results):
             assert torch.equal(g1, g2)
