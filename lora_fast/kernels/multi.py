@@ -330,8 +330,10 @@ def _proj_config(dtype, *, gpu=None):
         return dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         # fp32 (IEEE, no tensor cores) at rank 64 with dropout: 64 x BK64 with 4 warps spilled 704 B on sm_80
-        # (compile report, triton 3.9)
-        return dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=2)
+        # (compile report, triton 3.9). Since the S pass stores the mask's bits, 32 x BK32 with 4 warps spilled 4 B
+        # (sm_90, rank 16, dropout; 8 warps: 4 B without dropout; 64 x BK32: 8-20 B at rank 64); 16 x BK32 with 4
+        # warps spills nowhere (sm_80 and sm_90, ranks 16 and 64, every flag set; triton 3.6 and 3.9)
+        return dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2)
 
 
@@ -344,8 +346,9 @@ def _gemm_config(dtype, dropout: bool = False, block_r: int = 16, *, gpu=None):
         # (the least of the tiles tried: 32x64, 64x32, BLOCK_K 16, 2 warps, 2 and 4 stages)
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
     if dropout and block_r >= 64:
-        # dX regenerating the keep-mask at rank 64: 128x128 with 8 warps spills 8-40 B (compile report, triton
-        # 3.9, sm_80 bf16/fp16 and sm_90 fp16, fp32 adapters, both row orders); 64x128 with 8 warps does not
+        # dX with dropout at rank 64: 128x128 with 8 warps spilled 8-40 B regenerating the keep-mask (compile
+        # report, triton 3.9, sm_80 bf16/fp16 and sm_90 fp16, fp32 adapters, both row orders), and still spills 4 B
+        # reading its bits (sm_90 fp16, fp32 adapters, sorted; 255 registers in 8 of 16 rows); 64x128 does not
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
