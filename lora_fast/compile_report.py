@@ -237,10 +237,10 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
     if kernel == "multi_proj":    # S = dropout(x) A[idx]
         return [dict(HAS_DROPOUT=d, SORTED=o, **({"Q_FP32": True} if q else {}))
                 for d, q in ((False, False), (True, False), (True, True)) for o in (False, True)]
-    if kernel == "multi_gemm":    # the forward (bias, no mask) and dX (the mask regenerated; fp32 A on 16-bit)
+    if kernel == "multi_gemm":    # the forward (bias, no mask) and dX (the mask's bits read; fp32 A on 16-bit)
         return [dict(MULTI_FWD=f, HAS_BIAS=f, HAS_DROPOUT=not f, SORTED=o, **({"Q_FP32": True} if q else {}))
                 for f, q in ((True, False), (False, False), (False, True)) for o in (False, True)]
-    if kernel == "multi_reduce":  # dA (with the mask) and dB in one launch
+    if kernel == "multi_reduce":  # dA (with the mask's bits) and dB in one launch
         return [dict(HAS_DROPOUT=d, SORTED=o) for d in (False, True) for o in (False, True)]
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
@@ -507,7 +507,10 @@ def launch_args(job: Job) -> tuple:
 def _multi_launch_args(job: Job, x: str, common: dict, R: int, M: int, N: int, K: int, meta: dict) -> tuple:
     """(kernel, arguments) of kernels/multi.py's launches: 8 adapters stacked contiguously, A (8, K, R),
     B (8, R, N); the int64 index; sorted, the int64 permutation and segment starts (unsorted, the index stands in
-    for them, as the launcher passes it); the (n,) fp32 rows of the constants table."""
+    for them, as the launcher passes it); the (n,) fp32 rows of the constants table; with dropout the keep-mask's
+    bits (MASK, uint8 rows of philox.mask_row_bytes(K) bytes: written by multi_proj, read by dX and dA), without
+    it another tensor of the launch stands in (as the launchers pass it)."""
+    from . import philox
     from .kernels import multi
 
     n = 8
@@ -515,19 +518,20 @@ def _multi_launch_args(job: Job, x: str, common: dict, R: int, M: int, N: int, K
     adapters = "fp32" if meta.pop("Q_FP32", False) else x
     dropout = meta.get("HAS_DROPOUT", False)
     per_adapter = dict(IDX_ptr=_Ptr("i64"), PERM_ptr=_Ptr("i64"))
+    mask = dict(stride_mask=philox.mask_row_bytes(K) if dropout else 0)
     if job.kernel == "multi_proj":   # the forward: P = x (M, K), Q = A (n, K, R), OUT = S (M, R) fp32
         args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(adapters), **per_adapter, ROW_SCALE_ptr=_Ptr("fp32"),
                     DROP_P_ptr=_Ptr("fp32"), SEED_ptr=_Ptr("i64" if dropout else "fp32"), OUT_ptr=_Ptr("fp32"),
                     M=M, K=K, R=R, N_ADAPTERS=n, stride_pm=K, stride_pk=1, stride_qa=K * R, stride_qk=R,
-                    stride_qr=1, stride_om=R, stride_or=1)
+                    stride_qr=1, stride_om=R, stride_or=1, MASK_ptr=_Ptr("u8" if dropout else "fp32"), **mask)
         return multi.multi_proj_kernel, dict(args, **common, **meta)
     if job.kernel == "multi_gemm":
         fwd = meta.pop("MULTI_FWD")
         # forward: P = x, Q = W^T ((k, n) -> weight[n, k]), RM = B[a] (R, N); dX: P = dY (M, N_out), Q = W as
         # stored, RM = A[a]^T ((r, k) -> A[a, k, r]); L = S or dS (M, R) fp32
         args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(x), BIAS_ptr=_Ptr(x), L_ptr=_Ptr("fp32"), RM_ptr=_Ptr(adapters),
-                    **per_adapter, ROW_SCALE_ptr=_Ptr("fp32"), DROP_P_ptr=_Ptr("fp32"), OUT_ptr=_Ptr(x),
-                    SEED_ptr=_Ptr("i64" if dropout else x), M=M, N=N if fwd else K, K=K if fwd else N, R=R,
+                    **per_adapter, ROW_SCALE_ptr=_Ptr("fp32"), OUT_ptr=_Ptr(x),
+                    MASK_ptr=_Ptr("u8" if dropout else x), **mask, M=M, N=N if fwd else K, K=K if fwd else N, R=R,
                     N_ADAPTERS=n, stride_pm=K if fwd else N, stride_pk=1, stride_qk=1 if fwd else K,
                     stride_qn=K if fwd else 1, stride_lm=R, stride_lr=1, stride_ra=(R * N) if fwd else (K * R),
                     stride_rr=N if fwd else 1, stride_rn=1 if fwd else R, stride_om=N if fwd else K, stride_on=1)
@@ -535,7 +539,7 @@ def _multi_launch_args(job: Job, x: str, common: dict, R: int, M: int, N: int, K
     # multi_reduce: dA (n, K, R) from x and dS, dB (n, R, N) from dY and S, in the adapters' dtype (x's)
     args = dict(X_ptr=_Ptr(x), DS_ptr=_Ptr("fp32"), DA_ptr=_Ptr(adapters), DY_ptr=_Ptr(x), S_ptr=_Ptr("fp32"),
                 DB_ptr=_Ptr(adapters), **per_adapter, SEG_ptr=_Ptr("i64"), DA_SCALE_ptr=_Ptr("fp32"),
-                DB_SCALE_ptr=_Ptr("fp32"), DROP_P_ptr=_Ptr("fp32"), SEED_ptr=_Ptr("i64" if dropout else "fp32"),
+                DB_SCALE_ptr=_Ptr("fp32"), MASK_ptr=_Ptr("u8" if dropout else "fp32"), **mask,
                 M=M, K=K, N=N, R=R, K_BLOCKS=K // 64, stride_xm=K, stride_xk=1, stride_dsm=R, stride_dsr=1,
                 stride_daa=K * R, stride_dak=R, stride_dar=1, stride_dym=N, stride_dyn=1, stride_sm=R,
                 stride_sr=1, stride_dba=R * N, stride_dbr=N, stride_dbn=1)

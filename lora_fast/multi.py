@@ -323,11 +323,11 @@ def _frozen_gradients(ctx, dy, x, weight):
     return dW, db
 
 
-def _graph_backward(ctx, dy, x, weight, A, B, idx, seed):
+def _graph_backward(ctx, dy, x, weight, A, B, idx, keep):
     """(dx, dA, dB) on autograd's graph (create_graph=True): the reference maths on the saved inputs, the mask
-    regenerated from the seed (functional.graph_gradients)."""
+    the forward's bits (``keep``, None without dropout) unpacked (functional.graph_gradients)."""
     idx = idx.reshape(x.shape[:-1])
-    mask = reference.multi_keep_mask(seed, x, idx, ctx.dropout_ps) if seed is not None else None
+    mask = philox.unpack_keep_mask(keep, x.shape[-1]).view(x.shape) if keep is not None else None
     active = mask is not None and any(p > 0 for p in ctx.dropout_ps)
 
     def f(x_, A_, B_):
@@ -340,7 +340,9 @@ def _graph_backward(ctx, dy, x, weight, A, B, idx, seed):
 
 class _OneAdapterFunction(torch.autograd.Function):
     """n = 1 on the Triton path: lora_linear's kernels (kernels.lora_forward / lora_backward), S and dS zeroed
-    on the rows of adapter -1 (one masked fill each way). Saves x, weight, A, B, S (M, R) fp32, idx, seed."""
+    on the rows of adapter -1 (one masked fill each way). Saves x, weight, A, B, S (M, R) fp32, idx and, with
+    dropout, the keep-mask the S pass drew, bit-packed (M x K / 8 bytes, ``kernels.new_keep_mask``; on rows of
+    adapter -1 it is drawn with the adapter's p, and never read there: their dS is zero), not the seed."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, idx, scale, dropout_p, seed):
@@ -348,9 +350,10 @@ class _OneAdapterFunction(torch.autograd.Function):
 
         x2d, y, y2d = _output(x, weight.shape[0])
         zero_rows = (idx.reshape(-1) < 0)[:, None]
+        keep = kernels.new_keep_mask(*x2d.shape, x.device) if dropout_p > 0 else None
         _, S = kernels.lora_forward(x2d, weight, bias, A[0], B[0], scale, dropout_p, seed, out=y2d,
-                                    zero_rows=zero_rows)
-        ctx.save_for_backward(x, weight, A, B, S, idx, seed)
+                                    zero_rows=zero_rows, keep_out=keep)
+        ctx.save_for_backward(x, weight, A, B, S, idx, keep)
         ctx.scales, ctx.dropout_ps, ctx.has_bias = (scale,), (dropout_p,), bias is not None
         return y
 
@@ -358,15 +361,15 @@ class _OneAdapterFunction(torch.autograd.Function):
     def backward(ctx, dy):
         from . import kernels
 
-        x, weight, A, B, S, idx, seed = ctx.saved_tensors
+        x, weight, A, B, S, idx, keep = ctx.saved_tensors
         need_dx, _, _, need_dA, need_dB = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled():
-            dx, dA, dB = _graph_backward(ctx, dy, x, weight, A, B, idx, seed)
+            dx, dA, dB = _graph_backward(ctx, dy, x, weight, A, B, idx, keep)
         else:
             dx, dA, dB = kernels.lora_backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight,
-                                               A[0], B[0], S, ctx.scales[0], ctx.dropout_ps[0], seed,
+                                               A[0], B[0], S, ctx.scales[0], ctx.dropout_ps[0],
                                                need_dx=need_dx, need_dA=need_dA, need_dB=need_dB,
-                                               zero_rows=(idx.reshape(-1) < 0)[:, None])
+                                               zero_rows=(idx.reshape(-1) < 0)[:, None], keep=keep)
             dx = dx.view(x.shape) if dx is not None else None
             dA = dA[None] if dA is not None else None
             dB = dB[None] if dB is not None else None
@@ -378,12 +381,14 @@ class _MultiFunction(torch.autograd.Function):
     when ``order`` is "sorted", the sort's three small torch launches in forward: per call for a raw index,
     none for a ``prepared`` AdapterRows sorted by an earlier call). Saves x, weight, A, B
     (parameters: no new memory), S (M, R) fp32, idx (M,) int64, the (5, n) fp32 table of per-adapter constants
-    and the seed; sorted, also the sorted index and the permutation (M,) int64 each and the (n + 1,) segment
-    starts: nothing of size M x out_features, nothing that grows with n but the table and the segments."""
+    and, with dropout, the keep-mask the forward's S pass drew, bit-packed (uint8 (M, philox.mask_row_bytes(K)):
+    M x K / 8 bytes, whatever n; read by the dX GEMM and the dA pass, which run no Philox), not the seed; sorted,
+    also the sorted index and the permutation (M,) int64 each and the (n + 1,) segment starts: nothing of size
+    M x out_features, nothing that grows with n but the table and the segments."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, idx, scales, dropout_ps, seed, order=DEFAULT_ORDER, prepared=None):
-        from .kernels import multi
+        from .kernels import multi, new_keep_mask
 
         x2d, y, y2d = _output(x, weight.shape[0])
         params = _adapter_params(scales, dropout_ps, x.device)
@@ -395,8 +400,9 @@ class _MultiFunction(torch.autograd.Function):
         else:
             idx1d = idx.reshape(-1).contiguous()   # the kernels read it with unit stride
             rows = multi.sort_rows(idx1d, A.shape[0]) if order == "sorted" else None
-        S = multi.multi_forward(x2d, weight, bias, A, B, idx1d, params, has_dropout, seed, y2d, rows)
-        ctx.save_for_backward(x, weight, A, B, S, idx1d, params, seed, *(rows or ()))
+        keep = new_keep_mask(*x2d.shape, x.device) if has_dropout else None
+        S = multi.multi_forward(x2d, weight, bias, A, B, idx1d, params, has_dropout, seed, y2d, rows, keep)
+        ctx.save_for_backward(x, weight, A, B, S, idx1d, params, keep, *(rows or ()))
         ctx.scales, ctx.dropout_ps, ctx.has_bias = tuple(scales), tuple(dropout_ps), bias is not None
         return y
 
@@ -404,14 +410,13 @@ class _MultiFunction(torch.autograd.Function):
     def backward(ctx, dy):
         from .kernels import multi
 
-        x, weight, A, B, S, idx, params, seed, *rows = ctx.saved_tensors
+        x, weight, A, B, S, idx, params, keep, *rows = ctx.saved_tensors
         need_dx, _, _, need_dA, need_dB = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled():
-            dx, dA, dB = _graph_backward(ctx, dy, x, weight, A, B, idx, seed)
+            dx, dA, dB = _graph_backward(ctx, dy, x, weight, A, B, idx, keep)
         else:
-            has_dropout = any(p > 0 for p in ctx.dropout_ps)
             dx, dA, dB = multi.multi_backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight,
-                                              A, B, S, idx, params, has_dropout, seed,
+                                              A, B, S, idx, params, keep,
                                               need_dx=need_dx, need_dA=need_dA, need_dB=need_dB,
                                               order=tuple(rows) or None)
             dx = dx.view(x.shape) if dx is not None else None

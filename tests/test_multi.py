@@ -358,8 +358,8 @@ class _CountLaunches:
 @pytest.mark.parametrize("order", ["unsorted", "sorted"])
 def test_launches_and_saved_bytes_do_not_grow_with_n(order, monkeypatch, device):
     """Kernels: 2 launches forward, 3 backward whatever n; saved for backward beyond the inputs: S (M, R) fp32,
-    the index, the (5, n) fp32 table of per-adapter constants (sorted: also the sorted index, the permutation and
-    the (n + 1,) segment starts, int64); gradients deterministic."""
+    the index, the (5, n) fp32 table of per-adapter constants, the keep-mask's bits (sorted: also the sorted index,
+    the permutation and the (n + 1,) segment starts, int64); gradients deterministic."""
     monkeypatch.setenv("LORA_FAST_MULTI", "triton")
     monkeypatch.setenv("LORA_FAST_MULTI_ORDER", order)
     from lora_fast.kernels import multi
@@ -390,7 +390,8 @@ def test_launches_and_saved_bytes_do_not_grow_with_n(order, monkeypatch, device)
             y.square().sum().backward()
             assert len(launches) == 5, n
             rows = 2 * M * 8 + (n + 1) * 8 if order == "sorted" else 0
-            assert sum(saved) == M * R * 4 + idx.numel() * 8 + 5 * n * 4 + 8 + rows   # S, index, table, seed
+            # S, index, table, the keep-mask's bits (M x 16 bytes: K = 32 bits a row, rows padded to 16 bytes)
+            assert sum(saved) == M * R * 4 + idx.numel() * 8 + 5 * n * 4 + M * philox.mask_row_bytes(K) + rows
             results.append([t.grad for t in leaves])
         for g1, g2 in zip(*results):
             assert torch.equal(g1, g2)
@@ -1477,3 +1478,138 @@ def test_stacked_adapters_default_sees_writes_through_data(monkeypatch, device):
         monkeypatch.setenv("LORA_FAST_KEEP_STACKS", "yes")
         with pytest.raises(ValueError, match="LORA_FAST_KEEP_STACKS"):
             run()
+
+
+# --- the keep-mask drawn once per step (issue 28 item 3 on the multi-adapter kernels) -------------------------------
+# The forward's S pass draws each row's keep-mask with its adapter's p and stores it as bits (lora_linear's layout,
+# x's row order); the dX GEMM and the dA pass read those bits and run no Philox; the seed is not saved.
+
+
+def _multi_bits_run(inputs, scales, idx, ps, dy, edit=None):
+    """(uint8 tensors saved, grads of x, A, B) of lora_linear_multi after torch.manual_seed(5) (the seed of
+    ``_multi_seed``), under saved-tensor hooks that keep each uint8 tensor saved and hand backward ``edit`` of a
+    copy of it (``edit`` None: the tensor itself)."""
+    saved = []
+
+    def pack(t):
+        if t.dtype == torch.uint8:
+            saved.append(t)
+        return t
+
+    def unpack(t):
+        if edit is not None and t.dtype == torch.uint8:
+            t = t.clone()
+            edit(t)
+        return t
+
+    x, weight, b, A, B = inputs
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
+    torch.manual_seed(5)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        y = lora_linear_multi(leaves[0], weight, b, leaves[1], leaves[2], scales, idx, dropout_p=ps)
+    y.backward(dy)
+    return saved, [t.grad for t in leaves]
+
+
+def _multi_seed(device):
+    """The dropout seed lora_linear_multi draws after torch.manual_seed(5) (its first draw)."""
+    torch.manual_seed(5)
+    return reference.draw_seed(device)
+
+
+@pytest.mark.parametrize("order,n", [("sorted", 4), ("unsorted", 4), ("sorted", 1)])
+def test_multi_backward_reads_the_saved_bits(order, n, monkeypatch, device):
+    """The forward saves the keep-mask its S pass drew as bits (philox.pack_keep_mask's layout, in x's row order),
+    bit for bit the torch mirror's mask (reference.multi_keep_mask: each row drawn with its adapter's p; rows of
+    adapter -1 and of an adapter with p = 0 all kept; one adapter: lora_linear's mask, every row drawn with its p),
+    and no seed. The dX GEMM and the dA pass read those bits: one flipped bit changes dX in exactly that element
+    and dA only in that adapter's row of that column, to the float64 reference's values with the flipped mask;
+    clearing the bits of the rows of adapter -1 changes nothing."""
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", order)
+    # K = 45: 6 bytes of bits per row, the last one partial, the last 32-wide tile partial; adapter 3: no rows
+    M, K, N = 45, 45, 24
+    ranks = (4, 8, 3, 2)[:n]
+    ps = [0.3, 0.0, 0.5, 0.1][:n]
+    scales = [1.5, -0.5, 2.0, 1.0][:n]
+    inputs = multi_inputs((M,), K, N, ranks, torch.float32, device)
+    idx = adapter_index((M,), n, device, empty=(3,))
+    idx[:2] = torch.tensor([0, -1])   # at least one row of adapter 0 (p > 0) and one of -1
+    dy = torch.randn(M, N, device=device)
+    # a row of an adapter that drops (p > 0), and a column
+    droppers = [a for a in range(n) if ps[a] > 0]
+    rows = (idx[:, None] == torch.tensor(droppers, device=device)).any(1).nonzero().flatten()
+    m0 = int(rows[torch.randint(len(rows), ())])
+    k0 = int(torch.randint(K, ()))
+    a0 = int(idx[m0])
+
+    def flip(t):
+        t[m0, k0 // 8] ^= 1 << (k0 % 8)
+
+    def clear_base_rows(t):
+        t[idx < 0] = 0
+
+    saved, grads = _multi_bits_run(inputs, scales, idx, ps, dy)
+    _, flipped = _multi_bits_run(inputs, scales, idx, ps, dy, edit=flip)
+    _, cleared = _multi_bits_run(inputs, scales, idx, ps, dy, edit=clear_base_rows)
+
+    seed = _multi_seed(device)
+    if n == 1:
+        mask = philox.keep_mask(seed, M, K, ps[0])
+    else:
+        mask = reference.multi_keep_mask(seed, inputs[0], idx, ps)
+        assert mask[idx < 0].all() and mask[idx == 1].all()   # rows of -1 and of p = 0: all kept
+    assert not mask[idx == a0].all()
+    used = -(-K // 8)   # the mask's bytes per row; the row's padding bytes are never written nor read
+    assert len(saved) == 1 and saved[0].shape == (M, philox.mask_row_bytes(K))
+    assert torch.equal(saved[0][:, :used], philox.pack_keep_mask(mask)[:, :used])
+    assert torch.equal(philox.unpack_keep_mask(saved[0], K), mask)
+
+    (dx, dA, dB), (fdx, fdA, fdB) = grads, flipped
+    assert (dx != fdx).nonzero().tolist() == [[m0, k0]]
+    assert (dA != fdA).any(2).nonzero().tolist() == [[a0, k0]]
+    assert torch.equal(dB, fdB)
+    assert all(torch.equal(g, c) for g, c in zip(grads, cleared))
+
+    mask[m0, k0] = ~mask[m0, k0]
+    qs = [philox.quantize(p) for p in ps]
+
+    def ref_op(*args, dropout_p):
+        return reference.lora_linear_multi(*args, dropout_p=dropout_p, dropout_mask=mask)
+
+    _, ref, _ = _run(inputs, scales, idx, qs, 5, dy, f=lambda t: t.double(), op=ref_op)
+    _, mag, _ = _run(inputs, scales, idx, qs, 5, dy, f=lambda t: t.double().abs(), scale_f=abs, op=ref_op)
+    R = max(ranks)
+    assert_close(fdx, ref[0], mag[0], torch.float32, N + R, "multi dx, flipped bit", record=False)
+    assert_close(fdA, ref[3], mag[3], torch.float32, M, "multi dA, flipped bit", record=False)
+
+
+@pytest.mark.parametrize("order", ["sorted", "unsorted"])
+def test_multi_backward_draws_no_philox(order, monkeypatch, device):
+    """Dropout's Philox runs in the forward's S pass only: the backward kernels take no seed (nor drop
+    probabilities) and, under the interpreter, the Philox words are drawn in forward and never in backward."""
+    from lora_fast.kernels import multi, rng
+
+    for kernel in (multi.multi_gemm_kernel, multi.multi_reduce_kernel):
+        assert "SEED_ptr" not in kernel.arg_names and "DROP_P_ptr" not in kernel.arg_names
+        assert "MASK_ptr" in kernel.arg_names
+    if not multi._interpreted():
+        pytest.skip("counting the Philox calls needs the interpreter (a compiled kernel inlines them)")
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", order)
+    calls = []
+    words = rng._philox_words
+
+    def counted(*args):
+        calls.append(1)
+        return words(*args)
+
+    monkeypatch.setattr(rng, "_philox_words", counted)
+    inputs = multi_inputs((40,), 36, 20, (4, 2, 3), torch.float32, device)
+    idx = adapter_index((40,), 3, device)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y = lora_linear_multi(*leaves, [1.0, 2.0, -1.0], idx, dropout_p=[0.25, 0.0, 0.5])
+    assert calls   # the S pass drew the mask
+    calls.clear()
+    y.square().sum().backward()
+    assert not calls and all(t.grad is not None for t in leaves)

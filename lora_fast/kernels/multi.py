@@ -28,6 +28,10 @@ Five launches per step (2 forward, 3 backward), as lora_linear at ranks below 32
 
 Each kernel keeps the numerics of its single-adapter counterpart (kernels/gemm.py, kernels/lowrank.py): fp32
 accumulation, the fp16 range guard of fp16.py, the Philox keep-mask of rng.py (per-row drop probabilities).
+The keep-mask is drawn once per step (issue 28 item 3): the forward's S pass draws it with each row's p and
+stores it bit-packed, (M, philox.mask_row_bytes(K)) uint8 in x's row order (lora_linear's layout, rng.store_keep_bits;
+rows without an adapter or of an adapter with p = 0 all kept); the dX GEMM and the dA pass read those bits
+(rng.load_keep_bits), with no Philox in the backward.
 """
 
 import torch
@@ -37,7 +41,7 @@ import triton.language as tl
 from . import configs
 from .fp16 import pow2_split
 from .gemm import grouped_tile
-from .rng import keep_mask_rows
+from .rng import keep_mask_bits_rows, load_keep_bits, store_keep_bits
 
 
 @triton.jit
@@ -73,10 +77,14 @@ def multi_proj_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     SORTED: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # the keep-mask drawn (HAS_DROPOUT), stored bit-packed: MASK uint8 (M, >= ceil(K / 8)), rows of stride_mask bytes
+    MASK_ptr, stride_mask,
 ):
     """OUT[m] = ROW_SCALE[a] * (keep? ⊙ P[m]) @ Q[a], a = IDX[m]; 0 on rows of adapter -1. The forward's
     S = dropout(x) A[a] (ROW_SCALE = 1 / (1 - p[a])) and the backward's dS = dY B[a]^T (ROW_SCALE = 1).
-    SORTED: the program's tile holds the rows PERM[pos] (IDX then holds their adapters in that order)."""
+    HAS_DROPOUT: row m's keeps drawn with its adapter's p (0, all kept, on rows of adapter -1) and stored in
+    MASK's row m (x's row order), bit-packed, for the backward. SORTED: the program's tile holds the rows PERM[pos]
+    (IDX then holds their adapters in that order)."""
     pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
@@ -92,10 +100,14 @@ def multi_proj_kernel(
     zero64 = tl.full((), 0, tl.int64)
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K
+        if HAS_DROPOUT:
+            # drawn once per step: the bits stored here are what the backward reads (before P's block is loaded,
+            # as lowrank.py does it: fewer registers live)
+            keep, bits = keep_mask_bits_rows(SEED_ptr, offs_m, k0, K, K, p_rows, BLOCK_K)
+            store_keep_bits(MASK_ptr, bits, offs_m, mask_m, k0, K, stride_mask, BLOCK_K)
         p = tl.load(rows_p + (k0 + zero64) * stride_pk + offs_k[None, :] * stride_pk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
         if HAS_DROPOUT:
-            keep = keep_mask_rows(SEED_ptr, offs_m, k0, K, p_rows, BLOCK_K)
             p = tl.where(keep, p, 0.0).to(DOT_DTYPE)
         for a in range(a_lo, a_hi + 1):
             sel = idx == a
@@ -122,9 +134,9 @@ def multi_proj_kernel(
 @triton.jit
 def multi_gemm_kernel(
     # pointers: P (M, K); Q (K, N) through strides; BIAS (N,); L (M, R) fp32; RM: adapter a's (R, N) operand at
-    # RM + a * stride_ra; IDX (M,) int64 (sorted when SORTED); PERM (M,) int64 (read when SORTED); ROW_SCALE,
-    # DROP_P (n,) fp32; OUT (M, N); SEED int64
-    P_ptr, Q_ptr, BIAS_ptr, L_ptr, RM_ptr, IDX_ptr, PERM_ptr, ROW_SCALE_ptr, DROP_P_ptr, OUT_ptr, SEED_ptr,
+    # RM + a * stride_ra; IDX (M,) int64 (sorted when SORTED); PERM (M,) int64 (read when SORTED); ROW_SCALE (n,)
+    # fp32; OUT (M, N)
+    P_ptr, Q_ptr, BIAS_ptr, L_ptr, RM_ptr, IDX_ptr, PERM_ptr, ROW_SCALE_ptr, OUT_ptr,
     # sizes
     M, N, K, R, N_ADAPTERS,
     # strides
@@ -134,12 +146,14 @@ def multi_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SORTED: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # the forward's bit-packed keep-mask of x (read with HAS_DROPOUT): MASK uint8 rows of stride_mask bytes
+    MASK_ptr, stride_mask,
 ):
     """OUT = P @ Q (+ bias) + ROW_SCALE[a] * (keep? ⊙ (L[m] @ RM[a])) per row, a = IDX[m] (no term on rows of
     adapter -1): kernels/gemm.py's GEMM with each row's own low-rank operand and scale. Forward: P = x,
     Q = W^T, L = S, RM = B, ROW_SCALE = scale. dX: P = dY, Q = W, L = dS, RM = A^T, ROW_SCALE = scale / (1 - p),
-    the keep-mask of x regenerated with each row's p. SORTED: the tile's rows are PERM[pos], read and written in
-    place (x and y are never copied)."""
+    the keep-mask of x read from the bits the forward's S pass stored (no Philox). SORTED: the tile's rows are
+    PERM[pos], read and written in place (x and y are never copied)."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -174,8 +188,7 @@ def multi_gemm_kernel(
     if DOT_DTYPE == tl.float16:
         acc = acc * row_f
     if HAS_DROPOUT:
-        p_rows = tl.load(DROP_P_ptr + idx, mask=valid, other=0.0)[:, None]
-        keep = keep_mask_rows(SEED_ptr, offs_m, pid_n * BLOCK_N, N, p_rows, BLOCK_N)
+        keep = load_keep_bits(MASK_ptr, offs_m, mask_m, pid_n * BLOCK_N, N, stride_mask, BLOCK_N)
         acc = tl.where(keep, acc, 0.0) * row_scale
 
     rows_p = P_ptr + offs_m[:, None].to(tl.int64) * stride_pm
@@ -199,14 +212,15 @@ def multi_gemm_kernel(
 
 
 @triton.jit
-def _reduce_block(P_ptr, L_ptr, rows, sel, acc, p_a, SEED_ptr, pid_c, offs_c, mask_c, offs_r, mask_r,
+def _reduce_block(P_ptr, L_ptr, rows, sel, acc, MASK_ptr, stride_mask, pid_c, offs_c, mask_c, offs_r, mask_r,
                   C, stride_pm, stride_pc, stride_lm, stride_lr, BLOCK_C: tl.constexpr,
                   HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc (BLOCK_C, BLOCK_R) fp32 += (keep? ⊙ P)[rows, cols]^T L[rows] over the rows with ``sel``."""
+    """acc (BLOCK_C, BLOCK_R) fp32 += (keep? ⊙ P)[rows, cols]^T L[rows] over the rows with ``sel``; the keeps
+    read from the forward's bits (MASK, x's row order)."""
     p_t = tl.load(P_ptr + rows[None, :].to(tl.int64) * stride_pm + offs_c[:, None] * stride_pc,
                   mask=mask_c[:, None] & sel[None, :], other=0.0).to(DOT_DTYPE)
     if HAS_DROPOUT:
-        keep = tl.trans(keep_mask_rows(SEED_ptr, rows, pid_c * BLOCK_C, C, p_a, BLOCK_C))
+        keep = tl.trans(load_keep_bits(MASK_ptr, rows, sel, pid_c * BLOCK_C, C, stride_mask, BLOCK_C))
         p_t = tl.where(keep, p_t, 0.0).to(DOT_DTYPE)
     lo = tl.load(L_ptr + rows[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
                  mask=sel[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
@@ -220,24 +234,21 @@ def _reduce_block(P_ptr, L_ptr, rows, sel, acc, p_a, SEED_ptr, pid_c, offs_c, ma
 
 
 @triton.jit
-def _segment_reduce(P_ptr, L_ptr, OUT_ptr, IDX_ptr, PERM_ptr, SEG_ptr, DROP_P_ptr, SEED_ptr, a, scale, pid_c,
-                    M, C, R, stride_pm, stride_pc, stride_lm, stride_lr, stride_oc, stride_or,
+def _segment_reduce(P_ptr, L_ptr, OUT_ptr, IDX_ptr, PERM_ptr, SEG_ptr, MASK_ptr, a, scale, pid_c,
+                    M, C, R, stride_pm, stride_pc, stride_lm, stride_lr, stride_oc, stride_or, stride_mask,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                     HAS_DROPOUT: tl.constexpr, SORTED: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr):
     """OUT[c, r] = scale * sum over the rows m with IDX[m] == a of (keep? ⊙ P)[m, c] L[m, r], for the columns c
-    of block ``pid_c`` (P (M, C), L (M, R) fp32, OUT (C, R) through its strides). Unsorted: every row block in
-    row order, those without a row of a skipped. SORTED: only a's segment SEG[a] .. SEG[a + 1] of the sorted
-    positions, in blocks of BLOCK_M from its start (its rows in row order: the sort is stable), each block a's
-    rows alone."""
+    of block ``pid_c`` (P (M, C), L (M, R) fp32, OUT (C, R) through its strides; keeps: MASK's bits). Unsorted:
+    every row block in row order, those without a row of a skipped. SORTED: only a's segment SEG[a] .. SEG[a + 1]
+    of the sorted positions, in blocks of BLOCK_M from its start (its rows in row order: the sort is stable), each
+    block a's rows alone."""
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
     mask_c = offs_c < C
     mask_r = offs_r < R
     acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
-    p_a = 0.0
-    if HAS_DROPOUT:
-        p_a = tl.load(DROP_P_ptr + a)
     if SORTED:
         start = tl.load(SEG_ptr + a).to(tl.int32)
         end = tl.load(SEG_ptr + a + 1).to(tl.int32)
@@ -245,8 +256,8 @@ def _segment_reduce(P_ptr, L_ptr, OUT_ptr, IDX_ptr, PERM_ptr, SEG_ptr, DROP_P_pt
             pos = m0 + tl.arange(0, BLOCK_M)
             sel = pos < end
             rows = tl.load(PERM_ptr + pos, mask=sel, other=0).to(tl.int32)
-            acc = _reduce_block(P_ptr, L_ptr, rows, sel, acc, p_a, SEED_ptr, pid_c, offs_c, mask_c, offs_r,
-                                mask_r, C, stride_pm, stride_pc, stride_lm, stride_lr, BLOCK_C, HAS_DROPOUT,
+            acc = _reduce_block(P_ptr, L_ptr, rows, sel, acc, MASK_ptr, stride_mask, pid_c, offs_c, mask_c,
+                                offs_r, mask_r, C, stride_pm, stride_pc, stride_lm, stride_lr, BLOCK_C, HAS_DROPOUT,
                                 DOT_DTYPE, INPUT_PRECISION)
     else:
         for m0 in range(0, M, BLOCK_M):
@@ -255,8 +266,8 @@ def _segment_reduce(P_ptr, L_ptr, OUT_ptr, IDX_ptr, PERM_ptr, SEG_ptr, DROP_P_pt
             idx = tl.load(IDX_ptr + offs_m, mask=mask_m, other=-1).to(tl.int32)
             sel = idx == a
             if tl.sum(sel.to(tl.int32), axis=0) > 0:
-                acc = _reduce_block(P_ptr, L_ptr, offs_m, sel, acc, p_a, SEED_ptr, pid_c, offs_c, mask_c,
-                                    offs_r, mask_r, C, stride_pm, stride_pc, stride_lm, stride_lr, BLOCK_C,
+                acc = _reduce_block(P_ptr, L_ptr, offs_m, sel, acc, MASK_ptr, stride_mask, pid_c, offs_c,
+                                    mask_c, offs_r, mask_r, C, stride_pm, stride_pc, stride_lm, stride_lr, BLOCK_C,
                                     HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION)
     tl.store(OUT_ptr + offs_c[:, None].to(tl.int64) * stride_oc + offs_r[None, :] * stride_or,
              (acc * scale).to(OUT_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_r[None, :])
@@ -266,9 +277,8 @@ def _segment_reduce(P_ptr, L_ptr, OUT_ptr, IDX_ptr, PERM_ptr, SEG_ptr, DROP_P_pt
 def multi_reduce_kernel(
     # pointers: X (M, K), DS (M, R) fp32, DA (n, K, R); DY (M, N), S (M, R) fp32, DB (n, R, N); IDX (M,) int64;
     # PERM (M,) int64 and SEG (n + 1,) int64 (read when SORTED: the rows in adapter order, adapter a's at sorted
-    # positions SEG[a] .. SEG[a + 1]); DA_SCALE, DB_SCALE, DROP_P (n,) fp32; SEED int64
+    # positions SEG[a] .. SEG[a + 1]); DA_SCALE, DB_SCALE (n,) fp32
     X_ptr, DS_ptr, DA_ptr, DY_ptr, S_ptr, DB_ptr, IDX_ptr, PERM_ptr, SEG_ptr, DA_SCALE_ptr, DB_SCALE_ptr,
-    DROP_P_ptr, SEED_ptr,
     # sizes (K_BLOCKS: programs along dim 0 that compute dA; the others compute dB)
     M, K, N, R, K_BLOCKS,
     # strides
@@ -277,6 +287,8 @@ def multi_reduce_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     SORTED: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # the forward's bit-packed keep-mask of x (read by dA with HAS_DROPOUT): MASK uint8 rows of stride_mask bytes
+    MASK_ptr, stride_mask,
 ):
     """Program (c, a): for c < K_BLOCKS, block c of dA[a] = DA_SCALE[a] * (keep ⊙ x)^T dS over a's rows; else
     block c - K_BLOCKS of dB[a]^T = DB_SCALE[a] * dY^T S over a's rows (written through dB's strides). One
@@ -285,14 +297,14 @@ def multi_reduce_kernel(
     a = tl.program_id(1)
     if pid_c < K_BLOCKS:
         _segment_reduce(X_ptr, DS_ptr, DA_ptr + a.to(tl.int64) * stride_daa, IDX_ptr, PERM_ptr, SEG_ptr,
-                        DROP_P_ptr, SEED_ptr, a, tl.load(DA_SCALE_ptr + a), pid_c, M, K, R, stride_xm, stride_xk,
-                        stride_dsm, stride_dsr, stride_dak, stride_dar, BLOCK_M, BLOCK_C, BLOCK_R, HAS_DROPOUT,
-                        SORTED, DOT_DTYPE, INPUT_PRECISION)
+                        MASK_ptr, a, tl.load(DA_SCALE_ptr + a), pid_c, M, K, R, stride_xm, stride_xk,
+                        stride_dsm, stride_dsr, stride_dak, stride_dar, stride_mask, BLOCK_M, BLOCK_C, BLOCK_R,
+                        HAS_DROPOUT, SORTED, DOT_DTYPE, INPUT_PRECISION)
     else:
         _segment_reduce(DY_ptr, S_ptr, DB_ptr + a.to(tl.int64) * stride_dba, IDX_ptr, PERM_ptr, SEG_ptr,
-                        DROP_P_ptr, SEED_ptr, a, tl.load(DB_SCALE_ptr + a), pid_c - K_BLOCKS, M, N, R, stride_dym,
-                        stride_dyn, stride_sm, stride_sr, stride_dbn, stride_dbr, BLOCK_M, BLOCK_C, BLOCK_R, False,
-                        SORTED, DOT_DTYPE, INPUT_PRECISION)
+                        MASK_ptr, a, tl.load(DB_SCALE_ptr + a), pid_c - K_BLOCKS, M, N, R, stride_dym,
+                        stride_dyn, stride_sm, stride_sr, stride_dbn, stride_dbr, 0, BLOCK_M, BLOCK_C, BLOCK_R,
+                        False, SORTED, DOT_DTYPE, INPUT_PRECISION)
 
 
 # --- launchers ---------------------------------------------------------------------------------------------------
@@ -318,8 +330,10 @@ def _proj_config(dtype, *, gpu=None):
         return dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         # fp32 (IEEE, no tensor cores) at rank 64 with dropout: 64 x BK64 with 4 warps spilled 704 B on sm_80
-        # (compile report, triton 3.9)
-        return dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=2)
+        # (compile report, triton 3.9). Since the S pass stores the mask's bits, 32 x BK32 with 4 warps spilled 4 B
+        # (sm_90, rank 16, dropout; 8 warps: 4 B without dropout; 64 x BK32: 8-20 B at rank 64); 16 x BK32 with 4
+        # warps spills nowhere (sm_80 and sm_90, ranks 16 and 64, every flag set; triton 3.6 and 3.9)
+        return dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2)
 
 
@@ -332,8 +346,9 @@ def _gemm_config(dtype, dropout: bool = False, block_r: int = 16, *, gpu=None):
         # (the least of the tiles tried: 32x64, 64x32, BLOCK_K 16, 2 warps, 2 and 4 stages)
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
     if dropout and block_r >= 64:
-        # dX regenerating the keep-mask at rank 64: 128x128 with 8 warps spills 8-40 B (compile report, triton
-        # 3.9, sm_80 bf16/fp16 and sm_90 fp16, fp32 adapters, both row orders); 64x128 with 8 warps does not
+        # dX with dropout at rank 64: 128x128 with 8 warps spilled 8-40 B regenerating the keep-mask (compile
+        # report, triton 3.9, sm_80 bf16/fp16 and sm_90 fp16, fp32 adapters, both row orders), and still spills 4 B
+        # reading its bits (sm_90 fp16, fp32 adapters, sorted; 255 registers in 8 of 16 rows); 64x128 does not
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
@@ -388,11 +403,13 @@ def _order(idx, order):
     return sorted_idx, perm, seg, True
 
 
-def _project(P, Q, q_strides, R, idx, row_scale, drop_p, seed, has_dropout, order=None):
+def _project(P, Q, q_strides, R, idx, row_scale, drop_p, seed, has_dropout, order=None, keep_out=None):
     """OUT (M, R) fp32 = row_scale[a] * (keep? ⊙ P) Q[a] per row (multi_proj_kernel); Q given as (tensor,
     (stride_a, stride_k, stride_r)); ``order``: None, or ``sort_rows``' tuple (the rows visited in adapter
-    order)."""
+    order). With dropout the mask drawn is stored bit-packed into ``keep_out`` (``new_keep_mask(M, K)``)."""
     M, K = P.shape
+    if has_dropout and keep_out is None:
+        raise ValueError("multi._project: dropout needs keep_out, the bit-packed keep-mask to fill")
     out = torch.empty((M, R), dtype=torch.float32, device=P.device)
     cfg = _proj_config(P.dtype)
     idx_k, perm, _, sorted_ = _order(idx, order)
@@ -400,56 +417,64 @@ def _project(P, Q, q_strides, R, idx, row_scale, drop_p, seed, has_dropout, orde
         P, Q, idx_k, perm, row_scale, drop_p, seed if seed is not None else out, out,
         M, K, R, Q.shape[0],
         P.stride(0), P.stride(1), *q_strides, out.stride(0), out.stride(1),
-        BLOCK_R=configs.block_r(R), HAS_DROPOUT=has_dropout, SORTED=sorted_, **_dot(P.dtype), **cfg)
+        BLOCK_R=configs.block_r(R), HAS_DROPOUT=has_dropout, SORTED=sorted_, **_dot(P.dtype), **cfg,
+        MASK_ptr=keep_out if has_dropout else out, stride_mask=keep_out.stride(0) if has_dropout else 0)
     return out
 
 
-def _gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, n, idx, row_scale, drop_p, seed, has_dropout, out,
-          order=None):
-    """out (M, N) = P Q (+ bias) + row_scale[a] * (keep? ⊙ (L RM[a])) per row (multi_gemm_kernel); ``order`` as
-    ``_project``'s."""
+def _gemm(P, Q, q_strides, N, bias, L, RM, rm_strides, n, idx, row_scale, keep, out, order=None):
+    """out (M, N) = P Q (+ bias) + row_scale[a] * (keep? ⊙ (L RM[a])) per row (multi_gemm_kernel); ``keep``: None,
+    or the forward's bit-packed keep-mask of the (M, N) output's columns; ``order`` as ``_project``'s."""
     M, K = P.shape
     R = L.shape[1]
+    has_dropout = keep is not None
     cfg = _gemm_config(P.dtype, has_dropout, configs.block_r(R))
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
     idx_k, perm, _, sorted_ = _order(idx, order)
     multi_gemm_kernel[grid](
-        P, Q, bias if bias is not None else out, L, RM, idx_k, perm, row_scale, drop_p, out,
-        seed if seed is not None else out,
+        P, Q, bias if bias is not None else out, L, RM, idx_k, perm, row_scale, out,
         M, N, K, R, n,
         P.stride(0), P.stride(1), *q_strides, L.stride(0), L.stride(1), *rm_strides, out.stride(0), out.stride(1),
         BLOCK_R=configs.block_r(R), HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, SORTED=sorted_,
-        **_dot(P.dtype), **cfg)
+        **_dot(P.dtype), **cfg, MASK_ptr=keep if has_dropout else out,
+        stride_mask=keep.stride(0) if has_dropout else 0)
     return out
 
 
-def multi_forward(x, weight, bias, A, B, idx, params, has_dropout, seed, out, order=None):
+def multi_forward(x, weight, bias, A, B, idx, params, has_dropout, seed, out, order=None, keep_out=None):
     """Forward of lora_linear_multi, two launches. x (M, K), weight (N, K), bias (N,) or None, A (n, K, R),
     B (n, R, N), idx (M,) int64 in [-1, n), params: ``adapter_params``; ``seed`` int64 (one element) when
     ``has_dropout``; ``order``: None (rows in their order, each tile looping over the adapters present in it)
     or ``sort_rows(idx, n)`` (rows visited in adapter order through the permutation, x and y read and written
     in place). Writes y (M, N) into ``out``; returns S = keep_scale[a] * dropout(x) A[a] (M, R) fp32 in x's row
-    order, zero on rows of adapter -1 (with x, idx and ``order``, what backward needs)."""
+    order, zero on rows of adapter -1 (with x, idx, ``order`` and the mask's bits, what backward needs).
+    With ``has_dropout`` the S pass also stores the keep-mask it drew into ``keep_out`` (``new_keep_mask(M, K)``,
+    required then): bit-packed in x's row order, row m drawn with its adapter's p (rows of adapter -1 or of an
+    adapter with p = 0: all kept), ``philox.pack_keep_mask(reference.multi_keep_mask(seed, x, idx, ps))`` bit for
+    bit in its first ceil(K / 8) bytes per row (the padding bytes are not written). Raises ValueError for dropout
+    without ``keep_out``."""
     from .ops import _along_k
 
     n, K, R = A.shape
     N = weight.shape[0]
     x, weight = _along_k(x, 1), _along_k(weight, 1)
     S = _project(x, A, (A.stride(0), A.stride(1), A.stride(2)), R, idx, params[KEEP_SCALE], params[DROP_P], seed,
-                 has_dropout, order)
+                 has_dropout, order, keep_out)
     # Q = W^T: element (k, n) is weight[n, k]; RM = B[a]
     _gemm(x, weight, (weight.stride(1), weight.stride(0)), N, bias, S, B, (B.stride(0), B.stride(1), B.stride(2)),
-          n, idx, params[SCALE], params[DROP_P], None, False, out, order)
+          n, idx, params[SCALE], None, out, order)
     return S
 
 
-def multi_backward(dy, x, weight, A, B, S, idx, params, has_dropout, seed, *, need_dx=True, need_dA=True,
-                   need_dB=True, order=None):
+def multi_backward(dy, x, weight, A, B, S, idx, params, keep, *, need_dx=True, need_dA=True, need_dB=True,
+                   order=None):
     """Backward of lora_linear_multi, three launches: dS = dY B[a]^T (multi_proj_kernel), dX = dY W +
     scale[a] keep_scale[a] keep ⊙ (dS A[a]^T) (multi_gemm_kernel), dA and dB per adapter over its own rows
-    (multi_reduce_kernel). dy (M, N), x (M, K); returns (dx, dA, dB), None where not needed; dA (n, K, R) and
+    (multi_reduce_kernel). ``keep``: None without dropout, else the forward's bit-packed keep-mask
+    (``multi_forward(keep_out=)``), read by dX and dA (no Philox here). dy (M, N), x (M, K); returns (dx, dA, dB),
+    None where not needed; dA (n, K, R) and
     dB (n, R, N) in A's dtype, zero for an adapter without rows. ``order``: the forward's (None or
     ``sort_rows``' tuple). Sorted, each adapter's gradient programs walk its own segment only (M rows read in all
     instead of M per adapter), in blocks that start at the segment's start: dA and dB are summed in another
@@ -460,6 +485,7 @@ def multi_backward(dy, x, weight, A, B, S, idx, params, has_dropout, seed, *, ne
     M, N = dy.shape
     dy, x, weight = _along_k(dy, 1), _along_k(x, 1), _along_k(weight, 0)
     # B[a]^T as (N, R): element (k, r) is B[a, r, k]
+    has_dropout = keep is not None
     dS = _project(dy, B, (B.stride(0), B.stride(2), B.stride(1)), R, idx, params[ONES], params[DROP_P], None,
                   False, order)
     dx = dA = dB = None
@@ -467,8 +493,7 @@ def multi_backward(dy, x, weight, A, B, S, idx, params, has_dropout, seed, *, ne
         dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
         # Q = W as (N, K); RM = A[a]^T: element (r, k) is A[a, k, r]
         _gemm(dy, weight, (weight.stride(0), weight.stride(1)), K, None, dS, A,
-              (A.stride(0), A.stride(2), A.stride(1)), n, idx, params[DX_SCALE], params[DROP_P], seed, has_dropout,
-              dx, order)
+              (A.stride(0), A.stride(2), A.stride(1)), n, idx, params[DX_SCALE], keep, dx, order)
     if need_dA or need_dB:
         dA = torch.empty(A.shape, dtype=A.dtype, device=A.device)
         dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
@@ -477,11 +502,11 @@ def multi_backward(dy, x, weight, A, B, S, idx, params, has_dropout, seed, *, ne
         n_blocks = _cdiv(N, cfg["BLOCK_C"]) if need_dB else 0
         idx_k, perm, seg, sorted_ = _order(idx, order)
         multi_reduce_kernel[(k_blocks + n_blocks, n)](
-            x, dS, dA, dy, S, dB, idx_k, perm, seg, params[DX_SCALE], params[SCALE], params[DROP_P],
-            seed if seed is not None else dS,
+            x, dS, dA, dy, S, dB, idx_k, perm, seg, params[DX_SCALE], params[SCALE],
             M, K, N, R, k_blocks,
             x.stride(0), x.stride(1), dS.stride(0), dS.stride(1), dA.stride(0), dA.stride(1), dA.stride(2),
             dy.stride(0), dy.stride(1), S.stride(0), S.stride(1), dB.stride(0), dB.stride(1), dB.stride(2),
-            BLOCK_R=configs.block_r(R), HAS_DROPOUT=has_dropout, SORTED=sorted_, **_dot(x.dtype), **cfg)
+            BLOCK_R=configs.block_r(R), HAS_DROPOUT=has_dropout, SORTED=sorted_, **_dot(x.dtype), **cfg,
+            MASK_ptr=keep if has_dropout else dS, stride_mask=keep.stride(0) if has_dropout else 0)
     return dx, dA if need_dA else None, dB if need_dB else None
 

@@ -7,8 +7,9 @@ word ``j // (32 / UNIFORM_BITS)``, j = k % PER_COUNTER, of counter ``m * ceil(K 
 is kept when that integer is >= p * 2**UNIFORM_BITS. The drop probability is therefore quantised to a multiple
 of 2**-UNIFORM_BITS (``lora_fast.philox.quantize``: the op applies the quantised p and scales kept elements by
 exactly 1 / (1 - p_quantised)). The mask depends only on the seed and the element's logical position, so every
-kernel that needs it (the x @ A projection in forward, the dX GEMM and the dA reduction in backward) regenerates
-the same mask, whatever its tile shape, without storing it.
+kernel that draws it draws the same mask, whatever its tile shape. The S = dropout(x) A passes draw it once per
+step and store it bit-packed (``store_keep_bits``); the dX GEMMs and dA passes read those bits
+(``load_keep_bits``), with no Philox in the backward (issue 28).
 
 UNIFORM_BITS = 8 (16 elements per Philox call, p within 2**-9 of the requested value) was chosen over 16 bits
 (8 per call, p within 2**-17) and the earlier one float per word (4 per call) on the compile report's SASS
@@ -71,15 +72,9 @@ def _keep_nibble(word, threshold):
 
 
 @triton.jit
-def keep_mask_bits(seed_ptr, offs_m, k0, K, k_end, dropout_p, BLOCK_K: tl.constexpr):
-    """``keep_mask``'s tile (BM, BLOCK_K) and the same keeps bit-packed, (BM, BLOCK_K / 8) int32 bytes in
-    ``lora_fast.philox.pack_keep_mask``'s layout (bit j of byte b: column k0 + 8 b + j), bits of columns >=
-    ``k_end`` 0. The bytes come from the Philox words directly (8 columns are two words' fields: columns
-    8 h .. 8 h + 7 of a call are the fields of words 2 h and 2 h + 1), not from the keep tile: packing that tile
-    (a reshape and a sum over bits) cost 1,200 SASS instructions and 70 registers more in S = dropout(x) A
-    (compile report, sm_90, bf16, rank 16)."""
+def _keep_bits(seed_ptr, offs_m, k0, K, k_end, threshold, BLOCK_K: tl.constexpr):
+    """``keep_mask_bits`` against a uint32 ``threshold`` (a scalar, or one per row broadcastable against (BM, 1))."""
     tl.static_assert(FIELDS == 4, "two words' fields per byte: 8-bit uniforms")
-    threshold = (tl.full((), dropout_p, tl.float32) * LEVELS).to(tl.uint32)
     r0, r1, r2, r3 = _philox_words(seed_ptr, offs_m, k0, K, BLOCK_K)
     keep = _uniform_tile(r0, r1, r2, r3, offs_m.shape[0], BLOCK_K) >= threshold
     low = _keep_nibble(r0, threshold) | (_keep_nibble(r1, threshold) << 4)
@@ -87,6 +82,27 @@ def keep_mask_bits(seed_ptr, offs_m, k0, K, k_end, dropout_p, BLOCK_K: tl.conste
     bits = tl.reshape(tl.join(low, high), (offs_m.shape[0], BLOCK_K // 8))
     valid = tl.minimum(tl.maximum(k_end - (k0 + 8 * tl.arange(0, BLOCK_K // 8)), 0), 8)
     return keep, bits & ((1 << valid) - 1)[None, :]
+
+
+@triton.jit
+def keep_mask_bits(seed_ptr, offs_m, k0, K, k_end, dropout_p, BLOCK_K: tl.constexpr):
+    """``keep_mask``'s tile (BM, BLOCK_K) and the same keeps bit-packed, (BM, BLOCK_K / 8) int32 bytes in
+    ``lora_fast.philox.pack_keep_mask``'s layout (bit j of byte b: column k0 + 8 b + j), bits of columns >=
+    ``k_end`` 0. The bytes come from the Philox words directly (8 columns are two words' fields: columns
+    8 h .. 8 h + 7 of a call are the fields of words 2 h and 2 h + 1), not from the keep tile: packing that tile
+    (a reshape and a sum over bits) cost 1,200 SASS instructions and 70 registers more in S = dropout(x) A
+    (compile report, sm_90, bf16, rank 16)."""
+    threshold = (tl.full((), dropout_p, tl.float32) * LEVELS).to(tl.uint32)
+    return _keep_bits(seed_ptr, offs_m, k0, K, k_end, threshold, BLOCK_K)
+
+
+@triton.jit
+def keep_mask_bits_rows(seed_ptr, offs_m, k0, K, k_end, p_rows, BLOCK_K: tl.constexpr):
+    """``keep_mask_bits`` with a drop probability per row: ``p_rows`` an fp32 tensor broadcastable against
+    (BM, 1), each already quantised (the multi-adapter S pass: one p per adapter; 0 on rows without one, whose
+    keeps are then all 1)."""
+    threshold = (p_rows * LEVELS).to(tl.uint32)
+    return _keep_bits(seed_ptr, offs_m, k0, K, k_end, threshold, BLOCK_K)
 
 
 @triton.jit
@@ -98,14 +114,6 @@ def keep_mask(seed_ptr, offs_m, k0, K, dropout_p, BLOCK_K: tl.constexpr):
     """
     # exact: p is a multiple of 1 / LEVELS (tl.full: dropout_p is a Python float under the interpreter)
     threshold = (tl.full((), dropout_p, tl.float32) * LEVELS).to(tl.uint32)
-    return uniforms(seed_ptr, offs_m, k0, K, BLOCK_K) >= threshold
-
-
-@triton.jit
-def keep_mask_rows(seed_ptr, offs_m, k0, K, p_rows, BLOCK_K: tl.constexpr):
-    """``keep_mask`` with a drop probability per row: ``p_rows`` an fp32 tensor broadcastable against (BM, 1)
-    (one per row, or one scalar), each already quantised (the multi-adapter kernels: one p per adapter)."""
-    threshold = (p_rows * LEVELS).to(tl.uint32)
     return uniforms(seed_ptr, offs_m, k0, K, BLOCK_K) >= threshold
 
 
