@@ -592,8 +592,10 @@ def test_patch_peft_fuses_adapter_names(monkeypatch, device):
     x = torch.randn(5, 3, 24, device=device)
     names = ["other", "__base__", "default", "default", "other"]
     calls = []
-    monkeypatch.setattr("lora_fast.peft_interop.lora_linear_multi",
-                        lambda *a, **k: calls.append(1) or lora_linear_multi(*a, **k))
+    from lora_fast.multi import _lora_linear_multi
+
+    monkeypatch.setattr("lora_fast.peft_interop._lora_linear_multi",
+                        lambda *a, **k: calls.append(1) or _lora_linear_multi(*a, **k))
     with torch.no_grad():
         peft_y = model(x, adapter_names=names)
         patch_peft(model, warn=False)
@@ -682,7 +684,7 @@ def test_patch_peft_adapter_names_keep_peft_loop_where_the_kernels_cannot_serve(
     x = torch.randn(3, 2, 12)
     names = ["other", "__base__", "default"]
     calls = []
-    monkeypatch.setattr("lora_fast.peft_interop.lora_linear_multi", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("lora_fast.peft_interop._lora_linear_multi", lambda *a, **k: calls.append(1))
     monkeypatch.setenv("LORA_FAST_MULTI", "triton")
     monkeypatch.setattr("lora_fast._env.interpreting", lambda: False)
     with torch.no_grad():
@@ -1222,7 +1224,7 @@ def test_selection_ops_bench_counts_one_sort_per_forward(monkeypatch):
     monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "sorted")
     step = selection_ops.model_step(layers=2, batch=4, seq=2, width=16)
     assert step["forward"] == {"aten::sort": 1, "aten::arange": 1, "aten::searchsorted": 1, "aten::aminmax": 0,
-                               "aten::item": 0, "aten::stack": 4, "tables": 1}
+                               "aten::item": 0, "aten::stack": 0, "tables": 1}
     assert not any(step["backward"].values())
     ops = selection_ops.op_calls(calls=2, M=12, K=16, N=8)
     assert ops["raw"]["aten::sort"] == ops["raw"]["aten::aminmax"] == 2
@@ -1403,77 +1405,84 @@ def test_unpatch_peft_leaves_no_scope_hook(device):
     assert unpatch_peft(model.base_model) == 2 and hooked(model) == 0   # the PeftModel holds no patched layer
 
 
-def test_stacked_adapters_kept_without_autograd(monkeypatch, device):
-    """A mixed batch without autograd (torch.no_grad: serving) stacks a layer's adapters once per batch composition
-    and reuses the stack (layers._stacked_adapters); an in-place write to a factor (an optimizer step, a load), a
-    factor replaced through .data, or autograd makes a fresh stack, and every output equals a fresh computation
-    bit for bit (the same stacked values). Opt-in (LORA_FAST_KEEP_STACKS=1): see the next test for the default."""
-    from lora_fast import layers, use_adapter_names
-
-    monkeypatch.setenv("LORA_FAST_KEEP_STACKS", "1")
-    _, model = _model_with_adapters()
-    model.to(device)
-    x = torch.randn(3, 5, 16, device=device)
-    names = ["b", "__base__", "default"]
-    stacks = []
-    real_stack = torch.stack
-    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or real_stack(*a, **k))
-
-    def run():
-        with use_adapter_names(model, names):
-            return model(x)
-
-    def fresh():   # the same call with nothing kept
-        layers._STACKS.clear()
-        return run()
-
-    with torch.no_grad():
-        y1 = run()
-        first = len(stacks)
-        y2 = run()
-        assert first == 4 and len(stacks) == first   # A and B of both layers, then nothing
-        assert torch.equal(y1, y2)
-        model[0].adapter("b").A.add_(0.5)            # an in-place write bumps the version: a new stack
-        y3 = run()
-        assert len(stacks) == first + 2 and not torch.equal(y3, y1) and torch.equal(y3, fresh())
-        B = model[2].adapter("b").B
-        B.data = B.data * 2                            # replaced storage: a new pointer
-        stacks.clear()
-        y4 = run()
-        assert len(stacks) == 2 and torch.equal(y4, fresh())
-    stacks.clear()
-    y5 = run()   # autograd on: fresh stacks in the graph, gradients reach each adapter
-    y5.sum().backward()
-    assert len(stacks) == 4 and model[0].adapter("b").A.grad is not None
-    with torch.no_grad():
-        assert torch.equal(y5, fresh())
+# --- unstacked adapters: the kernels read each adapter where it lives (issue 30, the adapter table) ---------------
+# (leading dims, in, out, ranks, dtype, adapter dtype, PEFT's layout (A, B transposed views), dropout, empty)
+UNSTACKED_CASES = [
+    ((23,), 40, 20, (3,), torch.float32, None, False, 0.0, ()),
+    ((2, 11), 36, 24, (2, 5), torch.float16, torch.float32, True, 0.25, ()),
+    ((27,), 32, 20, (1, 4, 8), torch.bfloat16, None, False, 0.0, (1,)),
+    ((25,), 40, 28, (4, 2, 8, 3), torch.float32, None, True, (0.0, 0.5, 0.25, 0.0), (2,)),
+]
 
 
-def test_stacked_adapters_default_sees_writes_through_data(monkeypatch, device):
-    """By default (LORA_FAST_KEEP_STACKS unset) a mixed batch without autograd stacks its adapters per call: a write
-    through ``.data`` (no version bump, which a kept stack's check cannot see) changes the next output as a fresh
-    model computes it. A kept stack (=1) served the old values (the reason it is opt-in); another value raises."""
-    from lora_fast import layers, use_adapter_names
+def _stored_factors(K, N, ranks, dtype, device, peft):
+    """Per adapter the stored tensors (the autograd leaves) and the factors A (K, r), B (r, N) the op gets: PEFT's
+    layout stores lora_A.weight (r, K) and lora_B.weight (N, r) and passes their transposes (strided views)."""
+    stored, As, Bs = [], [], []
+    for r in ranks:
+        a = torch.randn(r, K, device=device) if peft else torch.randn(K, r, device=device)
+        b = torch.randn(N, r, device=device) if peft else torch.randn(r, N, device=device)
+        stored.append(((a / K**0.5).to(dtype).requires_grad_(), (b / r**0.5).to(dtype).requires_grad_()))
+    for a, b in stored:
+        As.append(a.t() if peft else a)
+        Bs.append(b.t() if peft else b)
+    return stored, As, Bs
 
-    monkeypatch.delenv("LORA_FAST_KEEP_STACKS", raising=False)
-    _, model = _model_with_adapters()
-    model.to(device)
-    x = torch.randn(3, 5, 16, device=device)
 
-    def run():
-        with use_adapter_names(model, ["b", "__base__", "default"]):
-            return model(x)
+def _padded_stack(factors, rank, dim):
+    """The factors padded with zeros to ``rank`` along ``dim`` and stacked: what the layers did before issue 30."""
+    pad = [(0, rank - f.shape[1]) if dim == 1 else (0, 0, 0, rank - f.shape[0]) for f in factors]
+    return torch.stack([torch.nn.functional.pad(f, p) for f, p in zip(factors, pad)])
 
-    with torch.no_grad():
-        y1 = run()
-        A = model[0].adapter("b").A
-        version = A._version
-        A.data.copy_(torch.randn_like(A))   # invisible to the version counter
-        assert A._version == version
-        y2 = run()
-        layers._STACKS.clear()
-        assert not torch.equal(y2, y1) and torch.equal(y2, run())
-        assert not layers._STACKS.get(model[0])   # nothing kept
-        monkeypatch.setenv("LORA_FAST_KEEP_STACKS", "yes")
-        with pytest.raises(ValueError, match="LORA_FAST_KEEP_STACKS"):
-            run()
+
+@pytest.mark.parametrize("case", UNSTACKED_CASES, ids=lambda c: f"n{len(c[3])}-{str(c[4])[6:]}-peft{int(c[6])}")
+def test_unstacked_adapters_equal_the_stacked_path(case, backend, device):
+    """lora_linear_multi on per-adapter factors (lists, mixed ranks, PEFT's transposed views, fp32 adapters on a
+    16-bit base, rows of -1, an adapter without rows, dropout per adapter) against the stacked, padded adapters:
+    on the kernels bit for bit (the same products: columns >= r_a read as zero instead of padded zeros), forward,
+    dx, dW, db and every adapter's dA and dB; on the reference path within the float64 bound (its matmuls run over
+    r_a instead of R: another summation length). Each gradient has its factor's shape, dtype and layout."""
+    lead, K, N, ranks, dtype, adapter_dtype, peft, dropout, empty = case
+    n, R = len(ranks), max(ranks)
+    x, weight, bias, _, _ = multi_inputs(lead, K, N, (1,), dtype, device)
+    stored, As, Bs = _stored_factors(K, N, ranks, adapter_dtype or dtype, device, peft)
+    idx = adapter_index(lead, n, device, empty=empty)
+    scales = [0.5 + a for a in range(n)]
+    scales[-1] = -scales[-1]
+    dy = torch.randn(*lead, N, device=device).to(dtype)
+    base = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    torch.manual_seed(77)   # the same dropout seed in both calls
+    y = lora_linear_multi(*base, As, Bs, scales, idx, dropout_p=dropout)
+    y.backward(dy)
+    grads = [t.grad for t in base]
+    dA = [a.grad.t() if peft else a.grad for a, _ in stored]
+    dB = [b.grad.t() if peft else b.grad for _, b in stored]
+    for a, b in stored:
+        assert a.grad.dtype == a.dtype and a.grad.shape == a.shape and a.grad.stride() == a.stride()
+        assert b.grad.dtype == b.dtype and b.grad.shape == b.shape and b.grad.stride() == b.stride()
+    stacked = [_padded_stack([f.detach() for f in As], R, 1), _padded_stack([f.detach() for f in Bs], R, 0)]
+    if backend == "triton":
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, *stacked)]
+        torch.manual_seed(77)
+        y_st = lora_linear_multi(*leaves, scales, idx, dropout_p=dropout)
+        y_st.backward(dy)
+        assert torch.equal(y, y_st)
+        for g, leaf in zip(grads, leaves):
+            assert torch.equal(g, leaf.grad)
+        for a, r in enumerate(ranks):
+            assert torch.equal(dA[a], leaves[3].grad[a, :, :r]) and torch.equal(dB[a], leaves[4].grad[a, :r])
+        return
+    # the reference path: against float64 under the same mask (the reference's own seed, drawn alike)
+    inputs = (x, weight, bias, *stacked)
+    ps = dropout
+    ref, ref_grads, _ = _run(inputs, scales, idx, ps, 77, dy, f=lambda t: t.double())
+    mag, mag_grads, _ = _run(inputs, scales, idx, ps, 77, dy, f=lambda t: t.double().abs(), scale_f=abs)
+    M = idx.numel()
+    assert_close(y.detach(), ref, mag, dtype, K + R, "unstacked forward", record=False)
+    for name, g, gr, gm, red in zip(("dx", "dW", "dbias"), grads, ref_grads, mag_grads, (N + R, M, M)):
+        assert_close(g, gr, gm, dtype, red, f"unstacked {name}", record=False)
+    for a, r in enumerate(ranks):
+        assert_close(dA[a], ref_grads[3][a, :, :r], mag_grads[3][a, :, :r], dtype, M, f"unstacked dA[{a}]",
+                     record=False)
+        assert_close(dB[a], ref_grads[4][a, :r], mag_grads[4][a, :r], dtype, M, f"unstacked dB[{a}]",
+                     record=False)
