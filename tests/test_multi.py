@@ -1,6 +1,8 @@
 """lora_linear_multi (issue 30): several adapters in one batch, on the reference backend (the default) and on the
 opt-in kernels (LORA_FAST_MULTI=triton; the interpreter on CPU), against float64."""
 
+import collections
+
 import pytest
 import torch
 
@@ -1486,3 +1488,151 @@ def test_unstacked_adapters_equal_the_stacked_path(case, backend, device):
                      record=False)
         assert_close(dB[a], ref_grads[4][a, :r], mag_grads[4][a, :r], dtype, M, f"unstacked dB[{a}]",
                      record=False)
+
+
+def _stacked_step(x, weight, bias, As, Bs, scales, rows, dy):
+    """The stacked, padded call of the same adapters (leaves detached): (y, dx, [dA_a], [dB_a]) per adapter."""
+    R = max(a.shape[1] for a in As)
+    A = _padded_stack([a.detach() for a in As], R, 1).requires_grad_()
+    B = _padded_stack([b.detach() for b in Bs], R, 0).requires_grad_()
+    x = x.detach().clone().requires_grad_()
+    y = lora_linear_multi(x, weight.detach(), None if bias is None else bias.detach(), A, B, scales, rows)
+    y.backward(dy)
+    return (y.detach(), x.grad, [A.grad[a, :, :f.shape[1]] for a, f in enumerate(As)],
+            [B.grad[a, :f.shape[0]] for a, f in enumerate(Bs)])
+
+
+def test_unstacked_gradients_land_in_each_adapter_through_layer_and_peft(monkeypatch, device):
+    """On the kernels, LinearWithLoRA(adapter_names=...) and a patched PEFT layer's adapter_names call give every
+    adapter's own parameter its gradient (.grad of its shape and layout: PEFT's lora_A.weight (r, in) too),
+    bit for bit the stacked, padded call's; the adapter unused by the batch gets zeros."""
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    layer = _layer_with_adapters(device)
+    x = torch.randn(4, 3, 24, device=device)
+    names = ["c", "__base__", "b", "c"]   # "default" unused: not passed to the op at all
+    y = layer(x, adapter_names=names)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    used = ["c", "b"]
+    rows = torch.tensor([0, -1, 1, 0], device=device)[:, None].expand(4, 3)
+    As, Bs = [layer.adapter(n).A for n in used], [layer.adapter(n).B for n in used]
+    y_st, _, dA, dB = _stacked_step(x, layer.linear.weight, layer.linear.bias, As, Bs,
+                                    [layer.adapter(n).scale for n in used], rows, dy)
+    assert torch.equal(y.detach(), y_st)
+    for a, name in enumerate(used):
+        A, B = layer.adapter(name).A, layer.adapter(name).B
+        assert A.grad.stride() == A.stride() and B.grad.stride() == B.stride()
+        assert torch.equal(A.grad, dA[a]) and torch.equal(B.grad, dB[a])
+    assert layer.adapter("default").A.grad is None
+
+    peft = pytest.importorskip("peft")
+    from lora_fast import patch_peft
+
+    model = torch.nn.Sequential(torch.nn.Linear(24, 20)).to(device)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
+    model.add_adapter("third", peft.LoraConfig(r=8, lora_alpha=4, target_modules=["0"]))
+    plain = model.base_model.model[0]
+    with torch.no_grad():
+        for name in ("default", "other", "third"):
+            plain.lora_B[name].weight.normal_(0, 0.3)
+            for p in (plain.lora_A[name].weight, plain.lora_B[name].weight):
+                p.requires_grad_(True)   # PEFT trains its active adapter only
+    model.eval()   # PEFT refuses adapter_names while training; autograd still records
+    patch_peft(model, warn=False)
+    names = ["other", "__base__", "third", "default", "other"]
+    x = torch.randn(5, 3, 24, device=device)
+    y = model(x, adapter_names=names)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    used = ["other", "third", "default"]
+    rows = torch.tensor([0, -1, 1, 2, 0], device=device)[:, None].expand(5, 3)
+    As = [plain.lora_A[n].weight.t() for n in used]
+    Bs = [plain.lora_B[n].weight.t() for n in used]
+    y_st, _, dA, dB = _stacked_step(x, plain.base_layer.weight, plain.base_layer.bias, As, Bs,
+                                    [plain.scaling[n] for n in used], rows, dy)
+    assert torch.equal(y.detach(), y_st)
+    for a, name in enumerate(used):
+        wa, wb = plain.lora_A[name].weight, plain.lora_B[name].weight
+        assert wa.grad.is_contiguous() and wb.grad.is_contiguous()
+        assert torch.equal(wa.grad, dA[a].t()) and torch.equal(wb.grad, dB[a].t())
+
+
+class _TritonLaunches:
+    """Every Triton launch (interpreted: InterpretedFunction.run) by kernel name, while installed; each inside a
+    profiler region named LAUNCH."""
+
+    LAUNCH = "triton::launch"
+
+    def __init__(self, monkeypatch):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self.names = []
+        run = InterpretedFunction.run
+
+        def counting(kernel, *args, **kwargs):
+            self.names.append(kernel.fn.__name__)
+            with torch.profiler.record_function(self.LAUNCH):   # the interpreter's own torch ops inside
+                return run(kernel, *args, **kwargs)
+
+        monkeypatch.setattr(InterpretedFunction, "run", counting)
+
+
+def test_layer_step_launches_do_not_grow_with_n(monkeypatch, device):
+    """A training step (forward and backward, autograd) of LinearWithLoRA with n = 1, 2 or 4 adapters in the batch,
+    on the kernels: no stack, cat or pad of the adapters (torch.profiler's CPU events), the same Triton launches
+    whatever n (n = 1: lora_linear's kernels; n >= 2: the multi-adapter kernels, 2 forward + 3 backward) and the
+    same torch ops for n = 2 and 4; saved for backward beyond the parameters and x: the same bytes but for the
+    (5, n) fp32 constants table and the (n + 1,) int64 segment starts."""
+    if device.type != "cpu":
+        pytest.skip("counts interpreted Triton launches (the CPU's interpreter)")
+    from torch.profiler import ProfilerActivity, profile
+
+    from lora_fast import LinearWithLoRA
+
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "sorted")
+    launches = _TritonLaunches(monkeypatch)
+    layer = LinearWithLoRA(torch.nn.Linear(24, 20), 4, 2.0)
+    for i, r in enumerate((2, 4, 3)):   # mixed ranks, the largest (S's width) the default's at every n
+        layer.add_adapter(f"a{i}", r, 1.0)
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.normal_(0, 0.3)
+    layer.linear.requires_grad_(False)
+    params = {p.data_ptr() for p in layer.parameters()}
+    x = torch.randn(8, 2, 24, requires_grad=True)   # dx too, as for every layer but the first
+    views = {"aten::view", "aten::t", "aten::transpose", "aten::as_strided", "aten::unbind", "aten::select",
+             "aten::reshape", "aten::expand", "aten::detach", "aten::alias", "aten::_unsafe_view", "aten::slice",
+             "aten::unsqueeze", "aten::permute", "aten::lift_fresh", "aten::empty", "aten::empty_strided"}
+    counts = {}
+    for n in (1, 2, 4):
+        adapters = (["default", "a0", "a1", "a2"])[:n]
+        names = [adapters[i % n] if i % 3 else "__base__" for i in range(8)]
+        saved = []
+
+        def pack(t, saved=saved):
+            if t.data_ptr() not in params and t.data_ptr() != x.data_ptr():
+                saved.append(t.numel() * t.element_size())
+            return t
+
+        for _ in range(2):   # the second step counted: the first builds and keeps the layer's adapter table
+            launches.names.clear()
+            saved.clear()
+            for p in (*layer.parameters(), x):   # AccumulateGrad then takes each gradient as it is (no add_)
+                p.grad = None
+            with profile(activities=[ProfilerActivity.CPU]) as prof, \
+                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                layer(x, adapter_names=names).square().sum().backward()
+        # the torch ops called from Python or autograd, not inside another aten op nor by the interpreter
+        ops = sorted(e.name for e in prof.events() if e.name.startswith("aten::") and e.name not in views
+                     and (e.cpu_parent is None or not e.cpu_parent.name.startswith(("aten::", launches.LAUNCH))))
+        assert not {"aten::stack", "aten::cat", "aten::constant_pad_nd", "aten::pad"} & set(ops), (n, ops)
+        counts[n] = (list(launches.names), ops, sum(saved))
+    (l1, _, _), (l2, ops2, s2), (l4, ops4, s4) = counts[1], counts[2], counts[4]
+    assert len(l1) == len(l2) == len(l4), (l1, l2, l4)
+    assert l2 == l4 == ["multi_proj_kernel", "multi_gemm_kernel", "multi_proj_kernel", "multi_gemm_kernel",
+                        "multi_reduce_kernel"]
+    assert ops2 == ops4, (collections.Counter(ops4) - collections.Counter(ops2),
+                          collections.Counter(ops2) - collections.Counter(ops4))
+    assert s4 - s2 == (4 - 2) * (5 * 4 + 8)   # the constants table's column and a segment start per adapter
