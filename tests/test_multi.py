@@ -1636,3 +1636,82 @@ def test_layer_step_launches_do_not_grow_with_n(monkeypatch, device):
     assert ops2 == ops4, (collections.Counter(ops4) - collections.Counter(ops2),
                           collections.Counter(ops2) - collections.Counter(ops4))
     assert s4 - s2 == (4 - 2) * (5 * 4 + 8)   # the constants table's column and a segment start per adapter
+
+
+def test_unstacked_argument_errors(device):
+    """Bad per-adapter factors raise before any launch, naming the argument and the adapter's position."""
+    x, weight, b, _, _ = multi_inputs((6,), 8, 5, (2,), torch.float32, device)
+    A = [torch.randn(8, 2, device=device), torch.randn(8, 3, device=device)]
+    B = [torch.randn(2, 5, device=device), torch.randn(3, 5, device=device)]
+    idx = torch.tensor([0, 1, -1, 0, 1, 1], device=device)
+
+    def call(A_, B_):
+        return lora_linear_multi(x, weight, b, A_, B_, 1.0, idx)
+
+    cases = [
+        ((A, B[0]), TypeError, r"^B: expected a sequence \(list or tuple\) of per-adapter tensors like A"),
+        ((A[0][None], B), TypeError, r"^A: expected a sequence"),
+        (([], []), ValueError, r"^A: expected at least one adapter"),
+        ((A, B[:1]), ValueError, r"^B: expected one factor per adapter of A \(2\)"),
+        ((A, [B[0], B[1][:2]]), ValueError, r"^B\[1\]: expected shape \(rank=3 as A\[1\], out_features=5\)"),
+        (([A[0], A[1][:7]], B), ValueError, r"^A\[1\]: expected shape \(in_features=8, rank >= 1\)"),
+        ((A, [B[0], B[1].t()]), ValueError, r"^B\[1\]: expected shape"),
+        (([A[0], A[1].double()], B), TypeError, r"^A\[1\]: expected the adapters' one dtype torch.float32"),
+        ((A, [B[0].half(), B[1]]), TypeError, r"^B\[0\]: expected the adapters' one dtype torch.float32"),
+        (([A[0], A[1].to("meta")], B), ValueError, r"^A\[1\]: expected a tensor on x's device"),
+        (([A[0], A[1][:, :1].squeeze(1)], B), ValueError, r"^A\[1\]: expected a 2-D tensor"),
+        (([A[0], A[1].long()], B), TypeError, r"^A\[1\]: expected a floating-point dtype"),
+    ]
+    for (A_, B_), error, match in cases:
+        with pytest.raises(error, match=match):
+            call(A_, B_)
+    with pytest.raises(ValueError, match=r"^adapter_index: expected values in \[-1, 2\)"):
+        lora_linear_multi(x, weight, b, A, B, 1.0, idx + 1)
+    with pytest.raises(ValueError, match=r"^scale: expected one value per adapter \(2\)"):
+        lora_linear_multi(x, weight, b, A, B, [1.0, 2.0, 3.0], idx)
+
+
+def test_adapter_table_kept_on_the_layer_and_never_stale(monkeypatch, device):
+    """A layer keeps its adapter table while its factors' addresses, shapes and strides are unchanged (no table
+    built or uploaded per forward), with or without autograd; it reads the factors' current values, so a write
+    through .data (no version bump: what made kept stacks opt-in) changes the next output as a fresh layer computes
+    it; a factor replaced through .data gets a new table, also between a forward and its backward (the saved
+    factors' addresses are checked there), and every result equals a fresh computation bit for bit."""
+    from lora_fast import multi as multi_mod
+    from lora_fast.kernels import multi
+
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    built = []
+    monkeypatch.setattr(multi, "adapter_table", lambda *a, f=multi.adapter_table: built.append(1) or f(*a))
+    layer = _layer_with_adapters(device)
+    x = torch.randn(4, 3, 24, device=device)
+    names = ["b", "__base__", "default", "c"]
+
+    def fresh():   # the same call on a layer that keeps nothing
+        multi_mod._TABLES.pop(layer, None)
+        return layer(x, adapter_names=names)
+
+    with torch.no_grad():
+        y1 = layer(x, adapter_names=names)
+        y2 = layer(x, adapter_names=names)
+        assert len(built) == 1 and torch.equal(y1, y2)
+        A = layer.adapter("b").A
+        A.data.copy_(torch.randn_like(A))   # invisible to the version counter: the table reads it anyway
+        y3 = layer(x, adapter_names=names)
+        assert len(built) == 1 and not torch.equal(y3, y1) and torch.equal(y3, fresh())
+        built.clear()
+        layer.adapter("c").B.data = layer.adapter("c").B.data * 2   # a new storage: a new table
+        y4 = layer(x, adapter_names=names)
+        assert len(built) == 1 and torch.equal(y4, fresh())
+    built.clear()
+    y5 = layer(x, adapter_names=names)   # autograd: the kept table serves the training step too
+    assert not built
+    B = layer.adapter("b").B
+    B.data = B.data.clone()   # between forward and backward: its saved address is stale, the backward rebuilds
+    y5.square().sum().backward()
+    assert len(built) == 1
+    grads = [p.grad.clone() for p in (layer.adapter("b").A, B)]
+    for p in layer.parameters():
+        p.grad = None
+    fresh().square().sum().backward()
+    assert torch.equal(grads[0], layer.adapter("b").A.grad) and torch.equal(grads[1], B.grad)
