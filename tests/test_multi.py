@@ -1630,9 +1630,12 @@ def test_layer_step_launches_do_not_grow_with_n(monkeypatch, device):
         assert not {"aten::stack", "aten::cat", "aten::constant_pad_nd", "aten::pad"} & set(ops), (n, ops)
         counts[n] = (list(launches.names), ops, sum(saved))
     (l1, _, _), (l2, ops2, s2), (l4, ops4, s4) = counts[1], counts[2], counts[4]
-    assert len(l1) == len(l2) == len(l4), (l1, l2, l4)
-    assert l2 == l4 == ["multi_proj_kernel", "multi_gemm_kernel", "multi_proj_kernel", "multi_gemm_kernel",
-                        "multi_reduce_kernel"]
+    from bench import cost_model
+    from bench.launches import MULTI_STEP_LAUNCHES
+
+    assert len(l1) == len(l2) == len(l4) == MULTI_STEP_LAUNCHES, (l1, l2, l4)
+    model = cost_model.multi_kernels("lora-fast-multi", M=16, K=24, N=20, r=4, n=4, dtype="float32")
+    assert l2 == l4 == [k.launch for k in model["forward"] + model["backward"]]   # the cost model's launches
     assert ops2 == ops4, (collections.Counter(ops4) - collections.Counter(ops2),
                           collections.Counter(ops2) - collections.Counter(ops4))
     assert s4 - s2 == (4 - 2) * (5 * 4 + 8)   # the constants table's column and a segment start per adapter
