@@ -65,11 +65,10 @@ def _tile_adapters(IDX_ptr, offs_m, mask_m, N_ADAPTERS):
 @triton.jit
 def _table_entry(T_ptr, RANK_ptr, a, n):
     """Adapter a's entry of the adapter table (``adapter_table``, int64, ``n`` adapters per row): (the value at
-    row T_ptr, an address or an element offset, int64; the next two rows', the strides along the operand's long
-    dim and its rank dim, and its rank, as int32: ``adapter_table`` checks that they fit, and 32-bit index
-    arithmetic on the tiles keeps the registers of the stacked layout's int32 strides)."""
-    return (tl.load(T_ptr + a), tl.load(T_ptr + n + a).to(tl.int32), tl.load(T_ptr + 2 * n + a).to(tl.int32),
-            tl.load(RANK_ptr + a).to(tl.int32))
+    row T_ptr, an address or an element offset; the next two rows', the strides along the operand's long dim and
+    its rank dim; its rank), int64 (int32 strides were tried: two fp32 sm_90 rows then spilled 4-20 B at 72-96
+    registers, compile report, triton 3.9; none with int64)."""
+    return tl.load(T_ptr + a), tl.load(T_ptr + n + a), tl.load(T_ptr + 2 * n + a), tl.load(RANK_ptr + a)
 
 
 @triton.jit
@@ -381,8 +380,8 @@ def _reduce_config(dtype, *, gpu=None):
     if dtype == torch.float32:
         # 64 x BLOCK_C 64 with 4 warps spilled at rank 64 with dropout (19 KB on sm_80, 16 B on sm_90; compile
         # report, triton 3.9). One stage: with the adapter table's runtime strides (issue 30) two stages spilled
-        # 68-80 B at sm_80 rank 64 sorted (255 registers); one stage: 64 (184 with dropout), no spill, sm_80 and
-        # sm_90 (compile report, triton 3.9); the fp32 reduction has no tensor-core MMA to pipeline for
+        # 68-80 B at sm_80 rank 64 sorted (255 registers); one stage does not (compile report, triton 3.9, sm_80
+        # and sm_90); the fp32 reduction has no tensor-core MMA to pipeline for
         return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=1)
     return dict(BLOCK_M=64, BLOCK_C=64, num_warps=4, num_stages=2)
 
@@ -447,16 +446,6 @@ def _grad_strides(t: torch.Tensor) -> tuple:
     return (cols, 1)
 
 
-def _check_int32_offsets(name: str, shape, strides) -> None:
-    """The kernels index a factor's tile with 32-bit element offsets from its address (``_table_entry``): every
-    element of a 2-D ``shape`` with ``strides`` must lie within 2**31 - 1 of element (0, 0). ValueError otherwise
-    (a view into a tensor of more than 2**31 elements; nothing torch allocates for an adapter comes close)."""
-    if sum((size - 1) * stride for size, stride in zip(shape, strides)) >= 2**31:
-        raise ValueError(f"{name}: expected a factor whose elements lie within 2**31 - 1 elements of its first "
-                         f"(the kernels' 32-bit tile offsets), got shape {tuple(shape)} with strides "
-                         f"{tuple(strides)}")
-
-
 def adapter_table(A, B, key=None) -> AdapterTable:
     """The ``AdapterTable`` of adapters given stacked (A (n, K, R), B (n, R, N), as ``lora_linear_multi`` takes
     them) or as sequences of n factors A_a (K, r_a), B_a (r_a, N), all of one dtype on one device; ``key``:
@@ -473,10 +462,6 @@ def adapter_table(A, B, key=None) -> AdapterTable:
         n, K, R = A.shape
         N = B.shape[2]
         size = A.element_size()
-        _check_int32_offsets("A", (K, R), A.stride()[1:])
-        _check_int32_offsets("B", (R, N), B.stride()[1:])
-        _check_int32_offsets("dA", (K, R), (R, 1))
-        _check_int32_offsets("dB", (R, N), (N, 1))
         columns = [[A.data_ptr() + a * A.stride(0) * size, A.stride(1), A.stride(2),
                     B.data_ptr() + a * B.stride(0) * size, B.stride(2), B.stride(1),
                     a * K * R, R, 1, a * R * N, 1, N, R] for a in range(n)]
@@ -491,10 +476,6 @@ def adapter_table(A, B, key=None) -> AdapterTable:
             offset += shape[0] * shape[1]
         for a in range(n):
             Aa, Ba = A[a], B[a]
-            _check_int32_offsets(f"A[{a}]", Aa.shape, Aa.stride())
-            _check_int32_offsets(f"B[{a}]", Ba.shape, Ba.stride())
-            for name, (shape, strides, _) in ((f"dA[{a}]", views[a]), (f"dB[{a}]", views[n + a])):
-                _check_int32_offsets(name, shape, strides)
             (_, da_strides, da_off), (_, db_strides, db_off) = views[a], views[n + a]
             # B_a and dB_a (r_a, N) read and written as their transposes (N, r_a)
             columns.append([Aa.data_ptr(), Aa.stride(0), Aa.stride(1), Ba.data_ptr(), Ba.stride(1), Ba.stride(0),
