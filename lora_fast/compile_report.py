@@ -282,8 +282,14 @@ def launch_configs(kernel: str, flags: dict, capability, dtype, rank: int = 16) 
 
         factory = {"multi_proj": multi._proj_config, "multi_gemm": multi._gemm_config,
                    "multi_reduce": multi._reduce_config}[kernel]
-        c = dict(factory(dtype, flags.get("HAS_DROPOUT", False), cfg.block_r(rank), gpu=True)
-                 if kernel == "multi_gemm" else factory(dtype, gpu=True))
+        if kernel == "multi_gemm":
+            c = factory(dtype, flags.get("HAS_DROPOUT", False), cfg.block_r(rank), gpu=True)
+        elif kernel == "multi_proj":
+            c = factory(dtype, flags.get("HAS_DROPOUT", False), cfg.block_r(rank), flags.get("Q_FP32", False),
+                        gpu=True)
+        else:
+            c = factory(dtype, gpu=True)
+        c = dict(c)
         return [triton.Config(c, num_warps=c.pop("num_warps"), num_stages=c.pop("num_stages"))]
     if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when it regenerates a keep-mask
         return cfg.gemm_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))

@@ -349,9 +349,13 @@ def _cdiv(a: int, b: int) -> int:
 
 # each config function: the GPU tile, or the interpreter's (``gpu=None``: as this process runs the kernels; the
 # compile report asks for the GPU's from a process that interprets them)
-def _proj_config(dtype, *, gpu=None):
+def _proj_config(dtype, dropout: bool = False, block_r: int = 16, q_fp32: bool = False, *, gpu=None):
     if not (gpu if gpu is not None else not _interpreted()):
         return dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    if dtype != torch.float32 and dropout and q_fp32 and block_r >= 64:
+        # fp32 adapters on a 16-bit base, dropout, rank 64: BK64 spilled 32 B at sm_80 fp16 sorted on triton 3.6
+        # with the adapter table's runtime strides (255 registers; compile report)
+        return dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=2)
     if dtype == torch.float32:
         # fp32 (IEEE, no tensor cores) at rank 64 with dropout: 64 x BK64 with 4 warps spilled 704 B on sm_80
         # (compile report, triton 3.9)
@@ -535,7 +539,7 @@ def _project(P, Q, q_table, R, idx, row_scale, drop_p, seed, has_dropout, order=
     None, or ``sort_rows``' tuple (the rows visited in adapter order)."""
     M, K = P.shape
     out = torch.empty((M, R), dtype=torch.float32, device=P.device)
-    cfg = _proj_config(P.dtype)
+    cfg = _proj_config(P.dtype, has_dropout, configs.block_r(R), Q.dtype == torch.float32)
     idx_k, perm, _, sorted_ = _order(idx, order)
     qt, ranks, n = q_table
     multi_proj_kernel[(_cdiv(M, cfg["BLOCK_M"]),)](
