@@ -11,7 +11,12 @@ from typing import Dict, List, Sequence, Tuple
 
 from . import cost_model
 
-KERNEL_NAMES = (cost_model.GEMM, cost_model.PROJ, cost_model.REDUCE, cost_model.FINISH)
+# lora_linear_multi's kernels (kernels/multi.py; cost_model.multi_kernels "lora-fast-multi"): a layer step with n
+# adapters in the batch launches these five, whatever n (issue 30: the adapters are read where they live through
+# the layer's kept adapter table, no stack or pad per step; tests/test_multi.py counts them on the CPU)
+MULTI_KERNEL_NAMES = ("multi_proj_kernel", "multi_gemm_kernel", "multi_reduce_kernel")
+MULTI_STEP_LAUNCHES = 5   # S, y; dS, dX, dA and dB (x requiring grad; 4 without dX)
+KERNEL_NAMES = (cost_model.GEMM, cost_model.PROJ, cost_model.REDUCE, cost_model.FINISH) + MULTI_KERNEL_NAMES
 
 
 def profile_step(forward, x, trainable, dy=None, repeats: int = 5) -> List[Tuple[str, float]]:

@@ -7,9 +7,10 @@ and torch.profiler's CPU events count the aten ops of one forward and one backwa
 not those another aten op calls inside it): the sort's (``aten::sort``, ``aten::arange``,
 ``aten::searchsorted``), the index range check's (``aten::aminmax``) and every host read of a device scalar
 (``aten::item``: ``.item()``, ``int(t)``; a device sync each on CUDA; ``.tolist()`` of a device tensor would
-show as a copy instead, and this path calls none), the stacking of each layer's adapters (``aten::stack``) and
-the per-adapter constant tables uploaded (``tables``). The same counts for bare ``lora_linear_multi`` calls with a
-raw index and with an ``AdapterRows`` (``op_calls``) show what stays per call.
+show as a copy instead, and this path calls none), any stacking of adapters (``aten::stack``: none since the
+layers pass their factors unstacked, issue 30) and the per-adapter constant tables uploaded (``tables``). The
+same counts for bare ``lora_linear_multi`` calls with a raw index and with an ``AdapterRows`` (``op_calls``) show
+what stays per call.
 """
 
 import argparse

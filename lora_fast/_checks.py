@@ -177,9 +177,43 @@ def check_index_range(adapter_index: torch.Tensor, n: int) -> None:
                              f"[{low}, {high}]")
 
 
+def _check_adapter_sequences(x, A, B, in_features: int, out_features: int) -> int:
+    """Unstacked adapters of lora_linear_multi: A and B sequences (list or tuple) of n >= 1 tensors, A[a]
+    (in_features, r_a) and B[a] (r_a, out_features) with r_a >= 1, every factor of A[0]'s dtype and on x's device
+    (A[0]'s dtype itself is checked with the stacked rules). Returns n; errors name the factor by position."""
+    for name, seq in (("A", A), ("B", B)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name}: expected a sequence (list or tuple) of per-adapter tensors like "
+                            f"{'B' if name == 'A' else 'A'}, or both stacked tensors; got {type(seq).__name__}")
+    n = len(A)
+    if n < 1:
+        raise ValueError("A: expected at least one adapter, got an empty sequence")
+    if len(B) != n:
+        raise ValueError(f"B: expected one factor per adapter of A ({n}), got {len(B)}")
+    for a in range(n):
+        _tensor(f"A[{a}]", A[a], 2)
+        _tensor(f"B[{a}]", B[a], 2)
+    dtype = A[0].dtype
+    for a in range(n):
+        Aa, Ba = A[a], B[a]
+        rank = Aa.shape[1]
+        if Aa.shape[0] != in_features or rank < 1:
+            raise ValueError(f"A[{a}]: expected shape (in_features={in_features}, rank >= 1), got {tuple(Aa.shape)}")
+        if tuple(Ba.shape) != (rank, out_features):
+            raise ValueError(f"B[{a}]: expected shape (rank={rank} as A[{a}], out_features={out_features}), got "
+                             f"{tuple(Ba.shape)}")
+        for name, t in ((f"A[{a}]", Aa), (f"B[{a}]", Ba)):
+            if t.dtype != dtype:
+                raise TypeError(f"{name}: expected the adapters' one dtype {dtype} (A[0]'s), got {t.dtype}")
+            if t.device != x.device:
+                raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {t.device}")
+    return n
+
+
 def check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout_p, *, check_range: bool = True):
     """Validate the arguments of lora_linear_multi: x (..., in), weight (out, in), bias (out,) or None, A (n, in,
-    r), B (n, r, out), scale and dropout_p one number or one per adapter, adapter_index int64 of x.shape[:-1]
+    r), B (n, r, out) (or sequences of n factors A[a] (in, r_a), B[a] (r_a, out): ``_check_adapter_sequences``),
+    scale and dropout_p one number or one per adapter, adapter_index int64 of x.shape[:-1]
     with values in [-1, n) (read on the host: one device sync; skipped when ``check_range`` is False, for an
     index whose range was checked already, ``multi.AdapterRows``). Returns (scales, dropout_ps) as lists of n
     floats. Raises TypeError/ValueError naming the argument."""
@@ -187,19 +221,27 @@ def check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout
     if x.dim() < 1:
         raise ValueError("x: expected shape (..., in_features), got a 0-d tensor")
     _tensor("weight", weight, 2)
-    _tensor("A", A, 3)
-    _tensor("B", B, 3)
     out_features, in_features = weight.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x: expected last dim in_features={in_features} (weight is {tuple(weight.shape)}), "
-                         f"got shape {tuple(x.shape)}")
-    n, a_in, rank = A.shape
-    if n < 1 or rank < 1 or a_in != in_features:
-        raise ValueError(f"A: expected shape (adapters >= 1, in_features={in_features}, rank >= 1), got "
-                         f"{tuple(A.shape)}")
-    if tuple(B.shape) != (n, rank, out_features):
-        raise ValueError(f"B: expected shape (adapters={n}, rank={rank}, out_features={out_features}), got "
-                         f"{tuple(B.shape)}")
+    if isinstance(A, (list, tuple)) or isinstance(B, (list, tuple)):
+        if x.shape[-1] != in_features:
+            raise ValueError(f"x: expected last dim in_features={in_features} (weight is "
+                             f"{tuple(weight.shape)}), got shape {tuple(x.shape)}")
+        n = _check_adapter_sequences(x, A, B, in_features, out_features)
+        A, B = A[0], B[0]   # the rest as for one adapter: each factor's dtype and device are A[0]'s
+    else:
+        _tensor("A", A, 3)
+        _tensor("B", B, 3)
+        if x.shape[-1] != in_features:
+            raise ValueError(f"x: expected last dim in_features={in_features} (weight is "
+                             f"{tuple(weight.shape)}), got shape {tuple(x.shape)}")
+    if A.dim() == 3:
+        n, a_in, rank = A.shape
+        if n < 1 or rank < 1 or a_in != in_features:
+            raise ValueError(f"A: expected shape (adapters >= 1, in_features={in_features}, rank >= 1), got "
+                             f"{tuple(A.shape)}")
+        if tuple(B.shape) != (n, rank, out_features):
+            raise ValueError(f"B: expected shape (adapters={n}, rank={rank}, out_features={out_features}), got "
+                             f"{tuple(B.shape)}")
     _check_bias_devices_dtypes(x, weight, bias, A, B, out_features)
     if not isinstance(adapter_index, torch.Tensor):
         raise TypeError(f"adapter_index: expected a torch.Tensor, got {type(adapter_index).__name__}")

@@ -285,8 +285,14 @@ def launch_configs(kernel: str, flags: dict, capability, dtype, rank: int = 16) 
 
         factory = {"multi_proj": multi._proj_config, "multi_gemm": multi._gemm_config,
                    "multi_reduce": multi._reduce_config}[kernel]
-        c = dict(factory(dtype, flags.get("HAS_DROPOUT", False), cfg.block_r(rank), gpu=True)
-                 if kernel == "multi_gemm" else factory(dtype, gpu=True))
+        if kernel == "multi_gemm":
+            c = factory(dtype, flags.get("HAS_DROPOUT", False), cfg.block_r(rank), gpu=True)
+        elif kernel == "multi_proj":
+            c = factory(dtype, flags.get("HAS_DROPOUT", False), cfg.block_r(rank), flags.get("Q_FP32", False),
+                        gpu=True)
+        else:
+            c = factory(dtype, gpu=True)
+        c = dict(c)
         return [triton.Config(c, num_warps=c.pop("num_warps"), num_stages=c.pop("num_stages"))]
     if kernel in GEMM_KERNELS:   # ops.gemm_lowrank: its own list when it regenerates a keep-mask
         return cfg.gemm_configs(capability, dtype, dropout=flags.get("HAS_DROPOUT", False))
@@ -505,11 +511,12 @@ def launch_args(job: Job) -> tuple:
 
 
 def _multi_launch_args(job: Job, x: str, common: dict, R: int, M: int, N: int, K: int, meta: dict) -> tuple:
-    """(kernel, arguments) of kernels/multi.py's launches: 8 adapters stacked contiguously, A (8, K, R),
-    B (8, R, N); the int64 index; sorted, the int64 permutation and segment starts (unsorted, the index stands in
-    for them, as the launcher passes it); the (n,) fp32 rows of the constants table; with dropout the keep-mask's
-    bits (MASK, uint8 rows of philox.mask_row_bytes(K) bytes: written by multi_proj, read by dX and dA), without
-    it another tensor of the launch stands in (as the launchers pass it)."""
+    """(kernel, arguments) of kernels/multi.py's launches: 8 adapters, each factor read through the int64
+    adapter table (its rows: addresses or gradient offsets, strides, ranks; the strides are runtime values, as
+    the launcher passes them); the int64 index; sorted, the int64 permutation and segment starts (unsorted, the
+    index stands in for them, as the launcher passes it); the (n,) fp32 rows of the constants table; with dropout
+    the keep-mask's bits (MASK, uint8 rows of philox.mask_row_bytes(K) bytes: written by multi_proj, read by dX
+    and dA), without it another tensor of the launch stands in (as the launchers pass it)."""
     from . import philox
     from .kernels import multi
 
@@ -519,11 +526,12 @@ def _multi_launch_args(job: Job, x: str, common: dict, R: int, M: int, N: int, K
     dropout = meta.get("HAS_DROPOUT", False)
     per_adapter = dict(IDX_ptr=_Ptr("i64"), PERM_ptr=_Ptr("i64"))
     mask = dict(stride_mask=philox.mask_row_bytes(K) if dropout else 0)
+    table = dict(RANK_ptr=_Ptr("i64"))
     if job.kernel == "multi_proj":   # the forward: P = x (M, K), Q = A (n, K, R), OUT = S (M, R) fp32
         args = dict(P_ptr=_Ptr(x), Q_ptr=_Ptr(adapters), **per_adapter, ROW_SCALE_ptr=_Ptr("fp32"),
                     DROP_P_ptr=_Ptr("fp32"), SEED_ptr=_Ptr("i64" if dropout else "fp32"), OUT_ptr=_Ptr("fp32"),
-                    M=M, K=K, R=R, N_ADAPTERS=n, stride_pm=K, stride_pk=1, stride_qa=K * R, stride_qk=R,
-                    stride_qr=1, stride_om=R, stride_or=1, MASK_ptr=_Ptr("u8" if dropout else "fp32"), **mask)
+                    M=M, K=K, R=R, N_ADAPTERS=n, stride_pm=K, stride_pk=1, stride_om=R, stride_or=1,
+                    MASK_ptr=_Ptr("u8" if dropout else "fp32"), **mask, QT_ptr=_Ptr("i64"), **table)
         return multi.multi_proj_kernel, dict(args, **common, **meta)
     if job.kernel == "multi_gemm":
         fwd = meta.pop("MULTI_FWD")
@@ -533,16 +541,16 @@ def _multi_launch_args(job: Job, x: str, common: dict, R: int, M: int, N: int, K
                     **per_adapter, ROW_SCALE_ptr=_Ptr("fp32"), OUT_ptr=_Ptr(x),
                     MASK_ptr=_Ptr("u8" if dropout else x), **mask, M=M, N=N if fwd else K, K=K if fwd else N, R=R,
                     N_ADAPTERS=n, stride_pm=K if fwd else N, stride_pk=1, stride_qk=1 if fwd else K,
-                    stride_qn=K if fwd else 1, stride_lm=R, stride_lr=1, stride_ra=(R * N) if fwd else (K * R),
-                    stride_rr=N if fwd else 1, stride_rn=1 if fwd else R, stride_om=N if fwd else K, stride_on=1)
+                    stride_qn=K if fwd else 1, stride_lm=R, stride_lr=1, stride_om=N if fwd else K, stride_on=1,
+                    RMT_ptr=_Ptr("i64"), **table)
         return multi.multi_gemm_kernel, dict(args, **common, **meta)
     # multi_reduce: dA (n, K, R) from x and dS, dB (n, R, N) from dY and S, in the adapters' dtype (x's)
     args = dict(X_ptr=_Ptr(x), DS_ptr=_Ptr("fp32"), DA_ptr=_Ptr(adapters), DY_ptr=_Ptr(x), S_ptr=_Ptr("fp32"),
                 DB_ptr=_Ptr(adapters), **per_adapter, SEG_ptr=_Ptr("i64"), DA_SCALE_ptr=_Ptr("fp32"),
                 DB_SCALE_ptr=_Ptr("fp32"), MASK_ptr=_Ptr("u8" if dropout else "fp32"), **mask,
                 M=M, K=K, N=N, R=R, K_BLOCKS=K // 64, stride_xm=K, stride_xk=1, stride_dsm=R, stride_dsr=1,
-                stride_daa=K * R, stride_dak=R, stride_dar=1, stride_dym=N, stride_dyn=1, stride_sm=R,
-                stride_sr=1, stride_dba=R * N, stride_dbr=N, stride_dbn=1)
+                stride_dym=N, stride_dyn=1, stride_sm=R, stride_sr=1, DAT_ptr=_Ptr("i64"), DBT_ptr=_Ptr("i64"),
+                **table)
     return multi.multi_reduce_kernel, dict(args, **common, **meta)
 
 

@@ -4,10 +4,8 @@ with the same attribute names, parameter shapes, initialisation and state-dict k
 import contextlib
 import math
 import numbers
-import os
 import sys
 import warnings
-import weakref
 from typing import Optional
 
 import torch
@@ -18,9 +16,9 @@ from ._checks import check_dropout, check_rank, check_scale
 from .dora import dequantize_4bit_weight, dora_linear, dora_linear_4bit, dora_unfused
 from .functional import lora_delta, lora_linear
 from .multi import (
+    _lora_linear_multi,
     close_rows_scope,
     current_rows_scope,
-    lora_linear_multi,
     open_rows_scope,
     restore_rows_scope,
     sample_rows,
@@ -221,70 +219,6 @@ def forward_dora_4bit(linear: nn.Module, x: torch.Tensor, A: torch.Tensor, B: to
     return y.to(x.dtype)
 
 
-# per LinearWithLoRA, its stacked adapters kept for calls without autograd (``_stacked_adapters``); weak on the layer,
-# so a deleted layer takes its stacks with it, and outside the module (deepcopy and pickle do not copy them)
-_STACKS = weakref.WeakKeyDictionary()
-_STACKS_PER_LAYER = 4   # adapter selections kept per layer (a serving loop's usual batch compositions)
-# opt-in: a write that bypasses the version counter (``p.data.copy_(...)``, ``p.data.normal_()``, an optimizer or
-# loader writing through a raw pointer) is invisible to the kept stacks' check, which then serve the old values
-KEEP_STACKS_ENV = "LORA_FAST_KEEP_STACKS"
-
-
-def keep_stacks() -> bool:
-    """Whether ``_stacked_adapters`` keeps stacks across calls without autograd: LORA_FAST_KEEP_STACKS "1" (opt-in)
-    or unset / empty / "0" (the default: a fresh stack per call). Raises ValueError for another value."""
-    value = os.environ.get(KEEP_STACKS_ENV, "").strip()
-    if value in ("", "0"):
-        return False
-    if value != "1":
-        raise ValueError(f"{KEEP_STACKS_ENV}: expected 0 (stack the adapters per call, the default) or 1 (keep the "
-                         f"stacks while the factors' identity, pointer and version are unchanged); got {value!r}")
-    return True
-
-
-def _stacked_adapters(layer: nn.Module, adapters, rank: int):
-    """(A (n, in, rank), B (n, rank, out)): the adapters' factors (their ``A``, ``B``), padded with zeros to ``rank``
-    (``_pad_rank``) and stacked, as ``lora_linear_multi`` takes them. With autograd (grad mode on and some factor
-    requiring grad) a fresh stack each call, part of the graph. Without autograd, also a fresh stack by default;
-    with ``LORA_FAST_KEEP_STACKS=1`` (opt-in, ``keep_stacks``) the stack is kept for the layer and reused while
-    every factor is the same tensor with the same data pointer, shape, strides, dtype, device and version counter
-    (an in-place write through the factor itself, an optimizer step or ``load_state_dict``, bumps the version;
-    ``.data = ...`` moves the pointer): a serving loop stacks once per batch composition, not once per forward and
-    layer. A write that bypasses the version counter (``A.data.copy_(...)``, a raw-pointer kernel) is not seen
-    there: the kept stack keeps the old values, hence opt-in. The kept entry holds its factors, so no new tensor
-    can take their identity; at most ``_STACKS_PER_LAYER`` selections per layer, the oldest dropped.
-    Raises ValueError for an unknown LORA_FAST_KEEP_STACKS."""
-    factors = [t for a in adapters for t in (a.A, a.B)]
-    if not keep_stacks() or (torch.is_grad_enabled() and any(t.requires_grad for t in factors)) \
-            or any(t.is_inference() for t in factors):
-        # (an inference tensor keeps no version counter to check)
-        return (torch.stack([_pad_rank(a.A, rank, 1) for a in adapters]),
-                torch.stack([_pad_rank(a.B, rank, 0) for a in adapters]))
-    # made in inference mode, a stack could not be saved for a backward outside it: kept per mode
-    state = (torch.is_inference_mode_enabled(),
-             *((t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in factors))
-    kept = _STACKS.setdefault(layer, [])
-    for old_factors, old_state, old_rank, stacked in kept:
-        if old_rank == rank and len(old_factors) == len(factors) and old_state == state \
-                and all(a is b for a, b in zip(old_factors, factors)):
-            return stacked
-    with torch.no_grad():
-        stacked = (torch.stack([_pad_rank(a.A, rank, 1) for a in adapters]),
-                   torch.stack([_pad_rank(a.B, rank, 0) for a in adapters]))
-    kept.append((factors, state, rank, stacked))
-    del kept[:-_STACKS_PER_LAYER]
-    return stacked
-
-
-def _pad_rank(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
-    """An adapter factor padded with zeros along its rank dim ``dim`` (A (in, r): 1; B (r, out): 0) to ``rank``
-    (exact: the padding adds zero products); ``t`` itself when its rank is ``rank``."""
-    missing = rank - t.shape[dim]
-    if not missing:
-        return t
-    return nn.functional.pad(t, (0, missing) if dim == 1 else (0, 0, 0, missing))
-
-
 class LinearWithLoRA(nn.Module):
     """nn.Linear plus a LoRA update, fused: forward(x) = linear(x) + lora(dropout(x)) via ``lora_linear``.
 
@@ -475,8 +409,9 @@ class LinearWithLoRA(nn.Module):
         self._active_adapters = active or (DEFAULT_ADAPTER,)
 
     def _mixed_forward(self, x: torch.Tensor, adapter_names) -> torch.Tensor:
-        """One adapter per sample (PEFT's ``adapter_names``), fused in one ``lora_linear_multi`` call: the
-        adapters named are stacked, padded with zeros to the largest rank (exact)."""
+        """One adapter per sample (PEFT's ``adapter_names``), fused in one ``lora_linear_multi`` call on the named
+        adapters' own factors (unstacked: no stack, pad or copy; the kernels' adapter table is kept on the layer
+        while the factors' addresses, shapes and strides are unchanged, ``multi._owned_table``)."""
         if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError("adapter_names: expected a list of adapter names (str), one per sample")
         if x.dim() < 2 or len(adapter_names) != x.shape[0]:
@@ -494,10 +429,7 @@ class LinearWithLoRA(nn.Module):
         # (use_adapter_names: one index upload and one sort per forward, not one per layer)
         rows = sample_rows([position.get(n, -1) for n in adapter_names], x.shape[:-1], len(used), x.device)
         layers = [self._adapter(n) for n in used]
-        rank = max(layer.rank for layer in layers)
-        # padded only where the rank is smaller (a pad is a copy, one launch each way): adapters of one rank cost
-        # one stack of A and one of B per call with autograd, none on a repeated call without it
-        A, B = _stacked_adapters(self, layers, rank)
+        A, B = [layer.A for layer in layers], [layer.B for layer in layers]
         scales = [layer.scale for layer in layers]
         dropouts = [self._adapter_dropout(n) for n in used]
         if not self.fused() or has_4bit_forward(self.linear) or is_linear4bit(self.linear):
@@ -506,8 +438,8 @@ class LinearWithLoRA(nn.Module):
             y = self.linear(x)
             return (y + _multi_delta(x, A, B, scales, rows.index, dropouts, self.training, None)).to(y.dtype)
         weight = self.linear.weight.t() if self.fan_in_fan_out else self.linear.weight
-        return lora_linear_multi(x, weight, self.linear.bias, A, B, scales, rows, dropout_p=dropouts,
-                                 training=self.training)
+        return _lora_linear_multi(x, weight, self.linear.bias, A, B, scales, rows, dropouts, self.training,
+                                  owner=self)
 
     def _forward_one(self, x: torch.Tensor, name: str) -> torch.Tensor:
         # the per-step path: submodules and parameters read from their dicts (nn.Module.__getattr__ costs host

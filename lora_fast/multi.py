@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import numbers
 import os
+import weakref
 from typing import Optional, Sequence, Union
 
 import torch
@@ -323,26 +324,36 @@ def _frozen_gradients(ctx, dy, x, weight):
     return dW, db
 
 
-def _graph_backward(ctx, dy, x, weight, A, B, idx, keep):
+def _graph_backward(ctx, dy, x, weight, A, B, idx, keep, factors=()):
     """(dx, dA, dB) on autograd's graph (create_graph=True): the reference maths on the saved inputs, the mask
-    the forward's bits (``keep``, None without dropout) unpacked (functional.graph_gradients)."""
+    the forward's bits (``keep``, None without dropout) unpacked (functional.graph_gradients). With per-adapter
+    ``factors`` (A_0 .. A_{n-1}, B_0 .. B_{n-1}; A and B None): dA and dB are tuples of their gradients
+    (``_MultiFunction``'s inputs 12 on)."""
     idx = idx.reshape(x.shape[:-1])
     mask = philox.unpack_keep_mask(keep, x.shape[-1]).view(x.shape) if keep is not None else None
     active = mask is not None and any(p > 0 for p in ctx.dropout_ps)
 
-    def f(x_, A_, B_):
+    def op(x_, A_, B_):
+        if isinstance(A_, torch.Tensor) and A_.dim() == 2:   # _OneAdapterFunction with one unstacked adapter
+            A_, B_ = (A_,), (B_,)
         return reference.lora_linear_multi(x_, weight, None, A_, B_, list(ctx.scales), idx,
                                            dropout_p=list(ctx.dropout_ps), training=active, dropout_mask=mask)
 
+    if factors:
+        n = len(factors) // 2
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[_FACTORS:])
+        dx, *grads = graph_gradients(lambda x_, *f: op(x_, f[:n], f[n:]), (x, *factors), needs, dy)
+        return dx, tuple(grads[:n]), tuple(grads[n:])
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-    return tuple(graph_gradients(f, (x, A, B), needs, dy))
+    return tuple(graph_gradients(op, (x, A, B), needs, dy))
 
 
 class _OneAdapterFunction(torch.autograd.Function):
     """n = 1 on the Triton path: lora_linear's kernels (kernels.lora_forward / lora_backward), S and dS zeroed
     on the rows of adapter -1 (one masked fill each way). Saves x, weight, A, B, S (M, R) fp32, idx and, with
     dropout, the keep-mask the S pass drew, bit-packed (M x K / 8 bytes, ``kernels.new_keep_mask``; on rows of
-    adapter -1 it is drawn with the adapter's p, and never read there: their dS is zero), not the seed."""
+    adapter -1 it is drawn with the adapter's p, and never read there: their dS is zero), not the seed.
+    A (1, in, r) and B (1, r, out) stacked, or the adapter's own A (in, r) and B (r, out)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, idx, scale, dropout_p, seed):
@@ -351,7 +362,8 @@ class _OneAdapterFunction(torch.autograd.Function):
         x2d, y, y2d = _output(x, weight.shape[0])
         zero_rows = (idx.reshape(-1) < 0)[:, None]
         keep = kernels.new_keep_mask(*x2d.shape, x.device) if dropout_p > 0 else None
-        _, S = kernels.lora_forward(x2d, weight, bias, A[0], B[0], scale, dropout_p, seed, out=y2d,
+        A1, B1 = (A[0], B[0]) if A.dim() == 3 else (A, B)
+        _, S = kernels.lora_forward(x2d, weight, bias, A1, B1, scale, dropout_p, seed, out=y2d,
                                     zero_rows=zero_rows, keep_out=keep)
         ctx.save_for_backward(x, weight, A, B, S, idx, keep)
         ctx.scales, ctx.dropout_ps, ctx.has_bias = (scale,), (dropout_p,), bias is not None
@@ -366,30 +378,45 @@ class _OneAdapterFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             dx, dA, dB = _graph_backward(ctx, dy, x, weight, A, B, idx, keep)
         else:
+            stacked = A.dim() == 3
             dx, dA, dB = kernels.lora_backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight,
-                                               A[0], B[0], S, ctx.scales[0], ctx.dropout_ps[0],
+                                               A[0] if stacked else A, B[0] if stacked else B, S, ctx.scales[0],
+                                               ctx.dropout_ps[0],
                                                need_dx=need_dx, need_dA=need_dA, need_dB=need_dB,
                                                zero_rows=(idx.reshape(-1) < 0)[:, None], keep=keep)
             dx = dx.view(x.shape) if dx is not None else None
-            dA = dA[None] if dA is not None else None
-            dB = dB[None] if dB is not None else None
+            dA = dA[None] if dA is not None and stacked else dA
+            dB = dB[None] if dB is not None and stacked else dB
         return (dx, *_frozen_gradients(ctx, dy, x, weight), dA, dB, None, None, None, None)
+
+
+# _MultiFunction's inputs: x, weight, bias, A, B, idx, scales, dropout_ps, seed, order, prepared, table, then the
+# per-adapter factors from this position on
+_FACTORS = 12
 
 
 class _MultiFunction(torch.autograd.Function):
     """n >= 1 adapters on the Triton path (kernels/multi.py): 2 launches forward, 3 backward, whatever n (plus,
     when ``order`` is "sorted", the sort's three small torch launches in forward: per call for a raw index,
-    none for a ``prepared`` AdapterRows sorted by an earlier call). Saves x, weight, A, B
-    (parameters: no new memory), S (M, R) fp32, idx (M,) int64, the (5, n) fp32 table of per-adapter constants
-    and, with dropout, the keep-mask the forward's S pass drew, bit-packed (uint8 (M, philox.mask_row_bytes(K)):
-    M x K / 8 bytes, whatever n; read by the dX GEMM and the dA pass, which run no Philox), not the seed; sorted,
-    also the sorted index and the permutation (M,) int64 each and the (n + 1,) segment starts: nothing of size
-    M x out_features, nothing that grows with n but the table and the segments."""
+    none for a ``prepared`` AdapterRows sorted by an earlier call). The adapters are A (n, in, R) and B
+    (n, R, out) stacked, or (A and B None) ``factors`` A_0 .. A_{n-1} (in, r_a), B_0 .. B_{n-1} (r_a, out), read
+    where they live through ``table`` (``kernels.multi.adapter_table``; built here when None), each getting its
+    own gradient. Saves x, weight, the factors (parameters: no new memory), S (M, R) fp32, idx (M,) int64, the
+    (5, n) fp32 table of per-adapter constants and, with dropout, the keep-mask the forward's S pass drew,
+    bit-packed (uint8 (M, philox.mask_row_bytes(K)): M x K / 8 bytes, whatever n; read by the dX GEMM and the dA
+    pass, which run no Philox), not the seed; sorted, also the sorted index and the permutation (M,) int64 each
+    and the (n + 1,) segment starts; keeps the adapter table, (13, n) int64 (on ctx: a layer's is shared by its
+    calls): nothing of size M x out_features, nothing that grows with n but the tables and the segments."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, idx, scales, dropout_ps, seed, order=DEFAULT_ORDER, prepared=None):
+    def forward(ctx, x, weight, bias, A, B, idx, scales, dropout_ps, seed, order=DEFAULT_ORDER, prepared=None,
+                table=None, *factors):
         from .kernels import multi, new_keep_mask
 
+        n = len(factors) // 2
+        As, Bs = (A, B) if A is not None else (factors[:n], factors[n:])
+        if table is None:
+            table = multi.adapter_table(As, Bs)
         x2d, y, y2d = _output(x, weight.shape[0])
         params = _adapter_params(scales, dropout_ps, x.device)
         has_dropout = any(p > 0 for p in dropout_ps)
@@ -399,32 +426,48 @@ class _MultiFunction(torch.autograd.Function):
             rows = prepared.sorted_rows() if order == "sorted" else None
         else:
             idx1d = idx.reshape(-1).contiguous()   # the kernels read it with unit stride
-            rows = multi.sort_rows(idx1d, A.shape[0]) if order == "sorted" else None
+            rows = multi.sort_rows(idx1d, len(As)) if order == "sorted" else None
         keep = new_keep_mask(*x2d.shape, x.device) if has_dropout else None
-        S = multi.multi_forward(x2d, weight, bias, A, B, idx1d, params, has_dropout, seed, y2d, rows, keep)
-        ctx.save_for_backward(x, weight, A, B, S, idx1d, params, keep, *(rows or ()))
+        S = multi.multi_forward(x2d, weight, bias, As, Bs, idx1d, params, has_dropout, seed, y2d, rows, keep, table)
+        ctx.save_for_backward(x, weight, A, B, S, idx1d, params, keep, *factors, *(rows or ()))
         ctx.scales, ctx.dropout_ps, ctx.has_bias = tuple(scales), tuple(dropout_ps), bias is not None
+        ctx.table, ctx.n_factors = table, len(factors)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         from .kernels import multi
 
-        x, weight, A, B, S, idx, params, keep, *rows = ctx.saved_tensors
-        need_dx, _, _, need_dA, need_dB = ctx.needs_input_grad[:5]
+        x, weight, A, B, S, idx, params, keep, *rest = ctx.saved_tensors
+        factors, rows = rest[:ctx.n_factors], rest[ctx.n_factors:]
+        n = len(factors) // 2
+        As, Bs = (A, B) if A is not None else (factors[:n], factors[n:])
+        need_dx = ctx.needs_input_grad[0]
+        needs = ctx.needs_input_grad[_FACTORS:] if factors else ctx.needs_input_grad[3:5]
+        need_dA, need_dB = (any(needs[:n]), any(needs[n:])) if factors else needs
         if torch.is_grad_enabled():
-            dx, dA, dB = _graph_backward(ctx, dy, x, weight, A, B, idx, keep)
+            dx, dA, dB = _graph_backward(ctx, dy, x, weight, A, B, idx, keep, factors)
         else:
+            table = ctx.table
+            if table.key != multi.table_key(As, Bs):
+                # a factor's storage was replaced (``.data = ...``) since the forward: its addresses are stale
+                table = multi.adapter_table(As, Bs)
             dx, dA, dB = multi.multi_backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight,
-                                              A, B, S, idx, params, keep,
+                                              As, Bs, S, idx, params, keep,
                                               need_dx=need_dx, need_dA=need_dA, need_dB=need_dB,
-                                              order=tuple(rows) or None)
+                                              order=tuple(rows) or None, table=table)
             dx = dx.view(x.shape) if dx is not None else None
-        return (dx, *_frozen_gradients(ctx, dy, x, weight), dA, dB, None, None, None, None, None, None)
+        frozen = _frozen_gradients(ctx, dy, x, weight)
+        if not factors:
+            return (dx, *frozen, dA, dB, None, None, None, None, None, None, None)
+        per_factor = (*(dA or (None,) * n), *(dB or (None,) * n))
+        return (dx, *frozen, None, None, None, None, None, None, None, None, None,
+                *(g if need else None for g, need in zip(per_factor, needs)))
 
 
-def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
-                      B: torch.Tensor, scale, adapter_index: Union[torch.Tensor, AdapterRows], *, dropout_p=0.0,
+def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      A: Union[torch.Tensor, Sequence[torch.Tensor]], B: Union[torch.Tensor, Sequence[torch.Tensor]],
+                      scale, adapter_index: Union[torch.Tensor, AdapterRows], *, dropout_p=0.0,
                       training: bool = True) -> torch.Tensor:
     """Several LoRA adapters in one batch, with autograd: row m of x gets
     y_m = x_m W^T + b + scale[a] * (dropout_a(x_m) @ A[a]) @ B[a], a = adapter_index[m], and the base layer alone
@@ -437,7 +480,12 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         weight: (out_features, in_features) in x's dtype, as nn.Linear stores it; bias: (out_features,) or None.
         A: (n, in_features, rank), n >= 1 adapters; B: (n, rank, out_features); both x's dtype or float32.
             Adapters of different ranks are padded with zero columns of A / rows of B to the largest rank (exact:
-            the padding adds zero products; LinearWithLoRA pads its own adapters).
+            the padding adds zero products). Or, unstacked: A a sequence (list, tuple) of n tensors A[a]
+            (in_features, rank_a) and B one of n tensors B[a] (rank_a, out_features), ranks free, any strides
+            (PEFT's ``lora_A.weight.t()`` too), all of one dtype (x's or float32): the kernels read each where it
+            lives (no stack, no padding, no copy; ``kernels.multi.adapter_table``) and each gets its own gradient,
+            of its shape and dtype. The same result as the stacked, padded adapters: bit for bit on the kernels,
+            within rounding on the reference path (its matmuls' summation length differs).
         scale: the LoRA scale of every adapter: one finite number, or n of them (a sequence or a (n,) tensor).
         adapter_index: int64 tensor of shape x.shape[:-1], values in [-1, n); -1: no adapter on that row. Or
             an ``AdapterRows`` (``adapter_rows(adapter_index, n)``): the same rows, checked and (sorted order)
@@ -457,28 +505,71 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     torch.compile the reference path runs. With one adapter (n = 1) the result is bit for bit lora_linear's on
     either backend.
 
-    Returns: (..., out_features) in x's dtype. Gradients flow to x, weight, bias, A (n, in, r) and B (n, r, out);
-        an adapter with no rows gets zero gradients. Deterministic (no atomics).
+    Returns: (..., out_features) in x's dtype. Gradients flow to x, weight, bias, A (n, in, r) and B (n, r, out)
+        (unstacked: to each A[a] and B[a]); an adapter with no rows gets zero gradients. Deterministic (no
+        atomics).
 
     Raises:
         TypeError: a non-tensor, a non-floating x/weight/A/B, weight not in x's dtype, A/B dtypes that differ or
-            are neither x's dtype nor float32, adapter_index not int64, a non-real scale or dropout_p.
+            are neither x's dtype nor float32, adapter_index not int64, a non-real scale or dropout_p; unstacked:
+            A and B not both sequences of tensors, or A[a] / B[a] of another dtype than A[0] (named by position).
         ValueError: mismatched shapes (A not 3-D, B not (n, rank, out), adapter_index not x.shape[:-1]), tensors
             on another device than x, index values outside [-1, n), a non-finite scale, dropout_p outside
             [0, 1], a per-adapter sequence of another length than n, an unknown LORA_FAST_MULTI or
             LORA_FAST_MULTI_ORDER; an AdapterRows built for another n, leading shape or device, or whose index
-            was modified in place since it was built.
+            was modified in place since it was built; unstacked: sequences of different lengths, A[a] not
+            (in_features, rank >= 1), B[a] not (A[a]'s rank, out_features), a factor on another device.
         RuntimeError: LORA_FAST_MULTI=triton with inputs the kernels cannot serve.
     """
+    return _lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout_p, training)
+
+
+# per owner (a LinearWithLoRA, a PEFT LoRA layer), the adapter tables of its recent adapter selections (issue 30):
+# weak on the owner (a deleted layer takes its tables with it; deepcopy and pickle do not copy them). A table is a
+# pure function of its key (each factor's address, shape and strides, dtype, device): reused while the key is
+# equal, it reads the factors' current values, so writes that bypass the version counter (``p.data.copy_``) are
+# seen, unlike the kept stacks this replaces
+_TABLES = weakref.WeakKeyDictionary()
+_TABLES_PER_OWNER = 8   # adapter selections per layer (a serving loop's usual batch compositions)
+
+
+def _owned_table(owner, A, B):
+    """The ``kernels.multi.adapter_table`` of the unstacked adapters A, B, kept for ``owner`` (see ``_TABLES``);
+    built (one host-to-device copy, no sync) when none of its kept tables has their key."""
+    from .kernels import multi
+
+    key = multi.table_key(A, B)
+    kept = _TABLES.setdefault(owner, [])
+    for i, table in enumerate(kept):
+        if table.key == key:
+            if i:
+                kept.insert(0, kept.pop(i))
+            return table
+    with _normal_tensors():   # saved by calls outside torch.inference_mode too
+        table = multi.adapter_table(A, B, key)
+    kept.insert(0, table)
+    del kept[_TABLES_PER_OWNER:]
+    return table
+
+
+def _lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout_p=0.0, training=True, owner=None):
+    """``lora_linear_multi``; ``owner``: an object (a layer) on which the adapter table of unstacked adapters is
+    kept across calls (``_owned_table``), or None (a table per call)."""
     if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
-        x, weight, bias, A, B = _autocast_inputs(x, weight, bias, A, B)
+        if not isinstance(A, (list, tuple)) or not isinstance(B, (list, tuple)):
+            x, weight, bias, A, B = _autocast_inputs(x, weight, bias, A, B)
+        else:
+            x, weight, bias, _, _ = _autocast_inputs(x, weight, bias, None, None)
+            dtype = torch.get_autocast_dtype(x.device.type)
+            if any(isinstance(t, torch.Tensor) and t.dtype not in (dtype, torch.float32) for t in (*A, *B)):
+                A, B = [t.to(dtype) for t in A], [t.to(dtype) for t in B]
     prepared = None
     if isinstance(adapter_index, AdapterRows):
         prepared, adapter_index = adapter_index, adapter_index.index
     scales, dropout_ps = check_lora_linear_multi(x, weight, bias, A, B, scale, adapter_index, dropout_p,
                                                  check_range=prepared is None)
     if prepared is not None:
-        prepared.check(x.shape[:-1], A.shape[0], x.device)
+        prepared.check(x.shape[:-1], len(A), x.device)
     check_training(training)
     order = multi_order()   # checked on either backend: a wrong value is never ignored
     if multi_backend(x) == "reference" or x.numel() == 0 or weight.shape[0] == 0 \
@@ -492,7 +583,12 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     # an adapter whose every element is dropped: its LoRA term and gradients are exactly zero (as lora_linear)
     scales = [0.0 if p >= 1.0 else s for s, p in zip(scales, ps)]
     ps = [0.0 if p >= 1.0 else p for p in ps]
-    if A.shape[0] == 1:
-        return _OneAdapterFunction.apply(x, weight, bias, A, B, adapter_index, scales[0], ps[0],
-                                         seed if ps[0] > 0 else None)
-    return _MultiFunction.apply(x, weight, bias, A, B, adapter_index, scales, ps, seed, order, prepared)
+    stacked = isinstance(A, torch.Tensor)
+    if len(A) == 1:
+        return _OneAdapterFunction.apply(x, weight, bias, A if stacked else A[0], B if stacked else B[0],
+                                         adapter_index, scales[0], ps[0], seed if ps[0] > 0 else None)
+    if stacked:
+        return _MultiFunction.apply(x, weight, bias, A, B, adapter_index, scales, ps, seed, order, prepared)
+    table = _owned_table(owner, A, B) if owner is not None else None
+    return _MultiFunction.apply(x, weight, bias, None, None, adapter_index, scales, ps, seed, order, prepared, table,
+                                *A, *B)

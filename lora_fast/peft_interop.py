@@ -35,7 +35,6 @@ from .layers import (
     DEFAULT_ADAPTER,
     LinearWithDoRA,
     LinearWithLoRA,
-    _pad_rank,
     forward_4bit,
     forward_dora_4bit,
     has_4bit_forward,
@@ -44,7 +43,7 @@ from .layers import (
     is_linear4bit,
     lora_scale,
 )
-from .multi import close_rows_scope, lora_linear_multi, open_rows_scope, sample_rows
+from .multi import _lora_linear_multi, close_rows_scope, open_rows_scope, sample_rows
 from .patching import _inside_attention, module_places
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -285,7 +284,8 @@ def _summed_adapters(module: nn.Module, x, args, kwargs) -> Optional[tuple]:
 
 
 def _mixed_batch_operands(module: nn.Module, x, args, kwargs):
-    """(A (n, in, r), B (n, r, out), scales, dropout ps, adapter rows) for a call with PEFT's ``adapter_names``
+    """(A, B: lists of n factors (in, r_a) and (r_a, out), scales, dropout ps, adapter rows) for a call with PEFT's
+    ``adapter_names``
     (one adapter per sample) that ``lora_linear_multi`` computes as PEFT's ``_mixed_batch_forward`` does (the
     rows an ``AdapterRows``, shared by the layers of one forward of the patched model), or
     None for PEFT's own forward. Only while the opt-in multi-adapter kernels are on (LORA_FAST_MULTI=triton):
@@ -325,10 +325,10 @@ def _mixed_batch_operands(module: nn.Module, x, args, kwargs):
             return None
         if weight.device != x.device or A.device != x.device or lora_B.weight.device != x.device:
             return None
-    rank = max(module.lora_A[a].weight.shape[0] for a in used)
-    # PEFT's lora_A.weight is (r, in) and lora_B.weight (out, r): transposed views, padded to the largest rank
-    A = torch.stack([_pad_rank(module.lora_A[a].weight.t(), rank, 1) for a in used])
-    B = torch.stack([_pad_rank(module.lora_B[a].weight.t(), rank, 0) for a in used])
+    # PEFT's lora_A.weight is (r, in) and lora_B.weight (out, r): transposed views, read by the kernels where they
+    # live (unstacked, each rank its own; gradients flow back into the weights)
+    A = [module.lora_A[a].weight.t() for a in used]
+    B = [module.lora_B[a].weight.t() for a in used]
     scales = [module.scaling[a] for a in used]
     dropouts = [module.lora_dropout[a] for a in used]
     ps = [d.p if isinstance(d, nn.Dropout) and d.training else 0.0 for d in dropouts]
@@ -343,11 +343,12 @@ def _fused_forward(module: nn.Module, x, *args, **kwargs):
         if mixed is None:
             return type(module).forward(module, x, *args, **kwargs)
         A, B, scales, ps, rows = mixed
-        if A.shape[0] > 1:
+        if len(A) > 1:
             _ensure_rows_scope(module)   # a model patched before it held several adapters: share from now on
         base = module.base_layer
         weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
-        return lora_linear_multi(x, weight, base.bias, A, B, scales, rows, dropout_p=ps, training=True)
+        # the adapter table kept on the PEFT layer (multi._owned_table): no upload while its adapters stay put
+        return _lora_linear_multi(x, weight, base.bias, A, B, scales, rows, ps, True, owner=module)
     plan = _fused_adapter(module, x, args, kwargs)
     if plan is None:
         summed = _summed_adapters(module, x, args, kwargs)

@@ -131,7 +131,8 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         x: (..., in_features), float16/bfloat16/float32/float64.
         weight: (out_features, in_features) in x's dtype; bias: (out_features,) or None.
         A: (n, in_features, rank); B: (n, rank, out_features); x's dtype or float32 (adapters of different
-            ranks padded with zeros to the largest: exact). The low-rank path runs in A's dtype, as lora_linear's.
+            ranks padded with zeros to the largest: exact); or sequences of n factors A[a] (in_features, rank_a),
+            B[a] (rank_a, out_features) of one dtype. The low-rank path runs in A's dtype, as lora_linear's.
         scale: one finite number, or n of them (a sequence or a (n,) tensor).
         adapter_index: int64 of shape x.shape[:-1], values in [-1, n).
         dropout_p: one probability in [0, 1] or n of them, active when ``training``; the mask is the kernels'
@@ -156,15 +157,16 @@ def _multi_delta(x, A, B, scales, adapter_index, dropout_ps, training, dropout_m
     K = x.shape[-1]
     idx = adapter_index.reshape(-1)
     M = idx.numel()
-    x_lora = x.to(A.dtype).reshape(M, K)
+    # A, B stacked (n, in, r), (n, r, out), or sequences of n factors (in, r_a), (r_a, out): indexed alike
+    x_lora = x.to(A[0].dtype).reshape(M, K)
     ps = dropout_ps
     if training and dropout_mask is None and any(p > 0 for p in dropout_ps):
         # one seed per call, drawn as lora_linear draws it; p quantised as the kernels apply it
         ps = [philox.quantize(p) for p in dropout_ps]
         dropout_mask = multi_keep_mask(draw_seed(x.device), x, adapter_index, dropout_ps)
     mask = dropout_mask.reshape(M, K) if dropout_mask is not None else None
-    delta = torch.zeros((M, B.shape[2]), dtype=torch.promote_types(A.dtype, x.dtype), device=x.device)
-    for a in range(A.shape[0]):
+    delta = torch.zeros((M, B[0].shape[-1]), dtype=torch.promote_types(A[0].dtype, x.dtype), device=x.device)
+    for a in range(len(A)):
         # an adapter without rows still takes part (an empty matmul): its gradients are zeros, not None
         rows = (idx == a).nonzero().squeeze(1)
         # all rows: no gather (lora_linear's very operands, so one adapter matches it bit for bit)
@@ -178,7 +180,7 @@ def _multi_delta(x, A, B, scales, adapter_index, dropout_ps, training, dropout_m
                 xa = xa * ma.to(xa.dtype) / (1.0 - ps[a])
         da = scales[a] * (xa @ A[a] @ B[a])
         delta = da.to(delta.dtype) if every else delta.index_copy(0, rows, da.to(delta.dtype))
-    return delta.view(*x.shape[:-1], B.shape[2])
+    return delta.view(*x.shape[:-1], B[0].shape[-1])
 
 
 # --- DoRA (Liu et al. 2024) ------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """lora_linear_multi (issue 30): several adapters in one batch, on the reference backend (the default) and on the
 opt-in kernels (LORA_FAST_MULTI=triton; the interpreter on CPU), against float64."""
 
+import collections
+
 import pytest
 import torch
 
@@ -593,8 +595,10 @@ def test_patch_peft_fuses_adapter_names(monkeypatch, device):
     x = torch.randn(5, 3, 24, device=device)
     names = ["other", "__base__", "default", "default", "other"]
     calls = []
-    monkeypatch.setattr("lora_fast.peft_interop.lora_linear_multi",
-                        lambda *a, **k: calls.append(1) or lora_linear_multi(*a, **k))
+    from lora_fast.multi import _lora_linear_multi
+
+    monkeypatch.setattr("lora_fast.peft_interop._lora_linear_multi",
+                        lambda *a, **k: calls.append(1) or _lora_linear_multi(*a, **k))
     with torch.no_grad():
         peft_y = model(x, adapter_names=names)
         patch_peft(model, warn=False)
@@ -683,7 +687,7 @@ def test_patch_peft_adapter_names_keep_peft_loop_where_the_kernels_cannot_serve(
     x = torch.randn(3, 2, 12)
     names = ["other", "__base__", "default"]
     calls = []
-    monkeypatch.setattr("lora_fast.peft_interop.lora_linear_multi", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("lora_fast.peft_interop._lora_linear_multi", lambda *a, **k: calls.append(1))
     monkeypatch.setenv("LORA_FAST_MULTI", "triton")
     monkeypatch.setattr("lora_fast._env.interpreting", lambda: False)
     with torch.no_grad():
@@ -1223,7 +1227,7 @@ def test_selection_ops_bench_counts_one_sort_per_forward(monkeypatch):
     monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "sorted")
     step = selection_ops.model_step(layers=2, batch=4, seq=2, width=16)
     assert step["forward"] == {"aten::sort": 1, "aten::arange": 1, "aten::searchsorted": 1, "aten::aminmax": 0,
-                               "aten::item": 0, "aten::stack": 4, "tables": 1}
+                               "aten::item": 0, "aten::stack": 0, "tables": 1}
     assert not any(step["backward"].values())
     ops = selection_ops.op_calls(calls=2, M=12, K=16, N=8)
     assert ops["raw"]["aten::sort"] == ops["raw"]["aten::aminmax"] == 2
@@ -1404,80 +1408,343 @@ def test_unpatch_peft_leaves_no_scope_hook(device):
     assert unpatch_peft(model.base_model) == 2 and hooked(model) == 0   # the PeftModel holds no patched layer
 
 
-def test_stacked_adapters_kept_without_autograd(monkeypatch, device):
-    """A mixed batch without autograd (torch.no_grad: serving) stacks a layer's adapters once per batch composition
-    and reuses the stack (layers._stacked_adapters); an in-place write to a factor (an optimizer step, a load), a
-    factor replaced through .data, or autograd makes a fresh stack, and every output equals a fresh computation
-    bit for bit (the same stacked values). Opt-in (LORA_FAST_KEEP_STACKS=1): see the next test for the default."""
-    from lora_fast import layers, use_adapter_names
+# --- unstacked adapters: the kernels read each adapter where it lives (issue 30, the adapter table) ---------------
+# (leading dims, in, out, ranks, dtype, adapter dtype, PEFT's layout (A, B transposed views), dropout, empty)
+UNSTACKED_CASES = [
+    ((23,), 40, 20, (3,), torch.float32, None, False, 0.0, ()),
+    ((2, 11), 36, 24, (2, 5), torch.float16, torch.float32, True, 0.25, ()),
+    ((27,), 32, 20, (1, 4, 8), torch.bfloat16, None, False, 0.0, (1,)),
+    ((25,), 40, 28, (4, 2, 8, 3), torch.float32, None, True, (0.0, 0.5, 0.25, 0.0), (2,)),
+]
 
-    monkeypatch.setenv("LORA_FAST_KEEP_STACKS", "1")
-    _, model = _model_with_adapters()
-    model.to(device)
-    x = torch.randn(3, 5, 16, device=device)
-    names = ["b", "__base__", "default"]
-    stacks = []
-    real_stack = torch.stack
-    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or real_stack(*a, **k))
 
-    def run():
-        with use_adapter_names(model, names):
-            return model(x)
+def _stored_factors(K, N, ranks, dtype, device, peft):
+    """Per adapter the stored tensors (the autograd leaves) and the factors A (K, r), B (r, N) the op gets: PEFT's
+    layout stores lora_A.weight (r, K) and lora_B.weight (N, r) and passes their transposes (strided views)."""
+    stored, As, Bs = [], [], []
+    for r in ranks:
+        a = torch.randn(r, K, device=device) if peft else torch.randn(K, r, device=device)
+        b = torch.randn(N, r, device=device) if peft else torch.randn(r, N, device=device)
+        stored.append(((a / K**0.5).to(dtype).requires_grad_(), (b / r**0.5).to(dtype).requires_grad_()))
+    for a, b in stored:
+        As.append(a.t() if peft else a)
+        Bs.append(b.t() if peft else b)
+    return stored, As, Bs
 
-    def fresh():   # the same call with nothing kept
-        layers._STACKS.clear()
-        return run()
+
+def _padded_stack(factors, rank, dim):
+    """The factors padded with zeros to ``rank`` along ``dim`` and stacked: what the layers did before issue 30."""
+    pad = [(0, rank - f.shape[1]) if dim == 1 else (0, 0, 0, rank - f.shape[0]) for f in factors]
+    return torch.stack([torch.nn.functional.pad(f, p) for f, p in zip(factors, pad)])
+
+
+@pytest.mark.parametrize("case", UNSTACKED_CASES, ids=lambda c: f"n{len(c[3])}-{str(c[4])[6:]}-peft{int(c[6])}")
+def test_unstacked_adapters_equal_the_stacked_path(case, backend, device):
+    """lora_linear_multi on per-adapter factors (lists, mixed ranks, PEFT's transposed views, fp32 adapters on a
+    16-bit base, rows of -1, an adapter without rows, dropout per adapter) against the stacked, padded adapters:
+    on the kernels bit for bit (the same products: columns >= r_a read as zero instead of padded zeros), forward,
+    dx, dW, db and every adapter's dA and dB; on the reference path within the float64 bound (its matmuls run over
+    r_a instead of R: another summation length). Each gradient has its factor's shape, dtype and layout."""
+    lead, K, N, ranks, dtype, adapter_dtype, peft, dropout, empty = case
+    n, R = len(ranks), max(ranks)
+    x, weight, bias, _, _ = multi_inputs(lead, K, N, (1,), dtype, device)
+    stored, As, Bs = _stored_factors(K, N, ranks, adapter_dtype or dtype, device, peft)
+    idx = adapter_index(lead, n, device, empty=empty)
+    scales = [0.5 + a for a in range(n)]
+    scales[-1] = -scales[-1]
+    dy = torch.randn(*lead, N, device=device).to(dtype)
+    base = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    torch.manual_seed(77)   # the same dropout seed in both calls
+    y = lora_linear_multi(*base, As, Bs, scales, idx, dropout_p=dropout)
+    y.backward(dy)
+    grads = [t.grad for t in base]
+    dA = [a.grad.t() if peft else a.grad for a, _ in stored]
+    dB = [b.grad.t() if peft else b.grad for _, b in stored]
+    for a, b in stored:
+        assert a.grad.dtype == a.dtype and a.grad.shape == a.shape and a.grad.stride() == a.stride()
+        assert b.grad.dtype == b.dtype and b.grad.shape == b.shape and b.grad.stride() == b.stride()
+    stacked = [_padded_stack([f.detach() for f in As], R, 1), _padded_stack([f.detach() for f in Bs], R, 0)]
+    if backend == "triton":
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, *stacked)]
+        torch.manual_seed(77)
+        y_st = lora_linear_multi(*leaves, scales, idx, dropout_p=dropout)
+        y_st.backward(dy)
+        assert torch.equal(y, y_st)
+        for g, leaf in zip(grads, leaves):
+            assert torch.equal(g, leaf.grad)
+        for a, r in enumerate(ranks):
+            assert torch.equal(dA[a], leaves[3].grad[a, :, :r]) and torch.equal(dB[a], leaves[4].grad[a, :r])
+        return
+    # the reference path: against float64 under the same mask (the reference's own seed, drawn alike)
+    inputs = (x, weight, bias, *stacked)
+    ps = dropout
+    ref, ref_grads, _ = _run(inputs, scales, idx, ps, 77, dy, f=lambda t: t.double())
+    mag, mag_grads, _ = _run(inputs, scales, idx, ps, 77, dy, f=lambda t: t.double().abs(), scale_f=abs)
+    M = idx.numel()
+    assert_close(y.detach(), ref, mag, dtype, K + R, "unstacked forward", record=False)
+    for name, g, gr, gm, red in zip(("dx", "dW", "dbias"), grads, ref_grads, mag_grads, (N + R, M, M)):
+        assert_close(g, gr, gm, dtype, red, f"unstacked {name}", record=False)
+    for a, r in enumerate(ranks):
+        assert_close(dA[a], ref_grads[3][a, :, :r], mag_grads[3][a, :, :r], dtype, M, f"unstacked dA[{a}]",
+                     record=False)
+        assert_close(dB[a], ref_grads[4][a, :r], mag_grads[4][a, :r], dtype, M, f"unstacked dB[{a}]",
+                     record=False)
+
+
+def _stacked_step(x, weight, bias, As, Bs, scales, rows, dy):
+    """The stacked, padded call of the same adapters (leaves detached): (y, dx, [dA_a], [dB_a]) per adapter."""
+    R = max(a.shape[1] for a in As)
+    A = _padded_stack([a.detach() for a in As], R, 1).requires_grad_()
+    B = _padded_stack([b.detach() for b in Bs], R, 0).requires_grad_()
+    x = x.detach().clone().requires_grad_()
+    y = lora_linear_multi(x, weight.detach(), None if bias is None else bias.detach(), A, B, scales, rows)
+    y.backward(dy)
+    return (y.detach(), x.grad, [A.grad[a, :, :f.shape[1]] for a, f in enumerate(As)],
+            [B.grad[a, :f.shape[0]] for a, f in enumerate(Bs)])
+
+
+def test_unstacked_gradients_land_in_each_adapter_through_layer_and_peft(monkeypatch, device):
+    """On the kernels, LinearWithLoRA(adapter_names=...) and a patched PEFT layer's adapter_names call give every
+    adapter's own parameter its gradient (.grad of its shape and layout: PEFT's lora_A.weight (r, in) too),
+    bit for bit the stacked, padded call's; the adapter unused by the batch gets zeros."""
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    layer = _layer_with_adapters(device)
+    x = torch.randn(4, 3, 24, device=device)
+    names = ["c", "__base__", "b", "c"]   # "default" unused: not passed to the op at all
+    y = layer(x, adapter_names=names)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    used = ["c", "b"]
+    rows = torch.tensor([0, -1, 1, 0], device=device)[:, None].expand(4, 3)
+    As, Bs = [layer.adapter(n).A for n in used], [layer.adapter(n).B for n in used]
+    y_st, _, dA, dB = _stacked_step(x, layer.linear.weight, layer.linear.bias, As, Bs,
+                                    [layer.adapter(n).scale for n in used], rows, dy)
+    assert torch.equal(y.detach(), y_st)
+    for a, name in enumerate(used):
+        A, B = layer.adapter(name).A, layer.adapter(name).B
+        assert A.grad.stride() == A.stride() and B.grad.stride() == B.stride()
+        assert torch.equal(A.grad, dA[a]) and torch.equal(B.grad, dB[a])
+    assert layer.adapter("default").A.grad is None
+
+    peft = pytest.importorskip("peft")
+    from lora_fast import patch_peft
+
+    model = torch.nn.Sequential(torch.nn.Linear(24, 20)).to(device)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
+    model.add_adapter("third", peft.LoraConfig(r=8, lora_alpha=4, target_modules=["0"]))
+    plain = model.base_model.model[0]
+    with torch.no_grad():
+        for name in ("default", "other", "third"):
+            plain.lora_B[name].weight.normal_(0, 0.3)
+            for p in (plain.lora_A[name].weight, plain.lora_B[name].weight):
+                p.requires_grad_(True)   # PEFT trains its active adapter only
+    model.eval()   # PEFT refuses adapter_names while training; autograd still records
+    patch_peft(model, warn=False)
+    names = ["other", "__base__", "third", "default", "other"]
+    x = torch.randn(5, 3, 24, device=device)
+    y = model(x, adapter_names=names)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    used = ["other", "third", "default"]
+    rows = torch.tensor([0, -1, 1, 2, 0], device=device)[:, None].expand(5, 3)
+    As = [plain.lora_A[n].weight.t() for n in used]
+    Bs = [plain.lora_B[n].weight.t() for n in used]
+    y_st, _, dA, dB = _stacked_step(x, plain.base_layer.weight, plain.base_layer.bias, As, Bs,
+                                    [plain.scaling[n] for n in used], rows, dy)
+    assert torch.equal(y.detach(), y_st)
+    for a, name in enumerate(used):
+        wa, wb = plain.lora_A[name].weight, plain.lora_B[name].weight
+        assert wa.grad.is_contiguous() and wb.grad.is_contiguous()
+        assert torch.equal(wa.grad, dA[a].t()) and torch.equal(wb.grad, dB[a].t())
+
+
+class _TritonLaunches:
+    """Every Triton launch (interpreted: InterpretedFunction.run) by kernel name, while installed; each inside a
+    profiler region named LAUNCH."""
+
+    LAUNCH = "triton::launch"
+
+    def __init__(self, monkeypatch):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self.names = []
+        run = InterpretedFunction.run
+
+        def counting(kernel, *args, **kwargs):
+            self.names.append(kernel.fn.__name__)
+            with torch.profiler.record_function(self.LAUNCH):   # the interpreter's own torch ops inside
+                return run(kernel, *args, **kwargs)
+
+        monkeypatch.setattr(InterpretedFunction, "run", counting)
+
+
+def test_layer_step_launches_do_not_grow_with_n(monkeypatch, device):
+    """A training step (forward and backward, autograd) of LinearWithLoRA with n = 1, 2 or 4 adapters in the batch,
+    on the kernels: no stack, cat or pad of the adapters (torch.profiler's CPU events), the same Triton launches
+    whatever n (n = 1: lora_linear's kernels; n >= 2: the multi-adapter kernels, 2 forward + 3 backward) and the
+    same torch ops for n = 2 and 4; saved for backward beyond the parameters and x: the same bytes but for the
+    (5, n) fp32 constants table and the (n + 1,) int64 segment starts."""
+    if device.type != "cpu":
+        pytest.skip("counts interpreted Triton launches (the CPU's interpreter)")
+    from torch.profiler import ProfilerActivity, profile
+
+    from lora_fast import LinearWithLoRA
+
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    monkeypatch.setenv("LORA_FAST_MULTI_ORDER", "sorted")
+    launches = _TritonLaunches(monkeypatch)
+    layer = LinearWithLoRA(torch.nn.Linear(24, 20), 4, 2.0)
+    for i, r in enumerate((2, 4, 3)):   # mixed ranks, the largest (S's width) the default's at every n
+        layer.add_adapter(f"a{i}", r, 1.0)
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.normal_(0, 0.3)
+    layer.linear.requires_grad_(False)
+    params = {p.data_ptr() for p in layer.parameters()}
+    x = torch.randn(8, 2, 24, requires_grad=True)   # dx too, as for every layer but the first
+    views = {"aten::view", "aten::t", "aten::transpose", "aten::as_strided", "aten::unbind", "aten::select",
+             "aten::reshape", "aten::expand", "aten::detach", "aten::alias", "aten::_unsafe_view", "aten::slice",
+             "aten::unsqueeze", "aten::permute", "aten::lift_fresh", "aten::empty", "aten::empty_strided"}
+    counts = {}
+    for n in (1, 2, 4):
+        adapters = (["default", "a0", "a1", "a2"])[:n]
+        names = [adapters[i % n] if i % 3 else "__base__" for i in range(8)]
+        saved = []
+
+        def pack(t, saved=saved):
+            if t.data_ptr() not in params and t.data_ptr() != x.data_ptr():
+                saved.append(t.numel() * t.element_size())
+            return t
+
+        for _ in range(2):   # the second step counted: the first builds and keeps the layer's adapter table
+            launches.names.clear()
+            saved.clear()
+            for p in (*layer.parameters(), x):   # AccumulateGrad then takes each gradient as it is (no add_)
+                p.grad = None
+            with profile(activities=[ProfilerActivity.CPU]) as prof, \
+                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                layer(x, adapter_names=names).square().sum().backward()
+        # the torch ops called from Python or autograd, not inside another aten op nor by the interpreter
+        ops = sorted(e.name for e in prof.events() if e.name.startswith("aten::") and e.name not in views
+                     and (e.cpu_parent is None or not e.cpu_parent.name.startswith(("aten::", launches.LAUNCH))))
+        assert not {"aten::stack", "aten::cat", "aten::constant_pad_nd", "aten::pad"} & set(ops), (n, ops)
+        counts[n] = (list(launches.names), ops, sum(saved))
+    (l1, _, _), (l2, ops2, s2), (l4, ops4, s4) = counts[1], counts[2], counts[4]
+    from bench import cost_model
+    from bench.launches import MULTI_STEP_LAUNCHES
+
+    assert len(l1) == len(l2) == len(l4) == MULTI_STEP_LAUNCHES, (l1, l2, l4)
+    model = cost_model.multi_kernels("lora-fast-multi", M=16, K=24, N=20, r=4, n=4, dtype="float32")
+    assert l2 == l4 == [k.launch for k in model["forward"] + model["backward"]]   # the cost model's launches
+    assert ops2 == ops4, (collections.Counter(ops4) - collections.Counter(ops2),
+                          collections.Counter(ops2) - collections.Counter(ops4))
+    assert s4 - s2 == (4 - 2) * (5 * 4 + 8)   # the constants table's column and a segment start per adapter
+
+
+def test_unstacked_argument_errors(device):
+    """Bad per-adapter factors raise before any launch, naming the argument and the adapter's position."""
+    x, weight, b, _, _ = multi_inputs((6,), 8, 5, (2,), torch.float32, device)
+    A = [torch.randn(8, 2, device=device), torch.randn(8, 3, device=device)]
+    B = [torch.randn(2, 5, device=device), torch.randn(3, 5, device=device)]
+    idx = torch.tensor([0, 1, -1, 0, 1, 1], device=device)
+
+    def call(A_, B_):
+        return lora_linear_multi(x, weight, b, A_, B_, 1.0, idx)
+
+    cases = [
+        ((A, B[0]), TypeError, r"^B: expected a sequence \(list or tuple\) of per-adapter tensors like A"),
+        ((A[0][None], B), TypeError, r"^A: expected a sequence"),
+        (([], []), ValueError, r"^A: expected at least one adapter"),
+        ((A, B[:1]), ValueError, r"^B: expected one factor per adapter of A \(2\)"),
+        ((A, [B[0], B[1][:2]]), ValueError, r"^B\[1\]: expected shape \(rank=3 as A\[1\], out_features=5\)"),
+        (([A[0], A[1][:7]], B), ValueError, r"^A\[1\]: expected shape \(in_features=8, rank >= 1\)"),
+        ((A, [B[0], B[1].t()]), ValueError, r"^B\[1\]: expected shape"),
+        (([A[0], A[1].double()], B), TypeError, r"^A\[1\]: expected the adapters' one dtype torch.float32"),
+        ((A, [B[0].half(), B[1]]), TypeError, r"^B\[0\]: expected the adapters' one dtype torch.float32"),
+        (([A[0], A[1].to("meta")], B), ValueError, r"^A\[1\]: expected a tensor on x's device"),
+        (([A[0], A[1][:, :1].squeeze(1)], B), ValueError, r"^A\[1\]: expected a 2-D tensor"),
+        (([A[0], A[1].long()], B), TypeError, r"^A\[1\]: expected a floating-point dtype"),
+    ]
+    for (A_, B_), error, match in cases:
+        with pytest.raises(error, match=match):
+            call(A_, B_)
+    with pytest.raises(ValueError, match=r"^adapter_index: expected values in \[-1, 2\)"):
+        lora_linear_multi(x, weight, b, A, B, 1.0, idx + 1)
+    with pytest.raises(ValueError, match=r"^scale: expected one value per adapter \(2\)"):
+        lora_linear_multi(x, weight, b, A, B, [1.0, 2.0, 3.0], idx)
+
+
+def test_adapter_table_kept_on_the_layer_and_never_stale(monkeypatch, device):
+    """A layer keeps its adapter table while its factors' addresses, shapes and strides are unchanged (no table
+    built or uploaded per forward), with or without autograd; it reads the factors' current values, so a write
+    through .data (no version bump: what made kept stacks opt-in) changes the next output as a fresh layer computes
+    it; a factor replaced through .data gets a new table, also between a forward and its backward (the saved
+    factors' addresses are checked there), and every result equals a fresh computation bit for bit."""
+    from lora_fast import multi as multi_mod
+    from lora_fast.kernels import multi
+
+    monkeypatch.setenv("LORA_FAST_MULTI", "triton")
+    built = []
+    monkeypatch.setattr(multi, "adapter_table", lambda *a, f=multi.adapter_table: built.append(1) or f(*a))
+    layer = _layer_with_adapters(device)
+    x = torch.randn(4, 3, 24, device=device)
+    names = ["b", "__base__", "default", "c"]
+
+    def fresh():   # the same call on a layer that keeps nothing
+        multi_mod._TABLES.pop(layer, None)
+        return layer(x, adapter_names=names)
 
     with torch.no_grad():
-        y1 = run()
-        first = len(stacks)
-        y2 = run()
-        assert first == 4 and len(stacks) == first   # A and B of both layers, then nothing
-        assert torch.equal(y1, y2)
-        model[0].adapter("b").A.add_(0.5)            # an in-place write bumps the version: a new stack
-        y3 = run()
-        assert len(stacks) == first + 2 and not torch.equal(y3, y1) and torch.equal(y3, fresh())
-        B = model[2].adapter("b").B
-        B.data = B.data * 2                            # replaced storage: a new pointer
-        stacks.clear()
-        y4 = run()
-        assert len(stacks) == 2 and torch.equal(y4, fresh())
-    stacks.clear()
-    y5 = run()   # autograd on: fresh stacks in the graph, gradients reach each adapter
-    y5.sum().backward()
-    assert len(stacks) == 4 and model[0].adapter("b").A.grad is not None
-    with torch.no_grad():
-        assert torch.equal(y5, fresh())
+        y1 = layer(x, adapter_names=names)
+        y2 = layer(x, adapter_names=names)
+        assert len(built) == 1 and torch.equal(y1, y2)
+        A = layer.adapter("b").A
+        A.data.copy_(torch.randn_like(A))   # invisible to the version counter: the table reads it anyway
+        y3 = layer(x, adapter_names=names)
+        assert len(built) == 1 and not torch.equal(y3, y1) and torch.equal(y3, fresh())
+        built.clear()
+        layer.adapter("c").B.data = layer.adapter("c").B.data * 2   # a new storage: a new table
+        y4 = layer(x, adapter_names=names)
+        assert len(built) == 1 and torch.equal(y4, fresh())
+    built.clear()
+    y5 = layer(x, adapter_names=names)   # autograd: the kept table serves the training step too
+    assert not built
+    B = layer.adapter("b").B
+    B.data = B.data.clone()   # between forward and backward: its saved address is stale, the backward rebuilds
+    y5.square().sum().backward()
+    assert len(built) == 1
+    grads = [p.grad.clone() for p in (layer.adapter("b").A, B)]
+    for p in layer.parameters():
+        p.grad = None
+    fresh().square().sum().backward()
+    assert torch.equal(grads[0], layer.adapter("b").A.grad) and torch.equal(grads[1], B.grad)
 
 
-def test_stacked_adapters_default_sees_writes_through_data(monkeypatch, device):
-    """By default (LORA_FAST_KEEP_STACKS unset) a mixed batch without autograd stacks its adapters per call: a write
-    through ``.data`` (no version bump, which a kept stack's check cannot see) changes the next output as a fresh
-    model computes it. A kept stack (=1) served the old values (the reason it is opt-in); another value raises."""
-    from lora_fast import layers, use_adapter_names
-
-    monkeypatch.delenv("LORA_FAST_KEEP_STACKS", raising=False)
-    _, model = _model_with_adapters()
-    model.to(device)
-    x = torch.randn(3, 5, 16, device=device)
-
-    def run():
-        with use_adapter_names(model, ["b", "__base__", "default"]):
-            return model(x)
-
-    with torch.no_grad():
-        y1 = run()
-        A = model[0].adapter("b").A
-        version = A._version
-        A.data.copy_(torch.randn_like(A))   # invisible to the version counter
-        assert A._version == version
-        y2 = run()
-        layers._STACKS.clear()
-        assert not torch.equal(y2, y1) and torch.equal(y2, run())
-        assert not layers._STACKS.get(model[0])   # nothing kept
-        monkeypatch.setenv("LORA_FAST_KEEP_STACKS", "yes")
-        with pytest.raises(ValueError, match="LORA_FAST_KEEP_STACKS"):
-            run()
+@pytest.mark.parametrize("ranks", [(3,), (4, 2, 5)])
+def test_unstacked_second_order(ranks, monkeypatch, device):
+    """A differentiable backward (create_graph=True) with unstacked adapters (PEFT's transposed views, mixed
+    ranks) on the kernels' path is the reference maths on the saved factors: the same second-order gradients
+    as the reference backend, bit for bit, each reaching its own stored tensor."""
+    n = len(ranks)
+    x0, w0, b0, _, _ = multi_inputs((2, 9), 24, 16, (1,), torch.float32, device)
+    stored, _, _ = _stored_factors(24, 16, ranks, torch.float32, device, peft=True)
+    idx = adapter_index((2, 9), n, device)
+    c = torch.randn(2, 9, 16, device=device)   # a loss linear in y (see test_second_order)
+    results = []
+    for backend in BACKENDS:
+        monkeypatch.setenv("LORA_FAST_MULTI", backend)
+        x, w, b = [t.detach().clone().requires_grad_() for t in (x0, w0, b0)]
+        leaves = [(a.detach().clone().requires_grad_(), bb.detach().clone().requires_grad_()) for a, bb in stored]
+        torch.manual_seed(3)
+        y = lora_linear_multi(x, w, b, [a.t() for a, _ in leaves], [bb.t() for _, bb in leaves], [1.5] * n, idx,
+                              dropout_p=0.25)
+        As = [a for a, _ in leaves]
+        gx, *gA = torch.autograd.grad((y * c).sum(), (x, *As), create_graph=True)
+        (gx.square().sum() + sum(g.square().sum() for g in gA)).backward()
+        results.append([x.grad] + [t.grad for pair in leaves for t in pair])
+    for t1, t2 in zip(*results):
+        assert torch.equal(t1, t2)
 
 
 # --- the keep-mask drawn once per step (issue 28 item 3 on the multi-adapter kernels) -------------------------------
