@@ -373,6 +373,8 @@ def _proj_config(dtype, dropout: bool = False, block_r: int = 16, q_fp32: bool =
         # (compile report, triton 3.9). Since the S pass stores the mask's bits, 32 x BK32 with 4 warps spilled 4 B
         # (sm_90, rank 16, dropout; 8 warps: 4 B without dropout; 64 x BK32: 8-20 B at rank 64); 16 x BK32 with 4
         # warps spills nowhere (sm_80 and sm_90, ranks 16 and 64, every flag set; triton 3.6 and 3.9)
+        # (triton 3.6 with the adapter table and the bits: 8 B spilled at rank 16, sm_80 with dropout and sm_90
+        # without, at 64-72 registers, with 1 or 2 stages: a local-memory slot, not register pressure; 3.9: none)
         return dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2)
 
@@ -383,12 +385,16 @@ def _gemm_config(dtype, dropout: bool = False, block_r: int = 16, *, gpu=None):
     if dtype == torch.float32:
         # fp32 (IEEE, no tensor cores): 64x64 with 4 warps spilled 4-620 B at rank 64, and sorted at rank 16 (sm_80,
         # sm_90; compile report, triton 3.9). 32x32x32, 3 stages: no spill on 3.9; on 3.6 4 B at sm_80 rank 64 sorted
-        # (the least of the tiles tried: 32x64, 64x32, BLOCK_K 16, 2 warps, 2 and 4 stages)
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
-    if dropout and block_r >= 64:
+        # (the least of the tiles tried: 32x64, 64x32, BLOCK_K 16, 2 warps, 2 and 4 stages). With the adapter table
+        # and the mask's bits, 3 and 2 stages spilled 8 B at sm_80 rank 16 dropout+sorted (3.9); 1 stage spills
+        # nowhere (an fp32 IEEE dot has no tensor-core MMA for the pipeline to overlap)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
+    if block_r >= 64:
         # dX with dropout at rank 64: 128x128 with 8 warps spilled 8-40 B regenerating the keep-mask (compile
         # report, triton 3.9, sm_80 bf16/fp16 and sm_90 fp16, fp32 adapters, both row orders), and still spills 4 B
-        # reading its bits (sm_90 fp16, fp32 adapters, sorted; 255 registers in 8 of 16 rows); 64x128 does not
+        # reading its bits (sm_90 fp16, fp32 adapters, sorted; 255 registers in 8 of 16 rows); 64x128 does not.
+        # The forward at rank 64 too: with the adapter table, 128x128 spilled 8-24 B at sm_80 bf16/fp16 on triton
+        # 3.6 (255 registers)
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
@@ -402,6 +408,8 @@ def _reduce_config(dtype, *, gpu=None):
         # 68-80 B at sm_80 rank 64 sorted (255 registers); one stage does not (compile report, triton 3.9, sm_80
         # and sm_90); the fp32 reduction has no tensor-core MMA to pipeline for
         return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=1)
+    # triton 3.6, sm_80 bf16 rank 16 with dropout: 8 B spilled at 72 registers (also with 1 stage or 8 warps; 3.9:
+    # none); left as it is
     return dict(BLOCK_M=64, BLOCK_C=64, num_warps=4, num_stages=2)
 
 
