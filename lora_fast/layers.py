@@ -430,6 +430,12 @@ class LinearWithLoRA(nn.Module):
         rows = sample_rows([position.get(n, -1) for n in adapter_names], x.shape[:-1], len(used), x.device)
         layers = [self._adapter(n) for n in used]
         A, B = [layer.A for layer in layers], [layer.B for layer in layers]
+        if len({t.dtype for t in (*A, *B)}) > 1:
+            # adapters of several dtypes (one kept in fp32 beside 16-bit ones, as PEFT's autocast_adapter_dtype
+            # leaves them): the op takes one adapter dtype, so all are read in float32 (exact widening; a copy of
+            # each 16-bit factor per call, whose new address also means a new adapter table per call; gradients
+            # flow back through the casts in each factor's own dtype)
+            A, B = [t.float() for t in A], [t.float() for t in B]   # (float() of a float32 factor: itself)
         scales = [layer.scale for layer in layers]
         dropouts = [self._adapter_dropout(n) for n in used]
         if not self.fused() or has_4bit_forward(self.linear) or is_linear4bit(self.linear):

@@ -502,6 +502,29 @@ def test_layer_adapter_names_per_sample(backend, device):
             assert_close(p.grad, t.grad, m.grad, torch.float32, 15, f"layer d{n}", record=False)
 
 
+def test_layer_adapter_names_with_adapters_of_two_dtypes(backend, device):
+    """A bf16 layer whose adapter "b" is kept in float32 beside bf16 ones (PEFT's autocast_adapter_dtype habit): an
+    adapter_names batch works as each adapter alone does (the op takes one adapter dtype: all read in float32),
+    forward and every adapter's gradients, each in its factor's dtype, against float64 (review4: a TypeError)."""
+    layer = _layer_with_adapters(device).to(torch.bfloat16)
+    layer.adapter("b").float()
+    x = torch.randn(5, 3, 24, device=device).to(torch.bfloat16)
+    names = ["b", "__base__", "default", "b", "c"]
+    y = layer(x, adapter_names=names)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    truth, leaves = _truth(layer, x, names)
+    mag, mag_leaves = _truth(layer, x, names, absolute=True)
+    # every product rounded to bf16 at most once per operand before fp32 accumulation: bf16's bound
+    assert_close(y.detach(), truth, mag, torch.bfloat16, 24 + 8, "two-dtype layer forward", record=False)
+    (truth * dy.double()).sum().backward()
+    (mag * dy.double().abs()).sum().backward()
+    for n in layer.adapters:
+        for p, t, m in zip((layer.adapter(n).A, layer.adapter(n).B), leaves[n], mag_leaves[n]):
+            assert p.grad.dtype == p.dtype
+            assert_close(p.grad, t.grad, m.grad, torch.bfloat16, 15 + 20, f"two-dtype layer d{n}", record=False)
+
+
 def test_layer_set_adapter_and_keys(device):
     """The default adapter keeps the book's keys; added adapters get their own; set_adapter with one name or
     several (summed on every row, as PEFT); delete_adapter removes the keys and leaves the active set."""
