@@ -58,7 +58,10 @@ LAYERS, MAX_LENGTH, BATCH, STEPS, MESSAGES = 2, 8, 2, 3, 12
 K = 1536  # MiniLM's intermediate size: the longest reduction of the adapted layers
 U32, U64 = 2.0**-24, 2.0**-53
 LR_SGD = 200.0  # the example's AdamW rates (1e-3, 5e-4) times this: SGD moves by lr * gradient
-BROKEN_BY = 10
+# how far the broken runs (another batch order, another adapter's initial values) must exceed the bound in every
+# parameter: 2x, a clear miss. 10x failed at 1 seed of ~30 (seed 1804621568: another init 6.4x; 14-693x at seeds
+# 100-110), a margin that measured the random draw, not the bound
+BROKEN_BY = 2
 
 
 def _run(adapters, rows, seed, dtype, **kwargs):
