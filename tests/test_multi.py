@@ -488,18 +488,25 @@ def test_layer_adapter_names_per_sample(backend, device):
     unused), forward and the gradients of every adapter's A and B against float64."""
     layer = _layer_with_adapters(device)
     x = torch.randn(5, 3, 24, device=device)
+    _check_layer_against_float64(layer, x, torch.float32, 15, "layer")
+
+
+def _check_layer_against_float64(layer, x, dtype, grad_reduction, what):
+    """layer(x, adapter_names=...) over mixed samples: forward and every adapter's A and B gradients (each in its
+    factor's dtype) against float64, with ``dtype``'s bound (forward reduction 24 + 8, gradients ``grad_reduction``)."""
     names = ["b", "__base__", "default", "b", "c"]
     y = layer(x, adapter_names=names)
     dy = torch.randn_like(y)
     y.backward(dy)
     truth, leaves = _truth(layer, x, names)
     mag, mag_leaves = _truth(layer, x, names, absolute=True)
-    assert_close(y.detach(), truth, mag, torch.float32, 24 + 8, "layer forward", record=False)
+    assert_close(y.detach(), truth, mag, dtype, 24 + 8, f"{what} forward", record=False)
     (truth * dy.double()).sum().backward()
     (mag * dy.double().abs()).sum().backward()
     for n in layer.adapters:
         for p, t, m in zip((layer.adapter(n).A, layer.adapter(n).B), leaves[n], mag_leaves[n]):
-            assert_close(p.grad, t.grad, m.grad, torch.float32, 15, f"layer d{n}", record=False)
+            assert p.grad.dtype == p.dtype
+            assert_close(p.grad, t.grad, m.grad, dtype, grad_reduction, f"{what} d{n}", record=False)
 
 
 def test_layer_adapter_names_with_adapters_of_two_dtypes(backend, device):
@@ -509,20 +516,8 @@ def test_layer_adapter_names_with_adapters_of_two_dtypes(backend, device):
     layer = _layer_with_adapters(device).to(torch.bfloat16)
     layer.adapter("b").float()
     x = torch.randn(5, 3, 24, device=device).to(torch.bfloat16)
-    names = ["b", "__base__", "default", "b", "c"]
-    y = layer(x, adapter_names=names)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    truth, leaves = _truth(layer, x, names)
-    mag, mag_leaves = _truth(layer, x, names, absolute=True)
     # every product rounded to bf16 at most once per operand before fp32 accumulation: bf16's bound
-    assert_close(y.detach(), truth, mag, torch.bfloat16, 24 + 8, "two-dtype layer forward", record=False)
-    (truth * dy.double()).sum().backward()
-    (mag * dy.double().abs()).sum().backward()
-    for n in layer.adapters:
-        for p, t, m in zip((layer.adapter(n).A, layer.adapter(n).B), leaves[n], mag_leaves[n]):
-            assert p.grad.dtype == p.dtype
-            assert_close(p.grad, t.grad, m.grad, torch.bfloat16, 15 + 20, f"two-dtype layer d{n}", record=False)
+    _check_layer_against_float64(layer, x, torch.bfloat16, 15 + 20, "two-dtype layer")
 
 
 def test_layer_set_adapter_and_keys(device):
