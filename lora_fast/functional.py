@@ -69,9 +69,11 @@ def _forward(x, weight, bias, A, B, scale: float, dropout_p: float, seed):
     return y, S, keep
 
 
-def _backward_kernels(dy, x, weight, A, B, S, scale: float, dropout_p: float, keep, need_dx, need_dA, need_dB):
+def _backward_kernels(dy, x, weight, A, B, S, scale: float, dropout_p: float, keep, need_dx, need_dA, need_dB,
+                      dA_out=None, dB_out=None):
     """(dx, dA, dB) from the kernels, None where not needed; zeros for an empty batch. dy (..., N), x (..., K);
-    ``keep``: the forward's bit-packed keep-mask (read with dropout)."""
+    ``keep``: the forward's bit-packed keep-mask (read with dropout); ``dA_out`` / ``dB_out``: where the kernels
+    write dA / dB when given (kernels.lora_backward)."""
     from . import kernels
 
     if x.numel() == 0 or dy.numel() == 0:
@@ -83,7 +85,7 @@ def _backward_kernels(dy, x, weight, A, B, S, scale: float, dropout_p: float, ke
     dx, dA, dB = kernels.lora_backward(dy if flat else dy.reshape(-1, dy.shape[-1]),
                                        x if flat else x.reshape(-1, x.shape[-1]), weight, A, B, S,
                                        scale, dropout_p, need_dx=need_dx, need_dA=need_dA, need_dB=need_dB,
-                                       keep=keep if dropout_p > 0 else None)
+                                       keep=keep if dropout_p > 0 else None, dA_out=dA_out, dB_out=dB_out)
     return (dx.view(x.shape) if dx is not None and not flat else dx), dA, dB
 
 
@@ -259,21 +261,27 @@ def _saved_tensor_hooks() -> bool:
         return _TOP_SAVED_HOOKS() is not None
 
 
-def _plan_key(x, weight, bias, A, B, scale, dropout_p, training):
-    """The metadata a planned call must repeat (see above); raises for what is not a strided tensor."""
+def _plan_key(x, weight, bias, A, B, scale, dropout_p, training, stored):
+    """The metadata a planned call must repeat (see above); raises for what is not a strided tensor. ``stored``:
+    A and B are the factors as PEFT stores them (lora_linear_stored), which a key of the same shapes and strides
+    for lora_linear's own layout must not match."""
     # the numbers' types too: 1 == 1.0 == True in a dict key, and the checks accept a float where they refuse a bool
     return (_meta(x), _meta(weight), None if bias is None else _meta(bias), _meta(A), _meta(B), type(scale), scale,
-            type(dropout_p), dropout_p, type(training), training)
+            type(dropout_p), dropout_p, type(training), training, stored)
 
 
 class _OpPlan:
-    """The checked constants and the recorded launches of one metadata key (see _PLANS)."""
+    """The checked constants and the recorded launches of one metadata key (see _PLANS). ``stored``: the plan's A and
+    B are PEFT's lora_A.weight (R, K) and lora_B.weight (N, R) (lora_linear_stored): the kernels read them through
+    transposed views (the same data pointers: a replay passes the stored tensors themselves), and dA / dB are
+    written into (R, K) / (N, R) buffers, the parameters' own layout."""
 
-    __slots__ = ("scale", "p", "draw_seed", "y_shape", "keep_shape", "has_bias", "fwd", "fwd_tries", "bwd",
+    __slots__ = ("scale", "p", "draw_seed", "y_shape", "keep_shape", "has_bias", "stored", "fwd", "fwd_tries", "bwd",
                  "bwd_tries")
 
-    def __init__(self, scale: float, p: float, draw_seed: bool, y_shape, keep_shape, has_bias: bool):
+    def __init__(self, scale: float, p: float, draw_seed: bool, y_shape, keep_shape, has_bias: bool, stored: bool):
         self.scale, self.p, self.draw_seed, self.y_shape, self.has_bias = scale, p, draw_seed, y_shape, has_bias
+        self.stored = stored
         self.keep_shape = keep_shape   # the bit-packed keep-mask's (M, row bytes) with dropout, else None
         self.fwd, self.fwd_tries, self.bwd, self.bwd_tries = None, 0, {}, 0
 
@@ -289,8 +297,10 @@ class _OpPlan:
                 return y, out[0], keep
         from .kernels import lora_forward, plan
 
+        # the kernels' (K, R) / (R, N) factors: views of the stored ones (the same data pointers)
+        Af, Bf = (A.t(), B.t()) if self.stored else (A, B)
         if rep is not None or self.fwd_tries >= _RECORD_TRIES or not plan.can_record(x.device):
-            return _forward(x, weight, bias, A, B, self.scale, self.p, seed)
+            return _forward(x, weight, bias, Af, Bf, self.scale, self.p, seed)
         self.fwd_tries += 1
 
         N = self.y_shape[-1]
@@ -302,7 +312,9 @@ class _OpPlan:
         with plan.Recorder((x, weight, bias, A, B, seed, y, keep)) as rec:
             rec.alias(x2d, x)
             rec.alias(y2d, y)
-            _, S = lora_forward(x2d, weight, bias, A, B, self.scale, self.p, seed, out=y2d, keep_out=keep)
+            rec.alias(Af, A)
+            rec.alias(Bf, B)
+            _, S = lora_forward(x2d, weight, bias, Af, Bf, self.scale, self.p, seed, out=y2d, keep_out=keep)
         self.fwd = rec.replay((S,))
         return y, S, keep
 
@@ -311,7 +323,13 @@ class _OpPlan:
         x, weight, A, B, S, keep = ctx.saved_tensors
         need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled():   # autograd records the backward (create_graph=True): see _gradients
-            dx, dA, dB = _backward_graph(dy, x, weight, A, B, S, self.scale, self.p, keep, need_dx, need_dA, need_dB)
+            if self.stored:
+                dx, dA, dB = _backward_graph(dy, x, weight, A.t(), B.t(), S, self.scale, self.p, keep, need_dx,
+                                             need_dA, need_dB)
+                dA, dB = (None if dA is None else dA.t()), (None if dB is None else dB.t())
+            else:
+                dx, dA, dB = _backward_graph(dy, x, weight, A, B, S, self.scale, self.p, keep, need_dx, need_dA,
+                                             need_dB)
         elif need_dx or need_dA or need_dB:
             key = (dy.shape, dy.stride(), dy.dtype, dy.data_ptr() & 15, need_dx, need_dA, need_dB)
             if ctx.hooked:
@@ -325,12 +343,22 @@ class _OpPlan:
             out = None
             if rep is not None:
                 dx = x.new_empty(*x.shape) if need_dx else None
-                out = rep(dy, x, weight, A, B, S, keep, dx)
+                if self.stored:   # the gradients in the parameters' layout (no copy by AccumulateGrad)
+                    out = rep(dy, x, weight, A, B, S, keep, dx, A.new_empty(*A.shape) if need_dA else None,
+                              B.new_empty(*B.shape) if need_dB else None)
+                else:
+                    out = rep(dy, x, weight, A, B, S, keep, dx, None, None)
             if out is not None:
                 dA, dB = out
             elif rep is None and self.bwd_tries < _RECORD_TRIES and len(self.bwd) < _BACKWARD_LAYOUTS \
                     and self._can_record(x.device):
                 dx, dA, dB = self._record_backward(key, dy, x, weight, A, B, S, keep, need_dx, need_dA, need_dB)
+            elif self.stored:   # into buffers in the parameters' layout, as the replay
+                dA = A.new_empty(*A.shape) if need_dA else None
+                dB = B.new_empty(*B.shape) if need_dB else None
+                dx, _, _ = _backward_kernels(dy, x, weight, A.t(), B.t(), S, self.scale, self.p, keep, need_dx,
+                                             need_dA, need_dB, None if dA is None else dA.t(),
+                                             None if dB is None else dB.t())
             else:
                 dx, dA, dB = _backward_kernels(dy, x, weight, A, B, S, self.scale, self.p, keep, need_dx, need_dA,
                                                need_dB)
@@ -356,18 +384,34 @@ class _OpPlan:
         x2d = x if flat else x.reshape(-1, x.shape[-1])
         dx2d = dx if dx is None or flat else dx.view(-1, x.shape[-1])
         keep = keep if self.p > 0 else None
-        with plan.Recorder((dy, x, weight, A, B, S, keep, dx)) as rec:
+        # stored factors: the kernels read their transposed views and write dA / dB through transposed views of
+        # buffers in the parameters' layout, which the replay is given (roles) and returns
+        dA_buf = A.new_empty(A.shape) if self.stored and need_dA else None
+        dB_buf = B.new_empty(B.shape) if self.stored and need_dB else None
+        Af, Bf = (A.t(), B.t()) if self.stored else (A, B)
+        dA_out = None if dA_buf is None else dA_buf.t()
+        dB_out = None if dB_buf is None else dB_buf.t()
+        with plan.Recorder((dy, x, weight, A, B, S, keep, dx, dA_buf, dB_buf)) as rec:
             rec.alias(dy2d, dy)
             rec.alias(x2d, x)
             if dx is not None:
                 rec.alias(dx2d, dx)
-            _, dA, dB = lora_backward(dy2d, x2d, weight, A, B, S, self.scale, self.p, need_dx=need_dx,
-                                      need_dA=need_dA, need_dB=need_dB, dx_out=dx2d, keep=keep)
+            rec.alias(Af, A)
+            rec.alias(Bf, B)
+            if dA_buf is not None:
+                rec.alias(dA_out, dA_buf)
+            if dB_buf is not None:
+                rec.alias(dB_out, dB_buf)
+            _, dA, dB = lora_backward(dy2d, x2d, weight, Af, Bf, S, self.scale, self.p, need_dx=need_dx,
+                                      need_dA=need_dA, need_dB=need_dB, dx_out=dx2d, keep=keep, dA_out=dA_out,
+                                      dB_out=dB_out)
         replay = rec.replay((dA, dB))
         if replay is not None:
             self.bwd[key] = replay
         else:   # failed recordings are what is bounded: each dY layout (up to _BACKWARD_LAYOUTS) may succeed
             self.bwd_tries += 1
+        if self.stored:
+            return dx, dA_buf, dB_buf
         return dx, dA, dB
 
 
@@ -392,14 +436,15 @@ class _PlannedFunction(torch.autograd.Function):
 _planned_apply = super(torch.autograd.Function, _PlannedFunction).apply
 
 
-def _planned(x, weight, bias, A, B, scale, dropout_p, training):
-    """lora_linear's result when the call repeats a planned call's metadata (see _PLANS), else None."""
+def _planned(x, weight, bias, A, B, scale, dropout_p, training, stored=False):
+    """lora_linear's (or, ``stored``, lora_linear_stored's) result when the call repeats a planned call's metadata
+    (see _PLANS), else None."""
     # first what a tracer (torch.compile, torch.func) must never see: a data pointer read, a dict of plans
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
             or torch._C._is_any_autocast_enabled() or _forced_backend():
         return None
     try:
-        key = _plan_key(x, weight, bias, A, B, scale, dropout_p, training)
+        key = _plan_key(x, weight, bias, A, B, scale, dropout_p, training, stored)
     except Exception:   # not a strided tensor (or no data pointer): the checks say what is wrong
         return None
     op = _PLANS.get(key)
@@ -412,16 +457,17 @@ def _planned(x, weight, bias, A, B, scale, dropout_p, training):
     return op.forward(x, weight, bias, A, B, seed)[0]
 
 
-def _new_plan(x, weight, bias, A, B, raw_scale, raw_dropout_p, training, scale, p, draw_seed):
+def _new_plan(x, weight, bias, A, B, raw_scale, raw_dropout_p, training, scale, p, draw_seed, stored):
     """The _OpPlan of a call that passed the checks on the Triton backend (None for what is never planned: other
-    tensor types, empty tensors, arguments that are not plain numbers)."""
+    tensor types, empty tensors, arguments that are not plain numbers). ``stored``: A and B are PEFT's stored
+    factors (lora_linear_stored; the checks saw their transposed views)."""
     global _PLANS
     if not (type(raw_scale) in (float, int) and type(raw_dropout_p) in (float, int) and type(training) is bool
             and all(type(t) in _PLAIN for t in (x, weight, A, B)) and (bias is None or type(bias) in _PLAIN)
             and x.numel() and weight.shape[0]):
         return None
     try:
-        key = _plan_key(x, weight, bias, A, B, raw_scale, raw_dropout_p, training)
+        key = _plan_key(x, weight, bias, A, B, raw_scale, raw_dropout_p, training, stored)
     except RuntimeError:   # no data pointer: a functorch wrapper that outlived its transform (apply unwraps it)
         return None
     from .kernels import plan
@@ -431,7 +477,7 @@ def _new_plan(x, weight, bias, A, B, raw_scale, raw_dropout_p, training, scale, 
         plan.clear()
     K = x.shape[-1]
     keep_shape = (x.numel() // K, philox.mask_row_bytes(K)) if p > 0 else None
-    op = _OpPlan(scale, p, draw_seed, (*x.shape[:-1], weight.shape[0]), keep_shape, bias is not None)
+    op = _OpPlan(scale, p, draw_seed, (*x.shape[:-1], weight.shape[0]), keep_shape, bias is not None, stored)
     _PLANS[key] = op
     return op
 
@@ -507,6 +553,36 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         y = _planned(x, weight, bias, A, B, scale, dropout_p, training)
         if y is not None:
             return y
+    return _lora_linear(x, weight, bias, A, B, scale, dropout_p, training, None)
+
+
+def lora_linear_stored(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                       lora_B: torch.Tensor, scale: float, *, dropout_p: float = 0.0,
+                       training: bool = True) -> torch.Tensor:
+    """``lora_linear(x, weight, bias, lora_A.t(), lora_B.t(), scale, ...)`` with the factors as PEFT stores them:
+    ``lora_A`` (rank, in_features) and ``lora_B`` (out_features, rank), PEFT's ``lora_A[name].weight`` and
+    ``lora_B[name].weight``. The same output and gradients (bit for bit: the kernels read the same memory), without
+    the two transposed views autograd would record per call, and with the factors' gradients written in their own
+    (rank, in) / (out, rank) layout: autograd's gradient accumulation takes them as they are, where a transposed
+    gradient of a contiguous parameter is copied into the parameter's layout (one more kernel per factor and step).
+    What ``patch_peft``'s layers call. Arguments, maths, returns and errors as ``lora_linear`` (the errors name A
+    and B: the transposed views)."""
+    if _PLANS is not None:
+        y = _planned(x, weight, bias, lora_A, lora_B, scale, dropout_p, training, True)
+        if y is not None:
+            return y
+    if not (isinstance(lora_A, torch.Tensor) and isinstance(lora_B, torch.Tensor)):
+        raise TypeError(f"lora_linear_stored: lora_A and lora_B must be tensors; got {type(lora_A).__name__} and "
+                        f"{type(lora_B).__name__}")
+    if lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"lora_linear_stored: lora_A (rank, in_features) and lora_B (out_features, rank) must be "
+                         f"2-D; got shapes {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    return _lora_linear(x, weight, bias, lora_A.t(), lora_B.t(), scale, dropout_p, training, (lora_A, lora_B))
+
+
+def _lora_linear(x, weight, bias, A, B, scale, dropout_p, training, stored):
+    """lora_linear's unplanned path (checks, backend, a new plan); ``stored``: (lora_A, lora_B) when A and B are
+    their transposed views (lora_linear_stored), else None."""
     autocast = isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type)
     if autocast:
         x, weight, bias, A, B = _autocast_inputs(x, weight, bias, A, B)
@@ -532,8 +608,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if torch.compiler.is_compiling():
         return _lora_linear_fwd(x, weight, bias, A, B, scale, p, seed)[0]
     op = None if autocast or _forced_backend() else \
-        _new_plan(x, weight, bias, A, B, raw_scale, raw_dropout_p, training, scale, p, seed is not None)
+        _new_plan(x, weight, bias, *(stored or (A, B)), raw_scale, raw_dropout_p, training, scale, p, seed is not None,
+                  stored is not None)
     if op is not None:
-        return _PlannedFunction.apply(x, weight, bias, A, B, op, seed)
+        return _PlannedFunction.apply(x, weight, bias, *(stored or (A, B)), op, seed)
     # eager: an autograd.Function costs less host time per call than the custom-op dispatch
     return _LoRALinearFunction.apply(x, weight, bias, A, B, scale, p, seed)

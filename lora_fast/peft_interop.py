@@ -30,7 +30,7 @@ from . import _env
 from ._files import give_mode
 from .adapters import Transaction, check_adapter_name, model_adapters
 from .dora import dora_linear
-from .functional import lora_linear
+from .functional import lora_linear, lora_linear_stored
 from .layers import (
     DEFAULT_ADAPTER,
     LinearWithDoRA,
@@ -134,16 +134,31 @@ def _submodule(module: nn.Module, name: str):
 
 def _adapter_reason(module: nn.Module) -> tuple:
     """(adapter name, None) when the layer's active adapter can run fused, else (None, reason)."""
+    parts = _adapter_parts(module)
+    return (parts[0], None) if parts[0] is not None else (None, parts[1])
+
+
+_FUSED_DROPOUTS = (nn.Dropout, nn.Identity)
+
+
+def _adapter_parts(module: nn.Module) -> tuple:
+    """(adapter name, lora_A, lora_B, lora_dropout) of the layer's active adapter when it can run fused, else
+    (None, reason). Each fact looked up once, from the modules' own dicts (host time: every call asks)."""
     active = _state(module, "_active_adapter", "active_adapter")
     lora_As = _submodule(module, "lora_A")._modules
-    active = [active] if isinstance(active, str) else active
-    active = [a for a in active if a in lora_As]
-    if len(active) != 1:
-        return None, "several active adapters" if active else "no active adapter"
-    adapter = active[0]
+    if isinstance(active, str):
+        if active not in lora_As:
+            return None, "no active adapter"
+        adapter = active
+    else:
+        active = [a for a in active if a in lora_As]
+        if len(active) != 1:
+            return None, "several active adapters" if active else "no active adapter"
+        adapter = active[0]
     # peft >= 0.15 keeps every variant (DoRA, aLoRA, ...) in lora_variant; older versions only have use_dora
-    variant = module.__dict__.get("lora_variant", {}).get(adapter)
-    use_dora = module.__dict__.get("use_dora", {}).get(adapter)
+    own = module.__dict__
+    variant = own.get("lora_variant", {}).get(adapter)
+    use_dora = own.get("use_dora", {}).get(adapter)
     if (variant is not None or use_dora) and not _is_dora(module, adapter):
         return None, "LoRA variant " + ("DoRA" if use_dora else type(variant).__name__)
     lora_A, lora_B = lora_As[adapter], _submodule(module, "lora_B")._modules[adapter]
@@ -152,11 +167,18 @@ def _adapter_reason(module: nn.Module) -> tuple:
     if lora_B._parameters.get("bias") is not None:
         return None, "lora_bias"
     dropout = _submodule(module, "lora_dropout")._modules[adapter]
-    if type(dropout) not in (nn.Dropout, nn.Identity):
+    if type(dropout) not in _FUSED_DROPOUTS:
         return None, f"lora_dropout {type(dropout).__name__}"
     if _has_hooks(_submodule(module, "base_layer")) or _has_hooks(lora_A) or _has_hooks(lora_B):
         return None, "forward hooks on the base layer or lora_A / lora_B"
-    return adapter, None
+    return adapter, lora_A, lora_B, dropout
+
+
+def _param(module: nn.Module, name: str):
+    """A module's parameter from its own _parameters dict (nn.Module.__getattr__ costs ~5k instructions a call),
+    else its attribute (a buffer, a property, ...)."""
+    found = module.__dict__["_parameters"].get(name, _MISSING)
+    return getattr(module, name) if found is _MISSING else found
 
 
 def _is_dora(module: nn.Module, adapter: str) -> bool:
@@ -184,21 +206,25 @@ def _autocast_on(device_type: str) -> bool:
 
 
 def _fused_adapter(module: nn.Module, x, args, kwargs) -> Optional[tuple]:
-    """What to run fused for this call: (adapter, base layer, lora_A.weight, lora_B.weight, is_4bit, is_dora), or
-    None for PEFT's own forward. Every state PEFT's forward treats specially (disabled or merged adapters,
-    adapter_names, extra arguments) goes to PEFT. Each fact is looked up once per call (host time)."""
+    """What to run fused for this call: (adapter, base layer, lora_A.weight, lora_B.weight, is_4bit, is_dora,
+    lora_dropout), or None for PEFT's own forward. Every state PEFT's forward treats specially (disabled or merged
+    adapters, adapter_names, extra arguments) goes to PEFT. Each fact is looked up once per call (host time)."""
     if args or kwargs or _state(module, "_disable_adapters", "disable_adapters") \
             or _state(module, "merged_adapters", "merged"):
         return None
-    if not isinstance(x, torch.Tensor) or x.dim() < 1 or _autocast_on(x.device.type):
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
         return None
-    adapter, _ = _adapter_reason(module)
+    device = x.device
+    if _autocast_on(device.type):
+        return None
+    parts = _adapter_parts(module)
+    adapter = parts[0]
     if adapter is None:
         return None
     base = _submodule(module, "base_layer")
-    weight = base.weight
-    A = _submodule(module, "lora_A")._modules[adapter].weight
-    B = _submodule(module, "lora_B")._modules[adapter].weight
+    weight = _param(base, "weight")
+    A = _param(parts[1], "weight")
+    B = _param(parts[2], "weight")
     is_4bit = has_4bit_forward(base)
     if is_4bit:
         # the op runs in the layer's compute dtype (x cast to it, as Linear4bit casts it)
@@ -211,14 +237,14 @@ def _fused_adapter(module: nn.Module, x, args, kwargs) -> Optional[tuple]:
         return None
     if A.dtype != x.dtype and not getattr(module, "cast_input_dtype_enabled", True):
         return None
-    if weight.device != x.device or A.device != x.device or B.device != x.device:
+    if weight.device != device or A.device != device or B.device != device:
         return None
     is_dora = _is_dora(module, adapter)
     if is_dora:
         magnitude = module.lora_magnitude_vector[adapter].weight
-        if magnitude.dtype not in (A.dtype, torch.float32) or magnitude.device != x.device:
+        if magnitude.dtype not in (A.dtype, torch.float32) or magnitude.device != device:
             return None
-    return adapter, base, A, B, is_4bit, is_dora
+    return adapter, base, A, B, is_4bit, is_dora, parts[3]
 
 
 def _plain_adapter(module: nn.Module, adapter: str) -> Optional[tuple]:
@@ -357,12 +383,12 @@ def _fused_forward(module: nn.Module, x, *args, **kwargs):
             weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
             return lora_linear(x, weight, base.bias, A, B, scale, dropout_p=0.0, training=False)
         return type(module).forward(module, x, *args, **kwargs)
-    adapter, base, A, B, is_4bit, is_dora = plan
-    dropout = _submodule(module, "lora_dropout")._modules[adapter]
-    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-    scale = module.__dict__["scaling"][adapter] if "scaling" in module.__dict__ else module.scaling[adapter]
-    # transposed views of PEFT's parameters (lora_A.weight (r, in), lora_B.weight (out, r)): gradients flow back
-    # into them
+    adapter, base, A, B, is_4bit, is_dora, dropout = plan
+    p = dropout.p if type(dropout) is nn.Dropout else 0.0
+    own = module.__dict__
+    scale = own["scaling"][adapter] if "scaling" in own else module.scaling[adapter]
+    # the 4-bit and DoRA ops take transposed views of PEFT's parameters (lora_A.weight (r, in), lora_B.weight
+    # (out, r)): gradients flow back into them
     if is_4bit and is_dora:
         # QDoRA: dora_linear_4bit in the layer's compute dtype (PEFT's DoRA reads deq(W) in the adapters' dtype:
         # within one rounding of deq(W) in the compute dtype)
@@ -373,12 +399,16 @@ def _fused_forward(module: nn.Module, x, *args, **kwargs):
         # agree, within one rounding of x otherwise)
         return forward_4bit(base, x, A.t(), B.t(), scale, p, dropout.training)
     # Conv1D (fan_in_fan_out) stores (in, out); .t() gives nn.Linear's (out, in) layout as a view, no copy
-    weight = base.weight if isinstance(base, nn.Linear) else base.weight.t()
+    weight = _param(base, "weight")
+    if not isinstance(base, nn.Linear):
+        weight = weight.t()
     if is_dora:
         # PEFT's DoRA drops (and recomputes the base on the dropped input) only while the layer trains
         return dora_linear(x, weight, base.bias, A.t(), B.t(), module.lora_magnitude_vector[adapter].weight, scale,
                            dropout_p=p, training=module.training and dropout.training)
-    return lora_linear(x, weight, base.bias, A.t(), B.t(), scale, dropout_p=p, training=dropout.training)
+    # PEFT's (r, in) and (out, r) parameters as they are: no transposed views on autograd's graph, gradients in
+    # the parameters' layout
+    return lora_linear_stored(x, weight, _param(base, "bias"), A, B, scale, dropout_p=p, training=dropout.training)
 
 
 class _FusedForward:

@@ -123,20 +123,26 @@ alive = []   # every step's tensors stay alive: no address is reused, so a stale
 # "tma-16": fp16 adapters, whose low-rank term the TMA kernel reads by TMA (the S and dS passes write its rounded
 # copy into padded buffers, views that the recording aliases: ops.term_for); "tma-host": the same with host-side
 # descriptors (LORA_FAST_TMA_DESC=host), which each replay must build around its own call's tensors
-for path in ("triton", "cublas", "tma", "tma-16", "tma-host"):
+# "-stored": the factors as PEFT stores them (lora_linear_stored: A (R, K), B (N, R)), read through transposed views
+# and given gradients in their own layout
+stored_grads = {}
+for path in ("triton", "cublas", "tma", "tma-16", "tma-host", "triton-stored", "cublas-stored", "tma-stored"):
     choice.clear()
     monkeypatch(choice, "forced_path", lambda path=path: path.split("-")[0])
     os.environ["LORA_FAST_TMA_DESC"] = "host" if path == "tma-host" else "device"
     A, B = A32, B32
     if path in ("tma-16", "tma-host"):
         A, B = A32.detach().half().requires_grad_(), B32.detach().half().requires_grad_()
+    stored = path.endswith("-stored")
+    if stored:
+        A, B = A32.detach().t().contiguous().requires_grad_(), B32.detach().t().contiguous().requires_grad_()
     for p in (0.0, 0.25):
         trace, replays[0], scratch_calls[0], fills[0] = [], 0, 0, 0
         for step in range(4):   # JIT and tuning, the recording, two replays
             xs3 = torch.randn(2, 5, K).half().requires_grad_()
             dys = torch.randn(2, 5, N).half()
             launcher.record, addmms[:] = [], []
-            ys = lora_linear(xs3, w, b, A, B, 2.0, dropout_p=p)
+            ys = (functional.lora_linear_stored if stored else lora_linear)(xs3, w, b, A, B, 2.0, dropout_p=p)
             S_saved, seed_saved = ys.grad_fn.saved_tensors[4:6]
             fwd = launcher.record + addmms
             launcher.record, addmms[:] = [], []
@@ -147,6 +153,11 @@ for path in ("triton", "cublas", "tma", "tma-16", "tma-host"):
                          seed=seed_saved)
             alive.append((named, fwd, bwd))
             trace.append(roles(fwd, named) + roles(bwd, named))
+            if stored:   # the gradients' layout: the parameters' own (contiguous (R, K) and (N, R)), every step
+                # (whether autograd keeps the buffers or copies them is test_planned's: the launch records here hold
+                # references to them, so autograd copies)
+                stored_grads.setdefault(f"{path} p={p}", []).append(
+                    [A.grad.stride() == A.stride(), B.grad.stride() == B.stride()])
             A.grad = B.grad = None
         # the second call went through the launchers (and was recorded), the third and fourth replayed
         result[f"planned {path} p={p}"] = [replays[0] >= 4, trace[3] == trace[1] and trace[2] == trace[1],
@@ -157,6 +168,7 @@ for path in ("triton", "cublas", "tma", "tma-16", "tma-host"):
                                                 and a[0] == "desc"] for t in trace]
         result[f"scratch {path} p={p}"] = [scratch_calls[0], fills[0]]
 os.environ.pop("LORA_FAST_TMA_DESC")
+result["stored grads"] = stored_grads
 A, B = A32, B32
 
 # saved-tensor hooks (save_on_cpu with pinned memory packs a contiguous copy): what backward unpacks then has other
@@ -235,7 +247,7 @@ def test_launch_plans_and_devices():
     assert result["decode M=1 R=1"] == 3 and result["decode M=2 R=16"] == 3
     # planned calls: the third and fourth call of each layout replay forward and backward (4 replays or more), with
     # the launchers' launches, arguments and tensor roles exactly; five launches on every GEMM path
-    for path in ("triton", "cublas", "tma", "tma-16", "tma-host"):
+    for path in ("triton", "cublas", "tma", "tma-16", "tma-host", "triton-stored", "cublas-stored", "tma-stored"):
         for p in (0.0, 0.25):
             assert result[f"planned {path} p={p}"] == [True, True, 5], (path, p, result[f"planned {path} p={p}"])
             # host descriptors: none on the other paths; with them no scratch for the device-side ones (one per TMA
@@ -256,6 +268,9 @@ def test_launch_plans_and_devices():
             assert names == (["x", "w", "b", "fresh", "B", "y", "fresh", "dy", "w", "fresh", "A", "fresh"]
                              + (["seed"] if p else []) + ["fresh"]), names
             assert descs[1] == descs[2] == descs[3] == descs[0], descs
+    # lora_linear_stored: PEFT's layouts' gradients in those layouts, on the launchers' path and replayed
+    assert result["stored grads"] == {f"{path}-stored p={p}": [[True, True]] * 4 for path in ("triton", "cublas", "tma")
+                                      for p in (0.0, 0.25)}, result["stored grads"]
     # a backward replay is keyed on the saved tensors' layout when saved-tensor hooks were active in forward
     assert result["saved-tensor hooks"] == [True, 0, True], result["saved-tensor hooks"]
     (held, used), (_, used_capturing) = result["scratch reuse"]

@@ -104,13 +104,12 @@ class _Spy:
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = peft_interop.lora_linear
+        for name in ("lora_linear", "lora_linear_stored"):   # the summed adapters' op, the single adapter's
+            def counted(*args, real=getattr(peft_interop, name), **kwargs):
+                self.calls += 1
+                return real(*args, **kwargs)
 
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(peft_interop, "lora_linear", counted)
+            monkeypatch.setattr(peft_interop, name, counted)
 
 
 def _run(model, ids, probe):

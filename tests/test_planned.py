@@ -22,7 +22,7 @@ def _inputs(device, dtype=torch.float32):
 
 
 def _key(x, weight, bias, A, B, scale, p=0.0, training=True):
-    return functional._plan_key(x, weight, bias, A, B, scale, p, training)
+    return functional._plan_key(x, weight, bias, A, B, scale, p, training, False)
 
 
 @pytest.fixture
@@ -104,3 +104,38 @@ def test_planned_calls_take_an_escaped_functorch_tensor(planned):
     torch.func.grad(f)(x.clone())
     y = lora_linear(leaked[0], weight, bias, A, B, 2.0)
     assert torch.equal(y, lora_linear(x, weight, bias, A, B, 2.0))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_stored_factors_match_their_views(planned, p):
+    # lora_linear_stored (patch_peft's call: PEFT's lora_A.weight (R, K), lora_B.weight (N, R)) computes what
+    # lora_linear computes on the transposed views, bit for bit (the kernels read the same memory), on each of its
+    # paths: the unplanned first call, the recording calls, the launchers' path after them; and gives the factors'
+    # gradients in their own layout (autograd's accumulation then keeps them, no copy)
+    x, weight, bias, A, B = planned
+    lora_A = A.detach().t().contiguous().requires_grad_()
+    lora_B = B.detach().t().contiguous().requires_grad_()
+    views = (lora_A.detach().t().requires_grad_(), lora_B.detach().t().requires_grad_())
+    arrived = []   # the data pointers of the gradients autograd's accumulation receives
+    lora_A.register_hook(lambda g: arrived.append(g.data_ptr()))
+    lora_B.register_hook(lambda g: arrived.append(g.data_ptr()))
+    for _ in range(5):
+        x = torch.randn_like(x).requires_grad_()
+        dy = torch.randn(*x.shape[:-1], weight.shape[0], device=x.device)
+        torch.manual_seed(7)
+        y = functional.lora_linear_stored(x, weight, bias, lora_A, lora_B, 2.0, dropout_p=p)
+        y.backward(dy)
+        got = (y.detach(), x.grad, lora_A.grad, lora_B.grad)
+        x.grad = None
+        torch.manual_seed(7)
+        want_y = lora_linear(x, weight, bias, *views, 2.0, dropout_p=p)
+        want_y.backward(dy)
+        want = (want_y.detach(), x.grad, views[0].grad.t(), views[1].grad.t())
+        for name, g, w in zip(("y", "dx", "lora_A grad", "lora_B grad"), got, want):
+            assert torch.equal(g, w), name
+        # kept as they arrived (the parameters' layout): no copy into it
+        assert sorted(arrived) == sorted([lora_A.grad.data_ptr(), lora_B.grad.data_ptr()])
+        arrived.clear()
+        lora_A.grad = lora_B.grad = views[0].grad = views[1].grad = x.grad = None
+    with pytest.raises(ValueError, match="lora_A"):
+        functional.lora_linear_stored(x, weight, bias, lora_A[0], lora_B, 2.0)

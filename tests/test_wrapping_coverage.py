@@ -182,8 +182,8 @@ def test_layers_peft_creates_after_patch_peft(backend, monkeypatch):
     model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["q", "v"]))
     model.set_adapter("second")
     calls = []
-    fused = peft_interop.lora_linear
-    monkeypatch.setattr(peft_interop, "lora_linear", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    fused = peft_interop.lora_linear_stored
+    monkeypatch.setattr(peft_interop, "lora_linear_stored", lambda *a, **k: calls.append(1) or fused(*a, **k))
     x = torch.randn(3, 8)
     model(x)
     assert len(calls) == 1   # q (patched, its new adapter fused at call time); v is new, on PEFT's forward

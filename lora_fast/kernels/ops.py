@@ -777,7 +777,7 @@ def lora_forward(x, weight, bias, A, B, scale, dropout_p=0.0, seed=None, out=Non
 
 
 def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, need_dx=True, need_dA=True,
-                  need_dB=True, zero_rows=None, dx_out=None, keep=None):
+                  need_dB=True, zero_rows=None, dx_out=None, keep=None, dA_out=None, dB_out=None):
     """Backward of the fused LoRA linear: (dx, dA, dB), each None when not needed; dx written into ``dx_out``
     (an (M, K) tensor in x's dtype, a view of the caller's N-D gradient) when given.
 
@@ -785,7 +785,9 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
     cost more than re-reading dY); dX = dY W + scale * keep/(1-p) ⊙ (dS A^T) in one GEMM with the low-rank
     term fused in; dA = scale/(1-p) * (keep ⊙ x)^T dS. With dropout the keep-mask is ``keep``, the bits the
     forward stored (``lora_forward(keep_out=)``); without them it is drawn once from ``seed`` into bits
-    (``rng.packed_keep_mask``, one launch) that both passes read.
+    (``rng.packed_keep_mask``, one launch) that both passes read. ``dA_out`` / ``dB_out``: where dA (K, R) and dB
+    (R, N) are written when given (any strides: transposed views of PEFT's (R, K) / (N, R) layouts), else new
+    contiguous tensors in A's / B's dtype.
     """
     R = A.shape[1]
     K = x.shape[1]
@@ -794,7 +796,7 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
     dx = dA = dB = None
     dropout_p = philox.quantize(dropout_p)
     if need_dB:
-        dB = _empty(B.shape, B.dtype, B.device)
+        dB = dB_out if dB_out is not None else _empty(B.shape, B.dtype, B.device)
     # dB rides on the dS pass (five launches per step) while 4 R < PROJ_BLOCK_M (ranks up to 31 on a GPU). Above,
     # dB takes its own pass over dY (six launches): the reason is the byte count of configs.PROJ_BLOCK_M's
     # comment (the (groups, R, N) fp32 partials grow with R, a second read of dY does not) and the dS pass's
@@ -824,6 +826,6 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
                           (A.stride(1), A.stride(0)), scale * keep_scale, dropout_p=dropout_p, keep=keep,
                           out=dx_out, backward=True, term=term)
     if need_dA:
-        dA = reduce_rows(x, dS, scale * keep_scale, _empty(A.shape, A.dtype, A.device),
-                         dropout_p=dropout_p, keep=keep)
+        dA = dA_out if dA_out is not None else _empty(A.shape, A.dtype, A.device)
+        reduce_rows(x, dS, scale * keep_scale, dA, dropout_p=dropout_p, keep=keep)
     return dx, dA, dB
