@@ -139,3 +139,22 @@ def test_stored_factors_match_their_views(planned, p):
         lora_A.grad = lora_B.grad = views[0].grad = views[1].grad = x.grad = None
     with pytest.raises(ValueError, match="lora_A"):
         functional.lora_linear_stored(x, weight, bias, lora_A[0], lora_B, 2.0)
+
+
+def test_stored_factors_second_order(planned):
+    # autograd recording the backward (create_graph=True) through lora_linear_stored's plan: the reference maths on
+    # the transposed views, differentiable again; the same double-backward gradients as lora_linear on the views
+    x, weight, bias, A, B = planned
+    lora_A = A.detach().t().contiguous().requires_grad_()
+    lora_B = B.detach().t().contiguous().requires_grad_()
+    results = []
+    for fn, factors in ((functional.lora_linear_stored, (lora_A, lora_B)),
+                        (lora_linear, (lora_A.t(), lora_B.t()))):
+        for _ in range(2):   # the first call makes the plan, the second is planned
+            y = fn(x, weight, bias, *factors, 2.0)
+        (gA,) = torch.autograd.grad(y.square().sum(), lora_A, create_graph=True)
+        (ggB,) = torch.autograd.grad(gA.square().sum(), lora_B)
+        results.append((gA.detach(), ggB))
+    (gA, ggB), (want_gA, want_ggB) = results
+    assert gA.shape == lora_A.shape and ggB.shape == lora_B.shape
+    assert torch.equal(gA, want_gA) and torch.equal(ggB, want_ggB)
