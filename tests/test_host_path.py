@@ -124,16 +124,19 @@ alive = []   # every step's tensors stay alive: no address is reused, so a stale
 # copy into padded buffers, views that the recording aliases: ops.term_for); "tma-host": the same with host-side
 # descriptors (LORA_FAST_TMA_DESC=host), which each replay must build around its own call's tensors
 # "-stored": the factors as PEFT stores them (lora_linear_stored: A (R, K), B (N, R)), read through transposed views
-# and given gradients in their own layout
+# and given gradients in their own layout; "-views": lora_linear on such transposed views (the replay allocates dA
+# and dB in the views' strides, ops._empty_like)
 stored_grads = {}
-for path in ("triton", "cublas", "tma", "tma-16", "tma-host", "triton-stored", "cublas-stored", "tma-stored"):
+PATHS = ("triton", "cublas", "tma", "tma-16", "tma-host", "triton-stored", "cublas-stored", "tma-stored",
+         "triton-views")
+for path in PATHS:
     choice.clear()
     monkeypatch(choice, "forced_path", lambda path=path: path.split("-")[0])
     os.environ["LORA_FAST_TMA_DESC"] = "host" if path == "tma-host" else "device"
     A, B = A32, B32
     if path in ("tma-16", "tma-host"):
         A, B = A32.detach().half().requires_grad_(), B32.detach().half().requires_grad_()
-    stored = path.endswith("-stored")
+    stored = path.endswith("-stored") or path.endswith("-views")
     if stored:
         A, B = A32.detach().t().contiguous().requires_grad_(), B32.detach().t().contiguous().requires_grad_()
     for p in (0.0, 0.25):
@@ -142,7 +145,10 @@ for path in ("triton", "cublas", "tma", "tma-16", "tma-host", "triton-stored", "
             xs3 = torch.randn(2, 5, K).half().requires_grad_()
             dys = torch.randn(2, 5, N).half()
             launcher.record, addmms[:] = [], []
-            ys = (functional.lora_linear_stored if stored else lora_linear)(xs3, w, b, A, B, 2.0, dropout_p=p)
+            if path.endswith("-views"):
+                ys = lora_linear(xs3, w, b, A.t(), B.t(), 2.0, dropout_p=p)
+            else:
+                ys = (functional.lora_linear_stored if stored else lora_linear)(xs3, w, b, A, B, 2.0, dropout_p=p)
             S_saved, seed_saved = ys.grad_fn.saved_tensors[4:6]
             fwd = launcher.record + addmms
             launcher.record, addmms[:] = [], []
@@ -167,6 +173,10 @@ for path in ("triton", "cublas", "tma", "tma-16", "tma-host", "triton-stored", "
         result[f"descriptors {path} p={p}"] = [[a[1] for _, args in t for a in args if isinstance(a, tuple)
                                                 and a[0] == "desc"] for t in trace]
         result[f"scratch {path} p={p}"] = [scratch_calls[0], fills[0]]
+        if path.endswith("-views"):   # the replayed backward allocates dA and dB in the views' strides
+            result[f"strided {path} p={p}"] = sorted(
+                line.strip().split(" = ")[1].split(".")[1].split("(")[0] for op in functional._PLANS.values()
+                for rep in op.bwd.values() for line in rep._source.splitlines() if "_strided(" in line)
 os.environ.pop("LORA_FAST_TMA_DESC")
 result["stored grads"] = stored_grads
 A, B = A32, B32
@@ -247,7 +257,8 @@ def test_launch_plans_and_devices():
     assert result["decode M=1 R=1"] == 3 and result["decode M=2 R=16"] == 3
     # planned calls: the third and fourth call of each layout replay forward and backward (4 replays or more), with
     # the launchers' launches, arguments and tensor roles exactly; five launches on every GEMM path
-    for path in ("triton", "cublas", "tma", "tma-16", "tma-host", "triton-stored", "cublas-stored", "tma-stored"):
+    for path in ("triton", "cublas", "tma", "tma-16", "tma-host", "triton-stored", "cublas-stored", "tma-stored",
+                 "triton-views"):
         for p in (0.0, 0.25):
             assert result[f"planned {path} p={p}"] == [True, True, 5], (path, p, result[f"planned {path} p={p}"])
             # host descriptors: none on the other paths; with them no scratch for the device-side ones (one per TMA
@@ -269,8 +280,12 @@ def test_launch_plans_and_devices():
                              + (["seed"] if p else []) + ["fresh"]), names
             assert descs[1] == descs[2] == descs[3] == descs[0], descs
     # lora_linear_stored: PEFT's layouts' gradients in those layouts, on the launchers' path and replayed
-    assert result["stored grads"] == {f"{path}-stored p={p}": [[True, True]] * 4 for path in ("triton", "cublas", "tma")
-                                      for p in (0.0, 0.25)}, result["stored grads"]
+    assert result["stored grads"] == {f"{path} p={p}": [[True, True]] * 4 for p in (0.0, 0.25)
+                                      for path in ("triton-stored", "cublas-stored", "tma-stored", "triton-views")}, \
+        result["stored grads"]
+    for p in (0.0, 0.25):   # dA and dB of each backward replay so far (the plans of p = 0 and, later, of 0.25)
+        strided = result[f"strided triton-views p={p}"]
+        assert len(strided) >= 2 and set(strided) == {"new_empty_strided"}, strided
     # a backward replay is keyed on the saved tensors' layout when saved-tensor hooks were active in forward
     assert result["saved-tensor hooks"] == [True, 0, True], result["saved-tensor hooks"]
     (held, used), (_, used_capturing) = result["scratch reuse"]

@@ -105,11 +105,14 @@ class _Spy:
     def __init__(self, monkeypatch):
         self.calls = 0
         for name in ("lora_linear", "lora_linear_stored"):   # the summed adapters' op, the single adapter's
-            def counted(*args, real=getattr(peft_interop, name), **kwargs):
-                self.calls += 1
-                return real(*args, **kwargs)
+            monkeypatch.setattr(peft_interop, name, self._counted(getattr(peft_interop, name)))
 
-            monkeypatch.setattr(peft_interop, name, counted)
+    def _counted(self, real):
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        return counted
 
 
 def _run(model, ids, probe):

@@ -158,3 +158,27 @@ def test_stored_factors_second_order(planned):
     (gA, ggB), (want_gA, want_ggB) = results
     assert gA.shape == lora_A.shape and ggB.shape == lora_B.shape
     assert torch.equal(gA, want_gA) and torch.equal(ggB, want_ggB)
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "dora_linear"])
+def test_transposed_factors_get_gradients_in_their_layout(planned, op):
+    # A and B as transposed views of contiguous parameters (PEFT's lora_A.weight.t(), lora_B.weight.t(): what
+    # patch_peft's DoRA and 4-bit layers pass): the kernels write dA / dB in the views' layout, so the gradients that
+    # reach the parameters after the views' backward are contiguous and autograd's accumulation keeps them (no copy)
+    from lora_fast import dora_linear
+
+    x, weight, bias, A, B = planned
+    lora_A = A.detach().t().contiguous().requires_grad_()
+    lora_B = B.detach().t().contiguous().requires_grad_()
+    magnitude = weight.norm(dim=1).detach()
+    arrived = []
+    lora_A.register_hook(lambda g: arrived.append(g.data_ptr()))
+    lora_B.register_hook(lambda g: arrived.append(g.data_ptr()))
+    for _ in range(5):   # the first call, the plan's recording calls, the launchers' path after them
+        args = (x, weight, bias, lora_A.t(), lora_B.t())
+        y = lora_linear(*args, 2.0) if op == "lora_linear" else dora_linear(*args, magnitude, 2.0)
+        y.sum().backward()
+        assert sorted(arrived) == sorted([lora_A.grad.data_ptr(), lora_B.grad.data_ptr()])
+        assert lora_A.grad.is_contiguous() and lora_B.grad.is_contiguous()
+        arrived.clear()
+        lora_A.grad = lora_B.grad = None

@@ -575,7 +575,8 @@ def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: fl
     Bg = torch.mul(B, gscale)
     grad = None
     if need_dB:
-        dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
+        # in B's layout (a transposed view of PEFT's parameter: see ops._empty_like)
+        dB = torch.empty_like(B, memory_format=torch.preserve_format)
         grad = dB if B.dtype == torch.float32 else torch.empty(B.shape, dtype=torch.float32, device=B.device)
     fused_dB = need_dB and 4 * R < _proj_block_m()   # as ops.lora_backward
     # the TMA dX GEMM's term of scale dS A^T by TMA, as lora_linear's: its rounded copy of dS (and fp32 A's copy in
@@ -603,6 +604,6 @@ def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: fl
         dx = dx_gemm(dy, dS, 0.0, **({} if term is None or term.rm is None else {"rm": (term.rm, term.rm_strides)}))
         dropout_combine(inner, keep_scale, keep, base=dx, out=dx)
     if need_dA:
-        dA = reduce_rows(x, dS, scale * keep_scale, torch.empty(A.shape, dtype=A.dtype, device=A.device),
+        dA = reduce_rows(x, dS, scale * keep_scale, torch.empty_like(A, memory_format=torch.preserve_format),
                          dropout_p=dropout_p, keep=keep)
     return dx, dA, dB, dm, dyg, dyg1

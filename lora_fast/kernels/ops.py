@@ -228,6 +228,19 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return t
 
 
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """torch.empty_like(t) (t's strides when t is dense: a gradient in its input's layout), seen by a recording
+    as ``_empty``'s buffers are. For dA / dB: a transposed view of a contiguous parameter (PEFT's lora_A.weight.t())
+    gets a gradient whose transpose is contiguous, which autograd's accumulation keeps as the parameter's .grad;
+    a contiguous gradient of such a view would be copied into the parameter's layout (one more kernel)."""
+    out = torch.empty_like(t, memory_format=torch.preserve_format)
+    if plan.RECORDING[0]:
+        rec = plan.recorder()
+        if rec is not None:
+            rec.alloc(out)
+    return out
+
+
 def _along_k(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.contiguous() if t.stride(dim) >= _K_STRIDE_LIMIT else t
 
@@ -796,7 +809,7 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
     dx = dA = dB = None
     dropout_p = philox.quantize(dropout_p)
     if need_dB:
-        dB = dB_out if dB_out is not None else _empty(B.shape, B.dtype, B.device)
+        dB = dB_out if dB_out is not None else _empty_like(B)
     # dB rides on the dS pass (five launches per step) while 4 R < PROJ_BLOCK_M (ranks up to 31 on a GPU). Above,
     # dB takes its own pass over dY (six launches): the reason is the byte count of configs.PROJ_BLOCK_M's
     # comment (the (groups, R, N) fp32 partials grow with R, a second read of dY does not) and the dS pass's
@@ -826,6 +839,6 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
                           (A.stride(1), A.stride(0)), scale * keep_scale, dropout_p=dropout_p, keep=keep,
                           out=dx_out, backward=True, term=term)
     if need_dA:
-        dA = dA_out if dA_out is not None else _empty(A.shape, A.dtype, A.device)
+        dA = dA_out if dA_out is not None else _empty_like(A)
         reduce_rows(x, dS, scale * keep_scale, dA, dropout_p=dropout_p, keep=keep)
     return dx, dA, dB

@@ -278,7 +278,7 @@ def lora_backward_4bit(dy, x, packed, A, B, S, scale, dropout_p=0.0, keep=None, 
     dy, x = ops._along_k(dy, 1), ops._along_k(x, 1)
     dx = dA = dB = None
     if need_dB:
-        dB = torch.empty(B.shape, dtype=B.dtype, device=B.device)
+        dB = torch.empty_like(B, memory_format=torch.preserve_format)   # B's layout: see ops._empty_like
     fused_dB = need_dB and 4 * R < ops._proj_block_m()   # as ops.lora_backward
     dS, _ = ops.lowrank_project(dy, B, B.stride(1), B.stride(0), R, partial_of=S if fused_dB else None,
                                 grad=dB if fused_dB else None, grad_scale=scale)
@@ -291,6 +291,6 @@ def lora_backward_4bit(dy, x, packed, A, B, S, scale, dropout_p=0.0, keep=None, 
         dx = gemm_4bit_lowrank(dy, packed, False, None, dS, A, (A.stride(1), A.stride(0)), scale * keep_scale,
                                dropout_p=dropout_p, keep=keep, tma=path == "tma")
     if need_dA:
-        dA = ops.reduce_rows(x, dS, scale * keep_scale, torch.empty(A.shape, dtype=A.dtype, device=A.device),
+        dA = ops.reduce_rows(x, dS, scale * keep_scale, torch.empty_like(A, memory_format=torch.preserve_format),
                              dropout_p=dropout_p, keep=keep)
     return dx, dA, dB

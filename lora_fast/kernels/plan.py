@@ -250,6 +250,8 @@ class Replay:
             # a tuple and two keywords, ~1.7x the host instructions (callgrind)
             fresh = f"{templates[kind]}.new_empty({', '.join(str(int(d)) for d in t.shape)})" if t.dim() else \
                 f"{templates[kind]}.new_empty(())"
+            if not t.is_contiguous():   # a gradient in its input's layout (ops._empty_like): the same strides
+                fresh = f"{templates[kind]}.new_empty_strided({tuple(t.shape)}, {t.stride()})"
             size = t.numel() * t.element_size()
             if role not in keep and size <= SCRATCH_BYTES and _scratch_held[0] + size <= SCRATCH_BUDGET:
                 _scratch_held[0] += size
