@@ -121,9 +121,11 @@ def test_the_measuring_call_times_what_later_calls_run(dtype, adapters, R, p, wi
 def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, p, bias, device, monkeypatch):
     """DoRA on the TMA GEMM (forced): its GEMMs into x's dtype read the low-rank term by TMA as lora_linear's (the S /
     dS pass's rounded copy of the term, fp32 A's and B's copies in the dot dtype: ops.term_for): the forward's
-    (x - x_d) W^T + b (scale 0) with dropout, and dX's GEMM of the scaled term; dY W with dropout (scale 0) keeps the
-    pointer loads of dS, with RM from fp32 A's copy in the dot dtype (the 16-bit configs). y and every gradient (x,
-    A, B, magnitude) are bit for bit those of the pointer-load term (kernels/dora.py's term_for returning None)."""
+    (x - x_d) W^T + b (scale 0) with dropout, dX's GEMM of the scaled term, and with dropout dY W (scale 0) from the
+    dS pass's second copy, 0 · dS rounded (ops.second_term; filled with NaN here before the pass, so a copy not
+    written shows). y and every gradient (x, A, B, magnitude) are bit for bit those of the pointer-load term
+    (kernels/dora.py's term_for returning None), and the second copy is 0 · dS in the dot dtype, signs of zero
+    included (fp16: row factors 2**-100, fp16.py's for an all-zero row)."""
     from lora_fast import dora_linear, reference
     from lora_fast.kernels import dora as dora_kernels
 
@@ -131,6 +133,25 @@ def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, 
     monkeypatch.setenv(choice.ENV, "tma")
     choice.clear()
     launches = _spy_tma_launches(monkeypatch, 32)
+    seconds, projections = [], []
+    real_second, real_project = dora_kernels.second_term, dora_kernels.lowrank_project
+
+    def second_term(term, lowrank_scale):
+        t = real_second(term, lowrank_scale)
+        if t is not None:   # None in the pointer-load run (no term)
+            t.values.fill_(float("nan"))
+            if t.factors is not None:
+                t.factors.fill_(float("nan"))
+            seconds.append(t)
+        return t
+
+    def lowrank_project(*args, **kwargs):
+        result = real_project(*args, **kwargs)
+        projections.append((kwargs.get("term2"), result[0]))
+        return result
+
+    monkeypatch.setattr(dora_kernels, "second_term", second_term)
+    monkeypatch.setattr(dora_kernels, "lowrank_project", lowrank_project)
     x, w, b, A, B = make_inputs((2, 19), 64, 40, R, dtype, device, bias=bias, adapter_dtype=adapters)
     m = (reference.dora_weight_norm(w.float(), A.float(), B.float(), 1.5)
          * (1.0 + 0.3 * torch.randn(40, device=device))).to(adapters)
@@ -147,6 +168,7 @@ def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, 
         with_term = run()
         by_tma = [t[1:] for t in launches]
         launches.clear()
+        written = [(term2, dS) for term2, dS in projections if term2 is not None]
         monkeypatch.setattr(dora_kernels, "term_for", lambda *args, **kwargs: None)
         pointer_loads = run()
     finally:
@@ -155,9 +177,15 @@ def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, 
     dx_term = (True, R > 1, False, False, dot, dot)
     if p == 0:   # the forward's GEMM writes DoRA's fp32 sum (the cp.async kernel): dX's is the one TMA GEMM
         assert by_tma == [dx_term], by_tma
-    else:        # forward (x - x_d) W^T + b; dX: the scaled term's GEMM, then dY W (scale 0, pointer loads)
-        assert by_tma == [(True, False, False, bias, dot, dot), dx_term,
-                          (False, False, False, False, torch.float32, dot)], by_tma
+    else:        # forward (x - x_d) W^T + b; dX: the scaled term's GEMM, then dY W (scale 0, its own copy)
+        assert by_tma == [(True, False, False, bias, dot, dot), dx_term, dx_term], by_tma
+    assert len(written) == len(seconds) == (1 if p > 0 else 0) and all(t is s for (t, _), s in zip(written, seconds))
+    for term2, dS in written:   # 0 · dS rounded to the dot dtype, bit for bit (signed zeros)
+        assert term2.scale == 0.0
+        bits = {2: torch.int16, 4: torch.int32}[term2.values.element_size()]
+        assert torch.equal(term2.values.view(bits), (dS * 0.0).to(term2.values.dtype).view(bits))
+        if term2.factors is not None:
+            assert torch.equal(term2.factors, torch.full_like(term2.factors, 2.0 ** -100))
     assert all(not t[1] for t in launches)
     for name, old, new in zip(("y", "dx", "dA", "dB", "dm"), pointer_loads, with_term):
         assert torch.isfinite(old).all() and torch.equal(old, new), name
@@ -167,8 +195,9 @@ def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, 
 def test_dora_measuring_call_matches_later_calls(winner, measured, monkeypatch, device):
     """DoRA with dropout and fp32 adapters on an fp16 base, its keys measured (stand-in timer): the first call times
     the TMA candidate on the term by TMA (dX's scaled-term GEMM is the one of its key that is timed), and its dY W
-    reads A's copy in the dot dtype on whichever path won (the cuBLAS path's term kernel too); y and every gradient
-    are bit for bit a later call's, which takes the resolved path without timing (and, on cuBLAS, without a copy)."""
+    reads A's copy in the dot dtype on whichever path won (the cuBLAS path's term kernel too; the TMA path also the
+    dS pass's second copy); y and every gradient are bit for bit a later call's, which takes the resolved path
+    without timing (and, on cuBLAS, without a copy)."""
     from lora_fast import dora_linear, reference
 
     _needs_hopper(device)
@@ -189,8 +218,8 @@ def test_dora_measuring_call_matches_later_calls(winner, measured, monkeypatch, 
     first = run()
     assert [name for name, _ in timed] == ["_tma_gemm", "_cublas_gemm"] * 2   # the forward's key, then dX's
     # the TMA launches, LOWRANK_TMA: the forward's (x - x_d) W^T + b timed (then run again if TMA won), dX's
-    # scaled-term GEMM timed (then run again), dY W (pointer loads of dS) on the TMA path if it won
-    assert [t[1] for t in launches] == ([True] * 4 + [False] if winner == "tma" else [True] * 2), launches
+    # scaled-term GEMM timed (then run again), dY W (the second copy of dS) on the TMA path if it won
+    assert [t[1] for t in launches] == ([True] * 5 if winner == "tma" else [True] * 2), launches
     timed.clear()
     second = run()
     assert timed == []
