@@ -113,12 +113,12 @@ def test_the_measuring_call_times_what_later_calls_run(dtype, adapters, R, p, wi
         assert torch.isfinite(old).all() and torch.equal(old, new), name
 
 
-@pytest.mark.parametrize("dtype,adapters,R,p,bias", [
-    (torch.bfloat16, torch.float32, 5, 0.0, True),    # PEFT's default: fp32 adapters (A's rows of 20 bytes: a copy)
-    (torch.float16, torch.float32, 3, 0.3, True),     # dropout: the forward's (x - x_d) W^T + b and dX's two GEMMs
-    (torch.bfloat16, torch.float32, 7, 0.3, False),
-    (torch.float16, torch.float16, 8, 0.0, False)], ids=str)   # adapters in the dot dtype, A's rows 16 bytes
-def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, p, bias, device, monkeypatch):
+@pytest.mark.parametrize("dtype,adapters,R,p,bias,N", [
+    (torch.bfloat16, torch.float32, 5, 0.0, True, 40),    # PEFT's default: fp32 adapters (A's rows of 20 bytes: a copy)
+    (torch.float16, torch.float32, 3, 0.3, True, 40),     # dropout: the forward's (x - x_d) W^T + b, dX's two GEMMs
+    (torch.bfloat16, torch.float32, 7, 0.3, False, 24),   # N <= 32: the dS pass unsplit (its copies in the row block)
+    (torch.float16, torch.float16, 8, 0.0, False, 40)], ids=str)   # adapters in the dot dtype, A's rows 16 bytes
+def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, p, bias, N, device, monkeypatch):
     """DoRA on the TMA GEMM (forced): its GEMMs into x's dtype read the low-rank term by TMA as lora_linear's (the S /
     dS pass's rounded copy of the term, fp32 A's and B's copies in the dot dtype: ops.term_for): the forward's
     (x - x_d) W^T + b (scale 0) with dropout, dX's GEMM of the scaled term, and with dropout dY W (scale 0) from the
@@ -152,10 +152,10 @@ def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, 
 
     monkeypatch.setattr(dora_kernels, "second_term", second_term)
     monkeypatch.setattr(dora_kernels, "lowrank_project", lowrank_project)
-    x, w, b, A, B = make_inputs((2, 19), 64, 40, R, dtype, device, bias=bias, adapter_dtype=adapters)
+    x, w, b, A, B = make_inputs((2, 19), 64, N, R, dtype, device, bias=bias, adapter_dtype=adapters)
     m = (reference.dora_weight_norm(w.float(), A.float(), B.float(), 1.5)
-         * (1.0 + 0.3 * torch.randn(40, device=device))).to(adapters)
-    dy = torch.randn(2, 19, 40, device=device).to(dtype)
+         * (1.0 + 0.3 * torch.randn(N, device=device))).to(adapters)
+    dy = torch.randn(2, 19, N, device=device).to(dtype)
 
     def run():
         torch.manual_seed(5)   # the same dropout seed in both runs
@@ -224,4 +224,58 @@ def test_dora_measuring_call_matches_later_calls(winner, measured, monkeypatch, 
     second = run()
     assert timed == []
     for name, old, new in zip(("y", "dx", "dA", "dB", "dm"), first, second):
+        assert torch.isfinite(old).all() and torch.equal(old, new), name
+
+
+@pytest.mark.parametrize("on_disk", ["cublas", "tma", None], ids=str)
+def test_term_for_reads_the_disk_cache_of_choices(on_disk, measured, monkeypatch, device):
+    """The first call of a key in a process (nothing in memory) with its path already on disk (another process's
+    measurement): term_for takes that path from the disk cache (choice.GemmChoice.known) and nothing is timed; on
+    "cublas" the S and dS passes write no Term (no copy for nothing), on "tma" they write it and both GEMMs read the
+    term by TMA. A key on no disk is measured as before, its TMA candidate on the Term (cuBLAS wins here). y, dx,
+    dA, dB are bit for bit those of the same call with the taken path forced (LORA_FAST_GEMM)."""
+    _needs_hopper(device)
+    ms, timed = measured
+    ms.update(_tma_gemm=3.0, _cublas_gemm=2.0)
+    launches = _spy_tma_launches(monkeypatch, 32)
+    terms = []   # whether each S / dS pass writes the Term
+    real_project = ops.lowrank_project
+
+    def lowrank_project(*args, **kwargs):
+        terms.append(kwargs.get("term") is not None)
+        return real_project(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "lowrank_project", lowrank_project)
+    R, p = 5, 0.25
+    x, w, b, A, B = make_inputs((2, 19), 64, 40, R, torch.bfloat16, device, adapter_dtype=torch.float32)
+    dy = torch.randn(2, 19, 40, device=device).to(torch.bfloat16)
+    keys = [ops._gemm_key(torch.empty(38, 64, dtype=torch.bfloat16, device=device), 40, R, False, False),
+            ops._gemm_key(torch.empty(38, 40, dtype=torch.bfloat16, device=device), 64, R, True, True)]
+    disk = choice.SharedTable(choice.GEMM._file("stand-in GPU"))   # another process's
+    if on_disk is not None:
+        for key in keys:
+            disk.add(repr(key[1:]), on_disk)
+
+    def step():
+        torch.manual_seed(7)
+        leaves = [t.detach().requires_grad_() for t in (x, A, B)]
+        y = lora_linear(leaves[0], w, b, leaves[1], leaves[2], 1.5, dropout_p=p)
+        y.backward(dy)
+        return [y] + [t.grad for t in leaves]
+
+    got = step()
+    taken = on_disk or "cublas"
+    if on_disk is None:   # measured: each key's TMA candidate timed on the Term, then cuBLAS (the winner) runs
+        assert [name for name, _ in timed] == ["_tma_gemm", "_cublas_gemm"] * 2
+        assert [t[1] for t in launches] == [True, True]
+    else:
+        assert timed == []
+        assert [t[1] for t in launches] == ([True, True] if on_disk == "tma" else [])
+    assert terms == [taken == "tma" or on_disk is None] * 2
+    assert [choice.GEMM.get(k) for k in keys] == [taken] * 2
+    assert [choice.SharedTable(disk.path).get(repr(k[1:])) for k in keys] == [taken] * 2
+    monkeypatch.setenv(choice.ENV, taken)
+    choice.clear()
+    forced = step()
+    for name, old, new in zip(("y", "dx", "dA", "dB"), forced, got):
         assert torch.isfinite(old).all() and torch.equal(old, new), name
