@@ -143,8 +143,9 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
         return [dict(HAS_BIAS=False, HAS_DROPOUT=False), dict(HAS_BIAS=False, HAS_DROPOUT=True)]
     # the TMA GEMM: LOWRANK_TMA, the low-rank term's operands by TMA (the S pass's rounded copy of S or dS, B or
     # A's rows), what ops.lora_forward / lora_backward and DoRA's GEMMs into x's dtype launch on the TMA path (the
-    # first, measuring call of a key included); without it (lora_forward's zero_rows, DoRA's dY W of scale 0 with
-    # dropout) by pointer loads
+    # first, measuring call of a key included; DoRA's dY W of scale 0 with dropout from the dS pass's second copy);
+    # without it (lora_forward / lora_backward's zero_rows, 16-bit adapters whose rows are not 16-byte multiples)
+    # by pointer loads
     # RM_FP32 (not a kernel flag: RM's pointer type): fp32 adapters by pointer loads (those callers); with the S /
     # dS pass's copy of RM (COPY_RM) fp32 adapters launch the LOWRANK_TMA rows
     # HOST_DESC (LORA_FAST_TMA_DESC=host, kernels/descriptors.py): the same launches with host-side descriptors; before
@@ -157,7 +158,7 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
                 dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=True, HOST_DESC=True),
                 dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=True)]
     if kernel == "dx_gemm_tma":    # Q = W as stored; RM = A^T read from A's (K, R) rows (RM_ROWS_N)
-        # the first: DoRA's dY W with dropout (scale 0: dS by pointer loads, RM from fp32 A's copy in the dot dtype)
+        # the first: the pointer-load term with 16-bit RM (zero_rows; 16-bit A whose rows are not 16-byte multiples)
         return [dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=False, LOWRANK_TMA=False),
                 dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True, LOWRANK_TMA=False),
                 dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=False, LOWRANK_TMA=False, RM_FP32=True),

@@ -45,6 +45,18 @@ def _store_term(TERM_ptr, F_ptr, s, offs_m, mask_m, offs_r, mask_r, stride_tm, t
 
 
 @triton.jit
+def _store_term_again(out, TERM_ptr, F_ptr, offs_m, mask_m, offs_r, mask_r, stride_tm, term_scale,
+                      DOT_DTYPE: tl.constexpr):
+    """``_store_term`` of the fp32 OUT block at pointers ``out`` (BLOCK_M, BLOCK_R) that this program has stored, read
+    back after a barrier (every thread's stores seen; the same bits, OUT being fp32): the second copy (WRITE_TERM2),
+    kept apart from the first, which would otherwise be live at once (fp16 at rank 64 spilled 16 B with both made
+    from one block in registers: compile report, sm_90, 4 warps, triton 3.9)."""
+    tl.debug_barrier()
+    s = tl.load(out, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    _store_term(TERM_ptr, F_ptr, s, offs_m, mask_m, offs_r, mask_r, stride_tm, term_scale, DOT_DTYPE)
+
+
+@triton.jit
 def _copy_rm(SRC_ptr, DST_ptr, chunk, N, R, stride_sr, stride_sn, stride_dr, stride_dn, BLOCK_R: tl.constexpr,
              COPY_N: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """Columns chunk * COPY_N .. + COPY_N of the TMA GEMM's copy of RM (R, N): fp32 RM (B, or A's rows as A^T) cast to
@@ -136,10 +148,11 @@ def _proj_row_block(
     acc = acc * out_scale
     tl.store(out, acc.to(OUT_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
     if WRITE_TERM:
-        s = acc.to(OUT_ptr.dtype.element_ty).to(tl.float32)
-        _store_term(TERM_ptr, F_ptr, s, offs_m, mask_m, offs_r, mask_r, stride_tm, term_scale, DOT_DTYPE)
+        _store_term(TERM_ptr, F_ptr, acc.to(OUT_ptr.dtype.element_ty).to(tl.float32), offs_m, mask_m, offs_r, mask_r,
+                    stride_tm, term_scale, DOT_DTYPE)
         if WRITE_TERM2:
-            _store_term(TERM2_ptr, F2_ptr, s, offs_m, mask_m, offs_r, mask_r, stride_tm, term2_scale, DOT_DTYPE)
+            _store_term_again(out, TERM2_ptr, F2_ptr, offs_m, mask_m, offs_r, mask_r, stride_tm, term2_scale,
+                              DOT_DTYPE)
 
 
 @triton.jit
@@ -173,11 +186,15 @@ def _finish_rows(SPLIT_ptr, OUT_ptr, TERM_ptr, F_ptr, TERM2_ptr, F2_ptr, row_sta
         tl.store(OUT_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_r[None, :] * stride_or,
                  acc.to(OUT_ptr.dtype.element_ty), mask=mask)
         if WRITE_TERM:
-            s = acc.to(OUT_ptr.dtype.element_ty).to(tl.float32)
-            _store_term(TERM_ptr, F_ptr, s, offs_m, offs_m < row_end, offs_r, mask_r, stride_tm, term_scale, DOT_DTYPE)
-            if WRITE_TERM2:
-                _store_term(TERM2_ptr, F2_ptr, s, offs_m, offs_m < row_end, offs_r, mask_r, stride_tm, term2_scale,
-                            DOT_DTYPE)
+            _store_term(TERM_ptr, F_ptr, acc.to(OUT_ptr.dtype.element_ty).to(tl.float32), offs_m, offs_m < row_end,
+                        offs_r, mask_r, stride_tm, term_scale, DOT_DTYPE)
+    if WRITE_TERM and WRITE_TERM2:
+        # a second pass over the rows this program finished (``_store_term_again``)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            _store_term_again(OUT_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_r[None, :] * stride_or,
+                              TERM2_ptr, F2_ptr, offs_m, offs_m < row_end, offs_r, mask_r, stride_tm, term2_scale,
+                              DOT_DTYPE)
 
 
 @triton.jit
