@@ -329,7 +329,8 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
     by TMA (gemm_tma.py): term.scale * OUT rounded to the dot dtype as the GEMM rounds it; with ``term.rm`` (fp32
     adapters) also RM's copy, term.rm_from cast to the dot dtype, by extra programs of the same launch.
     ``term2`` (with ``term``; ``second_term``): a second copy of OUT for another GEMM of the same term, term2.scale *
-    OUT rounded the same way (RM's copy, if any, is term's: written once).
+    OUT rounded the same way (RM's copy, if any, is term's: written once). Raises ValueError when term2's rows are
+    not term's row stride apart (the launch passes one stride for both).
     """
     M, K = P.shape
     device = P.device
