@@ -143,8 +143,9 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
         return [dict(HAS_BIAS=False, HAS_DROPOUT=False), dict(HAS_BIAS=False, HAS_DROPOUT=True)]
     # the TMA GEMM: LOWRANK_TMA, the low-rank term's operands by TMA (the S pass's rounded copy of S or dS, B or
     # A's rows), what ops.lora_forward / lora_backward and DoRA's GEMMs into x's dtype launch on the TMA path (the
-    # first, measuring call of a key included); without it (lora_forward's zero_rows, DoRA's dY W of scale 0 with
-    # dropout) by pointer loads
+    # first, measuring call of a key included; DoRA's dY W of scale 0 with dropout from the dS pass's second copy);
+    # without it (lora_forward / lora_backward's zero_rows, 16-bit adapters whose rows are not 16-byte multiples)
+    # by pointer loads
     # RM_FP32 (not a kernel flag: RM's pointer type): fp32 adapters by pointer loads (those callers); with the S /
     # dS pass's copy of RM (COPY_RM) fp32 adapters launch the LOWRANK_TMA rows
     # HOST_DESC (LORA_FAST_TMA_DESC=host, kernels/descriptors.py): the same launches with host-side descriptors; before
@@ -157,7 +158,7 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
                 dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=True, HOST_DESC=True),
                 dict(Q_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, LOWRANK_TMA=True)]
     if kernel == "dx_gemm_tma":    # Q = W as stored; RM = A^T read from A's (K, R) rows (RM_ROWS_N)
-        # the first: DoRA's dY W with dropout (scale 0: dS by pointer loads, RM from fp32 A's copy in the dot dtype)
+        # the first: the pointer-load term with 16-bit RM (zero_rows; 16-bit A whose rows are not 16-byte multiples)
         return [dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=False, LOWRANK_TMA=False),
                 dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=True, LOWRANK_TMA=False),
                 dict(Q_TRANSPOSED=False, HAS_BIAS=False, HAS_DROPOUT=False, LOWRANK_TMA=False, RM_FP32=True),
@@ -178,7 +179,8 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
     # takes the fp16 range guard (a power-of-two factor per rank column) before its cast; not for fp32 inputs
     # WRITE_MASK (the 16-bit op's S pass stores the keep-mask's bits; DoRA's and the 4-bit op's do not: a subset)
     # WRITE_TERM (the 16-bit op's S and dS passes on the TMA GEMM's path: the term's rounded copy, gemm_tma.py), with
-    # COPY_RM for fp32 adapters (then the programs past the row groups also cast B or A's rows to the dot dtype)
+    # COPY_RM for fp32 adapters (then the programs past the row groups also cast B or A's rows to the dot dtype);
+    # WRITE_TERM2 (DoRA's dS pass with dropout, Q = B ⊙ g fp32: a second copy, of scale 0, for its dY W GEMM)
     if kernel == "xa_proj":
         return [dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=False, SPLIT_K=False),
                 dict(HAS_DROPOUT=True, WRITE_MASK=True, WRITE_PARTIAL=False, SPLIT_K=True),
@@ -192,7 +194,9 @@ def _variants(kernel: str, rank: int, configs_mod) -> list:
                 dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True, WRITE_TERM=True),
                 dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True, Q_FP32=True),
                 dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True, Q_FP32=True,
-                     WRITE_TERM=True, COPY_RM=True)]
+                     WRITE_TERM=True, COPY_RM=True),
+                dict(HAS_DROPOUT=False, WRITE_MASK=False, WRITE_PARTIAL=partials, SPLIT_K=True, Q_FP32=True,
+                     WRITE_TERM=True, COPY_RM=True, WRITE_TERM2=True)]
     if kernel == "da_reduce":   # with dropout every op (LoRA, DoRA, 4-bit) reads the forward's bits
         return [dict(HAS_DROPOUT=False, SPLIT_M=True), dict(HAS_DROPOUT=True, SPLIT_M=True)]
     if kernel in ("grad_finish", "dora_norm"):
@@ -251,7 +255,7 @@ def _variant_label(flags: dict) -> str:
              "WRITE_G1": "g-1", "NESTED": "nested", "WRITE_V": "V", "Q_FP32": "fp32-Q", "ABSMAX_BOX": "absmax-tma",
              "WRITE_MASK": "bits", "SORTED": "sorted", "MULTI_FWD": "fwd", "LOWRANK_TMA": "term-tma",
              "WRITE_TERM": "term", "MASK_TMA": "bits-tma", "RM_FP32": "fp32-RM", "COPY_RM": "rm-copy",
-             "HOST_DESC": "host-desc"}
+             "WRITE_TERM2": "term2", "HOST_DESC": "host-desc"}
     label = "+".join(names[k] for k, v in flags.items() if v and k in names) or "-"
     return label + ("/any-shape" if flags.get("ALIGNED") is False else "")
 
@@ -462,6 +466,9 @@ def launch_args(job: Job) -> tuple:
         # fp32 row factors (fp16), with WRITE_TERM; else the output (ops.py)
         meta.setdefault("WRITE_TERM", False)
         term = meta["WRITE_TERM"]
+        # TERM2, F2: the second copy (WRITE_TERM2), the same layout as TERM's; else the output (ops.py)
+        meta.setdefault("WRITE_TERM2", False)
+        term2 = meta["WRITE_TERM2"]
         # COPY_RM: RMS = B (R, N) fp32 (forward) or A's (K, R) fp32 rows (dS pass), RMC its copy in x's dtype with
         # rows padded to 16 bytes; else both the output (ops.py)
         meta.setdefault("COPY_RM", False)
@@ -476,12 +483,14 @@ def launch_args(job: Job) -> tuple:
                     PARTIAL_ptr=_Ptr("fp32"), SEED_ptr=_Ptr("i64" if dropout else "fp32"), SPLIT_ptr=_Ptr("fp32"),
                     GRAD_ptr=_Ptr(adapters), COUNTER_ptr=_Ptr("i32"), MASK_ptr=_Ptr("u8" if write_mask else "fp32"),
                     TERM_ptr=_Ptr(x if term else "fp32"), F_ptr=_Ptr("fp32"),
+                    TERM2_ptr=_Ptr(x if term2 else "fp32"), F2_ptr=_Ptr("fp32"),
                     RMS_ptr=_Ptr("fp32"), RMC_ptr=_Ptr(x if copy else "fp32"), N_RM=N if copy else 0,
                     **copy_strides, COPY_N=max(16, cfg.COPY_RM_ELEMENTS // cfg.block_r(R)) if copy else 0,
                     M=M, K=K, R=R, M_BUCKET=M, ROWS_PER_PROGRAM=2 * cfg.PROJ_BLOCK_M, K_PER_SPLIT=K // 4, **strides,
                     stride_om=R, stride_or=1, stride_lm=R, stride_lr=1, stride_gr=K, stride_gk=1,
                     stride_mask=K // 8 if write_mask else 0, stride_tm=-(-R // 8) * 8 if term else 0,
-                    out_scale=1.0 / 0.9, grad_scale=0.5, dropout_p=0.1, term_scale=0.5, BLOCK_M=cfg.PROJ_BLOCK_M)
+                    out_scale=1.0 / 0.9, grad_scale=0.5, dropout_p=0.1, term_scale=0.5, term2_scale=0.0,
+                    BLOCK_M=cfg.PROJ_BLOCK_M)
         return lowrank_proj_kernel, dict(args, **common, **meta)
     if job.kernel == "da_reduce":
         # P = x (M, K), L = dS (M, R) fp32; ROWS_PER_SPLIT is a multiple of REDUCE_BLOCK_M

@@ -183,6 +183,46 @@ def test_choice_measures_once_remembers_and_persists(tmp_path, monkeypatch):
     assert timer3.calls == ["triton", "cublas"] and len(list(tmp_path.glob("*.json"))) == 2
 
 
+def test_known_takes_what_resolve_would_without_timing(tmp_path, monkeypatch):
+    """GemmChoice.known (ops.term_for's lookup before a key's first call): the path a rank published in the job's
+    store (a stand-in store here), else the disk entry when it names one of the candidates, else None; it times
+    nothing and leaves memory, files and store as they were, and resolve then returns the same path untimed."""
+    import torch.distributed as dist
+
+    from lora_fast.kernels import cache
+
+    monkeypatch.setenv("LORA_FAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(choice.ENV, raising=False)
+    store = dist.HashStore()
+    monkeypatch.setattr(cache, "_job_store", lambda: store)
+    timer = _Timer({"tma": 1.0, "cublas": 0.5, "triton": 0.1})
+    gemm = choice.GemmChoice(timer, versions="v1")
+    keys = [("cuda:0", "bf16", 64, 40, 64 + i, 5, False, False) for i in range(4)]
+    other = choice.SharedTable(gemm._file("gpu"))   # another process's writes
+    for key, path in zip(keys, ("cublas", "triton", "cublas", "cublas")):
+        other.add(repr(key[1:]), path)
+    name = os.path.basename(gemm._file("gpu"))
+    store.set(f"lora_fast/{name}/{keys[2][1:]!r}", "tma")     # a rank's choice wins over this node's disk
+    store.set(f"lora_fast/{name}/{keys[3][1:]!r}", "bogus")   # not a path: ignored
+    fresh = ("cuda:0", "bf16", 64, 40, 99, 5, False, False)
+    on_disk = tmp_path.joinpath(name).read_text()
+    candidates = ("tma", "cublas")
+    assert [gemm.known(k, "gpu", candidates) for k in keys + [fresh]] == ["cublas", None, "tma", "cublas", None]
+    assert gemm.known(keys[1], lambda: "gpu", ("triton", "cublas")) == "triton"
+    assert timer.calls == [] and all(gemm.get(k) is None for k in keys + [fresh])
+    assert tmp_path.joinpath(name).read_text() == on_disk and not store.check([f"lora_fast/{name}/{fresh[1:]!r}"])
+
+    def path(p):
+        def run():
+            pass
+        run.__name__ = p
+        return run
+    calls = {p: path(p) for p in candidates}
+    assert [gemm.resolve(k, "gpu", calls) for k in (keys[0], keys[2], keys[3])] == ["cublas", "tma", "cublas"]
+    assert timer.calls == []
+    assert gemm.resolve(keys[1], "gpu", calls) == "cublas" and timer.calls == ["tma", "cublas"]   # re-timed
+
+
 def test_choice_obeys_the_environment_and_survives_a_bad_file(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_FAST_CACHE_DIR", str(tmp_path))
     timer = _Timer({"triton": 1.0, "cublas": 0.5})

@@ -113,17 +113,19 @@ def test_the_measuring_call_times_what_later_calls_run(dtype, adapters, R, p, wi
         assert torch.isfinite(old).all() and torch.equal(old, new), name
 
 
-@pytest.mark.parametrize("dtype,adapters,R,p,bias", [
-    (torch.bfloat16, torch.float32, 5, 0.0, True),    # PEFT's default: fp32 adapters (A's rows of 20 bytes: a copy)
-    (torch.float16, torch.float32, 3, 0.3, True),     # dropout: the forward's (x - x_d) W^T + b and dX's two GEMMs
-    (torch.bfloat16, torch.float32, 7, 0.3, False),
-    (torch.float16, torch.float16, 8, 0.0, False)], ids=str)   # adapters in the dot dtype, A's rows 16 bytes
-def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, p, bias, device, monkeypatch):
+@pytest.mark.parametrize("dtype,adapters,R,p,bias,N", [
+    (torch.bfloat16, torch.float32, 5, 0.0, True, 40),    # PEFT's default: fp32 adapters (A's rows of 20 bytes: a copy)
+    (torch.float16, torch.float32, 3, 0.3, True, 40),     # dropout: the forward's (x - x_d) W^T + b, dX's two GEMMs
+    (torch.bfloat16, torch.float32, 7, 0.3, False, 24),   # N <= 32: the dS pass unsplit (its copies in the row block)
+    (torch.float16, torch.float16, 8, 0.0, False, 40)], ids=str)   # adapters in the dot dtype, A's rows 16 bytes
+def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, p, bias, N, device, monkeypatch):
     """DoRA on the TMA GEMM (forced): its GEMMs into x's dtype read the low-rank term by TMA as lora_linear's (the S /
     dS pass's rounded copy of the term, fp32 A's and B's copies in the dot dtype: ops.term_for): the forward's
-    (x - x_d) W^T + b (scale 0) with dropout, and dX's GEMM of the scaled term; dY W with dropout (scale 0) keeps the
-    pointer loads of dS, with RM from fp32 A's copy in the dot dtype (the 16-bit configs). y and every gradient (x,
-    A, B, magnitude) are bit for bit those of the pointer-load term (kernels/dora.py's term_for returning None)."""
+    (x - x_d) W^T + b (scale 0) with dropout, dX's GEMM of the scaled term, and with dropout dY W (scale 0) from the
+    dS pass's second copy, 0 · dS rounded (ops.second_term; filled with NaN here before the pass, so a copy not
+    written shows). y and every gradient (x, A, B, magnitude) are bit for bit those of the pointer-load term
+    (kernels/dora.py's term_for returning None), and the second copy is 0 · dS in the dot dtype, signs of zero
+    included (fp16: row factors 2**-100, fp16.py's for an all-zero row)."""
     from lora_fast import dora_linear, reference
     from lora_fast.kernels import dora as dora_kernels
 
@@ -131,10 +133,29 @@ def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, 
     monkeypatch.setenv(choice.ENV, "tma")
     choice.clear()
     launches = _spy_tma_launches(monkeypatch, 32)
-    x, w, b, A, B = make_inputs((2, 19), 64, 40, R, dtype, device, bias=bias, adapter_dtype=adapters)
+    seconds, projections = [], []
+    real_second, real_project = dora_kernels.second_term, dora_kernels.lowrank_project
+
+    def second_term(term, lowrank_scale):
+        t = real_second(term, lowrank_scale)
+        if t is not None:   # None in the pointer-load run (no term)
+            t.values.fill_(float("nan"))
+            if t.factors is not None:
+                t.factors.fill_(float("nan"))
+            seconds.append(t)
+        return t
+
+    def lowrank_project(*args, **kwargs):
+        result = real_project(*args, **kwargs)
+        projections.append((kwargs.get("term2"), result[0]))
+        return result
+
+    monkeypatch.setattr(dora_kernels, "second_term", second_term)
+    monkeypatch.setattr(dora_kernels, "lowrank_project", lowrank_project)
+    x, w, b, A, B = make_inputs((2, 19), 64, N, R, dtype, device, bias=bias, adapter_dtype=adapters)
     m = (reference.dora_weight_norm(w.float(), A.float(), B.float(), 1.5)
-         * (1.0 + 0.3 * torch.randn(40, device=device))).to(adapters)
-    dy = torch.randn(2, 19, 40, device=device).to(dtype)
+         * (1.0 + 0.3 * torch.randn(N, device=device))).to(adapters)
+    dy = torch.randn(2, 19, N, device=device).to(dtype)
 
     def run():
         torch.manual_seed(5)   # the same dropout seed in both runs
@@ -147,6 +168,7 @@ def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, 
         with_term = run()
         by_tma = [t[1:] for t in launches]
         launches.clear()
+        written = [(term2, dS) for term2, dS in projections if term2 is not None]
         monkeypatch.setattr(dora_kernels, "term_for", lambda *args, **kwargs: None)
         pointer_loads = run()
     finally:
@@ -155,9 +177,15 @@ def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, 
     dx_term = (True, R > 1, False, False, dot, dot)
     if p == 0:   # the forward's GEMM writes DoRA's fp32 sum (the cp.async kernel): dX's is the one TMA GEMM
         assert by_tma == [dx_term], by_tma
-    else:        # forward (x - x_d) W^T + b; dX: the scaled term's GEMM, then dY W (scale 0, pointer loads)
-        assert by_tma == [(True, False, False, bias, dot, dot), dx_term,
-                          (False, False, False, False, torch.float32, dot)], by_tma
+    else:        # forward (x - x_d) W^T + b; dX: the scaled term's GEMM, then dY W (scale 0, its own copy)
+        assert by_tma == [(True, False, False, bias, dot, dot), dx_term, dx_term], by_tma
+    assert len(written) == len(seconds) == (1 if p > 0 else 0) and all(t is s for (t, _), s in zip(written, seconds))
+    for term2, dS in written:   # 0 · dS rounded to the dot dtype, bit for bit (signed zeros)
+        assert term2.scale == 0.0
+        bits = {2: torch.int16, 4: torch.int32}[term2.values.element_size()]
+        assert torch.equal(term2.values.view(bits), (dS * 0.0).to(term2.values.dtype).view(bits))
+        if term2.factors is not None:
+            assert torch.equal(term2.factors, torch.full_like(term2.factors, 2.0 ** -100))
     assert all(not t[1] for t in launches)
     for name, old, new in zip(("y", "dx", "dA", "dB", "dm"), pointer_loads, with_term):
         assert torch.isfinite(old).all() and torch.equal(old, new), name
@@ -167,8 +195,9 @@ def test_dora_gemms_take_the_term_by_tma_and_change_nothing(dtype, adapters, R, 
 def test_dora_measuring_call_matches_later_calls(winner, measured, monkeypatch, device):
     """DoRA with dropout and fp32 adapters on an fp16 base, its keys measured (stand-in timer): the first call times
     the TMA candidate on the term by TMA (dX's scaled-term GEMM is the one of its key that is timed), and its dY W
-    reads A's copy in the dot dtype on whichever path won (the cuBLAS path's term kernel too); y and every gradient
-    are bit for bit a later call's, which takes the resolved path without timing (and, on cuBLAS, without a copy)."""
+    reads A's copy in the dot dtype on whichever path won (the cuBLAS path's term kernel too; the TMA path also the
+    dS pass's second copy); y and every gradient are bit for bit a later call's, which takes the resolved path
+    without timing (and, on cuBLAS, without a copy)."""
     from lora_fast import dora_linear, reference
 
     _needs_hopper(device)
@@ -189,10 +218,64 @@ def test_dora_measuring_call_matches_later_calls(winner, measured, monkeypatch, 
     first = run()
     assert [name for name, _ in timed] == ["_tma_gemm", "_cublas_gemm"] * 2   # the forward's key, then dX's
     # the TMA launches, LOWRANK_TMA: the forward's (x - x_d) W^T + b timed (then run again if TMA won), dX's
-    # scaled-term GEMM timed (then run again), dY W (pointer loads of dS) on the TMA path if it won
-    assert [t[1] for t in launches] == ([True] * 4 + [False] if winner == "tma" else [True] * 2), launches
+    # scaled-term GEMM timed (then run again), dY W (the second copy of dS) on the TMA path if it won
+    assert [t[1] for t in launches] == ([True] * 5 if winner == "tma" else [True] * 2), launches
     timed.clear()
     second = run()
     assert timed == []
     for name, old, new in zip(("y", "dx", "dA", "dB", "dm"), first, second):
+        assert torch.isfinite(old).all() and torch.equal(old, new), name
+
+
+@pytest.mark.parametrize("on_disk", ["cublas", "tma", None], ids=str)
+def test_term_for_reads_the_disk_cache_of_choices(on_disk, measured, monkeypatch, device):
+    """The first call of a key in a process (nothing in memory) with its path already on disk (another process's
+    measurement): term_for takes that path from the disk cache (choice.GemmChoice.known) and nothing is timed; on
+    "cublas" the S and dS passes write no Term (no copy for nothing), on "tma" they write it and both GEMMs read the
+    term by TMA. A key on no disk is measured as before, its TMA candidate on the Term (cuBLAS wins here). y, dx,
+    dA, dB are bit for bit those of the same call with the taken path forced (LORA_FAST_GEMM)."""
+    _needs_hopper(device)
+    ms, timed = measured
+    ms.update(_tma_gemm=3.0, _cublas_gemm=2.0)
+    launches = _spy_tma_launches(monkeypatch, 32)
+    terms = []   # whether each S / dS pass writes the Term
+    real_project = ops.lowrank_project
+
+    def lowrank_project(*args, **kwargs):
+        terms.append(kwargs.get("term") is not None)
+        return real_project(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "lowrank_project", lowrank_project)
+    R, p = 5, 0.25
+    x, w, b, A, B = make_inputs((2, 19), 64, 40, R, torch.bfloat16, device, adapter_dtype=torch.float32)
+    dy = torch.randn(2, 19, 40, device=device).to(torch.bfloat16)
+    keys = [ops._gemm_key(torch.empty(38, 64, dtype=torch.bfloat16, device=device), 40, R, False, False),
+            ops._gemm_key(torch.empty(38, 40, dtype=torch.bfloat16, device=device), 64, R, True, True)]
+    disk = choice.SharedTable(choice.GEMM._file("stand-in GPU"))   # another process's
+    if on_disk is not None:
+        for key in keys:
+            disk.add(repr(key[1:]), on_disk)
+
+    def step():
+        torch.manual_seed(7)
+        leaves = [t.detach().requires_grad_() for t in (x, A, B)]
+        y = lora_linear(leaves[0], w, b, leaves[1], leaves[2], 1.5, dropout_p=p)
+        y.backward(dy)
+        return [y] + [t.grad for t in leaves]
+
+    got = step()
+    taken = on_disk or "cublas"
+    if on_disk is None:   # measured: each key's TMA candidate timed on the Term, then cuBLAS (the winner) runs
+        assert [name for name, _ in timed] == ["_tma_gemm", "_cublas_gemm"] * 2
+        assert [t[1] for t in launches] == [True, True]
+    else:
+        assert timed == []
+        assert [t[1] for t in launches] == ([True, True] if on_disk == "tma" else [])
+    assert terms == [taken == "tma" or on_disk is None] * 2
+    assert [choice.GEMM.get(k) for k in keys] == [taken] * 2
+    assert [choice.SharedTable(disk.path).get(repr(k[1:])) for k in keys] == [taken] * 2
+    monkeypatch.setenv(choice.ENV, taken)
+    choice.clear()
+    forced = step()
+    for name, old, new in zip(("y", "dx", "dA", "dB"), forced, got):
         assert torch.isfinite(old).all() and torch.equal(old, new), name

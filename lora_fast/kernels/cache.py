@@ -217,6 +217,23 @@ def _job_store():
         return None
 
 
+def published(name: str, valid: Callable[[str], bool] = lambda v: True) -> Optional[str]:
+    """The value of ``name`` a rank published in the job's store (what ``agree`` takes without deciding) when
+    ``valid`` accepts it; None outside ``torch.distributed``, before anyone published, or when the store fails.
+    Reads only."""
+    store = _job_store()
+    if store is None:
+        return None
+    key = "lora_fast/" + name
+    try:
+        if store.check([key]):
+            value = store.get(key).decode("utf-8")
+            return value if valid(value) else None
+    except Exception:   # a store that lost its server: agree() warns when the key is resolved
+        return None
+    return None
+
+
 def agree(name: str, decide: Callable[[], str], valid: Callable[[str], bool] = lambda v: True) -> str:
     """One value per job for ``name``: outside ``torch.distributed`` (or before its init) ``decide()``; inside,
     the value the first rank to get here published in the job's store (``compare_set``: atomic, first writer

@@ -43,7 +43,15 @@ x's dtype, qlora._measured_path). ``lora_fast.warmup`` does all of it before tra
 import os
 from typing import Callable, Dict, Iterable, Optional
 
-from .cache import MAX_FILE_BYTES, SharedTable, _slug, _versions, agree, cache_dir  # noqa: F401 (cache_dir, MAX_*)
+from .cache import (  # noqa: F401 (cache_dir, MAX_*)
+    MAX_FILE_BYTES,
+    SharedTable,
+    _slug,
+    _versions,
+    agree,
+    cache_dir,
+    published,
+)
 
 PATHS = ("triton", "cublas", "tma")
 # opt-in paths: taken only when LORA_FAST_GEMM names them, never timed by the automatic choice. "ws": the
@@ -181,6 +189,20 @@ class GemmChoice:
                 table.add(text, path)
         self._memory[key] = path or self.default
         return self._memory[key]
+
+    def known(self, key: tuple, device_name, candidates: Iterable[str]) -> Optional[str]:
+        """The path ``resolve(key, device_name, {c: ... for c in candidates})`` takes from elsewhere, without timing:
+        what a rank published in the job's store (any valid path), else the disk cache's entry when it names one of
+        ``candidates``; None where resolve would time them. Reads only: what resolve returns, the files and the
+        store stay as they were (ops.term_for's lookup before a key's first call; memory and forcing are the
+        caller's ``get`` and ``forced``)."""
+        table = self.table(device_name() if callable(device_name) else device_name)
+        text = repr(tuple(key[1:]))
+        path = published(f"{os.path.basename(table.path)}/{text}", lambda v: v in self.paths)
+        if path is not None:
+            return path
+        path = table.get(text)
+        return path if path in tuple(candidates) else None
 
     def table(self, device_name: str) -> SharedTable:
         file = self._file(device_name)

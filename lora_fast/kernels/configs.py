@@ -251,7 +251,7 @@ def tma_shared_bytes(bm: int, bn: int, bk: int, stages: int, subtile: int, block
     metadata within _TMA_SMEM_RESERVE (compile report, sm_90).
 
     ``rm_fp32``: the term's operands by pointer loads from fp32 L and an fp32 RM (fp32 adapters without the S / dS
-    pass's copy, ops.term_for: lora_forward's zero_rows, DoRA's dY W of scale 0): their fp32 tiles pass through
+    pass's copy, ops.term_for: lora_forward / lora_backward's zero_rows): their fp32 tiles pass through
     shared memory beside the 16-bit ones, 4 more bytes per element. Compile report, sm_90, triton 3.9, bf16 rank 64:
     exactly the model at 128 x 128 x 64 (245,760 B, w8 s4; 262,144 B, w4 s4), 64 x 256 x 64 (303,104 B) and 64 x 128
     x 64 (188,416 B), below it elsewhere (278,528 B at 128 x 256 x 64 s3); the 16-bit model let those four past the

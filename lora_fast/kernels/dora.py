@@ -38,6 +38,7 @@ from .ops import (
     lowrank_project,
     project_input,
     reduce_rows,
+    second_term,
     term_for,
 )
 from .rng import load_keep_bits
@@ -581,13 +582,16 @@ def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: fl
     fused_dB = need_dB and 4 * R < _proj_block_m()   # as ops.lora_backward
     # the TMA dX GEMM's term of scale dS A^T by TMA, as lora_linear's: its rounded copy of dS (and fp32 A's copy in
     # the dot dtype) written by the dS pass (ops.term_for), for the GEMM of the scaled term (dyg's, or dyg1's with
-    # dropout: the GEMM of dY alone has scale 0 and keeps the pointer loads of dS, RM from A's copy)
-    term = None
+    # dropout). With dropout the GEMM of dY alone (scale 0, the same key) reads a second copy the same pass writes,
+    # 0 · dS rounded (ops.second_term: the operands its pointer loads would form) and A's copy: no LDG left in it
+    term = term0 = None
     term_p = dyg if dropout_p == 0 else dyg1
     if own_gemm and need_dx and term_p is not None:
         term = term_for(term_p, weight, w, K, R, None, A, a_t, scale, backward=True)
+        if dropout_p > 0:
+            term0 = second_term(term, 0.0)
     dS, _ = lowrank_project(dy, Bg, Bg.stride(1), Bg.stride(0), R, partial_of=S if fused_dB else None,
-                            grad=grad if fused_dB else None, grad_scale=scale, term=term)
+                            grad=grad if fused_dB else None, grad_scale=scale, term=term, term2=term0)
     if need_dB:
         if not fused_dB:
             reduce_rows(dy, S, scale, grad, transpose=True)
@@ -600,8 +604,10 @@ def dora_backward(dy, x, weight, A, B, S, V, gscale, scale: float, dropout_p: fl
         # the GEMM with the term first: on a key's first call it is the one whose paths are timed (ops.gemm_lowrank)
         inner = dx_gemm(dyg1, dS, scale, **term_arg)
         # dY W: RM read from fp32 A's copy in the dot dtype when the dS pass wrote one (every path casts its RM tile
-        # to the dot dtype, round to nearest even, as the copy was made: the same result, on the 16-bit configs)
-        dx = dx_gemm(dy, dS, 0.0, **({} if term is None or term.rm is None else {"rm": (term.rm, term.rm_strides)}))
+        # to the dot dtype, round to nearest even, as the copy was made: the same result, on the 16-bit configs);
+        # on the TMA path its term (0 · dS rounded, A) by TMA from the dS pass's second copy
+        dx = dx_gemm(dy, dS, 0.0, **({} if term0 is None else {"term": term0}),
+                     **({} if term is None or term.rm is None else {"rm": (term.rm, term.rm_strides)}))
         dropout_combine(inner, keep_scale, keep, base=dx, out=dx)
     if need_dA:
         dA = reduce_rows(x, dS, scale * keep_scale, torch.empty_like(A, memory_format=torch.preserve_format),

@@ -9,7 +9,9 @@ GRAD = grad_scale * sum over groups of PARTIAL (R, K).
   backward: dS = dY @ B^T and dB = scale S^T dY        (P = dY, Q = B^T, L = S), one pass over dY.
   On the TMA GEMM's path (WRITE_TERM) it also writes the GEMM's rounded copy of OUT, and with fp32 adapters on a
   16-bit base (COPY_RM) its programs past the row groups cast the GEMM's other operand, B or A's rows, to the dot
-  dtype: the GEMM then loads the whole low-rank term by TMA, with no launch or torch op added (issue 28).
+  dtype: the GEMM then loads the whole low-rank term by TMA, with no launch or torch op added (issue 28). With
+  WRITE_TERM2 it writes a second rounded copy of another scale (TERM2, F2) for a second GEMM of the same L and RM
+  (DoRA's dY W with dropout, scale 0).
 ``reduce_m_kernel``: OUT = scale * (keep? ⊙ P)^T @ L (K, R), its programs over blocks of K and splits of M.
   backward: dA = scale / (1 - p) * (keep ⊙ x)^T dS      (P = x, L = dS); dB of a large rank (P = dY, L = S).
   The keep-mask is read from the bits the forward's S pass stored (every op: LoRA, DoRA, 4-bit; issue 28).
@@ -43,6 +45,18 @@ def _store_term(TERM_ptr, F_ptr, s, offs_m, mask_m, offs_r, mask_r, stride_tm, t
 
 
 @triton.jit
+def _store_term_again(out, TERM_ptr, F_ptr, offs_m, mask_m, offs_r, mask_r, stride_tm, term_scale,
+                      DOT_DTYPE: tl.constexpr):
+    """``_store_term`` of the fp32 OUT block at pointers ``out`` (BLOCK_M, BLOCK_R) that this program has stored, read
+    back after a barrier (every thread's stores seen; the same bits, OUT being fp32): the second copy (WRITE_TERM2),
+    kept apart from the first, which would otherwise be live at once (fp16 at rank 64 spilled 16 B with both made
+    from one block in registers: compile report, sm_90, 4 warps, triton 3.9)."""
+    tl.debug_barrier()
+    s = tl.load(out, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    _store_term(TERM_ptr, F_ptr, s, offs_m, mask_m, offs_r, mask_r, stride_tm, term_scale, DOT_DTYPE)
+
+
+@triton.jit
 def _copy_rm(SRC_ptr, DST_ptr, chunk, N, R, stride_sr, stride_sn, stride_dr, stride_dn, BLOCK_R: tl.constexpr,
              COPY_N: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """Columns chunk * COPY_N .. + COPY_N of the TMA GEMM's copy of RM (R, N): fp32 RM (B, or A's rows as A^T) cast to
@@ -59,13 +73,13 @@ def _copy_rm(SRC_ptr, DST_ptr, chunk, N, R, stride_sr, stride_sn, stride_dr, str
 
 @triton.jit
 def _proj_row_block(
-    P_ptr, Q_ptr, OUT_ptr, L_ptr, partial, SEED_ptr, MASK_ptr, TERM_ptr, F_ptr,
+    P_ptr, Q_ptr, OUT_ptr, L_ptr, partial, SEED_ptr, MASK_ptr, TERM_ptr, F_ptr, TERM2_ptr, F2_ptr,
     m0, row_end, first, k_start, k_end, K, R, pid_k,
     stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_os, stride_lm, stride_lr, stride_mask,
-    stride_tm, out_scale, dropout_p, term_scale,
+    stride_tm, out_scale, dropout_p, term_scale, term2_scale,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_PARTIAL: tl.constexpr, WRITE_TERM: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WRITE_TERM2: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Rows m0 .. m0 + BLOCK_M (below row_end) over columns k_start .. k_end: OUT's block, and with WRITE_PARTIAL
     the group's (R, K) slice of partials written (``first``) or added to."""
@@ -136,6 +150,9 @@ def _proj_row_block(
     if WRITE_TERM:
         _store_term(TERM_ptr, F_ptr, acc.to(OUT_ptr.dtype.element_ty).to(tl.float32), offs_m, mask_m, offs_r, mask_r,
                     stride_tm, term_scale, DOT_DTYPE)
+        if WRITE_TERM2:
+            _store_term_again(out, TERM2_ptr, F2_ptr, offs_m, mask_m, offs_r, mask_r, stride_tm, term2_scale,
+                              DOT_DTYPE)
 
 
 @triton.jit
@@ -148,11 +165,12 @@ def _last_ticket(COUNTER_ptr, index, tickets):
 
 
 @triton.jit
-def _finish_rows(SPLIT_ptr, OUT_ptr, TERM_ptr, F_ptr, row_start, row_end, M, R, splits, stride_om, stride_or,
-                 stride_tm, out_scale, term_scale, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                 WRITE_TERM: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _finish_rows(SPLIT_ptr, OUT_ptr, TERM_ptr, F_ptr, TERM2_ptr, F2_ptr, row_start, row_end, M, R, splits,
+                 stride_om, stride_or, stride_tm, out_scale, term_scale, term2_scale, BLOCK_M: tl.constexpr,
+                 BLOCK_R: tl.constexpr, WRITE_TERM: tl.constexpr, WRITE_TERM2: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr):
     """OUT[rows] = out_scale * sum over splits (in order) of SPLIT[split, rows] ((splits, M, R) fp32, contiguous);
-    with WRITE_TERM also the TMA GEMM's rounded copy (``_store_term``)."""
+    with WRITE_TERM also the TMA GEMM's rounded copy (``_store_term``), with WRITE_TERM2 a second one of term2_scale."""
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     for m0 in range(row_start, row_end, BLOCK_M):
@@ -170,6 +188,13 @@ def _finish_rows(SPLIT_ptr, OUT_ptr, TERM_ptr, F_ptr, row_start, row_end, M, R, 
         if WRITE_TERM:
             _store_term(TERM_ptr, F_ptr, acc.to(OUT_ptr.dtype.element_ty).to(tl.float32), offs_m, offs_m < row_end,
                         offs_r, mask_r, stride_tm, term_scale, DOT_DTYPE)
+    if WRITE_TERM and WRITE_TERM2:
+        # a second pass over the rows this program finished (``_store_term_again``)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            _store_term_again(OUT_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_r[None, :] * stride_or,
+                              TERM2_ptr, F2_ptr, offs_m, offs_m < row_end, offs_r, mask_r, stride_tm, term2_scale,
+                              DOT_DTYPE)
 
 
 @triton.jit
@@ -198,7 +223,7 @@ def lowrank_proj_kernel(
     # int32, zero on entry and on exit: one per row group (SPLIT_K), then one per K split (WRITE_PARTIAL); MASK:
     # the bit-packed keep-mask written with WRITE_MASK, uint8 rows of stride_mask bytes)
     P_ptr, Q_ptr, OUT_ptr, L_ptr, PARTIAL_ptr, SEED_ptr, SPLIT_ptr, GRAD_ptr, COUNTER_ptr, MASK_ptr, TERM_ptr, F_ptr,
-    RMS_ptr, RMC_ptr,
+    RMS_ptr, RMC_ptr, TERM2_ptr, F2_ptr,
     # sizes (M_BUCKET only keys the autotuner; ROWS_PER_PROGRAM: a multiple of BLOCK_M, BLOCK_M itself without
     # WRITE_PARTIAL; K_PER_SPLIT: the K range of one program, a multiple of BLOCK_K; N_RM: RM's columns, COPY_RM)
     M, K, R, M_BUCKET, ROWS_PER_PROGRAM, K_PER_SPLIT, N_RM,
@@ -206,16 +231,18 @@ def lowrank_proj_kernel(
     stride_pm, stride_pk, stride_qk, stride_qr, stride_om, stride_or, stride_lm, stride_lr, stride_gr, stride_gk,
     stride_mask, stride_tm, stride_sr, stride_sn, stride_cr, stride_cn,
     # scalars
-    out_scale, grad_scale, dropout_p, term_scale,
+    out_scale, grad_scale, dropout_p, term_scale, term2_scale,
     # meta-parameters (WRITE_MASK: with HAS_DROPOUT, also store the keep-mask drawn; WRITE_TERM: also store
     # TERM (M, R) in the dot dtype, rows of stride_tm, = term_scale * OUT rounded as the GEMM's low-rank term rounds
     # it, fp16 divided by its power-of-two row factor F (M,) fp32: the TMA GEMM's operand, gemm_tma.py; COPY_RM:
     # the programs past the row groups along axis 0 write RMC = RMS (fp32 adapters: B, or A's rows) cast to the dot
-    # dtype, COPY_N columns each, the TMA GEMM's other operand of the term)
+    # dtype, COPY_N columns each, the TMA GEMM's other operand of the term; WRITE_TERM2, with WRITE_TERM: also
+    # TERM2 (M, R), rows of stride_tm, and F2 (M,) = term2_scale * OUT rounded the same way, for a second GEMM of the
+    # same term with another scale: DoRA's dY W with dropout, scale 0)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_PARTIAL: tl.constexpr, SPLIT_K: tl.constexpr,
-    WRITE_TERM: tl.constexpr, COPY_RM: tl.constexpr, COPY_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    WRITE_TERM: tl.constexpr, WRITE_TERM2: tl.constexpr, COPY_RM: tl.constexpr, COPY_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # a program covers ROWS_PER_PROGRAM rows and K_PER_SPLIT columns (program_id 1). With several K splits
     # (SPLIT_K) each writes the raw sum of its split to SPLIT, and the last of a row group's splits to finish adds
@@ -247,24 +274,24 @@ def lowrank_proj_kernel(
             # orders the previous block's stores to the slice before this block's loads of it across the CTA's
             # threads (an element may be stored and loaded by different threads)
             tl.debug_barrier()
-            _proj_row_block(P_ptr, Q_ptr, target, L_ptr, partial, SEED_ptr, MASK_ptr, TERM_ptr, F_ptr,
-                            m0, row_end, m0 == row_start, k_start, k_end, K, R, pid_k,
+            _proj_row_block(P_ptr, Q_ptr, target, L_ptr, partial, SEED_ptr, MASK_ptr, TERM_ptr, F_ptr, TERM2_ptr,
+                            F2_ptr, m0, row_end, m0 == row_start, k_start, k_end, K, R, pid_k,
                             stride_pm, stride_pk, stride_qk, stride_qr, stride_om_t, stride_or_t, M * R,
-                            stride_lm, stride_lr, stride_mask, stride_tm, scale, dropout_p, term_scale,
+                            stride_lm, stride_lr, stride_mask, stride_tm, scale, dropout_p, term_scale, term2_scale,
                             BLOCK_M, BLOCK_K, BLOCK_R, HAS_DROPOUT, WRITE_MASK, WRITE_PARTIAL,
-                            WRITE_TERM and not SPLIT_K, DOT_DTYPE, INPUT_PRECISION)
+                            WRITE_TERM and not SPLIT_K, WRITE_TERM2, DOT_DTYPE, INPUT_PRECISION)
     else:
-        _proj_row_block(P_ptr, Q_ptr, target, L_ptr, PARTIAL_ptr, SEED_ptr, MASK_ptr, TERM_ptr, F_ptr,
-                        row_start, row_end, True, k_start, k_end, K, R, pid_k,
+        _proj_row_block(P_ptr, Q_ptr, target, L_ptr, PARTIAL_ptr, SEED_ptr, MASK_ptr, TERM_ptr, F_ptr, TERM2_ptr,
+                        F2_ptr, row_start, row_end, True, k_start, k_end, K, R, pid_k,
                         stride_pm, stride_pk, stride_qk, stride_qr, stride_om_t, stride_or_t, M * R,
-                        stride_lm, stride_lr, stride_mask, stride_tm, scale, dropout_p, term_scale,
+                        stride_lm, stride_lr, stride_mask, stride_tm, scale, dropout_p, term_scale, term2_scale,
                         BLOCK_M, BLOCK_K, BLOCK_R, HAS_DROPOUT, WRITE_MASK, WRITE_PARTIAL,
-                        WRITE_TERM and not SPLIT_K, DOT_DTYPE, INPUT_PRECISION)
+                        WRITE_TERM and not SPLIT_K, WRITE_TERM2, DOT_DTYPE, INPUT_PRECISION)
     if SPLIT_K:
         if _last_ticket(COUNTER_ptr, pid_m, tl.num_programs(1)):
-            _finish_rows(SPLIT_ptr, OUT_ptr, TERM_ptr, F_ptr, row_start, row_end, M, R, tl.num_programs(1),
-                         stride_om, stride_or, stride_tm, out_scale, term_scale, BLOCK_M, BLOCK_R, WRITE_TERM,
-                         DOT_DTYPE)
+            _finish_rows(SPLIT_ptr, OUT_ptr, TERM_ptr, F_ptr, TERM2_ptr, F2_ptr, row_start, row_end, M, R,
+                         tl.num_programs(1), stride_om, stride_or, stride_tm, out_scale, term_scale, term2_scale,
+                         BLOCK_M, BLOCK_R, WRITE_TERM, WRITE_TERM2, DOT_DTYPE)
             tl.atomic_xchg(COUNTER_ptr + pid_m, 0)
     if WRITE_PARTIAL:
         column_counter = COUNTER_ptr

@@ -193,19 +193,19 @@ _term_dropout = _Launcher(gemm_lowrank_kernel, functools.partial(configs.gemm_co
                           ["M_BUCKET", "N", "K", "R"], dict(configs.INTERP_GEMM, num_warps=4, num_stages=1),
                           pointers=7, scalars=1)
 _proj = _Launcher(lowrank_proj_kernel, configs.proj_configs, ["M_BUCKET", "K", "R"],
-                  dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4, num_stages=1), pointers=14, scalars=4)
+                  dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4, num_stages=1), pointers=16, scalars=5)
 # x @ A with dropout: its own config list (configs.proj_configs(dropout=True): no spills)
 _proj_dropout = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, dropout=True),
                           ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
-                                                       num_stages=1), pointers=14, scalars=4)
+                                                       num_stages=1), pointers=16, scalars=5)
 # dS = dY B^T finishing dB: its own config list (configs.proj_configs(partials=True): no spills)
 _proj_partials = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, partials=True),
                            ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
-                                                        num_stages=1), pointers=14, scalars=4)
+                                                        num_stages=1), pointers=16, scalars=5)
 # the same with fp32 adapters on a 16-bit dY (Q = B^T fp32): configs.proj_configs(partials=True, q_fp32=True)
 _proj_partials_q32 = _Launcher(lowrank_proj_kernel, functools.partial(configs.proj_configs, partials=True, q_fp32=True),
                                ["M_BUCKET", "K", "R"], dict(BLOCK_K=configs.INTERP_PROJ_BLOCK["BLOCK_K"], num_warps=4,
-                                                            num_stages=1), pointers=14, scalars=4)
+                                                            num_stages=1), pointers=16, scalars=5)
 _reduce = _Launcher(reduce_m_kernel, configs.reduce_configs, ["M_BUCKET", "K", "R"], dict(num_warps=4, num_stages=1),
                     pointers=6, scalars=1)
 _finish = _Launcher(sum_partials_kernel, configs.finish_configs, [], dict(num_warps=4, num_stages=1),
@@ -325,7 +325,7 @@ COUNTERS = _Counters()
 
 
 def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0.0, seed=None, partial_of=None,
-                    grad=None, grad_scale=1.0, keep_out=None, term=None):
+                    grad=None, grad_scale=1.0, keep_out=None, term=None, term2=None):
     """OUT (M, R) fp32 = out_scale * (keep ⊙ P) @ Q, Q given by (pointer tensor, strides) of shape (K, R), in one
     launch. Returns (OUT, ``grad`` or None).
 
@@ -341,6 +341,9 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
     ``term``: a ``Term`` (``term_for``) the launch also fills with OUT's copy that the TMA GEMM's low-rank term reads
     by TMA (gemm_tma.py): term.scale * OUT rounded to the dot dtype as the GEMM rounds it; with ``term.rm`` (fp32
     adapters) also RM's copy, term.rm_from cast to the dot dtype, by extra programs of the same launch.
+    ``term2`` (with ``term``; ``second_term``): a second copy of OUT for another GEMM of the same term, term2.scale *
+    OUT rounded the same way (RM's copy, if any, is term's: written once). Raises ValueError when term2's rows are
+    not term's row stride apart (the launch passes one stride for both).
     """
     M, K = P.shape
     device = P.device
@@ -371,18 +374,25 @@ def lowrank_project(P, Q, stride_qk, stride_qr, R, *, out_scale=1.0, dropout_p=0
     else:
         launch = _proj
     write_mask = keep_out is not None and dropout_p > 0
+    write_term2 = term is not None and term2 is not None
+    if write_term2 and term2.values.stride(0) != term.values.stride(0):
+        raise ValueError("lowrank_project: term2's values must have term's row stride (both from second_term)")
     launch(grid, P, Q, out, L, partial, seed if seed is not None else out, split, target, counters,
            keep_out if write_mask else out, term.values if term is not None else out,
            term.factors if term is not None and term.factors is not None else out,
            term.rm_from if copy_rm else out, term.rm if copy_rm else out,
+           term2.values if write_term2 else out,
+           term2.factors if write_term2 and term2.factors is not None else out,
            M, K, R, _m_bucket(M), rows_per_program, k_per_split, rm_n,
            P.stride(0), P.stride(1), stride_qk, stride_qr, out.stride(0), out.stride(1), L.stride(0), L.stride(1),
            target.stride(0), target.stride(1), keep_out.stride(0) if write_mask else 0,
            term.values.stride(0) if term is not None else 0,
            *(term.rm_from_strides + term.rm_strides if copy_rm else (0, 0, 0, 0)),
            float(out_scale), float(grad_scale), float(dropout_p), float(term.scale) if term is not None else 1.0,
+           float(term2.scale) if write_term2 else 1.0,
            BLOCK_M=block_m, BLOCK_R=configs.block_r(R), HAS_DROPOUT=dropout_p > 0, WRITE_MASK=write_mask,
-           WRITE_PARTIAL=partial_of is not None, SPLIT_K=split_k, WRITE_TERM=term is not None, COPY_RM=copy_rm,
+           WRITE_PARTIAL=partial_of is not None, SPLIT_K=split_k, WRITE_TERM=term is not None,
+           WRITE_TERM2=write_term2, COPY_RM=copy_rm,
            COPY_N=copy_n, DOT_DTYPE=configs.dot_dtype(P.dtype), INPUT_PRECISION=configs.input_precision(P.dtype),
            device=device, dtype=P.dtype)
     return out, grad if partial_of is not None else None
@@ -568,15 +578,22 @@ def term_for(P, Q, q_strides, N, R, out, RM, rm_strides, lowrank_scale, *, dropo
     then loads L (fp32) and RM by pointers and rounds both itself, the same result. RM (R, N) is B (R, N) in
     forward, A^T from A's (K, R) rows in dX; its copy keeps the orientation whose stride is 1 (B's rows or A's
     rows), rows padded to 16 bytes: no torch op, one planned scratch buffer (docs/performance.md, "The low-rank
-    term by TMA")."""
+    term by TMA").
+
+    A key not yet resolved in this process is looked up where ``choice.GEMM.resolve`` would find it without timing
+    (``GemmChoice.known``: the job's store, the disk cache of choices): a key resolved there gets a Term only when
+    its path is "tma"; a key that will be measured gets one (its TMA candidate reads it)."""
     M = P.shape[0]
-    path = choice.GEMM.get(_gemm_key(P, N, R, dropout, backward))
+    key = _gemm_key(P, N, R, dropout, backward)
+    path = choice.GEMM.get(key)
     if path is None:
         path = choice.GEMM.forced() if choice.GEMM.forced is not None else choice.forced_path()
         if path is None and _measures():
-            # the measuring call: its TMA candidate (timed where the operand checks below pass, as gemm_lowrank's
-            # tma_eligible) reads the Term; if cuBLAS wins, the copy was written once for nothing
-            path = "tma"
+            # resolved by another process or rank: its path, nothing timed. Else the measuring call: its TMA
+            # candidate (timed where the operand checks below pass, as gemm_lowrank's tma_eligible, and then among
+            # candidate_paths(True)) reads the Term; if cuBLAS wins, the copy was written once for nothing
+            path = choice.GEMM.known(key, lambda: torch.cuda.get_device_name(P.device),
+                                     choice.candidate_paths(True)) or "tma"
     if path != "tma" or P.dtype not in _TORCH_DOT:
         return None
     dot = _TORCH_DOT[P.dtype]
@@ -599,6 +616,19 @@ def term_for(P, Q, q_strides, N, R, out, RM, rm_strides, lowrank_scale, *, dropo
         rm = _padded(N, R, dot, P.device)
         strides = (1, rm.stride(0))
     return Term(values, factors, scale, rm, strides, RM, tuple(rm_strides))
+
+
+def second_term(term: Optional[Term], lowrank_scale) -> Optional[Term]:
+    """A ``Term`` for a second GEMM (without dropout) of ``term``'s L and RM with another ``lowrank_scale``: DoRA's
+    dY W with dropout (scale 0) beside its scaled term's GEMM. The pass that writes ``term`` writes it too
+    (``lowrank_project(term2=)``): lowrank_scale * L rounded as ``term`` is (fp16: its own row factors), in a buffer of
+    the same shape and row stride; RM's copy (fp32 adapters) is ``term``'s, written once. None without ``term``."""
+    if term is None:
+        return None
+    M, R = term.values.shape
+    values = _padded(M, R, term.values.dtype, term.values.device)
+    factors = _empty((M,), torch.float32, values.device) if term.factors is not None else None
+    return Term(values, factors, float(lowrank_scale), term.rm, term.rm_strides)
 
 
 def ws_eligible(P, Q, q_strides, out, dropout_p) -> bool:
