@@ -311,40 +311,71 @@ def _layer_rows(launcher, paths, rank: int, dtype, tokens: int, repeat: int, num
     """Host time per decoder layer of a tiny Llama (bench/model_configs.two_layer of Llama-3.2-1B: GQA, SiLU MLP),
     from the difference between a 10-layer and a 2-layer model (embedding, head and loss cancel), forward+backward
     with gradients cleared every step. float32 and a few tokens: torch's own CPU kernels (attention, norms, the
-    frozen and PEFT matmuls, which lora-fast's stubbed launches skip) then cost little beside their dispatch."""
+    frozen and PEFT matmuls, which lora-fast's stubbed launches skip) then cost little beside their dispatch.
+
+    The samples are interleaved: each of the ``repeat`` rounds takes one sample of ``number`` steps of every model
+    (every setup and path, 2 and 10 layers), so that a slow spell of a shared machine falls on all rows alike
+    instead of on the rows measured during it. A path switch forgets the path choices and plans
+    (``choice.clear()``) and runs each model ``_WARM`` steps untimed before its sample (the first call plans, the
+    next records, then the replays run); min and median are then taken per model over the rounds."""
     from lora_fast.kernels import choice
 
     from . import model_configs, model_setups
 
-    rows = []
     spec = model_configs.two_layer(model_configs.REAL["llama-3.2-1b"])
     ids = torch.randint(0, spec["vocab_size"], (1, tokens))
-
-    def per_step(setup, layers):
-        run = model_setups.build(setup, dict(spec, num_hidden_layers=layers), dtype)
-        params = run.params
-
-        def step():
-            model_setups.loss_of(run.model, ids).backward()
-
-        step()
-        before = launcher.launches
-        timing = _MEASURE[0](step, repeat, number, clear=params)
-        return timing, (launcher.launches - before) / (repeat * number), len(run.lora_layers)
-
+    models = []   # (setup, path, layers, step, params, LoRA layers)
     for setup in ("frozen", "peft", "lora-fast", "peft+patch"):
         for path in (paths if setup in ("lora-fast", "peft+patch") else ("-",)):
-            if path != "-":
+            for layers in (2, 10):
+                run = model_setups.build(setup, dict(spec, num_hidden_layers=layers), dtype)
+
+                def step(model=run.model):
+                    model_setups.loss_of(model, ids).backward()
+
+                models.append((setup, path, layers, step, run.params, len(run.lora_layers)))
+    # grouped by path, so that a round switches paths len(paths) times
+    order = sorted(range(len(models)), key=lambda i: (models[i][1] != "-", paths.index(models[i][1])
+                                                      if models[i][1] in paths else -1))
+    samples = {i: [] for i in order}
+    launches = {i: [] for i in order}
+    current, warmed = None, set()
+    for _ in range(repeat):
+        for i in order:
+            setup, path, layers, step, params, _ = models[i]
+            if path != "-" and path != current:
                 choice.clear()
-                _FORCED[0] = path
-            small, small_launches, small_lora = per_step(setup, 2)
-            large, large_launches, large_lora = per_step(setup, 10)
-            timing = {k: None if large[k] is None else (large[k] - small[k]) / 8 for k in large}
-            lora_per_layer = (large_lora - small_lora) / 8
-            launches = (large_launches - small_launches) / 8
-            rows.append(dict(what=setup, shape=f"decoder layer ({lora_per_layer:.0f} LoRA projections)",
-                             M=tokens, path=path, launches=launches, **timing))
+                _FORCED[0] = current = path
+                warmed = {w for w in warmed if w[0] == "-"}   # the frozen and PEFT models keep theirs
+            if (path, i) not in warmed:
+                for _ in range(_WARM):
+                    for t in params:
+                        t.grad = None
+                    step()
+                warmed.add((path, i))
+            before = launcher.launches
+            samples[i].append(_MEASURE[0](step, 1, number, clear=params))
+            launches[i].append((launcher.launches - before) / number)
+    rows = []
+    for i in range(0, len(models), 2):   # (2 layers, 10 layers) pairs
+        setup, path, _, _, _, small_lora = models[i]
+        large_lora = models[i + 1][5]
+        timing = {}
+        for k in samples[i][0]:
+            if samples[i][0][k] is None:
+                timing[k] = None
+                continue
+            small = [smp[k] for smp in samples[i]]
+            large = [smp[k] for smp in samples[i + 1]]
+            pick = min if k.endswith("min") else statistics.median
+            timing[k] = (pick(large) - pick(small)) / 8
+        rows.append(dict(what=setup, shape=f"decoder layer ({(large_lora - small_lora) / 8:.0f} LoRA projections)",
+                         M=tokens, path=path, launches=(statistics.median(launches[i + 1])
+                                                       - statistics.median(launches[i])) / 8, **timing))
     return rows
+
+
+_WARM = 3   # untimed steps of a model after a path switch: plan, record, replay
 
 
 def measure(M: int = 4096, rank: int = 16, dtype=torch.bfloat16, paths=("triton", "cublas", "tma"), repeat: int = 15,
