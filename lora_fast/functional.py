@@ -189,9 +189,16 @@ def _(x, weight, bias, A, B, scale, dropout_p, seed):
 def _lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                      S: torch.Tensor, scale: float, dropout_p: float, keep: torch.Tensor, need_dx: bool,
                      need_dA: bool, need_dB: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _backward_kernels(dy, x, weight, A, B, S, scale, dropout_p, keep, need_dx, need_dA, need_dB)
-    # custom ops return tensors only: an empty tensor stands for "not needed"
-    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+    # contiguous gradients, the layout the fake below declares (inductor asserts it, and with its size asserts off
+    # would read a transposed buffer as contiguous): dA / dB written straight into contiguous buffers, not in A's /
+    # B's layout as the eager paths do (a changed layout would also need a new op version, see above)
+    dA_out = A.new_empty(A.shape) if need_dA else None
+    dB_out = B.new_empty(B.shape) if need_dB else None
+    grads = _backward_kernels(dy, x, weight, A, B, S, scale, dropout_p, keep, need_dx, need_dA, need_dB, dA_out,
+                              dB_out)
+    # custom ops return tensors only: an empty tensor stands for "not needed"; an empty batch's zeros_like keeps
+    # its input's layout (contiguous() copies only then)
+    return tuple(g.contiguous() if g is not None else x.new_empty(0) for g in grads)
 
 
 @_lora_linear_bwd.register_fake
