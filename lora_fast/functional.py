@@ -572,7 +572,8 @@ def lora_linear_stored(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     the two transposed views autograd would record per call, and with the factors' gradients written in their own
     (rank, in) / (out, rank) layout: autograd's gradient accumulation takes them as they are, where a transposed
     gradient of a contiguous parameter is copied into the parameter's layout (one more kernel per factor and step).
-    What ``patch_peft``'s layers call. Arguments, maths, returns and errors as ``lora_linear`` (the errors name A
+    What ``patch_peft``'s layers call. Arguments, maths, returns and errors as ``lora_linear``; a factor of the
+    wrong shape raises ValueError naming lora_A or lora_B and its shape as passed (the dtype and device errors name A
     and B: the transposed views)."""
     if _PLANS is not None:
         y = _planned(x, weight, bias, lora_A, lora_B, scale, dropout_p, training, True)
@@ -584,6 +585,17 @@ def lora_linear_stored(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if lora_A.dim() != 2 or lora_B.dim() != 2:
         raise ValueError(f"lora_linear_stored: lora_A (rank, in_features) and lora_B (out_features, rank) must be "
                          f"2-D; got shapes {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    # the factors' shapes as passed (check_lora_linear would name the transposed views' shapes, which the caller
+    # never saw); only where x and weight agree, else check_lora_linear names x
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() >= 1 and weight.dim() == 2 \
+            and x.shape[-1] == weight.shape[1]:
+        out_features, in_features = weight.shape
+        if lora_A.shape[0] < 1 or lora_A.shape[1] != in_features:
+            raise ValueError(f"lora_linear_stored: lora_A: expected shape (rank >= 1, in_features={in_features}), "
+                             f"got {tuple(lora_A.shape)}")
+        if lora_B.shape[0] != out_features or lora_B.shape[1] != lora_A.shape[0]:
+            raise ValueError(f"lora_linear_stored: lora_B: expected shape (out_features={out_features}, "
+                             f"rank={lora_A.shape[0]}), got {tuple(lora_B.shape)}")
     return _lora_linear(x, weight, bias, lora_A.t(), lora_B.t(), scale, dropout_p, training, (lora_A, lora_B))
 
 
