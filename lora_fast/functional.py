@@ -189,9 +189,16 @@ def _(x, weight, bias, A, B, scale, dropout_p, seed):
 def _lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                      S: torch.Tensor, scale: float, dropout_p: float, keep: torch.Tensor, need_dx: bool,
                      need_dA: bool, need_dB: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _backward_kernels(dy, x, weight, A, B, S, scale, dropout_p, keep, need_dx, need_dA, need_dB)
-    # custom ops return tensors only: an empty tensor stands for "not needed"
-    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+    # contiguous gradients, the layout the fake below declares (inductor asserts it, and with its size asserts off
+    # would read a transposed buffer as contiguous): dA / dB written straight into contiguous buffers, not in A's /
+    # B's layout as the eager paths do (a changed layout would also need a new op version, see above)
+    dA_out = A.new_empty(A.shape) if need_dA else None
+    dB_out = B.new_empty(B.shape) if need_dB else None
+    grads = _backward_kernels(dy, x, weight, A, B, S, scale, dropout_p, keep, need_dx, need_dA, need_dB, dA_out,
+                              dB_out)
+    # custom ops return tensors only: an empty tensor stands for "not needed"; an empty batch's zeros_like keeps
+    # its input's layout (contiguous() copies only then)
+    return tuple(g.contiguous() if g is not None else x.new_empty(0) for g in grads)
 
 
 @_lora_linear_bwd.register_fake
@@ -565,7 +572,8 @@ def lora_linear_stored(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     the two transposed views autograd would record per call, and with the factors' gradients written in their own
     (rank, in) / (out, rank) layout: autograd's gradient accumulation takes them as they are, where a transposed
     gradient of a contiguous parameter is copied into the parameter's layout (one more kernel per factor and step).
-    What ``patch_peft``'s layers call. Arguments, maths, returns and errors as ``lora_linear`` (the errors name A
+    What ``patch_peft``'s layers call. Arguments, maths, returns and errors as ``lora_linear``; a factor of the
+    wrong shape raises ValueError naming lora_A or lora_B and its shape as passed (the dtype and device errors name A
     and B: the transposed views)."""
     if _PLANS is not None:
         y = _planned(x, weight, bias, lora_A, lora_B, scale, dropout_p, training, True)
@@ -577,6 +585,17 @@ def lora_linear_stored(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if lora_A.dim() != 2 or lora_B.dim() != 2:
         raise ValueError(f"lora_linear_stored: lora_A (rank, in_features) and lora_B (out_features, rank) must be "
                          f"2-D; got shapes {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    # the factors' shapes as passed (check_lora_linear would name the transposed views' shapes, which the caller
+    # never saw); only where x and weight agree, else check_lora_linear names x
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() >= 1 and weight.dim() == 2 \
+            and x.shape[-1] == weight.shape[1]:
+        out_features, in_features = weight.shape
+        if lora_A.shape[0] < 1 or lora_A.shape[1] != in_features:
+            raise ValueError(f"lora_linear_stored: lora_A: expected shape (rank >= 1, in_features={in_features}), "
+                             f"got {tuple(lora_A.shape)}")
+        if lora_B.shape[0] != out_features or lora_B.shape[1] != lora_A.shape[0]:
+            raise ValueError(f"lora_linear_stored: lora_B: expected shape (out_features={out_features}, "
+                             f"rank={lora_A.shape[0]}), got {tuple(lora_B.shape)}")
     return _lora_linear(x, weight, bias, lora_A.t(), lora_B.t(), scale, dropout_p, training, (lora_A, lora_B))
 
 

@@ -182,3 +182,20 @@ def test_transposed_factors_get_gradients_in_their_layout(planned, op):
         assert lora_A.grad.is_contiguous() and lora_B.grad.is_contiguous()
         arrived.clear()
         lora_A.grad = lora_B.grad = None
+
+
+def test_stored_factors_wrong_shapes_name_the_argument(device):
+    # lora_linear_stored's factors are (R, K) / (N, R): a wrong one is named with the shape the caller passed, not
+    # its transposed view's; x that disagrees with weight is x's error, whatever the factors
+    x, weight, bias, A, B = _inputs(device)
+    lora_A, lora_B = A.detach().t().contiguous(), B.detach().t().contiguous()   # (4, 24), (20, 4)
+    cases = [(lora_A[:, :-1], lora_B, r"lora_A: expected shape \(rank >= 1, in_features=24\), got \(4, 23\)"),
+             (lora_A[:0], lora_B[:, :0], r"lora_A: expected shape \(rank >= 1, in_features=24\), got \(0, 24\)"),
+             (lora_A, lora_B[:-1], r"lora_B: expected shape \(out_features=20, rank=4\), got \(19, 4\)"),
+             (lora_A[:-1], lora_B, r"lora_B: expected shape \(out_features=20, rank=3\), got \(20, 4\)"),
+             (lora_A, lora_B.t(), r"lora_B: expected shape \(out_features=20, rank=4\), got \(4, 20\)")]
+    for a, b, message in cases:
+        with pytest.raises(ValueError, match=message):
+            functional.lora_linear_stored(x, weight, bias, a, b, 2.0)
+    with pytest.raises(ValueError, match="x: expected last dim in_features=24"):
+        functional.lora_linear_stored(x[..., :-1], weight, bias, lora_A[:, :-1], lora_B, 2.0)

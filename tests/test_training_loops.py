@@ -64,6 +64,46 @@ def test_torch_compile_fullgraph(backend_env, compiler, device, monkeypatch):
     _compare((y_compiled, []), (y_eager, []), 100, "compiled inference")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced", "empty batch"])
+def test_custom_ops_return_the_layouts_their_fakes_declare(layout, device):
+    """torch.compile (inductor) allocates and reads a custom op's outputs by the strides its fake declares, and
+    asserts them: the real ops must return exactly those. Transposed factors (patch_peft's PEFT weights, a user's
+    lora_A.weight.t()) once got gradients in their own layout from the real backward op and contiguous ones from its
+    fake: inductor's size assert failed on a compiled patched model. The values are the eager kernels' bit for bit
+    (the same kernels, other output buffers)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lora_fast import functional
+
+    if functional.select_backend(torch.empty(1, device=device)) != "triton":
+        pytest.skip("the custom ops run the kernels: the Triton backend is not available here")
+    K, N, R, M = 24, 20, 4, 0 if layout == "empty batch" else 6
+    x = torch.randn(M, 2 * K, device=device)[:, ::2] if layout != "contiguous" else torch.randn(M, K, device=device)
+    w = torch.randn(N, K, device=device)
+    if layout == "contiguous":
+        A, B = torch.randn(K, R, device=device), torch.randn(R, N, device=device)
+    elif layout == "sliced":   # rows of larger factors: neither dense nor contiguous
+        A, B = torch.randn(2 * K, R, device=device)[::2], torch.randn(R, N + 3, device=device)[:, :N]
+    else:   # PEFT's (R, K) / (N, R) weights, transposed
+        A, B = torch.randn(R, K, device=device).t(), torch.randn(N, R, device=device).t()
+    dy, S = torch.randn(M, N, device=device), torch.randn(M, R, device=device)
+    seed = torch.randint(0, 2**31, (2,), device=device)
+    fwd = (x, w, None, A, B, 2.0, 0.25, seed)
+    bwd = (dy, x, w, A, B, S, 2.0, 0.0, torch.empty(0, dtype=torch.uint8, device=device), True, True, True)
+
+    def layout_of(t):   # what inductor's size assert compares: no stride of a size-0 or size-1 dim, none when empty
+        return t.shape, t.dtype, [s for d, s in zip(t.shape, t.stride()) if d > 1] if t.numel() else None
+
+    for op, args in ((functional._lora_linear_fwd, fwd), (functional._lora_linear_bwd, bwd)):
+        real = op(*args)
+        with FakeTensorMode() as mode:
+            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        assert [layout_of(t) for t in real] == [layout_of(t) for t in fake], op
+    eager = functional._backward_kernels(dy, x, w, A, B, S, 2.0, 0.0, None, True, True, True)
+    for got, want in zip(real, eager):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("backend_env", ["reference", "auto"])
 def test_autocast_bf16_like_nn_linear(backend_env, device, monkeypatch):
     if backend_env == "reference":
