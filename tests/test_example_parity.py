@@ -23,7 +23,8 @@ only) must also match the reference directly within K * 2**-24 ~ 2.3e-5.
 Plain SGD keeps the parameter change linear in the gradients (lr * sum of gradients). AdamW would not do: its
 first steps move each element by about lr * sign(g), so a gradient component near zero turns rounding noise
 into an O(lr) difference (seen: 1e-2 on a query B), a property of the optimiser, not of the kernels. The bound
-is shown to matter: a run with the LoRA scale off by 1% must fail it by more than 10x for every parameter.
+is shown to matter: a run with the LoRA scale off by 1% must fail it by more than 10x for every LoRA parameter,
+and fail it at all for the head (which the scale moves only through the loss).
 """
 
 import copy
@@ -115,8 +116,13 @@ def test_training_steps_match_reference(device, monkeypatch):
     assert loss_err <= LOSS_RTOL, f"losses: triton {tri_losses.tolist()} vs reference {ref_losses.tolist()}"
     worse = {n: f"{tri_err[n]:.2e} > {bound[n]:.2e}" for n in truth if tri_err[n] > bound[n]}
     assert not worse, f"triton's parameter changes are less accurate than the reference's: {worse}"
-    detected = min(off_err[n] / bound[n] for n in truth)
+    # the scale drives every LoRA parameter's change directly: a 1% error must fail their bounds by more than 10x;
+    # the head moves with it only through the loss (its bias' gradient is softmax minus label: seed 1110879491 put
+    # that 1% error 8.3x over the bias' bound), so there it must still fail the bound, by any margin
+    detected = min(off_err[n] / bound[n] for n in truth if ".lora." in n)
     assert detected > 10, f"the bound would not catch a 1% error in the scale (only {detected:.1f}x over it)"
+    missed = {n: f"{off_err[n]:.2e} <= {bound[n]:.2e}" for n in truth if off_err[n] <= bound[n]}
+    assert not missed, f"a 1% error in the scale stays within these bounds: {missed}"
 
 
 def test_example_defaults_work_offline_in_a_clone(monkeypatch, tmp_path):
