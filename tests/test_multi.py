@@ -8,7 +8,7 @@ import torch
 
 from lora_fast import lora_linear, lora_linear_multi, philox, reference
 from lora_fast.multi import multi_backend, multi_order
-from tests.utils import assert_close, tolerance
+from tests.utils import assert_close, saved_bits_and_grads, tolerance
 
 BACKENDS = ["reference", "triton"]
 
@@ -1772,28 +1772,14 @@ def test_unstacked_second_order(ranks, monkeypatch, device):
 
 def _multi_bits_run(inputs, scales, idx, ps, dy, edit=None):
     """(uint8 tensors saved, grads of x, A, B) of lora_linear_multi after torch.manual_seed(5) (the seed of
-    ``_multi_seed``), under saved-tensor hooks that keep each uint8 tensor saved and hand backward ``edit`` of a
-    copy of it (``edit`` None: the tensor itself)."""
-    saved = []
-
-    def pack(t):
-        if t.dtype == torch.uint8:
-            saved.append(t)
-        return t
-
-    def unpack(t):
-        if edit is not None and t.dtype == torch.uint8:
-            t = t.clone()
-            edit(t)
-        return t
-
+    ``_multi_seed``), backward handed ``edit`` of a copy of each saved uint8 tensor (``edit`` None: the tensor
+    itself): utils.saved_bits_and_grads."""
     x, weight, b, A, B = inputs
-    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
-    torch.manual_seed(5)
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        y = lora_linear_multi(leaves[0], weight, b, leaves[1], leaves[2], scales, idx, dropout_p=ps)
-    y.backward(dy)
-    return saved, [t.grad for t in leaves]
+
+    def forward(x_, A_, B_):
+        return lora_linear_multi(x_, weight, b, A_, B_, scales, idx, dropout_p=ps)
+
+    return saved_bits_and_grads(forward, (x, A, B), dy, edit=edit)
 
 
 def _multi_seed(device):

@@ -140,7 +140,7 @@ def end_gloo_rank():
     os._exit(0)
 
 
-def saved_bits_and_grads(forward, inputs, dy, flip_at=None, seed=5):
+def saved_bits_and_grads(forward, inputs, dy, flip_at=None, seed=5, edit=None):
     """Run ``forward(*leaves)`` (leaves: fresh copies of ``inputs`` requiring grad) after ``torch.manual_seed(seed)``
     and backward with ``dy``, under saved-tensor hooks that keep every uint8 tensor saved (the keep-mask's bits) and,
     with ``flip_at = (m, k)``, flip bit k of row m in it when backward unpacks it. Returns (the saved uint8 tensors,
@@ -153,10 +153,13 @@ def saved_bits_and_grads(forward, inputs, dy, flip_at=None, seed=5):
         return t
 
     def unpack(t):
-        if flip_at is not None and t.dtype == torch.uint8:
-            m, k = flip_at
+        if (flip_at is not None or edit is not None) and t.dtype == torch.uint8:
             t = t.clone()
-            t[m, k // 8] ^= 1 << (k % 8)
+            if flip_at is not None:
+                m, k = flip_at
+                t[m, k // 8] ^= 1 << (k % 8)
+            if edit is not None:
+                edit(t)
         return t
 
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
