@@ -49,7 +49,7 @@ else
   echo "no CUDA device: graph check skipped" | tee "$OUT/graph.log"
   graph_rc=0
 fi
-timeout -k 5 40 python -m bench.host_time 2>&1 | tee "$OUT/host_time.log"
+timeout -k 5 40 python -m bench.host_time --repeat 7 --number 10 --layer-rounds 8 2>&1 | tee "$OUT/host_time.log"
 host_rc=${PIPESTATUS[0]}
 # issue 30's GPU targets: fused vs one adapter on all rows (n = 8, 16) and vs PEFT's adapter_names loop (n = 8);
 # rows are written as they finish (OUTDIR/multi_adapter.json), so a timeout keeps the first ones

@@ -21,7 +21,8 @@ tiny Llama (model_configs.two_layer of Llama-3.2-1B: GQA, SiLU MLP, 7 LoRA proje
 difference between a 10-layer and a 2-layer model. Every Triton row for each GEMM path (triton, cublas, tma,
 forced as LORA_FAST_GEMM does). Columns: thread CPU time (robust to other jobs on a shared machine) and wall
 time, min and median per step in microseconds; ratio: median CPU time over PEFT's of the same kind; launches
-per step (per layer for the decoder rows; those run in float32 on 8 tokens, see _layer_rows, or with
+per step (per layer for the decoder rows; those run in float32 on 8 tokens, in --layer-rounds rounds of paired
+samples whose ratio column is the median of the paired ratios, quartiles beside it, see _layer_rows, or with
 --layer-dtype bfloat16, which the tma path needs: it takes 16-bit operands only). At M = 4096 the
 CPU allocator's large allocations (no caching allocator on CPU: mmap and munmap per step) count in lora-fast's
 and patch_peft's rows; a GPU's caching allocator does not pay them. The numbers depend on the machine and its
@@ -313,66 +314,93 @@ def _layer_rows(launcher, paths, rank: int, dtype, tokens: int, repeat: int, num
     with gradients cleared every step. float32 and a few tokens: torch's own CPU kernels (attention, norms, the
     frozen and PEFT matmuls, which lora-fast's stubbed launches skip) then cost little beside their dispatch.
 
-    The samples are interleaved: each of the ``repeat`` rounds takes one sample of ``number`` steps of every model
-    (every setup and path, 2 and 10 layers), so that a slow spell of a shared machine falls on all rows alike
-    instead of on the rows measured during it. A path switch forgets the path choices and plans
-    (``choice.clear()``) and runs each model ``_WARM`` steps untimed before its sample (the first call plans, the
-    next records, then the replays run); min and median are then taken per model over the rounds."""
+    The samples are paired, so that a slow spell of a shared machine falls on the rows it compares instead of on
+    one of them: each of the ``repeat`` rounds visits the paths in turn and, for each path, takes one sample of
+    ``number`` steps of the frozen, PEFT, lora-fast and patch_peft models, each with 2 and then 10 layers (the
+    frozen and PEFT models, which take no path, are sampled once per path). A sample's per-layer cost is its
+    10-layer time minus the 2-layer time taken just before it, over 8; min and median are taken over those
+    differences, and a row's ``ratio`` is the median over the rounds of its difference over PEFT's of the same
+    round and path. A path switch forgets the path choices and plans (``choice.clear()``) and runs each of the
+    path's models ``_WARM`` steps untimed before its sample (the first call plans, the next records, then the
+    replays run)."""
     from lora_fast.kernels import choice
 
     from . import model_configs, model_setups
 
     spec = model_configs.two_layer(model_configs.REAL["llama-3.2-1b"])
     ids = torch.randint(0, spec["vocab_size"], (1, tokens))
-    models = []   # (setup, path, layers, step, params, LoRA layers)
+    models = {}   # (setup, path) -> [(step, params, LoRA layers) for 2 and 10 layers]
     for setup in ("frozen", "peft", "lora-fast", "peft+patch"):
         for path in (paths if setup in ("lora-fast", "peft+patch") else ("-",)):
+            pair = []
             for layers in (2, 10):
                 run = model_setups.build(setup, dict(spec, num_hidden_layers=layers), dtype)
 
                 def step(model=run.model):
                     model_setups.loss_of(model, ids).backward()
 
-                models.append((setup, path, layers, step, run.params, len(run.lora_layers)))
-    # grouped by path, so that a round switches paths len(paths) times
-    order = sorted(range(len(models)), key=lambda i: (models[i][1] != "-", paths.index(models[i][1])
-                                                      if models[i][1] in paths else -1))
-    samples = {i: [] for i in order}
-    launches = {i: [] for i in order}
-    current, warmed = None, set()
-    for _ in range(repeat):
-        for i in order:
-            setup, path, layers, step, params, _ = models[i]
-            if path != "-" and path != current:
-                choice.clear()
-                _FORCED[0] = current = path
-                warmed = {w for w in warmed if w[0] == "-"}   # the frozen and PEFT models keep theirs
-            if (path, i) not in warmed:
-                for _ in range(_WARM):
-                    for t in params:
-                        t.grad = None
-                    step()
-                warmed.add((path, i))
-            before = launcher.launches
-            samples[i].append(_MEASURE[0](step, 1, number, clear=params))
-            launches[i].append((launcher.launches - before) / number)
+                pair.append((step, run.params, len(run.lora_layers)))
+            models[setup, path] = pair
+
+    def warm(pair):
+        for step, params, _ in pair:
+            for _ in range(_WARM):
+                for t in params:
+                    t.grad = None
+                step()
+
+    for key in models:
+        if key[1] == "-":
+            warm(models[key])
+    diffs = {key: [] for key in models}   # per-layer samples: (round, path, timing)
+    launches = {key: [] for key in models}
+    for r in range(repeat):
+        for path in paths:
+            choice.clear()
+            _FORCED[0] = path
+            for setup in ("frozen", "peft", "lora-fast", "peft+patch"):
+                key = (setup, path if setup in ("lora-fast", "peft+patch") else "-")
+                pair = models[key]
+                if key[1] != "-":
+                    warm(pair)
+                small, large = [], []
+                for (step, params, _), out in zip(pair, (small, large)):
+                    before = launcher.launches
+                    out.append(_MEASURE[0](step, 1, number, clear=params))
+                    out.append((launcher.launches - before) / number)
+                diffs[key].append((r, path, {k: None if small[0][k] is None else (large[0][k] - small[0][k]) / 8
+                                             for k in small[0]}))
+                launches[key].append((large[1] - small[1]) / 8)
     rows = []
-    for i in range(0, len(models), 2):   # (2 layers, 10 layers) pairs
-        setup, path, _, _, _, small_lora = models[i]
-        large_lora = models[i + 1][5]
-        timing = {}
-        for k in samples[i][0]:
-            if samples[i][0][k] is None:
-                timing[k] = None
-                continue
-            small = [smp[k] for smp in samples[i]]
-            large = [smp[k] for smp in samples[i + 1]]
-            pick = min if k.endswith("min") else statistics.median
-            timing[k] = (pick(large) - pick(small)) / 8
-        rows.append(dict(what=setup, shape=f"decoder layer ({(large_lora - small_lora) / 8:.0f} LoRA projections)",
-                         M=tokens, path=path, launches=(statistics.median(launches[i + 1])
-                                                       - statistics.median(launches[i])) / 8, **timing))
+    for (setup, path), summary in _paired(diffs).items():
+        pair = models[setup, path]
+        rows.append(dict(what=setup, shape=f"decoder layer ({(pair[1][2] - pair[0][2]) / 8:.0f} LoRA projections)",
+                         M=tokens, path=path, launches=statistics.median(launches[setup, path]), **summary))
     return rows
+
+
+def _paired(diffs: dict) -> dict:
+    """_layer_rows' statistics. ``diffs``: (setup, path) -> [(round, path, {"cpu_min": .., "cpu_median": ..,
+    "wall_min": .., "wall_median": ..})], one per-layer sample per round and path (PEFT's, key ("peft", "-"), once
+    per round and path; a value may be None: not measured). Returns (setup, path) -> the min over the samples of
+    each "*_min" value, the median of each "*_median" value, and for the lora-fast and patch_peft rows ``ratio``,
+    the median over the samples of cpu_median / PEFT's cpu_median of the same round and path, with
+    ``ratio_quartiles`` (first, third) when there are two samples or more."""
+    peft = {(r, path): t for r, path, t in diffs["peft", "-"]}
+    out = {}
+    for key, samples in diffs.items():
+        summary = {}
+        for k in samples[0][2]:
+            values = [t[k] for _, _, t in samples]
+            summary[k] = None if values[0] is None else (min if k.endswith("min") else statistics.median)(values)
+        if key[0] in ("lora-fast", "peft+patch"):
+            ratios = [t["cpu_median"] / peft[r, p]["cpu_median"] for r, p, t in samples]
+            summary["ratio"] = statistics.median(ratios)
+            if len(ratios) > 1:
+                q1, _, q3 = statistics.quantiles(ratios, n=4)
+                summary["ratio_quartiles"] = (q1, q3)
+        out[key] = summary
+    return out
 
 
 _WARM = 3   # untimed steps of a model after a path switch: plan, record, replay
@@ -380,11 +408,12 @@ _WARM = 3   # untimed steps of a model after a path switch: plan, record, replay
 
 def measure(M: int = 4096, rank: int = 16, dtype=torch.bfloat16, paths=("triton", "cublas", "tma"), repeat: int = 15,
             number: int = 20, layer_tokens: int = 8, layers: bool = True, layer_dtype=torch.float32,
-            instructions: bool = False) -> list:
+            instructions: bool = False, layer_rounds: int = 40) -> list:
     """Rows of {"what", "shape", "M", "path", "launches", "cpu_min", "cpu_median", "wall_min", "wall_median"} (see the
     module docstring). ``layer_dtype``: the decoder layers' (float32 by default; the TMA path takes 16-bit only).
     ``instructions``: cpu_* hold thousands of instructions executed instead of microseconds (``_instructions``; the
-    process must run under callgrind, see main). Needs TRITON_INTERPRET unset or 0."""
+    process must run under callgrind, see main); the decoder layers then take ``repeat`` rounds, else
+    ``layer_rounds`` (see _layer_rows). Needs TRITON_INTERPRET unset or 0."""
     patches = []
 
     def monkeypatch(obj, name, value):
@@ -404,9 +433,10 @@ def measure(M: int = 4096, rank: int = 16, dtype=torch.bfloat16, paths=("triton"
     try:
         rows = _projection_rows(launcher, paths, M, rank, dtype, repeat, number)
         if layers:
-            # counts barely vary between samples: no more of them for the layers than for the projections
+            # counts barely vary between samples: as many rounds as the projections' samples; times do, and a
+            # 10-layer step is ~20x a projection's: more rounds, fewer steps each
             rows += _layer_rows(launcher, paths, rank, layer_dtype, layer_tokens,
-                                repeat if instructions else max(5, repeat // 2), number if instructions
+                                repeat if instructions else layer_rounds, number if instructions
                                 else max(3, number // 4))
     finally:
         _MEASURE[0] = _time
@@ -424,14 +454,15 @@ def _tl_dtype(dtype):
 
 def _ratios(rows) -> list:
     """Each lora-fast / patch_peft row against PEFT's row of the same kind (tiny projection, or decoder layer): the
-    ratio of median thread CPU times."""
+    ratio of median thread CPU times for a projection, the median of the paired ratios for a decoder layer
+    (_layer_rows' ``ratio``)."""
     peft_proj = next((r for r in rows if r["what"] == "PEFT lora.Linear"), None)
     peft_layer = next((r for r in rows if r["what"] == "peft"), None)
     out = []
     for r in rows:
         ref = peft_layer if r["shape"].startswith("decoder") else peft_proj
         out.append("" if ref is None or r is ref or r["what"] in ("frozen", "nn.Linear (frozen)")
-                   else f"{r['cpu_median'] / ref['cpu_median']:.2f}")
+                   else f"{r['ratio'] if 'ratio' in r else r['cpu_median'] / ref['cpu_median']:.2f}")
     return out
 
 
@@ -444,6 +475,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=None, help="samples per row (default 15; 3 with --instructions)")
     p.add_argument("--number", type=int, default=None, help="steps per sample (default 20; 3 with --instructions)")
     p.add_argument("--no-layers", action="store_true", help="skip the decoder-layer rows")
+    p.add_argument("--layer-rounds", type=int, default=40,
+                   help="rounds of paired decoder-layer samples, each max(3, number / 4) steps (default 40; with "
+                        "--instructions the rounds are --repeat's)")
     p.add_argument("--layer-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="the decoder layers' dtype (default float32: torch's CPU kernels cost least; the tma path "
                         "needs bfloat16, else it falls back to the cp.async kernel)")
@@ -471,7 +505,8 @@ def main(argv=None) -> int:
     default = 3 if args.instructions else None
     rows = measure(args.tokens, args.rank, paths=tuple(args.paths), repeat=args.repeat or default or 15,
                    number=args.number or default or 20, layers=not args.no_layers,
-                   layer_dtype=getattr(torch, args.layer_dtype), instructions=args.instructions)
+                   layer_dtype=getattr(torch, args.layer_dtype), instructions=args.instructions,
+                   layer_rounds=args.layer_rounds)
     import triton
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -480,10 +515,12 @@ def main(argv=None) -> int:
           f"({os.cpu_count()} cores, load average {', '.join(f'{v:.2f}' for v in load) if load else 'n/a'}), torch "
           f"{torch.__version__}, triton {triton.__version__}, LORA_FAST_AUTOTUNE={args.autotune}, LORA_FAST_TMA_DESC="
           f"{os.environ.get('LORA_FAST_TMA_DESC', '')}; rank {args.rank}, bf16 base, fp32 adapters, decoder layers "
-          f"in {args.layer_dtype}; only Triton's final launch stubbed; {unit}; ratio: median / PEFT's")
+          f"in {args.layer_dtype}; only Triton's final launch stubbed; {unit}; ratio: median / PEFT's (decoder "
+          f"layers: median of {(args.repeat or 3) if args.instructions else args.layer_rounds} paired ratios, "
+          f"quartiles beside it)")
     cpu = "kinstr" if args.instructions else "cpu"
     head = (f"  {'what':<20} {'shape':<36} {'M':>5} {'path':<7} {cpu + ' min':>11} {cpu + ' med':>11} {'wall min':>9} "
-            f"{'wall med':>9} {'ratio':>6} {'launches':>9}")
+            f"{'wall med':>9} {'ratio':>6} {'launches':>9} {'quartiles':>10}")
     print(head)
 
     def wall(v):
@@ -492,7 +529,7 @@ def main(argv=None) -> int:
     for r, ratio in zip(rows, _ratios(rows)):
         print(f"  {r['what']:<20} {r['shape']:<36} {r['M']:>5} {r['path']:<7} {r['cpu_min']:>11.1f} "
               f"{r['cpu_median']:>11.1f} {wall(r['wall_min']):>9} {wall(r['wall_median']):>9} {ratio:>6} "
-              f"{r['launches']:>9.1f}")
+              f"{r['launches']:>9.1f} {'%.2f-%.2f' % r['ratio_quartiles'] if 'ratio_quartiles' in r else '':>10}")
     return 0
 
 

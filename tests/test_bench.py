@@ -398,3 +398,42 @@ def test_host_instructions_arithmetic(tmp_path, monkeypatch):
     out = host_time._instructions(fn, repeat=3, number=5, clear=(cleared,))
     assert out["cpu_min"] == out["cpu_median"] == per_call / 1e3
     assert out["wall_min"] is None and dumps[0] == 4   # one empty sample, three measured
+
+
+def test_host_layer_ratios_are_paired():
+    """bench.host_time's decoder-layer statistics: a row's ratio pairs each of its samples with PEFT's sample of the
+    same round and path (a slow spell that doubles both leaves the ratio alone), mins are mins and medians are
+    medians of the samples, and quartiles come with two samples or more."""
+    import random
+    import statistics
+
+    from bench import host_time
+
+    rng = random.Random(1)
+    # the triton path's rounds fall in slow spells more often than the cublas path's
+    spells = {(r, p): rng.choice([1.0, 3.0, 3.0] if p == "triton" else [1.0, 1.0, 1.5])
+              for r in range(9) for p in ("triton", "cublas")}
+
+    def sample(r, p, cost):
+        t = cost * spells[r, p]
+        return (r, p, {"cpu_min": t, "cpu_median": t, "wall_min": None, "wall_median": t + 1})
+
+    keys = {("frozen", "-"): 500.0, ("peft", "-"): 1000.0, ("lora-fast", "triton"): 600.0,
+            ("lora-fast", "cublas"): 700.0, ("peft+patch", "cublas"): 800.0}
+    diffs = {k: [sample(r, p, cost) for r in range(9) for p in ("triton", "cublas")
+                 if k[1] in ("-", p)] for k, cost in keys.items()}
+    out = host_time._paired(diffs)
+    assert out["lora-fast", "triton"]["ratio"] == pytest.approx(0.6, rel=1e-12)
+    assert out["lora-fast", "cublas"]["ratio"] == pytest.approx(0.7, rel=1e-12)
+    assert out["peft+patch", "cublas"]["ratio_quartiles"] == pytest.approx((0.8, 0.8), rel=1e-12)
+    assert "ratio" not in out["peft", "-"] and "ratio" not in out["frozen", "-"]
+    for k in keys:
+        values = [s[2]["cpu_median"] for s in diffs[k]]
+        assert out[k]["cpu_min"] == min(values) <= out[k]["cpu_median"]
+        assert out[k]["cpu_median"] == statistics.median(values)
+        assert out[k]["wall_min"] is None
+    # the unpaired ratio of medians would read the spells, not the costs
+    med = {k: out[k]["cpu_median"] for k in keys}
+    assert abs(med["lora-fast", "triton"] / med["peft", "-"] - 0.6) > 0.1
+    one = host_time._paired({k: v[:1] for k, v in diffs.items() if k[1] in ("-", "triton")})
+    assert "ratio_quartiles" not in one["lora-fast", "triton"]
