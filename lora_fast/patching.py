@@ -128,7 +128,8 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
         wrapped keeps its kind (LoRA or DoRA).
     Raises: ValueError for a bad rank, alpha, dropout or scaling (from LinearWithLoRA), an invalid regex, a
         target_modules that names a module that is not a linear layer (as PEFT refuses it) or the out_proj of an
-        nn.MultiheadAttention (named, with the reason);
+        nn.MultiheadAttention (named, with the reason), a model whose PEFT layers (a PeftModel's) hold linear
+        modules the selection would wrap (each PEFT layer named; the model is left unchanged);
         TypeError for a target_modules that is neither a string nor an iterable of strings.
     """
     excluded = _excluder(model, exclude)
@@ -175,6 +176,22 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
                           f"unwrapped ({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}): its forward reads "
                           "out_proj.weight without calling out_proj, so a wrapper would never run",
                           UserWarning, stacklevel=2)
+
+    # PEFT's layers hold nn.Linear modules of their own (base_layer, lora_A.<name>, lora_B.<name>): wrapping those
+    # would break PEFT's forward, which reads base_layer.weight (found by a newcomer's trial: target_modules None or
+    # "all-linear" wrapped them silently and the model failed in its forward)
+    peft_layers = []
+    for name, module in model.named_modules():
+        if _is_peft_layer(module) and not any(name.startswith(p + ".") for p, _ in peft_layers):
+            peft_layers.append((name, module))
+    reached = [(n, m) for n, m in peft_layers
+               if any(is_linear(c) and targeted(f"{n}.{cn}", c) and not excluded(f"{n}.{cn}", c)
+                      for cn, c in m.named_modules() if cn)]
+    if reached:
+        raise ValueError(f"model: {', '.join(f'{n} ({_class_name(m)})' for n, m in reached)}: already wrapped by "
+                         "PEFT, whose layers' own linear modules (base_layer, lora_A, lora_B) the target_modules "
+                         f"{target_modules!r} would wrap (a PeftModel's LoRA layers run on lora-fast's kernels with "
+                         "patch_peft(model); replace_linear_with_lora takes the model without PEFT's layers)")
 
     def skip(name: str, module: nn.Module) -> bool:
         return not targeted(name, module) or excluded(name, module)

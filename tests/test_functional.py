@@ -153,3 +153,32 @@ def test_reference_matches_book_arithmetic():
     assert (err <= 2 * (16 + 4 + 4) * 2.0**-53 * mag).all()
 
 
+
+
+def test_interpreter_set_after_triton_import_raises():
+    """TRITON_INTERPRET=1 set after triton was imported: triton's own functions are GPU ones, and the interpreter
+    would fail inside a kernel with "Cannot call @triton.jit'd outside ..."; the first call says what to do instead
+    (found by a newcomer's trial). In a fresh process: this one imported triton with the variable set."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import os, torch, triton
+os.environ["TRITON_INTERPRET"] = "1"
+import lora_fast
+x = torch.randn(4, 64)
+layer = lora_fast.LinearWithLoRA(torch.nn.Linear(64, 32), 8, 16)
+for call in (lambda: lora_fast.select_backend(x), lambda: layer(x)):
+    try:
+        call()
+    except RuntimeError as err:
+        assert "TRITON_INTERPRET=1 was set after triton was imported" in str(err), err
+        assert "before anything imports triton" in str(err), err
+    else:
+        raise AssertionError("no error")
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORA_FAST_BACKEND")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -447,6 +447,26 @@ def test_target_modules():
                                          r"h\.0\.attn\.c_attn.*: already wrapped by PEFT.*patch_peft"):
         replace_linear_with_lora(peft_model, 2, 1.0, target_modules=["c_attn"])
     assert not _wrapped(peft_model)
+    # every target mode that would reach inside PEFT's layers (their base_layer, lora_A, lora_B) raises the same,
+    # naming each PEFT layer once, with the model unchanged; patched or not, the PeftModel or its base model
+    ids = torch.tensor([[1, 2, 3]])
+    patch_peft(peft_model, warn=False)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    for target in (None, "all-linear", r".*base_layer", ["lora_A.default"]):
+        for m in (peft_model, peft_model.get_base_model()):
+            with pytest.raises(ValueError, match=r"model: .*h\.0\.attn\.c_attn \(peft\.tuners\.lora\.layer\.Linear\)"
+                                                 r".*already wrapped by PEFT.*patch_peft") as err:
+                replace_linear_with_lora(m, 2, 1.0, target_modules=target)
+            assert str(err.value).count("h.1.mlp.c_proj (") == 1
+    assert not _wrapped(peft_model)
+    with torch.no_grad():
+        assert torch.equal(peft_model(input_ids=ids).logits, expected)
+    # PEFT's layers excluded (the predicate form): the plain layers left are wrapped, PEFT's are untouched
+    partial = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["c_attn"]))
+    replace_linear_with_lora(partial, 2, 1.0, exclude=lambda name, module: ".c_attn." in name)
+    assert "base_model.model.transformer.h.0.mlp.c_fc" in _wrapped(partial)
+    assert not any(".c_attn" in n for n in _wrapped(partial))
     # a model without get_output_embeddings: the last linear is the head (the book's out_head)
     book = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3))
     assert _wrapped(replace_linear_with_lora(book, 2, 1.0, target_modules="all-linear")) == ["0", "2"]
