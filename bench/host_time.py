@@ -397,7 +397,7 @@ def _paired(diffs: dict) -> dict:
             ratios = [t["cpu_median"] / peft[r, p]["cpu_median"] for r, p, t in samples]
             summary["ratio"] = statistics.median(ratios)
             if len(ratios) > 1:
-                q1, _, q3 = statistics.quantiles(ratios, n=4)
+                q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")   # within the samples
                 summary["ratio_quartiles"] = (q1, q3)
         out[key] = summary
     return out
@@ -487,6 +487,9 @@ def main(argv=None) -> int:
                    help="count instructions executed (valgrind's callgrind, thousands per step) instead of timing: "
                         "the same on a loaded machine, for comparing two versions of the code; not a time")
     args = p.parse_args(argv)
+    for name in ("repeat", "number", "layer_rounds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
     argv = list(argv if argv is not None else sys.argv[1:])
     if args.instructions and _CALLGRIND not in os.environ:
         if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:

@@ -31,3 +31,13 @@ def interpreter_ready() -> bool:
             return True
         _TRITON_INTERPRETS.append(isinstance(probe, InterpretedFunction))
     return _TRITON_INTERPRETS[0]
+
+
+def check_interpreter() -> None:
+    """Raises RuntimeError when TRITON_INTERPRET is set but the imported triton does not interpret (set after
+    triton's import; see interpreter_ready). Imports triton when the variable is set; a no-op otherwise."""
+    if interpreting() and not interpreter_ready():
+        raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported: triton reads it at its import, so "
+                           "its own functions were built for a GPU and its interpreter cannot run lora-fast's "
+                           "kernels. Set TRITON_INTERPRET=1 before anything imports triton (in the shell, or at the "
+                           "top of the script), or unset it for the reference path on CPU")

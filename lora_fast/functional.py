@@ -43,12 +43,10 @@ def select_backend(x: torch.Tensor) -> str:
         reasons.append(f"x has dtype {x.dtype} (triton kernels take float16, bfloat16, float32)")
     if not reasons and not _triton_available():
         reasons.append("the triton package is not installed")
-    if not reasons and not x.is_cuda and not _env.interpreter_ready():
-        # never a silent fallback: the user asked for the interpreter and would not get it
-        raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported: triton reads it at its import, so "
-                           "its own functions were built for a GPU and its interpreter cannot run lora-fast's "
-                           "kernels on CPU tensors. Set TRITON_INTERPRET=1 before anything imports triton (in the "
-                           "shell, or at the top of the script), or unset it for the reference path on CPU")
+    if not reasons and not x.is_cuda:
+        # never a silent fallback: the user asked for the interpreter and would not get it (CUDA tensors: checked
+        # once, when the kernels are imported)
+        _env.check_interpreter()
     if forced == "triton" and reasons:
         raise RuntimeError("LORA_FAST_BACKEND=triton cannot serve these inputs: " + "; ".join(reasons))
     return "reference" if reasons else "triton"

@@ -180,15 +180,25 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
     # PEFT's layers hold nn.Linear modules of their own (base_layer, lora_A.<name>, lora_B.<name>): wrapping those
     # would break PEFT's forward, which reads base_layer.weight (found by a newcomer's trial: target_modules None or
     # "all-linear" wrapped them silently and the model failed in its forward)
-    peft_layers = []
+    # A linear inside them is selected by its first qualified name in the model, as _replace selects it (a layer
+    # also registered outside PEFT's layer is wrapped in every place, PEFT's included)
+    first_names = {}
     for name, module in model.named_modules():
-        if _is_peft_layer(module) and not any(name.startswith(p + ".") for p, _ in peft_layers):
+        first_names.setdefault(id(module), name)
+    peft_layers = []   # the outermost ones (named_modules gives a parent before its children)
+    for name, module in model.named_modules():
+        if _is_peft_layer(module) and not any(p == "" or name.startswith(p + ".") for p, _ in peft_layers):
             peft_layers.append((name, module))
+
+    def selected(c: nn.Module) -> bool:
+        name = first_names[id(c)]
+        return targeted(name, c) and not excluded(name, c)
+
     reached = [(n, m) for n, m in peft_layers
-               if any(is_linear(c) and targeted(f"{n}.{cn}", c) and not excluded(f"{n}.{cn}", c)
-                      for cn, c in m.named_modules() if cn)]
+               if any(is_linear(c) and selected(c) for cn, c in m.named_modules() if cn)]
     if reached:
-        raise ValueError(f"model: {', '.join(f'{n} ({_class_name(m)})' for n, m in reached)}: already wrapped by "
+        listed = ", ".join(f"{n or '<model>'} ({_class_name(m)})" for n, m in reached)
+        raise ValueError(f"model: {listed}: already wrapped by "
                          "PEFT, whose layers' own linear modules (base_layer, lora_A, lora_B) the target_modules "
                          f"{target_modules!r} would wrap (a PeftModel's LoRA layers run on lora-fast's kernels with "
                          "patch_peft(model); replace_linear_with_lora takes the model without PEFT's layers)")
@@ -198,9 +208,6 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, exclu
 
     # one wrapper per layer object: a layer shared by several parents is wrapped once, in every place
     wrappers = {id(m.linear): m for m in model.modules() if isinstance(m, LinearWithLoRA)}
-    first_names = {}
-    for name, module in model.named_modules():
-        first_names.setdefault(id(module), name)
     # every wrapper is built before any is put in place: a layer that cannot be wrapped (an unsupported base,
     # a magnitude that cannot be computed) raises with the model unchanged
     places = []

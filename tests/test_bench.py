@@ -426,6 +426,11 @@ def test_host_layer_ratios_are_paired():
     assert out["lora-fast", "triton"]["ratio"] == pytest.approx(0.6, rel=1e-12)
     assert out["lora-fast", "cublas"]["ratio"] == pytest.approx(0.7, rel=1e-12)
     assert out["peft+patch", "cublas"]["ratio_quartiles"] == pytest.approx((0.8, 0.8), rel=1e-12)
+    # quartiles within the samples' range (statistics.quantiles' default extrapolates past it with few samples)
+    two = host_time._paired({("peft", "-"): [sample(0, "triton", 1000.0), sample(1, "triton", 1000.0)],
+                             ("lora-fast", "triton"): [sample(0, "triton", 560.0), sample(1, "triton", 620.0)]})
+    q1, q3 = two["lora-fast", "triton"]["ratio_quartiles"]
+    assert 0.56 <= q1 <= q3 <= 0.62
     assert "ratio" not in out["peft", "-"] and "ratio" not in out["frozen", "-"]
     for k in keys:
         values = [s[2]["cpu_median"] for s in diffs[k]]

@@ -177,6 +177,15 @@ for call in (lambda: lora_fast.select_backend(x), lambda: layer(x)):
         assert "before anything imports triton" in str(err), err
     else:
         raise AssertionError("no error")
+# what a CUDA tensor's first call meets (no GPU here): the kernels' import says the same
+import sys
+sys.modules.pop("lora_fast.kernels", None)
+try:
+    import lora_fast.kernels
+except RuntimeError as err:
+    assert "TRITON_INTERPRET=1 was set after triton was imported" in str(err), err
+else:
+    raise AssertionError("no error")
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORA_FAST_BACKEND")}

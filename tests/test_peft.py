@@ -462,6 +462,26 @@ def test_target_modules():
     assert not _wrapped(peft_model)
     with torch.no_grad():
         assert torch.equal(peft_model(input_ids=ids).logits, expected)
+    # a model that is itself a PEFT layer (names without a prefix), and a linear registered both inside a PEFT
+    # layer and outside it (selected by its first name, as the wrapping selects it): refused, nothing changes
+    one = peft_model.base_model.model.transformer.h[0].attn.c_attn
+    for target in (r"lora_A\.default", "base_layer", None):
+        with pytest.raises(ValueError, match=r"model: <model> \(peft\.tuners\.lora\.layer\.Linear\).*already "
+                                             r"wrapped by PEFT"):
+            replace_linear_with_lora(one, 2, 1.0, target_modules=target)
+    assert not _wrapped(one)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = peft.tuners.lora.Linear(self.a, "default", config=LoraConfig(r=2), r=2, lora_alpha=4)
+
+    shared = Shared()
+    for kwargs in (dict(target_modules=["a"]), dict(exclude=lambda name, module: name.startswith("b."))):
+        with pytest.raises(ValueError, match=r"model: b \(peft\.tuners\.lora\.layer\.Linear\).*already wrapped"):
+            replace_linear_with_lora(shared, 2, 1.0, **kwargs)
+        assert not _wrapped(shared) and type(shared.b.base_layer) is nn.Linear
     # PEFT's layers excluded (the predicate form): the plain layers left are wrapped, PEFT's are untouched
     partial = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["c_attn"]))
     replace_linear_with_lora(partial, 2, 1.0, exclude=lambda name, module: ".c_attn." in name)
