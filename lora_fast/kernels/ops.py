@@ -830,7 +830,7 @@ def lora_backward(dy, x, weight, A, B, S, scale, dropout_p=0.0, seed=None, *, ne
     forward stored (``lora_forward(keep_out=)``); without them it is drawn once from ``seed`` into bits
     (``rng.packed_keep_mask``, one launch) that both passes read. ``dA_out`` / ``dB_out``: where dA (K, R) and dB
     (R, N) are written when given (any strides: transposed views of PEFT's (R, K) / (N, R) layouts), else new
-    contiguous tensors in A's / B's dtype.
+    tensors in A's / B's dtype and layout (``_empty_like``).
     """
     R = A.shape[1]
     K = x.shape[1]
